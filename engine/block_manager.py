@@ -1,0 +1,141 @@
+"""The KV block pool: free list, ref counts, per-sequence block tables and the prefix cache. No torch.
+
+Prefix caching: once a block is full and its KV written, it is named by a chain hash
+hash(previous block's hash, its token ids). A later sequence whose prompt starts with the same blocks takes them
+(ref count + 1) instead of recomputing them; the stored token ids are compared on a hit, so a hash collision can
+never serve the wrong KV. A block whose ref count drops to 0 keeps its hash and goes to the end of the free
+queue: it is evicted (its hash forgotten) only when the pool hands it out again, least recently freed first.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from engine.sequence import Sequence
+
+
+@dataclass(slots=True)
+class Block:
+    block_id: int
+    ref_count: int = 0
+    hash: int | None = None
+    token_ids: tuple[int, ...] | None = None
+
+
+def chain_hash(prev_hash: int | None, token_ids: tuple[int, ...]) -> int:
+    return hash((prev_hash, token_ids))
+
+
+class BlockManager:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True) -> None:
+        self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self.blocks = [Block(i) for i in range(num_blocks)]
+        # Free blocks in eviction order (front first). An OrderedDict gives O(1) removal from the middle,
+        # needed when a prefix hit revives a cached block that sits in the queue.
+        self._free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
+        self._hash_to_block: dict[int, int] = {}
+        self.prefix_queries = 0   # prompt tokens looked up in the prefix cache
+        self.prefix_hits = 0      # of those, tokens served from it
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.blocks)
+
+    @property
+    def num_free_blocks(self) -> int:
+        return len(self._free)
+
+    @property
+    def num_cached_free_blocks(self) -> int:
+        return sum(1 for b in self._free if self.blocks[b].hash is not None)
+
+    def blocks_needed(self, seq: Sequence, num_new_tokens: int) -> int:
+        total = -(-(seq.num_computed_tokens + num_new_tokens) // self.block_size)
+        return max(0, total - len(seq.block_table))
+
+    def match_prefix(self, seq: Sequence) -> None:
+        """Give a fresh sequence the cached blocks of its longest cached prefix and mark those tokens computed.
+
+        At most num_tokens - 1 tokens come from the cache: the last one must run through the model to give logits.
+        """
+        assert not seq.block_table and seq.num_computed_tokens == 0
+        if not self.enable_prefix_caching:
+            return
+        bs = self.block_size
+        max_blocks = (seq.num_tokens - 1) // bs
+        self._extend_hashes(seq, max_blocks)
+        hits = 0
+        for i in range(max_blocks):
+            block_id = self._hash_to_block.get(seq.block_hashes[i])
+            if block_id is None or self.blocks[block_id].token_ids != tuple(seq.token_ids[i * bs:(i + 1) * bs]):
+                break
+            self._take(block_id)
+            seq.block_table.append(block_id)
+            hits += 1
+        self.prefix_queries += seq.num_tokens
+        self.prefix_hits += hits * bs
+        seq.num_computed_tokens = seq.num_cached_tokens = hits * bs
+        seq.num_registered_blocks = hits
+
+    def allocate_slots(self, seq: Sequence, num_new_tokens: int) -> bool:
+        """Grow seq's block table to hold num_new_tokens more tokens; False (nothing changed) if the pool is short."""
+        needed = self.blocks_needed(seq, num_new_tokens)
+        if needed > len(self._free):
+            return False
+        for _ in range(needed):
+            block_id, _ = self._free.popitem(last=False)
+            block = self.blocks[block_id]
+            if block.hash is not None:  # evict: the cached content is about to be overwritten
+                if self._hash_to_block.get(block.hash) == block_id:
+                    del self._hash_to_block[block.hash]
+                block.hash = block.token_ids = None
+            block.ref_count = 1
+            seq.block_table.append(block_id)
+        return True
+
+    def cache_full_blocks(self, seq: Sequence) -> None:
+        """Register the blocks that the last step filled (their KV is now written) in the prefix cache."""
+        if not self.enable_prefix_caching:
+            return
+        bs = self.block_size
+        first, last = seq.num_registered_blocks, seq.num_computed_tokens // bs
+        if first >= last:
+            return
+        self._extend_hashes(seq, last)
+        seq.num_registered_blocks = last
+        for i in range(first, last):
+            block = self.blocks[seq.block_table[i]]
+            if block.hash is None:
+                block.hash = seq.block_hashes[i]
+                block.token_ids = tuple(seq.token_ids[i * bs:(i + 1) * bs])
+                self._hash_to_block.setdefault(block.hash, block.block_id)
+
+    def free(self, seq: Sequence) -> None:
+        """Release seq's blocks. Tail blocks go first into the queue so a shared prefix outlives its tails."""
+        for block_id in reversed(seq.block_table):
+            block = self.blocks[block_id]
+            block.ref_count -= 1
+            assert block.ref_count >= 0
+            if block.ref_count == 0:
+                if block.hash is None:
+                    # Nothing to keep: hand this block out before any cached one.
+                    self._free[block_id] = None
+                    self._free.move_to_end(block_id, last=False)
+                else:
+                    self._free[block_id] = None
+        seq.block_table = []
+        seq.num_registered_blocks = 0
+
+    def _take(self, block_id: int) -> None:
+        block = self.blocks[block_id]
+        if block.ref_count == 0:
+            del self._free[block_id]
+        block.ref_count += 1
+
+    def _extend_hashes(self, seq: Sequence, num_blocks: int) -> None:
+        bs = self.block_size
+        hashes = seq.block_hashes
+        for i in range(len(hashes), num_blocks):
+            prev = hashes[-1] if hashes else None
+            hashes.append(chain_hash(prev, tuple(seq.token_ids[i * bs:(i + 1) * bs])))

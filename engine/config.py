@@ -1,0 +1,71 @@
+"""EngineConfig: every user-facing engine option, validated once (ValueError on bad input)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+KV_CACHE_DTYPES = ("auto", "float16", "bfloat16")
+# KV pool size on the CPU when kv_cache_memory is not given, in GiB.
+DEFAULT_CPU_KV_CACHE_GIB = 2.0
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: str
+    revision: str | None = None
+    download_dir: str | None = None
+    dtype: str = "auto"
+    kv_cache_dtype: str = "auto"
+    max_model_len: int | None = None
+    block_size: int = 16
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int | None = None
+    kv_cache_memory: float | None = None   # GiB; the CPU's KV budget
+    gpu_memory_utilization: float = 0.9    # fraction of the GPU that weights + activations + KV may use
+    enable_prefix_caching: bool = True
+    seed: int = 0
+    device: str | None = None              # None = cuda when available, else cpu
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.model, str) or not self.model:
+            raise ValueError("model must name a model directory, a .gguf file or a Hugging Face repo id")
+        if self.dtype != "auto" and self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of auto, {', '.join(DTYPES)}; got {self.dtype!r}")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}; "
+                             f"got {self.kv_cache_dtype!r}")
+        if self.max_model_len is not None and self.max_model_len < 1:
+            raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
+        if self.block_size < 1 or self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size must be a power of two, got {self.block_size}")
+        if self.max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
+        if self.max_num_batched_tokens is not None and self.max_num_batched_tokens < 1:
+            raise ValueError(f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}")
+        if self.kv_cache_memory is not None and self.kv_cache_memory <= 0:
+            raise ValueError(f"kv_cache_memory must be > 0 GiB, got {self.kv_cache_memory}")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        if self.device not in (None, "cpu", "cuda"):
+            raise ValueError(f"device must be cpu or cuda, got {self.device!r}")
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise ValueError("device cuda was asked for but torch sees no CUDA device")
+
+    @property
+    def torch_device(self) -> torch.device:
+        if self.device is not None:
+            return torch.device(self.device)
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+    def model_dtype(self, checkpoint_dtype: torch.dtype | None) -> torch.dtype:
+        """auto = float32 on the CPU (16-bit matmuls are slow there), the checkpoint's dtype on a GPU."""
+        if self.dtype != "auto":
+            return DTYPES[self.dtype]
+        if self.torch_device.type == "cpu" or checkpoint_dtype not in (torch.float16, torch.bfloat16):
+            return torch.float32 if self.torch_device.type == "cpu" else torch.bfloat16
+        return checkpoint_dtype
+
+    def cache_dtype(self, model_dtype: torch.dtype) -> torch.dtype:
+        return model_dtype if self.kv_cache_dtype == "auto" else DTYPES[self.kv_cache_dtype]

@@ -1,0 +1,171 @@
+"""The Llama family: Llama, Mistral, Qwen2 (q/k/v bias), Qwen3 (q/k RMSNorm). One class, configured per family."""
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engine.models.layers import ForwardContext, MergedLinear, RMSNorm, RotaryEmbedding
+
+
+@dataclass(frozen=True)
+class LlamaArch:
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    vocab_size: int
+    rms_norm_eps: float
+    qkv_bias: bool
+    o_bias: bool
+    mlp_bias: bool
+    qk_norm: bool
+    tie_word_embeddings: bool
+    sliding_window: int | None
+
+    @classmethod
+    def from_hf(cls, c) -> LlamaArch:
+        arch = (c.architectures or [""])[0]
+        heads = c.num_attention_heads
+        head_dim = getattr(c, "head_dim", None) or c.hidden_size // heads
+        act = getattr(c, "hidden_act", "silu")
+        if act != "silu":
+            raise ValueError(f"hidden_act {act!r} is not supported (only silu)")
+        attention_bias = bool(getattr(c, "attention_bias", False))
+        if arch == "Qwen2ForCausalLM":
+            window = c.sliding_window if getattr(c, "use_sliding_window", False) else None
+        else:
+            window = getattr(c, "sliding_window", None)
+        return cls(
+            hidden_size=c.hidden_size, num_layers=c.num_hidden_layers, num_heads=heads,
+            num_kv_heads=getattr(c, "num_key_value_heads", None) or heads, head_dim=head_dim,
+            intermediate_size=c.intermediate_size, vocab_size=c.vocab_size, rms_norm_eps=c.rms_norm_eps,
+            qkv_bias=attention_bias or arch == "Qwen2ForCausalLM",
+            o_bias=attention_bias and arch != "Qwen2ForCausalLM",
+            mlp_bias=bool(getattr(c, "mlp_bias", False)),
+            qk_norm=arch == "Qwen3ForCausalLM",
+            tie_word_embeddings=bool(getattr(c, "tie_word_embeddings", False)),
+            sliding_window=window,
+        )
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, a: LlamaArch, layer_idx: int, rotary: RotaryEmbedding) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads, self.num_kv_heads, self.head_dim = a.num_heads, a.num_kv_heads, a.head_dim
+        q_size, kv_size = a.num_heads * a.head_dim, a.num_kv_heads * a.head_dim
+        self.split = (q_size, kv_size, kv_size)
+        self.qkv_proj = MergedLinear(a.hidden_size, list(self.split), bias=a.qkv_bias)
+        self.o_proj = nn.Linear(q_size, a.hidden_size, bias=a.o_bias, device="meta")
+        self.q_norm = RMSNorm(a.head_dim, a.rms_norm_eps) if a.qk_norm else None
+        self.k_norm = RMSNorm(a.head_dim, a.rms_norm_eps) if a.qk_norm else None
+        self.rotary = rotary
+
+    def forward(self, positions: torch.Tensor, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        T = x.shape[0]
+        q, k, v = self.qkv_proj(x).split(self.split, dim=-1)
+        q = q.view(T, self.num_heads, self.head_dim)       # [T, heads, dim]
+        k = k.view(T, self.num_kv_heads, self.head_dim)    # [T, kv_heads, dim]
+        v = v.view(T, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = self.rotary(positions, q, k)
+        o = ctx.backend.forward(q, k, v, ctx.kv_cache[0, self.layer_idx], ctx.kv_cache[1, self.layer_idx],
+                                ctx.metadata)
+        return self.o_proj(o.view(T, -1))
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, a: LlamaArch) -> None:
+        super().__init__()
+        self.gate_up_proj = MergedLinear(a.hidden_size, [a.intermediate_size] * 2, bias=a.mlp_bias)
+        self.down_proj = nn.Linear(a.intermediate_size, a.hidden_size, bias=a.mlp_bias, device="meta")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, a: LlamaArch, layer_idx: int, rotary: RotaryEmbedding) -> None:
+        super().__init__()
+        self.self_attn = LlamaAttention(a, layer_idx, rotary)
+        self.mlp = LlamaMLP(a)
+        self.input_layernorm = RMSNorm(a.hidden_size, a.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(a.hidden_size, a.rms_norm_eps)
+
+    def forward(self, positions, h, ctx: ForwardContext) -> torch.Tensor:
+        h = h + self.self_attn(positions, self.input_layernorm(h), ctx)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class LlamaForCausalLM(nn.Module):
+    # HF checkpoint name -> (our merged parameter, shard index)
+    _merged = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
+               "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
+
+    def __init__(self, hf_config, max_positions: int) -> None:
+        super().__init__()
+        a = self.arch = LlamaArch.from_hf(hf_config)
+        rotary = self.rotary = RotaryEmbedding(hf_config, a.head_dim, max_positions)
+        self.embed_tokens = nn.Embedding(a.vocab_size, a.hidden_size, device="meta")
+        self.layers = nn.ModuleList(LlamaDecoderLayer(a, i, rotary) for i in range(a.num_layers))
+        self.norm = RMSNorm(a.hidden_size, a.rms_norm_eps)
+        self.lm_head = None if a.tie_word_embeddings else nn.Linear(a.hidden_size, a.vocab_size, bias=False,
+                                                                   device="meta")
+
+    def materialize(self, device: torch.device, dtype: torch.dtype) -> None:
+        """Allocate the parameters (uninitialised: load_weights fills them) and the rotary tables."""
+        self.to_empty(device=device)
+        self.to(dtype)
+        self.rotary.build(device)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        """input_ids, positions: [T] -> hidden states [T, hidden]."""
+        h = self.embed_tokens(input_ids)
+        for layer in self.layers:
+            h = layer(positions, h, ctx)
+        return h
+
+    def compute_logits(self, h: torch.Tensor) -> torch.Tensor:
+        """h: [N, hidden] (only the rows that sample) -> logits [N, vocab] in float32."""
+        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(self.norm(h), weight).float()
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Copy HF-named tensors into our parameters; every parameter must be filled exactly once."""
+        params = dict(self.named_parameters())
+        # A merged parameter is complete once each of its shards is loaded: track (name, shard) pairs.
+        missing = set()
+        for pname in params:
+            module = self.get_submodule(pname.rsplit(".", 1)[0]) if "." in pname else self
+            shards = len(module.shard_sizes) if isinstance(module, MergedLinear) else 0
+            missing |= {(pname, i) for i in range(shards)} if shards else {(pname, None)}
+        for name, tensor in weights:
+            if "rotary_emb.inv_freq" in name or (self.lm_head is None and name == "lm_head.weight"):
+                continue
+            name = name.removeprefix("model.")
+            target, shard = name, None
+            for hf, (ours, idx) in self._merged.items():
+                if f".{hf}." in name:
+                    target, shard = name.replace(f".{hf}.", f".{ours}."), idx
+                    break
+            param = params.get(target)
+            if param is None:
+                raise ValueError(f"checkpoint has a weight this model does not use: {name}")
+            if shard is None:
+                if param.shape != tensor.shape:
+                    raise ValueError(f"weight {name} has shape {tuple(tensor.shape)}, expected {tuple(param.shape)}")
+                param.data.copy_(tensor)
+            else:
+                self.get_submodule(target.rsplit(".", 1)[0]).load_shard(param, shard, tensor)
+            missing.discard((target, shard))
+        if missing:
+            names = sorted(f"{n}[{s}]" if s is not None else n for n, s in missing)
+            raise ValueError(f"checkpoint lacks weights: {names[:8]}")

@@ -1,0 +1,51 @@
+"""What the engine hands back: per-request outputs (vLLM names) and stats snapshots."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class CompletionOutput:
+    index: int
+    text: str
+    token_ids: list[int]
+    cumulative_logprob: float | None
+    logprobs: list[dict[int, float]] | None
+    finish_reason: str | None = None      # "stop" | "length" | "abort"
+    stop_reason: str | int | None = None  # the stop string or stop token id that ended it
+
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput]
+    finished: bool
+    num_cached_tokens: int = 0            # prompt tokens served by the prefix cache
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """A snapshot of the engine after a step; cheap to take every UI frame."""
+    num_blocks_total: int
+    num_blocks_used: int
+    num_blocks_free: int
+    num_blocks_cached: int       # free, but still holding a reusable prefix
+    block_size: int
+    num_running: int
+    num_waiting: int
+    num_preemptions: int
+    prefix_cache_queries: int    # prompt tokens looked up
+    prefix_cache_hits: int       # of those, served from the cache
+    prompt_tokens_total: int
+    generation_tokens_total: int
+    prompt_tokens_per_s: float
+    generation_tokens_per_s: float
+
+    @property
+    def kv_usage(self) -> float:
+        return self.num_blocks_used / self.num_blocks_total if self.num_blocks_total else 0.0
