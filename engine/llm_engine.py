@@ -78,7 +78,9 @@ class LLMEngine:
         self.max_num_batched_tokens = config.max_num_batched_tokens or DEFAULT_MAX_NUM_BATCHED_TOKENS
         backend = TorchAttentionBackend(bs, a.head_dim ** -0.5, a.sliding_window)
         num_blocks = self._num_kv_blocks(model, backend)
-        kv_cache = torch.empty((2, a.num_layers, *backend.kv_cache_shape(num_blocks, bs, a.num_kv_heads, a.head_dim)),
+        # Zeroed, not empty: attention reads whole blocks and masks the slots past a sequence's end, and a
+        # masked NaN left in reused memory would still poison the weighted sum (0 * NaN).
+        kv_cache = torch.zeros((2, a.num_layers, *backend.kv_cache_shape(num_blocks, bs, a.num_kv_heads, a.head_dim)),
                                dtype=self.model_config.kv_cache_dtype, device=device)
         self.block_manager = BlockManager(num_blocks, bs, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, self.max_num_batched_tokens)
@@ -106,8 +108,10 @@ class LLMEngine:
             gib = cfg.kv_cache_memory or DEFAULT_CPU_KV_CACHE_GIB
             budget = int(gib * 2**30)
             what = f"kv_cache_memory={gib} GiB"
-        num_blocks = budget // block_bytes
         max_len = self.model_config.max_model_len
+        # More blocks than max_num_seqs full-length sequences can use would only cost memory and start-up time.
+        useful = cfg.max_num_seqs * -(-max_len // cfg.block_size)
+        num_blocks = min(budget // block_bytes, useful)
         if num_blocks * cfg.block_size < max_len:
             need = -(-max_len // cfg.block_size) * block_bytes / 2**30
             raise ValueError(
@@ -202,6 +206,10 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         out = self.scheduler.schedule()
         if out.is_empty:
+            # Capacity was checked at start-up (one max_model_len sequence always fits), so an empty step with
+            # work pending and no preemption to recover from means a broken invariant, not a busy pool.
+            if self.scheduler.has_unfinished() and not out.preempted:
+                raise RuntimeError("the scheduler could not schedule any pending request")
             return []
         seqs, logits = self.runner.execute(out)
         self.scheduler.on_step_done(out)

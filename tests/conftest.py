@@ -6,6 +6,9 @@ import os
 # Triton kernels run on its interpreter when there is no GPU; this must be set before any @triton.jit runs.
 os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+# Idle OpenMP threads sleep instead of spinning: a test that shares the cores with anything else (another
+# process, a Qt thread) would otherwise crawl.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from pathlib import Path  # noqa: E402
 

@@ -1,0 +1,54 @@
+# make setup: .venv with the project installed (editable) and pinned, Qt's system libraries, the default model.
+# make test:  setup, then the whole test suite on the CPU.
+# make run:   setup, then kvstudio.
+
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+# Rebuilt only when what it was built from changes, so a second `make setup` takes about a second.
+STAMP := $(VENV)/.kvstudio-setup
+
+# PyPI's Linux torch wheel is the CUDA build. pip's find-links (/opt/wheels here) hold the CPU build, which wins
+# a tie on the version, so where a GPU answers, pip is pointed at a folder without wheels instead.
+ifeq ($(shell nvidia-smi >/dev/null 2>&1 && echo gpu),gpu)
+PIP_ENV := PIP_FIND_LINKS=$(CURDIR)/requirements
+endif
+
+LDCONFIG := $(or $(shell command -v ldconfig 2>/dev/null),/sbin/ldconfig)
+# soname:Debian package, for what Qt's offscreen and xcb platform plugins load.
+QT_SYSTEM_LIBS := libEGL.so.1:libegl1 libGL.so.1:libgl1 libOpenGL.so.0:libopengl0 \
+	libglib-2.0.so.0:libglib2.0-0 libfontconfig.so.1:libfontconfig1 libfreetype.so.6:libfreetype6 \
+	libdbus-1.so.3:libdbus-1-3 libxkbcommon.so.0:libxkbcommon0 libxkbcommon-x11.so.0:libxkbcommon-x11-0 \
+	libX11-xcb.so.1:libx11-xcb1 libxcb-cursor.so.0:libxcb-cursor0 libxcb-icccm.so.4:libxcb-icccm4 \
+	libxcb-image.so.0:libxcb-image0 libxcb-keysyms.so.1:libxcb-keysyms1 libxcb-randr.so.0:libxcb-randr0 \
+	libxcb-render.so.0:libxcb-render0 libxcb-render-util.so.0:libxcb-render-util0 libxcb-shape.so.0:libxcb-shape0 \
+	libxcb-shm.so.0:libxcb-shm0 libxcb-sync.so.1:libxcb-sync1 libxcb-util.so.1:libxcb-util1 \
+	libxcb-xfixes.so.0:libxcb-xfixes0 libxcb-xkb.so.1:libxcb-xkb1
+
+.PHONY: setup test run
+
+setup: $(STAMP)
+	$(PY) -m app.model_store fetch-default
+
+# The editable install's compat mode puts the repository root on sys.path, so top-level packages added later
+# (ui/, kernels/) import without a reinstall.
+$(STAMP): pyproject.toml requirements/constraints.txt
+	@missing=""; \
+	for pair in $(QT_SYSTEM_LIBS); do \
+		$(LDCONFIG) -p | awk '{print $$1}' | grep -qxF "$${pair%%:*}" || missing="$$missing $${pair#*:}"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+		echo "Installing Qt's system libraries:$$missing"; \
+		if [ "$$(id -u)" -ne 0 ]; then echo "not root: run as root, or apt-get install$$missing" >&2; exit 1; fi; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP_ENV) $(PY) -m pip install -q -c requirements/constraints.txt --config-settings editable_mode=compat -e '.[test]'
+	QT_QPA_PLATFORM=offscreen $(PY) -c "from PySide6.QtWidgets import QApplication; QApplication([])"
+	touch $@
+
+test: setup
+	TRITON_INTERPRET=$${TRITON_INTERPRET:-1} QT_QPA_PLATFORM=offscreen $(PY) -m pytest
+
+run: setup
+	$(VENV)/bin/kvstudio

@@ -1,0 +1,1 @@
+"""kvstudio application layer: command line, model store and everything else that is not Qt."""

@@ -1,0 +1,307 @@
+"""The kvstudio command line: generate text, chat in the terminal, measure throughput.
+
+The engine (and torch with it) is imported only once a command runs, so `kvstudio --help` and argument errors
+answer at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import itertools
+import os
+import sys
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, TextIO
+
+from app import model_store
+
+if TYPE_CHECKING:
+    from engine import LLM, LLMEngine, SamplingParams
+
+# Sampling defaults for text read by a person (generate and the chat loop); the benchmark is always greedy.
+DEFAULT_MAX_TOKENS = 256
+DEFAULT_TEMPERATURE = 0.7
+CHAT_HELP = "Chat with the model: /reset starts a new conversation, /exit or Ctrl-D quits, Ctrl-C stops a reply."
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text}")
+    return value
+
+
+def _engine_options() -> argparse.ArgumentParser:
+    parent = argparse.ArgumentParser(add_help=False)
+    group = parent.add_argument_group("engine options")
+    group.add_argument("--model", help="a .gguf file, a Hugging Face model directory or repo id (org/name[@rev]); "
+                       f"default: {model_store.default_model_path()}, fetched on first use")
+    group.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
+                       help="weights and activations (auto: float32 on the CPU)")
+    group.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "float16", "bfloat16"],
+                       help="KV cache elements (auto: as --dtype)")
+    group.add_argument("--max-model-len", type=_positive_int, metavar="N",
+                       help="longest sequence, prompt and output (default: the model's context)")
+    group.add_argument("--block-size", type=_positive_int, metavar="N",
+                       help="tokens per KV cache block, a power of two (default: the engine's, 16)")
+    group.add_argument("--max-num-seqs", type=_positive_int, metavar="N",
+                       help="most sequences in one step (default: the engine's)")
+    group.add_argument("--max-num-batched-tokens", type=_positive_int, metavar="N",
+                       help="most tokens in one step (default: the engine's)")
+    group.add_argument("--kv-cache-memory", type=_positive_float, metavar="GIB",
+                       help="KV cache size in GiB (default: the engine's)")
+    group.add_argument("--no-prefix-caching", action="store_true", help="do not reuse cached prompt prefixes")
+    group.add_argument("--threads", type=_positive_int, metavar="N",
+                       help="torch CPU threads (default: torch's, one per core)")
+    return parent
+
+
+def _sampling_options() -> argparse.ArgumentParser:
+    parent = argparse.ArgumentParser(add_help=False)
+    group = parent.add_argument_group("sampling options")
+    group.add_argument("--max-tokens", type=_positive_int, default=DEFAULT_MAX_TOKENS, metavar="N",
+                       help=f"most new tokens per reply (default: {DEFAULT_MAX_TOKENS})")
+    group.add_argument("--temperature", type=float, default=DEFAULT_TEMPERATURE, metavar="T",
+                       help=f"0 is greedy (default: {DEFAULT_TEMPERATURE})")
+    group.add_argument("--top-p", type=float, default=1.0, metavar="P")
+    group.add_argument("--top-k", type=int, default=-1, metavar="K", help="-1 or 0: off")
+    group.add_argument("--min-p", type=float, default=0.0, metavar="P")
+    group.add_argument("--seed", type=int, metavar="N", help="makes sampling repeatable")
+    group.add_argument("--stop", action="append", metavar="TEXT", help="stop at this text (repeatable)")
+    group.add_argument("--chat", action=argparse.BooleanOptionalAction,
+                       help="apply the model's chat template to the prompt (default: when the model has one)")
+    return parent
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kvstudio",
+        description="kvstudio: a paged-KV-cache LLM engine for one workstation. With no command it starts a "
+                    "chat in the terminal on the default model.")
+    commands = parser.add_subparsers(dest="command", title="commands", metavar="COMMAND")
+    engine_options, sampling_options = _engine_options(), _sampling_options()
+
+    generate = commands.add_parser(
+        "generate", parents=[engine_options, sampling_options], help="stream a completion, or chat",
+        description="Stream the model's reply to PROMPT. Without PROMPT, reads it from stdin, or, when stdin "
+                    "is a terminal, starts an interactive chat.")
+    generate.add_argument("prompt", nargs="?", help="the prompt (default: stdin, or an interactive chat)")
+
+    bench = commands.add_parser("bench", help="benchmarks")
+    bench_commands = bench.add_subparsers(dest="bench_command", title="benchmarks", metavar="BENCHMARK",
+                                          required=True)
+    throughput = bench_commands.add_parser(
+        "throughput", parents=[engine_options], help="generated tokens per second on a chat workload",
+        description="Greedy, EOS ignored, exactly max_tokens new tokens per request, chat template applied; "
+                    "reports generated tokens / wall seconds, model load excluded.")
+    throughput.add_argument("--prompts", type=Path, metavar="FILE.jsonl",
+                            help='one {"messages": [...], "max_tokens": N} per line (default: the built-in '
+                                 "W64 workload, 64 requests x 128 tokens)")
+    throughput.add_argument("--num-prompts", type=_positive_int, metavar="N", help="use the first N requests")
+    throughput.add_argument("--max-tokens", type=_positive_int, metavar="N",
+                            help="new tokens per request, in place of the file's")
+    throughput.add_argument("--baseline", choices=["hf"],
+                            help="also run transformers' generate on the same weights and prompts")
+    return parser
+
+
+def engine_kwargs(args: argparse.Namespace) -> dict:
+    """LLM(...) keyword arguments from the engine options; those not given keep the engine's defaults."""
+    kwargs = {"dtype": args.dtype, "kv_cache_dtype": args.kv_cache_dtype,
+              "enable_prefix_caching": not args.no_prefix_caching}
+    for name in ("max_model_len", "block_size", "max_num_seqs", "max_num_batched_tokens", "kv_cache_memory"):
+        if getattr(args, name) is not None:
+            kwargs[name] = getattr(args, name)
+    return kwargs
+
+
+def sampling_params(args: argparse.Namespace) -> SamplingParams:
+    from engine import SamplingParams
+
+    return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                          top_k=args.top_k, min_p=args.min_p, seed=args.seed, stop=args.stop)
+
+
+def load_llm(model: str | None, kwargs: dict) -> LLM:
+    """The engine on `model` (None: the default model, fetched into the store if absent)."""
+    from engine import LLM
+
+    path = model if model is not None else str(model_store.ensure_default_model())
+    print(f"kvstudio: loading {path}", file=sys.stderr)
+    start = time.perf_counter()
+    llm = LLM(path, **kwargs)
+    print(f"kvstudio: model ready in {time.perf_counter() - start:.1f} s", file=sys.stderr)
+    return llm
+
+
+def chat_prompt(tokenizer, messages: list[dict]) -> dict:
+    """The engine prompt for a conversation: the chat template's text and its token ids."""
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    # The template writes the special tokens it wants itself; the tokenizer must not add a BOS of its own.
+    return {"prompt": text, "prompt_token_ids": tokenizer.encode(text, add_special_tokens=False)}
+
+
+def use_chat_template(wanted: bool | None, tokenizer) -> bool:
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    if wanted and not has_template:
+        raise ValueError("this model has no chat template; leave out --chat to send the prompt as it is")
+    return has_template if wanted is None else wanted
+
+
+def stream_completion(engine: LLMEngine, request_id: str, prompt: str | dict, params: SamplingParams,
+                      out: TextIO) -> str:
+    """Run one request, writing its text to `out` as it grows; returns the whole text."""
+    engine.add_request(request_id, prompt, params)
+    text = ""
+    try:
+        while engine.has_unfinished_requests():
+            for output in engine.step():
+                if output.request_id == request_id:
+                    # outputs carry the cumulative text: write the part not written yet
+                    new_text = output.outputs[0].text
+                    out.write(new_text[len(text):])
+                    out.flush()
+                    text = new_text
+    except KeyboardInterrupt:
+        engine.abort_request(request_id)
+        raise
+    return text
+
+
+def chat_loop(llm: LLM, params: SamplingParams, out: TextIO | None = None) -> None:
+    """Read user turns from stdin until /exit or end of input; the conversation is kept across turns."""
+    out = out or sys.stdout
+    engine, tokenizer = llm.llm_engine, llm.get_tokenizer()
+    use_chat_template(True, tokenizer)
+    print(CHAT_HELP, file=sys.stderr)
+    messages: list[dict] = []
+    request_ids = (f"chat-{n}" for n in itertools.count())
+    while True:
+        try:
+            line = input("> ").strip()
+        except EOFError:
+            out.write("\n")
+            return
+        if line == "/exit":
+            return
+        if line == "/reset":
+            messages.clear()
+            continue
+        if not line:
+            continue
+        messages.append({"role": "user", "content": line})
+        try:
+            reply = stream_completion(engine, next(request_ids), chat_prompt(tokenizer, messages), params, out)
+        except KeyboardInterrupt:
+            messages.pop()
+            out.write("\n[reply stopped]\n")
+            continue
+        except ValueError as e:  # the conversation no longer fits in max_model_len
+            messages.pop()
+            print(f"kvstudio: {e}. /reset starts a new conversation.", file=sys.stderr)
+            continue
+        out.write("\n")
+        messages.append({"role": "assistant", "content": reply})
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    params = sampling_params(args)  # bad values fail here, before the model loads
+    prompt = args.prompt
+    if prompt is None and not sys.stdin.isatty():
+        # `echo "..." | kvstudio generate` ends the prompt with a newline the user did not mean as part of it
+        prompt = sys.stdin.read().rstrip("\n")
+        if not prompt.strip():
+            raise ValueError("no prompt: give one as an argument or on stdin")
+    llm = load_llm(args.model, engine_kwargs(args))
+    if prompt is None:
+        if args.chat is False:
+            raise ValueError("the interactive chat needs the chat template; leave out --no-chat")
+        chat_loop(llm, params)
+        return 0
+    tokenizer = llm.get_tokenizer()
+    if use_chat_template(args.chat, tokenizer):
+        request = chat_prompt(tokenizer, [{"role": "user", "content": prompt}])
+    else:
+        request = prompt
+    stream_completion(llm.llm_engine, "generate", request, params, sys.stdout)
+    sys.stdout.write("\n")
+    return 0
+
+
+def run_default() -> int:
+    """`kvstudio` alone: the desktop window's place, for now a terminal chat on the default model."""
+    from engine import SamplingParams
+
+    if not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")):
+        reason = "the desktop window needs a display (neither DISPLAY nor WAYLAND_DISPLAY is set)"
+    else:
+        reason = "the desktop window is not built yet"
+    print(f"kvstudio: {reason}; starting a chat in the terminal instead.", file=sys.stderr)
+    llm = load_llm(None, {})
+    chat_loop(llm, SamplingParams(max_tokens=DEFAULT_MAX_TOKENS, temperature=DEFAULT_TEMPERATURE))
+    return 0
+
+
+def run_bench_throughput(args: argparse.Namespace) -> int:
+    import torch
+
+    from app import bench
+
+    requests = bench.load_workload(args.prompts or bench.BUILTIN_WORKLOAD, args.num_prompts, args.max_tokens)
+    if args.baseline == "hf" and len({r.max_tokens for r in requests}) > 1:
+        raise ValueError("--baseline hf runs static batches with one max_tokens: give --max-tokens")
+    params = [bench.greedy_params(r) for r in requests]
+    llm = load_llm(args.model, engine_kwargs(args))
+    model = llm.llm_engine.config.model
+    tokenizer = llm.get_tokenizer()
+    prompt_ids = [chat_prompt(tokenizer, r.messages)["prompt_token_ids"] for r in requests]
+    print(f"{len(requests)} requests, {sum(map(len, prompt_ids))} prompt tokens, "
+          f"{sum(r.max_tokens for r in requests)} tokens to generate; torch threads: {torch.get_num_threads()}")
+    ours = bench.run_engine(llm.llm_engine, prompt_ids, params)
+    print(ours.summary(), flush=True)
+    if args.baseline != "hf":
+        return 0
+    del llm  # free the engine's weights and KV pool before the baseline's model loads
+    gc.collect()
+    hf_model, pad_token_id = bench.load_hf_model(model)
+    theirs = bench.run_hf_generate(hf_model, pad_token_id, prompt_ids, requests[0].max_tokens)
+    print(theirs.summary())
+    print(f"kvstudio / hf: {ours.tokens_per_s / theirs.tokens_per_s:.2f}x")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "threads", None) is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    try:
+        if args.command == "generate":
+            return run_generate(args)
+        if args.command == "bench":
+            return run_bench_throughput(args)
+        return run_default()
+    except ValueError as e:  # a bad argument the parser could not see: a value, a file, a model
+        print(f"kvstudio: error: {e}", file=sys.stderr)
+        return 2
+    except model_store.ModelStoreError as e:
+        print(f"kvstudio: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        sys.stderr.write("\n")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

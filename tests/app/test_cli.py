@@ -1,0 +1,148 @@
+from __future__ import annotations
+
+import io
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from app import cli
+from engine import LLM, SamplingParams
+
+
+class TerminalInput(io.StringIO):
+    """Lines typed at a terminal: stdin that says it is a TTY."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.fixture(scope="module")
+def llm(smollm2_gguf) -> LLM:
+    return LLM(str(smollm2_gguf))
+
+
+@pytest.fixture
+def loaded(monkeypatch, llm) -> list[str | None]:
+    """Commands get the module's engine instead of loading the model again; records the model asked for."""
+    asked: list[str | None] = []
+
+    def load_llm(model: str | None, kwargs: dict) -> LLM:
+        asked.append(model)
+        return llm
+
+    monkeypatch.setattr(cli, "load_llm", load_llm)
+    return asked
+
+
+def test_help_lists_the_commands(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["--help"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    assert "generate" in out and "bench" in out
+
+
+def test_bench_help_lists_throughput(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["bench", "--help"])
+    assert exit_.value.code == 0
+    assert "throughput" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["generate", "--max-tokens", "0", "hi"], "--max-tokens: must be an integer >= 1"),
+    (["generate", "--dtype", "float8", "hi"], "--dtype: invalid choice: 'float8'"),
+    (["generate", "--kv-cache-memory", "-1", "hi"], "--kv-cache-memory: must be a number > 0"),
+    (["bench", "throughput", "--baseline", "vllm"], "--baseline: invalid choice: 'vllm'"),
+    (["bench"], "required"),
+    (["serve"], "invalid choice: 'serve'"),
+])
+def test_bad_arguments_exit_2_with_the_reason(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(argv)
+    assert exit_.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_values_only_the_engine_can_judge_exit_2_before_loading(monkeypatch, capsys):
+    def load_llm(model, kwargs):
+        raise AssertionError("the model was loaded for a command that was bound to fail")
+
+    monkeypatch.setattr(cli, "load_llm", load_llm)
+    assert cli.main(["generate", "--top-p", "2", "hi"]) == 2
+    assert "kvstudio: error: top_p must be in (0, 1], got 2.0" in capsys.readouterr().err
+
+
+def test_engine_options_pass_only_what_was_given():
+    args = cli.build_parser().parse_args(
+        ["generate", "--block-size", "32", "--no-prefix-caching", "--kv-cache-memory", "0.5", "hi"])
+    assert cli.engine_kwargs(args) == {"dtype": "auto", "kv_cache_dtype": "auto", "enable_prefix_caching": False,
+                                       "block_size": 32, "kv_cache_memory": 0.5}
+
+
+def test_generate_through_the_console_script(smollm2_gguf):
+    kvstudio = Path(sys.executable).with_name("kvstudio")
+    proc = subprocess.run(
+        [str(kvstudio), "generate", "--model", str(smollm2_gguf), "--max-tokens", "8", "--temperature", "0",
+         "What is the capital of France?"],
+        stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "Paris" in proc.stdout
+
+
+def test_stream_completion_writes_the_text_as_it_grows(llm):
+    writes: list[str] = []
+
+    class Recorder:
+        def write(self, text: str) -> None:
+            writes.append(text)
+
+        def flush(self) -> None:
+            pass
+
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    text = cli.stream_completion(llm.llm_engine, "stream-test", "Once upon a time", params, Recorder())
+    assert len([w for w in writes if w]) > 1
+    assert "".join(writes) == text
+    assert text.strip()
+
+
+def test_generate_reads_the_prompt_from_stdin(monkeypatch, capsys, loaded):
+    monkeypatch.setattr(sys, "stdin", io.StringIO("What is the capital of France?\n"))
+    assert cli.main(["generate", "--max-tokens", "8", "--temperature", "0"]) == 0
+    assert "Paris" in capsys.readouterr().out
+
+
+def test_interactive_chat_keeps_the_conversation(monkeypatch, capsys, loaded):
+    monkeypatch.setattr(sys, "stdin", TerminalInput("Hi, I am Ada.\nWhat is my name?\n/exit\n"))
+    conversations: list[list[dict]] = []
+    real_chat_prompt = cli.chat_prompt
+
+    def chat_prompt(tokenizer, messages):
+        conversations.append([dict(m) for m in messages])
+        return real_chat_prompt(tokenizer, messages)
+
+    monkeypatch.setattr(cli, "chat_prompt", chat_prompt)
+    assert cli.main(["generate", "--max-tokens", "6", "--temperature", "0"]) == 0
+    first, second = conversations
+    assert first == [{"role": "user", "content": "Hi, I am Ada."}]
+    assert [m["role"] for m in second] == ["user", "assistant", "user"]
+    assert second[1]["content"].strip() and second[1]["content"] in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("display, reason", [
+    (None, "the desktop window needs a display (neither DISPLAY nor WAYLAND_DISPLAY is set)"),
+    (":0", "the desktop window is not built yet"),
+])
+def test_kvstudio_alone_says_why_there_is_no_window_then_chats(monkeypatch, capsys, loaded, display, reason):
+    monkeypatch.delenv("WAYLAND_DISPLAY", raising=False)
+    if display is None:
+        monkeypatch.delenv("DISPLAY", raising=False)
+    else:
+        monkeypatch.setenv("DISPLAY", display)
+    monkeypatch.setattr(sys, "stdin", io.StringIO("/exit\n"))
+    assert cli.main([]) == 0
+    assert f"kvstudio: {reason}; starting a chat in the terminal instead." in capsys.readouterr().err
+    assert loaded == [None]  # the default model
