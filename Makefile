@@ -29,6 +29,8 @@ QT_SYSTEM_LIBS := libEGL.so.1:libegl1 libGL.so.1:libgl1 libOpenGL.so.0:libopengl
 
 setup: $(STAMP)
 	$(PY) -m app.model_store fetch-default
+	@# Builds the C++ CPU kernels for this machine once (cached by torch afterwards).
+	$(PY) -c "from kernels import cpu_ops; cpu_ops.load()"
 
 # The editable install's compat mode puts the repository root on sys.path, so top-level packages added later
 # (ui/, kernels/) import without a reinstall.

@@ -25,6 +25,7 @@ class EngineConfig:
     kv_cache_memory: float | None = None   # GiB; the CPU's KV budget
     gpu_memory_utilization: float = 0.9    # fraction of the GPU that weights + activations + KV may use
     enable_prefix_caching: bool = True
+    attention_backend: str = "auto"        # auto | torch | cpu (the compiled CPU kernels)
     seed: int = 0
     device: str | None = None              # None = cuda when available, else cpu
 
@@ -48,6 +49,8 @@ class EngineConfig:
             raise ValueError(f"kv_cache_memory must be > 0 GiB, got {self.kv_cache_memory}")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        if self.attention_backend not in ("auto", "torch", "cpu"):
+            raise ValueError(f"attention_backend must be auto, torch or cpu; got {self.attention_backend!r}")
         if self.device not in (None, "cpu", "cuda"):
             raise ValueError(f"device must be cpu or cuda, got {self.device!r}")
         if self.device == "cuda" and not torch.cuda.is_available():

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.attention import TorchAttentionBackend
+from engine.attention import select_backend
 from engine.block_manager import BlockManager
 from engine.config import DEFAULT_CPU_KV_CACHE_GIB, EngineConfig
 from engine.detokenizer import IncrementalDetokenizer
@@ -76,7 +76,7 @@ class LLMEngine:
 
         bs = config.block_size
         self.max_num_batched_tokens = config.max_num_batched_tokens or DEFAULT_MAX_NUM_BATCHED_TOKENS
-        backend = TorchAttentionBackend(bs, a.head_dim ** -0.5, a.sliding_window)
+        backend = select_backend(config.attention_backend, device, bs, a.head_dim ** -0.5, a.sliding_window)
         num_blocks = self._num_kv_blocks(model, backend)
         # Zeroed, not empty: attention reads whole blocks and masks the slots past a sequence's end, and a
         # masked NaN left in reused memory would still poison the weighted sum (0 * NaN).

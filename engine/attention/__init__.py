@@ -1,5 +1,34 @@
 """Attention backends: how new K/V are written into the paged cache and how attention reads it back."""
+from __future__ import annotations
+
+import logging
+
+import torch
+
 from engine.attention.backend import AttentionBackend, AttentionInputs
 from engine.attention.torch_backend import TorchAttentionBackend
 
-__all__ = ["AttentionBackend", "AttentionInputs", "TorchAttentionBackend"]
+__all__ = ["AttentionBackend", "AttentionInputs", "TorchAttentionBackend", "select_backend", "BACKENDS"]
+
+BACKENDS = ("auto", "torch", "cpu")
+logger = logging.getLogger(__name__)
+
+
+def select_backend(name: str, device: torch.device, block_size: int, scale: float,
+                   sliding_window: int | None) -> AttentionBackend:
+    """auto: the compiled CPU kernels on the CPU when they build here, else plain torch ops."""
+    if name == "torch" or (name == "auto" and device.type != "cpu"):
+        return TorchAttentionBackend(block_size, scale, sliding_window)
+    if device.type != "cpu":
+        raise ValueError(f"attention backend {name!r} runs on the CPU only, not on {device.type}")
+    from engine.attention.cpu_backend import CpuAttentionBackend
+    from kernels import cpu_ops
+
+    try:
+        cpu_ops.load()
+    except cpu_ops.KernelBuildError as e:
+        if name == "cpu":
+            raise
+        logger.warning("%s; falling back to the slower torch attention", e)
+        return TorchAttentionBackend(block_size, scale, sliding_window)
+    return CpuAttentionBackend(block_size, scale, sliding_window)

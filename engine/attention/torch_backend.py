@@ -10,6 +10,7 @@ padded to the longest one.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -37,7 +38,7 @@ class _Group:
 class TorchAttentionMetadata:
     slot_mapping: torch.Tensor
     num_decodes: int
-    decode_buckets: list[_Group]
+    decode: Any                 # whatever prepare_decodes() returned (here: a list of length buckets)
     prefill: _Group | None
 
 
@@ -52,17 +53,28 @@ class TorchAttentionBackend(AttentionBackend):
         return (num_kv_heads, num_blocks, block_size, head_dim)
 
     def prepare(self, inputs: AttentionInputs) -> TorchAttentionMetadata:
-        buckets = []
-        if inputs.num_decodes:
-            order = torch.argsort(inputs.decode_context_lens)
-            for rows in order.split(_DECODE_BUCKET):
-                lens = inputs.decode_context_lens[rows]
-                buckets.append(self._decode_group(inputs.decode_block_tables[rows], lens, rows))
+        decode = self.prepare_decodes(inputs) if inputs.num_decodes else None
         prefill = None
         if inputs.num_prefills:
             prefill = self._prefill_group(inputs.prefill_block_tables, inputs.prefill_context_lens,
                                           inputs.prefill_query_lens)
-        return TorchAttentionMetadata(inputs.slot_mapping, inputs.num_decodes, buckets, prefill)
+        return TorchAttentionMetadata(inputs.slot_mapping, inputs.num_decodes, decode, prefill)
+
+    def prepare_decodes(self, inputs: AttentionInputs) -> Any:
+        buckets = []
+        order = torch.argsort(inputs.decode_context_lens)
+        for rows in order.split(_DECODE_BUCKET):
+            lens = inputs.decode_context_lens[rows]
+            buckets.append(self._decode_group(inputs.decode_block_tables[rows], lens, rows))
+        return buckets
+
+    def attend_decodes(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                       decode: Any) -> torch.Tensor:
+        """q: [num_decodes, heads, dim] -> [num_decodes, heads, dim]."""
+        out = torch.empty_like(q)
+        for g in decode:
+            out[g.rows] = self._decode(q[g.rows], k_cache, v_cache, g)
+        return out
 
     def _decode_group(self, block_tables: torch.Tensor, context_lens: torch.Tensor, rows: torch.Tensor) -> _Group:
         max_blocks = -(-int(context_lens.max()) // self.block_size)
@@ -103,8 +115,8 @@ class TorchAttentionBackend(AttentionBackend):
         v_cache.view(num_kv_heads, -1, head_dim).index_copy_(1, slots, v.transpose(0, 1).to(v_cache.dtype))
         out = torch.empty_like(q)
         nd = metadata.num_decodes
-        for g in metadata.decode_buckets:
-            out[g.rows] = self._decode(q[g.rows], k_cache, v_cache, g)
+        if nd:
+            out[:nd] = self.attend_decodes(q[:nd], k_cache, v_cache, metadata.decode)
         if metadata.prefill is not None:
             g = metadata.prefill
             qp = q[nd:][g.query_index]                                           # [seqs, q_len, heads, dim]

@@ -72,17 +72,31 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
 
 
-class MergedLinear(nn.Linear):
-    """One matmul for several projections of the same input (q/k/v, gate/up), loaded shard by shard."""
+class Linear(nn.Module):
+    """y = x @ weight + bias with the weight stored transposed, [in, out]: BLAS multiplies a small batch of rows
+    by a row-major [in, out] matrix faster than by the checkpoint's [out, in] layout (about 15% on the CPU at
+    decode batch sizes). Several projections of one input (q/k/v, gate/up) can share it as column shards."""
 
     def __init__(self, in_features: int, shard_sizes: list[int], bias: bool) -> None:
-        super().__init__(in_features, sum(shard_sizes), bias=bias, device="meta")
+        super().__init__()
+        out_features = sum(shard_sizes)
+        self.weight = nn.Parameter(torch.empty(in_features, out_features, device="meta"))
+        self.bias = nn.Parameter(torch.empty(out_features, device="meta")) if bias else None
         self.shard_offsets = [sum(shard_sizes[:i]) for i in range(len(shard_sizes))]
         self.shard_sizes = shard_sizes
 
-    def load_shard(self, param: nn.Parameter, shard: int, loaded: torch.Tensor) -> None:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.bias is None:
+            return x @ self.weight
+        return torch.addmm(self.bias, x, self.weight)
+
+    def load(self, param: nn.Parameter, loaded: torch.Tensor, shard: int = 0) -> None:
+        """Copy a checkpoint tensor ([out, in] weight or [out] bias) into column shard `shard` of param."""
         start, size = self.shard_offsets[shard], self.shard_sizes[shard]
-        if loaded.shape[0] != size or loaded.shape[1:] != param.shape[1:]:
-            raise ValueError(f"shard {shard} has shape {tuple(loaded.shape)}, expected "
-                             f"{(size, *param.shape[1:])}")
-        param.data[start:start + size].copy_(loaded)
+        expected = (size, param.shape[0]) if param is self.weight else (size,)
+        if tuple(loaded.shape) != expected:
+            raise ValueError(f"weight shard {shard} has shape {tuple(loaded.shape)}, expected {expected}")
+        if param is self.weight:
+            param.data[:, start:start + size].copy_(loaded.t())
+        else:
+            param.data[start:start + size].copy_(loaded)

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.models.layers import ForwardContext, MergedLinear, RMSNorm, RotaryEmbedding
+from engine.models.layers import ForwardContext, Linear, RMSNorm, RotaryEmbedding
 
 
 @dataclass(frozen=True)
@@ -61,8 +61,8 @@ class LlamaAttention(nn.Module):
         self.num_heads, self.num_kv_heads, self.head_dim = a.num_heads, a.num_kv_heads, a.head_dim
         q_size, kv_size = a.num_heads * a.head_dim, a.num_kv_heads * a.head_dim
         self.split = (q_size, kv_size, kv_size)
-        self.qkv_proj = MergedLinear(a.hidden_size, list(self.split), bias=a.qkv_bias)
-        self.o_proj = nn.Linear(q_size, a.hidden_size, bias=a.o_bias, device="meta")
+        self.qkv_proj = Linear(a.hidden_size, list(self.split), bias=a.qkv_bias)
+        self.o_proj = Linear(q_size, [a.hidden_size], bias=a.o_bias)
         self.q_norm = RMSNorm(a.head_dim, a.rms_norm_eps) if a.qk_norm else None
         self.k_norm = RMSNorm(a.head_dim, a.rms_norm_eps) if a.qk_norm else None
         self.rotary = rotary
@@ -84,8 +84,8 @@ class LlamaAttention(nn.Module):
 class LlamaMLP(nn.Module):
     def __init__(self, a: LlamaArch) -> None:
         super().__init__()
-        self.gate_up_proj = MergedLinear(a.hidden_size, [a.intermediate_size] * 2, bias=a.mlp_bias)
-        self.down_proj = nn.Linear(a.intermediate_size, a.hidden_size, bias=a.mlp_bias, device="meta")
+        self.gate_up_proj = Linear(a.hidden_size, [a.intermediate_size] * 2, bias=a.mlp_bias)
+        self.down_proj = Linear(a.intermediate_size, [a.hidden_size], bias=a.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
@@ -117,8 +117,7 @@ class LlamaForCausalLM(nn.Module):
         self.embed_tokens = nn.Embedding(a.vocab_size, a.hidden_size, device="meta")
         self.layers = nn.ModuleList(LlamaDecoderLayer(a, i, rotary) for i in range(a.num_layers))
         self.norm = RMSNorm(a.hidden_size, a.rms_norm_eps)
-        self.lm_head = None if a.tie_word_embeddings else nn.Linear(a.hidden_size, a.vocab_size, bias=False,
-                                                                   device="meta")
+        self.lm_head = None if a.tie_word_embeddings else Linear(a.hidden_size, [a.vocab_size], bias=False)
 
     def materialize(self, device: torch.device, dtype: torch.dtype) -> None:
         """Allocate the parameters (uninitialised: load_weights fills them) and the rotary tables."""
@@ -135,23 +134,24 @@ class LlamaForCausalLM(nn.Module):
 
     def compute_logits(self, h: torch.Tensor) -> torch.Tensor:
         """h: [N, hidden] (only the rows that sample) -> logits [N, vocab] in float32."""
-        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(self.norm(h), weight).float()
+        h = self.norm(h)
+        # Tied: the embedding matrix itself, [vocab, hidden], rather than a transposed copy of it.
+        logits = F.linear(h, self.embed_tokens.weight) if self.lm_head is None else self.lm_head(h)
+        return logits.float()
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Copy HF-named tensors into our parameters; every parameter must be filled exactly once."""
+        """Copy HF-named tensors into our parameters; every parameter (every shard of one) must be filled."""
         params = dict(self.named_parameters())
-        # A merged parameter is complete once each of its shards is loaded: track (name, shard) pairs.
         missing = set()
         for pname in params:
-            module = self.get_submodule(pname.rsplit(".", 1)[0]) if "." in pname else self
-            shards = len(module.shard_sizes) if isinstance(module, MergedLinear) else 0
-            missing |= {(pname, i) for i in range(shards)} if shards else {(pname, None)}
+            module = self.get_submodule(pname.rsplit(".", 1)[0])
+            shards = len(module.shard_sizes) if isinstance(module, Linear) else 1
+            missing |= {(pname, i) for i in range(shards)}
         for name, tensor in weights:
             if "rotary_emb.inv_freq" in name or (self.lm_head is None and name == "lm_head.weight"):
                 continue
             name = name.removeprefix("model.")
-            target, shard = name, None
+            target, shard = name, 0
             for hf, (ours, idx) in self._merged.items():
                 if f".{hf}." in name:
                     target, shard = name.replace(f".{hf}.", f".{ours}."), idx
@@ -159,13 +159,14 @@ class LlamaForCausalLM(nn.Module):
             param = params.get(target)
             if param is None:
                 raise ValueError(f"checkpoint has a weight this model does not use: {name}")
-            if shard is None:
-                if param.shape != tensor.shape:
-                    raise ValueError(f"weight {name} has shape {tuple(tensor.shape)}, expected {tuple(param.shape)}")
-                param.data.copy_(tensor)
+            module = self.get_submodule(target.rsplit(".", 1)[0])
+            if isinstance(module, Linear):
+                module.load(param, tensor, shard)
+            elif param.shape != tensor.shape:
+                raise ValueError(f"weight {name} has shape {tuple(tensor.shape)}, expected {tuple(param.shape)}")
             else:
-                self.get_submodule(target.rsplit(".", 1)[0]).load_shard(param, shard, tensor)
+                param.data.copy_(tensor)
             missing.discard((target, shard))
         if missing:
-            names = sorted(f"{n}[{s}]" if s is not None else n for n, s in missing)
+            names = sorted(f"{n}[{s}]" for n, s in missing)
             raise ValueError(f"checkpoint lacks weights: {names[:8]}")

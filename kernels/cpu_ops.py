@@ -1,0 +1,31 @@
+"""The C++ CPU kernels, compiled for this machine on first use by torch's extension builder (cached after).
+
+Why C++ on the CPU at all: attention over a paged cache in torch ops must first gather every sequence's blocks
+into a padded copy, and on two cores that copy (written, then read again by the matmul) costs as much as the
+model's own matmuls at batch 64. The kernel reads K/V in place through the block table instead.
+"""
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from types import ModuleType
+
+_SOURCES = [Path(__file__).parent / "csrc" / "paged_decode_attention.cpp"]
+
+
+class KernelBuildError(RuntimeError):
+    pass
+
+
+@functools.cache
+def load() -> ModuleType:
+    """The compiled module; the first call on a machine builds it (about a minute), later ones load it."""
+    from torch.utils import cpp_extension
+
+    try:
+        return cpp_extension.load(
+            name="kvstudio_cpu_ops", sources=[str(p) for p in _SOURCES],
+            # Built where it runs, so it may use every instruction this CPU has.
+            extra_cflags=["-O3", "-march=native", "-fno-math-errno", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=False)
+    except (RuntimeError, OSError, ImportError) as e:
+        raise KernelBuildError(f"could not build kvstudio's CPU kernels (needs g++ and ninja): {e}") from e

@@ -1,0 +1,65 @@
+"""The compiled CPU paged-decode kernel against its torch twin, on random caches and block tables."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kernels.paged_attention import paged_decode_attention, paged_decode_attention_ref
+
+
+def make_case(seed, num_seqs, num_heads, num_kv_heads, head_dim, block_size, context_lens, dtype,
+              num_blocks=64):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(num_seqs, num_heads, head_dim, generator=g)
+    k = torch.randn(num_kv_heads, num_blocks, block_size, head_dim, generator=g).to(dtype)
+    v = torch.randn(num_kv_heads, num_blocks, block_size, head_dim, generator=g).to(dtype)
+    max_blocks = max(-(-n // block_size) for n in context_lens) + 1   # one spare column, as tables carry
+    # Tables out of order, each sequence on distinct blocks drawn at random from the pool.
+    tables = torch.stack([torch.randperm(num_blocks, generator=g)[:max_blocks] for _ in range(num_seqs)])
+    return q, k, v, tables, torch.tensor(context_lens, dtype=torch.int64)
+
+
+@pytest.mark.parametrize("num_heads,num_kv_heads", [(4, 4), (6, 2), (8, 1)])   # GQA ratios 1, 3, 8
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_kernel_matches_reference_on_ragged_contexts(num_heads, num_kv_heads, dtype):
+    block_size = 8
+    # One key, exactly one block, one past a block boundary, several blocks, ragged.
+    lens = [1, 8, 9, 16, 17, 31, 40, 3]
+    q, k, v, tables, ctx = make_case(0, len(lens), num_heads, num_kv_heads, 32, block_size, lens, dtype)
+    out = paged_decode_attention(q, k, v, tables, ctx, 32 ** -0.5)
+    ref = paged_decode_attention_ref(q, k, v, tables, ctx, 32 ** -0.5)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_kernel_reads_only_each_sequences_own_blocks():
+    q, k, v, tables, ctx = make_case(1, 4, 4, 2, 16, 4, [5, 12, 7, 2], torch.float32)
+    before = paged_decode_attention(q, k, v, tables, ctx, 0.25)
+    used = {int(b) for s in range(4) for b in tables[s, : -(-int(ctx[s]) // 4)]}
+    unused = [b for b in range(k.shape[1]) if b not in used]
+    # Poison every block no sequence owns, and the slots past each context in owned blocks.
+    k[:, unused] = float("nan")
+    v[:, unused] = float("nan")
+    for s in range(4):
+        n = int(ctx[s])
+        last = int(tables[s, (n - 1) // 4])
+        k[:, last, (n - 1) % 4 + 1:] = float("nan")
+        v[:, last, (n - 1) % 4 + 1:] = float("nan")
+    after = paged_decode_attention(q, k, v, tables, ctx, 0.25)
+    torch.testing.assert_close(after, before, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("window", [1, 5, 16])
+def test_sliding_window_limits_the_keys(window):
+    q, k, v, tables, ctx = make_case(2, 5, 6, 3, 16, 4, [3, 6, 17, 25, 40], torch.float32)
+    out = paged_decode_attention(q, k, v, tables, ctx, 0.25, window)
+    ref = paged_decode_attention_ref(q, k, v, tables, ctx, 0.25, window)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(out, paged_decode_attention(q, k, v, tables, ctx, 0.25))
+
+
+def test_bad_shapes_are_refused_with_a_message():
+    q, k, v, tables, ctx = make_case(3, 2, 4, 2, 16, 4, [5, 9], torch.float32)
+    with pytest.raises(RuntimeError, match="block_tables are too short"):
+        paged_decode_attention(q, k, v, tables[:, :1].contiguous(), ctx, 0.25)
+    with pytest.raises(RuntimeError, match="q must be"):
+        paged_decode_attention(q.double(), k, v, tables, ctx, 0.25)
