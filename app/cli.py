@@ -60,6 +60,8 @@ def _engine_options() -> argparse.ArgumentParser:
     group.add_argument("--kv-cache-memory", type=_positive_float, metavar="GIB",
                        help="KV cache size in GiB (default: the engine's)")
     group.add_argument("--no-prefix-caching", action="store_true", help="do not reuse cached prompt prefixes")
+    group.add_argument("--attention-backend", default="auto", choices=["auto", "torch", "cpu"],
+                       help="auto: the compiled CPU kernels on the CPU (torch ops if they cannot be built)")
     group.add_argument("--threads", type=_positive_int, metavar="N",
                        help="torch CPU threads (default: torch's, one per core)")
     return parent
@@ -117,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
 def engine_kwargs(args: argparse.Namespace) -> dict:
     """LLM(...) keyword arguments from the engine options; those not given keep the engine's defaults."""
     kwargs = {"dtype": args.dtype, "kv_cache_dtype": args.kv_cache_dtype,
-              "enable_prefix_caching": not args.no_prefix_caching}
+              "enable_prefix_caching": not args.no_prefix_caching, "attention_backend": args.attention_backend}
     for name in ("max_model_len", "block_size", "max_num_seqs", "max_num_batched_tokens", "kv_cache_memory"):
         if getattr(args, name) is not None:
             kwargs[name] = getattr(args, name)

@@ -77,9 +77,10 @@ def test_values_only_the_engine_can_judge_exit_2_before_loading(monkeypatch, cap
 
 def test_engine_options_pass_only_what_was_given():
     args = cli.build_parser().parse_args(
-        ["generate", "--block-size", "32", "--no-prefix-caching", "--kv-cache-memory", "0.5", "hi"])
+        ["generate", "--block-size", "32", "--no-prefix-caching", "--kv-cache-memory", "0.5",
+         "--attention-backend", "torch", "hi"])
     assert cli.engine_kwargs(args) == {"dtype": "auto", "kv_cache_dtype": "auto", "enable_prefix_caching": False,
-                                       "block_size": 32, "kv_cache_memory": 0.5}
+                                       "attention_backend": "torch", "block_size": 32, "kv_cache_memory": 0.5}
 
 
 def test_generate_through_the_console_script(smollm2_gguf):

@@ -72,10 +72,14 @@ def test_families_under_test_are_the_tiny_models(tiny_models):
     assert set(FAMILIES) == set(tiny_models)
 
 
+@pytest.mark.parametrize("backend", ["cpu", "torch"])   # the compiled decode kernel and the plain torch path
 @pytest.mark.parametrize("family", FAMILIES)
-def test_greedy_matches_transformers_with_preemption(family, tiny_models, prompts, drive):
+def test_greedy_matches_transformers_with_preemption(family, backend, tiny_models, prompts, drive):
     model = tiny_models[family]
-    engine = model.llm(num_blocks=SMALL_POOL, block_size=BLOCK, max_model_len=MAX_LEN).llm_engine
+    engine = model.llm(num_blocks=SMALL_POOL, block_size=BLOCK, max_model_len=MAX_LEN,
+                       attention_backend=backend).llm_engine
+    expected = {"cpu": "CpuAttentionBackend", "torch": "TorchAttentionBackend"}[backend]
+    assert type(engine.runner.backend).__name__ == expected
     outputs, trace = drive(engine, as_requests(prompts[family]))
     got = [o.outputs[0].token_ids for o in outputs]
     assert_same_tokens(got, model.greedy_reference(prompts[family], NEW_TOKENS))
