@@ -88,7 +88,6 @@ class LLMEngine:
         self.sampler = Sampler(torch.Generator(device).manual_seed(config.seed))
         self._requests: dict[str, _Request] = {}
         self._seq_ids = itertools.count()
-        self._step_counter = 0
         self._prompt_tokens_total = 0
         self._generation_tokens_total = 0
         self._recent: deque[tuple[float, int, int]] = deque()   # (time, prompt tokens, generated tokens)
@@ -156,8 +155,7 @@ class LLMEngine:
                                            stop=list(params.stop_strings),
                                            include_stop_str_in_output=params.include_stop_str_in_output,
                                            min_tokens=params.min_tokens)
-            seqs.append(Sequence(next(self._seq_ids), request_id, i, token_ids, params, detok, gen,
-                                 arrival_step=self._step_counter))
+            seqs.append(Sequence(next(self._seq_ids), request_id, i, token_ids, params, detok, gen))
         self._requests[request_id] = _Request(request_id, text, token_ids, seqs)
         for seq in seqs:
             self.scheduler.add(seq)
@@ -199,9 +197,6 @@ class LLMEngine:
     def has_unfinished_requests(self) -> bool:
         return bool(self._requests)
 
-    def get_num_unfinished_requests(self) -> int:
-        return len(self._requests)
-
     # ---- the step -----------------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         out = self.scheduler.schedule()
@@ -213,7 +208,6 @@ class LLMEngine:
             return []
         seqs, logits = self.runner.execute(out)
         self.scheduler.on_step_done(out)
-        self._step_counter += 1
         touched: dict[str, _Request] = {}
         if seqs:
             batch = SamplingBatch.from_sequences(seqs, list(self.eos_token_ids), self.model_config.vocab_size,

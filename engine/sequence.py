@@ -41,7 +41,6 @@ class Sequence:
     stop_reason: str | int | None = None
     logprobs: list[dict[int, float]] | None = None
     cumulative_logprob: float | None = None
-    arrival_step: int = 0
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_token_ids)

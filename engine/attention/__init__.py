@@ -8,9 +8,8 @@ import torch
 from engine.attention.backend import AttentionBackend, AttentionInputs
 from engine.attention.torch_backend import TorchAttentionBackend
 
-__all__ = ["AttentionBackend", "AttentionInputs", "TorchAttentionBackend", "select_backend", "BACKENDS"]
+__all__ = ["AttentionBackend", "AttentionInputs", "TorchAttentionBackend", "select_backend"]
 
-BACKENDS = ("auto", "torch", "cpu")
 logger = logging.getLogger(__name__)
 
 
