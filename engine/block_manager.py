@@ -73,10 +73,14 @@ class BlockManager:
             self._take(block_id)
             seq.block_table.append(block_id)
             hits += 1
-        self.prefix_queries += seq.num_tokens
-        self.prefix_hits += hits * bs
         seq.num_computed_tokens = seq.num_cached_tokens = hits * bs
         seq.num_registered_blocks = hits
+
+    def count_lookup(self, seq: Sequence) -> None:
+        """Record an admitted sequence's prefix lookup in the hit-rate counters (once, however often it was tried)."""
+        if self.enable_prefix_caching:
+            self.prefix_queries += seq.num_tokens
+            self.prefix_hits += seq.num_cached_tokens
 
     def allocate_slots(self, seq: Sequence, num_new_tokens: int) -> bool:
         """Grow seq's block table to hold num_new_tokens more tokens; False (nothing changed) if the pool is short."""

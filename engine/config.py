@@ -66,9 +66,9 @@ class EngineConfig:
         """auto = float32 on the CPU (16-bit matmuls are slow there), the checkpoint's dtype on a GPU."""
         if self.dtype != "auto":
             return DTYPES[self.dtype]
-        if self.torch_device.type == "cpu" or checkpoint_dtype not in (torch.float16, torch.bfloat16):
-            return torch.float32 if self.torch_device.type == "cpu" else torch.bfloat16
-        return checkpoint_dtype
+        if self.torch_device.type == "cpu":
+            return torch.float32
+        return checkpoint_dtype if checkpoint_dtype in (torch.float16, torch.bfloat16) else torch.bfloat16
 
     def cache_dtype(self, model_dtype: torch.dtype) -> torch.dtype:
         return model_dtype if self.kv_cache_dtype == "auto" else DTYPES[self.kv_cache_dtype]

@@ -62,8 +62,8 @@ class LLMEngine:
         max_model_len = config.max_model_len or max_pos
         if max_pos is not None and max_model_len > max_pos:
             raise ValueError(f"max_model_len {max_model_len} exceeds the model's context of {max_pos} tokens")
-        dtype = config.model_dtype(getattr(hf, "dtype", None) if isinstance(getattr(hf, "dtype", None),
-                                                                             torch.dtype) else None)
+        checkpoint_dtype = getattr(hf, "dtype", None)
+        dtype = config.model_dtype(checkpoint_dtype if isinstance(checkpoint_dtype, torch.dtype) else None)
         model = cls(hf, max_positions=max_model_len)
         model.materialize(device, dtype)
         model.load_weights(source.weights(dtype))

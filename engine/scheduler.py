@@ -82,14 +82,22 @@ class Scheduler:
 
     def _admit_waiting(self, out: SchedulerOutput, budget: int) -> None:
         bm = self.block_manager
+        # Chain hashes of the full blocks that sequences admitted in this step will compute. A block enters the
+        # prefix cache only after the step that writes it, so a request that would compute one of them again
+        # (requests arriving together with the same system prompt) waits one step and takes it from the cache.
+        in_flight: set[int] = set()
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             bm.match_prefix(seq)
             num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
-            if not bm.allocate_slots(seq, num_new):
+            first = seq.num_computed_tokens // bm.block_size
+            computes = seq.block_hashes[first:(seq.num_computed_tokens + num_new) // bm.block_size]
+            if (computes and computes[0] in in_flight) or not bm.allocate_slots(seq, num_new):
                 bm.free(seq)   # give back the prefix hits: holding them while waiting could starve the pool
                 seq.num_computed_tokens = seq.num_cached_tokens = 0
                 break
+            in_flight.update(computes)
+            bm.count_lookup(seq)
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)

@@ -63,7 +63,8 @@ def test_prefix_hit_shares_blocks_and_leaves_the_last_token_to_compute():
     assert b.block_table == [0, 1] and b.num_computed_tokens == 8 and b.num_cached_tokens == 8
     assert bm.blocks[0].ref_count == 2 and bm.blocks[1].ref_count == 2
     assert bm.allocate_slots(b, 4) and b.block_table == [0, 1, 3]
-    assert bm.prefix_hits == 8
+    bm.count_lookup(b)
+    assert bm.prefix_hits == 8 and bm.prefix_queries == 12
 
 
 def test_hash_chain_never_matches_a_different_prefix():

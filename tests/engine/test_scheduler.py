@@ -107,3 +107,29 @@ def test_finish_frees_blocks_at_once():
     assert sched.block_manager.num_free_blocks == 64 - 3
     sched.finish(a)
     assert sched.block_manager.num_free_blocks == 64 and not sched.has_unfinished()
+
+
+def test_requests_sharing_a_prefix_wait_one_step_to_take_it_from_the_cache():
+    sched = make(block_size=4, caching=True)
+    shared = list(range(100, 108))                         # two full blocks of a common "system prompt"
+    a = Sequence(next(_ids), "a", 0, shared + [1, 2, 3], SamplingParams(), None)
+    b = Sequence(next(_ids), "b", 0, shared + [4, 5], SamplingParams(), None)
+    c = Sequence(next(_ids), "c", 0, [7, 7, 7, 7, 7], SamplingParams(), None)
+    for s in (a, b, c):
+        sched.add(s)
+    out = step(sched)
+    # b would compute a's blocks again in the same step: it waits (and, first come first served, so does c).
+    assert out.prefills == [(a, 11)] and list(sched.waiting) == [b, c]
+    out = step(sched)
+    assert out.decodes == [a] and out.prefills == [(b, 2), (c, 5)]
+    assert b.num_cached_tokens == 8 and b.block_table[:2] == a.block_table[:2]
+    bm = sched.block_manager
+    assert (bm.prefix_queries, bm.prefix_hits) == (11 + 10 + 5, 8)
+
+
+def test_without_prefix_caching_nobody_waits():
+    sched = make(block_size=4, caching=False)
+    a, b = seq(9), seq(9)
+    sched.add(a)
+    sched.add(b)
+    assert [s for s, _ in step(sched).prefills] == [a, b]
