@@ -76,7 +76,7 @@ class LLMEngine:
 
         bs = config.block_size
         self.max_num_batched_tokens = config.max_num_batched_tokens or DEFAULT_MAX_NUM_BATCHED_TOKENS
-        backend = select_backend(config.attention_backend, device, bs, a.head_dim ** -0.5, a.sliding_window)
+        backend = select_backend(config.attention_backend, device, bs, a.head_dim, a.sliding_window)
         num_blocks = self._num_kv_blocks(model, backend)
         # Zeroed, not empty: attention reads whole blocks and masks the slots past a sequence's end, and a
         # masked NaN left in reused memory would still poison the weighted sum (0 * NaN).

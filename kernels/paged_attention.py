@@ -5,6 +5,9 @@ import torch
 
 from kernels import cpu_ops
 
+# The head sizes the compiled kernel is instantiated for (a compile-time constant there).
+CPU_HEAD_DIMS = (16, 32, 64, 128)
+
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float,

@@ -13,15 +13,20 @@ __all__ = ["AttentionBackend", "AttentionInputs", "TorchAttentionBackend", "sele
 logger = logging.getLogger(__name__)
 
 
-def select_backend(name: str, device: torch.device, block_size: int, scale: float,
+def select_backend(name: str, device: torch.device, block_size: int, head_dim: int,
                    sliding_window: int | None) -> AttentionBackend:
-    """auto: the compiled CPU kernels on the CPU when they build here, else plain torch ops."""
-    if name == "torch" or (name == "auto" and device.type != "cpu"):
+    """auto: the compiled CPU kernels on the CPU when they build here and fit the model, else plain torch ops."""
+    from engine.attention.cpu_backend import CpuAttentionBackend
+    from kernels import cpu_ops
+    from kernels.paged_attention import CPU_HEAD_DIMS
+
+    scale = head_dim ** -0.5
+    if name == "torch" or (name == "auto" and (device.type != "cpu" or head_dim not in CPU_HEAD_DIMS)):
         return TorchAttentionBackend(block_size, scale, sliding_window)
     if device.type != "cpu":
         raise ValueError(f"attention backend {name!r} runs on the CPU only, not on {device.type}")
-    from engine.attention.cpu_backend import CpuAttentionBackend
-    from kernels import cpu_ops
+    if head_dim not in CPU_HEAD_DIMS:
+        raise ValueError(f"the cpu attention backend supports head_dim {CPU_HEAD_DIMS}, not {head_dim}")
 
     try:
         cpu_ops.load()

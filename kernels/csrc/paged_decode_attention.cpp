@@ -12,87 +12,100 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <type_traits>
 #include <vector>
 
 namespace {
 
-// Loads head_dim values of the cache as float32 into dst, or points straight at them when they already are.
-template <typename cache_t>
-inline const float* load_row(const cache_t* src, float* dst, int64_t n) {
+// exp for the softmax weights with arithmetic only, so the loop over a sequence's scores vectorises (std::exp
+// does not without -ffast-math). Cephes' expf: a power-of-two range reduction and a degree-6 polynomial, within
+// 2 ulp of std::exp for the x <= 0 a softmax sees; x below -87 underflows to 0.
+inline float fast_exp(float x) {
+  x = std::max(x, -87.0f);
+  const float n = std::nearbyint(x * 1.44269504088896341f);
+  const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
+  float y = 1.9875691500e-4f;
+  y = y * r + 1.3981999507e-3f;
+  y = y * r + 8.3334519073e-3f;
+  y = y * r + 4.1665795894e-2f;
+  y = y * r + 1.6666665459e-1f;
+  y = y * r + 5.0000001201e-1f;
+  y = y * r * r + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float two_n;
+  std::memcpy(&two_n, &bits, sizeof(two_n));
+  return y * two_n;
+}
+
+// A cache row of HD values as float32: a pointer straight into the cache when it already holds float32.
+template <typename cache_t, int HD>
+inline const float* load_row(const cache_t* src, float* dst) {
   if constexpr (std::is_same_v<cache_t, float>) {
     return src;
   } else {
-    for (int64_t d = 0; d < n; ++d) dst[d] = static_cast<float>(src[d]);
+    for (int d = 0; d < HD; ++d) dst[d] = static_cast<float>(src[d]);
     return dst;
   }
 }
 
-template <typename cache_t>
+// head_dim is a template parameter so that a query, a row and an accumulator each fit in vector registers.
+template <typename cache_t, int HD>
 void decode_kernel(const float* q, const cache_t* k_cache, const cache_t* v_cache, const int64_t* block_tables,
                    const int64_t* context_lens, float* out, int64_t num_seqs, int64_t num_heads,
-                   int64_t num_kv_heads, int64_t num_blocks, int64_t block_size, int64_t head_dim,
-                   int64_t max_blocks, float scale, int64_t sliding_window) {
+                   int64_t num_kv_heads, int64_t num_blocks, int64_t block_size, int64_t max_blocks, float scale,
+                   int64_t sliding_window) {
   const int64_t group = num_heads / num_kv_heads;
-  // One work item per (sequence, kv head): its query heads share every K/V row it reads, so each row is read
-  // from memory once. Keys are taken a block at a time: scores for the block, one rescale of the running sums
-  // (online softmax), then the block's V rows weighted into the accumulators.
+  int64_t longest = 0;
+  for (int64_t s = 0; s < num_seqs; ++s) longest = std::max(longest, context_lens[s]);
+  // One work item per (sequence, kv head). For each of its query heads: all scores, an exact softmax, then
+  // the weighted sum of V. The query heads after the first re-read K/V rows that the first pulled into cache.
   at::parallel_for(0, num_seqs * num_kv_heads, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> qf(group * head_dim), acc(group * head_dim), row(head_dim);
-    std::vector<float> p(group * block_size), run_max(group), run_sum(group);
+    std::vector<float> scores(longest);
+    alignas(64) float row[HD];
     for (int64_t item = begin; item < end; ++item) {
       const int64_t s = item / num_kv_heads, h = item % num_kv_heads;
       const int64_t ctx = context_lens[s];
       const int64_t first = sliding_window > 0 ? std::max<int64_t>(0, ctx - sliding_window) : 0;
-      const float* qs = q + (s * num_heads + h * group) * head_dim;
-      for (int64_t i = 0; i < group * head_dim; ++i) qf[i] = qs[i] * scale;
-      std::fill(acc.begin(), acc.end(), 0.f);
-      std::fill(run_max.begin(), run_max.end(), -std::numeric_limits<float>::infinity());
-      std::fill(run_sum.begin(), run_sum.end(), 0.f);
+      const int64_t n = ctx - first;
       const int64_t* table = block_tables + s * max_blocks;
-      for (int64_t b = first / block_size; b * block_size < ctx; ++b) {
-        const int64_t lo = std::max(first, b * block_size) - b * block_size;
-        const int64_t hi = std::min(ctx - b * block_size, block_size);
-        const int64_t base = (h * num_blocks + table[b]) * block_size * head_dim;
-        for (int64_t t = lo; t < hi; ++t) {
-          const float* kr = load_row(k_cache + base + t * head_dim, row.data(), head_dim);
-          for (int64_t g = 0; g < group; ++g) {
-            const float* qg = qf.data() + g * head_dim;
-            float dot = 0.f;
-#pragma omp simd reduction(+ : dot)
-            for (int64_t d = 0; d < head_dim; ++d) dot += qg[d] * kr[d];
-            p[g * block_size + t] = dot;
-          }
+      auto for_each_row = [&](const cache_t* cache, auto&& fn) {
+        int64_t j = 0;
+        for (int64_t b = first / block_size; b * block_size < ctx; ++b) {
+          const int64_t lo = std::max(first, b * block_size) - b * block_size;
+          const int64_t hi = std::min(ctx - b * block_size, block_size);
+          const cache_t* base = cache + (h * num_blocks + table[b]) * block_size * HD;
+          for (int64_t t = lo; t < hi; ++t) fn(j++, load_row<cache_t, HD>(base + t * HD, row));
         }
-        for (int64_t g = 0; g < group; ++g) {
-          float* pg = p.data() + g * block_size;
-          float mx = run_max[g];
-          for (int64_t t = lo; t < hi; ++t) mx = std::max(mx, pg[t]);
-          const float correction = std::exp(run_max[g] - mx);  // exp(-inf) = 0 on the first block
-          run_max[g] = mx;
-          float sum = 0.f;
-          for (int64_t t = lo; t < hi; ++t) sum += (pg[t] = std::exp(pg[t] - mx));
-          run_sum[g] = run_sum[g] * correction + sum;
-          float* ag = acc.data() + g * head_dim;
-          if (correction != 1.f) {
-            for (int64_t d = 0; d < head_dim; ++d) ag[d] *= correction;
-          }
-        }
-        for (int64_t t = lo; t < hi; ++t) {
-          const float* vr = load_row(v_cache + base + t * head_dim, row.data(), head_dim);
-          for (int64_t g = 0; g < group; ++g) {
-            const float w = p[g * block_size + t];
-            float* ag = acc.data() + g * head_dim;
-#pragma omp simd
-            for (int64_t d = 0; d < head_dim; ++d) ag[d] += w * vr[d];
-          }
-        }
-      }
-      float* os = out + (s * num_heads + h * group) * head_dim;
+      };
       for (int64_t g = 0; g < group; ++g) {
-        const float inv = 1.f / run_sum[g];
-        for (int64_t d = 0; d < head_dim; ++d) os[g * head_dim + d] = acc[g * head_dim + d] * inv;
+        const int64_t head = h * group + g;
+        alignas(64) float qg[HD];
+        for (int d = 0; d < HD; ++d) qg[d] = q[(s * num_heads + head) * HD + d] * scale;
+        float* sc = scores.data();
+        for_each_row(k_cache, [&](int64_t j, const float* kr) {
+          float dot = 0.f;
+#pragma omp simd reduction(+ : dot)
+          for (int d = 0; d < HD; ++d) dot += qg[d] * kr[d];
+          sc[j] = dot;
+        });
+        const float mx = *std::max_element(sc, sc + n);
+        float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+        for (int64_t j = 0; j < n; ++j) {
+          sc[j] = fast_exp(sc[j] - mx);
+          sum += sc[j];
+        }
+        alignas(64) float acc[HD] = {};
+        for_each_row(v_cache, [&](int64_t j, const float* vr) {
+          const float w = sc[j];
+#pragma omp simd
+          for (int d = 0; d < HD; ++d) acc[d] += w * vr[d];
+        });
+        const float inv = 1.f / sum;
+        float* o = out + (s * num_heads + head) * HD;
+        for (int d = 0; d < HD; ++d) o[d] = acc[d] * inv;
       }
     }
   });
@@ -118,10 +131,20 @@ torch::Tensor paged_decode_attention(const torch::Tensor& q, const torch::Tensor
               "block_tables are too short for context_lens");
   auto out = torch::empty_like(q);
   AT_DISPATCH_FLOATING_TYPES_AND2(torch::kBFloat16, torch::kHalf, k_cache.scalar_type(), "paged_decode", [&] {
-    decode_kernel<scalar_t>(q.data_ptr<float>(), k_cache.data_ptr<scalar_t>(), v_cache.data_ptr<scalar_t>(),
-                            block_tables.data_ptr<int64_t>(), lens.data_ptr<int64_t>(), out.data_ptr<float>(),
-                            q.size(0), q.size(1), num_kv_heads, k_cache.size(1), k_cache.size(2), head_dim,
-                            block_tables.size(1), static_cast<float>(scale), sliding_window);
+    auto run = [&](auto head_dim_constant) {
+      constexpr int HD = decltype(head_dim_constant)::value;
+      decode_kernel<scalar_t, HD>(q.data_ptr<float>(), k_cache.data_ptr<scalar_t>(), v_cache.data_ptr<scalar_t>(),
+                                  block_tables.data_ptr<int64_t>(), lens.data_ptr<int64_t>(), out.data_ptr<float>(),
+                                  q.size(0), q.size(1), num_kv_heads, k_cache.size(1), k_cache.size(2),
+                                  block_tables.size(1), static_cast<float>(scale), sliding_window);
+    };
+    switch (head_dim) {
+      case 16: run(std::integral_constant<int, 16>{}); break;
+      case 32: run(std::integral_constant<int, 32>{}); break;
+      case 64: run(std::integral_constant<int, 64>{}); break;
+      case 128: run(std::integral_constant<int, 128>{}); break;
+      default: TORCH_CHECK(false, "head_dim ", head_dim, " is not supported (16, 32, 64 or 128)");
+    }
   });
   return out;
 }

@@ -63,3 +63,9 @@ def test_bad_shapes_are_refused_with_a_message():
         paged_decode_attention(q, k, v, tables[:, :1].contiguous(), ctx, 0.25)
     with pytest.raises(RuntimeError, match="q must be"):
         paged_decode_attention(q.double(), k, v, tables, ctx, 0.25)
+
+
+def test_an_unsupported_head_dim_is_refused():
+    q, k, v, tables, ctx = make_case(4, 2, 2, 2, 24, 4, [3, 5], torch.float32)
+    with pytest.raises(RuntimeError, match="head_dim 24 is not supported"):
+        paged_decode_attention(q, k, v, tables, ctx, 0.2)
