@@ -8,6 +8,8 @@ queue: it is evicted (its hash forgotten) only when the pool hands it out again,
 """
 from __future__ import annotations
 
+import hashlib
+from array import array
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -18,12 +20,16 @@ from engine.sequence import Sequence
 class Block:
     block_id: int
     ref_count: int = 0
-    hash: int | None = None
+    hash: bytes | None = None
     token_ids: tuple[int, ...] | None = None
 
 
-def chain_hash(prev_hash: int | None, token_ids: tuple[int, ...]) -> int:
-    return hash((prev_hash, token_ids))
+def chain_hash(prev_hash: bytes | None, token_ids: tuple[int, ...]) -> bytes:
+    """A cryptographic digest, not Python's hash(): prompts can come from anyone on the HTTP endpoint, and a
+    crafted collision would serve another prefix's KV (vLLM moved to SHA-256 for the same reason)."""
+    h = hashlib.blake2b(prev_hash or b"", digest_size=16)
+    h.update(array("q", token_ids).tobytes())
+    return h.digest()
 
 
 class BlockManager:
@@ -34,7 +40,7 @@ class BlockManager:
         # Free blocks in eviction order (front first). An OrderedDict gives O(1) removal from the middle,
         # needed when a prefix hit revives a cached block that sits in the queue.
         self._free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
-        self._hash_to_block: dict[int, int] = {}
+        self._hash_to_block: dict[bytes, int] = {}
         self.prefix_queries = 0   # prompt tokens looked up in the prefix cache
         self.prefix_hits = 0      # of those, tokens served from it
 
@@ -77,8 +83,9 @@ class BlockManager:
         seq.num_registered_blocks = hits
 
     def count_lookup(self, seq: Sequence) -> None:
-        """Record an admitted sequence's prefix lookup in the hit-rate counters (once, however often it was tried)."""
-        if self.enable_prefix_caching:
+        """Record a newly admitted sequence's prefix lookup in the hit-rate counters; a deferred or preempted
+        sequence's later lookups are not counted again."""
+        if self.enable_prefix_caching and seq.num_output_tokens == 0:
             self.prefix_queries += seq.num_tokens
             self.prefix_hits += seq.num_cached_tokens
 
@@ -110,10 +117,11 @@ class BlockManager:
         seq.num_registered_blocks = last
         for i in range(first, last):
             block = self.blocks[seq.block_table[i]]
-            if block.hash is None:
+            # A block computed twice (two requests prefilling the same prompt) is not registered a second time:
+            # no lookup could reach it, so it would only crowd the LRU queue.
+            if block.hash is None and self._hash_to_block.setdefault(seq.block_hashes[i], block.block_id) == block.block_id:
                 block.hash = seq.block_hashes[i]
                 block.token_ids = tuple(seq.token_ids[i * bs:(i + 1) * bs])
-                self._hash_to_block.setdefault(block.hash, block.block_id)
 
     def free(self, seq: Sequence) -> None:
         """Release seq's blocks. Tail blocks go first into the queue so a shared prefix outlives its tails."""

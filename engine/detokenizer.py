@@ -99,7 +99,10 @@ class IncrementalDetokenizer:
             # A stop string ending in the new text starts at most max_stop_len - 1 chars before it.
             tail_len = min(len(self.text), self._max_stop_len - 1)
             searched = self.text[len(self.text) - tail_len:] + pending
-            found = min(((i, s) for s in self._stop if (i := searched.find(s)) != -1),
+            # A match must end in the new text: one lying wholly in text shown earlier, before min_tokens was
+            # reached, is not a stop.
+            found = min(((i, s) for s in self._stop
+                         if (i := searched.find(s, max(0, tail_len - len(s) + 1))) != -1),
                         key=lambda m: m[0], default=None)  # earliest start; ties go to the first listed
             if found is not None:
                 start, stop = found

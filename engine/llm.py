@@ -64,10 +64,18 @@ class LLM:
                 engine.abort_request(rid)
             raise
         finished: dict[str, RequestOutput] = {}
-        with tqdm(total=len(ids), desc="Processed prompts", disable=not use_tqdm, dynamic_ncols=True) as bar:
-            while len(finished) < len(ids):
-                for out in engine.step():
-                    if out.finished:
-                        finished[out.request_id] = out
-                        bar.update(1)
+        pending = set(ids)
+        try:
+            with tqdm(total=len(ids), desc="Processed prompts", disable=not use_tqdm, dynamic_ncols=True) as bar:
+                while pending:
+                    for out in engine.step():
+                        # Only this call's requests count: another caller's may share the engine.
+                        if out.finished and out.request_id in pending:
+                            pending.discard(out.request_id)
+                            finished[out.request_id] = out
+                            bar.update(1)
+        except BaseException:   # an error or Ctrl-C: leave no request of this call running in the engine
+            for rid in pending:
+                engine.abort_request(rid)
+            raise
         return [finished[rid] for rid in ids]

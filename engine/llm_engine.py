@@ -146,6 +146,9 @@ class LLMEngine:
             raise ValueError(f"request id {request_id!r} is already in use")
         text, token_ids = self._tokenize(prompt)
         self._check_prompt(token_ids)
+        vocab = self.model_config.vocab_size
+        if any(t >= vocab for t in params.stop_token_ids):
+            raise ValueError(f"stop_token_ids must be below the vocabulary size {vocab}, got {params.stop_token_ids}")
         seqs = []
         for i in range(params.n):
             gen = None
@@ -206,13 +209,22 @@ class LLMEngine:
             if self.scheduler.has_unfinished() and not out.preempted:
                 raise RuntimeError("the scheduler could not schedule any pending request")
             return []
-        seqs, logits = self.runner.execute(out)
+        try:
+            seqs, logits = self.runner.execute(out)
+            sampled = None
+            if seqs:
+                batch = SamplingBatch.from_sequences(seqs, list(self.eos_token_ids),
+                                                     self.model_config.vocab_size, self.device)
+                sampled = self.sampler(logits, batch)
+        except Exception:
+            # Nothing of this step was applied; retrying the same batch would fail the same way, so its requests
+            # are aborted (their blocks freed) and the engine stays usable for the others.
+            for rid in {seq.request_id for seq, _ in out.scheduled()}:
+                self.abort_request(rid)
+            raise
         self.scheduler.on_step_done(out)
         touched: dict[str, _Request] = {}
-        if seqs:
-            batch = SamplingBatch.from_sequences(seqs, list(self.eos_token_ids), self.model_config.vocab_size,
-                                                 self.device)
-            sampled = self.sampler(logits, batch)
+        if sampled is not None:
             for seq, token, lp in zip(seqs, sampled.token_ids, sampled.logprobs):
                 self._append_token(seq, token, lp)
                 touched[seq.request_id] = self._requests[seq.request_id]

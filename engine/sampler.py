@@ -102,6 +102,8 @@ class Sampler:
             q.exponential_(generator=self.generator)
         for row, gen in batch.seeded:
             q[row].exponential_(generator=gen)
+        # A draw of exactly 0 would make a masked token 0 / 0 = NaN, which argmax would pick.
+        q.clamp_min_(torch.finfo(q.dtype).tiny)
         return (probs / q).argmax(dim=-1)
 
     @staticmethod

@@ -85,7 +85,7 @@ class Scheduler:
         # Chain hashes of the full blocks that sequences admitted in this step will compute. A block enters the
         # prefix cache only after the step that writes it, so a request that would compute one of them again
         # (requests arriving together with the same system prompt) waits one step and takes it from the cache.
-        in_flight: set[int] = set()
+        in_flight: set[bytes] = set()
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             bm.match_prefix(seq)

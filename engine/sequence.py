@@ -32,7 +32,7 @@ class Sequence:
     generator: torch.Generator | None = None
     token_ids: list[int] = field(init=False)
     block_table: list[int] = field(default_factory=list)
-    block_hashes: list[int] = field(default_factory=list)   # chain hashes of its full blocks (tokens never change)
+    block_hashes: list[bytes] = field(default_factory=list)   # chain hashes of its full blocks (tokens never change)
     num_registered_blocks: int = 0  # leading blocks of block_table already in the prefix cache
     num_computed_tokens: int = 0
     num_cached_tokens: int = 0      # prompt tokens served by the prefix cache at admission

@@ -124,12 +124,19 @@ torch::Tensor paged_decode_attention(const torch::Tensor& q, const torch::Tensor
               "block_tables must be a contiguous int64 [num_seqs, max_blocks] tensor");
   TORCH_CHECK(context_lens.scalar_type() == torch::kInt64 && context_lens.numel() == q.size(0),
               "context_lens must be int64 [num_seqs]");
+  TORCH_CHECK(q.device().is_cpu() && k_cache.device().is_cpu() && v_cache.device().is_cpu() &&
+              block_tables.device().is_cpu() && context_lens.device().is_cpu(), "every tensor must be on the CPU");
   const int64_t num_kv_heads = k_cache.size(0), head_dim = k_cache.size(3);
   TORCH_CHECK(q.size(2) == head_dim && q.size(1) % num_kv_heads == 0, "q's heads/head_dim do not match the cache");
-  const auto lens = context_lens.contiguous();
-  TORCH_CHECK(block_tables.size(1) * k_cache.size(2) >= lens.max().item<int64_t>() || q.size(0) == 0,
-              "block_tables are too short for context_lens");
   auto out = torch::empty_like(q);
+  if (q.size(0) == 0) return out;
+  const auto lens = context_lens.contiguous();
+  TORCH_CHECK(lens.min().item<int64_t>() >= 1, "every context_len must be >= 1");
+  TORCH_CHECK(block_tables.size(1) * k_cache.size(2) >= lens.max().item<int64_t>(),
+              "block_tables are too short for context_lens");
+  // Padding entries are 0, so every entry (used or not) must name a block of the cache.
+  TORCH_CHECK(block_tables.min().item<int64_t>() >= 0 && block_tables.max().item<int64_t>() < k_cache.size(1),
+              "block_tables name blocks outside the cache");
   AT_DISPATCH_FLOATING_TYPES_AND2(torch::kBFloat16, torch::kHalf, k_cache.scalar_type(), "paged_decode", [&] {
     auto run = [&](auto head_dim_constant) {
       constexpr int HD = decltype(head_dim_constant)::value;

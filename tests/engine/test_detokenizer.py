@@ -4,11 +4,10 @@ from __future__ import annotations
 import functools
 import json
 import random
-from pathlib import Path
 
 import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import AutoTokenizer, PreTrainedTokenizerFast
+from transformers import PreTrainedTokenizerFast
 
 from engine.detokenizer import IncrementalDetokenizer
 
@@ -19,17 +18,6 @@ TEXTS = [
     "mixed: 🤖 robots 🦀 crabs, 中文 and ñ at the end ñ",
     "code:\n\tdef f(x):\n\t\treturn x  # ok\n\n",
 ]
-
-
-@functools.lru_cache(maxsize=1)
-def _load_smollm2_tokenizer(gguf_path: str):
-    path = Path(gguf_path)
-    return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-
-
-@pytest.fixture
-def smollm2_tokenizer(smollm2_gguf):
-    return _load_smollm2_tokenizer(str(smollm2_gguf))
 
 
 @functools.lru_cache(maxsize=1)
@@ -316,3 +304,13 @@ def test_smollm2_chat_turn_stop_string(smollm2_tokenizer):
         deltas = _stream(detok, [[i] for i in out])
         assert "".join(deltas) == detok.text == expected
         assert detok.stop_reason == "\n\nUser:"
+
+
+def test_a_stop_string_shown_before_min_tokens_does_not_stop_generation_later():
+    tok = _PieceTokenizer(["a", "\n", "b", "c", "END!"])
+    detok = IncrementalDetokenizer(tok, [], stop=["\n", "END!"], min_tokens=4)
+    deltas = [detok.append([i]) for i in tok.ids("a", "\n", "b", "c")]
+    # The "\n" came at token 2, while stop strings were off; token 4 must not turn it into a stop.
+    assert detok.stop_reason is None and detok.text == "a\nbc" and "".join(deltas) == "a\nbc"
+    detok.append(tok.ids("END!"))
+    assert (detok.text, detok.stop_reason) == ("a\nbc", "END!")

@@ -153,3 +153,42 @@ def test_sampling_params_must_match_the_prompts(llm):
     with pytest.raises(ValueError, match="2 sampling_params for 1 prompts"):
         llm.generate([GOOD], [GOOD_PARAMS, GOOD_PARAMS], use_tqdm=False)
     assert_still_serves(llm)
+
+
+def test_stop_token_ids_outside_the_vocabulary(llm):
+    vocab = llm.llm_engine.model_config.vocab_size
+    with pytest.raises(ValueError, match="stop_token_ids must be below the vocabulary size"):
+        llm.generate(GOOD, SamplingParams(max_tokens=4, stop_token_ids=[vocab], min_tokens=1), use_tqdm=False)
+    assert_still_serves(llm)
+
+
+def test_a_step_that_fails_aborts_its_batch_and_the_engine_serves_on(llm, monkeypatch):
+    engine = llm.llm_engine
+
+    def broken(logits, batch):
+        raise RuntimeError("sampler failure")
+
+    with monkeypatch.context() as m:
+        m.setattr(engine, "sampler", broken)
+        with pytest.raises(RuntimeError, match="sampler failure"):
+            llm.generate([GOOD, GOOD], GOOD_PARAMS, use_tqdm=False)
+    assert_still_serves(llm)
+
+
+def test_generate_interrupted_leaves_nothing_behind(llm, monkeypatch):
+    engine = llm.llm_engine
+    real_step = engine.step
+    calls = []
+
+    def interrupted_step():
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_step()
+
+    with monkeypatch.context() as m:
+        m.setattr(engine, "step", interrupted_step)
+        with pytest.raises(KeyboardInterrupt):
+            llm.generate([GOOD] * 3, GOOD_PARAMS, use_tqdm=False)
+    # The interrupted call's requests were aborted: a new call gets exactly its own outputs.
+    assert_still_serves(llm)

@@ -63,6 +63,12 @@ def test_bad_shapes_are_refused_with_a_message():
         paged_decode_attention(q, k, v, tables[:, :1].contiguous(), ctx, 0.25)
     with pytest.raises(RuntimeError, match="q must be"):
         paged_decode_attention(q.double(), k, v, tables, ctx, 0.25)
+    with pytest.raises(RuntimeError, match="outside the cache"):
+        paged_decode_attention(q, k, v, tables + k.shape[1], ctx, 0.25)
+    with pytest.raises(RuntimeError, match="context_len must be >= 1"):
+        paged_decode_attention(q, k, v, tables, torch.tensor([0, 9]), 0.25)
+    empty = paged_decode_attention(q[:0], k, v, tables[:0], ctx[:0], 0.25)
+    assert empty.shape == (0, 4, 16)
 
 
 def test_an_unsupported_head_dim_is_refused():
