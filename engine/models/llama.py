@@ -55,7 +55,7 @@ class LlamaArch:
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, a: LlamaArch, layer_idx: int, rotary: RotaryEmbedding) -> None:
+    def __init__(self, a: LlamaArch, layer_idx: int) -> None:
         super().__init__()
         self.layer_idx = layer_idx
         self.num_heads, self.num_kv_heads, self.head_dim = a.num_heads, a.num_kv_heads, a.head_dim
@@ -65,17 +65,19 @@ class LlamaAttention(nn.Module):
         self.o_proj = Linear(q_size, [a.hidden_size], bias=a.o_bias)
         self.q_norm = RMSNorm(a.head_dim, a.rms_norm_eps) if a.qk_norm else None
         self.k_norm = RMSNorm(a.head_dim, a.rms_norm_eps) if a.qk_norm else None
-        self.rotary = rotary
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        T = x.shape[0]
-        q, k, v = self.qkv_proj(x).split(self.split, dim=-1)
-        q = q.view(T, self.num_heads, self.head_dim)       # [T, heads, dim]
-        k = k.view(T, self.num_kv_heads, self.head_dim)    # [T, kv_heads, dim]
-        v = v.view(T, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rotary(positions, q, k)
+    def forward(self, rope: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        T, H, KVH, D = x.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
+        qkv = self.qkv_proj(x)                                       # [T, (H + 2 * KVH) * D]
+        v = qkv[:, (H + KVH) * D:].view(T, KVH, D)
+        if self.q_norm is None:
+            # q and k sit side by side in qkv: rotate them in one pass, [T, H + KVH, D].
+            qk = RotaryEmbedding.rotate(qkv[:, :(H + KVH) * D].view(T, H + KVH, D), rope)
+            q, k = qk[:, :H], qk[:, H:]
+        else:
+            q = self.q_norm(qkv[:, :H * D].view(T, H, D))
+            k = self.k_norm(qkv[:, H * D:(H + KVH) * D].view(T, KVH, D))
+            q, k = RotaryEmbedding.rotate(q, rope), RotaryEmbedding.rotate(k, rope)
         o = ctx.backend.forward(q, k, v, ctx.kv_cache[0, self.layer_idx], ctx.kv_cache[1, self.layer_idx],
                                 ctx.metadata)
         return self.o_proj(o.view(T, -1))
@@ -89,19 +91,20 @@ class LlamaMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        # In place on the matmul's fresh output: no new [T, intermediate] tensors.
+        return self.down_proj(F.silu(gate, inplace=True).mul_(up))
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, a: LlamaArch, layer_idx: int, rotary: RotaryEmbedding) -> None:
+    def __init__(self, a: LlamaArch, layer_idx: int) -> None:
         super().__init__()
-        self.self_attn = LlamaAttention(a, layer_idx, rotary)
+        self.self_attn = LlamaAttention(a, layer_idx)
         self.mlp = LlamaMLP(a)
         self.input_layernorm = RMSNorm(a.hidden_size, a.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(a.hidden_size, a.rms_norm_eps)
 
-    def forward(self, positions, h, ctx: ForwardContext) -> torch.Tensor:
-        h = h + self.self_attn(positions, self.input_layernorm(h), ctx)
+    def forward(self, rope, h, ctx: ForwardContext) -> torch.Tensor:
+        h = h + self.self_attn(rope, self.input_layernorm(h), ctx)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -113,9 +116,9 @@ class LlamaForCausalLM(nn.Module):
     def __init__(self, hf_config, max_positions: int) -> None:
         super().__init__()
         a = self.arch = LlamaArch.from_hf(hf_config)
-        rotary = self.rotary = RotaryEmbedding(hf_config, a.head_dim, max_positions)
+        self.rotary = RotaryEmbedding(hf_config, a.head_dim, max_positions)
         self.embed_tokens = nn.Embedding(a.vocab_size, a.hidden_size, device="meta")
-        self.layers = nn.ModuleList(LlamaDecoderLayer(a, i, rotary) for i in range(a.num_layers))
+        self.layers = nn.ModuleList(LlamaDecoderLayer(a, i) for i in range(a.num_layers))
         self.norm = RMSNorm(a.hidden_size, a.rms_norm_eps)
         self.lm_head = None if a.tie_word_embeddings else Linear(a.hidden_size, [a.vocab_size], bias=False)
 
@@ -128,8 +131,9 @@ class LlamaForCausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         """input_ids, positions: [T] -> hidden states [T, hidden]."""
         h = self.embed_tokens(input_ids)
+        rope = self.rotary.tables(positions, h.dtype)
         for layer in self.layers:
-            h = layer(positions, h, ctx)
+            h = layer(rope, h, ctx)
         return h
 
     def compute_logits(self, h: torch.Tensor) -> torch.Tensor:
