@@ -24,6 +24,11 @@ class Block:
     token_ids: tuple[int, ...] | None = None
 
 
+def blocks_for(num_tokens: int, block_size: int) -> int:
+    """How many blocks hold num_tokens tokens."""
+    return -(-num_tokens // block_size)
+
+
 def chain_hash(prev_hash: bytes | None, token_ids: tuple[int, ...]) -> bytes:
     """A cryptographic digest, not Python's hash(): prompts can come from anyone on the HTTP endpoint, and a
     crafted collision would serve another prefix's KV (vLLM moved to SHA-256 for the same reason)."""
@@ -57,7 +62,7 @@ class BlockManager:
         return sum(1 for b in self._free if self.blocks[b].hash is not None)
 
     def blocks_needed(self, seq: Sequence, num_new_tokens: int) -> int:
-        total = -(-(seq.num_computed_tokens + num_new_tokens) // self.block_size)
+        total = blocks_for(seq.num_computed_tokens + num_new_tokens, self.block_size)
         return max(0, total - len(seq.block_table))
 
     def match_prefix(self, seq: Sequence) -> None:

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from engine.attention import select_backend
-from engine.block_manager import BlockManager
+from engine.block_manager import BlockManager, blocks_for
 from engine.config import DEFAULT_CPU_KV_CACHE_GIB, EngineConfig
 from engine.detokenizer import IncrementalDetokenizer
 from engine.model_runner import ModelRunner
@@ -109,10 +109,10 @@ class LLMEngine:
             what = f"kv_cache_memory={gib} GiB"
         max_len = self.model_config.max_model_len
         # More blocks than max_num_seqs full-length sequences can use would only cost memory and start-up time.
-        useful = cfg.max_num_seqs * -(-max_len // cfg.block_size)
+        useful = cfg.max_num_seqs * blocks_for(max_len, cfg.block_size)
         num_blocks = min(budget // block_bytes, useful)
         if num_blocks * cfg.block_size < max_len:
-            need = -(-max_len // cfg.block_size) * block_bytes / 2**30
+            need = blocks_for(max_len, cfg.block_size) * block_bytes / 2**30
             raise ValueError(
                 f"the KV cache ({what}) holds {max(num_blocks, 0) * cfg.block_size} tokens, fewer than "
                 f"max_model_len={max_len}: one sequence cannot fit. Give the KV cache at least {need:.3f} GiB "
@@ -126,7 +126,7 @@ class LLMEngine:
         n = min(self.max_num_batched_tokens, self.model_config.max_model_len)
         bs = self.config.block_size
         m = self.model_config
-        probe_blocks = -(-n // bs)
+        probe_blocks = blocks_for(n, bs)
         shape = backend.kv_cache_shape(probe_blocks, bs, m.num_kv_heads, m.head_dim)
         probe_cache = torch.empty((2, m.num_layers, *shape), dtype=m.kv_cache_dtype, device=self.device)
         seq = Sequence(-1, "profile", 0, [0] * n, SamplingParams(), None)
@@ -279,12 +279,12 @@ class LLMEngine:
     def get_stats(self) -> EngineStats:
         bm = self.block_manager
         rate_p = rate_g = 0.0
-        if len(self._recent) > 1:
-            span = self._recent[-1][0] - self._recent[0][0]
-            if span > 0:
-                # The first entry marks the window's start; the tokens after it were produced within span.
-                rate_p = sum(r[1] for r in list(self._recent)[1:]) / span
-                rate_g = sum(r[2] for r in list(self._recent)[1:]) / span
+        span = self._recent[-1][0] - self._recent[0][0] if self._recent else 0.0
+        if span > 0:
+            # The first entry marks the window's start; the tokens after it were produced within span.
+            produced = list(self._recent)[1:]
+            rate_p = sum(r[1] for r in produced) / span
+            rate_g = sum(r[2] for r in produced) / span
         free = bm.num_free_blocks
         return EngineStats(
             num_blocks_total=bm.num_blocks, num_blocks_used=bm.num_blocks - free, num_blocks_free=free,

@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from engine.attention.backend import AttentionBackend, AttentionInputs
+from engine.block_manager import blocks_for
 from engine.models.layers import ForwardContext
 from engine.scheduler import SchedulerOutput
 from engine.sequence import Sequence
@@ -81,4 +82,4 @@ def _padded(tables: list[list[int]]) -> torch.Tensor:
 
 def _trim(tables: torch.Tensor, max_context: int, block_size: int) -> torch.Tensor:
     """Keep only the block columns a group's longest context needs."""
-    return tables[:, : -(-max_context // block_size)]
+    return tables[:, :blocks_for(max_context, block_size)]

@@ -1,4 +1,5 @@
-"""Paged attention in plain torch ops: the CPU path and the reference for the Triton kernels.
+"""Paged attention in plain torch ops: the reference backend, the CUDA path until the Triton kernels exist, and
+the CPU fallback where the compiled kernel cannot be built (the CPU backend reuses its prefill path).
 
 The cache is head-major, [kv_heads, num_blocks, block_size, head_dim] per layer, so that gathering a group of
 sequences' blocks with one index_select yields, for every kv head, each sequence's keys as one contiguous
@@ -16,30 +17,37 @@ import torch
 import torch.nn.functional as F
 
 from engine.attention.backend import AttentionBackend, AttentionInputs
+from engine.block_manager import blocks_for
 
 # Decodes per bucket: smaller buckets pad less but cost more kernel launches per layer.
 _DECODE_BUCKET = 16
 
 
 @dataclass
-class _Group:
-    """Sequences whose keys are gathered, padded to a common length, and attended together."""
-    block_ids: torch.Tensor            # [seqs * max_blocks] int64: blocks to gather, padded with block 0
-    num_seqs: int
-    num_keys: int                      # max_blocks * block_size
-    bias: torch.Tensor | None          # decode: [seqs, 1, num_keys] additive mask (0 / -inf)
-    mask: torch.Tensor | None          # prefill: [seqs, 1, q_len, num_keys] bool, True = attend
-    rows: torch.Tensor | None          # decode: rows of the flat batch in this bucket; prefill: None
-    query_index: torch.Tensor | None   # prefill: [seqs, q_len] int64 into the prefill tokens
-    query_valid: torch.Tensor | None   # prefill: [seqs, q_len] bool
+class _DecodeBucket:
+    """Decodes of similar context length, their keys gathered and padded to the bucket's longest."""
+    rows: torch.Tensor          # [seqs] rows of the flat batch in this bucket
+    block_ids: torch.Tensor     # [seqs * max_blocks] int64: blocks to gather, padded with block 0
+    num_keys: int               # max_blocks * block_size
+    bias: torch.Tensor          # [seqs, 1, num_keys] additive mask (0 / -inf)
+
+
+@dataclass
+class _PrefillGroup:
+    """Every prefill chunk of the step, queries and keys padded to the longest."""
+    block_ids: torch.Tensor     # [seqs * max_blocks] int64
+    num_keys: int
+    mask: torch.Tensor          # [seqs, 1, q_len, num_keys] bool, True = attend
+    query_index: torch.Tensor   # [seqs, q_len] int64 into the prefill tokens
+    query_valid: torch.Tensor   # [seqs, q_len] bool
 
 
 @dataclass
 class TorchAttentionMetadata:
     slot_mapping: torch.Tensor
     num_decodes: int
-    decode: Any                 # whatever prepare_decodes() returned (here: a list of length buckets)
-    prefill: _Group | None
+    decode: Any                 # whatever prepare_decodes() returned (here: a list of _DecodeBucket)
+    prefill: _PrefillGroup | None
 
 
 class TorchAttentionBackend(AttentionBackend):
@@ -76,18 +84,18 @@ class TorchAttentionBackend(AttentionBackend):
             out[g.rows] = self._decode(q[g.rows], k_cache, v_cache, g)
         return out
 
-    def _decode_group(self, block_tables: torch.Tensor, context_lens: torch.Tensor, rows: torch.Tensor) -> _Group:
-        max_blocks = -(-int(context_lens.max()) // self.block_size)
+    def _decode_group(self, block_tables: torch.Tensor, context_lens: torch.Tensor,
+                      rows: torch.Tensor) -> _DecodeBucket:
+        max_blocks = blocks_for(int(context_lens.max()), self.block_size)
         num_keys = max_blocks * self.block_size
         key_pos = torch.arange(num_keys, device=context_lens.device)
         keep = key_pos[None, :] < context_lens[:, None]                          # [seqs, num_keys]
         if self.sliding_window is not None:
             keep &= key_pos[None, :] >= context_lens[:, None] - self.sliding_window
         bias = torch.zeros(keep.shape, dtype=torch.float32, device=keep.device).masked_fill_(~keep, float("-inf"))
-        return _Group(block_tables[:, :max_blocks].reshape(-1), len(rows), num_keys, bias.unsqueeze(1), None,
-                      rows, None, None)
+        return _DecodeBucket(rows, block_tables[:, :max_blocks].reshape(-1), num_keys, bias.unsqueeze(1))
 
-    def _prefill_group(self, block_tables, context_lens, query_lens) -> _Group:
+    def _prefill_group(self, block_tables, context_lens, query_lens) -> _PrefillGroup:
         num_seqs, max_blocks = block_tables.shape
         device = block_tables.device
         num_keys = max_blocks * self.block_size
@@ -104,8 +112,7 @@ class TorchAttentionBackend(AttentionBackend):
         query_index = torch.where(query_valid, starts[:, None] + q_off[None, :], 0)
         # A padding query attends to key 0 only, so softmax never sees an all-masked row.
         mask |= (~query_valid[:, :, None]) & (key_pos[None, None, :] == 0)
-        return _Group(block_tables.reshape(-1), num_seqs, num_keys, None, mask.unsqueeze(1), None,
-                      query_index, query_valid)
+        return _PrefillGroup(block_tables.reshape(-1), num_keys, mask.unsqueeze(1), query_index, query_valid)
 
     def forward(self, q, k, v, k_cache, v_cache, metadata: TorchAttentionMetadata) -> torch.Tensor:
         num_kv_heads, num_blocks, block_size, head_dim = k_cache.shape
@@ -123,18 +130,19 @@ class TorchAttentionBackend(AttentionBackend):
             out[nd:] = self._prefill(qp, k_cache, v_cache, g)[g.query_valid]
         return out
 
-    def _gather(self, cache: torch.Tensor, g: _Group, dtype: torch.dtype) -> torch.Tensor:
+    @staticmethod
+    def _gather(cache: torch.Tensor, block_ids: torch.Tensor, num_keys: int, dtype: torch.dtype) -> torch.Tensor:
         """-> [kv_heads, seqs, num_keys, dim], upcast when the cache holds 16-bit values."""
         num_kv_heads, num_blocks, block_size, head_dim = cache.shape
-        rows = cache.view(num_kv_heads, num_blocks, -1).index_select(1, g.block_ids)
-        return rows.view(num_kv_heads, g.num_seqs, g.num_keys, head_dim).to(dtype)
+        rows = cache.view(num_kv_heads, num_blocks, -1).index_select(1, block_ids)
+        return rows.view(num_kv_heads, -1, num_keys, head_dim).to(dtype)
 
-    def _decode(self, q: torch.Tensor, k_cache, v_cache, g: _Group) -> torch.Tensor:
+    def _decode(self, q: torch.Tensor, k_cache, v_cache, g: _DecodeBucket) -> torch.Tensor:
         """q: [seqs, heads, dim] -> [seqs, heads, dim]."""
         s, h, d = q.shape
         kvh = k_cache.shape[0]
-        k = self._gather(k_cache, g, q.dtype).view(kvh * s, g.num_keys, d)
-        v = self._gather(v_cache, g, q.dtype).view(kvh * s, g.num_keys, d)
+        k = self._gather(k_cache, g.block_ids, g.num_keys, q.dtype).view(kvh * s, g.num_keys, d)
+        v = self._gather(v_cache, g.block_ids, g.num_keys, q.dtype).view(kvh * s, g.num_keys, d)
         # The h // kvh query heads that share a kv head become rows of one matmul: [kvh * s, h // kvh, d].
         qg = q.view(s, kvh, h // kvh, d).transpose(0, 1).reshape(kvh * s, h // kvh, d)
         scores = torch.bmm(qg, k.transpose(1, 2)).mul_(self.scale)             # [kvh * s, h // kvh, keys]
@@ -142,10 +150,10 @@ class TorchAttentionBackend(AttentionBackend):
         o = torch.bmm(scores.view(kvh * s, h // kvh, g.num_keys), v)           # [kvh * s, h // kvh, d]
         return o.view(kvh, s, h // kvh, d).transpose(0, 1).reshape(s, h, d)
 
-    def _prefill(self, q: torch.Tensor, k_cache, v_cache, g: _Group) -> torch.Tensor:
+    def _prefill(self, q: torch.Tensor, k_cache, v_cache, g: _PrefillGroup) -> torch.Tensor:
         """q: [seqs, q_len, heads, dim] -> [seqs, q_len, heads, dim]."""
-        k = self._gather(k_cache, g, q.dtype).transpose(0, 1)                  # [seqs, kv_heads, keys, dim]
-        v = self._gather(v_cache, g, q.dtype).transpose(0, 1)
+        k = self._gather(k_cache, g.block_ids, g.num_keys, q.dtype).transpose(0, 1)   # [seqs, kv_heads, keys, dim]
+        v = self._gather(v_cache, g.block_ids, g.num_keys, q.dtype).transpose(0, 1)
         o = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=g.mask, scale=self.scale,
                                            enable_gqa=k.shape[1] != q.shape[2])
         return o.transpose(1, 2)
