@@ -1,4 +1,10 @@
-"""The KV block pool: free list, ref counts, per-sequence block tables and the prefix cache. No torch.
+"""The KV block pool: free list, ref counts, per-sequence block tables, copy-on-write, the prefix cache and the
+CPU swap space. No torch: the model runner executes the copies this module decides.
+
+Sharing: a forked sequence (parallel sampling, beam search) takes its parent's blocks by reference. The first
+write into a block that is still shared goes to a private copy: allocate_slots records the (src, dst) pair in
+`copies`, which the scheduler hands to the runner, and the runner copies every pair of a step in one batched
+operation before the forward pass. The last holder of a shared block writes into it in place.
 
 Prefix caching: once a block is full and its KV written, it is named by a chain hash
 hash(previous block's hash, its token ids). A later sequence whose prompt starts with the same blocks takes them
@@ -24,6 +30,10 @@ class Block:
     token_ids: tuple[int, ...] | None = None
 
 
+# Block states in block_states(): what the monitor colours.
+FREE, USED, SHARED, CACHED = 0, 1, 2, 3
+
+
 def blocks_for(num_tokens: int, block_size: int) -> int:
     """How many blocks hold num_tokens tokens."""
     return -(-num_tokens // block_size)
@@ -38,7 +48,8 @@ def chain_hash(prev_hash: bytes | None, token_ids: tuple[int, ...]) -> bytes:
 
 
 class BlockManager:
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True) -> None:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
+                 num_swap_blocks: int = 0) -> None:
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
         self.blocks = [Block(i) for i in range(num_blocks)]
@@ -48,6 +59,10 @@ class BlockManager:
         self._hash_to_block: dict[bytes, int] = {}
         self.prefix_queries = 0   # prompt tokens looked up in the prefix cache
         self.prefix_hits = 0      # of those, tokens served from it
+        self.copies: list[tuple[int, int]] = []   # copy-on-write (src, dst) pairs not yet handed to the runner
+        self.num_swap_blocks = num_swap_blocks
+        self._swap_refs = [0] * num_swap_blocks
+        self._swap_free = list(range(num_swap_blocks - 1, -1, -1))   # a stack: pop() hands out the lowest id
 
     @property
     def num_blocks(self) -> int:
@@ -61,9 +76,25 @@ class BlockManager:
     def num_cached_free_blocks(self) -> int:
         return sum(1 for b in self._free if self.blocks[b].hash is not None)
 
+    @property
+    def num_shared_blocks(self) -> int:
+        return sum(1 for b in self.blocks if b.ref_count > 1)
+
+    @property
+    def num_free_swap_blocks(self) -> int:
+        return len(self._swap_free)
+
     def blocks_needed(self, seq: Sequence, num_new_tokens: int) -> int:
+        """New blocks for num_new_tokens more tokens, counting the private copy of a shared block written into."""
         total = blocks_for(seq.num_computed_tokens + num_new_tokens, self.block_size)
-        return max(0, total - len(seq.block_table))
+        return max(0, total - len(seq.block_table)) + (self._shared_write_block(seq) is not None)
+
+    def _shared_write_block(self, seq: Sequence) -> int | None:
+        """Index in seq's table of the block its next token goes into, when that block exists and is shared."""
+        i = seq.num_computed_tokens // self.block_size
+        if i < len(seq.block_table) and self.blocks[seq.block_table[i]].ref_count > 1:
+            return i
+        return None
 
     def match_prefix(self, seq: Sequence) -> None:
         """Give a fresh sequence the cached blocks of its longest cached prefix and mark those tokens computed.
@@ -99,16 +130,36 @@ class BlockManager:
         needed = self.blocks_needed(seq, num_new_tokens)
         if needed > len(self._free):
             return False
+        shared = self._shared_write_block(seq)
+        if shared is not None:
+            src, dst = seq.block_table[shared], self._pop_free()
+            self.blocks[src].ref_count -= 1
+            seq.block_table[shared] = dst
+            self.copies.append((src, dst))
+            needed -= 1
         for _ in range(needed):
-            block_id, _ = self._free.popitem(last=False)
-            block = self.blocks[block_id]
-            if block.hash is not None:  # evict: the cached content is about to be overwritten
-                if self._hash_to_block.get(block.hash) == block_id:
-                    del self._hash_to_block[block.hash]
-                block.hash = block.token_ids = None
-            block.ref_count = 1
-            seq.block_table.append(block_id)
+            seq.block_table.append(self._pop_free())
         return True
+
+    def _pop_free(self) -> int:
+        block_id, _ = self._free.popitem(last=False)
+        block = self.blocks[block_id]
+        if block.hash is not None:  # evict: the cached content is about to be overwritten
+            if self._hash_to_block.get(block.hash) == block_id:
+                del self._hash_to_block[block.hash]
+            block.hash = block.token_ids = None
+        block.ref_count = 1
+        return block_id
+
+    def fork(self, parent: Sequence, child: Sequence) -> None:
+        """child (a fork of parent, with a copy of its block table) now holds every block by reference too."""
+        assert child.block_table == parent.block_table
+        for block_id in child.block_table:
+            self.blocks[block_id].ref_count += 1
+
+    def take_copies(self) -> list[tuple[int, int]]:
+        copies, self.copies = self.copies, []
+        return copies
 
     def cache_full_blocks(self, seq: Sequence) -> None:
         """Register the blocks that the last step filled (their KV is now written) in the prefix cache."""
@@ -131,18 +182,69 @@ class BlockManager:
     def free(self, seq: Sequence) -> None:
         """Release seq's blocks. Tail blocks go first into the queue so a shared prefix outlives its tails."""
         for block_id in reversed(seq.block_table):
-            block = self.blocks[block_id]
-            block.ref_count -= 1
-            assert block.ref_count >= 0
-            if block.ref_count == 0:
-                if block.hash is None:
-                    # Nothing to keep: hand this block out before any cached one.
-                    self._free[block_id] = None
-                    self._free.move_to_end(block_id, last=False)
-                else:
-                    self._free[block_id] = None
+            self._release(block_id)
         seq.block_table = []
         seq.num_registered_blocks = 0
+
+    def _release(self, block_id: int) -> None:
+        block = self.blocks[block_id]
+        block.ref_count -= 1
+        assert block.ref_count >= 0
+        if block.ref_count == 0:
+            self._free[block_id] = None
+            if block.hash is None:   # nothing to keep: hand this block out before any cached one
+                self._free.move_to_end(block_id, last=False)
+
+    # ---- swapping ---------------------------------------------------------------------------------------------
+    def swap_out(self, seqs: list[Sequence]) -> list[tuple[int, int]] | None:
+        """Move the blocks of a group's sequences to the swap space, shared blocks once. Returns the
+        (device block, swap block) pairs to copy, or None (nothing changed) when the swap space is short."""
+        unique = list(dict.fromkeys(b for s in seqs for b in s.block_table))
+        if len(unique) > len(self._swap_free):
+            return None
+        mapping = {b: self._swap_free.pop() for b in unique}
+        for seq in seqs:
+            for b in reversed(seq.block_table):
+                self._swap_refs[mapping[b]] += 1
+                self._release(b)
+            seq.block_table = [mapping[b] for b in seq.block_table]
+            seq.num_registered_blocks = 0
+        return list(mapping.items())
+
+    def swap_in_blocks_needed(self, seqs: list[Sequence]) -> int:
+        """Device blocks that swapping seqs in takes, plus one per sequence for the step that follows."""
+        return len({b for s in seqs for b in s.block_table}) + len(seqs)
+
+    def swap_in(self, seqs: list[Sequence]) -> list[tuple[int, int]]:
+        """Bring a swapped group's blocks back; returns the (swap block, device block) pairs to copy. The caller
+        checked swap_in_blocks_needed(). Blocks re-enter the prefix cache after the next step (registered again)."""
+        unique = list(dict.fromkeys(b for s in seqs for b in s.block_table))
+        assert len(unique) <= len(self._free)
+        mapping = {c: self._pop_free() for c in unique}
+        for block_id in mapping.values():
+            self.blocks[block_id].ref_count = 0
+        for seq in seqs:
+            for c in seq.block_table:
+                self.blocks[mapping[c]].ref_count += 1
+                self._swap_refs[c] -= 1
+                if self._swap_refs[c] == 0:
+                    self._swap_free.append(c)
+            seq.block_table = [mapping[c] for c in seq.block_table]
+        return list(mapping.items())
+
+    def free_swapped(self, seq: Sequence) -> None:
+        """Release a swapped-out sequence's swap blocks (it finished or was aborted while swapped)."""
+        for c in seq.block_table:
+            self._swap_refs[c] -= 1
+            if self._swap_refs[c] == 0:
+                self._swap_free.append(c)
+        seq.block_table = []
+
+    # ---- the block map ----------------------------------------------------------------------------------------
+    def block_states(self) -> bytes:
+        """One byte per block: FREE, USED, SHARED (more than one holder) or CACHED (free, keeps a prefix)."""
+        return bytes(USED if b.ref_count == 1 else SHARED if b.ref_count > 1 else
+                     CACHED if b.hash is not None else FREE for b in self.blocks)
 
     def _take(self, block_id: int) -> None:
         block = self.blocks[block_id]

@@ -9,6 +9,7 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 KV_CACHE_DTYPES = ("auto", "float16", "bfloat16")
 # KV pool size on the CPU when kv_cache_memory is not given, in GiB.
 DEFAULT_CPU_KV_CACHE_GIB = 2.0
+PREEMPTION_MODES = ("swap", "recompute")
 
 
 @dataclass(frozen=True)
@@ -25,6 +26,8 @@ class EngineConfig:
     kv_cache_memory: float | None = None   # GiB; the CPU's KV budget
     gpu_memory_utilization: float = 0.9    # fraction of the GPU that weights + activations + KV may use
     enable_prefix_caching: bool = True
+    swap_space: float = 4.0                # GiB of host memory for preempted groups' KV (vLLM's default)
+    preemption_mode: str | None = None     # None: vLLM's policy (swap groups of several sequences); swap | recompute
     attention_backend: str = "auto"        # auto | torch | cpu (the compiled CPU kernels)
     seed: int = 0
     device: str | None = None              # None = cuda when available, else cpu
@@ -47,6 +50,13 @@ class EngineConfig:
             raise ValueError(f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}")
         if self.kv_cache_memory is not None and self.kv_cache_memory <= 0:
             raise ValueError(f"kv_cache_memory must be > 0 GiB, got {self.kv_cache_memory}")
+        if self.swap_space < 0:
+            raise ValueError(f"swap_space must be >= 0 GiB, got {self.swap_space}")
+        if self.preemption_mode is not None and self.preemption_mode not in PREEMPTION_MODES:
+            raise ValueError(f"preemption_mode must be swap or recompute (or None for the automatic policy); "
+                             f"got {self.preemption_mode!r}")
+        if self.preemption_mode == "swap" and self.swap_space == 0:
+            raise ValueError("preemption_mode swap needs swap_space > 0")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         if self.attention_backend not in ("auto", "torch", "cpu"):

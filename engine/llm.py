@@ -1,17 +1,33 @@
-"""The offline API: LLM(model).generate(prompts, params) / .chat(conversations, params), vLLM names."""
+"""The offline API: LLM(model).generate(prompts, params) / .chat(conversations, params) / .beam_search(prompts,
+params), vLLM names."""
 from __future__ import annotations
 
 import itertools
 from collections.abc import Sequence as Seq
+from dataclasses import dataclass
 
 from tqdm.auto import tqdm
 
+from engine.beam_search import BeamSearchParams
 from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
 from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
 
 PromptType = str | dict
+
+
+@dataclass
+class BeamSearchSequence:
+    tokens: list[int]            # prompt + generated tokens (vLLM's layout)
+    text: str                    # the generated text
+    cum_logprob: float
+    finish_reason: str           # "stop" (EOS) or "length"
+
+
+@dataclass
+class BeamSearchOutput:
+    sequences: list[BeamSearchSequence]   # best first (length-penalised score)
 
 
 class LLM:
@@ -53,7 +69,19 @@ class LLM:
             prompts.append({"prompt": text, "prompt_token_ids": tok.encode(text, add_special_tokens=False)})
         return self.generate(prompts, sampling_params, use_tqdm)
 
-    def _run(self, prompts: list[PromptType], params: list[SamplingParams], use_tqdm: bool) -> list[RequestOutput]:
+    def beam_search(self, prompts: PromptType | Seq[PromptType], params: BeamSearchParams,
+                    use_tqdm: bool = False) -> list[BeamSearchOutput]:
+        """Beam search for each prompt; its beams share KV blocks in the engine. Returns beam_width beams per
+        prompt, best first."""
+        if isinstance(prompts, (str, dict)):
+            prompts = [prompts]
+        prompts = list(prompts)
+        outputs = self._run(prompts, [params] * len(prompts), use_tqdm)
+        return [BeamSearchOutput([BeamSearchSequence(out.prompt_token_ids + c.token_ids, c.text, c.cumulative_logprob,
+                                                     c.finish_reason) for c in out.outputs]) for out in outputs]
+
+    def _run(self, prompts: list[PromptType], params: list[SamplingParams | BeamSearchParams],
+             use_tqdm: bool) -> list[RequestOutput]:
         engine = self.llm_engine
         ids = [f"llm-{next(self._ids)}" for _ in prompts]
         try:

@@ -12,14 +12,16 @@ from engine.attention import select_backend
 from engine.block_manager import BlockManager, blocks_for
 from engine.config import DEFAULT_CPU_KV_CACHE_GIB, EngineConfig
 from engine.detokenizer import IncrementalDetokenizer
+from engine.logits_processors import bad_words_token_ids
 from engine.model_runner import ModelRunner
 from engine.models.loader import open_model
 from engine.models.registry import model_class
-from engine.outputs import CompletionOutput, EngineStats, RequestOutput
+from engine.beam_search import BeamSearchParams, BeamSearchState
+from engine.outputs import BlockMap, CompletionOutput, EngineStats, RequestOutput
 from engine.sampler import Sampler, SamplingBatch
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler, SchedulerOutput
-from engine.sequence import Sequence
+from engine.sequence import Sequence, SequenceGroup, SequenceStatus
 
 # Tokens per step when max_num_batched_tokens is not given: large enough that prefill matmuls are efficient.
 DEFAULT_MAX_NUM_BATCHED_TOKENS = 2048
@@ -39,14 +41,6 @@ class ModelConfig:
     num_layers: int
     num_kv_heads: int
     head_dim: int
-
-
-@dataclass
-class _Request:
-    request_id: str
-    prompt: str | None
-    prompt_token_ids: list[int]
-    seqs: list[Sequence]
 
 
 class LLMEngine:
@@ -78,15 +72,26 @@ class LLMEngine:
         self.max_num_batched_tokens = config.max_num_batched_tokens or DEFAULT_MAX_NUM_BATCHED_TOKENS
         backend = select_backend(config.attention_backend, device, bs, a.head_dim, a.sliding_window)
         num_blocks = self._num_kv_blocks(model, backend)
+        kv_dtype = self.model_config.kv_cache_dtype
+
+        def cache_shape(n: int) -> tuple[int, ...]:
+            return (2, a.num_layers, *backend.kv_cache_shape(n, bs, a.num_kv_heads, a.head_dim))
+
         # Zeroed, not empty: attention reads whole blocks and masks the slots past a sequence's end, and a
         # masked NaN left in reused memory would still poison the weighted sum (0 * NaN).
-        kv_cache = torch.zeros((2, a.num_layers, *backend.kv_cache_shape(num_blocks, bs, a.num_kv_heads, a.head_dim)),
-                               dtype=self.model_config.kv_cache_dtype, device=device)
-        self.block_manager = BlockManager(num_blocks, bs, config.enable_prefix_caching)
-        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, self.max_num_batched_tokens)
-        self.runner = ModelRunner(model, backend, kv_cache, bs, device)
+        kv_cache = torch.zeros(cache_shape(num_blocks), dtype=kv_dtype, device=device)
+        # The swap space only ever receives whole blocks copied from the pool, so it needs no zeroing; untouched,
+        # it costs no physical memory on the CPU. Pinned on CUDA so the copies run at full PCIe speed.
+        num_swap_blocks = min(int(config.swap_space * 2**30) // self._kv_block_bytes(),
+                              config.max_num_seqs * blocks_for(max_model_len, bs))
+        swap_cache = torch.empty(cache_shape(num_swap_blocks), dtype=kv_dtype, device="cpu",
+                                 pin_memory=device.type == "cuda" and num_swap_blocks > 0)
+        self.block_manager = BlockManager(num_blocks, bs, config.enable_prefix_caching, num_swap_blocks)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, self.max_num_batched_tokens,
+                                   config.preemption_mode)
+        self.runner = ModelRunner(model, backend, kv_cache, bs, device, swap_cache)
         self.sampler = Sampler(torch.Generator(device).manual_seed(config.seed))
-        self._requests: dict[str, _Request] = {}
+        self._requests: dict[str, SequenceGroup] = {}
         self._seq_ids = itertools.count()
         self._prompt_tokens_total = 0
         self._generation_tokens_total = 0
@@ -140,17 +145,36 @@ class LLMEngine:
         return int(total * self.config.gpu_memory_utilization - peak)
 
     # ---- requests -----------------------------------------------------------------------------------------
-    def add_request(self, request_id: str, prompt: str | dict, params: SamplingParams | None = None) -> None:
+    def add_request(self, request_id: str, prompt: str | dict,
+                    params: SamplingParams | BeamSearchParams | None = None) -> None:
+        """Queue a request. SamplingParams(n=N) gives N samples sharing the prompt's blocks; BeamSearchParams runs
+        a beam search whose beams share blocks, and whose output lists the beams best first."""
         params = params or SamplingParams()
         if request_id in self._requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         text, token_ids = self._tokenize(prompt)
         self._check_prompt(token_ids)
+        width = params.beam_width if isinstance(params, BeamSearchParams) else params.n
+        if width > self.config.max_num_seqs:
+            what = "beam_width" if isinstance(params, BeamSearchParams) else "n"
+            raise ValueError(f"{what}={width} exceeds max_num_seqs={self.config.max_num_seqs}")
+        if isinstance(params, BeamSearchParams):
+            group = self._beam_group(request_id, text, token_ids, params)
+        else:
+            group = self._sampling_group(request_id, text, token_ids, params)
+        self._requests[request_id] = group
+        self.scheduler.add(group)
+
+    def _sampling_group(self, request_id: str, text: str | None, token_ids: list[int],
+                        params: SamplingParams) -> SequenceGroup:
         vocab = self.model_config.vocab_size
-        if any(t >= vocab for t in params.stop_token_ids):
-            raise ValueError(f"stop_token_ids must be below the vocabulary size {vocab}, got {params.stop_token_ids}")
+        params.check_vocab(vocab)
+        bad_words = bad_words_token_ids(params.bad_words, self.tokenizer) if params.bad_words else []
+        if any(t >= vocab for word in bad_words for t in word):
+            raise ValueError(f"bad_words encode to token ids beyond the model's vocabulary of {vocab}")
         seqs = []
         for i in range(params.n):
+            # Sample i draws from seed + i, so it equals what a request with that seed alone would produce.
             gen = None
             if params.seed is not None:
                 gen = torch.Generator(self.device).manual_seed(params.seed + i)
@@ -158,10 +182,18 @@ class LLMEngine:
                                            stop=list(params.stop_strings),
                                            include_stop_str_in_output=params.include_stop_str_in_output,
                                            min_tokens=params.min_tokens)
-            seqs.append(Sequence(next(self._seq_ids), request_id, i, token_ids, params, detok, gen))
-        self._requests[request_id] = _Request(request_id, text, token_ids, seqs)
-        for seq in seqs:
-            self.scheduler.add(seq)
+            seq = Sequence(next(self._seq_ids), request_id, i, token_ids, params, detok, gen)
+            seq.bad_words_token_ids = bad_words
+            seqs.append(seq)
+        return SequenceGroup(request_id, text, token_ids, params, seqs[:1], pending_forks=seqs[1:])
+
+    def _beam_group(self, request_id: str, text: str | None, token_ids: list[int],
+                    params: BeamSearchParams) -> SequenceGroup:
+        # Beams run as greedy sequences as far as scheduling and stop checks go; the beam search picks tokens.
+        seq_params = SamplingParams(temperature=0.0, max_tokens=params.max_tokens, ignore_eos=params.ignore_eos)
+        seq = Sequence(next(self._seq_ids), request_id, 0, token_ids, seq_params, None)
+        beam = BeamSearchState(params, self.eos_token_ids, len(token_ids))
+        return SequenceGroup(request_id, text, token_ids, seq_params, [seq], beam=beam)
 
     def _tokenize(self, prompt: str | dict) -> tuple[str | None, list[int]]:
         if isinstance(prompt, str):
@@ -189,13 +221,17 @@ class LLMEngine:
                              f"max_model_len={max_len}")
 
     def abort_request(self, request_id: str) -> None:
-        req = self._requests.pop(request_id, None)
-        if req is None:
+        group = self._requests.pop(request_id, None)
+        if group is None:
             return
-        for seq in req.seqs:
+        for seq in group.seqs + group.pending_forks:
             if not seq.is_finished:
                 seq.finish_reason = "abort"
-                self.scheduler.finish(seq)
+                self.scheduler.free_seq(seq)
+        group.pending_forks = []
+        if group.beam is not None:
+            group.beam.done = True
+        self.scheduler.remove(group)
 
     def has_unfinished_requests(self) -> bool:
         return bool(self._requests)
@@ -203,34 +239,121 @@ class LLMEngine:
     # ---- the step -----------------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         out = self.scheduler.schedule()
-        if out.is_empty:
+        if out.is_empty and not (out.swap_out or out.swap_in or out.copies):
             # Capacity was checked at start-up (one max_model_len sequence always fits), so an empty step with
             # work pending and no preemption to recover from means a broken invariant, not a busy pool.
             if self.scheduler.has_unfinished() and not out.preempted:
                 raise RuntimeError("the scheduler could not schedule any pending request")
             return []
         try:
-            seqs, logits = self.runner.execute(out)
+            result = self.runner.execute(out)
+            self.scheduler.on_step_done(out)
+            touched = self._record_prompt_logprobs(result.prompt_logits)
+            seqs, rows, beam_rows = self._fork_and_split(result.sample_seqs)
             sampled = None
             if seqs:
                 batch = SamplingBatch.from_sequences(seqs, list(self.eos_token_ids),
                                                      self.model_config.vocab_size, self.device)
-                sampled = self.sampler(logits, batch)
+                sampled = self.sampler(result.logits[rows], batch)
+            beam_logprobs = torch.log_softmax(result.logits[beam_rows], dim=-1) if beam_rows else None
         except Exception:
-            # Nothing of this step was applied; retrying the same batch would fail the same way, so its requests
-            # are aborted (their blocks freed) and the engine stays usable for the others.
+            # Retrying the same batch would fail the same way, so its requests are aborted (their blocks freed)
+            # and the engine stays usable for the others.
             for rid in {seq.request_id for seq, _ in out.scheduled()}:
                 self.abort_request(rid)
             raise
-        self.scheduler.on_step_done(out)
-        touched: dict[str, _Request] = {}
         if sampled is not None:
             for seq, token, lp in zip(seqs, sampled.token_ids, sampled.logprobs):
                 self._append_token(seq, token, lp)
                 touched[seq.request_id] = self._requests[seq.request_id]
+        if beam_logprobs is not None:
+            for i, row in enumerate(beam_rows):
+                seq = result.sample_seqs[row]
+                group = self._requests[seq.request_id]
+                group.beam.add(seq, beam_logprobs[i])
+                touched[seq.request_id] = group
+            for group in list(touched.values()):
+                if group.beam is not None and group.beam.ready(group.seqs):
+                    self._beam_step(group)
         num_prompt = out.num_batched_tokens - len(out.decodes)
         self._record(num_prompt, len(seqs))
-        return [self._make_output(req) for req in touched.values()]
+        outputs = []
+        for group in touched.values():
+            if group.is_finished:
+                self.scheduler.remove(group)
+                del self._requests[group.request_id]
+            if group.beam is None or group.is_finished:   # a beam search reports once, at the end
+                outputs.append(self._make_output(group))
+        return outputs
+
+    def _fork_and_split(self, sample_seqs: list[Sequence]) -> tuple[list[Sequence], list[int], list[int]]:
+        """Sequences that sample a token and their logits rows, after parallel samples took over their prompt's
+        blocks (they sample from the prompt's logits row, each with its own generator); and the rows of beams."""
+        seqs, rows, beam_rows = [], [], []
+        for row, seq in enumerate(sample_seqs):
+            group = self._requests[seq.request_id]
+            if group.beam is not None:
+                beam_rows.append(row)
+                continue
+            seqs.append(seq)
+            rows.append(row)
+            if group.pending_forks and seq is group.seqs[0]:
+                for child in group.pending_forks:
+                    child.take_state_of(seq)
+                    self.block_manager.fork(seq, child)
+                    seqs.append(child)
+                    rows.append(row)
+                group.seqs.extend(group.pending_forks)
+                group.pending_forks = []
+        return seqs, rows, beam_rows
+
+    def _beam_step(self, group: SequenceGroup) -> None:
+        """Advance a beam search by one token: the kept continuations reuse their parent's sequence (the first)
+        or fork it (the others, sharing its blocks); parents with none are dropped, their blocks freed."""
+        beam = group.beam
+        at_limit = any(s.num_tokens >= self.model_config.max_model_len for s in group.seqs)
+        kept = beam.step(group.seqs, at_limit)
+        taken: set[int] = set()
+        new_seqs: list[tuple[Sequence, int, float]] = []
+        for parent, token, score in kept:   # forks first: a fork copies its parent's tokens before they change
+            if parent.seq_id in taken:
+                child = parent.fork(next(self._seq_ids), len(new_seqs))
+                self.block_manager.fork(parent, child)
+                new_seqs.append((child, token, score))
+            else:
+                taken.add(parent.seq_id)
+                new_seqs.append((parent, token, score))
+        for seq in group.seqs:
+            if seq.seq_id not in taken:
+                self.scheduler.free_seq(seq)
+        for seq, token, score in new_seqs:
+            seq.token_ids.append(token)
+            beam.scores[seq.seq_id] = score
+        group.seqs = [s for s, _, _ in new_seqs]
+        if beam.done:
+            for seq in group.seqs:
+                self.scheduler.free_seq(seq)
+
+    def _record_prompt_logprobs(self, prompt_logits: list[tuple[Sequence, int, torch.Tensor]]) -> dict:
+        """Fill prompt_logprobs from this step's prefill chunks: logits row i of a chunk starting at `start`
+        scores the prompt token at start + i + 1."""
+        touched = {}
+        for seq, start, logits in prompt_logits:
+            n = seq.params.prompt_logprobs
+            lp = torch.log_softmax(logits, dim=-1)                              # [chunk, vocab]
+            first = len(seq.prompt_logprobs) - start - 1   # rows before it were recorded before a preemption
+            last = min(lp.shape[0], seq.num_prompt_tokens - start - 1)
+            if first >= last:
+                continue
+            targets = torch.tensor(seq.prompt_token_ids[start + first + 1:start + last + 1], device=lp.device)
+            chosen = lp[first:last].gather(1, targets[:, None]).squeeze(1).tolist()
+            top_vals, top_ids = lp[first:last].topk(max(n, 1), dim=-1)
+            for tok, val, ids, vals in zip(targets.tolist(), chosen, top_ids.tolist(), top_vals.tolist()):
+                entry = dict(zip(ids[:n], vals[:n]))
+                entry[tok] = val
+                seq.prompt_logprobs.append(entry)
+            touched[seq.request_id] = self._requests[seq.request_id]
+        return touched
 
     def _append_token(self, seq: Sequence, token: int, lp: tuple[float, dict[int, float]] | None) -> None:
         seq.token_ids.append(token)
@@ -255,17 +378,22 @@ class LLMEngine:
         if reason is not None:
             seq.detokenizer.finish()
             seq.finish_reason = reason
-            self.scheduler.finish(seq)
+            self.scheduler.free_seq(seq)
 
-    def _make_output(self, req: _Request) -> RequestOutput:
-        outputs = [CompletionOutput(s.index, s.text, s.output_token_ids, s.cumulative_logprob,
-                                    list(s.logprobs) if s.logprobs is not None else None,
-                                    s.finish_reason, s.stop_reason) for s in req.seqs]
-        finished = all(s.is_finished for s in req.seqs)
-        if finished:
-            del self._requests[req.request_id]
-        return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, outputs, finished,
-                             num_cached_tokens=req.seqs[0].num_cached_tokens)
+    def _make_output(self, group: SequenceGroup) -> RequestOutput:
+        if group.beam is not None:
+            outputs = [CompletionOutput(i, self.tokenizer.decode(h.token_ids, skip_special_tokens=True), h.token_ids,
+                                        h.cumulative_logprob, None, h.finish_reason)
+                       for i, h in enumerate(group.beam.best())]
+        else:
+            seqs = sorted(group.seqs + group.pending_forks, key=lambda s: s.index)
+            outputs = [CompletionOutput(s.index, s.text, s.output_token_ids, s.cumulative_logprob,
+                                        list(s.logprobs) if s.logprobs is not None else None,
+                                        s.finish_reason, s.stop_reason) for s in seqs]
+        prompt_lp = group.seqs[0].prompt_logprobs
+        return RequestOutput(group.request_id, group.prompt, group.prompt_token_ids, outputs, group.is_finished,
+                             num_cached_tokens=group.seqs[0].num_cached_tokens,
+                             prompt_logprobs=list(prompt_lp) if prompt_lp is not None else None)
 
     # ---- stats --------------------------------------------------------------------------------------------
     def _record(self, num_prompt: int, num_generated: int) -> None:
@@ -286,11 +414,26 @@ class LLMEngine:
             rate_p = sum(r[1] for r in produced) / span
             rate_g = sum(r[2] for r in produced) / span
         free = bm.num_free_blocks
+        sched = self.scheduler
         return EngineStats(
             num_blocks_total=bm.num_blocks, num_blocks_used=bm.num_blocks - free, num_blocks_free=free,
-            num_blocks_cached=bm.num_cached_free_blocks, block_size=bm.block_size,
-            num_running=len(self.scheduler.running), num_waiting=len(self.scheduler.waiting),
-            num_preemptions=self.scheduler.num_preemptions, prefix_cache_queries=bm.prefix_queries,
+            num_blocks_cached=bm.num_cached_free_blocks, num_blocks_shared=bm.num_shared_blocks,
+            num_blocks_without_sharing=sum(len(s.block_table) for s in self._running_seqs()),
+            block_size=bm.block_size, num_running=sched.num_running_seqs, num_waiting=len(sched.waiting),
+            num_swapped=sched.num_swapped_seqs, num_swap_blocks_total=bm.num_swap_blocks,
+            num_swap_blocks_used=bm.num_swap_blocks - bm.num_free_swap_blocks,
+            num_preemptions=sched.num_preemptions, prefix_cache_queries=bm.prefix_queries,
             prefix_cache_hits=bm.prefix_hits, prompt_tokens_total=self._prompt_tokens_total,
             generation_tokens_total=self._generation_tokens_total, prompt_tokens_per_s=rate_p,
             generation_tokens_per_s=rate_g)
+
+    def get_block_map(self) -> BlockMap:
+        """Each KV block's state and owning request, for the monitor's block map."""
+        owners: dict[int, str] = {}
+        for seq in self._running_seqs():
+            for block_id in seq.block_table:
+                owners.setdefault(block_id, seq.request_id)
+        return BlockMap(self.block_manager.block_states(), owners)
+
+    def _running_seqs(self) -> list[Sequence]:
+        return [s for g in self.scheduler.running for s in g.seqs if s.status is SequenceStatus.RUNNING]

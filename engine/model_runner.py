@@ -1,5 +1,8 @@
-"""SchedulerOutput -> one flat batch (tokens, positions, slots, block tables) -> forward -> logits to sample."""
+"""SchedulerOutput -> block copies, then one flat batch (tokens, positions, slots, block tables) -> forward ->
+logits to sample (and, for requests that ask for prompt logprobs, logits of their prompt positions)."""
 from __future__ import annotations
+
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -11,25 +14,62 @@ from engine.scheduler import SchedulerOutput
 from engine.sequence import Sequence
 
 
+@dataclass
+class StepResult:
+    sample_seqs: list[Sequence]     # the sequences whose chunk reached their last token, in logits' row order
+    logits: torch.Tensor            # [len(sample_seqs), vocab] float32
+    # (sequence, position of the chunk's first token, logits [chunk tokens, vocab] float32) for every prefill
+    # chunk of a sequence that owes prompt logprobs; row i predicts the token at position + i + 1.
+    prompt_logits: list[tuple[Sequence, int, torch.Tensor]] = field(default_factory=list)
+
+
 class ModelRunner:
     def __init__(self, model: nn.Module, backend: AttentionBackend, kv_cache: torch.Tensor, block_size: int,
-                 device: torch.device) -> None:
+                 device: torch.device, swap_cache: torch.Tensor | None = None) -> None:
         self.model = model
         self.backend = backend
-        self.kv_cache = kv_cache   # [2, num_layers, *backend.kv_cache_shape(...)]
+        self.kv_cache = kv_cache       # [2, num_layers, *backend.kv_cache_shape(num_blocks, ...)]
+        self.swap_cache = swap_cache   # the same layout with num_swap_blocks, in host memory
         self.block_size = block_size
         self.device = device
 
     @torch.inference_mode()
-    def execute(self, out: SchedulerOutput) -> tuple[list[Sequence], torch.Tensor]:
-        """Run one step. Returns the sequences that sample a token (those whose chunk reaches their last token)
-        and their logits [len(seqs), vocab] float32, in the same order."""
+    def execute(self, out: SchedulerOutput) -> StepResult:
+        """Run one step: the block copies the scheduler decided, then the forward pass over the flat batch."""
+        self._move_blocks(out)
+        if out.is_empty:
+            return StepResult([], torch.empty((0, 0)))
         input_ids, positions, inputs, sample_rows, sample_seqs = self._prepare(out)
         ctx = ForwardContext(self.backend, self.backend.prepare(inputs), self.kv_cache)
         hidden = self.model(input_ids, positions, ctx)              # [num_tokens, hidden]
+        prompt_logits = []
+        row = len(out.decodes)
+        for seq, n in out.prefills:
+            if seq.needs_prompt_logprobs:
+                prompt_logits.append((seq, seq.num_computed_tokens, self.model.compute_logits(hidden[row:row + n])))
+            row += n
         if not sample_seqs:
-            return [], hidden.new_empty((0, 0), dtype=torch.float32)
-        return sample_seqs, self.model.compute_logits(hidden[sample_rows])
+            return StepResult([], hidden.new_empty((0, 0), dtype=torch.float32), prompt_logits)
+        return StepResult(sample_seqs, self.model.compute_logits(hidden[sample_rows]), prompt_logits)
+
+    def _move_blocks(self, out: SchedulerOutput) -> None:
+        """Swap out, swap in, then copy-on-write, each as one batched gather + scatter over every layer's K and V.
+        Order matters: blocks swapped out this step may be handed to other sequences that write them in the
+        forward pass, so every copy completes before it."""
+        dim = 2 + self.backend.block_dim   # kv_cache: [2, num_layers, *kv_cache_shape]
+        if out.swap_out:
+            src, dst = self._ids(out.swap_out)
+            self.swap_cache.index_copy_(dim, dst.cpu(), self.kv_cache.index_select(dim, src).to(self.swap_cache.device))
+        if out.swap_in:
+            src, dst = self._ids(out.swap_in)
+            self.kv_cache.index_copy_(dim, dst, self.swap_cache.index_select(dim, src.cpu()).to(self.device))
+        if out.copies:
+            src, dst = self._ids(out.copies)
+            self.kv_cache.index_copy_(dim, dst, self.kv_cache.index_select(dim, src))
+
+    def _ids(self, pairs: list[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        ids = torch.tensor(pairs, dtype=torch.int64, device=self.device)   # [pairs, 2]
+        return ids[:, 0], ids[:, 1]
 
     def _prepare(self, out: SchedulerOutput):
         bs = self.block_size

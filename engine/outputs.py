@@ -26,6 +26,8 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     num_cached_tokens: int = 0            # prompt tokens served by the prefix cache
+    # With SamplingParams.prompt_logprobs: None for the first token, then {token_id: logprob} per prompt token.
+    prompt_logprobs: list[dict[int, float] | None] | None = None
 
 
 @dataclass(frozen=True)
@@ -35,9 +37,14 @@ class EngineStats:
     num_blocks_used: int
     num_blocks_free: int
     num_blocks_cached: int       # free, but still holding a reusable prefix
+    num_blocks_shared: int       # held by more than one sequence (forks, beams, prefix hits)
+    num_blocks_without_sharing: int   # what the running sequences' block tables add up to, had nothing been shared
     block_size: int
-    num_running: int
-    num_waiting: int
+    num_running: int             # sequences
+    num_waiting: int             # requests
+    num_swapped: int             # sequences whose KV sits in the swap space
+    num_swap_blocks_total: int
+    num_swap_blocks_used: int
     num_preemptions: int
     prefix_cache_queries: int    # prompt tokens looked up
     prefix_cache_hits: int       # of those, served from the cache
@@ -49,3 +56,11 @@ class EngineStats:
     @property
     def kv_usage(self) -> float:
         return self.num_blocks_used / self.num_blocks_total if self.num_blocks_total else 0.0
+
+
+@dataclass(frozen=True)
+class BlockMap:
+    """Every KV block's state (block_manager.FREE / USED / SHARED / CACHED, one byte per block) and the request
+    holding each used block (the first holder, for shared ones)."""
+    states: bytes
+    owners: dict[int, str]

@@ -1,10 +1,11 @@
-"""Batched sampling: min_tokens suppression, greedy, temperature, min-p, top-k, top-p, seeds, logprobs."""
+"""Batched sampling: logits processors, greedy, temperature, min-p, top-k, top-p, seeds, logprobs."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
 
+from engine.logits_processors import LogitsProcessor, build_processors
 from engine.sequence import Sequence
 
 
@@ -18,7 +19,7 @@ class SamplingBatch:
     top_p: torch.Tensor | None            # [B] float32
     min_p: torch.Tensor | None            # [B] float32
     seeded: list[tuple[int, torch.Generator]]
-    suppress: list[tuple[int, list[int]]]     # rows still under min_tokens: tokens that must not be sampled
+    processors: list[LogitsProcessor]     # in the order they apply; empty when no row asks for any
     num_logprobs: list[int | None]
 
     @classmethod
@@ -32,11 +33,6 @@ class SamplingBatch:
 
         def tensor(values, dtype):
             return torch.tensor(values, dtype=dtype, device=device)
-
-        suppress = []
-        for row, s in enumerate(seqs):
-            if s.num_output_tokens < s.params.min_tokens:
-                suppress.append((row, list(eos_token_ids) + s.params.stop_token_ids))
         return cls(
             all_greedy=all(greedy),
             greedy=tensor(greedy, torch.bool),
@@ -45,7 +41,7 @@ class SamplingBatch:
             top_p=tensor([p.top_p for p in params], torch.float32) if use_top_p else None,
             min_p=tensor([p.min_p for p in params], torch.float32) if use_min_p else None,
             seeded=[(row, s.generator) for row, s in enumerate(seqs) if s.generator is not None],
-            suppress=suppress,
+            processors=build_processors(seqs, eos_token_ids, vocab_size, device),
             num_logprobs=[p.logprobs for p in params],
         )
 
@@ -66,10 +62,10 @@ class Sampler:
         want_logprobs = any(n is not None for n in batch.num_logprobs)
         # Logprobs are reported for the model's distribution, before any sampling transform (vLLM's default).
         raw_logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs else None
-        if batch.suppress:
+        if batch.processors:
             logits = logits.clone()
-            for row, token_ids in batch.suppress:
-                logits[row, token_ids] = float("-inf")
+            for processor in batch.processors:
+                processor.apply(logits)
         if batch.all_greedy:
             tokens = logits.argmax(dim=-1)
         else:

@@ -1,6 +1,7 @@
 """SamplingParams: what a request asks of the sampler and the stop checks (vLLM field names and defaults)."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 # vLLM's default cap on top-N logprobs per token.
@@ -25,6 +26,15 @@ class SamplingParams:
     logprobs: int | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    # {token id: bias added to its logit}; JSON clients send the ids as strings, so digit strings are accepted.
+    logit_bias: dict[int, float] | None = None
+    allowed_token_ids: list[int] | None = None
+    # The engine tokenizes these (logits_processors.bad_words_token_ids) into each Sequence.bad_words_token_ids.
+    bad_words: list[str] | None = None
+    prompt_logprobs: int | None = None
     # Normalised forms, filled in by __post_init__.
     stop_strings: tuple[str, ...] = field(init=False, repr=False)
 
@@ -36,6 +46,16 @@ class SamplingParams:
         self.stop_token_ids = list(self.stop_token_ids or [])
         if self.top_k == 0:  # vLLM accepts 0 as "off" too
             self.top_k = -1
+        if self.logit_bias is not None:
+            self.logit_bias = _normalise_logit_bias(self.logit_bias)
+        if self.allowed_token_ids is not None:
+            self.allowed_token_ids = _token_id_list("allowed_token_ids", self.allowed_token_ids)
+            if not self.allowed_token_ids:
+                raise ValueError("allowed_token_ids must not be empty (leave it None to allow every token)")
+        if self.bad_words is not None:
+            if not isinstance(self.bad_words, (list, tuple)) or not all(isinstance(w, str) for w in self.bad_words):
+                raise ValueError(f"bad_words must be a list of strings, got {self.bad_words!r}")
+            self.bad_words = list(self.bad_words)
         self._validate()
 
     def _validate(self) -> None:
@@ -62,6 +82,15 @@ class SamplingParams:
             raise ValueError(f"stop_token_ids must be non-negative integers, got {self.stop_token_ids!r}")
         if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
             raise ValueError(f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not _is_number(value) or not -2.0 <= value <= 2.0:
+                raise ValueError(f"{name} must be a number in [-2, 2], got {value!r}")
+        if not _is_number(self.repetition_penalty) or not 0.0 < self.repetition_penalty < math.inf:
+            raise ValueError(f"repetition_penalty must be a finite number > 0, got {self.repetition_penalty!r}")
+        if self.prompt_logprobs is not None and (not isinstance(self.prompt_logprobs, int)
+                                                 or not 0 <= self.prompt_logprobs <= MAX_LOGPROBS):
+            raise ValueError(f"prompt_logprobs must be an integer in [0, {MAX_LOGPROBS}], got {self.prompt_logprobs!r}")
         if self.seed is not None and not isinstance(self.seed, int):
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
         if self.n > 1 and self.is_greedy:
@@ -71,3 +100,43 @@ class SamplingParams:
     @property
     def is_greedy(self) -> bool:
         return self.temperature < _GREEDY_EPS
+
+    def check_vocab(self, vocab_size: int) -> None:
+        """Token ids given here must exist in the model's vocabulary, which only the engine knows."""
+        for name, ids in (("logit_bias", list(self.logit_bias or ())),
+                          ("allowed_token_ids", self.allowed_token_ids or []),
+                          ("stop_token_ids", self.stop_token_ids)):
+            bad = [t for t in ids if t >= vocab_size]
+            if bad:
+                raise ValueError(f"{name} has token ids outside the vocabulary [0, {vocab_size}): {bad[:5]}")
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _token_id_list(name: str, ids) -> list[int]:
+    if not isinstance(ids, (list, tuple)) or not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0
+                                                     for t in ids):
+        raise ValueError(f"{name} must be a list of non-negative integer token ids, got {ids!r}")
+    return list(ids)
+
+
+def _normalise_logit_bias(bias) -> dict[int, float]:
+    """Keys to int (JSON sends "123"), values clamped to [-100, 100] as OpenAI does."""
+    if not isinstance(bias, dict):
+        raise ValueError(f"logit_bias must be a dict of token id -> bias, got {type(bias).__name__}")
+    out: dict[int, float] = {}
+    for key, value in bias.items():
+        if isinstance(key, str) and key.isascii() and key.isdigit():
+            token = int(key)
+        elif isinstance(key, int) and not isinstance(key, bool) and key >= 0:
+            token = key
+        else:
+            raise ValueError(f"logit_bias keys must be non-negative integer token ids, got {key!r}")
+        if token in out:
+            raise ValueError(f"logit_bias gives token id {token} twice")
+        if not _is_number(value) or math.isnan(value):
+            raise ValueError(f"logit_bias values must be numbers, got {value!r} for token id {token}")
+        out[token] = min(max(float(value), -100.0), 100.0)
+    return out

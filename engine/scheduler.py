@@ -1,10 +1,17 @@
 """Continuous batching: which sequences run this step and how many tokens each, under a token budget.
 
-Every step: running sequences first, decodes (one token each) before unfinished prefill chunks, then waiting
-sequences are admitted in arrival order with chunked prefill while budget, sequence slots and blocks last. When
-the pool cannot grow a running sequence, the most recently admitted sequence not yet scheduled this step is
-preempted by recompute: its blocks are freed and it returns to the front of the queue, keeping its output tokens,
-which it later recomputes like prompt tokens (the prefix cache usually still holds most of them).
+Requests are SequenceGroups; queues hold groups, and a step schedules their sequences one by one. Every step:
+running sequences first, decodes (one token each) before unfinished prefill chunks; then swapped-out groups come
+back while the pool allows; then, once nothing is swapped out, waiting groups are admitted in arrival order with
+chunked prefill while budget, sequence slots and blocks last.
+
+Preemption. When the pool cannot grow a running sequence, the most recently admitted group with nothing
+scheduled this step is preempted (the sequence's own group when no other is left). vLLM's policy picks how:
+- a group with several live sequences (parallel samples, beams) is swapped out: its blocks move to the CPU swap
+  space, shared blocks once, so the sharing survives; recomputing would give every sequence its own copy;
+- a group with one sequence is recomputed: its blocks are freed and it returns to the front of the queue with its
+  output tokens, which are recomputed like prompt tokens (the prefix cache usually still holds most of them);
+- `preemption_mode` forces one of them; a swap that does not fit in the swap space falls back to recompute.
 """
 from __future__ import annotations
 
@@ -12,15 +19,20 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from engine.block_manager import BlockManager
-from engine.sequence import Sequence, SequenceStatus
+from engine.config import PREEMPTION_MODES
+from engine.sequence import Sequence, SequenceGroup, SequenceStatus
 
 
 @dataclass
 class SchedulerOutput:
-    """What the model runner executes this step. Decodes come first in the flat batch, then prefill chunks."""
+    """What the runner executes this step: block copies first (swap out, swap in, copy-on-write), then one flat
+    batch with the decodes first and the prefill chunks after them."""
     decodes: list[Sequence] = field(default_factory=list)
     prefills: list[tuple[Sequence, int]] = field(default_factory=list)   # (sequence, tokens in this chunk)
-    preempted: list[Sequence] = field(default_factory=list)
+    preempted: list[SequenceGroup] = field(default_factory=list)
+    swap_out: list[tuple[int, int]] = field(default_factory=list)   # (device block, swap block)
+    swap_in: list[tuple[int, int]] = field(default_factory=list)    # (swap block, device block)
+    copies: list[tuple[int, int]] = field(default_factory=list)     # copy-on-write (src, dst) device blocks
 
     @property
     def is_empty(self) -> bool:
@@ -34,90 +46,159 @@ class SchedulerOutput:
         return [(s, 1) for s in self.decodes] + self.prefills
 
 
+@dataclass
+class _StepState:
+    budget: int
+    scheduled: set[int] = field(default_factory=set)   # id() of groups with a sequence scheduled this step
+    # Chain hashes of the full blocks that sequences scheduled this step will compute. A block enters the prefix
+    # cache only after the step that writes it, so a sequence that would compute one of them again (requests
+    # arriving together with the same system prompt) waits one step and takes it from the cache.
+    in_flight: set[bytes] = field(default_factory=set)
+
+
 class Scheduler:
-    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int) -> None:
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
+                 preemption_mode: str | None = None) -> None:
+        assert preemption_mode in (None, *PREEMPTION_MODES)
         self.block_manager = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
-        self.waiting: deque[Sequence] = deque()
-        self.running: list[Sequence] = []
+        self.preemption_mode = preemption_mode
+        self.waiting: deque[SequenceGroup] = deque()
+        self.running: list[SequenceGroup] = []
+        self.swapped: deque[SequenceGroup] = deque()
         self.num_preemptions = 0
+        self.num_swap_outs = 0
 
-    def add(self, seq: Sequence) -> None:
-        self.waiting.append(seq)
+    def add(self, group: SequenceGroup) -> None:
+        self.waiting.append(group)
 
     def has_unfinished(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.running or self.swapped)
+
+    @property
+    def num_running_seqs(self) -> int:
+        return sum(len([s for s in g.seqs if s.status is SequenceStatus.RUNNING]) for g in self.running)
+
+    @property
+    def num_swapped_seqs(self) -> int:
+        return sum(len([s for s in g.seqs if s.status is SequenceStatus.SWAPPED]) for g in self.swapped)
 
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
-        budget = self.max_num_batched_tokens
-        scheduled: set[int] = set()
-        decoding = [s for s in self.running if s.num_tokens - s.num_computed_tokens == 1]
-        prefilling = [s for s in self.running if s.num_tokens - s.num_computed_tokens > 1]
-        for seq in decoding + prefilling:
-            if budget == 0:
+        step = _StepState(self.max_num_batched_tokens)
+        live = [(g, s) for g in self.running for s in g.seqs if s.status is SequenceStatus.RUNNING]
+        # A sequence with nothing to compute (a beam waiting for its siblings' logits) is not scheduled.
+        work = [(g, s) for g, s in live if s.num_uncomputed_tokens == 1] + \
+               [(g, s) for g, s in live if s.num_uncomputed_tokens > 1]
+        for group, seq in work:
+            if step.budget == 0:
                 break
-            if seq.status is not SequenceStatus.RUNNING:   # preempted earlier in this loop
-                continue
-            num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
-            if not self._allocate_or_preempt(seq, num_new, scheduled, out):
-                continue
-            scheduled.add(seq.seq_id)
-            budget -= num_new
-            self._add_to_output(out, seq, num_new)
-        if not out.preempted:   # a pool that just ran short admits nobody new
-            self._admit_waiting(out, budget)
+            if seq.status is SequenceStatus.RUNNING:   # else its group was preempted earlier in this loop
+                self._schedule_seq(group, seq, out, step, may_preempt=True)
+        if not out.preempted:   # a pool that just ran short takes nobody back and admits nobody new
+            self._swap_in(out, step)
+            if not self.swapped:
+                self._admit_waiting(out, step)
+        out.copies = self.block_manager.take_copies()
         return out
 
-    def _allocate_or_preempt(self, seq: Sequence, num_new: int, scheduled: set[int],
-                             out: SchedulerOutput) -> bool:
-        while not self.block_manager.allocate_slots(seq, num_new):
-            victim = next((s for s in reversed(self.running) if s.seq_id not in scheduled), seq)
-            self._preempt(victim)
-            out.preempted.append(victim)
-            if victim is seq:
-                return False
-        return True
-
-    def _admit_waiting(self, out: SchedulerOutput, budget: int) -> None:
+    def _schedule_seq(self, group: SequenceGroup, seq: Sequence, out: SchedulerOutput, step: _StepState,
+                      may_preempt: bool) -> bool:
         bm = self.block_manager
-        # Chain hashes of the full blocks that sequences admitted in this step will compute. A block enters the
-        # prefix cache only after the step that writes it, so a request that would compute one of them again
-        # (requests arriving together with the same system prompt) waits one step and takes it from the cache.
-        in_flight: set[bytes] = set()
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
-            seq = self.waiting[0]
+        fresh = seq.num_computed_tokens == 0 and not seq.block_table
+        if fresh and not seq.needs_prompt_logprobs:
             bm.match_prefix(seq)
-            num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
-            first = seq.num_computed_tokens // bm.block_size
-            computes = seq.block_hashes[first:(seq.num_computed_tokens + num_new) // bm.block_size]
-            if (computes and computes[0] in in_flight) or not bm.allocate_slots(seq, num_new):
-                bm.free(seq)   # give back the prefix hits: holding them while waiting could starve the pool
-                seq.num_computed_tokens = seq.num_cached_tokens = 0
-                break
-            in_flight.update(computes)
+        num_new = min(seq.num_uncomputed_tokens, step.budget)
+        first = seq.num_computed_tokens // bm.block_size
+        computes = seq.block_hashes[first:(seq.num_computed_tokens + num_new) // bm.block_size]
+        if computes and computes[0] in step.in_flight:
+            self._unmatch(seq, fresh)
+            return False
+        while not bm.allocate_slots(seq, num_new):
+            victim = self._victim(group, step) if may_preempt else None
+            if victim is None:
+                self._unmatch(seq, fresh)
+                if may_preempt and id(group) not in step.scheduled:
+                    self._preempt(group, out)
+                return False
+            self._preempt(victim, out)
+        step.in_flight.update(computes)
+        if fresh:
             bm.count_lookup(seq)
-            self.waiting.popleft()
-            seq.status = SequenceStatus.RUNNING
-            self.running.append(seq)
-            budget -= num_new
-            self._add_to_output(out, seq, num_new)
-
-    @staticmethod
-    def _add_to_output(out: SchedulerOutput, seq: Sequence, num_new: int) -> None:
-        if num_new == 1 and seq.num_tokens - seq.num_computed_tokens == 1:
+        step.scheduled.add(id(group))
+        step.budget -= num_new
+        if num_new == 1 and seq.num_uncomputed_tokens == 1:
             out.decodes.append(seq)
         else:
             out.prefills.append((seq, num_new))
+        return True
 
-    def _preempt(self, seq: Sequence) -> None:
-        self.block_manager.free(seq)
-        seq.num_computed_tokens = 0
-        seq.status = SequenceStatus.WAITING
-        self.running.remove(seq)
-        self.waiting.appendleft(seq)
+    def _unmatch(self, seq: Sequence, fresh: bool) -> None:
+        """Give back the prefix hits of a fresh sequence that does not run: holding them while it waits could
+        starve the pool."""
+        if fresh:
+            self.block_manager.free(seq)
+            seq.num_computed_tokens = seq.num_cached_tokens = 0
+
+    def _victim(self, group: SequenceGroup, step: _StepState) -> SequenceGroup | None:
+        return next((g for g in reversed(self.running) if g is not group and id(g) not in step.scheduled), None)
+
+    def _swap_in(self, out: SchedulerOutput, step: _StepState) -> None:
+        bm = self.block_manager
+        while self.swapped:
+            group = self.swapped[0]
+            seqs = [s for s in group.seqs if s.status is SequenceStatus.SWAPPED]
+            if self.num_running_seqs + group.max_num_seqs > self.max_num_seqs or \
+                    bm.swap_in_blocks_needed(seqs) > bm.num_free_blocks:
+                return
+            out.swap_in.extend(bm.swap_in(seqs))
+            self.swapped.popleft()
+            self.running.append(group)
+            for seq in seqs:
+                seq.status = SequenceStatus.RUNNING
+            for seq in seqs:
+                if seq.num_uncomputed_tokens and step.budget:
+                    self._schedule_seq(group, seq, out, step, may_preempt=False)
+
+    def _admit_waiting(self, out: SchedulerOutput, step: _StepState) -> None:
+        while self.waiting and step.budget > 0:
+            group = self.waiting[0]
+            if self.num_running_seqs + group.max_num_seqs > self.max_num_seqs:
+                return
+            seqs = [s for s in group.seqs if s.status is SequenceStatus.WAITING]
+            # The group is admitted when its first sequence can start; the others (a recomputed group's) start
+            # as budget and blocks allow, this step or later.
+            if not self._schedule_seq(group, seqs[0], out, step, may_preempt=False):
+                return
+            self.waiting.popleft()
+            self.running.append(group)
+            for seq in seqs:
+                seq.status = SequenceStatus.RUNNING
+            for seq in seqs[1:]:
+                if step.budget:
+                    self._schedule_seq(group, seq, out, step, may_preempt=False)
+
+    def _preempt(self, group: SequenceGroup, out: SchedulerOutput) -> None:
+        bm = self.block_manager
+        seqs = [s for s in group.seqs if s.status is SequenceStatus.RUNNING]
+        self.running.remove(group)
+        out.preempted.append(group)
         self.num_preemptions += 1
+        swap = self.preemption_mode == "swap" or (self.preemption_mode is None and len(seqs) > 1)
+        pairs = bm.swap_out(seqs) if swap and bm.num_swap_blocks else None
+        if pairs is not None:
+            out.swap_out.extend(pairs)
+            for seq in seqs:
+                seq.status = SequenceStatus.SWAPPED
+            self.swapped.append(group)
+            self.num_swap_outs += 1
+            return
+        for seq in seqs:
+            bm.free(seq)
+            seq.num_computed_tokens = 0
+            seq.status = SequenceStatus.WAITING
+        self.waiting.appendleft(group)
 
     def on_step_done(self, out: SchedulerOutput) -> None:
         """Advance each scheduled sequence past the tokens whose KV the step wrote; cache blocks that filled."""
@@ -125,11 +206,17 @@ class Scheduler:
             seq.num_computed_tokens += num_new
             self.block_manager.cache_full_blocks(seq)
 
-    def finish(self, seq: Sequence) -> None:
-        """Remove a finished or aborted sequence and free its blocks at once."""
-        if seq.status is SequenceStatus.RUNNING:
-            self.running.remove(seq)
-        elif seq.status is SequenceStatus.WAITING:
-            self.waiting.remove(seq)
-        self.block_manager.free(seq)
+    def free_seq(self, seq: Sequence) -> None:
+        """A finished, aborted or dropped sequence gives its blocks back at once."""
+        if seq.status is SequenceStatus.SWAPPED:
+            self.block_manager.free_swapped(seq)
+        else:
+            self.block_manager.free(seq)
         seq.status = SequenceStatus.FINISHED
+
+    def remove(self, group: SequenceGroup) -> None:
+        """Take a finished or aborted group out of whichever queue holds it."""
+        for queue in (self.running, self.waiting, self.swapped):
+            if group in queue:
+                queue.remove(group)
+                return

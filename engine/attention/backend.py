@@ -34,6 +34,8 @@ class AttentionBackend(ABC):
     prepare() runs once per step and may precompute whatever the layers share (indices, masks); forward() runs
     once per layer and must return the attention output in the query's layout.
     """
+    # Which dimension of kv_cache_shape() indexes blocks: block copies (copy-on-write, swapping) move along it.
+    block_dim: int
 
     @staticmethod
     @abstractmethod

@@ -51,6 +51,8 @@ class TorchAttentionMetadata:
 
 
 class TorchAttentionBackend(AttentionBackend):
+    block_dim = 1
+
     def __init__(self, block_size: int, scale: float, sliding_window: int | None = None) -> None:
         self.block_size = block_size
         self.scale = scale

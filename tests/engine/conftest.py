@@ -9,6 +9,7 @@ changes the output.
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +33,7 @@ from transformers import (
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
 from engine import LLM, LLMEngine, RequestOutput, SamplingParams
+from engine.sequence import SequenceStatus
 
 # Text the tiny tokenizer learns its merges from; the tests' string prompts use the same words.
 _CORPUS = [
@@ -238,36 +240,51 @@ class DriveTrace:
     max_table_blocks: int = 0          # longest block table of any running sequence
     chunked_prefill: bool = False      # a prompt was part-way through its prefill after some step
     joined_mid_decode: int = 0         # requests added while another request had output tokens and was running
+    swapped: bool = False              # some group was swapped out after some step
+    peak_blocks_shared: int = 0        # most blocks held by several tables at once
 
 
 def check_kv_invariants(engine: LLMEngine, trace: DriveTrace) -> None:
     """After a step: tables hold exactly the blocks their computed tokens need (at most one partly filled block
-    of slack), waiting sequences hold none, and the blocks the pool counts as used are those the tables hold."""
+    of slack), waiting sequences hold none, every block's ref count equals the number of tables holding it, and
+    the blocks the pool counts as used (and the swap space as used) are those the tables hold."""
     bm, sched = engine.block_manager, engine.scheduler
     bs = bm.block_size
-    held: set[int] = set()
-    for seq in sched.running:
-        table = seq.block_table
-        need = math.ceil(seq.num_computed_tokens / bs)
-        assert need <= len(table) <= need + 1, (
-            f"seq {seq.seq_id}: {len(table)} blocks for {seq.num_computed_tokens} computed tokens (block {bs})")
-        assert len(set(table)) == len(table), f"seq {seq.seq_id} holds a block twice: {table}"
-        held.update(table)
-        trace.max_table_blocks = max(trace.max_table_blocks, len(table))
-        if 0 < seq.num_computed_tokens < seq.num_prompt_tokens:
-            trace.chunked_prefill = True
-    for seq in sched.waiting:
-        assert not seq.block_table, f"waiting seq {seq.seq_id} still holds blocks {seq.block_table}"
+    holders: Counter[int] = Counter()
+    for group in sched.running:
+        for seq in group.seqs:
+            if seq.status is not SequenceStatus.RUNNING:
+                continue
+            table = seq.block_table
+            need = math.ceil(seq.num_computed_tokens / bs)
+            assert need <= len(table) <= need + 1, (
+                f"seq {seq.seq_id}: {len(table)} blocks for {seq.num_computed_tokens} computed tokens (block {bs})")
+            assert len(set(table)) == len(table), f"seq {seq.seq_id} holds a block twice: {table}"
+            holders.update(table)
+            trace.max_table_blocks = max(trace.max_table_blocks, len(table))
+            if 0 < seq.num_computed_tokens < seq.num_prompt_tokens:
+                trace.chunked_prefill = True
+    for block_id, n in holders.items():
+        assert bm.blocks[block_id].ref_count == n, f"block {block_id}: ref count {bm.blocks[block_id].ref_count}, " \
+                                                  f"held by {n} tables"
+    for group in sched.waiting:
+        for seq in group.seqs:
+            assert not seq.block_table, f"waiting seq {seq.seq_id} still holds blocks {seq.block_table}"
+    swap_held = {b for g in sched.swapped for s in g.seqs if s.status is SequenceStatus.SWAPPED for b in s.block_table}
+    assert bm.num_swap_blocks - bm.num_free_swap_blocks == len(swap_held)
+    trace.swapped = trace.swapped or bool(sched.swapped)
     used = bm.num_blocks - bm.num_free_blocks
-    assert used == len(held), f"the pool counts {used} blocks used, the running tables hold {len(held)}"
+    assert used == len(holders), f"the pool counts {used} blocks used, the running tables hold {len(holders)}"
     trace.peak_blocks_used = max(trace.peak_blocks_used, used)
+    trace.peak_blocks_shared = max(trace.peak_blocks_shared, sum(1 for n in holders.values() if n > 1))
 
 
 def assert_all_blocks_free(engine: LLMEngine) -> None:
     bm = engine.block_manager
     assert not engine.has_unfinished_requests()
-    assert not engine.scheduler.running and not engine.scheduler.waiting
+    assert not engine.scheduler.has_unfinished()
     assert bm.num_free_blocks == bm.num_blocks
+    assert bm.num_free_swap_blocks == bm.num_swap_blocks
 
 
 Request = tuple[str | dict, SamplingParams]
@@ -288,7 +305,7 @@ def drive_engine(engine: LLMEngine, requests: Sequence[Request], add_at: Sequenc
         assert trace.steps < max_steps, "the engine stopped making progress"
         for rid, (prompt, params), step in zip(ids, requests, add_at):
             if step == trace.steps:
-                if any(s.num_output_tokens > 0 for s in engine.scheduler.running):
+                if any(s.num_output_tokens > 0 for g in engine.scheduler.running for s in g.seqs):
                     trace.joined_mid_decode += 1
                 engine.add_request(rid, prompt, params)
         for out in engine.step():

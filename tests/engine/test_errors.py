@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from engine import LLM, SamplingParams
+from engine import LLM, BeamSearchParams, SamplingParams
 
 BLOCK = 4
 MAX_LEN = 64
@@ -155,11 +155,32 @@ def test_sampling_params_must_match_the_prompts(llm):
     assert_still_serves(llm)
 
 
-def test_stop_token_ids_outside_the_vocabulary(llm):
+@pytest.mark.parametrize("field", ["stop_token_ids", "allowed_token_ids", "logit_bias"])
+def test_token_ids_outside_the_vocabulary(llm, field):
     vocab = llm.llm_engine.model_config.vocab_size
-    with pytest.raises(ValueError, match="stop_token_ids must be below the vocabulary size"):
-        llm.generate(GOOD, SamplingParams(max_tokens=4, stop_token_ids=[vocab], min_tokens=1), use_tqdm=False)
+    value = {vocab: 1.0} if field == "logit_bias" else [vocab]
+    with pytest.raises(ValueError, match=f"{field} has token ids outside the vocabulary"):
+        llm.generate(GOOD, SamplingParams(max_tokens=4, min_tokens=1, **{field: value}), use_tqdm=False)
     assert_still_serves(llm)
+
+
+def test_parallel_sampling_wider_than_max_num_seqs(llm):
+    limit = llm.llm_engine.config.max_num_seqs
+    with pytest.raises(ValueError, match=f"n={limit + 1} exceeds max_num_seqs={limit}"):
+        llm.generate(GOOD, SamplingParams(n=limit + 1, max_tokens=4), use_tqdm=False)
+    with pytest.raises(ValueError, match=f"beam_width={limit + 1} exceeds max_num_seqs"):
+        llm.beam_search(GOOD, BeamSearchParams(beam_width=limit + 1, max_tokens=4))
+    assert_still_serves(llm)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"beam_width": 0, "max_tokens": 4}, "beam_width must be an integer >= 1"),
+    ({"beam_width": 2, "max_tokens": 0}, "max_tokens must be an integer >= 1"),
+    ({"beam_width": 2, "max_tokens": 4, "early_stopping": "sometimes"}, "early_stopping must be"),
+])
+def test_bad_beam_search_params(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        BeamSearchParams(**kwargs)
 
 
 def test_a_step_that_fails_aborts_its_batch_and_the_engine_serves_on(llm, monkeypatch):
