@@ -313,6 +313,10 @@ class LLMEngine:
         beam = group.beam
         at_limit = any(s.num_tokens >= self.model_config.max_model_len for s in group.seqs)
         kept = beam.step(group.seqs, at_limit)
+        if beam.done:
+            for seq in group.seqs:
+                self.scheduler.free_seq(seq)
+            return
         taken: set[int] = set()
         new_seqs: list[tuple[Sequence, int, float]] = []
         for parent, token, score in kept:   # forks first: a fork copies its parent's tokens before they change
@@ -330,9 +334,6 @@ class LLMEngine:
             seq.token_ids.append(token)
             beam.scores[seq.seq_id] = score
         group.seqs = [s for s, _, _ in new_seqs]
-        if beam.done:
-            for seq in group.seqs:
-                self.scheduler.free_seq(seq)
 
     def _record_prompt_logprobs(self, prompt_logits: list[tuple[Sequence, int, torch.Tensor]]) -> dict:
         """Fill prompt_logprobs from this step's prefill chunks: logits row i of a chunk starting at `start`

@@ -177,6 +177,15 @@ def tiny_models(tmp_path_factory, tiny_tokenizer) -> dict[str, ReferenceModel]:
 
 
 @pytest.fixture(scope="session")
+def make_tiny(tmp_path_factory, tiny_tokenizer) -> Callable[..., ReferenceModel]:
+    """make_tiny(name, seed, edit=None, **config_overrides): build_tiny into a fresh directory."""
+    def make(name: str, seed: int, edit: Callable[[PreTrainedModel], None] | None = None,
+             **overrides) -> ReferenceModel:
+        return build_tiny(name, tmp_path_factory.mktemp(f"tiny-{name}"), tiny_tokenizer, seed, edit, **overrides)
+    return make
+
+
+@pytest.fixture(scope="session")
 def tiny_llama(tiny_models) -> ReferenceModel:
     return tiny_models["llama"]
 

@@ -128,3 +128,139 @@ def test_blocks_needed_matches_ceil_division(block_size):
     s = seq([0])
     for n in range(1, 50):
         assert bm.blocks_needed(s, n) == -(-n // block_size)
+
+
+# ---- sharing: forks and copy-on-write ------------------------------------------------------------------------
+
+def forked(bm: BlockManager, parent: Sequence) -> Sequence:
+    child = parent.fork(next(_ids), 1)
+    bm.fork(parent, child)
+    return child
+
+
+def test_a_fork_shares_every_block_of_its_parent():
+    bm = BlockManager(num_blocks=8, block_size=4, enable_prefix_caching=False)
+    a = seq(list(range(10)))
+    run_prefill(bm, a)
+    b = forked(bm, a)
+    assert a.block_table == b.block_table == [0, 1, 2]
+    assert [bm.blocks[i].ref_count for i in (0, 1, 2)] == [2, 2, 2]
+    assert bm.num_free_blocks == 5 and bm.num_shared_blocks == 3
+
+
+def test_the_first_write_into_a_shared_block_copies_it_exactly_once():
+    bm = BlockManager(num_blocks=8, block_size=4, enable_prefix_caching=False)
+    a = seq(list(range(10)))                      # blocks 0, 1 full; block 2 holds 2 of 4 tokens
+    run_prefill(bm, a)
+    b = forked(bm, a)
+    a.token_ids.append(50)
+    b.token_ids.append(60)
+    assert bm.blocks_needed(a, 1) == 1            # the private copy of block 2
+    assert bm.allocate_slots(a, 1)
+    assert a.block_table == [0, 1, 3] and bm.take_copies() == [(2, 3)]
+    assert bm.blocks[2].ref_count == 1            # b is now block 2's only holder: it writes in place
+    assert bm.blocks_needed(b, 1) == 0
+    assert bm.allocate_slots(b, 1) and b.block_table == [0, 1, 2] and bm.take_copies() == []
+    a.num_computed_tokens = b.num_computed_tokens = 11
+    a.token_ids.append(51)
+    assert bm.allocate_slots(a, 1) and a.block_table == [0, 1, 3] and bm.take_copies() == []   # its own now
+
+
+def test_a_fork_on_a_block_boundary_needs_no_copy():
+    bm = BlockManager(num_blocks=8, block_size=4, enable_prefix_caching=False)
+    a = seq(list(range(8)))
+    run_prefill(bm, a)
+    b = forked(bm, a)
+    for s, t in ((a, 50), (b, 60)):
+        s.token_ids.append(t)
+        assert bm.allocate_slots(s, 1)
+    assert (a.block_table, b.block_table) == ([0, 1, 2], [0, 1, 3]) and bm.take_copies() == []
+
+
+def test_freeing_a_fork_leaves_the_other_intact():
+    bm = BlockManager(num_blocks=8, block_size=4, enable_prefix_caching=False)
+    a = seq(list(range(10)))
+    run_prefill(bm, a)
+    b = forked(bm, a)
+    bm.free(b)
+    assert b.block_table == [] and a.block_table == [0, 1, 2]
+    assert [bm.blocks[i].ref_count for i in (0, 1, 2)] == [1, 1, 1] and bm.num_free_blocks == 5
+    a.token_ids.append(50)
+    assert bm.allocate_slots(a, 1) and a.block_table == [0, 1, 2] and bm.take_copies() == []
+    bm.free(a)
+    assert bm.num_free_blocks == 8
+
+
+def test_the_copy_is_only_made_when_the_pool_has_room_for_it():
+    bm = BlockManager(num_blocks=3, block_size=4, enable_prefix_caching=False)
+    a = seq(list(range(10)))
+    run_prefill(bm, a)
+    b = forked(bm, a)
+    a.token_ids.append(50)
+    assert not bm.allocate_slots(a, 1)
+    assert a.block_table == b.block_table == [0, 1, 2] and bm.blocks[2].ref_count == 2 and bm.take_copies() == []
+
+
+# ---- swapping ------------------------------------------------------------------------------------------------
+
+def test_swap_out_moves_shared_blocks_once_and_swap_in_restores_the_sharing():
+    bm = BlockManager(num_blocks=8, block_size=4, enable_prefix_caching=False, num_swap_blocks=6)
+    a = seq(list(range(10)))
+    run_prefill(bm, a)
+    b = forked(bm, a)
+    b.token_ids.append(60)
+    assert bm.allocate_slots(b, 1) and bm.take_copies() == [(2, 3)]
+    b.num_computed_tokens = 11
+    pairs = bm.swap_out([a, b])
+    # Device blocks 0, 1 (shared), 2 (a's), 3 (b's copy) go to swap blocks 0..3, each once.
+    assert pairs == [(0, 0), (1, 1), (2, 2), (3, 3)]
+    assert a.block_table == [0, 1, 2] and b.block_table == [0, 1, 3]   # now swap block ids
+    assert bm.num_free_blocks == 8 and bm.num_free_swap_blocks == 2
+    other = seq(list(range(100, 108)))
+    run_prefill(bm, other)                         # the pool serves others meanwhile: device blocks 0, 1
+    assert other.block_table == [0, 1]
+    assert bm.swap_in_blocks_needed([a, b]) == 4 + 2
+    pairs = bm.swap_in([a, b])
+    # The free queue held 0, 1, 3, 2, 4, ... (freed blocks go in tail first); `other` took 0 and 1.
+    assert pairs == [(0, 3), (1, 2), (2, 4), (3, 5)]
+    assert a.block_table == [3, 2, 4] and b.block_table == [3, 2, 5]
+    assert [bm.blocks[i].ref_count for i in (3, 2, 4, 5)] == [2, 2, 1, 1]
+    assert bm.num_free_swap_blocks == 6
+
+
+def test_swap_out_refuses_without_changes_when_the_swap_space_is_short():
+    bm = BlockManager(num_blocks=8, block_size=4, enable_prefix_caching=False, num_swap_blocks=2)
+    a = seq(list(range(10)))
+    run_prefill(bm, a)
+    assert bm.swap_out([a]) is None
+    assert a.block_table == [0, 1, 2] and bm.num_free_blocks == 5 and bm.num_free_swap_blocks == 2
+
+
+def test_a_swapped_sequence_freed_gives_its_swap_blocks_back():
+    bm = BlockManager(num_blocks=8, block_size=4, enable_prefix_caching=False, num_swap_blocks=4)
+    a = seq(list(range(10)))
+    run_prefill(bm, a)
+    b = forked(bm, a)
+    bm.swap_out([a, b])
+    bm.free_swapped(a)
+    assert bm.num_free_swap_blocks == 1           # b still holds all three
+    bm.free_swapped(b)
+    assert bm.num_free_swap_blocks == 4
+
+
+def test_block_states_show_free_used_shared_and_cached():
+    from engine.block_manager import CACHED, FREE, SHARED, USED
+
+    bm = BlockManager(num_blocks=6, block_size=4)
+    a = seq(list(range(10)))
+    run_prefill(bm, a)                            # 0, 1 full and registered; 2 partial
+    b = forked(bm, a)
+    c = seq(list(range(200, 205)))
+    run_prefill(bm, c)                            # 3 full and registered, 4 partial
+    bm.free(c)
+    bm.free(b)
+    a.token_ids.append(9)
+    assert bm.block_states() == bytes([USED, USED, USED, CACHED, FREE, FREE])
+    d = forked(bm, a)
+    assert bm.block_states() == bytes([SHARED, SHARED, SHARED, CACHED, FREE, FREE])
+    assert d.block_table == [0, 1, 2]
