@@ -113,6 +113,23 @@ def build_parser() -> argparse.ArgumentParser:
                             help="new tokens per request, in place of the file's")
     throughput.add_argument("--baseline", choices=["hf"],
                             help="also run transformers' generate on the same weights and prompts")
+    sharing = bench_commands.add_parser(
+        "sharing", parents=[engine_options], help="KV blocks saved by sharing; prefill saved by prefix caching",
+        description="Parallel sampling (n=2,4,6) and beam search (width 2,4,6) on synthetic, seeded prompt/output "
+                    "length mixes shaped like Alpaca and ShareGPT: KV blocks in use with sharing against what the "
+                    "sequences would hold without it, beside the PagedAttention paper's figures. Then the prefill "
+                    "time of requests sharing a 1-shot / 5-shot prefix, prefix cache off and on.")
+    sharing.add_argument("--workload", action="append", choices=["alpaca", "sharegpt"],
+                         help="length mix (repeatable; default: both)")
+    sharing.add_argument("--num-requests", type=_positive_int, default=8, metavar="N",
+                         help="requests per run (default: 8)")
+    sharing.add_argument("--max-prompt-len", type=_positive_int, default=512, metavar="N",
+                         help="cap on drawn prompt lengths (default: 512)")
+    sharing.add_argument("--max-output-len", type=_positive_int, default=512, metavar="N",
+                         help="cap on drawn output lengths (default: 512)")
+    sharing.add_argument("--prefix-requests", type=int, default=16, metavar="N",
+                         help="requests in the prefix-caching runs; 0 skips them (default: 16)")
+    sharing.add_argument("--seed", type=int, default=0, metavar="N")
     return parser
 
 
@@ -281,6 +298,37 @@ def run_bench_throughput(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_bench_sharing(args: argparse.Namespace) -> int:
+    from app import bench_sharing as bs
+
+    kwargs = engine_kwargs(args)
+    llm = load_llm(args.model, {**kwargs, "enable_prefix_caching": False})
+    engine = llm.llm_engine
+    results = []
+    for name in args.workload or list(bs.MIXES):
+        for kind in ("parallel sampling", "beam search"):
+            for width in bs.WIDTHS:
+                result = bs.measure_sharing(engine, bs.MIXES[name], kind, width, args.num_requests, args.seed,
+                                            args.max_prompt_len, args.max_output_len)
+                print(f"{name} {kind} {width}: {result.saved:.1%} saved", file=sys.stderr, flush=True)
+                results.append(result)
+    print(bs.sharing_table(results), flush=True)
+    if args.prefix_requests <= 0:
+        return 0
+    del llm, engine
+    gc.collect()
+    model = args.model
+
+    def make_engine(caching: bool):
+        return load_llm(model, {**kwargs, "enable_prefix_caching": caching}).llm_engine
+
+    prefix = [bs.measure_prefix_caching(make_engine, name, tokens, args.prefix_requests, args.seed)
+              for name, tokens in bs.SHOT_PREFIXES]
+    print()
+    print(bs.prefix_table(prefix, args.prefix_requests))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -291,6 +339,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "generate":
             return run_generate(args)
+        if args.command == "bench" and args.bench_command == "sharing":
+            return run_bench_sharing(args)
         if args.command == "bench":
             return run_bench_throughput(args)
         return run_default()
