@@ -40,6 +40,13 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text}")
+    return value
+
+
 def _engine_options() -> argparse.ArgumentParser:
     parent = argparse.ArgumentParser(add_help=False)
     group = parent.add_argument_group("engine options")
@@ -60,6 +67,11 @@ def _engine_options() -> argparse.ArgumentParser:
     group.add_argument("--kv-cache-memory", type=_positive_float, metavar="GIB",
                        help="KV cache size in GiB (default: the engine's)")
     group.add_argument("--no-prefix-caching", action="store_true", help="do not reuse cached prompt prefixes")
+    group.add_argument("--swap-space", type=_non_negative_float, metavar="GIB",
+                       help="host memory for preempted requests' KV blocks (default: the engine's, 4 GiB)")
+    group.add_argument("--preemption-mode", choices=["swap", "recompute"],
+                       help="force one way of preempting (default: swap requests with several sequences, "
+                            "recompute single ones)")
     group.add_argument("--attention-backend", default="auto", choices=["auto", "torch", "cpu"],
                        help="auto: the compiled CPU kernels on the CPU (torch ops if they cannot be built)")
     group.add_argument("--threads", type=_positive_int, metavar="N",
@@ -137,7 +149,8 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
     """LLM(...) keyword arguments from the engine options; those not given keep the engine's defaults."""
     kwargs = {"dtype": args.dtype, "kv_cache_dtype": args.kv_cache_dtype,
               "enable_prefix_caching": not args.no_prefix_caching, "attention_backend": args.attention_backend}
-    for name in ("max_model_len", "block_size", "max_num_seqs", "max_num_batched_tokens", "kv_cache_memory"):
+    for name in ("max_model_len", "block_size", "max_num_seqs", "max_num_batched_tokens", "kv_cache_memory",
+                 "swap_space", "preemption_mode"):
         if getattr(args, name) is not None:
             kwargs[name] = getattr(args, name)
     return kwargs

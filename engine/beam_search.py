@@ -51,7 +51,6 @@ class Hypothesis:
 class BeamSearchState:
     params: BeamSearchParams
     eos_token_ids: frozenset[int]
-    prompt_len: int
     scores: dict[int, float] = field(default_factory=dict)           # live beam seq_id -> cumulative logprob
     finished: list[Hypothesis] = field(default_factory=list)         # best first, at most beam_width
     done: bool = False

@@ -80,12 +80,13 @@ class LLMEngine:
         # Zeroed, not empty: attention reads whole blocks and masks the slots past a sequence's end, and a
         # masked NaN left in reused memory would still poison the weighted sum (0 * NaN).
         kv_cache = torch.zeros(cache_shape(num_blocks), dtype=kv_dtype, device=device)
-        # The swap space only ever receives whole blocks copied from the pool, so it needs no zeroing; untouched,
-        # it costs no physical memory on the CPU. Pinned on CUDA so the copies run at full PCIe speed.
-        num_swap_blocks = min(int(config.swap_space * 2**30) // self._kv_block_bytes(),
-                              config.max_num_seqs * blocks_for(max_model_len, bs))
-        swap_cache = torch.empty(cache_shape(num_swap_blocks), dtype=kv_dtype, device="cpu",
-                                 pin_memory=device.type == "cuda" and num_swap_blocks > 0)
+        # The swap space only ever receives whole blocks copied from the pool, so it needs no zeroing, and pages
+        # never written cost no physical memory.
+        num_swap_blocks = 0
+        if config.preemption_mode != "recompute":
+            num_swap_blocks = min(int(config.swap_space * 2**30) // self._kv_block_bytes(),
+                                  config.max_num_seqs * blocks_for(max_model_len, bs))
+        swap_cache = torch.empty(cache_shape(num_swap_blocks), dtype=kv_dtype, device="cpu")
         self.block_manager = BlockManager(num_blocks, bs, config.enable_prefix_caching, num_swap_blocks)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, self.max_num_batched_tokens,
                                    config.preemption_mode)
@@ -189,10 +190,10 @@ class LLMEngine:
 
     def _beam_group(self, request_id: str, text: str | None, token_ids: list[int],
                     params: BeamSearchParams) -> SequenceGroup:
-        # Beams run as greedy sequences as far as scheduling and stop checks go; the beam search picks tokens.
-        seq_params = SamplingParams(temperature=0.0, max_tokens=params.max_tokens, ignore_eos=params.ignore_eos)
+        # Beams never reach the sampler or the stop checks: the beam search picks their tokens and ends them.
+        seq_params = SamplingParams(temperature=0.0, max_tokens=params.max_tokens)
         seq = Sequence(next(self._seq_ids), request_id, 0, token_ids, seq_params, None)
-        beam = BeamSearchState(params, self.eos_token_ids, len(token_ids))
+        beam = BeamSearchState(params, self.eos_token_ids)
         return SequenceGroup(request_id, text, token_ids, seq_params, [seq], beam=beam)
 
     def _tokenize(self, prompt: str | dict) -> tuple[str | None, list[int]]:
@@ -239,7 +240,7 @@ class LLMEngine:
     # ---- the step -----------------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         out = self.scheduler.schedule()
-        if out.is_empty and not (out.swap_out or out.swap_in or out.copies):
+        if out.is_empty and not (out.swap_out or out.swap_in):
             # Capacity was checked at start-up (one max_model_len sequence always fits), so an empty step with
             # work pending and no preemption to recover from means a broken invariant, not a busy pool.
             if self.scheduler.has_unfinished() and not out.preempted:
@@ -276,7 +277,7 @@ class LLMEngine:
                 if group.beam is not None and group.beam.ready(group.seqs):
                     self._beam_step(group)
         num_prompt = out.num_batched_tokens - len(out.decodes)
-        self._record(num_prompt, len(seqs))
+        self._record(num_prompt, len(seqs) + len(beam_rows))
         outputs = []
         for group in touched.values():
             if group.is_finished:
@@ -311,7 +312,8 @@ class LLMEngine:
         """Advance a beam search by one token: the kept continuations reuse their parent's sequence (the first)
         or fork it (the others, sharing its blocks); parents with none are dropped, their blocks freed."""
         beam = group.beam
-        at_limit = any(s.num_tokens >= self.model_config.max_model_len for s in group.seqs)
+        # This step appends one token to every beam: at_limit when that token is the last max_model_len allows.
+        at_limit = group.seqs[0].num_tokens + 1 >= self.model_config.max_model_len
         kept = beam.step(group.seqs, at_limit)
         if beam.done:
             for seq in group.seqs:

@@ -68,13 +68,17 @@ class Scheduler:
         self.running: list[SequenceGroup] = []
         self.swapped: deque[SequenceGroup] = deque()
         self.num_preemptions = 0
-        self.num_swap_outs = 0
 
     def add(self, group: SequenceGroup) -> None:
         self.waiting.append(group)
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running or self.swapped)
+
+    @property
+    def num_reserved_seqs(self) -> int:
+        """Sequence slots the running groups claim: with the samples not forked yet and the full beam width."""
+        return sum(g.max_num_seqs for g in self.running)
 
     @property
     def num_running_seqs(self) -> int:
@@ -120,7 +124,8 @@ class Scheduler:
             if victim is None:
                 self._unmatch(seq, fresh)
                 if may_preempt and id(group) not in step.scheduled:
-                    self._preempt(group, out)
+                    # Swapping out the group that asked for blocks would give it nothing back to run with.
+                    self._preempt(group, out, allow_swap=False)
                 return False
             self._preempt(victim, out)
         step.in_flight.update(computes)
@@ -149,8 +154,13 @@ class Scheduler:
         while self.swapped:
             group = self.swapped[0]
             seqs = [s for s in group.seqs if s.status is SequenceStatus.SWAPPED]
-            if self.num_running_seqs + group.max_num_seqs > self.max_num_seqs or \
-                    bm.swap_in_blocks_needed(seqs) > bm.num_free_blocks:
+            needed = bm.swap_in_blocks_needed(seqs)
+            if needed > bm.num_blocks:
+                # Its sequences grew apart until they hold more than the pool: they continue one by one.
+                self.swapped.popleft()
+                self._recompute(group, seqs)
+                continue
+            if self.num_reserved_seqs + group.max_num_seqs > self.max_num_seqs or needed > bm.num_free_blocks:
                 return
             out.swap_in.extend(bm.swap_in(seqs))
             self.swapped.popleft()
@@ -164,7 +174,7 @@ class Scheduler:
     def _admit_waiting(self, out: SchedulerOutput, step: _StepState) -> None:
         while self.waiting and step.budget > 0:
             group = self.waiting[0]
-            if self.num_running_seqs + group.max_num_seqs > self.max_num_seqs:
+            if self.num_reserved_seqs + group.max_num_seqs > self.max_num_seqs:
                 return
             seqs = [s for s in group.seqs if s.status is SequenceStatus.WAITING]
             # The group is admitted when its first sequence can start; the others (a recomputed group's) start
@@ -179,23 +189,28 @@ class Scheduler:
                 if step.budget:
                     self._schedule_seq(group, seq, out, step, may_preempt=False)
 
-    def _preempt(self, group: SequenceGroup, out: SchedulerOutput) -> None:
-        bm = self.block_manager
+    def _preempt(self, group: SequenceGroup, out: SchedulerOutput, allow_swap: bool = True) -> None:
         seqs = [s for s in group.seqs if s.status is SequenceStatus.RUNNING]
         self.running.remove(group)
         out.preempted.append(group)
         self.num_preemptions += 1
-        swap = self.preemption_mode == "swap" or (self.preemption_mode is None and len(seqs) > 1)
-        pairs = bm.swap_out(seqs) if swap and bm.num_swap_blocks else None
-        if pairs is not None:
-            out.swap_out.extend(pairs)
-            for seq in seqs:
-                seq.status = SequenceStatus.SWAPPED
-            self.swapped.append(group)
-            self.num_swap_outs += 1
+        swap = allow_swap and (self.preemption_mode == "swap" or (self.preemption_mode is None and len(seqs) > 1))
+        pairs = self.block_manager.swap_out(seqs) if swap else None
+        if pairs is None:
+            self._recompute(group, seqs)
             return
+        out.swap_out.extend(pairs)
         for seq in seqs:
-            bm.free(seq)
+            seq.status = SequenceStatus.SWAPPED
+        self.swapped.append(group)
+
+    def _recompute(self, group: SequenceGroup, seqs: list[Sequence]) -> None:
+        """Drop the KV of seqs (on the device or in the swap space); the group waits at the front of the queue."""
+        for seq in seqs:
+            if seq.status is SequenceStatus.SWAPPED:
+                self.block_manager.free_swapped(seq)
+            else:
+                self.block_manager.free(seq)
             seq.num_computed_tokens = 0
             seq.status = SequenceStatus.WAITING
         self.waiting.appendleft(group)

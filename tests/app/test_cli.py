@@ -48,13 +48,16 @@ def test_bench_help_lists_throughput(capsys):
     with pytest.raises(SystemExit) as exit_:
         cli.main(["bench", "--help"])
     assert exit_.value.code == 0
-    assert "throughput" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "throughput" in out and "sharing" in out
 
 
 @pytest.mark.parametrize("argv, message", [
     (["generate", "--max-tokens", "0", "hi"], "--max-tokens: must be an integer >= 1"),
     (["generate", "--dtype", "float8", "hi"], "--dtype: invalid choice: 'float8'"),
     (["generate", "--kv-cache-memory", "-1", "hi"], "--kv-cache-memory: must be a number > 0"),
+    (["generate", "--swap-space", "-1", "hi"], "--swap-space: must be a number >= 0"),
+    (["generate", "--preemption-mode", "drop", "hi"], "--preemption-mode: invalid choice: 'drop'"),
     (["bench", "throughput", "--baseline", "vllm"], "--baseline: invalid choice: 'vllm'"),
     (["bench"], "required"),
     (["serve"], "invalid choice: 'serve'"),
@@ -78,9 +81,10 @@ def test_values_only_the_engine_can_judge_exit_2_before_loading(monkeypatch, cap
 def test_engine_options_pass_only_what_was_given():
     args = cli.build_parser().parse_args(
         ["generate", "--block-size", "32", "--no-prefix-caching", "--kv-cache-memory", "0.5",
-         "--attention-backend", "torch", "hi"])
+         "--attention-backend", "torch", "--swap-space", "0", "--preemption-mode", "recompute", "hi"])
     assert cli.engine_kwargs(args) == {"dtype": "auto", "kv_cache_dtype": "auto", "enable_prefix_caching": False,
-                                       "attention_backend": "torch", "block_size": 32, "kv_cache_memory": 0.5}
+                                       "attention_backend": "torch", "block_size": 32, "kv_cache_memory": 0.5,
+                                       "swap_space": 0.0, "preemption_mode": "recompute"}
 
 
 def test_generate_through_the_console_script(smollm2_gguf):

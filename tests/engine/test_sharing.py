@@ -143,7 +143,7 @@ def test_beam_search_equals_transformers_for_each_family(tiny_models, family):
 def test_beam_search_survives_preemption(eos_llama, drive, mode):
     """A pool too small for four 4-beam searches: beams groups are swapped out (or recomputed, when forced) and
     still end exactly as transformers does."""
-    llm = eos_llama.llm(num_blocks=24, block_size=4, max_model_len=64, preemption_mode=mode)
+    llm = eos_llama.llm(num_blocks=28, block_size=4, max_model_len=64, preemption_mode=mode)
     prompts = token_prompts([5, 9, 13, 7], eos_llama.config.vocab_size, seed=3)
     params = BeamSearchParams(beam_width=4, max_tokens=12, early_stopping="never")
     engine = llm.llm_engine
@@ -260,3 +260,42 @@ def test_aborting_a_swapped_out_group_frees_its_swap_blocks(tiny_llama):
     stats = engine.get_stats()
     assert stats.num_swap_blocks_used == 0 and stats.num_blocks_used == 0 and stats.num_swapped == 0
     assert not engine.scheduler.has_unfinished()
+
+
+# ---- limits ----------------------------------------------------------------------------------------------------
+
+def test_max_num_seqs_counts_samples_not_forked_yet_and_the_full_beam_width(tiny_llama):
+    llm = tiny_llama.llm(num_blocks=32, block_size=4, max_model_len=64, max_num_seqs=2)
+    engine = llm.llm_engine
+    a, b, c = token_prompts([7, 8, 9], tiny_llama.config.vocab_size, seed=15)
+    engine.add_request("pair", {"prompt_token_ids": a}, sampled(seed=1, n=2))
+    engine.add_request("single", {"prompt_token_ids": b}, sampled(seed=2))
+    engine.add_request("beams", {"prompt_token_ids": c}, BeamSearchParams(beam_width=2, max_tokens=6))
+    while engine.has_unfinished_requests():
+        engine.step()
+        assert engine.scheduler.num_running_seqs <= 2
+
+
+def test_a_swapped_group_that_outgrew_the_pool_continues_by_recompute(tiny_llama, drive):
+    """Two samples whose blocks together exceed the pool: swapped out, the group could never come back whole, so
+    its samples are recomputed one at a time instead; each still equals its seed alone."""
+    llm = tiny_llama.llm(num_blocks=16, block_size=4, max_model_len=64)
+    prompt = token_prompts([6], tiny_llama.config.vocab_size, seed=16)[0]
+    params = SamplingParams(n=2, temperature=1.0, seed=3, max_tokens=50, ignore_eos=True)
+    (out,), _ = drive(llm.llm_engine, [({"prompt_token_ids": prompt}, params)])
+    big = tiny_llama.llm(num_blocks=64, block_size=4, max_model_len=64)
+    alone, _ = drive(big.llm_engine, [({"prompt_token_ids": prompt},
+                                        SamplingParams(temperature=1.0, seed=3 + i, max_tokens=50, ignore_eos=True))
+                                       for i in range(2)])
+    assert [c.token_ids for c in out.outputs] == [a.outputs[0].token_ids for a in alone]
+
+
+def test_beams_stop_at_max_model_len_and_count_in_the_token_stats(tiny_llama):
+    llm = tiny_llama.llm(num_blocks=64, block_size=4, max_model_len=32)
+    prompt = token_prompts([10], tiny_llama.config.vocab_size, seed=17)[0]
+    (out,) = llm.beam_search({"prompt_token_ids": prompt}, BeamSearchParams(beam_width=2, max_tokens=100,
+                                                                            ignore_eos=True))
+    assert [len(s.tokens) for s in out.sequences] == [32, 32]
+    assert {s.finish_reason for s in out.sequences} == {"length"}
+    # The first step samples from the prompt (1 row), each later one from both beams: 1 + 2 * 21 tokens.
+    assert llm.llm_engine.get_stats().generation_tokens_total == 1 + 2 * 21
