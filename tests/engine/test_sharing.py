@@ -299,3 +299,41 @@ def test_beams_stop_at_max_model_len_and_count_in_the_token_stats(tiny_llama):
     assert {s.finish_reason for s in out.sequences} == {"length"}
     # The first step samples from the prompt (1 row), each later one from both beams: 1 + 2 * 21 tokens.
     assert llm.llm_engine.get_stats().generation_tokens_total == 1 + 2 * 21
+
+
+# ---- sampling extras through the engine ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("penalty", [1.5, 0.7])
+def test_greedy_with_a_repetition_penalty_equals_transformers(tiny_llama, drive, penalty):
+    llm = tiny_llama.llm(num_blocks=64, block_size=4, max_model_len=64)
+    prompts = token_prompts([6, 11], tiny_llama.config.vocab_size, seed=18)
+    params = SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True, repetition_penalty=penalty)
+    outputs, _ = drive(llm.llm_engine, [({"prompt_token_ids": p}, params) for p in prompts])
+    for prompt, out in zip(prompts, outputs):
+        with torch.inference_mode():
+            hf = tiny_llama.hf.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=20,
+                                        min_new_tokens=20, repetition_penalty=penalty, pad_token_id=0)
+        assert out.outputs[0].token_ids == hf[0, len(prompt):].tolist()
+
+
+def test_allowed_ids_bad_words_and_bias_shape_what_is_sampled(tiny_llama, drive):
+    llm = tiny_llama.llm(num_blocks=64, block_size=4, max_model_len=64)
+    tok = llm.get_tokenizer()
+    prompt = {"prompt_token_ids": token_prompts([8], tiny_llama.config.vocab_size, seed=19)[0]}
+    plain, _ = drive(llm.llm_engine, [(prompt, SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True))])
+    greedy_ids = plain[0].outputs[0].token_ids
+    favourite = greedy_ids[0]
+    allowed = [favourite, 40, 41]
+    # A token of the greedy output that is a word of its own (it encodes back to itself) becomes the bad word.
+    banned = next(t for t in greedy_ids if tok.encode(tok.decode([t]), add_special_tokens=False) == [t])
+    word = tok.decode([banned])
+    outs, _ = drive(llm.llm_engine, [
+        (prompt, SamplingParams(n=3, temperature=1.0, seed=2, max_tokens=16, ignore_eos=True,
+                                allowed_token_ids=allowed)),
+        (prompt, SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, bad_words=[word])),
+        (prompt, SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True, logit_bias={77: 100})),
+    ])
+    assert all(set(c.token_ids) <= set(allowed) for c in outs[0].outputs)
+    assert banned not in outs[1].outputs[0].token_ids
+    assert outs[1].outputs[0].token_ids != plain[0].outputs[0].token_ids
+    assert outs[2].outputs[0].token_ids == [77] * 6
