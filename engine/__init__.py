@@ -1,8 +1,8 @@
 """kvstudio's inference engine: paged KV cache, continuous batching, vLLM-style offline API."""
 from engine.beam_search import BeamSearchParams
-from engine.config import EngineConfig
+from engine.config import EngineConfig, ModelConfig
 from engine.llm import LLM, BeamSearchOutput, BeamSearchSequence
-from engine.llm_engine import LLMEngine, ModelConfig
+from engine.llm_engine import LLMEngine
 from engine.outputs import BlockMap, CompletionOutput, EngineStats, RequestOutput
 from engine.sampling_params import SamplingParams
 

@@ -175,7 +175,9 @@ class BlockManager:
             block = self.blocks[seq.block_table[i]]
             # A block computed twice (two requests prefilling the same prompt) is not registered a second time:
             # no lookup could reach it, so it would only crowd the LRU queue.
-            if block.hash is None and self._hash_to_block.setdefault(seq.block_hashes[i], block.block_id) == block.block_id:
+            if block.hash is not None:
+                continue
+            if self._hash_to_block.setdefault(seq.block_hashes[i], block.block_id) == block.block_id:
                 block.hash = seq.block_hashes[i]
                 block.token_ids = tuple(seq.token_ids[i * bs:(i + 1) * bs])
 

@@ -82,3 +82,17 @@ class EngineConfig:
 
     def cache_dtype(self, model_dtype: torch.dtype) -> torch.dtype:
         return model_dtype if self.kv_cache_dtype == "auto" else DTYPES[self.kv_cache_dtype]
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """What the engine resolved about the model it runs."""
+    model: str
+    architecture: str
+    dtype: torch.dtype
+    kv_cache_dtype: torch.dtype
+    max_model_len: int
+    vocab_size: int
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int

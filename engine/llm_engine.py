@@ -4,43 +4,29 @@ from __future__ import annotations
 import itertools
 import time
 from collections import deque
-from dataclasses import dataclass
 
 import torch
 
 from engine.attention import select_backend
-from engine.block_manager import BlockManager, blocks_for
-from engine.config import DEFAULT_CPU_KV_CACHE_GIB, EngineConfig
+from engine.beam_search import BeamSearchParams, BeamSearchState
+from engine.block_manager import BlockManager
+from engine.config import EngineConfig, ModelConfig
 from engine.detokenizer import IncrementalDetokenizer
+from engine.kv_cache import allocate_kv_caches
 from engine.logits_processors import bad_words_token_ids
 from engine.model_runner import ModelRunner
 from engine.models.loader import open_model
 from engine.models.registry import model_class
-from engine.beam_search import BeamSearchParams, BeamSearchState
 from engine.outputs import BlockMap, CompletionOutput, EngineStats, RequestOutput
 from engine.sampler import Sampler, SamplingBatch
 from engine.sampling_params import SamplingParams
-from engine.scheduler import Scheduler, SchedulerOutput
+from engine.scheduler import Scheduler
 from engine.sequence import Sequence, SequenceGroup, SequenceStatus
 
 # Tokens per step when max_num_batched_tokens is not given: large enough that prefill matmuls are efficient.
 DEFAULT_MAX_NUM_BATCHED_TOKENS = 2048
 # Throughput figures in stats average over this many seconds of recent steps.
 _RATE_WINDOW_S = 2.0
-
-
-@dataclass(frozen=True)
-class ModelConfig:
-    """What the engine resolved about the model it runs."""
-    model: str
-    architecture: str
-    dtype: torch.dtype
-    kv_cache_dtype: torch.dtype
-    max_model_len: int
-    vocab_size: int
-    num_layers: int
-    num_kv_heads: int
-    head_dim: int
 
 
 class LLMEngine:
@@ -71,79 +57,17 @@ class LLMEngine:
         bs = config.block_size
         self.max_num_batched_tokens = config.max_num_batched_tokens or DEFAULT_MAX_NUM_BATCHED_TOKENS
         backend = select_backend(config.attention_backend, device, bs, a.head_dim, a.sliding_window)
-        num_blocks = self._num_kv_blocks(model, backend)
-        kv_dtype = self.model_config.kv_cache_dtype
-
-        def cache_shape(n: int) -> tuple[int, ...]:
-            return (2, a.num_layers, *backend.kv_cache_shape(n, bs, a.num_kv_heads, a.head_dim))
-
-        # Zeroed, not empty: attention reads whole blocks and masks the slots past a sequence's end, and a
-        # masked NaN left in reused memory would still poison the weighted sum (0 * NaN).
-        kv_cache = torch.zeros(cache_shape(num_blocks), dtype=kv_dtype, device=device)
-        # The swap space only ever receives whole blocks copied from the pool, so it needs no zeroing, and pages
-        # never written cost no physical memory.
-        num_swap_blocks = 0
-        if config.preemption_mode != "recompute":
-            num_swap_blocks = min(int(config.swap_space * 2**30) // self._kv_block_bytes(),
-                                  config.max_num_seqs * blocks_for(max_model_len, bs))
-        swap_cache = torch.empty(cache_shape(num_swap_blocks), dtype=kv_dtype, device="cpu")
-        self.block_manager = BlockManager(num_blocks, bs, config.enable_prefix_caching, num_swap_blocks)
+        caches = allocate_kv_caches(config, self.model_config, model, backend, self.max_num_batched_tokens)
+        self.block_manager = BlockManager(caches.num_blocks, bs, config.enable_prefix_caching, caches.num_swap_blocks)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, self.max_num_batched_tokens,
                                    config.preemption_mode)
-        self.runner = ModelRunner(model, backend, kv_cache, bs, device, swap_cache)
+        self.runner = ModelRunner(model, backend, caches.device_cache, bs, device, caches.swap_cache)
         self.sampler = Sampler(torch.Generator(device).manual_seed(config.seed))
         self._requests: dict[str, SequenceGroup] = {}
         self._seq_ids = itertools.count()
         self._prompt_tokens_total = 0
         self._generation_tokens_total = 0
         self._recent: deque[tuple[float, int, int]] = deque()   # (time, prompt tokens, generated tokens)
-
-    # ---- set-up -------------------------------------------------------------------------------------------
-    def _kv_block_bytes(self) -> int:
-        m = self.model_config
-        elem = torch.empty((), dtype=m.kv_cache_dtype).element_size()
-        return 2 * m.num_layers * self.config.block_size * m.num_kv_heads * m.head_dim * elem
-
-    def _num_kv_blocks(self, model, backend) -> int:
-        cfg, block_bytes = self.config, self._kv_block_bytes()
-        if self.device.type == "cuda" and cfg.kv_cache_memory is None:
-            budget = self._cuda_kv_budget(model, backend)
-            what = f"gpu_memory_utilization={cfg.gpu_memory_utilization}"
-        else:
-            gib = cfg.kv_cache_memory or DEFAULT_CPU_KV_CACHE_GIB
-            budget = int(gib * 2**30)
-            what = f"kv_cache_memory={gib} GiB"
-        max_len = self.model_config.max_model_len
-        # More blocks than max_num_seqs full-length sequences can use would only cost memory and start-up time.
-        useful = cfg.max_num_seqs * blocks_for(max_len, cfg.block_size)
-        num_blocks = min(budget // block_bytes, useful)
-        if num_blocks * cfg.block_size < max_len:
-            need = blocks_for(max_len, cfg.block_size) * block_bytes / 2**30
-            raise ValueError(
-                f"the KV cache ({what}) holds {max(num_blocks, 0) * cfg.block_size} tokens, fewer than "
-                f"max_model_len={max_len}: one sequence cannot fit. Give the KV cache at least {need:.3f} GiB "
-                f"or lower max_model_len")
-        return num_blocks
-
-    def _cuda_kv_budget(self, model, backend) -> int:
-        """Bytes left for KV blocks after weights and the peak activations of a full-budget prefill."""
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-        n = min(self.max_num_batched_tokens, self.model_config.max_model_len)
-        bs = self.config.block_size
-        m = self.model_config
-        probe_blocks = blocks_for(n, bs)
-        shape = backend.kv_cache_shape(probe_blocks, bs, m.num_kv_heads, m.head_dim)
-        probe_cache = torch.empty((2, m.num_layers, *shape), dtype=m.kv_cache_dtype, device=self.device)
-        seq = Sequence(-1, "profile", 0, [0] * n, SamplingParams(), None)
-        seq.block_table = list(range(probe_blocks))
-        ModelRunner(model, backend, probe_cache, bs, self.device).execute(SchedulerOutput(prefills=[(seq, n)]))
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated() - probe_cache.numel() * probe_cache.element_size()
-        del probe_cache
-        torch.cuda.empty_cache()
-        total = torch.cuda.get_device_properties(self.device).total_memory
-        return int(total * self.config.gpu_memory_utilization - peak)
 
     # ---- requests -----------------------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt: str | dict,

@@ -58,7 +58,8 @@ def test_the_command_prints_both_tables(smollm2_gguf, capsys):
         ("parallel sampling", 2), ("parallel sampling", 4), ("parallel sampling", 6),
         ("beam search", 2), ("beam search", 4), ("beam search", 6)]
     assert all(float(saved) > 0 for _, _, saved, _ in rows)
-    prefix = re.findall(r"^(\d-shot) +(\d+) .* ([\d.]+)% +(\d+) +(\d+)$", out, re.M)
+    # Two short prefills are too quick for their times to say anything here: the saving may even come out negative.
+    prefix = re.findall(r"^(\d-shot) +(\d+) .* (-?[\d.]+)% +(\d+) +(\d+)$", out, re.M)
     assert [name for name, *_ in prefix] == ["1-shot", "5-shot"]
     for _, tokens, _, computed_off, computed_on in prefix:
         # The second request takes the prefix's full 16-token blocks from the cache instead of computing them.
