@@ -1,6 +1,8 @@
 # make setup: .venv with the project installed (editable) and pinned, Qt's system libraries, the default model.
 # make test:  setup, then the whole test suite on the CPU.
 # make run:   setup, then kvstudio.
+# make gpu-check: on a CUDA machine, the Triton kernels at real sizes and kvstudio against transformers there
+#             (uses the machine's own python with torch, triton and transformers; no setup).
 
 PYTHON ?= python3.11
 VENV := .venv
@@ -25,7 +27,7 @@ QT_SYSTEM_LIBS := libEGL.so.1:libegl1 libGL.so.1:libgl1 libOpenGL.so.0:libopengl
 	libxcb-shm.so.0:libxcb-shm0 libxcb-sync.so.1:libxcb-sync1 libxcb-util.so.1:libxcb-util1 \
 	libxcb-xfixes.so.0:libxcb-xfixes0 libxcb-xkb.so.1:libxcb-xkb1
 
-.PHONY: setup test run
+.PHONY: setup test run gpu-check
 
 setup: $(STAMP)
 	$(PY) -m app.model_store fetch-default
@@ -54,3 +56,7 @@ test: setup
 
 run: setup
 	$(VENV)/bin/kvstudio
+
+GPU_PYTHON ?= python3
+gpu-check:
+	$(GPU_PYTHON) -m app.gpu_check

@@ -6,7 +6,9 @@ from dataclasses import dataclass
 import torch
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-KV_CACHE_DTYPES = ("auto", "float16", "bfloat16")
+# fp8 = float8 e4m3 with a per-tensor scale, on the GPU (Triton) backend only.
+KV_CACHE_DTYPES = ("auto", "float16", "bfloat16", "fp8")
+ATTENTION_BACKENDS = ("auto", "torch", "cpu", "triton")
 # KV pool size on the CPU when kv_cache_memory is not given, in GiB.
 DEFAULT_CPU_KV_CACHE_GIB = 2.0
 PREEMPTION_MODES = ("swap", "recompute")
@@ -28,7 +30,8 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     swap_space: float = 4.0                # GiB of host memory for preempted groups' KV (vLLM's default)
     preemption_mode: str | None = None     # None: vLLM's policy (swap groups of several sequences); swap | recompute
-    attention_backend: str = "auto"        # auto | torch | cpu (the compiled CPU kernels)
+    attention_backend: str = "auto"        # auto | torch | cpu (the compiled CPU kernels) | triton (the GPU's)
+    cuda_graphs: bool = True               # replay captured CUDA graphs for decode steps (CUDA + triton only)
     seed: int = 0
     device: str | None = None              # None = cuda when available, else cpu
 
@@ -59,8 +62,9 @@ class EngineConfig:
             raise ValueError("preemption_mode swap needs swap_space > 0")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
-        if self.attention_backend not in ("auto", "torch", "cpu"):
-            raise ValueError(f"attention_backend must be auto, torch or cpu; got {self.attention_backend!r}")
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise ValueError(f"attention_backend must be one of {', '.join(ATTENTION_BACKENDS)}; "
+                             f"got {self.attention_backend!r}")
         if self.device not in (None, "cpu", "cuda"):
             raise ValueError(f"device must be cpu or cuda, got {self.device!r}")
         if self.device == "cuda" and not torch.cuda.is_available():
@@ -81,6 +85,8 @@ class EngineConfig:
         return checkpoint_dtype if checkpoint_dtype in (torch.float16, torch.bfloat16) else torch.bfloat16
 
     def cache_dtype(self, model_dtype: torch.dtype) -> torch.dtype:
+        if self.kv_cache_dtype == "fp8":
+            return torch.float8_e4m3fn
         return model_dtype if self.kv_cache_dtype == "auto" else DTYPES[self.kv_cache_dtype]
 
 

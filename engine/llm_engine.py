@@ -7,9 +7,9 @@ from collections import deque
 
 import torch
 
-from engine.attention import select_backend
+from engine.attention import TritonAttentionBackend, select_backend
 from engine.beam_search import BeamSearchParams, BeamSearchState
-from engine.block_manager import BlockManager
+from engine.block_manager import BlockManager, blocks_for
 from engine.config import EngineConfig, ModelConfig
 from engine.detokenizer import IncrementalDetokenizer
 from engine.kv_cache import allocate_kv_caches
@@ -45,23 +45,31 @@ class LLMEngine:
         checkpoint_dtype = getattr(hf, "dtype", None)
         dtype = config.model_dtype(checkpoint_dtype if isinstance(checkpoint_dtype, torch.dtype) else None)
         model = cls(hf, max_positions=max_model_len)
-        model.materialize(device, dtype)
-        model.load_weights(source.weights(dtype))
-        model.eval()
         a = model.arch
         self.model_config = ModelConfig(
             model=config.model, architecture=hf.architectures[0], dtype=dtype,
             kv_cache_dtype=config.cache_dtype(dtype), max_model_len=max_model_len, vocab_size=a.vocab_size,
             num_layers=a.num_layers, num_kv_heads=a.num_kv_heads, head_dim=a.head_dim)
-
         bs = config.block_size
+        backend = select_backend(config.attention_backend, device, bs, a.head_dim, a.sliding_window,
+                                 self.model_config.kv_cache_dtype)
+        model.materialize(device, dtype, triton_kernels=isinstance(backend, TritonAttentionBackend))
+        model.load_weights(source.weights(dtype))
+        model.eval()
+
         self.max_num_batched_tokens = config.max_num_batched_tokens or DEFAULT_MAX_NUM_BATCHED_TOKENS
-        backend = select_backend(config.attention_backend, device, bs, a.head_dim, a.sliding_window)
         caches = allocate_kv_caches(config, self.model_config, model, backend, self.max_num_batched_tokens)
         self.block_manager = BlockManager(caches.num_blocks, bs, config.enable_prefix_caching, caches.num_swap_blocks)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, self.max_num_batched_tokens,
                                    config.preemption_mode)
         self.runner = ModelRunner(model, backend, caches.device_cache, bs, device, caches.swap_cache)
+        if device.type == "cuda" and config.cuda_graphs and isinstance(backend, TritonAttentionBackend):
+            from engine.cuda_graphs import DecodeGraphs
+
+            graphs = DecodeGraphs(model, backend, caches.device_cache, min(config.max_num_seqs, 256),
+                                  blocks_for(max_model_len, bs))
+            graphs.capture()
+            self.runner.graphs = graphs
         self.sampler = Sampler(torch.Generator(device).manual_seed(config.seed))
         self._requests: dict[str, SequenceGroup] = {}
         self._seq_ids = itertools.count()

@@ -32,6 +32,7 @@ class ModelRunner:
         self.swap_cache = swap_cache   # the same layout with num_swap_blocks, in host memory
         self.block_size = block_size
         self.device = device
+        self.graphs = None   # a DecodeGraphs once captured (CUDA only): decode-only steps replay it
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> StepResult:
@@ -40,8 +41,12 @@ class ModelRunner:
         if out.is_empty:
             return StepResult([], torch.empty((0, 0)))
         input_ids, positions, inputs, sample_rows, sample_seqs = self._prepare(out)
-        ctx = ForwardContext(self.backend, self.backend.prepare(inputs), self.kv_cache)
-        hidden = self.model(input_ids, positions, ctx)              # [num_tokens, hidden]
+        hidden = None                                               # [num_tokens, hidden]
+        if self.graphs is not None and not out.prefills:
+            hidden = self.graphs.run(input_ids, positions, inputs)
+        if hidden is None:
+            ctx = ForwardContext(self.backend, self.backend.prepare(inputs), self.kv_cache)
+            hidden = self.model(input_ids, positions, ctx)
         prompt_logits = []
         row = len(out.decodes)
         for seq, n in out.prefills:
@@ -53,23 +58,15 @@ class ModelRunner:
         return StepResult(sample_seqs, self.model.compute_logits(hidden[sample_rows]), prompt_logits)
 
     def _move_blocks(self, out: SchedulerOutput) -> None:
-        """Swap out, swap in, then copy-on-write, each as one batched gather + scatter over every layer's K and V.
-        Order matters: blocks swapped out this step may be handed to other sequences that write them in the
-        forward pass, so every copy completes before it."""
-        dim = 2 + self.backend.block_dim   # kv_cache: [2, num_layers, *kv_cache_shape]
+        """Swap out, swap in, then copy-on-write, each batched over every layer's K and V. Order matters: blocks
+        swapped out this step may be handed to other sequences that write them in the forward pass, so every
+        copy completes before it."""
         if out.swap_out:
-            src, dst = self._ids(out.swap_out)
-            self.swap_cache.index_copy_(dim, dst.cpu(), self.kv_cache.index_select(dim, src).to(self.swap_cache.device))
+            self.backend.swap_blocks(self.kv_cache, self.swap_cache, out.swap_out)
         if out.swap_in:
-            src, dst = self._ids(out.swap_in)
-            self.kv_cache.index_copy_(dim, dst, self.swap_cache.index_select(dim, src.cpu()).to(self.device))
+            self.backend.swap_blocks(self.swap_cache, self.kv_cache, out.swap_in)
         if out.copies:
-            src, dst = self._ids(out.copies)
-            self.kv_cache.index_copy_(dim, dst, self.kv_cache.index_select(dim, src))
-
-    def _ids(self, pairs: list[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        ids = torch.tensor(pairs, dtype=torch.int64, device=self.device)   # [pairs, 2]
-        return ids[:, 0], ids[:, 1]
+            self.backend.copy_blocks(self.kv_cache, out.copies)
 
     def _prepare(self, out: SchedulerOutput):
         bs = self.block_size

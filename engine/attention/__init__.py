@@ -7,21 +7,30 @@ import torch
 
 from engine.attention.backend import AttentionBackend, AttentionInputs
 from engine.attention.torch_backend import TorchAttentionBackend
+from engine.attention.triton_backend import TritonAttentionBackend
 
-__all__ = ["AttentionBackend", "AttentionInputs", "TorchAttentionBackend", "select_backend"]
+__all__ = ["AttentionBackend", "AttentionInputs", "TorchAttentionBackend", "TritonAttentionBackend",
+           "select_backend"]
 
 logger = logging.getLogger(__name__)
 
 
 def select_backend(name: str, device: torch.device, block_size: int, head_dim: int,
-                   sliding_window: int | None) -> AttentionBackend:
-    """auto: the compiled CPU kernels on the CPU when they build here and fit the model, else plain torch ops."""
+                   sliding_window: int | None, kv_cache_dtype: torch.dtype) -> AttentionBackend:
+    """auto: the Triton kernels on CUDA; on the CPU the compiled CPU kernels when they build here and fit the
+    model, else plain torch ops. triton on the CPU runs only under Triton's interpreter (the tests)."""
     from engine.attention.cpu_backend import CpuAttentionBackend
     from kernels import cpu_ops
     from kernels.paged_attention import CPU_HEAD_DIMS
 
     scale = head_dim ** -0.5
-    if name == "torch" or (name == "auto" and (device.type != "cpu" or head_dim not in CPU_HEAD_DIMS)):
+    if name == "auto" and device.type == "cuda":
+        name = "triton"
+    if kv_cache_dtype == torch.float8_e4m3fn and name != "triton":
+        raise ValueError("kv_cache_dtype fp8 needs the triton attention backend (a CUDA device)")
+    if name == "triton":
+        return TritonAttentionBackend(block_size, scale, sliding_window)
+    if name == "torch" or (name == "auto" and head_dim not in CPU_HEAD_DIMS):
         return TorchAttentionBackend(block_size, scale, sliding_window)
     if device.type != "cpu":
         raise ValueError(f"attention backend {name!r} runs on the CPU only, not on {device.type}")

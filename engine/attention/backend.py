@@ -52,3 +52,17 @@ class AttentionBackend(ABC):
         """q: [num_tokens, num_heads, head_dim]; k, v: [num_tokens, num_kv_heads, head_dim];
         k_cache, v_cache: this layer's caches, shaped by kv_cache_shape(). Returns [num_tokens, num_heads, head_dim].
         """
+
+    def copy_blocks(self, kv_cache: torch.Tensor, pairs: list[tuple[int, int]]) -> None:
+        """Copy-on-write: kv_cache[..., dst, ...] = kv_cache[..., src, ...] for every (src, dst) pair, every layer,
+        K and V; every source is read before any destination is written."""
+        dim = 2 + self.block_dim   # kv_cache: [2, num_layers, *kv_cache_shape]
+        src, dst = torch.tensor(pairs, dtype=torch.int64, device=kv_cache.device).unbind(1)
+        kv_cache.index_copy_(dim, dst, kv_cache.index_select(dim, src))
+
+    def swap_blocks(self, src_cache: torch.Tensor, dst_cache: torch.Tensor, pairs: list[tuple[int, int]]) -> None:
+        """Move whole blocks between the device pool and the host swap space (either way), per (src, dst) pair."""
+        dim = 2 + self.block_dim
+        src, dst = torch.tensor(pairs, dtype=torch.int64).unbind(1)
+        blocks = src_cache.index_select(dim, src.to(src_cache.device)).to(dst_cache.device)
+        dst_cache.index_copy_(dim, dst.to(dst_cache.device), blocks)

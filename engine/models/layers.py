@@ -6,9 +6,11 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from engine.attention.backend import AttentionBackend
+from engine.models.rope import cos_sin_cache, rope_parameters
+from kernels.triton_norm import rms_norm
+from kernels.triton_rotary import rotary_embedding
 
 
 @dataclass
@@ -24,51 +26,71 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.empty(dim))
+        self.triton = False   # the fused Triton kernel (set by the engine for the triton backend)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in float32 and scale in the input dtype, as the reference implementations do.
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        """x: [..., dim] -> norm(x); with residual: (norm(x + residual), x + residual), the sum being the next
+        layer's residual. Normalised in float32, cast back, then scaled in the input dtype, as HF does."""
+        if self.triton:
+            shape = x.shape
+            out = rms_norm(x.reshape(-1, shape[-1]), self.weight, self.eps, residual)
+            if residual is None:
+                return out.view(shape)
+            return out[0].view(shape), out[1]
+        if residual is not None:
+            x = residual = x + residual
         dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        y = x.float()
+        y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + self.eps)
+        y = self.weight * y.to(dtype)
+        return y if residual is None else (y, residual)
+
+
+@dataclass
+class RopeStep:
+    """The rotary inputs of one step, shared by all layers: per-token cos/sin for the torch path, or the
+    positions and the whole table for the Triton kernel, which rotates q and k in place."""
+    positions: torch.Tensor          # [T]
+    cos_sin_cache: torch.Tensor      # [max_positions, rot_dim]: cos | sin
+    cos: torch.Tensor | None         # [T, 1, rot_dim / 2] in the activations' dtype (torch path)
+    sin: torch.Tensor | None
+    triton: bool
+
+    def apply(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """q: [T, heads, dim], k: [T, kv_heads, dim] -> rotated (in place on the Triton path)."""
+        if self.triton:
+            rotary_embedding(self.positions, q, k, self.cos_sin_cache, True)
+            return q, k
+        return self.rotate(q), self.rotate(k)
+
+    def rotate(self, x: torch.Tensor) -> torch.Tensor:
+        """Torch path, neox layout: x: [T, heads, dim] -> a rotated copy (dims past rot_dim unchanged)."""
+        half = self.cos.shape[-1]
+        x1, x2, rest = x[..., :half], x[..., half:2 * half], x[..., 2 * half:]
+        rotated = (x1 * self.cos - x2 * self.sin, x2 * self.cos + x1 * self.sin)
+        return torch.cat(rotated + ((rest,) if rest.shape[-1] else ()), dim=-1)
 
 
 class RotaryEmbedding(nn.Module):
-    """Neox-layout rotary embedding with a cos/sin table for every position up to max_positions."""
+    """Neox-layout rotary embedding with a cos|sin table for every position up to max_positions."""
 
-    def __init__(self, hf_config, head_dim: int, max_positions: int) -> None:
+    def __init__(self, hf_config, max_positions: int) -> None:
         super().__init__()
-        self.hf_config, self.head_dim, self.max_positions = hf_config, head_dim, max_positions
-        self.cos = self.sin = None   # built by build() once the model sits on its device
+        self.params = rope_parameters(hf_config)   # an unsupported rope type fails here, before any weight loads
+        self.max_positions = max_positions
+        self.cos_sin_cache = None   # built by build() once the model sits on its device
+        self.triton = False
 
     def build(self, device: torch.device) -> None:
-        """The cos/sin tables are not parameters: the model is created on the meta device and materialised with
-        to_empty(), which would leave buffers uninitialised, so they are computed here afterwards."""
-        hf_config, head_dim, max_positions = self.hf_config, self.head_dim, self.max_positions
-        params = dict(getattr(hf_config, "rope_parameters", None) or {})
-        rope_type = params.get("rope_type", "default")
-        if rope_type == "default":
-            theta = params.get("rope_theta", 10000.0)
-            inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
-            scaling = 1.0
-        elif rope_type in ROPE_INIT_FUNCTIONS and rope_type != "dynamic":
-            inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](hf_config, torch.device("cpu"))
-        else:
-            raise ValueError(f"rope_type {rope_type!r} is not supported")
-        freqs = torch.arange(max_positions, dtype=torch.float32)[:, None] * inv_freq.float()[None, :]
-        self.cos = (freqs.cos() * scaling).to(device)   # [max_positions, head_dim / 2]
-        self.sin = (freqs.sin() * scaling).to(device)
+        """The table is not a parameter: the model is created on the meta device and materialised with
+        to_empty(), which would leave buffers uninitialised, so it is computed here afterwards."""
+        self.cos_sin_cache = cos_sin_cache(self.params, self.max_positions, device)
 
-    def tables(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin for the step's positions, each [T, 1, dim / 2]: looked up once per step, shared by all layers."""
-        return self.cos[positions].unsqueeze(1).to(dtype), self.sin[positions].unsqueeze(1).to(dtype)
-
-    @staticmethod
-    def rotate(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        """x: [T, heads, dim] -> a rotated copy."""
-        cos, sin = rope
-        x1, x2 = x.chunk(2, dim=-1)
-        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+    def step(self, positions: torch.Tensor, dtype: torch.dtype) -> RopeStep:
+        if self.triton:
+            return RopeStep(positions, self.cos_sin_cache, None, None, True)
+        cos, sin = self.cos_sin_cache[positions].unsqueeze(1).to(dtype).chunk(2, dim=-1)
+        return RopeStep(positions, self.cos_sin_cache, cos, sin, False)
 
 
 class Linear(nn.Module):

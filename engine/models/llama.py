@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.models.layers import ForwardContext, Linear, RMSNorm, RotaryEmbedding
+from engine.models.layers import ForwardContext, Linear, RMSNorm, RopeStep, RotaryEmbedding
 
 
 @dataclass(frozen=True)
@@ -66,18 +66,20 @@ class LlamaAttention(nn.Module):
         self.q_norm = RMSNorm(a.head_dim, a.rms_norm_eps) if a.qk_norm else None
         self.k_norm = RMSNorm(a.head_dim, a.rms_norm_eps) if a.qk_norm else None
 
-    def forward(self, rope: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+    def forward(self, rope: RopeStep, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         T, H, KVH, D = x.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
         qkv = self.qkv_proj(x)                                       # [T, (H + 2 * KVH) * D]
         v = qkv[:, (H + KVH) * D:].view(T, KVH, D)
-        if self.q_norm is None:
+        if self.q_norm is None and not rope.triton:
             # q and k sit side by side in qkv: rotate them in one pass, [T, H + KVH, D].
-            qk = RotaryEmbedding.rotate(qkv[:, :(H + KVH) * D].view(T, H + KVH, D), rope)
+            qk = rope.rotate(qkv[:, :(H + KVH) * D].view(T, H + KVH, D))
             q, k = qk[:, :H], qk[:, H:]
         else:
-            q = self.q_norm(qkv[:, :H * D].view(T, H, D))
-            k = self.k_norm(qkv[:, H * D:(H + KVH) * D].view(T, KVH, D))
-            q, k = RotaryEmbedding.rotate(q, rope), RotaryEmbedding.rotate(k, rope)
+            q = qkv[:, :H * D].view(T, H, D)
+            k = qkv[:, H * D:(H + KVH) * D].view(T, KVH, D)
+            if self.q_norm is not None:
+                q, k = self.q_norm(q), self.k_norm(k)
+            q, k = rope.apply(q, k)
         o = ctx.backend.forward(q, k, v, ctx.kv_cache[0, self.layer_idx], ctx.kv_cache[1, self.layer_idx],
                                 ctx.metadata)
         return self.o_proj(o.view(T, -1))
@@ -103,9 +105,16 @@ class LlamaDecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(a.hidden_size, a.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(a.hidden_size, a.rms_norm_eps)
 
-    def forward(self, rope, h, ctx: ForwardContext) -> torch.Tensor:
-        h = h + self.self_attn(rope, self.input_layernorm(h), ctx)
-        return h + self.mlp(self.post_attention_layernorm(h))
+    def forward(self, rope: RopeStep, h: torch.Tensor, residual: torch.Tensor | None,
+                ctx: ForwardContext) -> tuple[torch.Tensor, torch.Tensor]:
+        """h: this layer's input (the previous layer's MLP output), residual: the running sum before it (None at
+        the first layer). Returns (MLP output, residual): each norm adds its input into the residual first."""
+        if residual is None:
+            x, residual = self.input_layernorm(h), h
+        else:
+            x, residual = self.input_layernorm(h, residual)
+        x, residual = self.post_attention_layernorm(self.self_attn(rope, x, ctx), residual)
+        return self.mlp(x), residual
 
 
 class LlamaForCausalLM(nn.Module):
@@ -116,25 +125,30 @@ class LlamaForCausalLM(nn.Module):
     def __init__(self, hf_config, max_positions: int) -> None:
         super().__init__()
         a = self.arch = LlamaArch.from_hf(hf_config)
-        self.rotary = RotaryEmbedding(hf_config, a.head_dim, max_positions)
+        self.rotary = RotaryEmbedding(hf_config, max_positions)
         self.embed_tokens = nn.Embedding(a.vocab_size, a.hidden_size, device="meta")
         self.layers = nn.ModuleList(LlamaDecoderLayer(a, i) for i in range(a.num_layers))
         self.norm = RMSNorm(a.hidden_size, a.rms_norm_eps)
         self.lm_head = None if a.tie_word_embeddings else Linear(a.hidden_size, [a.vocab_size], bias=False)
 
-    def materialize(self, device: torch.device, dtype: torch.dtype) -> None:
-        """Allocate the parameters (uninitialised: load_weights fills them) and the rotary tables."""
+    def materialize(self, device: torch.device, dtype: torch.dtype, triton_kernels: bool = False) -> None:
+        """Allocate the parameters (uninitialised: load_weights fills them) and the rotary table; with
+        triton_kernels, norms and rotary embedding run as fused Triton kernels (the GPU path)."""
         self.to_empty(device=device)
         self.to(dtype)
         self.rotary.build(device)
+        for module in self.modules():
+            if isinstance(module, (RMSNorm, RotaryEmbedding)):
+                module.triton = triton_kernels
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         """input_ids, positions: [T] -> hidden states [T, hidden]."""
         h = self.embed_tokens(input_ids)
-        rope = self.rotary.tables(positions, h.dtype)
+        rope = self.rotary.step(positions, h.dtype)
+        residual = None
         for layer in self.layers:
-            h = layer(rope, h, ctx)
-        return h
+            h, residual = layer(rope, h, residual, ctx)
+        return h + residual
 
     def compute_logits(self, h: torch.Tensor) -> torch.Tensor:
         """h: [N, hidden] (only the rows that sample) -> logits [N, vocab] in float32."""
