@@ -54,8 +54,8 @@ def _engine_options() -> argparse.ArgumentParser:
                        f"default: {model_store.default_model_path()}, fetched on first use")
     group.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
                        help="weights and activations (auto: float32 on the CPU)")
-    group.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "float16", "bfloat16"],
-                       help="KV cache elements (auto: as --dtype)")
+    group.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "float16", "bfloat16", "fp8"],
+                       help="KV cache elements (auto: as --dtype; fp8: e4m3, GPU only)")
     group.add_argument("--max-model-len", type=_positive_int, metavar="N",
                        help="longest sequence, prompt and output (default: the model's context)")
     group.add_argument("--block-size", type=_positive_int, metavar="N",
@@ -72,8 +72,11 @@ def _engine_options() -> argparse.ArgumentParser:
     group.add_argument("--preemption-mode", choices=["swap", "recompute"],
                        help="force one way of preempting (default: swap requests with several sequences, "
                             "recompute single ones)")
-    group.add_argument("--attention-backend", default="auto", choices=["auto", "torch", "cpu"],
-                       help="auto: the compiled CPU kernels on the CPU (torch ops if they cannot be built)")
+    group.add_argument("--attention-backend", default="auto", choices=["auto", "torch", "cpu", "triton"],
+                       help="auto: Triton kernels on a GPU; on the CPU the compiled CPU kernels (torch ops if they "
+                            "cannot be built)")
+    group.add_argument("--no-cuda-graphs", action="store_true",
+                       help="run every decode step eagerly on a GPU instead of replaying captured CUDA graphs")
     group.add_argument("--threads", type=_positive_int, metavar="N",
                        help="torch CPU threads (default: torch's, one per core)")
     return parent
@@ -149,6 +152,8 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
     """LLM(...) keyword arguments from the engine options; those not given keep the engine's defaults."""
     kwargs = {"dtype": args.dtype, "kv_cache_dtype": args.kv_cache_dtype,
               "enable_prefix_caching": not args.no_prefix_caching, "attention_backend": args.attention_backend}
+    if args.no_cuda_graphs:
+        kwargs["cuda_graphs"] = False
     for name in ("max_model_len", "block_size", "max_num_seqs", "max_num_batched_tokens", "kv_cache_memory",
                  "swap_space", "preemption_mode"):
         if getattr(args, name) is not None:

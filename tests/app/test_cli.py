@@ -85,6 +85,9 @@ def test_engine_options_pass_only_what_was_given():
     assert cli.engine_kwargs(args) == {"dtype": "auto", "kv_cache_dtype": "auto", "enable_prefix_caching": False,
                                        "attention_backend": "torch", "block_size": 32, "kv_cache_memory": 0.5,
                                        "swap_space": 0.0, "preemption_mode": "recompute"}
+    args = cli.build_parser().parse_args(["generate", "--kv-cache-dtype", "fp8", "--no-cuda-graphs", "hi"])
+    assert cli.engine_kwargs(args) == {"dtype": "auto", "kv_cache_dtype": "fp8", "enable_prefix_caching": True,
+                                       "attention_backend": "auto", "cuda_graphs": False}
 
 
 def test_generate_through_the_console_script(smollm2_gguf):
