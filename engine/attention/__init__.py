@@ -13,6 +13,7 @@ __all__ = ["AttentionBackend", "AttentionInputs", "TorchAttentionBackend", "Trit
            "select_backend"]
 
 logger = logging.getLogger(__name__)
+TRITON_HEAD_DIMS = (16, 32, 64, 128, 256)
 
 
 def select_backend(name: str, device: torch.device, block_size: int, head_dim: int,
@@ -25,7 +26,8 @@ def select_backend(name: str, device: torch.device, block_size: int, head_dim: i
 
     scale = head_dim ** -0.5
     if name == "auto" and device.type == "cuda":
-        name = "triton"
+        # The Triton kernels tile head_dim as a power of two; other sizes run on torch ops.
+        name = "triton" if head_dim in TRITON_HEAD_DIMS else "torch"
     if kv_cache_dtype == torch.float8_e4m3fn and name != "triton":
         raise ValueError("kv_cache_dtype fp8 needs the triton attention backend (a CUDA device)")
     if name == "triton":
