@@ -169,6 +169,10 @@ class LLMEngine:
     def has_unfinished_requests(self) -> bool:
         return bool(self._requests)
 
+    def has_request(self, request_id: str) -> bool:
+        """Whether request_id is queued or running (not finished, aborted, or aborted by a failed step)."""
+        return request_id in self._requests
+
     # ---- the step -----------------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         out = self.scheduler.schedule()

@@ -34,3 +34,20 @@ def smollm2_tokenizer(smollm2_gguf):
     from engine.models.loader import open_model
 
     return open_model(str(smollm2_gguf)).tokenizer
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_model(tmp_path_factory, smollm2_tokenizer) -> Path:
+    """A tiny random Llama (2 layers, hidden 64) with SmolLM2's tokenizer and chat template, saved like a
+    downloaded model: fast enough for tests that need a real engine behind an API, not exact outputs."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = smollm2_tokenizer
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("tiny-chat")
+    LlamaForCausalLM(config).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
