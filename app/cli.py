@@ -113,6 +113,23 @@ def build_parser() -> argparse.ArgumentParser:
                     "is a terminal, starts an interactive chat.")
     generate.add_argument("prompt", nargs="?", help="the prompt (default: stdin, or an interactive chat)")
 
+    serve = commands.add_parser(
+        "serve", parents=[engine_options], help="the OpenAI-compatible HTTP endpoint",
+        description="Serve the model over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, "
+                    "/v1/models, /tokenize, /detokenize, /metrics, /health). Binds 127.0.0.1 unless told "
+                    "otherwise; SIGTERM or Ctrl-C drains in-flight requests, then exits.")
+    serve.add_argument("--served-model-name", metavar="NAME", help="the model id clients use (default: --model)")
+    serve.add_argument("--host", default="127.0.0.1",
+                       help="address to bind (default 127.0.0.1; 0.0.0.0 exposes it to the network)")
+    serve.add_argument("--port", type=int, default=8000, help="default 8000; 0 picks a free port")
+    serve.add_argument("--api-key", metavar="KEY", help="require Authorization: Bearer KEY on every route but /health")
+    serve.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
+                       help="allow browser requests from this origin (repeatable; default: none)")
+    serve.add_argument("--max-queue", type=_positive_int, metavar="N",
+                       help="unfinished requests beyond which new ones get 503 + Retry-After (default: no limit)")
+    serve.add_argument("--drain-timeout", type=_non_negative_float, default=30.0, metavar="S",
+                       help="seconds in-flight requests get to finish on shutdown (default 30)")
+
     bench = commands.add_parser("bench", help="benchmarks")
     bench_commands = bench.add_subparsers(dest="bench_command", title="benchmarks", metavar="BENCHMARK",
                                           required=True)
@@ -316,6 +333,22 @@ def run_bench_throughput(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_serve(args: argparse.Namespace) -> int:
+    import logging
+
+    from app.server.app import ServerConfig, serve
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    config = ServerConfig(host=args.host, port=args.port, api_key=args.api_key,
+                          cors_origins=tuple(args.cors_origin), drain_timeout=args.drain_timeout)
+    if not config.loopback:
+        print(f"kvstudio: warning: binding {args.host} exposes the endpoint to the network"
+              + ("" if args.api_key else "; consider --api-key"), file=sys.stderr)
+    llm = load_llm(args.model, engine_kwargs(args))
+    serve(llm.llm_engine, config, args.served_model_name, args.max_queue)
+    return 0
+
+
 def run_bench_sharing(args: argparse.Namespace) -> int:
     from app import bench_sharing as bs
 
@@ -357,6 +390,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "generate":
             return run_generate(args)
+        if args.command == "serve":
+            return run_serve(args)
         if args.command == "bench" and args.bench_command == "sharing":
             return run_bench_sharing(args)
         if args.command == "bench":

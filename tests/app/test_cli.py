@@ -60,7 +60,8 @@ def test_bench_help_lists_throughput(capsys):
     (["generate", "--preemption-mode", "drop", "hi"], "--preemption-mode: invalid choice: 'drop'"),
     (["bench", "throughput", "--baseline", "vllm"], "--baseline: invalid choice: 'vllm'"),
     (["bench"], "required"),
-    (["serve"], "invalid choice: 'serve'"),
+    (["serve", "--port", "x"], "--port: invalid int value: 'x'"),
+    (["serve", "--max-queue", "0"], "--max-queue: must be an integer >= 1"),
 ])
 def test_bad_arguments_exit_2_with_the_reason(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_:

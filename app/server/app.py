@@ -1,0 +1,387 @@
+"""The OpenAI-compatible HTTP endpoint (aiohttp) on the in-process engine thread.
+
+Routes, request fields, streaming and errors follow ../shared/OPENAI_CONTRACT.md; the request/response shapes
+live in protocol.py, this module is the HTTP side: routing, server-sent events, security middlewares, metrics.
+A client that disconnects cancels its handler (aiohttp's handler_cancellation), which leaves the engine stream
+early and so aborts the request and frees its KV blocks at once.
+"""
+from __future__ import annotations
+
+import asyncio
+import hmac
+import ipaddress
+import json
+import logging
+import signal
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from importlib.metadata import PackageNotFoundError, version
+
+from aiohttp import web
+
+from app.engine_thread import EngineStoppedError, EngineThread, QueueFullError
+from app.server import protocol
+from app.server.metrics import Metrics
+from app.server.protocol import ApiError, GenerationRequest, ModelInfo
+from engine import LLMEngine, RequestOutput
+
+logger = logging.getLogger("kvstudio.server")
+
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
+# Request bodies above this answer 413: long prompts are a few hundred KiB of JSON at most.
+MAX_BODY_BYTES = 8 * 2**20
+RETRY_AFTER_S = 1
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str | None = None
+    cors_origins: tuple[str, ...] = ()
+    drain_timeout: float = 30.0           # seconds in-flight requests get to finish on shutdown
+
+    @property
+    def loopback(self) -> bool:
+        return _is_loopback(self.host)
+
+
+@dataclass
+class _State:
+    engine: EngineThread
+    model: ModelInfo
+    config: ServerConfig
+    metrics: Metrics
+    log: list[Callable[[dict], None]] = field(default_factory=list)   # request-log listeners (the desktop app)
+
+
+_STATE = web.AppKey("state", _State)
+
+
+def _is_loopback(host: str) -> bool:
+    host = host.strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _error(status: int, message: str, type_: str, param: str | None = None, code: str | None = None,
+           headers: dict | None = None) -> web.Response:
+    return web.json_response(ApiError(status, message, type_, param, code).body(), status=status, headers=headers)
+
+
+# ---- middlewares ------------------------------------------------------------------------------------------------
+
+@web.middleware
+async def _errors(request: web.Request, handler) -> web.StreamResponse:
+    """Every error is the OpenAI error body, never aiohttp's text or HTML."""
+    try:
+        return await handler(request)
+    except ApiError as e:
+        return web.json_response(e.body(), status=e.status)
+    except QueueFullError as e:
+        return _error(503, str(e), "server_error", headers={"Retry-After": str(RETRY_AFTER_S)})
+    except EngineStoppedError as e:
+        return _error(503, str(e), "server_error", headers={"Retry-After": str(RETRY_AFTER_S)})
+    except web.HTTPRequestEntityTooLarge:
+        return _error(413, f"the request body is over the limit of {MAX_BODY_BYTES} bytes", "invalid_request_error")
+    except web.HTTPNotFound:
+        return _error(404, f"no route {request.method} {request.path}", "invalid_request_error", code="not_found")
+    except web.HTTPMethodNotAllowed:
+        return _error(405, f"{request.method} is not allowed on {request.path}", "invalid_request_error")
+    except (asyncio.CancelledError, ConnectionResetError):
+        raise
+    except Exception:
+        logger.exception("unhandled error on %s %s", request.method, request.path)
+        return _error(500, "internal error", "server_error")
+
+
+def _security(config: ServerConfig):
+    @web.middleware
+    async def security(request: web.Request, handler) -> web.StreamResponse:
+        # DNS rebinding: a page on evil.example resolving to 127.0.0.1 sends Host: evil.example.
+        if config.loopback and (request.host.rsplit(":", 1)[0].strip("[]") if request.host else "") not in \
+                LOOPBACK_NAMES:
+            return _error(403, "the Host header must name this machine (localhost or a loopback address)",
+                          "invalid_request_error")
+        origin = request.headers.get("Origin")
+        allowed = origin is not None and origin in config.cors_origins
+        if request.method == "OPTIONS" and origin is not None:
+            if not allowed:
+                return _error(403, f"origin {origin} is not allowed", "invalid_request_error")
+            return web.Response(status=204, headers=_cors_headers(origin, preflight=True))
+        if config.api_key is not None and request.path != "/health":
+            auth = request.headers.get("Authorization", "")
+            token = auth[7:] if auth.startswith("Bearer ") else ""
+            if not hmac.compare_digest(token.encode(), config.api_key.encode()):
+                return _error(401, "a valid API key is required: Authorization: Bearer <key>", "authentication_error",
+                              code="invalid_api_key")
+        response = await handler(request)
+        if allowed and not response.prepared:
+            response.headers.update(_cors_headers(origin, preflight=False))
+        return response
+    return security
+
+
+def _cors_headers(origin: str, preflight: bool) -> dict[str, str]:
+    headers = {"Access-Control-Allow-Origin": origin, "Vary": "Origin"}
+    if preflight:
+        headers.update({"Access-Control-Allow-Methods": "GET, POST, OPTIONS",
+                        "Access-Control-Allow-Headers": "Authorization, Content-Type",
+                        "Access-Control-Max-Age": "600"})
+    return headers
+
+
+# ---- handlers -----------------------------------------------------------------------------------------------
+
+async def _json_body(request: web.Request):
+    try:
+        raw = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise
+    try:
+        return json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ApiError(400, f"the request body is not valid JSON: {e}") from None
+
+
+async def models(request: web.Request) -> web.Response:
+    state = request.app[_STATE]
+    return web.json_response({"object": "list", "data": [protocol.model_card(state.model)]})
+
+
+async def model(request: web.Request) -> web.Response:
+    state = request.app[_STATE]
+    if request.match_info["model_id"] != state.model.name:
+        raise ApiError(404, f"the model {request.match_info['model_id']!r} does not exist", param="model",
+                       code="model_not_found")
+    return web.json_response(protocol.model_card(state.model))
+
+
+async def completions(request: web.Request) -> web.StreamResponse:
+    state = request.app[_STATE]
+    req = protocol.parse_completion_request(await _json_body(request), state.model)
+    return await _generate(request, req, f"cmpl-{uuid.uuid4().hex}")
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    state = request.app[_STATE]
+    req = protocol.parse_chat_request(await _json_body(request), state.model)
+    return await _generate(request, req, f"chatcmpl-{uuid.uuid4().hex}")
+
+
+async def _generate(request: web.Request, req: GenerationRequest, request_id: str) -> web.StreamResponse:
+    state = request.app[_STATE]
+    start = time.perf_counter()
+    timing = _Timing(state.metrics, start)
+    if req.stream:
+        response = await _stream(request, req, request_id, timing)
+    else:
+        outputs = await asyncio.gather(*(_run_to_end(state.engine, prompt, req, f"{request_id}-{i}", timing)
+                                         for i, prompt in enumerate(req.prompts)))
+        build = protocol.chat_response if req.kind == "chat" else protocol.completion_response
+        response = web.json_response(build(req, request_id, outputs, state.model))
+        _log(state, request, 200, start, outputs)
+    return response
+
+
+@dataclass
+class _Timing:
+    """Time to first token and the gaps between tokens, for the metrics' histograms."""
+    metrics: Metrics
+    start: float
+    first: bool = True
+    last: float = 0.0
+
+    def tokens(self, now: float) -> None:
+        if self.first:
+            self.metrics.ttft.observe(now - self.start)
+            self.first = False
+        else:
+            self.metrics.itl.observe(now - self.last)
+        self.last = now
+
+
+async def _run_to_end(engine: EngineThread, prompt: dict, req: GenerationRequest, rid: str,
+                      timing: _Timing) -> RequestOutput:
+    last = None
+    async for out in engine.generate(prompt, req.params, request_id=rid):
+        timing.tokens(time.perf_counter())
+        last = out
+    return last
+
+
+async def _stream(request: web.Request, req: GenerationRequest, request_id: str, timing: _Timing) -> web.StreamResponse:
+    state = request.app[_STATE]
+    # Validate up front what can fail, so that errors before the first byte are plain HTTP errors.
+    streams = [state.engine.generate(prompt, req.params, request_id=f"{request_id}-{i}")
+               for i, prompt in enumerate(req.prompts)]
+    merged: asyncio.Queue[tuple[int, RequestOutput | BaseException | None]] = asyncio.Queue()
+
+    async def pump(i: int, stream) -> None:
+        try:
+            async for out in stream:
+                await merged.put((i, out))
+        except Exception as e:   # noqa: BLE001 - forwarded to the client as an error event
+            await merged.put((i, e))
+        finally:
+            await merged.put((i, None))
+
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+    origin = request.headers.get("Origin")
+    if origin is not None and origin in state.config.cors_origins:
+        response.headers.update(_cors_headers(origin, preflight=False))
+    tasks = []
+    finals: dict[int, RequestOutput] = {}
+    try:
+        first = await anext(streams[0])   # raises the engine's ValueError (or a full queue) before any byte
+        await response.prepare(request)
+        tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams[1:], start=1)]
+        await merged.put((0, first))
+        tasks.append(asyncio.create_task(pump(0, streams[0])))
+        states = [protocol.StreamState(req, request_id, state.model, i) for i in range(len(streams))]
+        open_streams = len(streams)
+        while open_streams:
+            i, item = await merged.get()
+            if item is None:
+                open_streams -= 1
+                continue
+            if isinstance(item, BaseException):
+                raise item
+            timing.tokens(time.perf_counter())
+            finals[i] = item
+            for chunk in states[i].chunks(item):
+                await response.write(_sse(chunk))
+        if req.include_usage:
+            await response.write(_sse(states[0].usage_chunk([finals[i] for i in sorted(finals)])))
+    except (ValueError, ApiError, QueueFullError, EngineStoppedError) as e:
+        if not response.prepared:
+            for s in streams:
+                await s.aclose()
+            raise ApiError(400, str(e)) if isinstance(e, ValueError) else e from None
+        error = e if isinstance(e, ApiError) else ApiError(500, str(e), "server_error")
+        await response.write(_sse(error.body()))
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for s in streams:
+            await s.aclose()   # a stream left early aborts its request
+    await response.write(b"data: [DONE]\n\n")
+    await response.write_eof()
+    _log(state, request, 200, timing.start, list(finals.values()))
+    return response
+
+
+def _sse(payload: dict) -> bytes:
+    return b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n"
+
+
+def _log(state: _State, request: web.Request, status: int, start: float, outputs: list[RequestOutput]) -> None:
+    tokens = sum(len(c.token_ids) for o in outputs if o is not None for c in o.outputs)
+    entry = {"time": time.time(), "method": request.method, "path": request.path, "status": status,
+             "seconds": round(time.perf_counter() - start, 3), "completion_tokens": tokens,
+             "remote": request.remote}
+    logger.info("%s %s %d %.3fs %d tokens", request.method, request.path, status, entry["seconds"], tokens)
+    for listener in state.log:
+        listener(entry)
+
+
+async def tokenize(request: web.Request) -> web.Response:
+    state = request.app[_STATE]
+    return web.json_response(protocol.tokenize_response(await _json_body(request), state.model))
+
+
+async def detokenize(request: web.Request) -> web.Response:
+    state = request.app[_STATE]
+    return web.json_response(protocol.detokenize_response(await _json_body(request), state.model))
+
+
+async def health(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def version_route(request: web.Request) -> web.Response:
+    try:
+        v = version("kvstudio")
+    except PackageNotFoundError:
+        v = "unknown"
+    return web.json_response({"version": v})
+
+
+async def metrics(request: web.Request) -> web.Response:
+    state = request.app[_STATE]
+    body, content_type = state.metrics.render()
+    return web.Response(body=body, headers={"Content-Type": content_type})
+
+
+def create_app(engine: EngineThread, model_info: ModelInfo, config: ServerConfig,
+               on_request: Callable[[dict], None] | None = None) -> web.Application:
+    app = web.Application(middlewares=[_errors, _security(config)], client_max_size=MAX_BODY_BYTES)
+    state = _State(engine, model_info, config, Metrics(model_info.name))
+    engine.add_listener(state.metrics.update)
+    if on_request is not None:
+        state.log.append(on_request)
+    app[_STATE] = state
+    app.router.add_get("/v1/models", models)
+    app.router.add_get("/v1/models/{model_id:.+}", model)
+    app.router.add_post("/v1/completions", completions)
+    app.router.add_post("/v1/chat/completions", chat_completions)
+    app.router.add_post("/tokenize", tokenize)
+    app.router.add_post("/detokenize", detokenize)
+    app.router.add_get("/health", health)
+    app.router.add_get("/version", version_route)
+    app.router.add_get("/metrics", metrics)
+    return app
+
+
+async def start_server(app: web.Application, config: ServerConfig) -> web.AppRunner:
+    """Listen on config.host:config.port (0 picks a free port: read it from the returned runner's addresses)."""
+    # handler_cancellation: a client that disconnects cancels its handler, which aborts its request.
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None,
+                           shutdown_timeout=config.drain_timeout)
+    await runner.setup()
+    site = web.TCPSite(runner, config.host, config.port)
+    await site.start()
+    return runner
+
+
+def bound_port(runner: web.AppRunner) -> int:
+    return runner.addresses[0][1]
+
+
+
+def model_info(engine: LLMEngine, served_model_name: str | None = None) -> ModelInfo:
+    m = engine.model_config
+    return ModelInfo(name=served_model_name or m.model, tokenizer=engine.tokenizer, max_model_len=m.max_model_len,
+                     vocab_size=m.vocab_size, created=int(time.time()))
+
+
+def serve(engine: LLMEngine, config: ServerConfig, served_model_name: str | None = None,
+          max_queue: int | None = None) -> None:
+    """Run the endpoint until SIGTERM or SIGINT, then drain: in-flight requests get config.drain_timeout
+    seconds to finish, new ones are refused."""
+    thread = EngineThread(engine, max_queue=max_queue).start()
+    info = model_info(engine, served_model_name)
+
+    async def main() -> None:
+        runner = await start_server(create_app(thread, info, config), config)
+        host = f"[{config.host}]" if ":" in config.host else config.host
+        logger.warning("serving %s at http://%s:%d/v1", info.name, host, bound_port(runner))
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        logger.warning("shutting down: draining in-flight requests (up to %.0f s)", config.drain_timeout)
+        await runner.cleanup()
+
+    try:
+        asyncio.run(main())
+    finally:
+        thread.stop(drain_timeout=config.drain_timeout)

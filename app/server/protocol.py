@@ -1,0 +1,566 @@
+"""The OpenAI request/response layer, free of any HTTP library: JSON bodies in, GenerationRequests (engine prompts +
+SamplingParams) out, and the engine's RequestOutputs back into OpenAI's JSON shapes.
+
+Every bad request raises ApiError(400, param=<the field at fault>), as OpenAI does; the fields, ranges and shapes
+follow ../shared/OPENAI_CONTRACT.md (where OpenAI and vLLM differ, OpenAI).
+"""
+from __future__ import annotations
+
+import math
+import re
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from jinja2 import TemplateError
+
+from engine import CompletionOutput, RequestOutput, SamplingParams
+from engine.sampling_params import MAX_LOGPROBS
+
+# More samples than this from a local server is a mistake rather than a use; it would crowd out every other client.
+MAX_N = 16
+# OpenAI's (and vLLM's) floor for a logprob: -inf is not valid JSON.
+_MIN_LOGPROB = -9999.0
+# Fill-in-the-middle token names (StarCoder/SantaCoder style, then Qwen2.5-Coder style): prefix, suffix, middle.
+_FIM_TOKENS = (("<fim_prefix>", "<fim_suffix>", "<fim_middle>"),
+               ("<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>"))
+_CHAT_ROLES = ("system", "user", "assistant", "tool")
+
+
+class ApiError(Exception):
+    """An error the client sees as OpenAI's {"error": {...}} body with this HTTP status."""
+
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str                 # the served model name, what "model" must equal
+    tokenizer: Any            # the HF tokenizer
+    max_model_len: int
+    vocab_size: int
+    created: int
+
+
+@dataclass
+class GenerationRequest:
+    kind: str                 # "completion" | "chat"
+    prompts: list[dict]       # engine prompts {"prompt_token_ids", "prompt"}: one per prompt, chat has one
+    params: SamplingParams
+    stream: bool
+    include_usage: bool
+    echo: bool                # completions: the prompt's text (and logprobs) go before each choice's
+    logprobs: int | None      # top-N per token (completions' int, chat's top_logprobs), None when not asked
+    model: str
+
+
+# ---- field readers: each checks one field's type (and range) and names it in the error ----------------------------
+
+def _bad(param: str, message: str, code: str | None = None) -> ApiError:
+    return ApiError(400, message, param=param, code=code)
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return (_is_int(value) or isinstance(value, float)) and not math.isnan(value)
+
+
+def _number(body: dict, name: str, default: float | None, lo: float | None = None, hi: float | None = None,
+            lo_open: bool = False) -> float | None:
+    value = body.get(name)
+    if value is None:
+        return default
+    if not (_is_number(value) and (lo is None or (value > lo if lo_open else value >= lo))
+            and (hi is None or value <= hi)):
+        span = f"{'(' if lo_open else '['}{lo}, {hi}]" if lo is not None and hi is not None else "a number"
+        raise _bad(name, f"{name} must be a number in {span}, got {_short(value)}")
+    return float(value)
+
+
+def _int(body: dict, name: str, default: int | None, lo: int | None = None, hi: int | None = None) -> int | None:
+    value = body.get(name)
+    if value is None:
+        return default
+    if not _is_int(value) or (lo is not None and value < lo) or (hi is not None and value > hi):
+        span = f" in [{lo}, {hi}]" if hi is not None else f" >= {lo}" if lo is not None else ""
+        raise _bad(name, f"{name} must be an integer{span}, got {_short(value)}")
+    return value
+
+
+def _bool(body: dict, name: str, default: bool) -> bool:
+    value = body.get(name)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise _bad(name, f"{name} must be true or false, got {_short(value)}")
+    return value
+
+
+def _object(body: Any, name: str | None = None) -> dict:
+    if not isinstance(body, dict):
+        what = f"{name} must be" if name else "the request body must be"
+        raise _bad(name, f"{what} a JSON object, got {type(body).__name__}")
+    return body
+
+
+def _check_model(body: dict, model: ModelInfo) -> None:
+    name = body.get("model")
+    if name is not None and name != model.name:
+        raise ApiError(404, f"the model {_short(name)} does not exist; this server serves {model.name!r}",
+                       param="model", code="model_not_found")
+
+
+def _stream_flags(body: dict) -> tuple[bool, bool]:
+    stream = _bool(body, "stream", False)
+    options = body.get("stream_options")
+    if options is None:
+        return stream, False
+    if not stream:
+        raise _bad("stream_options", "stream_options is only allowed when stream is true")
+    return stream, _bool(_object(options, "stream_options"), "include_usage", False)
+
+
+def _stop(body: dict) -> list[str] | None:
+    stop = body.get("stop")
+    if stop is None:
+        return None
+    stops = [stop] if isinstance(stop, str) else stop
+    if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops):
+        raise _bad("stop", f"stop must be a non-empty string or a list of them, got {_short(stop)}")
+    return stops
+
+
+def _token_ids(value: Any, vocab_size: int) -> bool:
+    return isinstance(value, list) and all(_is_int(t) and 0 <= t < vocab_size for t in value)
+
+
+# ---- sampling parameters ------------------------------------------------------------------------------------------
+
+# SamplingParams' messages start with the field at fault; these are named differently in a request.
+_PARAM_OF_FIELD = {"prompt_logprobs": "logprobs"}
+
+
+def _sampling_params(body: dict, model: ModelInfo, max_tokens: int, logprobs: int | None,
+                     prompt_logprobs: int | None, logprobs_param: str, max_tokens_param: str) -> SamplingParams:
+    """The fields both endpoints share (OpenAI's plus vLLM's extras); SamplingParams checks the ranges it owns."""
+    bias = body.get("logit_bias")
+    if bias is not None:
+        _object(bias, "logit_bias")
+    stop_token_ids = body.get("stop_token_ids")
+    if stop_token_ids is not None and not _token_ids(stop_token_ids, model.vocab_size):
+        raise _bad("stop_token_ids", f"stop_token_ids must be a list of token ids in [0, {model.vocab_size})")
+    kwargs = dict(
+        n=_int(body, "n", 1, 1, MAX_N),
+        temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
+        top_p=_number(body, "top_p", 1.0, 0.0, 1.0, lo_open=True),
+        presence_penalty=_number(body, "presence_penalty", 0.0, -2.0, 2.0),
+        frequency_penalty=_number(body, "frequency_penalty", 0.0, -2.0, 2.0),
+        seed=_int(body, "seed", None, -2**63, 2**63 - 1),
+        stop=_stop(body),
+        logit_bias=bias,
+        top_k=_int(body, "top_k", -1),
+        min_p=_number(body, "min_p", 0.0),
+        repetition_penalty=_number(body, "repetition_penalty", 1.0),
+        min_tokens=_int(body, "min_tokens", 0),
+        ignore_eos=_bool(body, "ignore_eos", False),
+        stop_token_ids=stop_token_ids,
+        skip_special_tokens=_bool(body, "skip_special_tokens", True),
+        include_stop_str_in_output=_bool(body, "include_stop_str_in_output", False),
+        max_tokens=max_tokens,
+        logprobs=logprobs,
+        prompt_logprobs=prompt_logprobs,
+    )
+    try:
+        params = SamplingParams(**kwargs)
+        params.check_vocab(model.vocab_size)
+    except ValueError as e:
+        field = re.match(r"[a-z_]*", str(e)).group(0)
+        param = {"logprobs": logprobs_param, "max_tokens": max_tokens_param}.get(field, _PARAM_OF_FIELD.get(field))
+        raise _bad(param or (field if field in kwargs else None), str(e)) from None
+    return params
+
+
+def _max_tokens(body: dict, names: tuple[str, ...]) -> tuple[int | None, str]:
+    """The first of `names` that is set (chat: max_completion_tokens, then the older max_tokens)."""
+    for name in names:
+        if body.get(name) is not None:
+            return _int(body, name, None, 1), name
+    return None, names[-1]
+
+
+def _check_context(model: ModelInfo, prompt_len: int, max_tokens: int, prompt_param: str) -> None:
+    if prompt_len >= model.max_model_len:
+        raise _bad(prompt_param, f"the prompt has {prompt_len} tokens, which leaves no room to generate within the "
+                   f"context of {model.max_model_len} tokens", code="context_length_exceeded")
+    if prompt_len + max_tokens > model.max_model_len:
+        raise _bad("max_tokens", f"the prompt ({prompt_len} tokens) plus max_tokens ({max_tokens}) is over the "
+                   f"context of {model.max_model_len} tokens", code="context_length_exceeded")
+
+
+# ---- /v1/completions ----------------------------------------------------------------------------------------------
+
+def _fim_tokens(tokenizer) -> tuple[str, str, str] | None:
+    vocab = tokenizer.get_vocab()
+    return next((names for names in _FIM_TOKENS if all(n in vocab for n in names)), None)
+
+
+def _completion_prompts(body: dict, model: ModelInfo, echo: bool) -> list[dict]:
+    """prompt: str | [str] | [int] | [[int]] -> one engine prompt each, with suffix as a PSM fill-in-the-middle."""
+    prompt = body.get("prompt")
+    if prompt is None:
+        raise _bad("prompt", "prompt is required")
+    if isinstance(prompt, str) or (isinstance(prompt, list) and prompt and all(_is_int(t) for t in prompt)):
+        prompt = [prompt]
+    if not isinstance(prompt, list) or not prompt or not (all(isinstance(p, str) for p in prompt)
+                                                          or all(isinstance(p, list) for p in prompt)):
+        raise _bad("prompt", "prompt must be a non-empty string, list of strings, list of token ids or list of "
+                   "token id lists")
+    suffix = body.get("suffix")
+    if suffix is not None and not isinstance(suffix, str):
+        raise _bad("suffix", f"suffix must be a string, got {_short(suffix)}")
+    fim = _fim_tokens(model.tokenizer) if suffix is not None else None
+    if suffix and fim is None:
+        raise _bad("suffix", f"{model.name} has no fill-in-the-middle tokens, so suffix is not supported")
+    if fim is not None and not isinstance(prompt[0], str):
+        raise _bad("suffix", "suffix needs the prompt as text, not token ids")
+    if fim is not None and echo:
+        raise _bad("echo", "echo cannot be combined with suffix")
+    prompts = []
+    for p in prompt:
+        if isinstance(p, str):
+            text = f"{fim[0]}{p}{fim[1]}{suffix}{fim[2]}" if fim else p
+            ids = model.tokenizer.encode(text, add_special_tokens=True)
+            prompts.append({"prompt_token_ids": ids, "prompt": p})
+        else:
+            if not _token_ids(p, model.vocab_size):
+                raise _bad("prompt", f"token id prompts must be lists of token ids in [0, {model.vocab_size})")
+            prompts.append({"prompt_token_ids": list(p), "prompt": None})
+        if not prompts[-1]["prompt_token_ids"]:
+            raise _bad("prompt", "the prompt is empty")
+    return prompts
+
+
+def parse_completion_request(body: Any, model: ModelInfo) -> GenerationRequest:
+    body = _object(body)
+    _check_model(body, model)
+    echo = _bool(body, "echo", False)
+    prompts = _completion_prompts(body, model, echo)
+    stream, include_usage = _stream_flags(body)
+    logprobs = _int(body, "logprobs", None, 0, MAX_LOGPROBS)
+    max_tokens, name = _max_tokens(body, ("max_tokens",))
+    max_tokens = 16 if max_tokens is None else max_tokens
+    params = _sampling_params(body, model, max_tokens, logprobs, logprobs if echo else None, "logprobs", name)
+    for p in prompts:
+        _check_context(model, len(p["prompt_token_ids"]), max_tokens, "prompt")
+    return GenerationRequest("completion", prompts, params, stream, include_usage, echo, logprobs, model.name)
+
+
+# ---- /v1/chat/completions -----------------------------------------------------------------------------------------
+
+def _message(m: Any, i: int) -> dict:
+    """One message for the chat template: content as one string (text parts joined by newlines, as vLLM does)."""
+    if not isinstance(m, dict) or m.get("role") not in _CHAT_ROLES:
+        raise _bad("messages", f"messages[{i}] must be an object whose role is one of {', '.join(_CHAT_ROLES)}")
+    content = m.get("content")
+    if isinstance(content, list):
+        if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+                   for p in content):
+            raise _bad("messages", f"messages[{i}].content parts must be {{\"type\": \"text\", \"text\": ...}}: "
+                       "this server takes text only")
+        content = "\n".join(p["text"] for p in content)
+    elif content is None and m["role"] == "assistant" and m.get("tool_calls"):
+        content = ""
+    elif not isinstance(content, str):
+        raise _bad("messages", f"messages[{i}].content must be a string or a list of text parts")
+    out = {"role": m["role"], "content": content}
+    out.update({k: m[k] for k in ("name", "tool_calls", "tool_call_id") if m.get(k) is not None})
+    return out
+
+
+def _tools(body: dict) -> list[dict] | None:
+    tools = body.get("tools") or None
+    if tools is not None and not (isinstance(tools, list) and all(
+            isinstance(t, dict) and t.get("type") == "function" and isinstance(t.get("function"), dict)
+            and isinstance(t["function"].get("name"), str) and t["function"]["name"] for t in tools)):
+        raise _bad("tools", 'tools must be a list of {"type": "function", "function": {"name": ..., ...}}')
+    choice = body.get("tool_choice")
+    if choice is None:
+        return tools
+    if tools is None:
+        raise _bad("tool_choice", "tool_choice is only allowed when tools are given")
+    names = {t["function"]["name"] for t in tools}
+    named = choice["function"].get("name") if isinstance(choice, dict) and choice.get("type") == "function" \
+        and isinstance(choice.get("function"), dict) else None
+    if choice not in ("none", "auto", "required") and named not in names:
+        raise _bad("tool_choice", f"tool_choice must be none, auto, required or a function among the tools, got "
+                   f"{_short(choice)}")
+    return tools
+
+
+def _check_response_format(body: dict) -> None:
+    """Accepted but not enforced: there is no constrained decoding yet, so json_object and json_schema only pass
+    the check (the prompt has to ask for JSON, as with OpenAI's json_object)."""
+    fmt = body.get("response_format")
+    if fmt is None:
+        return
+    kind = _object(fmt, "response_format").get("type")
+    if kind == "json_schema":
+        schema = fmt.get("json_schema")
+        if not isinstance(schema, dict) or not isinstance(schema.get("schema"), dict):
+            raise _bad("response_format", "response_format json_schema needs json_schema.schema, a JSON schema object")
+    elif kind not in ("text", "json_object"):
+        raise _bad("response_format", f"response_format type must be text, json_object or json_schema, got "
+                   f"{_short(kind)}")
+
+
+def _chat_prompt(messages: Any, model: ModelInfo, tools: list[dict] | None = None,
+                add_generation_prompt: bool = True) -> dict:
+    """messages -> the engine prompt, through the model's chat template (which holds its own special tokens)."""
+    if not isinstance(messages, list) or not messages:
+        raise _bad("messages", "messages must be a non-empty list")
+    conversation = [_message(m, i) for i, m in enumerate(messages)]
+    tok = model.tokenizer
+    if not getattr(tok, "chat_template", None):
+        raise _bad("messages", f"{model.name} has no chat template: use /v1/completions")
+    try:
+        text = tok.apply_chat_template(conversation, tools=tools, tokenize=False,
+                                       add_generation_prompt=add_generation_prompt)
+    except (TemplateError, TypeError, ValueError, KeyError) as e:   # templates raise on roles they do not take
+        raise _bad("messages", f"the chat template rejected the messages: {e}") from None
+    return {"prompt_token_ids": tok.encode(text, add_special_tokens=False), "prompt": text}
+
+
+def parse_chat_request(body: Any, model: ModelInfo) -> GenerationRequest:
+    body = _object(body)
+    _check_model(body, model)
+    if body.get("messages") is None:
+        raise _bad("messages", "messages is required")
+    _check_response_format(body)
+    prompt = _chat_prompt(body["messages"], model, _tools(body))
+    stream, include_usage = _stream_flags(body)
+    want_logprobs = _bool(body, "logprobs", False)
+    top = _int(body, "top_logprobs", None, 0, MAX_LOGPROBS)
+    if top is not None and not want_logprobs:
+        raise _bad("top_logprobs", "top_logprobs needs logprobs set to true")
+    logprobs = (top or 0) if want_logprobs else None
+    prompt_len = len(prompt["prompt_token_ids"])
+    max_tokens, name = _max_tokens(body, ("max_completion_tokens", "max_tokens"))
+    if max_tokens is None:   # unset: whatever the context leaves
+        _check_context(model, prompt_len, 0, "messages")
+        max_tokens = model.max_model_len - prompt_len
+    params = _sampling_params(body, model, max_tokens, logprobs, None, "top_logprobs", name)
+    _check_context(model, prompt_len, max_tokens, "messages")
+    return GenerationRequest("chat", [prompt], params, stream, include_usage, False, logprobs, model.name)
+
+
+# ---- responses ----------------------------------------------------------------------------------------------------
+
+def _token_text(tokenizer, token_id: int) -> str:
+    """The token as text (byte-level BPE symbols such as 'Ġ' turned back into what they stand for)."""
+    return tokenizer.convert_tokens_to_string([tokenizer.convert_ids_to_tokens(token_id)])
+
+
+def _lp(value: float) -> float:
+    return max(value, _MIN_LOGPROB)
+
+
+def _ranked(entry: dict[int, float]) -> list[tuple[int, float]]:
+    return sorted(entry.items(), key=lambda kv: -kv[1])
+
+
+def _completion_logprobs(tokenizer, token_ids: list[int], entries: list[dict[int, float] | None],
+                         offset: int) -> tuple[dict, int]:
+    """OpenAI's legacy shape; top_logprobs keeps the chosen token too (up to N + 1 entries, as OpenAI says). An
+    entry of None (the first prompt token, which nothing scores) gives nulls. Returns the offset after the last."""
+    out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    for tid, entry in zip(token_ids, entries):
+        text = _token_text(tokenizer, tid)
+        out["tokens"].append(text)
+        out["text_offset"].append(offset)
+        offset += len(text)
+        out["token_logprobs"].append(None if entry is None else _lp(entry[tid]))
+        out["top_logprobs"].append(None if entry is None else
+                                   {_token_text(tokenizer, t): _lp(v) for t, v in _ranked(entry)})
+    return out, offset
+
+
+def _chat_logprobs(tokenizer, token_ids: list[int], entries: list[dict[int, float]], top_n: int) -> dict:
+    def item(tid: int, value: float) -> dict:
+        text = _token_text(tokenizer, tid)
+        return {"token": text, "logprob": _lp(value), "bytes": list(text.encode())}
+    # The engine's entry is the top-N plus the chosen token, so the top N of it are the model's top N.
+    return {"content": [{**item(tid, entry[tid]), "top_logprobs": [item(t, v) for t, v in _ranked(entry)[:top_n]]}
+                        for tid, entry in zip(token_ids, entries)]}
+
+
+def _prompt_text(output: RequestOutput, tokenizer) -> str:
+    return output.prompt if output.prompt is not None else tokenizer.decode(output.prompt_token_ids)
+
+
+def _echo_logprobs(output: RequestOutput, tokenizer) -> dict:
+    ids = output.prompt_token_ids
+    return _completion_logprobs(tokenizer, ids, output.prompt_logprobs or [None] * len(ids), 0)[0]
+
+
+def _joined(first: dict, then: dict) -> dict:
+    return {key: first[key] + then[key] for key in first}
+
+
+def _usage(outputs: list[RequestOutput]) -> dict:
+    prompt = sum(len(o.prompt_token_ids) for o in outputs)
+    completion = sum(len(c.token_ids) for o in outputs for c in o.outputs)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def completion_response(req: GenerationRequest, request_id: str, outputs: list[RequestOutput],
+                        model: ModelInfo) -> dict:
+    tok, choices = model.tokenizer, []
+    for p, output in enumerate(outputs):
+        prompt_text = _prompt_text(output, tok)
+        for c in output.outputs:
+            logprobs = None
+            if req.logprobs is not None:
+                # text_offset counts from the prompt's start, echoed or not (OpenAI's convention).
+                logprobs = _completion_logprobs(tok, c.token_ids, c.logprobs or [], len(prompt_text))[0]
+                if req.echo:
+                    logprobs = _joined(_echo_logprobs(output, tok), logprobs)
+            choices.append({"index": p * req.params.n + c.index, "text": prompt_text + c.text if req.echo else c.text,
+                            "logprobs": logprobs, "finish_reason": c.finish_reason})
+    return {"id": request_id, "object": "text_completion", "created": int(time.time()), "model": model.name,
+            "choices": choices, "usage": _usage(outputs)}
+
+
+def chat_response(req: GenerationRequest, request_id: str, outputs: list[RequestOutput], model: ModelInfo) -> dict:
+    choices = []
+    for output in outputs:
+        for c in output.outputs:
+            logprobs = None if req.logprobs is None else \
+                _chat_logprobs(model.tokenizer, c.token_ids, c.logprobs or [], req.logprobs)
+            choices.append({"index": c.index, "message": {"role": "assistant", "content": c.text},
+                            "logprobs": logprobs, "finish_reason": c.finish_reason})
+    return {"id": request_id, "object": "chat.completion", "created": int(time.time()), "model": model.name,
+            "choices": choices, "usage": _usage(outputs)}
+
+
+@dataclass
+class _Sent:
+    """What one choice has streamed so far."""
+    chars: int = 0
+    tokens: int = 0
+    offset: int = 0          # completions' text_offset of the next token
+    started: bool = False    # chat: the role chunk went out; completions: the first text chunk did
+    finished: bool = False
+
+
+class StreamState:
+    """Turns one prompt's successive RequestOutputs (cumulative: each holds everything so far) into the OpenAI
+    chunks for what is new. A choice gets a chunk only when its text grows or it finishes, so tokens whose text
+    the detokenizer holds back (a possible stop string) ride along with the chunk that shows their text."""
+
+    def __init__(self, req: GenerationRequest, request_id: str, model: ModelInfo, prompt_index: int = 0) -> None:
+        self.req, self.request_id, self.model, self.prompt_index = req, request_id, model, prompt_index
+        self.created = int(time.time())
+        self._sent: dict[int, _Sent] = {}
+        self._prompt_text: str | None = None
+
+    def _chunk(self, choices: list[dict]) -> dict:
+        chat = self.req.kind == "chat"
+        chunk = {"id": self.request_id, "object": "chat.completion.chunk" if chat else "text_completion",
+                 "created": self.created, "model": self.model.name, "choices": choices}
+        if self.req.include_usage:
+            chunk["usage"] = None
+        return chunk
+
+    def chunks(self, output: RequestOutput) -> list[dict]:
+        chat, out = self.req.kind == "chat", []
+        for c in output.outputs:
+            sent = self._sent.setdefault(c.index, _Sent())
+            if sent.finished:
+                continue
+            if chat and not sent.started:
+                out.append(self._chunk([{"index": c.index, "delta": {"role": "assistant", "content": ""},
+                                         "logprobs": None, "finish_reason": None}]))
+                sent.started = True
+            new_text = c.text[sent.chars:]
+            finished = c.finish_reason is not None
+            # An echo goes out with the first token, once the prompt's logprobs are all in.
+            echo_due = self.req.echo and not sent.started and bool(c.token_ids)
+            if not (new_text or finished or echo_due):
+                continue
+            choice = self._chat_choice(c, sent, new_text) if chat else \
+                self._completion_choice(output, c, sent, new_text)
+            out.append(self._chunk([{**choice, "finish_reason": c.finish_reason}]))
+            sent.chars, sent.tokens, sent.started, sent.finished = len(c.text), len(c.token_ids), True, finished
+        return out
+
+    def _chat_choice(self, c: CompletionOutput, sent: _Sent, new_text: str) -> dict:
+        logprobs = None if self.req.logprobs is None else _chat_logprobs(
+            self.model.tokenizer, c.token_ids[sent.tokens:], (c.logprobs or [])[sent.tokens:], self.req.logprobs)
+        return {"index": c.index, "delta": {"content": new_text} if new_text else {}, "logprobs": logprobs}
+
+    def _completion_choice(self, output: RequestOutput, c: CompletionOutput, sent: _Sent, new_text: str) -> dict:
+        tok = self.model.tokenizer
+        if self._prompt_text is None:
+            self._prompt_text = _prompt_text(output, tok)
+        with_prompt = self.req.echo and not sent.started
+        logprobs = None
+        if self.req.logprobs is not None:
+            if not sent.started:
+                sent.offset = len(self._prompt_text)
+            logprobs, sent.offset = _completion_logprobs(tok, c.token_ids[sent.tokens:],
+                                                         (c.logprobs or [])[sent.tokens:], sent.offset)
+            if with_prompt:
+                logprobs = _joined(_echo_logprobs(output, tok), logprobs)
+        return {"index": self.prompt_index * self.req.params.n + c.index,
+                "text": self._prompt_text + new_text if with_prompt else new_text, "logprobs": logprobs}
+
+    def usage_chunk(self, outputs: list[RequestOutput]) -> dict:
+        return {**self._chunk([]), "usage": _usage(outputs)}
+
+
+# ---- /tokenize, /detokenize, /v1/models ---------------------------------------------------------------------------
+
+def tokenize_response(body: Any, model: ModelInfo) -> dict:
+    """vLLM's /tokenize: {"prompt": str} (add_special_tokens defaults to true) or {"messages": [...]} through the
+    chat template (add_generation_prompt defaults to true, add_special_tokens to false: the template has them)."""
+    body = _object(body)
+    _check_model(body, model)
+    if body.get("messages") is not None:
+        prompt = _chat_prompt(body["messages"], model, _tools(body), _bool(body, "add_generation_prompt", True))
+        ids = prompt["prompt_token_ids"]
+        if _bool(body, "add_special_tokens", False):
+            ids = model.tokenizer.encode(prompt["prompt"], add_special_tokens=True)
+    else:
+        text = body.get("prompt")
+        if not isinstance(text, str):
+            raise _bad("prompt", "prompt (a string) or messages is required")
+        ids = model.tokenizer.encode(text, add_special_tokens=_bool(body, "add_special_tokens", True))
+    return {"tokens": ids, "count": len(ids), "max_model_len": model.max_model_len}
+
+
+def detokenize_response(body: Any, model: ModelInfo) -> dict:
+    body = _object(body)
+    _check_model(body, model)
+    tokens = body.get("tokens")
+    if not _token_ids(tokens, model.vocab_size):
+        raise _bad("tokens", f"tokens must be a list of token ids in [0, {model.vocab_size})")
+    return {"prompt": model.tokenizer.decode(tokens)}
+
+
+def model_card(model: ModelInfo) -> dict:
+    return {"id": model.name, "object": "model", "created": model.created, "owned_by": "kvstudio",
+            "max_model_len": model.max_model_len}

@@ -1,0 +1,330 @@
+"""The OpenAI-compatible endpoint, in-process on port 0 with a tiny model, driven by the official `openai`
+client (sync and async) and by raw HTTP where the client would hide what is checked (status codes, headers)."""
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+
+import openai
+import pytest
+
+from app.engine_thread import EngineThread
+from app.server.app import ServerConfig, bound_port, create_app, model_info, start_server
+from engine import LLM, LLMEngine
+
+MODEL = "tiny"
+MAX_LEN = 256
+
+
+@dataclass
+class Server:
+    url: str             # http://127.0.0.1:port
+    engine: LLMEngine
+    thread: EngineThread
+
+    @property
+    def base_url(self) -> str:
+        return self.url + "/v1"
+
+    def client(self, **kw) -> openai.OpenAI:
+        return openai.OpenAI(base_url=self.base_url, api_key=kw.pop("api_key", "unused"), max_retries=0, **kw)
+
+    def async_client(self) -> openai.AsyncOpenAI:
+        return openai.AsyncOpenAI(base_url=self.base_url, api_key="unused", max_retries=0)
+
+
+def http(method: str, url: str, body=None, headers: dict | None = None) -> tuple[int, dict, bytes]:
+    data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json",
+                                                                        **(headers or {})})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, dict(r.headers), r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, dict(e.headers), e.read()
+
+
+def run_server(engine: LLMEngine, config: ServerConfig, max_queue: int | None = None):
+    """Start the app on its own event loop thread; returns (Server, stop function)."""
+    thread = EngineThread(engine, max_queue=max_queue).start()
+    loop = asyncio.new_event_loop()
+    loop_thread = threading.Thread(target=loop.run_forever, daemon=True)
+    loop_thread.start()
+    app = create_app(thread, model_info(engine, MODEL), config)
+    runner = asyncio.run_coroutine_threadsafe(start_server(app, config), loop).result()
+
+    def stop() -> None:
+        asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result()
+        loop.call_soon_threadsafe(loop.stop)
+        loop_thread.join()
+        thread.stop()
+
+    return Server(f"http://127.0.0.1:{bound_port(runner)}", engine, thread), stop
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_chat_model) -> LLMEngine:
+    return LLM(str(tiny_chat_model), max_model_len=MAX_LEN, kv_cache_memory=0.02).llm_engine
+
+
+@pytest.fixture(scope="module")
+def server(engine):
+    srv, stop = run_server(engine, ServerConfig(port=0), max_queue=64)
+    yield srv
+    stop()
+
+
+def wait_all_free(engine: LLMEngine, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if engine.get_stats().num_blocks_used == 0 and not engine.has_unfinished_requests():
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"blocks still used: {engine.get_stats()}")
+
+
+# ---- the happy paths ------------------------------------------------------------------------------------------
+
+def test_models_list_and_card(server):
+    client = server.client()
+    cards = client.models.list().data
+    assert [c.id for c in cards] == [MODEL]
+    card = client.models.retrieve(MODEL)
+    assert card.object == "model" and card.model_extra["max_model_len"] == MAX_LEN
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("nope")
+
+
+def test_completion_plain_and_streamed_greedy_text_agree(server):
+    client = server.client()
+    plain = client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=12, temperature=0)
+    assert plain.id.startswith("cmpl-") and plain.object == "text_completion"
+    assert plain.choices[0].finish_reason == "length" and plain.usage.completion_tokens == 12
+    chunks = list(client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=12, temperature=0,
+                                            stream=True))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == plain.choices[0].text
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+
+
+def test_chat_plain_and_streamed_with_usage(server):
+    client = server.client()
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a colour."}]
+    plain = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=10, temperature=0)
+    assert plain.object == "chat.completion" and plain.choices[0].message.role == "assistant"
+    chunks = list(client.chat.completions.create(model=MODEL, messages=messages, max_tokens=10, temperature=0,
+                                                 stream=True, stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert all(c.usage is None for c in chunks[:-1])
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == plain.usage.completion_tokens
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == plain.choices[0].message.content
+    finishing = [c for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert len(finishing) == 1 and finishing[0] is [c for c in chunks if c.choices][-1]
+
+
+def test_n2_with_a_seed_is_reproducible(server):
+    client = server.client()
+    kw = dict(model=MODEL, prompt="The quick brown fox", max_tokens=8, temperature=1.0, seed=5, n=2)
+    a, b = client.completions.create(**kw), client.completions.create(**kw)
+    assert [c.index for c in a.choices] == [0, 1]
+    assert [c.text for c in a.choices] == [c.text for c in b.choices]
+    assert a.choices[0].text != a.choices[1].text
+    assert a.usage.completion_tokens == 16
+
+
+def test_a_stop_string_cuts_the_text_and_finishes_with_stop(server):
+    client = server.client()
+    full = client.completions.create(model=MODEL, prompt="Hello", max_tokens=30, temperature=0).choices[0].text
+    stop = full[len(full) // 2:len(full) // 2 + 3]
+    assert stop.strip(), f"choose another prompt: {full!r}"
+    cut = client.completions.create(model=MODEL, prompt="Hello", max_tokens=30, temperature=0, stop=[stop])
+    assert cut.choices[0].finish_reason == "stop"
+    assert cut.choices[0].text == full[:full.index(stop)]
+
+
+def test_async_client_streams_concurrently(server):
+    async def one(client, i):
+        stream = await client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": f"Count to {i}"}], max_tokens=6, temperature=0,
+            stream=True)
+        return "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
+
+    async def main():
+        client = server.async_client()
+        return await asyncio.gather(*(one(client, i) for i in range(6)))
+
+    texts = asyncio.run(main())
+    assert len(texts) == 6 and all(isinstance(t, str) for t in texts)
+    wait_all_free(server.engine)
+
+
+def test_tokenize_detokenize_health_version_metrics(server):
+    status, _, body = http("POST", server.url + "/tokenize", {"model": MODEL, "prompt": "Hello world"})
+    tokens = json.loads(body)["tokens"]
+    assert status == 200 and tokens
+    status, _, body = http("POST", server.url + "/detokenize", {"model": MODEL, "tokens": tokens})
+    assert status == 200 and json.loads(body)["prompt"].endswith("Hello world")
+    assert http("GET", server.url + "/health")[0] == 200
+    assert "version" in json.loads(http("GET", server.url + "/version")[2])
+    server.client().completions.create(model=MODEL, prompt="x", max_tokens=2)
+    status, headers, body = http("GET", server.url + "/metrics")
+    text = body.decode()
+    assert status == 200 and headers["Content-Type"].startswith("text/plain")
+    for name in ("kvstudio_num_requests_running", "kvstudio_kv_cache_usage_perc", "kvstudio_prefix_cache_hits",
+                 "kvstudio_generation_tokens_total", "kvstudio_time_to_first_token_seconds_bucket",
+                 "kvstudio_inter_token_latency_seconds_bucket", "kvstudio_num_preemptions"):
+        assert name in text, name
+
+
+# ---- errors -----------------------------------------------------------------------------------------------------
+
+LONG = "word " * 400
+
+BAD_REQUESTS = [
+    ("/v1/chat/completions", b"{not json", 400, None),
+    ("/v1/chat/completions", [1, 2], 400, None),
+    ("/v1/chat/completions", {"model": MODEL}, 400, "messages"),
+    ("/v1/completions", {"model": MODEL}, 400, "prompt"),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "temperature": 3}, 400, "temperature"),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "top_p": 0}, 400, "top_p"),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "presence_penalty": 5}, 400, "presence_penalty"),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "logit_bias": {"abc": 1}}, 400, "logit_bias"),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "logit_bias": {"99999999": 1}}, 400, "logit_bias"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "top_logprobs": 2},
+     400, "top_logprobs"),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "stream_options": {"include_usage": True}}, 400,
+     "stream_options"),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "stop": [""]}, 400, "stop"),
+    ("/v1/completions", {"model": MODEL, "prompt": LONG}, 400, "prompt"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": LONG}]}, 400, "messages"),
+    ("/v1/completions", {"model": MODEL, "prompt": "word " * 100, "max_tokens": 200}, 400, "max_tokens"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "x"}],
+                              "tool_choice": "auto"}, 400, "tool_choice"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "x"}],
+                              "response_format": {"type": "json_schema", "json_schema": {"name": "x"}}},
+     400, "response_format"),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "suffix": "y"}, 400, "suffix"),
+    ("/v1/completions", {"model": "other", "prompt": "x"}, 404, "model"),
+]
+
+
+@pytest.mark.parametrize("path, body, status, param", BAD_REQUESTS,
+                         ids=[f"{p.rsplit('/', 1)[-1]}-{s}-{param}-{i}" for i, (p, b, s, param)
+                              in enumerate(BAD_REQUESTS)])
+def test_bad_input_gets_the_openai_error_and_the_server_serves_on(server, path, body, status, param):
+    got, _, raw = http("POST", server.url + path, body)
+    error = json.loads(raw)["error"]
+    assert got == status, raw
+    assert error["type"] == "invalid_request_error" and error["param"] == param and error["message"]
+    if param == "max_tokens":
+        assert error["code"] == "context_length_exceeded"
+    if status == 404:
+        assert error["code"] == "model_not_found"
+    ok = server.client().completions.create(model=MODEL, prompt="still there?", max_tokens=2)
+    assert ok.usage.completion_tokens == 2
+
+
+def test_unknown_paths_and_oversized_bodies_answer_in_json(server):
+    status, _, raw = http("GET", server.url + "/v1/nothing")
+    assert status == 404 and json.loads(raw)["error"]["type"] == "invalid_request_error"
+    status, _, raw = http("POST", server.url + "/v1/completions", b"{" + b" " * (9 * 2**20) + b"}")
+    assert status == 413 and json.loads(raw)["error"]["message"]
+
+
+def test_unknown_fields_are_ignored(server):
+    status, _, raw = http("POST", server.url + "/v1/completions",
+                          {"model": MODEL, "prompt": "x", "max_tokens": 2, "best_of": 1, "user": "me", "xyz": 1})
+    assert status == 200, raw
+
+
+def test_a_full_queue_answers_503_with_retry_after(engine):
+    srv, stop = run_server(engine, ServerConfig(port=0), max_queue=1)
+    try:
+        holder = threading.Thread(target=lambda: srv.client().completions.create(
+            model=MODEL, prompt="hold", max_tokens=150, temperature=0, extra_body={"ignore_eos": True}))
+        holder.start()
+        deadline = time.monotonic() + 30
+        while srv.thread.num_unfinished == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        status, headers, raw = http("POST", srv.url + "/v1/completions", {"model": MODEL, "prompt": "x"})
+        assert status == 503 and headers["Retry-After"] == "1" and json.loads(raw)["error"]["message"]
+        holder.join()
+    finally:
+        stop()
+
+
+# ---- security ---------------------------------------------------------------------------------------------------
+
+def test_the_default_bind_is_loopback():
+    assert ServerConfig().host == "127.0.0.1" and ServerConfig().loopback
+
+
+def test_a_foreign_host_header_is_refused(server):
+    status, _, raw = http("GET", server.url + "/v1/models", headers={"Host": "evil.example"})
+    assert status == 403 and json.loads(raw)["error"]
+
+
+def test_a_foreign_origin_is_not_echoed(server):
+    status, headers, _ = http("GET", server.url + "/v1/models", headers={"Origin": "https://evil.example"})
+    assert status == 200 and "Access-Control-Allow-Origin" not in headers
+
+
+def test_an_allowed_origin_gets_cors_headers(engine):
+    srv, stop = run_server(engine, ServerConfig(port=0, cors_origins=("http://localhost:3000",)))
+    try:
+        status, headers, _ = http("OPTIONS", srv.url + "/v1/chat/completions",
+                                  headers={"Origin": "http://localhost:3000",
+                                           "Access-Control-Request-Method": "POST"})
+        assert status == 204 and headers["Access-Control-Allow-Origin"] == "http://localhost:3000"
+        status, headers, _ = http("GET", srv.url + "/v1/models", headers={"Origin": "http://localhost:3000"})
+        assert headers["Access-Control-Allow-Origin"] == "http://localhost:3000"
+    finally:
+        stop()
+
+
+def test_an_api_key_guards_every_route_but_health(engine):
+    srv, stop = run_server(engine, ServerConfig(port=0, api_key="s3cret"))
+    try:
+        for method, path in (("GET", "/v1/models"), ("POST", "/v1/completions"), ("POST", "/v1/chat/completions"),
+                             ("POST", "/tokenize"), ("GET", "/metrics"), ("GET", "/version")):
+            for auth in ({}, {"Authorization": "Bearer wrong"}):
+                status, _, raw = http(method, srv.url + path, {} if method == "POST" else None, auth)
+                assert status == 401 and json.loads(raw)["error"]["type"] == "authentication_error", path
+        assert http("GET", srv.url + "/health")[0] == 200
+        with pytest.raises(openai.AuthenticationError):
+            srv.client(api_key="wrong").models.list()
+        assert srv.client(api_key="s3cret").models.list().data[0].id == MODEL
+    finally:
+        stop()
+
+
+# ---- disconnects and load ---------------------------------------------------------------------------------------
+
+def test_32_streaming_clients_half_of_them_leaving_mid_stream(server):
+    params = dict(model=MODEL, max_tokens=40, temperature=0, extra_body={"ignore_eos": True})
+    expected = server.client().completions.create(prompt="Tell me a story", **params).choices[0].text
+
+    async def client(i: int, api: openai.AsyncOpenAI):
+        stream = await api.completions.create(prompt="Tell me a story", stream=True, **params)
+        text, pieces = "", 0
+        async for chunk in stream:
+            if chunk.choices:
+                text += chunk.choices[0].text
+                pieces += 1
+            if i % 2 and pieces == 3:
+                await stream.close()   # leave mid-stream: the server must abort the request
+                return None
+        return text
+
+    async def main():
+        api = server.async_client()
+        return await asyncio.gather(*(client(i, api) for i in range(32)))
+
+    texts = asyncio.run(main())
+    assert [t for i, t in enumerate(texts) if i % 2 == 0] == [expected] * 16
+    wait_all_free(server.engine)
