@@ -145,6 +145,21 @@ def build_parser() -> argparse.ArgumentParser:
                             help="new tokens per request, in place of the file's")
     throughput.add_argument("--baseline", choices=["hf"],
                             help="also run transformers' generate on the same weights and prompts")
+    serving = bench_commands.add_parser(
+        "serve", parents=[engine_options], help="latency and throughput of the HTTP endpoint",
+        description="W64's chat requests streamed against an OpenAI-compatible endpoint at each concurrency "
+                    "level: time to first token and inter-token latency (p50/p90/p99) and output tokens per "
+                    "second. Without --url it starts kvstudio's own endpoint on a free port first.")
+    serving.add_argument("--url", help="a running endpoint's base URL, e.g. http://127.0.0.1:8000/v1")
+    serving.add_argument("--api-key", metavar="KEY")
+    serving.add_argument("--served-model-name", metavar="NAME", help="the model id to ask for (default: the "
+                                                                     "endpoint's first model)")
+    serving.add_argument("--concurrency", type=_positive_int, nargs="+", default=[1, 8, 32], metavar="N",
+                         help="client counts to run, one level each (default: 1 8 32)")
+    serving.add_argument("--prompts", type=Path, metavar="FILE.jsonl", help="default: the built-in W64 workload")
+    serving.add_argument("--num-prompts", type=_positive_int, metavar="N", help="use the first N requests")
+    serving.add_argument("--max-tokens", type=_positive_int, metavar="N",
+                         help="new tokens per request, in place of the file's")
     sharing = bench_commands.add_parser(
         "sharing", parents=[engine_options], help="KV blocks saved by sharing; prefill saved by prefix caching",
         description="Parallel sampling (n=2,4,6) and beam search (width 2,4,6) on synthetic, seeded prompt/output "
@@ -349,6 +364,53 @@ def run_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_bench_serve(args: argparse.Namespace) -> int:
+    import asyncio
+    import json
+    import urllib.request
+
+    from app import bench, bench_serve
+
+    requests = bench.load_workload(args.prompts or bench.BUILTIN_WORKLOAD, args.num_prompts, args.max_tokens)
+    if len({r.max_tokens for r in requests}) > 1:
+        raise ValueError("bench serve streams one max_tokens for all requests: give --max-tokens")
+    stop = None
+    if args.url is None:
+        from app.engine_thread import EngineThread
+        from app.server.app import BackgroundServer, ServerConfig, model_info
+
+        engine = load_llm(args.model, engine_kwargs(args)).llm_engine
+        thread = EngineThread(engine).start()
+        server = BackgroundServer(thread, model_info(engine, args.served_model_name), ServerConfig(port=0)).start()
+        url = server.url + "/v1"
+
+        def stop() -> None:
+            server.stop()
+            thread.stop()
+    else:
+        url = args.url.rstrip("/")
+    try:
+        model = args.served_model_name
+        if model is None:
+            headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+            with urllib.request.urlopen(urllib.request.Request(url + "/models", headers=headers), timeout=30) as r:
+                model = json.load(r)["data"][0]["id"]
+        print(f"{url}, model {model}: {len(requests)} chat requests x {requests[0].max_tokens} tokens per level",
+              flush=True)
+        results = []
+        for concurrency in args.concurrency:
+            results.append(asyncio.run(bench_serve.run_level(url, model, args.api_key,
+                                                             [r.messages for r in requests],
+                                                             requests[0].max_tokens, concurrency)))
+            print(f"concurrency {concurrency}: {results[-1].output_tokens_per_s:.1f} tok/s", file=sys.stderr,
+                  flush=True)
+        print(bench_serve.table(results))
+    finally:
+        if stop is not None:
+            stop()
+    return 0
+
+
 def run_bench_sharing(args: argparse.Namespace) -> int:
     from app import bench_sharing as bs
 
@@ -392,6 +454,8 @@ def main(argv: list[str] | None = None) -> int:
             return run_generate(args)
         if args.command == "serve":
             return run_serve(args)
+        if args.command == "bench" and args.bench_command == "serve":
+            return run_bench_serve(args)
         if args.command == "bench" and args.bench_command == "sharing":
             return run_bench_sharing(args)
         if args.command == "bench":

@@ -13,6 +13,7 @@ import ipaddress
 import json
 import logging
 import signal
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -385,3 +386,35 @@ def serve(engine: LLMEngine, config: ServerConfig, served_model_name: str | None
         asyncio.run(main())
     finally:
         thread.stop(drain_timeout=config.drain_timeout)
+
+
+class BackgroundServer:
+    """The endpoint on its own event-loop thread, beside a caller that is not async (the desktop app's server
+    switch, `kvstudio bench serve` without --url, tests)."""
+
+    def __init__(self, thread: EngineThread, info: ModelInfo, config: ServerConfig,
+                 on_request: Callable[[dict], None] | None = None) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._loop_thread = threading.Thread(target=self._loop.run_forever, name="kvstudio-server", daemon=True)
+        self._app = create_app(thread, info, config, on_request)
+        self._config = config
+        self._runner: web.AppRunner | None = None
+
+    def start(self) -> BackgroundServer:
+        self._loop_thread.start()
+        self._runner = asyncio.run_coroutine_threadsafe(start_server(self._app, self._config), self._loop).result()
+        return self
+
+    @property
+    def url(self) -> str:
+        host = self._config.host
+        if host in ("0.0.0.0", "::"):
+            host = "127.0.0.1"
+        return f"http://{f'[{host}]' if ':' in host else host}:{bound_port(self._runner)}"
+
+    def stop(self) -> None:
+        """Stop listening; in-flight requests get the drain timeout to finish."""
+        asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result()
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._loop_thread.join()
+        self._loop.close()

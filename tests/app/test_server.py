@@ -14,7 +14,7 @@ import openai
 import pytest
 
 from app.engine_thread import EngineThread
-from app.server.app import ServerConfig, bound_port, create_app, model_info, start_server
+from app.server.app import BackgroundServer, ServerConfig, model_info
 from engine import LLM, LLMEngine
 
 MODEL = "tiny"
@@ -52,19 +52,13 @@ def http(method: str, url: str, body=None, headers: dict | None = None) -> tuple
 def run_server(engine: LLMEngine, config: ServerConfig, max_queue: int | None = None):
     """Start the app on its own event loop thread; returns (Server, stop function)."""
     thread = EngineThread(engine, max_queue=max_queue).start()
-    loop = asyncio.new_event_loop()
-    loop_thread = threading.Thread(target=loop.run_forever, daemon=True)
-    loop_thread.start()
-    app = create_app(thread, model_info(engine, MODEL), config)
-    runner = asyncio.run_coroutine_threadsafe(start_server(app, config), loop).result()
+    background = BackgroundServer(thread, model_info(engine, MODEL), config).start()
 
     def stop() -> None:
-        asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result()
-        loop.call_soon_threadsafe(loop.stop)
-        loop_thread.join()
+        background.stop()
         thread.stop()
 
-    return Server(f"http://127.0.0.1:{bound_port(runner)}", engine, thread), stop
+    return Server(background.url, engine, thread), stop
 
 
 @pytest.fixture(scope="module")
@@ -328,3 +322,59 @@ def test_32_streaming_clients_half_of_them_leaving_mid_stream(server):
     texts = asyncio.run(main())
     assert [t for i, t in enumerate(texts) if i % 2 == 0] == [expected] * 16
     wait_all_free(server.engine)
+
+
+def test_a_client_that_disconnects_before_the_answer_frees_its_blocks_at_once(server):
+    import socket
+
+    body = json.dumps({"model": MODEL, "prompt": "Tell me everything", "max_tokens": 200,
+                       "ignore_eos": True}).encode()
+    host, port = server.url.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)))
+    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+    deadline = time.monotonic() + 30
+    while not server.engine.has_unfinished_requests() and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert server.engine.has_unfinished_requests()
+    sock.close()
+    started = time.monotonic()
+    wait_all_free(server.engine, timeout=10)
+    # 200 tokens take the tiny model well over this; an abort on disconnect frees the blocks within a few steps.
+    assert time.monotonic() - started < 2.0
+
+
+def test_sigterm_drains_in_flight_requests_and_exits_0(tiny_chat_model, tmp_path):
+    import re
+    import signal
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-m", "app.cli", "serve", "--model", str(tiny_chat_model),
+                             "--port", "0", "--max-model-len", "256", "--kv-cache-memory", "0.02",
+                             "--served-model-name", MODEL, "--drain-timeout", "30"],
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        url = None
+        for line in proc.stderr:
+            if m := re.search(r"serving tiny at (http://\S+)/v1", line):
+                url = m.group(1)
+                break
+        assert url, "the server never said where it listens"
+        result: dict = {}
+
+        def slow_request():
+            client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
+            result["text"] = client.completions.create(model=MODEL, prompt="Go on", max_tokens=150,
+                                                       temperature=0, extra_body={"ignore_eos": True})
+
+        t = threading.Thread(target=slow_request)
+        t.start()
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)
+        t.join(timeout=60)
+        assert proc.wait(timeout=60) == 0
+        assert result["text"].usage.completion_tokens == 150
+    finally:
+        if proc.poll() is None:
+            proc.kill()
