@@ -59,6 +59,7 @@ class _State:
 
 
 _STATE = web.AppKey("state", _State)
+_LOGGED = web.RequestKey("logged", bool)   # this request's log line is written
 
 
 def _is_loopback(host: str) -> bool:
@@ -77,6 +78,16 @@ def _error(status: int, message: str, type_: str, param: str | None = None, code
 
 
 # ---- middlewares ------------------------------------------------------------------------------------------------
+
+@web.middleware
+async def _access_log(request: web.Request, handler) -> web.StreamResponse:
+    """One line per request; generations log their own line with their token count."""
+    start = time.perf_counter()
+    response = await handler(request)
+    if not request.get(_LOGGED):
+        _log(request.app[_STATE], request, response.status, start, [])
+    return response
+
 
 @web.middleware
 async def _errors(request: web.Request, handler) -> web.StreamResponse:
@@ -284,6 +295,7 @@ def _sse(payload: dict) -> bytes:
 
 
 def _log(state: _State, request: web.Request, status: int, start: float, outputs: list[RequestOutput]) -> None:
+    request[_LOGGED] = True
     tokens = sum(len(c.token_ids) for o in outputs if o is not None for c in o.outputs)
     entry = {"time": time.time(), "method": request.method, "path": request.path, "status": status,
              "seconds": round(time.perf_counter() - start, 3), "completion_tokens": tokens,
@@ -323,7 +335,7 @@ async def metrics(request: web.Request) -> web.Response:
 
 def create_app(engine: EngineThread, model_info: ModelInfo, config: ServerConfig,
                on_request: Callable[[dict], None] | None = None) -> web.Application:
-    app = web.Application(middlewares=[_errors, _security(config)], client_max_size=MAX_BODY_BYTES)
+    app = web.Application(middlewares=[_access_log, _errors, _security(config)], client_max_size=MAX_BODY_BYTES)
     state = _State(engine, model_info, config, Metrics(model_info.name))
     engine.add_listener(state.metrics.update)
     if on_request is not None:

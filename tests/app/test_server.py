@@ -378,3 +378,20 @@ def test_sigterm_drains_in_flight_requests_and_exits_0(tiny_chat_model, tmp_path
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_every_request_gets_one_log_line(engine):
+    entries = []
+    thread = EngineThread(engine).start()
+    background = BackgroundServer(thread, model_info(engine, MODEL), ServerConfig(port=0), entries.append).start()
+    try:
+        client = openai.OpenAI(base_url=background.url + "/v1", api_key="x", max_retries=0)
+        client.completions.create(model=MODEL, prompt="x", max_tokens=3)
+        with pytest.raises(openai.BadRequestError):
+            client.completions.create(model=MODEL, prompt="x", temperature=5)
+        client.models.list()
+    finally:
+        background.stop()
+        thread.stop()
+    assert [(e["path"], e["status"], e["completion_tokens"]) for e in entries] == [
+        ("/v1/completions", 200, 3), ("/v1/completions", 400, 0), ("/v1/models", 200, 0)]
