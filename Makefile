@@ -52,7 +52,7 @@ $(STAMP): pyproject.toml requirements/constraints.txt
 	touch $@
 
 test: setup
-	TRITON_INTERPRET=$${TRITON_INTERPRET:-1} QT_QPA_PLATFORM=offscreen $(PY) -m pytest
+	QT_QPA_PLATFORM=offscreen $(PY) -m pytest
 
 run: setup
 	$(VENV)/bin/kvstudio

@@ -356,7 +356,7 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor
     k = k.repeat_interleave(group, 0)                        # [heads, n, dim]
     v = v.repeat_interleave(group, 0)
     scores = q.float().transpose(0, 1) @ k.transpose(1, 2) * scale   # [heads, L, n]
-    keys = torch.arange(k.shape[1])
+    keys = torch.arange(k.shape[1], device=q.device)
     visible = keys[None, :] <= pos[:, None]
     if sliding_window is not None:
         visible &= keys[None, :] > pos[:, None] - sliding_window
@@ -376,7 +376,8 @@ def paged_decode_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: 
         blocks = block_tables[s, : -(-n // block_size)]
         k = _gather_kv(k_cache, blocks, n, k_scale)
         v = _gather_kv(v_cache, blocks, n, v_scale)
-        out[s] = _attend(q[s : s + 1], k, v, torch.tensor([n - 1]), scale, sliding_window)[0].to(q.dtype)
+        out[s] = _attend(q[s : s + 1], k, v, torch.tensor([n - 1], device=q.device), scale,
+                         sliding_window)[0].to(q.dtype)
     return out
 
 
@@ -391,6 +392,6 @@ def prefill_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
         blocks = block_tables[s, : -(-n // block_size)]
         k = _gather_kv(k_cache, blocks, n, k_scale)
         v = _gather_kv(v_cache, blocks, n, v_scale)
-        pos = torch.arange(n - (end - begin), n)
+        pos = torch.arange(n - (end - begin), n, device=q.device)
         out[begin:end] = _attend(q[begin:end], k, v, pos, scale, sliding_window).to(q.dtype)
     return out

@@ -3,17 +3,21 @@ from __future__ import annotations
 
 import os
 
-# Triton kernels run on its interpreter when there is no GPU; this must be set before any @triton.jit runs.
-os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 # Idle OpenMP threads sleep instead of spinning: a test that shares the cores with anything else (another
-# process, a Qt thread) would otherwise crawl.
+# process, a Qt thread) would otherwise crawl. Set before torch starts its OpenMP runtime.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402 - importing torch runs no @triton.jit
+
+# Triton kernels run on its interpreter when there is no GPU (on one, the GPU-marked tests run them compiled);
+# this must be set before any @triton.jit runs.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
-import torch  # noqa: E402
 
 # Both cores for each test's matmuls; the suite runs tests one at a time.
 torch.set_num_threads(2)

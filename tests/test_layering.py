@@ -44,3 +44,14 @@ def test_the_checker_sees_imports(tmp_path):
     sample = tmp_path / "m.py"
     sample.write_text("import app.cli\nfrom ui import bridge\nfrom . import sibling\n")
     assert imported_roots(sample) == {"app", "ui"}
+
+
+def test_the_engine_imports_without_qt_aiohttp_or_gguf():
+    """The GPU image has torch, triton and transformers only: engine/ and kernels/ must import there."""
+    import subprocess
+    import sys
+
+    code = ("import sys, engine, engine.attention.triton_backend, kernels.triton_attention; "
+            "print(sorted(m for m in ('gguf', 'PySide6', 'aiohttp') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

@@ -77,7 +77,8 @@ class TritonAttentionBackend(AttentionBackend):
         return out
 
     def copy_blocks(self, kv_cache: torch.Tensor, pairs: list[tuple[int, int]]) -> None:
-        ids = torch.tensor(pairs, dtype=torch.int64, device=kv_cache.device)   # [pairs, 2]
+        # Ids built on the host: the wrapper checks them there and moves them to the device itself.
+        ids = torch.tensor(pairs, dtype=torch.int64)   # [pairs, 2]
         copy_blocks(kv_cache, ids[:, 0], ids[:, 1])
 
     def swap_blocks(self, src_cache: torch.Tensor, dst_cache: torch.Tensor, pairs: list[tuple[int, int]]) -> None:

@@ -17,7 +17,6 @@ import torch
 from safetensors import SafetensorError, safe_open
 from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
 
-from engine.models.gguf import GGUFCheckpoint
 from engine.models.hub import ModelLoadError, resolve_model_path
 
 __all__ = ["ModelLoadError", "ModelSource", "open_model"]
@@ -103,6 +102,9 @@ def _open_hf_directory(path: Path) -> ModelSource:
 
 
 def _open_gguf(path: Path) -> ModelSource:
+    # Imported here: the gguf package is only needed for GGUF files (a GPU image may lack it).
+    from engine.models.gguf import GGUFCheckpoint
+
     checkpoint = GGUFCheckpoint(path)
     tokenizer = checkpoint.tokenizer()
     eos_token_ids = _unique_ids(checkpoint.end_of_generation_ids(), tokenizer.eos_token_id)
