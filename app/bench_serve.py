@@ -36,8 +36,10 @@ class LevelResult:
     def row(self) -> str:
         ttft = percentiles([t.ttft for t in self.timings])
         itl = percentiles([g for t in self.timings for g in t.gaps])
-        ms = "/".join(f"{x * 1e3:.0f}" for x in ttft) + "  " + "/".join(f"{x * 1e3:.1f}" for x in itl)
-        return f"{self.concurrency:>11} {len(self.timings):>8} {ms:>32} {self.output_tokens_per_s:>12.1f}"
+        ttft_ms = "/".join(f"{x * 1e3:.0f}" for x in ttft)
+        itl_ms = "/".join(f"{x * 1e3:.1f}" for x in itl)
+        return (f"{self.concurrency:>11} {len(self.timings):>8} {ttft_ms:>24} {itl_ms:>24} "
+                f"{self.output_tokens_per_s:>12.1f}")
 
 
 def percentiles(values: list[float], points=(50, 90, 99)) -> list[float]:
@@ -97,6 +99,6 @@ async def run_level(url: str, model: str, api_key: str | None, conversations: li
 
 
 def table(results: list[LevelResult]) -> str:
-    lines = [f"{'concurrency':>11} {'requests':>8} {'TTFT p50/p90/p99 ms  ITL p50/p90/p99 ms':>32} "
+    lines = [f"{'concurrency':>11} {'requests':>8} {'TTFT p50/p90/p99 (ms)':>24} {'ITL p50/p90/p99 (ms)':>24} "
              f"{'output tok/s':>12}"]
     return "\n".join(lines + [r.row() for r in results])

@@ -271,12 +271,12 @@ async def _stream(request: web.Request, req: GenerationRequest, request_id: str,
                 await response.write(_sse(chunk))
         if req.include_usage:
             await response.write(_sse(states[0].usage_chunk([finals[i] for i in sorted(finals)])))
-    except (ValueError, ApiError, QueueFullError, EngineStoppedError) as e:
-        if not response.prepared:
-            for s in streams:
-                await s.aclose()
-            raise ApiError(400, str(e)) if isinstance(e, ValueError) else e from None
-        error = e if isinstance(e, ApiError) else ApiError(500, str(e), "server_error")
+    except Exception as e:
+        if not response.prepared:   # nothing sent yet: a plain HTTP error (the middleware shapes it)
+            raise ApiError(400, str(e)) if isinstance(e, ValueError) else e
+        # The stream has started: the error becomes an event, then [DONE] as usual.
+        logger.warning("stream %s failed: %s", request_id, e)
+        error = e if isinstance(e, ApiError) else ApiError(500, f"generation failed: {e}", "server_error")
         await response.write(_sse(error.body()))
     finally:
         for task in tasks:

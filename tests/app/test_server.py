@@ -395,3 +395,30 @@ def test_every_request_gets_one_log_line(engine):
         thread.stop()
     assert [(e["path"], e["status"], e["completion_tokens"]) for e in entries] == [
         ("/v1/completions", 200, 3), ("/v1/completions", 400, 0), ("/v1/models", 200, 0)]
+
+
+def test_an_error_after_the_stream_started_is_an_event_then_done(engine, monkeypatch):
+    srv, stop = run_server(engine, ServerConfig(port=0))
+    calls = {"n": 0}
+    sample = engine.sampler.__class__.__call__
+
+    def failing(self, logits, batch):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise RuntimeError("sampler exploded")
+        return sample(self, logits, batch)
+
+    monkeypatch.setattr(engine.sampler.__class__, "__call__", failing)
+    try:
+        status, _, raw = http("POST", srv.url + "/v1/completions",
+                              {"model": MODEL, "prompt": "x", "max_tokens": 20, "stream": True, "ignore_eos": True})
+        events = [line[6:] for line in raw.decode().splitlines() if line.startswith("data: ")]
+        assert status == 200 and events[-1] == "[DONE]"
+        error = json.loads(events[-2])["error"]
+        assert error["type"] == "server_error" and "sampler exploded" in error["message"]
+        assert all("choices" in json.loads(e) for e in events[:-2])
+        monkeypatch.undo()
+        assert srv.client().completions.create(model=MODEL, prompt="x", max_tokens=2).usage.completion_tokens == 2
+    finally:
+        stop()
+    wait_all_free(engine)
