@@ -96,6 +96,8 @@ async def _errors(request: web.Request, handler) -> web.StreamResponse:
         return await handler(request)
     except ApiError as e:
         return web.json_response(e.body(), status=e.status)
+    except ValueError as e:   # the engine's own checks of a request the protocol layer let through
+        return _error(400, str(e), "invalid_request_error")
     except QueueFullError as e:
         return _error(503, str(e), "server_error", headers={"Retry-After": str(RETRY_AFTER_S)})
     except EngineStoppedError as e:
@@ -194,8 +196,14 @@ async def _generate(request: web.Request, req: GenerationRequest, request_id: st
     if req.stream:
         response = await _stream(request, req, request_id, timing)
     else:
-        outputs = await asyncio.gather(*(_run_to_end(state.engine, prompt, req, f"{request_id}-{i}", timing)
-                                         for i, prompt in enumerate(req.prompts)))
+        try:
+            # A TaskGroup: when one prompt fails, the others are cancelled, which aborts them in the engine.
+            async with asyncio.TaskGroup() as group:
+                tasks = [group.create_task(_run_to_end(state.engine, prompt, req, f"{request_id}-{i}", timing))
+                         for i, prompt in enumerate(req.prompts)]
+        except ExceptionGroup as eg:
+            raise eg.exceptions[0] from None
+        outputs = [t.result() for t in tasks]
         build = protocol.chat_response if req.kind == "chat" else protocol.completion_response
         response = web.json_response(build(req, request_id, outputs, state.model))
         _log(state, request, 200, start, outputs)

@@ -422,3 +422,21 @@ def test_an_error_after_the_stream_started_is_an_event_then_done(engine, monkeyp
     finally:
         stop()
     wait_all_free(engine)
+
+
+def test_an_engine_side_rejection_is_a_400_and_spares_nothing_running(server, monkeypatch):
+    """A check only the engine makes (here: a second prompt the engine refuses) answers 400, and the request's
+    other prompt is aborted rather than left running."""
+    original = server.engine.add_request
+
+    def picky(request_id, prompt, params=None):
+        if request_id.endswith("-1"):
+            raise ValueError("the engine refuses this prompt")
+        return original(request_id, prompt, params)
+
+    monkeypatch.setattr(server.engine, "add_request", picky)
+    status, _, raw = http("POST", server.url + "/v1/completions",
+                          {"model": MODEL, "prompt": ["first", "second"], "max_tokens": 100, "ignore_eos": True})
+    monkeypatch.undo()
+    assert status == 400 and "refuses" in json.loads(raw)["error"]["message"]
+    wait_all_free(server.engine, timeout=10)
