@@ -1,0 +1,75 @@
+"""The bridge from the engine thread to Qt: a model loads on a worker while the UI thread keeps turning,
+requests stream back as signals, failures arrive in words, and snapshots flow to the monitor."""
+from __future__ import annotations
+
+import time
+
+import pytest
+from PySide6.QtCore import QTimer
+
+from engine import LLM, SamplingParams
+from ui.bridge import EngineBridge, ModelLoaded, ModelLoadFailed, RequestFailed
+
+OPTIONS = {"max_model_len": 256, "kv_cache_memory": 0.01}
+GREEDY = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
+
+
+@pytest.fixture
+def bridge(qtbot, tiny_chat_model):
+    b = EngineBridge()
+    with qtbot.waitSignal(b.model_loaded, timeout=60_000) as loaded:
+        b.load_model(str(tiny_chat_model), OPTIONS)
+    assert isinstance(loaded.args[0], ModelLoaded) and loaded.args[0].max_model_len == 256
+    yield b
+    b.shutdown()
+
+
+def test_loading_keeps_the_ui_thread_turning(qtbot, tiny_chat_model):
+    b = EngineBridge()
+    beats: list[float] = []
+    timer = QTimer()
+    timer.timeout.connect(lambda: beats.append(time.perf_counter()))
+    timer.start(10)
+    with qtbot.waitSignal(b.model_loaded, timeout=60_000):
+        b.load_model(str(tiny_chat_model), OPTIONS)
+    timer.stop()
+    b.shutdown()
+    gaps = [later - earlier for earlier, later in zip(beats, beats[1:])]
+    assert beats and max(gaps, default=0.0) < 0.5
+
+
+def test_a_request_streams_back_as_signals(qtbot, bridge, tiny_chat_model):
+    updates = []
+    bridge.request_update.connect(updates.append)
+    rid = bridge.submit("Hello there", GREEDY)
+    qtbot.waitUntil(lambda: bool(updates) and updates[-1].output.finished, timeout=30_000)
+    assert {u.request_id for u in updates} == {rid}
+    lengths = [len(u.output.outputs[0].token_ids) for u in updates]
+    assert lengths == sorted(lengths) and lengths[-1] == 10
+    expected = LLM(str(tiny_chat_model), **OPTIONS).generate("Hello there", GREEDY, use_tqdm=False)
+    assert updates[-1].output.outputs[0].token_ids == expected[0].outputs[0].token_ids
+
+
+def test_a_rejected_request_fails_in_words(qtbot, bridge):
+    with qtbot.waitSignal(bridge.request_failed, timeout=10_000) as failed:
+        rid = bridge.submit({"prompt_token_ids": []}, GREEDY)
+    assert failed.args[0] == RequestFailed(rid, "the prompt is empty")
+
+
+def test_a_model_that_cannot_load_fails_in_words(qtbot, tmp_path):
+    b = EngineBridge()
+    with qtbot.waitSignal(b.model_load_failed, timeout=30_000) as failed:
+        b.load_model(str(tmp_path / "missing.gguf"), OPTIONS)
+    assert isinstance(failed.args[0], ModelLoadFailed) and "missing.gguf" in failed.args[0].message
+    assert b.engine_thread is None
+    with pytest.raises(RuntimeError, match="no model is loaded"):
+        b.submit("hi", GREEDY)
+
+
+def test_snapshots_follow_the_pool(qtbot, bridge):
+    snapshots = []
+    bridge.snapshot.connect(snapshots.append)
+    rid = bridge.submit("Count", SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True))
+    qtbot.waitUntil(lambda: any(s.stats.num_blocks_used for s in snapshots), timeout=30_000)
+    qtbot.waitUntil(lambda: snapshots[-1].stats.num_blocks_used == 0, timeout=30_000)
+    assert any(rid in s.block_map.owners.values() for s in snapshots)
