@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
 from app import model_store
+from app.conversation import chat_prompt
 
 if TYPE_CHECKING:
     from engine import LLM, LLMEngine, SamplingParams
@@ -210,13 +211,6 @@ def load_llm(model: str | None, kwargs: dict) -> LLM:
     llm = LLM(path, **kwargs)
     print(f"kvstudio: model ready in {time.perf_counter() - start:.1f} s", file=sys.stderr)
     return llm
-
-
-def chat_prompt(tokenizer, messages: list[dict]) -> dict:
-    """The engine prompt for a conversation: the chat template's text and its token ids."""
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    # The template writes the special tokens it wants itself; the tokenizer must not add a BOS of its own.
-    return {"prompt": text, "prompt_token_ids": tokenizer.encode(text, add_special_tokens=False)}
 
 
 def use_chat_template(wanted: bool | None, tokenizer) -> bool:

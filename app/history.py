@@ -1,0 +1,289 @@
+"""Chat history: conversations and their messages in one SQLite file under kvstudio's data folder.
+
+Every write commits at once, so a reply that is streaming when the app dies keeps what was already shown
+(marked unfinished). One ChatHistory may be created on one thread and used from another; a lock serialises
+its calls.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from app.model_store import data_dir
+
+SCHEMA_VERSION = 1
+ROLES = ("system", "user", "assistant")
+DEFAULT_TITLE = "New chat"
+TITLE_LIMIT = 48
+
+# AUTOINCREMENT so an id is never handed out twice: a stale id held by the UI (say, of a reply being
+# streamed into a message that a regenerate just deleted) fails loudly instead of writing into a newer row.
+_SCHEMA = f"""
+CREATE TABLE conversations (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    title TEXT NOT NULL,
+    system_prompt TEXT NOT NULL,
+    params TEXT NOT NULL,
+    created REAL NOT NULL,
+    updated REAL NOT NULL
+);
+CREATE INDEX conversations_by_updated ON conversations(updated);
+CREATE TABLE messages (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    conversation_id INTEGER NOT NULL REFERENCES conversations(id) ON DELETE CASCADE,
+    role TEXT NOT NULL CHECK (role IN {ROLES}),
+    content TEXT NOT NULL,
+    created REAL NOT NULL,
+    finished INTEGER NOT NULL,
+    stats TEXT NOT NULL
+);
+CREATE INDEX messages_by_conversation ON messages(conversation_id, id);
+PRAGMA user_version = {SCHEMA_VERSION};
+"""
+
+
+class HistoryError(RuntimeError):
+    """The history file cannot be used, or an id names nothing in it."""
+
+
+class NotFoundError(HistoryError, LookupError):
+    """A conversation or message id that is not (or no longer) in the history."""
+
+
+@dataclass(frozen=True)
+class Conversation:
+    id: int
+    title: str
+    system_prompt: str
+    params: dict[str, Any]  # sampling settings as the chat page keeps them (JSON-serialisable)
+    created: float  # seconds since the epoch
+    updated: float  # seconds since the epoch; bumped by every write to the conversation or its messages
+
+
+@dataclass(frozen=True)
+class Message:
+    id: int
+    conversation_id: int
+    role: str  # one of ROLES
+    content: str
+    created: float  # seconds since the epoch
+    finished: bool  # False while a reply streams, and forever if the app died during it
+    stats: dict[str, Any]  # e.g. tokens, tokens_per_s, ttft_s, finish_reason
+
+
+def default_path() -> Path:
+    return data_dir() / "history.sqlite3"
+
+
+def title_from(text: str) -> str:
+    """A short conversation title from a first user message: its first non-blank line, cut near TITLE_LIMIT."""
+    line = next((" ".join(ln.split()) for ln in text.splitlines() if ln.strip()), "")
+    if not line:
+        return DEFAULT_TITLE
+    if len(line) <= TITLE_LIMIT:
+        return line
+    cut = line[: TITLE_LIMIT - 1]  # one character left for the ellipsis
+    # When the cut splits a word, end on the word before it, unless that throws away more than half the title.
+    space = cut.rfind(" ")
+    if line[len(cut)] != " " and space > TITLE_LIMIT // 2:
+        cut = cut[:space]
+    return cut.rstrip() + "…"
+
+
+class ChatHistory:
+    def __init__(self, path: Path | None = None):
+        self.path = Path(path) if path is not None else default_path()
+        self._lock = threading.Lock()
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(self.path, check_same_thread=False)
+        except (OSError, sqlite3.Error) as e:
+            raise HistoryError(f"cannot open chat history {self.path}: {e}") from e
+        try:
+            self._open()
+        except sqlite3.DatabaseError as e:
+            self._db.close()
+            raise HistoryError(f"{self.path} is not a readable chat history database: {e}") from e
+        except HistoryError:
+            self._db.close()
+            raise
+
+    def _open(self) -> None:
+        # The first statement is the one that finds out whether the file is a SQLite database at all. Both
+        # checks come before any PRAGMA that would change a file that turns out not to be ours.
+        version = self._db.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise HistoryError(
+                f"{self.path} was written by a newer kvstudio (history schema version {version}; this version "
+                f"reads up to {SCHEMA_VERSION})"
+            )
+        # Version 0 is what SQLite reports for any database without one: only an empty file is ours to fill.
+        if version == 0 and self._db.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()[0]:
+            raise HistoryError(f"{self.path} is a SQLite database but not a kvstudio chat history")
+        self._db.execute("PRAGMA journal_mode = WAL")
+        # In WAL mode NORMAL survives an app crash (what streaming relies on) without an fsync per commit;
+        # only a power cut can lose the last few commits.
+        self._db.execute("PRAGMA synchronous = NORMAL")
+        self._db.execute("PRAGMA foreign_keys = ON")
+        self._db.create_function("casefold", 1, _casefold, deterministic=True)
+        if version == 0:
+            self._db.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def __enter__(self) -> ChatHistory:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- conversations -------------------------------------------------------------------------------------
+
+    def create_conversation(self, title: str = DEFAULT_TITLE, system_prompt: str = "",
+                            params: dict[str, Any] | None = None) -> Conversation:
+        params = dict(params or {})
+        with self._lock, self._db:
+            now = self._now()
+            cur = self._db.execute(
+                "INSERT INTO conversations (title, system_prompt, params, created, updated) VALUES (?, ?, ?, ?, ?)",
+                (title, system_prompt, json.dumps(params), now, now),
+            )
+            return self._conversation(cur.lastrowid)
+
+    def conversation(self, conversation_id: int) -> Conversation:
+        with self._lock:
+            return self._conversation(conversation_id)
+
+    def rename(self, conversation_id: int, title: str) -> None:
+        self._set(conversation_id, "title", title)
+
+    def set_system_prompt(self, conversation_id: int, text: str) -> None:
+        self._set(conversation_id, "system_prompt", text)
+
+    def set_params(self, conversation_id: int, params: dict[str, Any]) -> None:
+        self._set(conversation_id, "params", json.dumps(params))
+
+    def delete(self, conversation_id: int) -> None:
+        """Delete a conversation; its messages go with it (ON DELETE CASCADE)."""
+        with self._lock, self._db:
+            cur = self._db.execute("DELETE FROM conversations WHERE id = ?", (conversation_id,))
+            if cur.rowcount == 0:
+                raise NotFoundError(f"no conversation with id {conversation_id}")
+
+    def list_conversations(self, search: str | None = None) -> list[Conversation]:
+        """Conversations, most recently updated first; `search` keeps those whose title or any message contains
+        it, ignoring case, with % and _ taken literally."""
+        sql = "SELECT * FROM conversations"
+        args: tuple[str, ...] = ()
+        if search is not None:
+            pattern = "%" + _escape_like(_casefold(search)) + "%"
+            sql += (
+                " WHERE casefold(title) LIKE ?1 ESCAPE '\\' OR EXISTS (SELECT 1 FROM messages m"
+                " WHERE m.conversation_id = conversations.id AND casefold(m.content) LIKE ?1 ESCAPE '\\')"
+            )
+            args = (pattern,)
+        sql += " ORDER BY updated DESC, id DESC"
+        with self._lock:
+            return [_to_conversation(row) for row in self._db.execute(sql, args)]
+
+    # --- messages ------------------------------------------------------------------------------------------
+
+    def add_message(self, conversation_id: int, role: str, content: str, finished: bool = True,
+                    stats: dict[str, Any] | None = None) -> Message:
+        if role not in ROLES:
+            raise ValueError(f"role must be one of {', '.join(ROLES)}, got {role!r}")
+        with self._lock, self._db:
+            self._conversation(conversation_id)  # raises NotFoundError for an unknown id
+            now = self._now()
+            cur = self._db.execute(
+                "INSERT INTO messages (conversation_id, role, content, created, finished, stats)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                (conversation_id, role, content, now, finished, json.dumps(stats or {})),
+            )
+            self._touch(conversation_id, now)
+            return self._message(cur.lastrowid)
+
+    def update_message(self, message_id: int, content: str, finished: bool,
+                       stats: dict[str, Any] | None = None) -> None:
+        """Replace a message's content (called as a reply streams in); `stats` None keeps the stored stats."""
+        with self._lock, self._db:
+            conversation_id = self._message(message_id).conversation_id
+            self._db.execute(
+                "UPDATE messages SET content = ?, finished = ?, stats = COALESCE(?, stats) WHERE id = ?",
+                (content, finished, None if stats is None else json.dumps(stats), message_id),
+            )
+            self._touch(conversation_id, self._now())
+
+    def delete_messages_after(self, message_id: int) -> None:
+        """Delete this message and every later one of its conversation (regenerate, edit and resend)."""
+        with self._lock, self._db:
+            conversation_id = self._message(message_id).conversation_id
+            self._db.execute("DELETE FROM messages WHERE conversation_id = ? AND id >= ?",
+                             (conversation_id, message_id))
+            self._touch(conversation_id, self._now())
+
+    def messages(self, conversation_id: int) -> list[Message]:
+        """A conversation's messages in the order they were added."""
+        with self._lock:
+            self._conversation(conversation_id)
+            rows = self._db.execute("SELECT * FROM messages WHERE conversation_id = ? ORDER BY id",
+                                    (conversation_id,))
+            return [_to_message(row) for row in rows]
+
+    # --- internals (callers hold the lock) -----------------------------------------------------------------
+
+    def _now(self) -> float:
+        # Strictly after every stored `updated`: with a coarse clock (about 16 ms on Windows) two writes could
+        # otherwise tie, and "most recently updated first" would depend on ids instead of on the writes.
+        latest = self._db.execute("SELECT MAX(updated) FROM conversations").fetchone()[0]
+        now = time.time()
+        return now if latest is None or now > latest else latest + 1e-6
+
+    def _set(self, conversation_id: int, column: str, value: str) -> None:
+        with self._lock, self._db:
+            cur = self._db.execute(f"UPDATE conversations SET {column} = ?, updated = ? WHERE id = ?",
+                                   (value, self._now(), conversation_id))
+            if cur.rowcount == 0:
+                raise NotFoundError(f"no conversation with id {conversation_id}")
+
+    def _touch(self, conversation_id: int, now: float) -> None:
+        self._db.execute("UPDATE conversations SET updated = ? WHERE id = ?", (now, conversation_id))
+
+    def _conversation(self, conversation_id: int) -> Conversation:
+        row = self._db.execute("SELECT * FROM conversations WHERE id = ?", (conversation_id,)).fetchone()
+        if row is None:
+            raise NotFoundError(f"no conversation with id {conversation_id}")
+        return _to_conversation(row)
+
+    def _message(self, message_id: int) -> Message:
+        row = self._db.execute("SELECT * FROM messages WHERE id = ?", (message_id,)).fetchone()
+        if row is None:
+            raise NotFoundError(f"no message with id {message_id}")
+        return _to_message(row)
+
+
+def _to_conversation(row: tuple) -> Conversation:
+    id_, title, system_prompt, params, created, updated = row
+    return Conversation(id_, title, system_prompt, json.loads(params), created, updated)
+
+
+def _to_message(row: tuple) -> Message:
+    id_, conversation_id, role, content, created, finished, stats = row
+    return Message(id_, conversation_id, role, content, created, bool(finished), json.loads(stats))
+
+
+def _casefold(text: str | None) -> str | None:
+    # SQLite's LIKE ignores case for ASCII only; folding both sides in Python covers "Ä" and "ä" too.
+    return None if text is None else text.casefold()
+
+
+def _escape_like(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")

@@ -1,0 +1,374 @@
+"""The chat page: conversations (new, rename, delete, search), replies streamed as they are generated, stop,
+regenerate, edit-and-resend of the last message, a system prompt and sampling parameters, markdown rendering,
+and tokens/s and time to first token under each reply.
+
+Every conversation lives in ChatHistory. A reply is written to it while it streams (at most every
+SAVE_INTERVAL seconds, and when it ends), so a crash mid-reply loses nothing that was on screen.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from PySide6.QtCore import Qt
+from PySide6.QtGui import QGuiApplication, QKeySequence, QShortcut
+from PySide6.QtWidgets import (
+    QCheckBox,
+    QDoubleSpinBox,
+    QFormLayout,
+    QHBoxLayout,
+    QInputDialog,
+    QLabel,
+    QLineEdit,
+    QListWidget,
+    QListWidgetItem,
+    QPlainTextEdit,
+    QPushButton,
+    QSpinBox,
+    QSplitter,
+    QTextBrowser,
+    QVBoxLayout,
+    QWidget,
+)
+
+from app.conversation import chat_prompt
+from app.history import ChatHistory, Message, title_from
+from engine import SamplingParams
+from ui.bridge import EngineBridge, RequestFailed, RequestUpdate
+
+SAVE_INTERVAL = 0.5
+ROLE_NAMES = {"user": "You", "assistant": "Assistant", "system": "System"}
+
+
+@dataclass
+class _Reply:
+    """The reply being streamed."""
+    request_id: str
+    message_id: int
+    sent: float
+    first_token: float | None = None
+    saved: float = 0.0
+    text: str = ""
+    tokens: int = 0
+
+
+class ChatPage(QWidget):
+    def __init__(self, bridge: EngineBridge, history: ChatHistory, parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        self.bridge, self.history = bridge, history
+        self.conversation_id: int | None = None
+        self.reply: _Reply | None = None
+        self._build()
+        bridge.request_update.connect(self._on_update)
+        bridge.request_failed.connect(self._on_failed)
+        self.refresh_conversations()
+
+    # ---- layout -------------------------------------------------------------------------------------------
+    def _build(self) -> None:
+        self.search = QLineEdit(placeholderText="Search conversations")
+        self.search.textChanged.connect(self.refresh_conversations)
+        self.conversations = QListWidget()
+        self.conversations.currentItemChanged.connect(
+            lambda item, _: item is not None and self.open_conversation(item.data(Qt.UserRole)))
+        self.new_button = QPushButton("New chat")
+        self.new_button.clicked.connect(self.new_conversation)
+        self.rename_button = QPushButton("Rename")
+        self.rename_button.clicked.connect(self._ask_rename)
+        self.delete_button = QPushButton("Delete")
+        self.delete_button.clicked.connect(self.delete_conversation)
+        left = QWidget()
+        lv = QVBoxLayout(left)
+        lv.addWidget(self.new_button)
+        lv.addWidget(self.search)
+        lv.addWidget(self.conversations, 1)
+        row = QHBoxLayout()
+        row.addWidget(self.rename_button)
+        row.addWidget(self.delete_button)
+        lv.addLayout(row)
+
+        self.transcript = QTextBrowser(openExternalLinks=True)
+        self.input = QPlainTextEdit(placeholderText="Message (Ctrl+Enter sends)")
+        self.input.setMaximumHeight(110)
+        self.send_button = QPushButton("Send")
+        self.send_button.clicked.connect(lambda: self.send())
+        self.stop_button = QPushButton("Stop")
+        self.stop_button.clicked.connect(self.stop)
+        self.regenerate_button = QPushButton("Regenerate")
+        self.regenerate_button.clicked.connect(self.regenerate)
+        self.edit_button = QPushButton("Edit last")
+        self.edit_button.clicked.connect(self.edit_last)
+        self.copy_button = QPushButton("Copy reply")
+        self.copy_button.clicked.connect(self.copy_last_reply)
+        self.status = QLabel()
+        self.status.setWordWrap(True)
+        middle = QWidget()
+        mv = QVBoxLayout(middle)
+        mv.addWidget(self.transcript, 1)
+        mv.addWidget(self.input)
+        buttons = QHBoxLayout()
+        for b in (self.send_button, self.stop_button, self.regenerate_button, self.edit_button, self.copy_button):
+            buttons.addWidget(b)
+        buttons.addStretch(1)
+        mv.addLayout(buttons)
+        mv.addWidget(self.status)
+        QShortcut(QKeySequence("Ctrl+Return"), self.input, activated=lambda: self.send())
+        QShortcut(QKeySequence("Ctrl+N"), self, activated=self.new_conversation)
+        QShortcut(QKeySequence("Escape"), self, activated=self.stop)
+
+        self.system_prompt = QPlainTextEdit(placeholderText="System prompt (optional)")
+        self.system_prompt.setMaximumHeight(120)
+        self.temperature = _spin(QDoubleSpinBox(), 0.0, 2.0, 0.7, 0.05)
+        self.top_p = _spin(QDoubleSpinBox(), 0.01, 1.0, 1.0, 0.05)
+        self.top_k = _spin(QSpinBox(), -1, 1000, -1, 1)
+        self.min_p = _spin(QDoubleSpinBox(), 0.0, 1.0, 0.0, 0.01)
+        self.max_tokens = _spin(QSpinBox(), 1, 32768, 512, 16)
+        self.presence = _spin(QDoubleSpinBox(), -2.0, 2.0, 0.0, 0.1)
+        self.frequency = _spin(QDoubleSpinBox(), -2.0, 2.0, 0.0, 0.1)
+        self.repetition = _spin(QDoubleSpinBox(), 0.1, 3.0, 1.0, 0.05)
+        self.use_seed = QCheckBox("Seed")
+        self.seed = _spin(QSpinBox(), 0, 2**31 - 1, 0, 1)
+        right = QWidget()
+        rv = QVBoxLayout(right)
+        rv.addWidget(QLabel("<b>System prompt</b>"))
+        rv.addWidget(self.system_prompt)
+        rv.addSpacing(8)
+        rv.addWidget(QLabel("<b>Sampling</b>"))
+        form = QFormLayout()
+        rv.addLayout(form)
+        rv.addStretch(1)
+        for label, widget in (("Temperature", self.temperature), ("Top p", self.top_p), ("Top k", self.top_k),
+                              ("Min p", self.min_p), ("Max tokens", self.max_tokens),
+                              ("Presence penalty", self.presence), ("Frequency penalty", self.frequency),
+                              ("Repetition penalty", self.repetition)):
+            form.addRow(label, widget)
+        form.addRow(self.use_seed, self.seed)
+
+        splitter = QSplitter()
+        for w, stretch in ((left, 0), (middle, 1), (right, 0)):
+            splitter.addWidget(w)
+            splitter.setStretchFactor(splitter.count() - 1, stretch)
+        splitter.setSizes([220, 640, 260])
+        layout = QVBoxLayout(self)
+        layout.setContentsMargins(0, 0, 0, 0)
+        layout.addWidget(splitter)
+        self._sync_buttons()
+
+    # ---- conversations --------------------------------------------------------------------------------------
+    def refresh_conversations(self) -> None:
+        self.conversations.blockSignals(True)
+        self.conversations.clear()
+        for conv in self.history.list_conversations(self.search.text() or None):
+            item = QListWidgetItem(conv.title)
+            item.setData(Qt.UserRole, conv.id)
+            self.conversations.addItem(item)
+            if conv.id == self.conversation_id:
+                self.conversations.setCurrentItem(item)
+        self.conversations.blockSignals(False)
+
+    def new_conversation(self) -> None:
+        conv = self.history.create_conversation(system_prompt=self.system_prompt.toPlainText())
+        self.refresh_conversations()
+        self.open_conversation(conv.id)
+
+    def open_conversation(self, conversation_id: int) -> None:
+        if self.reply is not None:
+            self.stop()
+        self.conversation_id = conversation_id
+        conv = self.history.conversation(conversation_id)
+        self.system_prompt.setPlainText(conv.system_prompt)
+        self.render()
+        self._sync_buttons()
+
+    def rename_conversation(self, title: str) -> None:
+        if self.conversation_id is not None and title.strip():
+            self.history.rename(self.conversation_id, title.strip())
+            self.refresh_conversations()
+
+    def _ask_rename(self) -> None:
+        if self.conversation_id is None:
+            return
+        title, ok = QInputDialog.getText(self, "Rename", "Title:",
+                                         text=self.history.conversation(self.conversation_id).title)
+        if ok:
+            self.rename_conversation(title)
+
+    def delete_conversation(self) -> None:
+        if self.conversation_id is None:
+            return
+        if self.reply is not None:
+            self.stop()
+        self.history.delete(self.conversation_id)
+        self.conversation_id = None
+        self.refresh_conversations()
+        self.render()
+        self._sync_buttons()
+
+    # ---- sending ----------------------------------------------------------------------------------------------
+    def sampling_params(self) -> SamplingParams:
+        return SamplingParams(
+            temperature=self.temperature.value(), top_p=self.top_p.value(), top_k=self.top_k.value(),
+            min_p=self.min_p.value(), max_tokens=self.max_tokens.value(), presence_penalty=self.presence.value(),
+            frequency_penalty=self.frequency.value(), repetition_penalty=self.repetition.value(),
+            seed=self.seed.value() if self.use_seed.isChecked() else None)
+
+    def send(self, text: str | None = None) -> None:
+        """Send the input box's text (or `text`) as the next user message and stream the reply."""
+        text = (self.input.toPlainText() if text is None else text).strip()
+        if not text or self.reply is not None:
+            return
+        if self.conversation_id is None:
+            self.conversation_id = self.history.create_conversation(title_from(text)).id
+        elif not self.history.messages(self.conversation_id):
+            self.history.rename(self.conversation_id, title_from(text))
+        self.history.add_message(self.conversation_id, "user", text)
+        self.input.clear()
+        self.refresh_conversations()
+        self._start_reply()
+
+    def _start_reply(self) -> None:
+        thread = self.bridge.engine_thread
+        if thread is None:
+            self.status.setText("No model is loaded yet.")
+            self.render()
+            return
+        system = self.system_prompt.toPlainText().strip()
+        self.history.set_system_prompt(self.conversation_id, system)
+        messages = [{"role": "system", "content": system}] if system else []
+        messages += [{"role": m.role, "content": m.content} for m in self.history.messages(self.conversation_id)
+                     if m.role != "assistant" or m.finished]
+        try:
+            prompt = chat_prompt(thread.engine.tokenizer, messages)
+            params = self.sampling_params()
+            message = self.history.add_message(self.conversation_id, "assistant", "", finished=False)
+            rid = self.bridge.submit(prompt, params)
+        except Exception as e:   # a bad parameter, a full queue, a template error: said, not raised
+            self.status.setText(f"Could not send: {e}")
+            self.render()
+            return
+        self.reply = _Reply(rid, message.id, time.perf_counter())
+        self.status.setText("Generating…")
+        self.render()
+        self._sync_buttons()
+
+    def _on_update(self, update: RequestUpdate) -> None:
+        reply = self.reply
+        if reply is None or update.request_id != reply.request_id:
+            return
+        now = time.perf_counter()
+        completion = update.output.outputs[0]
+        if reply.first_token is None:
+            reply.first_token = now
+        reply.text, reply.tokens = completion.text, len(completion.token_ids)
+        if update.output.finished:
+            self._finish(completion.finish_reason or "stop")
+            return
+        if now - reply.saved >= SAVE_INTERVAL:
+            self.history.update_message(reply.message_id, reply.text, finished=False)
+            reply.saved = now
+        self.render()
+
+    def _on_failed(self, failure: RequestFailed) -> None:
+        if self.reply is not None and failure.request_id == self.reply.request_id:
+            self._finish("error", failure.message)
+
+    def _finish(self, reason: str, error: str | None = None) -> None:
+        reply, self.reply = self.reply, None
+        now = time.perf_counter()
+        stats = {"finish_reason": reason, "tokens": reply.tokens}
+        if reply.first_token is not None:
+            stats["ttft_s"] = round(reply.first_token - reply.sent, 3)
+            decode = now - reply.first_token
+            if reply.tokens > 1 and decode > 0:
+                stats["tokens_per_s"] = round((reply.tokens - 1) / decode, 1)
+        if error:
+            stats["error"] = error
+        self.history.update_message(reply.message_id, reply.text, finished=True, stats=stats)
+        self.status.setText(f"Stopped: {error}" if error else "")
+        self.refresh_conversations()
+        self.render()
+        self._sync_buttons()
+
+    def stop(self) -> None:
+        if self.reply is not None:
+            self.bridge.abort(self.reply.request_id)
+            self._finish("abort")
+
+    def regenerate(self) -> None:
+        """Drop the last reply and ask again."""
+        last = self._last("assistant")
+        if self.reply is not None or last is None:
+            return
+        self.history.delete_messages_after(last.id)
+        self._start_reply()
+
+    def edit_last(self) -> None:
+        """Put the last user message back in the input box and drop it and what followed, to edit and resend."""
+        last = self._last("user")
+        if self.reply is not None or last is None:
+            return
+        self.history.delete_messages_after(last.id)
+        self.input.setPlainText(last.content)
+        self.render()
+        self._sync_buttons()
+
+    def copy_last_reply(self) -> None:
+        last = self._last("assistant")
+        if last is not None:
+            QGuiApplication.clipboard().setText(last.content)
+
+    def _last(self, role: str) -> Message | None:
+        if self.conversation_id is None:
+            return None
+        return next((m for m in reversed(self.history.messages(self.conversation_id)) if m.role == role), None)
+
+    # ---- rendering --------------------------------------------------------------------------------------------
+    def render(self) -> None:
+        """The transcript as markdown: the model's replies often are markdown (lists, code blocks)."""
+        parts = []
+        if self.conversation_id is not None:
+            for m in self.history.messages(self.conversation_id):
+                content = m.content
+                if self.reply is not None and m.id == self.reply.message_id:
+                    content = self.reply.text + " ▍"
+                stats = _stats_line(m.stats) if m.role == "assistant" and m.finished else ""
+                parts.append(f"**{ROLE_NAMES.get(m.role, m.role)}**\n\n{content or '…'}" +
+                             (f"\n\n{stats}" if stats else ""))
+        bar = self.transcript.verticalScrollBar()
+        at_bottom = bar.value() >= bar.maximum() - 4
+        self.transcript.setMarkdown("\n\n---\n\n".join(p for p in parts if p) if parts else
+                                    "*Start a conversation: type below and press Ctrl+Enter.*")
+        if at_bottom:
+            bar.setValue(bar.maximum())
+
+    def _sync_buttons(self) -> None:
+        busy = self.reply is not None
+        self.send_button.setEnabled(not busy)
+        self.stop_button.setEnabled(busy)
+        has = self.conversation_id is not None
+        for b in (self.regenerate_button, self.edit_button, self.copy_button, self.rename_button,
+                  self.delete_button):
+            b.setEnabled(has and not busy)
+
+
+def _stats_line(stats: dict) -> str:
+    bits = []
+    if "tokens" in stats:
+        bits.append(f"{stats['tokens']} tokens")
+    if "tokens_per_s" in stats:
+        bits.append(f"{stats['tokens_per_s']} tok/s")
+    if "ttft_s" in stats:
+        bits.append(f"first token {stats['ttft_s'] * 1000:.0f} ms")
+    if stats.get("finish_reason") == "abort":
+        bits.append("stopped")
+    if stats.get("error"):
+        bits.append(f"error: {stats['error']}")
+    return f"*{' · '.join(bits)}*" if bits else ""
+
+
+def _spin(box, low, high, value, step):
+    box.setRange(low, high)
+    if isinstance(box, QDoubleSpinBox):
+        box.setDecimals(2)
+    box.setSingleStep(step)
+    box.setValue(value)
+    return box
