@@ -300,14 +300,16 @@ def run_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def has_display() -> bool:
+    return bool(os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"))
+
+
 def run_default() -> int:
-    """`kvstudio` alone: the desktop window's place, for now a terminal chat on the default model."""
+    """No command and no display (the launcher in ui/ opens the window when there is one): a chat in the
+    terminal on the default model."""
     from engine import SamplingParams
 
-    if not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")):
-        reason = "the desktop window needs a display (neither DISPLAY nor WAYLAND_DISPLAY is set)"
-    else:
-        reason = "the desktop window is not built yet"
+    reason = "the desktop window needs a display (neither DISPLAY nor WAYLAND_DISPLAY is set)"
     print(f"kvstudio: {reason}; starting a chat in the terminal instead.", file=sys.stderr)
     llm = load_llm(None, {})
     chat_loop(llm, SamplingParams(max_tokens=DEFAULT_MAX_TOKENS, temperature=DEFAULT_TEMPERATURE))

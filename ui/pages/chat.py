@@ -68,6 +68,8 @@ class ChatPage(QWidget):
         self.search = QLineEdit(placeholderText="Search conversations")
         self.search.textChanged.connect(self.refresh_conversations)
         self.conversations = QListWidget()
+        self.conversations.setTextElideMode(Qt.ElideRight)
+        self.conversations.setHorizontalScrollBarPolicy(Qt.ScrollBarAlwaysOff)
         self.conversations.currentItemChanged.connect(
             lambda item, _: item is not None and self.open_conversation(item.data(Qt.UserRole)))
         self.new_button = QPushButton("New chat")

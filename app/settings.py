@@ -1,0 +1,70 @@
+"""The desktop app's settings: a small JSON file in the platform's config folder, written atomically.
+
+A missing or unreadable file gives the defaults (the app must start whatever the disk holds); writes go to a
+temporary file in the same folder and replace the old one in one step, so a crash never leaves half a file.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import platformdirs
+
+CONFIG_DIR_ENV = "KVSTUDIO_CONFIG_DIR"
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Settings:
+    last_model: str | None = None                         # loaded at start-up (None: the default model)
+    engine_options: dict = field(default_factory=dict)    # LLM(...) keyword arguments the user chose
+
+
+def config_dir() -> Path:
+    """$KVSTUDIO_CONFIG_DIR when set, else the platform's user config folder."""
+    override = os.environ.get(CONFIG_DIR_ENV)
+    return Path(override).expanduser() if override else Path(platformdirs.user_config_dir("kvstudio"))
+
+
+def default_path() -> Path:
+    return config_dir() / "settings.json"
+
+
+def load_settings(path: Path | None = None) -> Settings:
+    path = path or default_path()
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return Settings()
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        logger.warning("ignoring unreadable settings %s: %s", path, e)
+        return Settings()
+    if not isinstance(raw, dict):
+        logger.warning("ignoring settings %s: not a JSON object", path)
+        return Settings()
+    known = {f.name for f in fields(Settings)}
+    settings = Settings(**{k: v for k, v in raw.items() if k in known})
+    if settings.last_model is not None and not isinstance(settings.last_model, str):
+        settings.last_model = None
+    if not isinstance(settings.engine_options, dict):
+        settings.engine_options = {}
+    return settings
+
+
+def save_settings(settings: Settings, path: Path | None = None) -> None:
+    path = path or default_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as out:
+            json.dump(asdict(settings), out, indent=2)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -1,0 +1,24 @@
+"""`kvstudio`: the window alone on a display; the command line otherwise."""
+from __future__ import annotations
+
+import ui.app
+from app import cli
+from ui import launcher
+
+
+def test_alone_on_a_display_it_opens_the_window(monkeypatch):
+    monkeypatch.setenv("DISPLAY", ":0")
+    monkeypatch.setattr(ui.app, "run", lambda: 7)
+    assert launcher.main([]) == 7
+
+
+def test_commands_and_displayless_runs_go_to_the_command_line(monkeypatch):
+    calls = []
+    monkeypatch.setattr(cli, "main", lambda argv: calls.append(argv) or 0)
+    monkeypatch.setattr(ui.app, "run", lambda: 7)
+    monkeypatch.setenv("DISPLAY", ":0")
+    assert launcher.main(["generate", "hi"]) == 0
+    monkeypatch.delenv("DISPLAY")
+    monkeypatch.delenv("WAYLAND_DISPLAY", raising=False)
+    assert launcher.main([]) == 0
+    assert calls == [["generate", "hi"], []]

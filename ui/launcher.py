@@ -1,0 +1,22 @@
+"""The `kvstudio` command: the desktop window when it is run alone on a display, else the command line.
+
+It lives in ui/ because it is the one entry point that may open the window: app/ never imports Qt.
+"""
+from __future__ import annotations
+
+import sys
+
+from app import cli
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv and cli.has_display():
+        from ui.app import run
+
+        return run()
+    return cli.main(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,181 @@
+"""The monitor page: the engine's KV cache and queues, live. It only renders EngineSnapshots handed to
+show_snapshot (queued from the engine thread through the bridge); it never touches the engine."""
+from __future__ import annotations
+
+from PySide6.QtCore import QEvent, QRectF, Slot
+from PySide6.QtGui import QFont, QPainter, QPalette
+from PySide6.QtWidgets import QGridLayout, QHBoxLayout, QLabel, QProgressBar, QVBoxLayout, QWidget
+
+from app.engine_thread import EngineSnapshot
+from engine.block_manager import USED
+from ui.widgets.block_map import FIXED_COLORS, BlockMapWidget, Swatch
+from ui.widgets.throughput_chart import GENERATION_COLOR, PROMPT_COLOR, ThroughputChart
+
+
+class _Card(QWidget):
+    """A rounded panel in the palette's base colour. Painted here rather than styled with a style sheet, which
+    would freeze the palette's colours at polish time and miss a switch between light and dark."""
+
+    def paintEvent(self, event) -> None:
+        painter = QPainter(self)
+        painter.setRenderHint(QPainter.RenderHint.Antialiasing)
+        painter.setPen(self.palette().color(QPalette.ColorRole.Midlight))
+        painter.setBrush(self.palette().color(QPalette.ColorRole.Base))
+        painter.drawRoundedRect(QRectF(self.rect()).adjusted(0.5, 0.5, -0.5, -0.5), 8, 8)
+        painter.end()
+
+
+def _muted(text: str = "") -> QLabel:
+    label = QLabel(text)
+    label.setForegroundRole(QPalette.ColorRole.PlaceholderText)
+    return label
+
+
+def _emphasised(label: QLabel, size_delta: float) -> QLabel:
+    """Demi-bold, size_delta points off the default: card captions, big figures, section titles."""
+    font = QFont(label.font())
+    font.setPointSizeF(font.pointSizeF() + size_delta)
+    font.setWeight(QFont.Weight.DemiBold)
+    label.setFont(font)
+    return label
+
+
+def _value() -> QLabel:
+    return _emphasised(QLabel("—"), 8)
+
+
+def _section(title: str) -> QLabel:
+    return _emphasised(QLabel(title), 2)
+
+
+def _card(title: str) -> tuple[_Card, QVBoxLayout]:
+    card = _Card()
+    layout = QVBoxLayout(card)
+    layout.setContentsMargins(16, 12, 16, 14)
+    layout.setSpacing(4)
+    layout.addWidget(_emphasised(_muted(title.upper()), -1))
+    return card, layout
+
+
+class MonitorPage(QWidget):
+    def __init__(self, parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+
+        usage_card, usage = _card("KV cache")
+        self.usage_percent_label = _value()
+        self.usage_bar = QProgressBar()
+        self.usage_bar.setTextVisible(False)
+        self.usage_bar.setFixedHeight(6)
+        self._style_usage_bar()
+        self.usage_label = _muted()
+        usage.addWidget(self.usage_percent_label)
+        usage.addWidget(self.usage_label)
+        usage.addSpacing(6)
+        usage.addWidget(self.usage_bar)
+
+        requests_card, requests = _card("Requests")
+        self.running_label, self.waiting_label, self.swapped_label = _value(), _value(), _value()
+        requests.addLayout(self._figures([(self.running_label, "running"), (self.waiting_label, "waiting"),
+                                          (self.swapped_label, "swapped")]))
+
+        prefix_card, prefix = _card("Prefix cache hit rate")
+        self.hit_rate_label = _value()
+        self.hit_detail_label = _muted()
+        prefix.addWidget(self.hit_rate_label)
+        prefix.addWidget(self.hit_detail_label)
+
+        sharing_card, sharing = _card("Block reuse")
+        self.shared_label, self.cached_label = _value(), _value()
+        sharing.addLayout(self._figures([(self.shared_label, "shared"), (self.cached_label, "cached")]))
+
+        preempt_card, preempt = _card("Preemptions")
+        self.preemptions_label = _value()
+        preempt.addWidget(self.preemptions_label)
+        preempt.addWidget(_muted("since start"))
+
+        cards = QHBoxLayout()
+        cards.setSpacing(12)
+        for card, stretch in ((usage_card, 3), (requests_card, 3), (prefix_card, 3), (sharing_card, 2),
+                              (preempt_card, 2)):
+            card.layout().addStretch(1)   # cards share a height; their contents line up at the top
+            cards.addWidget(card, stretch)
+
+        self.block_map = BlockMapWidget()
+        self.chart = ThroughputChart()
+        self.chart.setMinimumHeight(180)
+        self.chart.setMaximumHeight(240)
+        # The chart's legend, with the latest rates.
+        self.prompt_rate_label, self.generation_rate_label = QLabel(), QLabel()
+        throughput_header = QHBoxLayout()
+        throughput_header.setSpacing(6)
+        throughput_header.addWidget(_section("Throughput"))
+        throughput_header.addStretch(1)
+        for color, label in ((PROMPT_COLOR, self.prompt_rate_label), (GENERATION_COLOR, self.generation_rate_label)):
+            throughput_header.addSpacing(14)
+            throughput_header.addWidget(Swatch(lambda color=color: color))
+            throughput_header.addWidget(label)
+        self._show_rates(None, None)
+
+        layout = QVBoxLayout(self)
+        layout.setContentsMargins(24, 20, 24, 20)
+        layout.setSpacing(12)
+        layout.addLayout(cards)
+        layout.addSpacing(8)
+        layout.addWidget(_section("KV blocks"))
+        layout.addWidget(self.block_map, 1)
+        layout.addSpacing(8)
+        layout.addLayout(throughput_header)
+        layout.addWidget(self.chart)
+
+    def _style_usage_bar(self) -> None:
+        # A thin track in the palette's midlight with a block-map-blue fill; redone when the palette changes.
+        track = self.palette().color(QPalette.ColorRole.Midlight).name()
+        self.usage_bar.setStyleSheet(
+            f"QProgressBar {{ background: {track}; border: none; border-radius: 3px; }}"
+            f"QProgressBar::chunk {{ background: {FIXED_COLORS[USED].name()}; border-radius: 3px; }}")
+
+    def changeEvent(self, event: QEvent) -> None:
+        if event.type() == QEvent.Type.PaletteChange:
+            self._style_usage_bar()
+        super().changeEvent(event)
+
+    @staticmethod
+    def _figures(figures: list[tuple[QLabel, str]]) -> QGridLayout:
+        """Big numbers side by side, each with its caption under it."""
+        grid = QGridLayout()
+        grid.setHorizontalSpacing(24)
+        grid.setVerticalSpacing(0)
+        for col, (label, caption) in enumerate(figures):
+            grid.addWidget(label, 0, col)
+            grid.addWidget(_muted(caption), 1, col)
+        grid.setColumnStretch(len(figures), 1)
+        return grid
+
+    @Slot(object)
+    def show_snapshot(self, snapshot: EngineSnapshot) -> None:
+        s = snapshot.stats
+        self.usage_percent_label.setText(f"{s.kv_usage:.1%}")
+        self.usage_bar.setRange(0, max(s.num_blocks_total, 1))
+        self.usage_bar.setValue(s.num_blocks_used)
+        self.usage_label.setText(f"{s.num_blocks_used:,} / {s.num_blocks_total:,} blocks")
+        self.running_label.setText(f"{s.num_running:,}")
+        self.waiting_label.setText(f"{s.num_waiting:,}")
+        self.swapped_label.setText(f"{s.num_swapped:,}")
+        self.preemptions_label.setText(f"{s.num_preemptions:,}")
+        if s.prefix_cache_queries:
+            self.hit_rate_label.setText(f"{s.prefix_cache_hits / s.prefix_cache_queries:.1%}")
+            self.hit_detail_label.setText(f"{s.prefix_cache_hits:,} / {s.prefix_cache_queries:,} prompt tokens")
+        else:
+            self.hit_rate_label.setText("—")
+            self.hit_detail_label.setText("no prompts yet")
+        self.shared_label.setText(f"{s.num_blocks_shared:,}")
+        self.cached_label.setText(f"{s.num_blocks_cached:,}")
+        self.block_map.set_block_map(snapshot.block_map)
+        self.chart.add_point(snapshot.time, s.prompt_tokens_per_s, s.generation_tokens_per_s)
+        self._show_rates(s.prompt_tokens_per_s, s.generation_tokens_per_s)
+
+    def _show_rates(self, prompt: float | None, generation: float | None) -> None:
+        def rate(value: float | None) -> str:
+            return "—" if value is None else f"{value:,.0f} tok/s"
+        self.prompt_rate_label.setText(f"Prompt {rate(prompt)}")
+        self.generation_rate_label.setText(f"Generation {rate(generation)}")

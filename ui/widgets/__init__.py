@@ -1,0 +1,1 @@
+"""Reusable widgets: the KV block map and the throughput chart."""
