@@ -347,7 +347,8 @@ def run_bench_throughput(args: argparse.Namespace) -> int:
 def run_serve(args: argparse.Namespace) -> int:
     import logging
 
-    from app.server.app import ServerConfig, serve
+    from app.server.app import ServerConfig
+    from app.server.run import serve
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     config = ServerConfig(host=args.host, port=args.port, api_key=args.api_key,
@@ -373,7 +374,8 @@ def run_bench_serve(args: argparse.Namespace) -> int:
     stop = None
     if args.url is None:
         from app.engine_thread import EngineThread
-        from app.server.app import BackgroundServer, ServerConfig, model_info
+        from app.server.app import ServerConfig
+        from app.server.run import BackgroundServer, model_info
 
         engine = load_llm(args.model, engine_kwargs(args)).llm_engine
         thread = EngineThread(engine).start()

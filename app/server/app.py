@@ -1,7 +1,8 @@
 """The OpenAI-compatible HTTP endpoint (aiohttp) on the in-process engine thread.
 
-Routes, request fields, streaming and errors follow ../shared/OPENAI_CONTRACT.md; the request/response shapes
-live in protocol.py, this module is the HTTP side: routing, server-sent events, security middlewares, metrics.
+Routes, request fields, streaming and errors follow ../shared/OPENAI_CONTRACT.md. The request and response shapes
+live in protocol.py and responses.py, running it in run.py; this module is the HTTP side: routing, server-sent
+events, security middlewares, metrics.
 A client that disconnects cancels its handler (aiohttp's handler_cancellation), which leaves the engine stream
 early and so aborts the request and frees its KV blocks at once.
 """
@@ -12,8 +13,6 @@ import hmac
 import ipaddress
 import json
 import logging
-import signal
-import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -23,10 +22,10 @@ from importlib.metadata import PackageNotFoundError, version
 from aiohttp import web
 
 from app.engine_thread import EngineStoppedError, EngineThread, QueueFullError
-from app.server import protocol
+from app.server import protocol, responses
 from app.server.metrics import Metrics
 from app.server.protocol import ApiError, GenerationRequest, ModelInfo
-from engine import LLMEngine, RequestOutput
+from engine import RequestOutput
 
 logger = logging.getLogger("kvstudio.server")
 
@@ -204,7 +203,7 @@ async def _generate(request: web.Request, req: GenerationRequest, request_id: st
         except ExceptionGroup as eg:
             raise eg.exceptions[0] from None
         outputs = [t.result() for t in tasks]
-        build = protocol.chat_response if req.kind == "chat" else protocol.completion_response
+        build = responses.chat_response if req.kind == "chat" else responses.completion_response
         response = web.json_response(build(req, request_id, outputs, state.model))
         _log(state, request, 200, start, outputs)
     return response
@@ -264,7 +263,7 @@ async def _stream(request: web.Request, req: GenerationRequest, request_id: str,
         tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams[1:], start=1)]
         await merged.put((0, first))
         tasks.append(asyncio.create_task(pump(0, streams[0])))
-        states = [protocol.StreamState(req, request_id, state.model, i) for i in range(len(streams))]
+        states = [responses.StreamState(req, request_id, state.model, i) for i in range(len(streams))]
         open_streams = len(streams)
         while open_streams:
             i, item = await merged.get()
@@ -359,82 +358,3 @@ def create_app(engine: EngineThread, model_info: ModelInfo, config: ServerConfig
     app.router.add_get("/version", version_route)
     app.router.add_get("/metrics", metrics)
     return app
-
-
-async def start_server(app: web.Application, config: ServerConfig) -> web.AppRunner:
-    """Listen on config.host:config.port (0 picks a free port: read it from the returned runner's addresses)."""
-    # handler_cancellation: a client that disconnects cancels its handler, which aborts its request.
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None,
-                           shutdown_timeout=config.drain_timeout)
-    await runner.setup()
-    site = web.TCPSite(runner, config.host, config.port)
-    await site.start()
-    return runner
-
-
-def bound_port(runner: web.AppRunner) -> int:
-    return runner.addresses[0][1]
-
-
-
-def model_info(engine: LLMEngine, served_model_name: str | None = None) -> ModelInfo:
-    m = engine.model_config
-    return ModelInfo(name=served_model_name or m.model, tokenizer=engine.tokenizer, max_model_len=m.max_model_len,
-                     vocab_size=m.vocab_size, created=int(time.time()))
-
-
-def serve(engine: LLMEngine, config: ServerConfig, served_model_name: str | None = None,
-          max_queue: int | None = None) -> None:
-    """Run the endpoint until SIGTERM or SIGINT, then drain: in-flight requests get config.drain_timeout
-    seconds to finish, new ones are refused."""
-    thread = EngineThread(engine, max_queue=max_queue).start()
-    info = model_info(engine, served_model_name)
-
-    async def main() -> None:
-        runner = await start_server(create_app(thread, info, config), config)
-        host = f"[{config.host}]" if ":" in config.host else config.host
-        logger.warning("serving %s at http://%s:%d/v1", info.name, host, bound_port(runner))
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        await stop.wait()
-        logger.warning("shutting down: draining in-flight requests (up to %.0f s)", config.drain_timeout)
-        await runner.cleanup()
-
-    try:
-        asyncio.run(main())
-    finally:
-        thread.stop(drain_timeout=config.drain_timeout)
-
-
-class BackgroundServer:
-    """The endpoint on its own event-loop thread, beside a caller that is not async (the desktop app's server
-    switch, `kvstudio bench serve` without --url, tests)."""
-
-    def __init__(self, thread: EngineThread, info: ModelInfo, config: ServerConfig,
-                 on_request: Callable[[dict], None] | None = None) -> None:
-        self._loop = asyncio.new_event_loop()
-        self._loop_thread = threading.Thread(target=self._loop.run_forever, name="kvstudio-server", daemon=True)
-        self._app = create_app(thread, info, config, on_request)
-        self._config = config
-        self._runner: web.AppRunner | None = None
-
-    def start(self) -> BackgroundServer:
-        self._loop_thread.start()
-        self._runner = asyncio.run_coroutine_threadsafe(start_server(self._app, self._config), self._loop).result()
-        return self
-
-    @property
-    def url(self) -> str:
-        host = self._config.host
-        if host in ("0.0.0.0", "::"):
-            host = "127.0.0.1"
-        return f"http://{f'[{host}]' if ':' in host else host}:{bound_port(self._runner)}"
-
-    def stop(self) -> None:
-        """Stop listening; in-flight requests get the drain timeout to finish."""
-        asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result()
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._loop_thread.join()
-        self._loop.close()

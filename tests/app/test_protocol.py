@@ -10,15 +10,13 @@ import pytest
 from app.server.protocol import (
     ApiError,
     ModelInfo,
-    StreamState,
-    chat_response,
-    completion_response,
     detokenize_response,
     model_card,
     parse_chat_request,
     parse_completion_request,
     tokenize_response,
 )
+from app.server.responses import StreamState, chat_response, completion_response
 from engine import CompletionOutput, RequestOutput
 
 CTX = 64

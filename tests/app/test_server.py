@@ -14,7 +14,8 @@ import openai
 import pytest
 
 from app.engine_thread import EngineThread
-from app.server.app import BackgroundServer, ServerConfig, model_info
+from app.server.app import ServerConfig
+from app.server.run import BackgroundServer, model_info
 from engine import LLM, LLMEngine
 
 MODEL = "tiny"

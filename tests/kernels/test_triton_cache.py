@@ -7,8 +7,17 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.triton_cache import (E4M3_MAX, MIN_KV_SCALE, copy_blocks, copy_blocks_ref, kv_scale,
-                                  reshape_and_cache, reshape_and_cache_ref, swap_blocks, swap_blocks_ref)
+from kernels.triton_cache import (
+    E4M3_MAX,
+    MIN_KV_SCALE,
+    copy_blocks,
+    copy_blocks_ref,
+    kv_scale,
+    reshape_and_cache,
+    reshape_and_cache_ref,
+    swap_blocks,
+    swap_blocks_ref,
+)
 
 FP8 = torch.float8_e4m3fn
 BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32}

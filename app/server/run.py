@@ -1,0 +1,98 @@
+"""Running the endpoint: in the foreground until SIGTERM (`kvstudio serve`), or on its own event-loop thread
+beside a caller that is not async (the desktop app, `kvstudio bench serve`, tests)."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import threading
+import time
+from collections.abc import Callable
+
+from aiohttp import web
+
+from app.engine_thread import EngineThread
+from app.server.app import ServerConfig, create_app
+from app.server.protocol import ModelInfo
+from engine import LLMEngine
+
+logger = logging.getLogger("kvstudio.server")
+
+
+async def start_server(app: web.Application, config: ServerConfig) -> web.AppRunner:
+    """Listen on config.host:config.port (0 picks a free port: read it from the returned runner's addresses)."""
+    # handler_cancellation: a client that disconnects cancels its handler, which aborts its request.
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None,
+                           shutdown_timeout=config.drain_timeout)
+    await runner.setup()
+    site = web.TCPSite(runner, config.host, config.port)
+    await site.start()
+    return runner
+
+
+def bound_port(runner: web.AppRunner) -> int:
+    return runner.addresses[0][1]
+
+
+
+def model_info(engine: LLMEngine, served_model_name: str | None = None) -> ModelInfo:
+    m = engine.model_config
+    return ModelInfo(name=served_model_name or m.model, tokenizer=engine.tokenizer, max_model_len=m.max_model_len,
+                     vocab_size=m.vocab_size, created=int(time.time()))
+
+
+def serve(engine: LLMEngine, config: ServerConfig, served_model_name: str | None = None,
+          max_queue: int | None = None) -> None:
+    """Run the endpoint until SIGTERM or SIGINT, then drain: in-flight requests get config.drain_timeout
+    seconds to finish, new ones are refused."""
+    thread = EngineThread(engine, max_queue=max_queue).start()
+    info = model_info(engine, served_model_name)
+
+    async def main() -> None:
+        runner = await start_server(create_app(thread, info, config), config)
+        host = f"[{config.host}]" if ":" in config.host else config.host
+        logger.warning("serving %s at http://%s:%d/v1", info.name, host, bound_port(runner))
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        logger.warning("shutting down: draining in-flight requests (up to %.0f s)", config.drain_timeout)
+        await runner.cleanup()
+
+    try:
+        asyncio.run(main())
+    finally:
+        thread.stop(drain_timeout=config.drain_timeout)
+
+
+class BackgroundServer:
+    """The endpoint on its own event-loop thread, beside a caller that is not async (the desktop app's server
+    switch, `kvstudio bench serve` without --url, tests)."""
+
+    def __init__(self, thread: EngineThread, info: ModelInfo, config: ServerConfig,
+                 on_request: Callable[[dict], None] | None = None) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._loop_thread = threading.Thread(target=self._loop.run_forever, name="kvstudio-server", daemon=True)
+        self._app = create_app(thread, info, config, on_request)
+        self._config = config
+        self._runner: web.AppRunner | None = None
+
+    def start(self) -> BackgroundServer:
+        self._loop_thread.start()
+        self._runner = asyncio.run_coroutine_threadsafe(start_server(self._app, self._config), self._loop).result()
+        return self
+
+    @property
+    def url(self) -> str:
+        host = self._config.host
+        if host in ("0.0.0.0", "::"):
+            host = "127.0.0.1"
+        return f"http://{f'[{host}]' if ':' in host else host}:{bound_port(self._runner)}"
+
+    def stop(self) -> None:
+        """Stop listening; in-flight requests get the drain timeout to finish."""
+        asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result()
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._loop_thread.join()
+        self._loop.close()
