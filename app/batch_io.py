@@ -7,6 +7,7 @@ batch page can say what to fix instead of failing somewhere inside a run.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import os
@@ -57,7 +58,8 @@ class BatchRow:
 
 @dataclass
 class BatchResult:
-    """One row's outcome, as exported. `messages` is the chat a row was given as (exported to JSONL only)."""
+    """One row's outcome, as exported. `messages`: the chat a row was given as (JSONL keeps it; CSV has only the
+    prompt, the chat's last user message)."""
     prompt: str
     output: str = ""
     finish_reason: str | None = None    # "stop" | "length" | "abort", None when it failed or never ran
@@ -151,8 +153,9 @@ def _read_jsonl(path: Path, text: str) -> list[BatchRow]:
 
 
 def _read_csv(path: Path, text: str) -> list[BatchRow]:
-    # keepends: a quoted cell's own line breaks stay in the cell.
-    reader = csv.DictReader(text.splitlines(keepends=True))
+    # newline="": lines end at \r and \n only (not U+2028 as str.splitlines would), and a quoted cell keeps its
+    # own line breaks as they were.
+    reader = csv.DictReader(io.StringIO(text, newline=""))
     try:
         header = reader.fieldnames or []
         if "prompt" not in header:
@@ -233,12 +236,14 @@ def export_results(results: Iterable[BatchResult], path: str | Path) -> None:
 
 
 def export_jsonl(results: Iterable[BatchResult], path: str | Path) -> None:
-    """One JSON object per result; a chat row keeps its messages."""
+    """One JSON object per result; a chat row has its "messages" in place of "prompt", as it was given, so the
+    file can be imported again."""
     def write(out) -> None:
         for r in results:
             record = {k: v for k, v in asdict(r).items() if k in RESULT_FIELDS}
             if r.messages is not None:
-                record["messages"] = r.messages
+                del record["prompt"]
+                record = {"messages": r.messages, **record}
             out.write(json.dumps(record, ensure_ascii=False) + "\n")
     _write_atomically(Path(path), write)
 

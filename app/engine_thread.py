@@ -130,6 +130,10 @@ class EngineThread:
         and once when the engine goes idle; it must be quick and thread-safe (emit a signal, store a value)."""
         self._listeners.append(listener)
 
+    def remove_listener(self, listener: StatsListener) -> None:
+        if listener in self._listeners:
+            self._listeners.remove(listener)
+
     def stop(self, drain_timeout: float | None = None) -> None:
         """Take no new requests; wait up to drain_timeout seconds (None: no wait) for the running ones to finish,
         abort the rest, and end the thread."""
@@ -216,7 +220,7 @@ class EngineThread:
             return
         self._last_snapshot_at = now
         snapshot = EngineSnapshot(self.engine.get_stats(), self.engine.get_block_map(), now)
-        for listener in self._listeners:
+        for listener in list(self._listeners):   # listeners come and go from other threads
             try:
                 listener(snapshot)
             except Exception:

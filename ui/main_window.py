@@ -1,4 +1,4 @@
-"""The main window: a page list on the left (Chat, Monitor), the model's state in the status bar.
+"""The main window: a page list on the left (Chat, Monitor, Server), the model's state in the status bar.
 
 The window appears at once; the last used model (or the default one) loads in the background through the
 bridge, with a busy indicator, and a failure is said in the status bar. Closing the window stops the engine
@@ -27,6 +27,7 @@ from app.settings import Settings, save_settings
 from ui.bridge import EngineBridge, ModelLoaded, ModelLoadFailed
 from ui.pages.chat import ChatPage
 from ui.pages.monitor import MonitorPage
+from ui.pages.server import ServerPage
 
 
 class MainWindow(QMainWindow):
@@ -38,6 +39,7 @@ class MainWindow(QMainWindow):
         self.resize(1280, 800)
         self.chat = ChatPage(bridge, history)
         self.monitor = MonitorPage()
+        self.server = ServerPage(bridge)
         self.pages = QStackedWidget()
         self.nav = QListWidget()
         self.nav.setFixedWidth(130)
@@ -45,9 +47,10 @@ class MainWindow(QMainWindow):
         font = self.nav.font()
         font.setPointSizeF(font.pointSizeF() * 1.15)
         self.nav.setFont(font)
-        for name, page in (("Chat", self.chat), ("Monitor", self.monitor)):
-            self.nav.addItem(name)
+        self.page_names = ("Chat", "Monitor", "Server")
+        for page in (self.chat, self.monitor, self.server):
             self.pages.addWidget(page)
+        self.nav.addItems(self.page_names)
         self.nav.currentRowChanged.connect(self.pages.setCurrentIndex)
         self.nav.setCurrentRow(0)
         central = QWidget()
@@ -76,7 +79,7 @@ class MainWindow(QMainWindow):
         quit_ = QAction("&Quit", self, shortcut=QKeySequence.Quit, triggered=self.close)
         file_menu.addActions([load, quit_])
         view = self.menuBar().addMenu("&View")
-        for row, name in enumerate(("Chat", "Monitor")):
+        for row, name in enumerate(self.page_names):
             view.addAction(QAction(name, self, shortcut=QKeySequence(f"Ctrl+{row + 1}"),
                                    triggered=lambda _=False, r=row: self.nav.setCurrentRow(r)))
 
@@ -111,6 +114,7 @@ class MainWindow(QMainWindow):
 
     def closeEvent(self, event: QCloseEvent) -> None:   # noqa: N802 (Qt's name)
         self.chat.stop()
+        self.server.shutdown()
         self.bridge.shutdown()
         save_settings(self.settings, self.settings_path)
         super().closeEvent(event)

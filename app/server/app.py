@@ -345,6 +345,11 @@ def create_app(engine: EngineThread, model_info: ModelInfo, config: ServerConfig
     app = web.Application(middlewares=[_access_log, _errors, _security(config)], client_max_size=MAX_BODY_BYTES)
     state = _State(engine, model_info, config, Metrics(model_info.name))
     engine.add_listener(state.metrics.update)
+
+    async def stop_listening(_: web.Application) -> None:   # a server switched off leaves no listener behind
+        engine.remove_listener(state.metrics.update)
+
+    app.on_cleanup.append(stop_listening)
     if on_request is not None:
         state.log.append(on_request)
     app[_STATE] = state

@@ -79,8 +79,14 @@ class BackgroundServer:
         self._runner: web.AppRunner | None = None
 
     def start(self) -> BackgroundServer:
+        """Bind and serve; raises OSError (port in use, not allowed) after cleaning up its thread."""
         self._loop_thread.start()
-        self._runner = asyncio.run_coroutine_threadsafe(start_server(self._app, self._config), self._loop).result()
+        try:
+            self._runner = asyncio.run_coroutine_threadsafe(start_server(self._app, self._config),
+                                                            self._loop).result()
+        except BaseException:
+            self._end_loop()
+            raise
         return self
 
     @property
@@ -93,6 +99,9 @@ class BackgroundServer:
     def stop(self) -> None:
         """Stop listening; in-flight requests get the drain timeout to finish."""
         asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result()
+        self._end_loop()
+
+    def _end_loop(self) -> None:
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._loop_thread.join()
         self._loop.close()

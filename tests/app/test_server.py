@@ -441,3 +441,24 @@ def test_an_engine_side_rejection_is_a_400_and_spares_nothing_running(server, mo
     monkeypatch.undo()
     assert status == 400 and "refuses" in json.loads(raw)["error"]["message"]
     wait_all_free(server.engine, timeout=10)
+
+
+def test_a_server_that_cannot_bind_or_has_stopped_leaves_nothing_behind(engine):
+    import socket
+
+    thread = EngineThread(engine).start()
+    try:
+        taken = socket.socket()
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        threads_before = threading.active_count()
+        with pytest.raises(OSError):
+            BackgroundServer(thread, model_info(engine, MODEL),
+                             ServerConfig(port=taken.getsockname()[1])).start()
+        taken.close()
+        assert threading.active_count() == threads_before          # no event-loop thread left running
+        listeners = len(thread._listeners)
+        BackgroundServer(thread, model_info(engine, MODEL), ServerConfig(port=0)).start().stop()
+        assert len(thread._listeners) == listeners                 # the metrics listener went with it
+    finally:
+        thread.stop()

@@ -46,7 +46,12 @@ def test_the_window_loads_chats_monitors_and_remembers(qtbot, tmp_path, tiny_cha
     window.nav.setCurrentRow(1)
     assert window.pages.currentWidget() is window.monitor
     window.grab().save(str(SCREENSHOTS / "window-monitor.png"))
+    window.nav.setCurrentRow(2)
+    assert window.pages.currentWidget() is window.server and window.server.switch.isEnabled()
+    window.server.port.setValue(0)
+    assert window.server.set_serving(True)
     window.close()
+    assert not window.server.switch.isChecked()
     assert window.bridge.engine_thread is None
 
 

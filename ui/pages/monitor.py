@@ -2,103 +2,59 @@
 show_snapshot (queued from the engine thread through the bridge); it never touches the engine."""
 from __future__ import annotations
 
-from PySide6.QtCore import QEvent, QRectF, Slot
-from PySide6.QtGui import QFont, QPainter, QPalette
+from PySide6.QtCore import QEvent, Slot
+from PySide6.QtGui import QPalette
 from PySide6.QtWidgets import QGridLayout, QHBoxLayout, QLabel, QProgressBar, QVBoxLayout, QWidget
 
 from app.engine_thread import EngineSnapshot
 from engine.block_manager import USED
 from ui.widgets.block_map import FIXED_COLORS, BlockMapWidget, Swatch
+from ui.widgets.cards import card, muted, section, value_label
 from ui.widgets.throughput_chart import GENERATION_COLOR, PROMPT_COLOR, ThroughputChart
-
-
-class _Card(QWidget):
-    """A rounded panel in the palette's base colour. Painted here rather than styled with a style sheet, which
-    would freeze the palette's colours at polish time and miss a switch between light and dark."""
-
-    def paintEvent(self, event) -> None:
-        painter = QPainter(self)
-        painter.setRenderHint(QPainter.RenderHint.Antialiasing)
-        painter.setPen(self.palette().color(QPalette.ColorRole.Midlight))
-        painter.setBrush(self.palette().color(QPalette.ColorRole.Base))
-        painter.drawRoundedRect(QRectF(self.rect()).adjusted(0.5, 0.5, -0.5, -0.5), 8, 8)
-        painter.end()
-
-
-def _muted(text: str = "") -> QLabel:
-    label = QLabel(text)
-    label.setForegroundRole(QPalette.ColorRole.PlaceholderText)
-    return label
-
-
-def _emphasised(label: QLabel, size_delta: float) -> QLabel:
-    """Demi-bold, size_delta points off the default: card captions, big figures, section titles."""
-    font = QFont(label.font())
-    font.setPointSizeF(font.pointSizeF() + size_delta)
-    font.setWeight(QFont.Weight.DemiBold)
-    label.setFont(font)
-    return label
-
-
-def _value() -> QLabel:
-    return _emphasised(QLabel("—"), 8)
-
-
-def _section(title: str) -> QLabel:
-    return _emphasised(QLabel(title), 2)
-
-
-def _card(title: str) -> tuple[_Card, QVBoxLayout]:
-    card = _Card()
-    layout = QVBoxLayout(card)
-    layout.setContentsMargins(16, 12, 16, 14)
-    layout.setSpacing(4)
-    layout.addWidget(_emphasised(_muted(title.upper()), -1))
-    return card, layout
 
 
 class MonitorPage(QWidget):
     def __init__(self, parent: QWidget | None = None) -> None:
         super().__init__(parent)
 
-        usage_card, usage = _card("KV cache")
-        self.usage_percent_label = _value()
+        usage_card, usage = card("KV cache")
+        self.usage_percent_label = value_label()
         self.usage_bar = QProgressBar()
         self.usage_bar.setTextVisible(False)
         self.usage_bar.setFixedHeight(6)
         self._style_usage_bar()
-        self.usage_label = _muted()
+        self.usage_label = muted()
         usage.addWidget(self.usage_percent_label)
         usage.addWidget(self.usage_label)
         usage.addSpacing(6)
         usage.addWidget(self.usage_bar)
 
-        requests_card, requests = _card("Requests")
-        self.running_label, self.waiting_label, self.swapped_label = _value(), _value(), _value()
+        requests_card, requests = card("Requests")
+        self.running_label, self.waiting_label, self.swapped_label = value_label(), value_label(), value_label()
         requests.addLayout(self._figures([(self.running_label, "running"), (self.waiting_label, "waiting"),
                                           (self.swapped_label, "swapped")]))
 
-        prefix_card, prefix = _card("Prefix cache hit rate")
-        self.hit_rate_label = _value()
-        self.hit_detail_label = _muted()
+        prefix_card, prefix = card("Prefix cache hit rate")
+        self.hit_rate_label = value_label()
+        self.hit_detail_label = muted()
         prefix.addWidget(self.hit_rate_label)
         prefix.addWidget(self.hit_detail_label)
 
-        sharing_card, sharing = _card("Block reuse")
-        self.shared_label, self.cached_label = _value(), _value()
+        sharing_card, sharing = card("Block reuse")
+        self.shared_label, self.cached_label = value_label(), value_label()
         sharing.addLayout(self._figures([(self.shared_label, "shared"), (self.cached_label, "cached")]))
 
-        preempt_card, preempt = _card("Preemptions")
-        self.preemptions_label = _value()
+        preempt_card, preempt = card("Preemptions")
+        self.preemptions_label = value_label()
         preempt.addWidget(self.preemptions_label)
-        preempt.addWidget(_muted("since start"))
+        preempt.addWidget(muted("since start"))
 
         cards = QHBoxLayout()
         cards.setSpacing(12)
-        for card, stretch in ((usage_card, 3), (requests_card, 3), (prefix_card, 3), (sharing_card, 2),
-                              (preempt_card, 2)):
-            card.layout().addStretch(1)   # cards share a height; their contents line up at the top
-            cards.addWidget(card, stretch)
+        for panel, stretch in ((usage_card, 3), (requests_card, 3), (prefix_card, 3), (sharing_card, 2),
+                               (preempt_card, 2)):
+            panel.layout().addStretch(1)   # cards share a height; their contents line up at the top
+            cards.addWidget(panel, stretch)
 
         self.block_map = BlockMapWidget()
         self.chart = ThroughputChart()
@@ -108,7 +64,7 @@ class MonitorPage(QWidget):
         self.prompt_rate_label, self.generation_rate_label = QLabel(), QLabel()
         throughput_header = QHBoxLayout()
         throughput_header.setSpacing(6)
-        throughput_header.addWidget(_section("Throughput"))
+        throughput_header.addWidget(section("Throughput"))
         throughput_header.addStretch(1)
         for color, label in ((PROMPT_COLOR, self.prompt_rate_label), (GENERATION_COLOR, self.generation_rate_label)):
             throughput_header.addSpacing(14)
@@ -121,7 +77,7 @@ class MonitorPage(QWidget):
         layout.setSpacing(12)
         layout.addLayout(cards)
         layout.addSpacing(8)
-        layout.addWidget(_section("KV blocks"))
+        layout.addWidget(section("KV blocks"))
         layout.addWidget(self.block_map, 1)
         layout.addSpacing(8)
         layout.addLayout(throughput_header)
@@ -147,7 +103,7 @@ class MonitorPage(QWidget):
         grid.setVerticalSpacing(0)
         for col, (label, caption) in enumerate(figures):
             grid.addWidget(label, 0, col)
-            grid.addWidget(_muted(caption), 1, col)
+            grid.addWidget(muted(caption), 1, col)
         grid.setColumnStretch(len(figures), 1)
         return grid
 
