@@ -193,8 +193,9 @@ def _row(record: dict[str, Any], place: str, what: str) -> BatchRow:
                              f"(known: prompt, messages, {', '.join(OVERRIDES)})")
     prompt, messages = record.get("prompt"), record.get("messages")
     if (prompt is None) == (messages is None):
-        raise BatchFileError(f"{place}: needs exactly one of 'prompt' and 'messages'"
-                             if prompt is not None else f"{place}: missing 'prompt'")
+        if prompt is not None:
+            raise BatchFileError(f"{place}: needs exactly one of 'prompt' and 'messages'")
+        raise BatchFileError(f"{place}: missing 'prompt'" + (" or 'messages'" if what == "field" else ""))
     if prompt is not None and (not isinstance(prompt, str) or not prompt.strip()):
         raise BatchFileError(f"{place}: 'prompt' must be non-empty text, got {prompt!r}")
     if messages is not None:

@@ -1,4 +1,4 @@
-"""The main window: a page list on the left (Chat, Monitor, Server), the model's state in the status bar.
+"""The main window: a page list on the left (Chat, Batch, Monitor, Server), the model's state in the status bar.
 
 The window appears at once; the last used model (or the default one) loads in the background through the
 bridge, with a busy indicator, and a failure is said in the status bar. Closing the window stops the engine
@@ -25,6 +25,7 @@ from app import model_store
 from app.history import ChatHistory
 from app.settings import Settings, save_settings
 from ui.bridge import EngineBridge, ModelLoaded, ModelLoadFailed
+from ui.pages.batch import BatchPage
 from ui.pages.chat import ChatPage
 from ui.pages.monitor import MonitorPage
 from ui.pages.server import ServerPage
@@ -38,6 +39,7 @@ class MainWindow(QMainWindow):
         self.setWindowTitle("kvstudio")
         self.resize(1280, 800)
         self.chat = ChatPage(bridge, history)
+        self.batch = BatchPage(bridge)
         self.monitor = MonitorPage()
         self.server = ServerPage(bridge)
         self.pages = QStackedWidget()
@@ -47,8 +49,8 @@ class MainWindow(QMainWindow):
         font = self.nav.font()
         font.setPointSizeF(font.pointSizeF() * 1.15)
         self.nav.setFont(font)
-        self.page_names = ("Chat", "Monitor", "Server")
-        for page in (self.chat, self.monitor, self.server):
+        self.page_names = ("Chat", "Batch", "Monitor", "Server")
+        for page in (self.chat, self.batch, self.monitor, self.server):
             self.pages.addWidget(page)
         self.nav.addItems(self.page_names)
         self.nav.currentRowChanged.connect(self.pages.setCurrentIndex)
@@ -114,6 +116,7 @@ class MainWindow(QMainWindow):
 
     def closeEvent(self, event: QCloseEvent) -> None:   # noqa: N802 (Qt's name)
         self.chat.stop()
+        self.batch.cancel()
         self.server.shutdown()
         self.bridge.shutdown()
         save_settings(self.settings, self.settings_path)

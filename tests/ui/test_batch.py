@@ -14,7 +14,9 @@ from PySide6.QtCore import QModelIndex, Qt, QTimer
 
 from app.batch_io import BatchRow
 from ui.bridge import EngineBridge
-from ui.pages.batch import CANCELLED, DONE, FAILED, QUEUED, RUNNING, BatchItem, BatchPage, BatchTableModel
+from ui.pages import batch
+from ui.pages.batch import BatchPage
+from ui.widgets.batch_table import CANCELLED, DONE, FAILED, QUEUED, RUNNING, BatchItem, BatchTableModel
 
 SCREENSHOTS = Path(__file__).resolve().parents[2] / "build" / "screenshots"
 
@@ -52,7 +54,9 @@ def texts(page: BatchPage) -> list[str]:
     return [item.row.text for item in page.model.items]
 
 
-def test_sixteen_pasted_prompts_run_together_to_completion_and_export(qtbot, page, loaded_bridge, tmp_path):
+def test_sixteen_pasted_prompts_run_together_to_completion_and_export(qtbot, page, loaded_bridge, tmp_path,
+                                                                      monkeypatch):
+    monkeypatch.setattr(batch, "SUBMIT_SLICE", 5)   # rows go in over four turns of the event loop
     final: dict[str, object] = {}
     most_running = []
     loaded_bridge.request_update.connect(lambda u: u.output.finished and final.__setitem__(u.request_id, u.output))
@@ -62,6 +66,7 @@ def test_sixteen_pasted_prompts_run_together_to_completion_and_export(qtbot, pag
     assert texts(page) == prompts and page.source.text() == "16 pasted prompts"
     assert not page.export_csv_button.isEnabled()
     page.max_tokens.setValue(8)
+    page.use_seed.setChecked(False)   # one seed for all would give this random model's rows one output
     page.show()
     run_and_wait(qtbot, page)
 
@@ -118,6 +123,23 @@ def test_file_rows_override_the_shared_setup_and_a_rejected_row_fails_in_words(q
     assert page.status.text().startswith("3 done, 1 failed in ") and items[2].error in page.status.text()
 
 
+def test_without_a_chat_template_lines_go_as_raw_text_and_chats_fail(qtbot, loaded_bridge, tmp_path, monkeypatch):
+    monkeypatch.setattr(loaded_bridge.engine_thread.engine.tokenizer, "chat_template", None)
+    page = BatchPage(loaded_bridge)
+    qtbot.addWidget(page)
+    assert page.mode.text() == "Raw text" and "no chat template" in page.run_button.toolTip()
+    path = tmp_path / "rows.jsonl"
+    path.write_text('{"prompt": "Once upon a time"}\n{"messages": [{"role": "user", "content": "Hi"}]}\n')
+    assert page.import_file(path)
+    prompts = {}
+    loaded_bridge.request_update.connect(lambda u: prompts.__setitem__(u.request_id, u.output.prompt))
+    page.max_tokens.setValue(4)
+    run_and_wait(qtbot, page)
+    items = page.model.items
+    assert [item.status for item in items] == [DONE, FAILED] and list(prompts.values()) == ["Once upon a time"]
+    assert items[1].error == "the model has no chat template, so a row of chat messages cannot be sent"
+
+
 def test_cancel_stops_every_unfinished_row_and_frees_the_pool(qtbot, page, loaded_bridge):
     page.input.setPlainText("\n".join(f"Tell me a very long story number {i}." for i in range(16)))
     page.max_tokens.setValue(400)
@@ -131,6 +153,27 @@ def test_cancel_stops_every_unfinished_row_and_frees_the_pool(qtbot, page, loade
     engine = loaded_bridge.engine_thread.engine
     qtbot.waitUntil(lambda: engine.get_stats().num_blocks_used == 0, timeout=10_000)
     assert [item.status for item in page.model.items] == statuses   # nothing came in after the cancel
+
+
+def test_cancel_before_every_row_is_submitted_submits_no_more(qtbot, page, loaded_bridge, monkeypatch):
+    monkeypatch.setattr(batch, "SUBMIT_SLICE", 4)
+    submitted, submit = [], loaded_bridge.submit
+
+    def counting_submit(*args):
+        submitted.append(submit(*args))
+        return submitted[-1]
+
+    monkeypatch.setattr(loaded_bridge, "submit", counting_submit)
+    page.input.setPlainText("\n".join(f"Prompt {i}" for i in range(16)))
+    page.max_tokens.setValue(400)
+    page.run_button.click()   # the first slice goes in at once, the rest on later turns of the event loop
+    page.cancel_button.click()
+    assert [item.status for item in page.model.items] == [CANCELLED] * 16 and not page.running
+    qtbot.wait(50)            # the next slice's turn comes, and must find the run cancelled
+    assert len(submitted) == 4
+    engine = loaded_bridge.engine_thread.engine
+    qtbot.waitUntil(lambda: engine.get_stats().num_blocks_used == 0 and not engine.has_unfinished_requests(),
+                    timeout=10_000)
 
 
 def test_a_bad_import_is_said_and_changes_no_rows(qtbot, page, tmp_path):

@@ -43,10 +43,10 @@ def test_the_window_loads_chats_monitors_and_remembers(qtbot, tmp_path, tiny_cha
     assert any(s.stats.num_blocks_used for s in snapshots)
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     window.grab().save(str(SCREENSHOTS / "window-chat.png"))
-    window.nav.setCurrentRow(1)
+    window.nav.setCurrentRow(2)
     assert window.pages.currentWidget() is window.monitor
     window.grab().save(str(SCREENSHOTS / "window-monitor.png"))
-    window.nav.setCurrentRow(2)
+    window.nav.setCurrentRow(3)
     assert window.pages.currentWidget() is window.server and window.server.switch.isEnabled()
     window.server.port.setValue(0)
     assert window.server.set_serving(True)

@@ -4,16 +4,16 @@ and progress, cancel, and the results exported to JSONL or CSV.
 
 Outputs arrive as request_update signals, up to one per running row per engine step. A slot only records
 them; a timer repaints the changed rows a few times a second, so a large batch never floods the UI thread.
+Rows go to the engine in slices of SUBMIT_SLICE per turn of the event loop, for the same reason.
 """
 from __future__ import annotations
 
+import html
 import itertools
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
-from PySide6.QtCore import QAbstractTableModel, QModelIndex, QPersistentModelIndex, Qt, QTimer
-from PySide6.QtGui import QColor, QPalette
+from PySide6.QtCore import Qt, QTimer
 from PySide6.QtWidgets import (
     QAbstractItemView,
     QCheckBox,
@@ -30,124 +30,20 @@ from PySide6.QtWidgets import (
     QSpinBox,
     QSplitter,
     QTableView,
+    QTextBrowser,
     QVBoxLayout,
     QWidget,
 )
 
-from app.batch_io import BatchFileError, BatchResult, BatchRow, export_results, load_rows, parse_text
+from app.batch_io import BatchFileError, BatchRow, export_results, load_rows, parse_text
 from app.conversation import chat_prompt
 from engine import SamplingParams
 from ui.bridge import EngineBridge, RequestFailed, RequestUpdate
+from ui.widgets.batch_table import CANCELLED, DONE, FAILED, QUEUED, RUNNING, BatchTableModel
+from ui.widgets.cards import muted, spin_box
 
-QUEUED, RUNNING, DONE, FAILED, CANCELLED = "queued", "running", "done", "failed", "cancelled"
 REPAINT_INTERVAL_MS = 100
-SHOWN_CHARS = 300          # of a prompt or output in a table cell (the tooltip and detail pane show it all)
-STATUS_COLORS = {RUNNING: QColor("#2d7ff9"), DONE: QColor("#2e9d57"), FAILED: QColor("#d64541")}
-_runs = itertools.count()  # request ids stay unique across pages sharing one bridge
-DISPLAY, TOOLTIP, FOREGROUND, ALIGNMENT = (int(r) for r in (
-    Qt.ItemDataRole.DisplayRole, Qt.ItemDataRole.ToolTipRole, Qt.ItemDataRole.ForegroundRole,
-    Qt.ItemDataRole.TextAlignmentRole))
-_ROLES = frozenset((DISPLAY, TOOLTIP, FOREGROUND, ALIGNMENT))
-_RIGHT = int(Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter)
-
-
-@dataclass
-class BatchItem:
-    """A row and what became of it in the latest run."""
-    row: BatchRow
-    status: str = QUEUED
-    output: str = ""
-    tokens: int = 0
-    finish_reason: str | None = None
-    error: str | None = None
-    submitted: float | None = None    # time.perf_counter() at submission
-    seconds: float | None = None      # submission to the last token
-
-    def result(self) -> BatchResult:
-        return BatchResult(self.row.text, self.output, self.finish_reason, self.tokens,
-                           None if self.seconds is None else round(self.seconds, 3), self.error, self.row.messages)
-
-
-class BatchTableModel(QAbstractTableModel):
-    """The batch as a table: #, prompt, status, tokens, output. The page changes items in place and calls
-    rows_changed to repaint them."""
-    COLUMNS = ("#", "Prompt", "Status", "Tokens", "Output")
-
-    def __init__(self, parent=None) -> None:
-        super().__init__(parent)
-        self.items: list[BatchItem] = []
-
-    def set_rows(self, rows: list[BatchRow]) -> None:
-        self.beginResetModel()
-        self.items = [BatchItem(row) for row in rows]
-        self.endResetModel()
-
-    def reset_results(self) -> None:
-        """Every row back to queued, for a new run."""
-        self.items = [BatchItem(item.row) for item in self.items]
-        self.rows_changed(0, len(self.items) - 1)
-
-    def rows_changed(self, first: int, last: int) -> None:
-        if self.items and first <= last:
-            self.dataChanged.emit(self.index(first, 0), self.index(last, len(self.COLUMNS) - 1))
-
-    def results(self) -> list[BatchResult]:
-        return [item.result() for item in self.items]
-
-    def count(self, *statuses: str) -> int:
-        return sum(item.status in statuses for item in self.items)
-
-    # ---- QAbstractTableModel ----------------------------------------------------------------------------------
-    def rowCount(self, parent: QModelIndex | QPersistentModelIndex = QModelIndex()) -> int:
-        return 0 if parent.isValid() else len(self.items)
-
-    def columnCount(self, parent: QModelIndex | QPersistentModelIndex = QModelIndex()) -> int:
-        return 0 if parent.isValid() else len(self.COLUMNS)
-
-    def headerData(self, section: int, orientation: Qt.Orientation, role: int = DISPLAY):
-        if orientation == Qt.Orientation.Horizontal and role == DISPLAY:
-            return self.COLUMNS[section]
-        return None
-
-    def data(self, index: QModelIndex | QPersistentModelIndex, role: int = DISPLAY):
-        # Called for every visible cell and role on each repaint: roles are compared with plain ints, since
-        # looking up a Qt enum member costs microseconds in PySide6 and a repaint makes hundreds of these calls.
-        if role not in _ROLES or not index.isValid():
-            return None
-        item, column = self.items[index.row()], index.column()
-        if role == DISPLAY:
-            if column == 0:
-                return index.row() + 1
-            if column == 1:
-                return _one_line(item.row.text)
-            if column == 2:
-                return item.status
-            if column == 3:
-                return item.tokens if item.status != QUEUED else ""
-            return _one_line(item.error if item.error else item.output)
-        if role == TOOLTIP:
-            if column == 1:
-                return _tooltip(item.row.text)
-            if column == 4 and (item.error or item.output):
-                return _tooltip(item.error or item.output)
-            if column == 2 and item.finish_reason:
-                return f"finish reason: {item.finish_reason}" + (
-                    f" · {item.seconds:.2f} s" if item.seconds is not None else "")
-            return None
-        if role == FOREGROUND:
-            if column == 2 or (column == 4 and item.error):
-                return STATUS_COLORS.get(FAILED if item.error else item.status)
-            return None
-        return _RIGHT if column in (0, 3) else None
-
-
-def _one_line(text: str) -> str:
-    short = text[:SHOWN_CHARS]
-    return " ".join(short.split()) + ("…" if len(text) > SHOWN_CHARS else "")
-
-
-def _tooltip(text: str) -> str:
-    return text if len(text) <= 2000 else text[:2000] + "…"
+SUBMIT_SLICE = 64          # rows rendered and submitted per turn of the event loop
 
 
 class BatchPage(QWidget):
@@ -155,19 +51,23 @@ class BatchPage(QWidget):
         super().__init__(parent)
         self.bridge = bridge
         self.model = BatchTableModel(self)
+        self._run_ids = itertools.count()   # each Run's number: slices of an older run stop submitting
         self._requests: dict[str, int] = {}   # request id -> row, for the rows still running
+        self._next_row: int | None = None     # the first row not yet submitted; None once all are
+        self._run = -1                        # the current run's number, in its request ids
+        self._shared: dict = {}               # the current run's shared sampling setup
         self._dirty: set[int] = set()         # rows changed since the last repaint
         self._started = 0.0
         self._repaint = QTimer(self, interval=REPAINT_INTERVAL_MS, timeout=self._flush)
         self._build()
         bridge.request_update.connect(self._on_update)
         bridge.request_failed.connect(self._on_failed)
-        bridge.model_loaded.connect(lambda _: self._describe_prompts())
+        bridge.model_loaded.connect(self._describe_prompts)   # a method, not a lambda: Qt drops it with the page
         self._describe_prompts()
 
     @property
     def running(self) -> bool:
-        return bool(self._requests)
+        return bool(self._requests) or self._next_row is not None
 
     # ---- layout -------------------------------------------------------------------------------------------
     def _build(self) -> None:
@@ -176,8 +76,8 @@ class BatchPage(QWidget):
         self.input.textChanged.connect(self._on_pasted)
         self.import_button = QPushButton("Import…")
         self.import_button.clicked.connect(self._choose_import)
-        self.source = _muted("No prompts yet")
-        self.mode = _muted()
+        self.source = muted("No prompts yet")
+        self.mode = muted()
         prompts = QGroupBox("Prompts")
         pv = QVBoxLayout(prompts)
         pv.addWidget(self.input, 1)
@@ -187,21 +87,23 @@ class BatchPage(QWidget):
         row.addWidget(self.mode)
         pv.addLayout(row)
 
-        self.temperature = _spin(QDoubleSpinBox(), 0.0, 2.0, 0.7, 0.05)
-        self.top_p = _spin(QDoubleSpinBox(), 0.01, 1.0, 1.0, 0.05)
-        self.max_tokens = _spin(QSpinBox(), 1, 32768, 256, 16)
+        self.temperature = spin_box(QDoubleSpinBox(), 0.0, 2.0, 0.7, 0.05)
+        self.top_p = spin_box(QDoubleSpinBox(), 0.01, 1.0, 1.0, 0.05)
+        self.max_tokens = spin_box(QSpinBox(), 1, 32768, 256, 16)
         self.use_seed = QCheckBox("Seed")
-        self.seed = _spin(QSpinBox(), 0, 2**31 - 1, 0, 1)
+        self.seed = spin_box(QSpinBox(), 0, 2**31 - 1, 0, 1)
         self.seed.setEnabled(False)
         self.use_seed.toggled.connect(self.seed.setEnabled)
         sampling = QGroupBox("Sampling")
-        sampling.setToolTip("One setup for every row. A row from a .jsonl or .csv file may set its own "
-                            "temperature, top_p, top_k, max_tokens, seed or stop, which win over these.")
         form = QFormLayout(sampling)
         form.addRow("Temperature", self.temperature)
         form.addRow("Top p", self.top_p)
         form.addRow("Max tokens", self.max_tokens)
         form.addRow(self.use_seed, self.seed)
+        note = muted("For every row; a .jsonl or .csv row may set its own temperature, top_p, top_k, "
+                      "max_tokens, seed or stop.")
+        note.setWordWrap(True)
+        form.addRow(note)
         sampling.setFixedWidth(260)
 
         top = QWidget()
@@ -240,14 +142,13 @@ class BatchPage(QWidget):
         self.table.verticalHeader().setDefaultSectionSize(self.fontMetrics().height() + 8)
         header = self.table.horizontalHeader()
         header.setHighlightSections(False)
-        header.setDefaultAlignment(Qt.AlignLeft | Qt.AlignVCenter)
         # Fixed widths, not ResizeToContents: measuring every row on each repaint would cost a big batch dearly.
         for column, width in ((0, 44), (1, 300), (2, 88), (3, 64)):
             header.setSectionResizeMode(column, QHeaderView.Interactive)
             header.resizeSection(column, width)
         header.setSectionResizeMode(4, QHeaderView.Stretch)
         self.table.selectionModel().currentRowChanged.connect(lambda *_: self._show_detail())
-        self.detail = QPlainTextEdit(readOnly=True, placeholderText="Select a row to read its prompt and output")
+        self.detail = QTextBrowser(placeholderText="Select a row to read its prompt and output")
 
         results = QSplitter(Qt.Horizontal)
         results.addWidget(self.table)
@@ -311,7 +212,7 @@ class BatchPage(QWidget):
         self._show_detail()
         self._sync_buttons()
 
-    def _describe_prompts(self) -> None:
+    def _describe_prompts(self, *_) -> None:
         """Say (in a tooltip) whether prompts go through the chat template: the same text means different things
         to the model either way."""
         if self._tokenizer() is None:
@@ -340,51 +241,68 @@ class BatchPage(QWidget):
                 "max_tokens": self.max_tokens.value(), "seed": self.seed.value() if self.use_seed.isChecked() else None}
 
     def run(self) -> None:
-        """Submit every row at once: the engine's scheduler batches them, step by step."""
+        """Submit every row: the engine's scheduler batches them, step by step."""
         if self.running:
             return
         if not self.model.items:
             self.status.setText("Nothing to run: paste prompts (one per line) or import a file.")
             return
-        tokenizer = self._tokenizer()
-        if tokenizer is None:
+        if self._tokenizer() is None:
             self.status.setText("No model is loaded yet.")
             return
-        templated, shared, run = self._templated(), self.sampling(), next(_runs)
+        self._run = next(self._run_ids)
+        self._shared = self.sampling()
+        self._next_row = 0
         self.model.reset_results()
         self._started = time.perf_counter()
-        # Every prompt is rendered before the first is submitted: once the engine thread wakes it competes for
-        # the GIL, and rendering templates against it would hold up the UI thread for longer.
+        self._repaint.start()
+        self._submit_slice(self._run)
+        self._sync_buttons()
+
+    def _submit_slice(self, run: int) -> None:
+        """Render and submit the next SUBMIT_SLICE rows, then let the event loop turn before the next slice: a
+        batch of thousands goes in within a few frames without freezing the window, and the engine takes each
+        slice into its running batch as it comes."""
+        if run != self._run or self._next_row is None:   # cancelled, or a newer run began
+            return
+        # The model is looked up per slice: one loaded mid-run gets the rest of the rows in its own template.
+        tokenizer, templated, shared = self._tokenizer(), self._templated(), self._shared
+        items = self.model.items
+        first, end = self._next_row, min(self._next_row + SUBMIT_SLICE, len(items))
+        # The slice's prompts are all rendered before any is submitted: once the engine thread is busy it
+        # competes for the GIL, and rendering templates against it would hold up the UI thread for longer.
         ready = []
-        for i, item in enumerate(self.model.items):
+        for i in range(first, end):
             try:
-                ready.append((i, _prompt(item.row, tokenizer, templated),
-                              SamplingParams(**(shared | item.row.overrides()))))
+                ready.append((i, _prompt(items[i].row, tokenizer, templated),
+                              SamplingParams(**(shared | items[i].row.overrides()))))
             except Exception as e:   # a template error, a bad override: this row fails, in words
-                item.status, item.error = FAILED, str(e) or type(e).__name__
+                items[i].status, items[i].error = FAILED, str(e) or type(e).__name__
         for i, prompt, params in ready:
-            item = self.model.items[i]
             try:
-                item.submitted = time.perf_counter()
-                self._requests[self.bridge.submit(prompt, params, f"batch-{run}-{i}")] = i
+                items[i].submitted = time.perf_counter()
+                self._requests[self.bridge.submit(prompt, params)] = i   # the bridge's ids are unique
             except Exception as e:   # a full queue, an engine that is stopping
-                item.status, item.error = FAILED, str(e) or type(e).__name__
-        self._dirty.update(range(len(self.model.items)))
-        if self.running:
-            self._repaint.start()
-            self._flush()
-            self._sync_buttons()
-        else:
+                items[i].status, items[i].error = FAILED, str(e) or type(e).__name__
+        self._dirty.update(range(first, end))
+        self._next_row = end if end < len(items) else None
+        if self._next_row is not None:
+            QTimer.singleShot(0, self, lambda: self._submit_slice(run))
+        elif not self._requests:   # every row failed before reaching the engine, or all have finished
             self._end_run()
 
     def cancel(self) -> None:
-        """Abort every unfinished row; the engine frees their blocks."""
+        """Abort every unfinished row (the engine frees their blocks) and submit no more."""
         if not self.running:
             return
         for rid, i in self._requests.items():
             self.bridge.abort(rid)
             self.model.items[i].status = CANCELLED
+        unsubmitted = len(self.model.items) if self._next_row is None else self._next_row
+        for item in self.model.items[unsubmitted:]:
+            item.status = CANCELLED
         self._requests.clear()
+        self._next_row = None
         self._end_run()
 
     def _on_update(self, update: RequestUpdate) -> None:
@@ -398,7 +316,7 @@ class BatchPage(QWidget):
             item.seconds = time.perf_counter() - item.submitted
             del self._requests[update.request_id]
         self._dirty.add(i)
-        if not self._requests:
+        if not self.running:
             self._end_run()
 
     def _on_failed(self, failure: RequestFailed) -> None:
@@ -408,7 +326,7 @@ class BatchPage(QWidget):
         item = self.model.items[i]
         item.status, item.error = FAILED, failure.message
         self._dirty.add(i)
-        if not self._requests:
+        if not self.running:
             self._end_run()
 
     def _flush(self) -> None:
@@ -435,7 +353,8 @@ class BatchPage(QWidget):
         parts = [f"{n} {what}" for what in (DONE, FAILED, CANCELLED) if (n := self.model.count(what))]
         first_error = next((item.error for item in self.model.items if item.error), None)
         tokens = sum(item.tokens for item in self.model.items)
-        self.status.setText(f"{', '.join(parts)} in {elapsed:.1f} s · {tokens:,} tokens"
+        self.status.setText(f"{', '.join(parts)} in {elapsed:.1f} s · {tokens:,} tokens, "
+                            f"{tokens / max(elapsed, 1e-3):,.0f} tokens/s"
                             + (f" · first error: {first_error}" if first_error else ""))
         self._sync_buttons()
 
@@ -462,10 +381,13 @@ class BatchPage(QWidget):
             self.detail.clear()
             return
         item = self.model.items[row]
-        prompt = item.row.text if item.row.messages is None else "\n\n".join(
-            f"[{m['role']}] {m['content']}" for m in item.row.messages)
-        output = f"Error: {item.error}" if item.error else item.output
-        self.detail.setPlainText(f"PROMPT\n{prompt}\n\nOUTPUT ({item.status}, {item.tokens} tokens)\n{output}")
+        turns = item.row.messages or [{"role": "prompt", "content": item.row.text}]
+        parts = [_block(m["role"].capitalize(), m["content"]) for m in turns]
+        if item.error:
+            parts.append(_block("Error", item.error))
+        else:
+            parts.append(_block(f"Output · {item.status} · {item.tokens} tokens", item.output or "…"))
+        self.detail.setHtml("".join(parts))
 
     def _sync_buttons(self) -> None:
         busy, has_rows = self.running, bool(self.model.items)
@@ -488,16 +410,7 @@ def _prompt(row: BatchRow, tokenizer, templated: bool) -> str | dict:
     return chat_prompt(tokenizer, row.messages or [{"role": "user", "content": row.prompt}])
 
 
-def _muted(text: str = "") -> QLabel:
-    label = QLabel(text)
-    label.setForegroundRole(QPalette.ColorRole.PlaceholderText)
-    return label
-
-
-def _spin(box, low, high, value, step):
-    box.setRange(low, high)
-    if isinstance(box, QDoubleSpinBox):
-        box.setDecimals(2)
-    box.setSingleStep(step)
-    box.setValue(value)
-    return box
+def _block(title: str, text: str) -> str:
+    """A titled paragraph of the detail pane, the text kept as written (line breaks, spaces)."""
+    return (f"<p style='margin-bottom: 2px'><b>{html.escape(title)}</b></p>"
+            f"<p style='white-space: pre-wrap; margin-top: 0'>{html.escape(text)}</p>")

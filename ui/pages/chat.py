@@ -35,6 +35,7 @@ from app.conversation import chat_prompt
 from app.history import ChatHistory, Message, title_from
 from engine import SamplingParams
 from ui.bridge import EngineBridge, RequestFailed, RequestUpdate
+from ui.widgets.cards import spin_box
 
 SAVE_INTERVAL = 0.5
 ROLE_NAMES = {"user": "You", "assistant": "Assistant", "system": "System"}
@@ -119,16 +120,16 @@ class ChatPage(QWidget):
 
         self.system_prompt = QPlainTextEdit(placeholderText="System prompt (optional)")
         self.system_prompt.setMaximumHeight(120)
-        self.temperature = _spin(QDoubleSpinBox(), 0.0, 2.0, 0.7, 0.05)
-        self.top_p = _spin(QDoubleSpinBox(), 0.01, 1.0, 1.0, 0.05)
-        self.top_k = _spin(QSpinBox(), -1, 1000, -1, 1)
-        self.min_p = _spin(QDoubleSpinBox(), 0.0, 1.0, 0.0, 0.01)
-        self.max_tokens = _spin(QSpinBox(), 1, 32768, 512, 16)
-        self.presence = _spin(QDoubleSpinBox(), -2.0, 2.0, 0.0, 0.1)
-        self.frequency = _spin(QDoubleSpinBox(), -2.0, 2.0, 0.0, 0.1)
-        self.repetition = _spin(QDoubleSpinBox(), 0.1, 3.0, 1.0, 0.05)
+        self.temperature = spin_box(QDoubleSpinBox(), 0.0, 2.0, 0.7, 0.05)
+        self.top_p = spin_box(QDoubleSpinBox(), 0.01, 1.0, 1.0, 0.05)
+        self.top_k = spin_box(QSpinBox(), -1, 1000, -1, 1)
+        self.min_p = spin_box(QDoubleSpinBox(), 0.0, 1.0, 0.0, 0.01)
+        self.max_tokens = spin_box(QSpinBox(), 1, 32768, 512, 16)
+        self.presence = spin_box(QDoubleSpinBox(), -2.0, 2.0, 0.0, 0.1)
+        self.frequency = spin_box(QDoubleSpinBox(), -2.0, 2.0, 0.0, 0.1)
+        self.repetition = spin_box(QDoubleSpinBox(), 0.1, 3.0, 1.0, 0.05)
         self.use_seed = QCheckBox("Seed")
-        self.seed = _spin(QSpinBox(), 0, 2**31 - 1, 0, 1)
+        self.seed = spin_box(QSpinBox(), 0, 2**31 - 1, 0, 1)
         right = QWidget()
         rv = QVBoxLayout(right)
         rv.addWidget(QLabel("<b>System prompt</b>"))
@@ -365,12 +366,3 @@ def _stats_line(stats: dict) -> str:
     if stats.get("error"):
         bits.append(f"error: {stats['error']}")
     return f"*{' · '.join(bits)}*" if bits else ""
-
-
-def _spin(box, low, high, value, step):
-    box.setRange(low, high)
-    if isinstance(box, QDoubleSpinBox):
-        box.setDecimals(2)
-    box.setSingleStep(step)
-    box.setValue(value)
-    return box
