@@ -57,6 +57,7 @@ class _Abort:
 
 
 _EMPTY = object()   # no command queued
+IDLE_SNAPSHOT_S = 1.0
 
 
 class EngineThread:
@@ -149,8 +150,16 @@ class EngineThread:
     def _run(self) -> None:
         engine = self.engine
         while True:
-            # Idle: sleep until a command arrives. Busy: take whatever is queued, then step.
-            command = self._commands.get() if not engine.has_unfinished_requests() else self._next_command()
+            # Idle: sleep until a command arrives (waking once a second so listeners see the rates fall to 0).
+            # Busy: take whatever is queued, then step.
+            if engine.has_unfinished_requests():
+                command = self._next_command()
+            else:
+                try:
+                    command = self._commands.get(timeout=IDLE_SNAPSHOT_S)
+                except queue.Empty:
+                    self._publish(force=True)
+                    continue
             while command is not _EMPTY:
                 if command is None:   # stop()
                     self._shutdown()

@@ -347,7 +347,8 @@ class LLMEngine:
         bm = self.block_manager
         rate_p = rate_g = 0.0
         span = self._recent[-1][0] - self._recent[0][0] if self._recent else 0.0
-        if span > 0:
+        # An engine that has not stepped for a whole window is idle: its rates are 0, not the last ones seen.
+        if span > 0 and time.perf_counter() - self._recent[-1][0] <= _RATE_WINDOW_S:
             # The first entry marks the window's start; the tokens after it were produced within span.
             produced = list(self._recent)[1:]
             rate_p = sum(r[1] for r in produced) / span

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 
 import pytest
 
@@ -157,3 +158,25 @@ def test_stop_with_draining_lets_running_requests_finish(llm):
     t.submit(PROMPTS[0], GREEDY, lambda out: finished.append(out.finished))
     t.stop(drain_timeout=60)
     assert finished and finished[-1] is True
+
+
+def test_an_idle_engine_reports_zero_rates(llm, monkeypatch):
+    import engine.llm_engine as llm_engine_module
+
+    engine = llm.llm_engine
+    t = EngineThread(engine, stats_interval=0.0).start()
+    snapshots = []
+    t.add_listener(snapshots.append)
+    done = threading.Event()
+    t.submit(PROMPTS[0], GREEDY, lambda out: out.finished and done.set())
+    assert done.wait(timeout=30)
+    assert engine.get_stats().generation_tokens_per_s > 0
+    real = llm_engine_module.time.perf_counter
+    monkeypatch.setattr(llm_engine_module.time, "perf_counter", lambda: real() + 60.0)   # a minute later
+    assert engine.get_stats().generation_tokens_per_s == 0.0
+    count = len(snapshots)
+    deadline = time.monotonic() + 5
+    while len(snapshots) == count and time.monotonic() < deadline:   # idle snapshots keep coming
+        time.sleep(0.05)
+    t.stop()
+    assert len(snapshots) > count and snapshots[-1].stats.generation_tokens_per_s == 0.0
