@@ -178,6 +178,22 @@ def build_parser() -> argparse.ArgumentParser:
     sharing.add_argument("--prefix-requests", type=int, default=16, metavar="N",
                          help="requests in the prefix-caching runs; 0 skips them (default: 16)")
     sharing.add_argument("--seed", type=int, default=0, metavar="N")
+
+    models = commands.add_parser(
+        "models", help="the local model library: list, pull from the Hugging Face Hub, remove",
+        description="Models pulled from the Hugging Face Hub go to the standard Hugging Face cache "
+                    "(HF_HUB_CACHE), where other tools find them too; the default GGUF model lives in "
+                    "kvstudio's data dir.")
+    models_commands = models.add_subparsers(dest="models_command", title="actions", metavar="ACTION",
+                                            required=True)
+    models_commands.add_parser("list", help="models kvstudio can run: name, size, family, context length")
+    pull = models_commands.add_parser(
+        "pull", help="download a model from the Hub (an interrupted pull resumes when run again)",
+        description="Download what the engine needs (config, tokenizer, safetensors weights) of a Hub model.")
+    pull.add_argument("repo", metavar="ORG/NAME[@REV]")
+    rm = models_commands.add_parser("rm", help="delete a model (every cached revision) and say the space freed")
+    rm.add_argument("name", metavar="NAME", help="as `kvstudio models list` shows it")
+    rm.add_argument("--force", action="store_true", help="also remove the default model")
     return parser
 
 
@@ -440,6 +456,39 @@ def run_bench_sharing(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_models(args: argparse.Namespace) -> int:
+    from app import hub_models
+
+    try:
+        if args.models_command == "list":
+            models = hub_models.list_local_models()
+            if not models:
+                print("The library is empty: `kvstudio models pull ORG/NAME` downloads a model.")
+                return 0
+            width = max(len(m.name) for m in models)
+            for m in models:
+                context = "?" if m.context_length is None else str(m.context_length)
+                print(f"{m.name:<{width}}  {hub_models.human_size(m.size):>9}  {m.family:<20}  context {context}"
+                      + ("  (default)" if m.is_default else ""))
+            return 0
+        if args.models_command == "pull":
+            from tqdm import tqdm
+
+            with tqdm(unit="B", unit_scale=True, desc=args.repo) as bar:
+                def progress(done: int, total: int) -> None:
+                    bar.total = total
+                    bar.update(done - bar.n)
+
+                path = hub_models.pull(args.repo, progress=progress)
+            print(path)
+            return 0
+        print(f"Removed {args.name}, freed {hub_models.human_size(hub_models.remove(args.name, force=args.force))}.")
+        return 0
+    except hub_models.HubError as e:
+        print(f"kvstudio: error: {e}", file=sys.stderr)
+        return 1
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -458,6 +507,8 @@ def main(argv: list[str] | None = None) -> int:
             return run_bench_sharing(args)
         if args.command == "bench":
             return run_bench_throughput(args)
+        if args.command == "models":
+            return run_models(args)
         return run_default()
     except ValueError as e:  # a bad argument the parser could not see: a value, a file, a model
         print(f"kvstudio: error: {e}", file=sys.stderr)

@@ -7,7 +7,6 @@ from __future__ import annotations
 import csv
 import json
 import time
-from pathlib import Path
 
 import pytest
 from PySide6.QtCore import QModelIndex, Qt, QTimer
@@ -17,20 +16,6 @@ from ui.bridge import EngineBridge
 from ui.pages import batch
 from ui.pages.batch import BatchPage
 from ui.widgets.batch_table import CANCELLED, DONE, FAILED, QUEUED, RUNNING, BatchItem, BatchTableModel
-
-SCREENSHOTS = Path(__file__).resolve().parents[2] / "build" / "screenshots"
-
-
-@pytest.fixture(scope="module")
-def loaded_bridge(tiny_chat_model):
-    from PySide6.QtWidgets import QApplication
-
-    QApplication.instance() or QApplication([])
-    b = EngineBridge()
-    b.load_model(str(tiny_chat_model), {"max_model_len": 512, "kv_cache_memory": 0.02}).join()
-    assert b.engine_thread is not None
-    yield b
-    b.shutdown()
 
 
 @pytest.fixture
@@ -55,7 +40,7 @@ def texts(page: BatchPage) -> list[str]:
 
 
 def test_sixteen_pasted_prompts_run_together_to_completion_and_export(qtbot, page, loaded_bridge, tmp_path,
-                                                                      monkeypatch):
+                                                                      monkeypatch, screenshots):
     monkeypatch.setattr(batch, "SUBMIT_SLICE", 5)   # rows go in over four turns of the event loop
     final: dict[str, object] = {}
     most_running = []
@@ -84,9 +69,8 @@ def test_sixteen_pasted_prompts_run_together_to_completion_and_export(qtbot, pag
     assert max(most_running) > 1   # the rows ran side by side, not one after another
     assert page.model.data(page.model.index(3, 2)) == "done" and page.model.data(page.model.index(3, 3)) == 8
 
-    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     page.table.selectRow(2)
-    page.grab().save(str(SCREENSHOTS / "batch.png"))
+    page.grab().save(str(screenshots / "batch.png"))
 
     assert page.export(tmp_path / "out.jsonl") and page.export(tmp_path / "out.csv")
     records = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text(encoding="utf-8").splitlines()]

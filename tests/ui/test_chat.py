@@ -3,27 +3,11 @@ stops when asked (freeing its blocks), regenerates, edits the last message, and 
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import pytest
 
 from app.history import ChatHistory
-from ui.bridge import EngineBridge
 from ui.pages.chat import ChatPage
-
-SCREENSHOTS = Path(__file__).resolve().parents[2] / "build" / "screenshots"
-
-
-@pytest.fixture(scope="module")
-def loaded_bridge(tiny_chat_model):
-    from PySide6.QtWidgets import QApplication
-
-    QApplication.instance() or QApplication([])
-    b = EngineBridge()
-    b.load_model(str(tiny_chat_model), {"max_model_len": 512, "kv_cache_memory": 0.02}).join()
-    assert b.engine_thread is not None
-    yield b
-    b.shutdown()
 
 
 @pytest.fixture
@@ -43,7 +27,7 @@ def send_and_wait(qtbot, page, text: str) -> None:
     qtbot.waitUntil(lambda: page.reply is None, timeout=30_000)
 
 
-def test_a_reply_streams_in_and_survives_a_restart(qtbot, page, loaded_bridge, tmp_path):
+def test_a_reply_streams_in_and_survives_a_restart(qtbot, page, loaded_bridge, tmp_path, screenshots):
     seen: list[str] = []
     loaded_bridge.request_update.connect(lambda u: seen.append(u.output.outputs[0].text))
     # Sampled, seeded: a random model's greedy choice is often a run of newlines, which shows nothing.
@@ -58,8 +42,7 @@ def test_a_reply_streams_in_and_survives_a_restart(qtbot, page, loaded_bridge, t
     assert "tokens_per_s" in reply.stats and "ttft_s" in reply.stats
     word = max(re.findall(r"[A-Za-z]{3,}", reply.content), key=len)   # markdown may restyle the rest
     assert word in page.transcript.toPlainText()
-    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
-    page.grab().save(str(SCREENSHOTS / "chat.png"))
+    page.grab().save(str(screenshots / "chat.png"))
 
     again = ChatPage(loaded_bridge, ChatHistory(tmp_path / "history.sqlite3"))
     qtbot.addWidget(again)

@@ -3,14 +3,11 @@ through the Chat page while the Monitor page follows the KV pool, says in words 
 remembers the last model."""
 from __future__ import annotations
 
-from pathlib import Path
-
 from app.history import ChatHistory
 from app.settings import Settings, load_settings
 from ui.bridge import EngineBridge
 from ui.main_window import MainWindow
 
-SCREENSHOTS = Path(__file__).resolve().parents[2] / "build" / "screenshots"
 OPTIONS = {"max_model_len": 512, "kv_cache_memory": 0.02}
 
 
@@ -22,7 +19,7 @@ def make_window(qtbot, tmp_path, model: str) -> MainWindow:
     return window
 
 
-def test_the_window_loads_chats_monitors_and_remembers(qtbot, tmp_path, tiny_chat_model):
+def test_the_window_loads_chats_monitors_and_remembers(qtbot, tmp_path, tiny_chat_model, screenshots):
     window = make_window(qtbot, tmp_path, str(tiny_chat_model))
     with qtbot.waitSignal(window.bridge.model_loaded, timeout=60_000):
         window.start()
@@ -41,11 +38,10 @@ def test_the_window_loads_chats_monitors_and_remembers(qtbot, tmp_path, tiny_cha
     qtbot.waitUntil(lambda: chat.reply is None, timeout=30_000)
     qtbot.waitUntil(lambda: bool(snapshots) and snapshots[-1].stats.num_blocks_used == 0, timeout=10_000)
     assert any(s.stats.num_blocks_used for s in snapshots)
-    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
-    window.grab().save(str(SCREENSHOTS / "window-chat.png"))
+    window.grab().save(str(screenshots / "window-chat.png"))
     window.nav.setCurrentRow(2)
     assert window.pages.currentWidget() is window.monitor
-    window.grab().save(str(SCREENSHOTS / "window-monitor.png"))
+    window.grab().save(str(screenshots / "window-monitor.png"))
     window.nav.setCurrentRow(3)
     assert window.pages.currentWidget() is window.server and window.server.switch.isEnabled()
     window.server.port.setValue(0)

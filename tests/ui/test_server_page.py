@@ -15,21 +15,6 @@ import yaml
 from ui.bridge import EngineBridge
 from ui.pages.server import LOG_ROWS, ServerPage
 
-SCREENSHOTS = Path(__file__).resolve().parents[2] / "build" / "screenshots"
-LOAD_OPTIONS = {"max_model_len": 512, "kv_cache_memory": 0.02}
-
-
-@pytest.fixture(scope="module")
-def loaded_bridge(tiny_chat_model):
-    from PySide6.QtWidgets import QApplication
-
-    QApplication.instance() or QApplication([])
-    b = EngineBridge()
-    b.load_model(str(tiny_chat_model), LOAD_OPTIONS).join()
-    assert b.engine_thread is not None
-    yield b
-    b.shutdown()
-
 
 @pytest.fixture
 def page(qtbot, loaded_bridge):
@@ -55,7 +40,7 @@ def log_rows(page: ServerPage) -> list[dict[str, str]]:
     return [{name: page.log.item(r, c).text() for c, name in enumerate(columns)} for r in range(page.log.rowCount())]
 
 
-def test_serves_the_openai_client_at_the_shown_url_and_logs_each_request(qtbot, page, tiny_chat_model):
+def test_serves_the_openai_client_at_the_shown_url_and_logs_each_request(qtbot, page, tiny_chat_model, screenshots):
     assert page.served_model_name() == Path(tiny_chat_model).name
     page.switch.click()
     assert page.switch.isChecked() and page.server is not None
@@ -71,8 +56,7 @@ def test_serves_the_openai_client_at_the_shown_url_and_logs_each_request(qtbot, 
     assert not page.port.isEnabled() and not page.api_key.isEnabled()   # settings are fixed while serving
     page.show()
     qtbot.waitExposed(page)
-    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
-    page.grab().save(str(SCREENSHOTS / "server.png"))
+    page.grab().save(str(screenshots / "server.png"))
 
 
 def test_an_api_key_turns_away_clients_without_it_and_the_snippets_carry_it(qtbot, page):
@@ -152,7 +136,7 @@ def test_the_log_keeps_the_newest_rows(qtbot, page):
     assert page.log.item(LOG_ROWS - 1, 2).text() == "/v1/models/3"
 
 
-def test_the_switch_waits_for_a_model_and_follows_a_reload(qtbot, tiny_chat_model):
+def test_the_switch_waits_for_a_model_and_follows_a_reload(qtbot, tiny_chat_model, load_options):
     bridge = EngineBridge()
     page = ServerPage(bridge)
     qtbot.addWidget(page)
@@ -160,13 +144,13 @@ def test_the_switch_waits_for_a_model_and_follows_a_reload(qtbot, tiny_chat_mode
         assert not page.switch.isEnabled() and "Load a model" in page.status.text()
         page.port.setValue(0)
         with qtbot.waitSignal(bridge.model_loaded, timeout=60_000):
-            bridge.load_model(str(tiny_chat_model), LOAD_OPTIONS)
+            bridge.load_model(str(tiny_chat_model), load_options)
         assert page.switch.isEnabled()
         page.switch.click()
         first_thread, url = bridge.engine_thread, page.url.text()
         ask(page)
         with qtbot.waitSignal(bridge.model_loaded, timeout=60_000):
-            bridge.load_model(str(tiny_chat_model), LOAD_OPTIONS)
+            bridge.load_model(str(tiny_chat_model), load_options)
         # Served from the new engine thread (the old one is stopped and would answer 503), at the same URL.
         assert bridge.engine_thread is not first_thread
         assert page.switch.isChecked() and page.url.text() == url

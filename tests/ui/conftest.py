@@ -1,0 +1,36 @@
+"""Fixtures the UI tests share: a bridge with the tiny chat model loaded, and where screenshots go."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from ui.bridge import EngineBridge
+
+# Options for loading the tiny chat model (tests/conftest.py) behind a page.
+LOAD_OPTIONS = {"max_model_len": 512, "kv_cache_memory": 0.02}
+
+
+@pytest.fixture(scope="module")
+def loaded_bridge(tiny_chat_model):
+    from PySide6.QtWidgets import QApplication
+
+    QApplication.instance() or QApplication([])
+    bridge = EngineBridge()
+    bridge.load_model(str(tiny_chat_model), LOAD_OPTIONS).join()
+    assert bridge.engine_thread is not None
+    yield bridge
+    bridge.shutdown()
+
+
+@pytest.fixture(scope="session")
+def screenshots() -> Path:
+    """build/screenshots (git-ignored): page grabs that a person looks at."""
+    path = Path(__file__).resolve().parents[2] / "build" / "screenshots"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+@pytest.fixture
+def load_options() -> dict:
+    return dict(LOAD_OPTIONS)
