@@ -16,13 +16,15 @@ import json
 import os
 import shutil
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import httpx2
-from huggingface_hub import HfApi, constants, hf_hub_url, scan_cache_dir
+from huggingface_hub import HfApi, constants, scan_cache_dir
 from huggingface_hub.errors import CacheNotFound, RepositoryNotFoundError, RevisionNotFoundError
 
 from app import model_store
@@ -56,7 +58,7 @@ def is_supported_architecture(architecture: str) -> bool:
     from engine.models.registry import UnsupportedModelError, model_class
 
     try:
-        model_class(type("Config", (), {"architectures": [architecture]}))
+        model_class(SimpleNamespace(architectures=[architecture]))
     except UnsupportedModelError:
         return False
     return True
@@ -276,7 +278,7 @@ def pull(model: str, revision: str | None = None, progress: Progress | None = No
     for file in files:
         blob = blobs / file.etag
         if not blob.is_file():
-            url = hf_hub_url(repo_id, file.name, revision=commit, endpoint=endpoint)
+            url = f"{endpoint}/{repo_id}/resolve/{commit}/{urllib.parse.quote(file.name)}"
             _download(url, file, blob, done, total, progress)
         done += file.size
         if progress is not None:
@@ -328,6 +330,12 @@ def remove(name: str, force: bool = False) -> int:
     except CacheNotFound:
         repos = frozenset()
     repo = next((r for r in repos if r.repo_type == "model" and r.repo_id == name), None)
+    leftover = _repo_dir(name) if "/" in name else None
+    if repo is None and leftover is not None and leftover.is_dir():
+        # only the .incomplete blobs of an interrupted pull: the cache scan skips such a folder
+        size = sum(f.stat().st_size for f in leftover.rglob("*") if f.is_file() and not f.is_symlink())
+        shutil.rmtree(leftover)
+        return size
     if repo is None:
         raise HubError(f"no model {name} in the library (kvstudio models list shows what is there)")
     size = repo.size_on_disk

@@ -1,0 +1,229 @@
+"""`kvstudio models list | pull | rm` against a fake Hugging Face Hub served on loopback."""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from aiohttp import web
+from huggingface_hub import constants, scan_cache_dir, try_to_load_from_cache
+
+from app import cli, hub_models, model_store
+
+COMMIT = hashlib.sha1(b"the one commit").hexdigest()
+
+
+@dataclass
+class FakeHub:
+    """Repos as {repo_id: {filename: bytes}}; every request is logged as (method, path, Range header)."""
+
+    repos: dict[str, dict[str, bytes]]
+    drop_halfway: set[str] = field(default_factory=set)  # "repo/file" whose next GET breaks off mid-body
+    requests: list[tuple[str, str, str | None]] = field(default_factory=list)
+    url: str = ""
+
+    async def info(self, request: web.Request) -> web.Response:
+        repo_id = f"{request.match_info['org']}/{request.match_info['name']}"
+        self.requests.append((request.method, request.path, None))
+        if repo_id not in self.repos:
+            return web.json_response({"error": "Repository not found"}, status=404,
+                                     headers={"X-Error-Code": "RepoNotFound"})
+        siblings = []
+        for name, data in self.repos[repo_id].items():
+            sibling = {"rfilename": name, "size": len(data),
+                       "blobId": hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()}
+            if name.endswith((".safetensors", ".bin", ".onnx")):  # stored in LFS on the real Hub
+                sibling["lfs"] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest(), "pointerSize": 134}
+            siblings.append(sibling)
+        return web.json_response({"id": repo_id, "modelId": repo_id, "sha": COMMIT, "siblings": siblings})
+
+    async def resolve(self, request: web.Request) -> web.StreamResponse:
+        repo_id = f"{request.match_info['org']}/{request.match_info['name']}"
+        filename = request.match_info["file"]
+        self.requests.append((request.method, request.path, request.headers.get("Range")))
+        data = self.repos.get(repo_id, {}).get(filename)
+        if data is None or request.match_info["rev"] != COMMIT:
+            return web.Response(status=404, headers={"X-Error-Code": "EntryNotFound"})
+        start = 0
+        if "Range" in request.headers:  # only the "bytes=N-" form the client sends
+            start = int(request.headers["Range"].removeprefix("bytes=").removesuffix("-"))
+        body = data[start:]
+        response = web.StreamResponse(status=206 if start else 200, headers={
+            "Content-Length": str(len(body)), "ETag": f'"{hashlib.sha256(data).hexdigest()}"',
+            "X-Repo-Commit": COMMIT})
+        if start:
+            response.headers["Content-Range"] = f"bytes {start}-{len(data) - 1}/{len(data)}"
+        await response.prepare(request)
+        key = f"{repo_id}/{filename}"
+        if key in self.drop_halfway:
+            self.drop_halfway.discard(key)
+            await response.write(body[: len(body) // 2])
+            request.transport.abort()  # the connection dies with half of the promised bytes sent
+            return response
+        await response.write(body)
+        await response.write_eof()
+        return response
+
+
+@pytest.fixture
+def fake_hub(tiny_chat_model, tmp_path, monkeypatch):
+    tiny = {p.name: p.read_bytes() for p in sorted(tiny_chat_model.iterdir()) if p.is_file()}
+    config = json.loads(tiny["config.json"])
+    hub = FakeHub({
+        # what a real repo also carries, and a pull must leave on the Hub
+        "org/tiny": {**tiny, "pytorch_model.bin": b"\0" * 300, "README.md": b"# tiny\n"},
+        "org/bin-only": {"config.json": tiny["config.json"], "pytorch_model.bin": b"\0" * 300},
+        "org/bert": {"config.json": json.dumps({**config, "architectures": ["BertModel"]}).encode(),
+                     "model.safetensors": tiny["model.safetensors"]},
+    })
+    app = web.Application()
+    app.router.add_get("/api/models/{org}/{name}", hub.info)
+    app.router.add_get("/api/models/{org}/{name}/revision/{rev}", hub.info)
+    app.router.add_get("/{org}/{name}/resolve/{rev}/{file:.+}", hub.resolve)
+
+    loop = asyncio.new_event_loop()
+    runner = web.AppRunner(app)
+    loop.run_until_complete(runner.setup())
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    loop.run_until_complete(site.start())
+    port = runner.addresses[0][1]
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+
+    hub.url = f"http://127.0.0.1:{port}"
+    monkeypatch.setattr(constants, "ENDPOINT", hub.url)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    monkeypatch.setenv(model_store.DATA_DIR_ENV, str(tmp_path / "kvstudio"))
+    yield hub
+    asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(10)
+    loop.call_soon_threadsafe(loop.stop)
+    thread.join(10)
+    loop.close()
+
+
+def run(capsys, *argv: str) -> tuple[int, str, str]:
+    code = cli.main(["models", *argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def expected_files(tiny_chat_model: Path) -> set[str]:
+    return {p.name for p in tiny_chat_model.iterdir() if p.is_file()}
+
+
+def test_pull_downloads_only_what_the_engine_needs_into_the_hf_cache(fake_hub, tiny_chat_model, tmp_path, capsys):
+    code, out, err = run(capsys, "pull", "org/tiny")
+    assert code == 0, err
+    snapshot = tmp_path / "hf-cache" / "models--org--tiny" / "snapshots" / COMMIT
+    assert out.strip().splitlines()[-1] == str(snapshot)
+    assert {p.name for p in snapshot.iterdir()} == expected_files(tiny_chat_model)
+    for name in expected_files(tiny_chat_model):
+        assert (snapshot / name).read_bytes() == (tiny_chat_model / name).read_bytes()
+    fetched = {path.rsplit("/", 1)[1] for method, path, _ in fake_hub.requests if "/resolve/" in path}
+    assert fetched == expected_files(tiny_chat_model)  # no .bin, no README
+    # the standard cache layout: other Hugging Face tools find the files without a download
+    cache = tmp_path / "hf-cache"
+    found = try_to_load_from_cache("org/tiny", "model.safetensors", cache_dir=cache)
+    assert found == str(snapshot / "model.safetensors")
+    assert [r.repo_id for r in scan_cache_dir(cache).repos] == ["org/tiny"]
+
+
+def test_a_second_pull_downloads_nothing(fake_hub, capsys):
+    assert run(capsys, "pull", "org/tiny")[0] == 0
+    fake_hub.requests.clear()
+    assert run(capsys, "pull", "org/tiny")[0] == 0
+    assert [path for _, path, _ in fake_hub.requests if "/resolve/" in path] == []
+
+
+def test_list_shows_the_pulled_model_with_family_size_and_context(fake_hub, tiny_chat_model, capsys):
+    code, out, _ = run(capsys, "list")
+    assert code == 0 and "library is empty" in out
+    assert run(capsys, "pull", "org/tiny")[0] == 0
+
+    size = sum((tiny_chat_model / name).stat().st_size for name in expected_files(tiny_chat_model))
+    [model] = hub_models.list_local_models()
+    assert (model.name, model.size, model.family, model.context_length) == (
+        "org/tiny", size, "LlamaForCausalLM", 512)
+    code, out, _ = run(capsys, "list")
+    assert code == 0
+    assert out.split() == ["org/tiny", *hub_models.human_size(size).split(), "LlamaForCausalLM", "context", "512"]
+
+
+def test_an_interrupted_pull_fails_and_the_next_one_resumes(fake_hub, tiny_chat_model, capsys):
+    fake_hub.drop_halfway.add("org/tiny/model.safetensors")
+    code, _, err = run(capsys, "pull", "org/tiny")
+    assert code == 1
+    assert "model.safetensors broke off" in err and "run the pull again to resume" in err
+    assert hub_models.list_local_models() == []  # nothing half-downloaded in the library
+
+    fake_hub.requests.clear()
+    code, out, err = run(capsys, "pull", "org/tiny")
+    assert code == 0, err
+    weights = (tiny_chat_model / "model.safetensors").read_bytes()
+    gets = [r for _, path, r in fake_hub.requests if path.endswith("/model.safetensors")]
+    assert gets == [f"bytes={len(weights) // 2}-"]  # only the missing half was asked for
+    assert (Path(out.strip().splitlines()[-1]) / "model.safetensors").read_bytes() == weights
+
+
+def test_rm_clears_what_an_interrupted_pull_left(fake_hub, tiny_chat_model, tmp_path, capsys):
+    fake_hub.drop_halfway.add("org/tiny/model.safetensors")
+    assert run(capsys, "pull", "org/tiny")[0] == 1
+    repo_dir = tmp_path / "hf-cache" / "models--org--tiny"
+    kept = sum(f.stat().st_size for f in (repo_dir / "blobs").iterdir())
+    weights = (tiny_chat_model / "model.safetensors").stat().st_size
+    assert kept > weights // 2  # half the weights, plus the small files before them
+    code, out, _ = run(capsys, "rm", "org/tiny")
+    assert code == 0 and out.strip() == f"Removed org/tiny, freed {hub_models.human_size(kept)}."
+    assert not repo_dir.exists()
+
+
+@pytest.mark.parametrize("repo, message", [
+    ("org/missing", "no model org/missing on the Hub"),
+    ("org/bin-only", "org/bin-only has no .safetensors weights"),
+    ("org/bert", "org/bert is a BertModel, an architecture kvstudio cannot run"),
+    ("not-a-repo-id", "'not-a-repo-id' is not a Hub model id"),
+])
+def test_a_pull_kvstudio_cannot_use_fails_with_the_reason(fake_hub, repo, message, capsys):
+    code, _, err = run(capsys, "pull", repo)
+    assert code == 1
+    assert message in err
+    assert hub_models.list_local_models() == []
+
+
+def test_a_pull_needing_more_than_the_free_disk_fails_before_downloading(fake_hub, monkeypatch, capsys):
+    monkeypatch.setattr(hub_models.shutil, "disk_usage", lambda path: type("Usage", (), {"free": 10})())
+    code, _, err = run(capsys, "pull", "org/tiny")
+    assert code == 1 and "not enough disk space" in err
+    assert [path for _, path, _ in fake_hub.requests if "/resolve/" in path] == []
+
+
+def test_rm_frees_the_model_and_it_leaves_the_list(fake_hub, tiny_chat_model, tmp_path, capsys):
+    assert run(capsys, "pull", "org/tiny")[0] == 0
+    [model] = hub_models.list_local_models()
+    code, out, _ = run(capsys, "rm", "org/tiny")
+    assert code == 0
+    assert out.strip() == f"Removed org/tiny, freed {hub_models.human_size(model.size)}."
+    assert not (tmp_path / "hf-cache" / "models--org--tiny").exists()
+    assert hub_models.list_local_models() == []
+
+    code, _, err = run(capsys, "rm", "org/tiny")
+    assert code == 1 and "no model org/tiny in the library" in err
+
+
+def test_the_default_model_is_listed_and_removed_only_with_force(fake_hub, smollm2_gguf, capsys):
+    default = model_store.default_model_path()
+    default.parent.mkdir(parents=True)
+    default.symlink_to(smollm2_gguf)  # removing the link leaves the suite's copy alone
+    [model] = hub_models.list_local_models()
+    assert (model.name, model.family, model.context_length, model.is_default) == (
+        default.name, "llama", 8192, True)
+
+    code, _, err = run(capsys, "rm", default.name)
+    assert code == 1 and "--force" in err and default.exists()
+    code, out, _ = run(capsys, "rm", default.name, "--force")
+    assert code == 0 and not default.exists() and smollm2_gguf.is_file()
+    assert out.strip() == f"Removed {default.name}, freed {hub_models.human_size(model_store.DEFAULT_MODEL.size)}."
