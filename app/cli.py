@@ -7,7 +7,6 @@ answer at once.
 from __future__ import annotations
 
 import argparse
-import gc
 import itertools
 import os
 import sys
@@ -332,34 +331,6 @@ def run_default() -> int:
     return 0
 
 
-def run_bench_throughput(args: argparse.Namespace) -> int:
-    import torch
-
-    from app import bench
-
-    requests = bench.load_workload(args.prompts or bench.BUILTIN_WORKLOAD, args.num_prompts, args.max_tokens)
-    if args.baseline == "hf" and len({r.max_tokens for r in requests}) > 1:
-        raise ValueError("--baseline hf runs static batches with one max_tokens: give --max-tokens")
-    params = [bench.greedy_params(r) for r in requests]
-    llm = load_llm(args.model, engine_kwargs(args))
-    model = llm.llm_engine.config.model
-    tokenizer = llm.get_tokenizer()
-    prompt_ids = [chat_prompt(tokenizer, r.messages)["prompt_token_ids"] for r in requests]
-    print(f"{len(requests)} requests, {sum(map(len, prompt_ids))} prompt tokens, "
-          f"{sum(r.max_tokens for r in requests)} tokens to generate; torch threads: {torch.get_num_threads()}")
-    ours = bench.run_engine(llm.llm_engine, prompt_ids, params)
-    print(ours.summary(), flush=True)
-    if args.baseline != "hf":
-        return 0
-    del llm  # free the engine's weights and KV pool before the baseline's model loads
-    gc.collect()
-    hf_model, pad_token_id = bench.load_hf_model(model)
-    theirs = bench.run_hf_generate(hf_model, pad_token_id, prompt_ids, requests[0].max_tokens)
-    print(theirs.summary())
-    print(f"kvstudio / hf: {ours.tokens_per_s / theirs.tokens_per_s:.2f}x")
-    return 0
-
-
 def run_serve(args: argparse.Namespace) -> int:
     import logging
 
@@ -374,85 +345,6 @@ def run_serve(args: argparse.Namespace) -> int:
               + ("" if args.api_key else "; consider --api-key"), file=sys.stderr)
     llm = load_llm(args.model, engine_kwargs(args))
     serve(llm.llm_engine, config, args.served_model_name, args.max_queue)
-    return 0
-
-
-def run_bench_serve(args: argparse.Namespace) -> int:
-    import asyncio
-    import json
-    import urllib.request
-
-    from app import bench, bench_serve
-
-    requests = bench.load_workload(args.prompts or bench.BUILTIN_WORKLOAD, args.num_prompts, args.max_tokens)
-    if len({r.max_tokens for r in requests}) > 1:
-        raise ValueError("bench serve streams one max_tokens for all requests: give --max-tokens")
-    stop = None
-    if args.url is None:
-        from app.engine_thread import EngineThread
-        from app.server.app import ServerConfig
-        from app.server.run import BackgroundServer, model_info
-
-        engine = load_llm(args.model, engine_kwargs(args)).llm_engine
-        thread = EngineThread(engine).start()
-        server = BackgroundServer(thread, model_info(engine, args.served_model_name), ServerConfig(port=0)).start()
-        url = server.url + "/v1"
-
-        def stop() -> None:
-            server.stop()
-            thread.stop()
-    else:
-        url = args.url.rstrip("/")
-    try:
-        model = args.served_model_name
-        if model is None:
-            headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
-            with urllib.request.urlopen(urllib.request.Request(url + "/models", headers=headers), timeout=30) as r:
-                model = json.load(r)["data"][0]["id"]
-        print(f"{url}, model {model}: {len(requests)} chat requests x {requests[0].max_tokens} tokens per level",
-              flush=True)
-        results = []
-        for concurrency in args.concurrency:
-            results.append(asyncio.run(bench_serve.run_level(url, model, args.api_key,
-                                                             [r.messages for r in requests],
-                                                             requests[0].max_tokens, concurrency)))
-            print(f"concurrency {concurrency}: {results[-1].output_tokens_per_s:.1f} tok/s", file=sys.stderr,
-                  flush=True)
-        print(bench_serve.table(results))
-    finally:
-        if stop is not None:
-            stop()
-    return 0
-
-
-def run_bench_sharing(args: argparse.Namespace) -> int:
-    from app import bench_sharing as bs
-
-    kwargs = engine_kwargs(args)
-    llm = load_llm(args.model, {**kwargs, "enable_prefix_caching": False})
-    engine = llm.llm_engine
-    results = []
-    for name in args.workload or list(bs.MIXES):
-        for kind in ("parallel sampling", "beam search"):
-            for width in bs.WIDTHS:
-                result = bs.measure_sharing(engine, bs.MIXES[name], kind, width, args.num_requests, args.seed,
-                                            args.max_prompt_len, args.max_output_len)
-                print(f"{name} {kind} {width}: {result.saved:.1%} saved", file=sys.stderr, flush=True)
-                results.append(result)
-    print(bs.sharing_table(results), flush=True)
-    if args.prefix_requests <= 0:
-        return 0
-    del llm, engine
-    gc.collect()
-    model = args.model
-
-    def make_engine(caching: bool):
-        return load_llm(model, {**kwargs, "enable_prefix_caching": caching}).llm_engine
-
-    prefix = [bs.measure_prefix_caching(make_engine, name, tokens, args.prefix_requests, args.seed)
-              for name, tokens in bs.SHOT_PREFIXES]
-    print()
-    print(bs.prefix_table(prefix, args.prefix_requests))
     return 0
 
 
@@ -501,12 +393,10 @@ def main(argv: list[str] | None = None) -> int:
             return run_generate(args)
         if args.command == "serve":
             return run_serve(args)
-        if args.command == "bench" and args.bench_command == "serve":
-            return run_bench_serve(args)
-        if args.command == "bench" and args.bench_command == "sharing":
-            return run_bench_sharing(args)
         if args.command == "bench":
-            return run_bench_throughput(args)
+            from app import bench_commands
+
+            return bench_commands.run(args)
         if args.command == "models":
             return run_models(args)
         return run_default()
