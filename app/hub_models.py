@@ -15,6 +15,7 @@ import http.client
 import json
 import os
 import shutil
+import threading
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -25,7 +26,9 @@ from types import SimpleNamespace
 
 import httpx2
 from huggingface_hub import HfApi, constants, scan_cache_dir
-from huggingface_hub.errors import CacheNotFound, RepositoryNotFoundError, RevisionNotFoundError
+from huggingface_hub.errors import CacheNotFound, HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
+from huggingface_hub.hf_api import ModelInfo
+from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
 
 from app import model_store
 
@@ -41,6 +44,10 @@ Progress = Callable[[int, int], None]  # (bytes done, bytes in all) over the who
 
 class HubError(RuntimeError):
     """A pull or a removal failed; the message says why in words meant for the user."""
+
+
+class HubOffline(HubError):
+    """The Hub could not be reached at all (no network, refused, timed out), as opposed to answering with an error."""
 
 
 @dataclass(frozen=True)
@@ -192,7 +199,7 @@ def _remote_files(repo_id: str, revision: str | None, endpoint: str) -> tuple[st
 
 
 def _download(url: str, file: _RemoteFile, blob: Path, done_before: int, total: int,
-              progress: Progress | None) -> None:
+              progress: Progress | None, cancel: threading.Event | None) -> None:
     """Fetch one file to `blob`, resuming `blob`.incomplete from its length; verified before it is renamed."""
     partial = blob.with_name(blob.name + ".incomplete")
     have = partial.stat().st_size if partial.exists() else 0
@@ -214,6 +221,8 @@ def _download(url: str, file: _RemoteFile, blob: Path, done_before: int, total: 
                         have += len(chunk)
                         if progress is not None:
                             progress(done_before + have, total)
+                        if cancel is not None and cancel.is_set():
+                            raise HubError("cancelled")  # .incomplete stays, so the next pull resumes it
     except urllib.error.HTTPError as e:
         raise HubError(f"downloading {file.name} failed: HTTP {e.code} {e.reason}") from None
     except OSError as e:
@@ -248,11 +257,12 @@ def _check_space(directory: Path, needed: int) -> None:
 
 
 def pull(model: str, revision: str | None = None, progress: Progress | None = None,
-         endpoint: str | None = None) -> Path:
+         endpoint: str | None = None, cancel: threading.Event | None = None) -> Path:
     """Download `model` ("org/name" or "org/name@rev") into the Hugging Face cache; returns the snapshot dir.
 
     Only what the engine reads is fetched. An interrupted pull leaves `.incomplete` blobs that the next pull
-    resumes; the snapshot (what the library lists) appears only once every file is complete.
+    resumes; the snapshot (what the library lists) appears only once every file is complete. Setting `cancel`
+    stops the pull between chunks with HubError("cancelled"), keeping what arrived for the next pull.
     """
     repo_id, _, at = model.partition("@")
     if at and revision is not None and at != revision:
@@ -279,7 +289,9 @@ def pull(model: str, revision: str | None = None, progress: Progress | None = No
         blob = blobs / file.etag
         if not blob.is_file():
             url = f"{endpoint}/{repo_id}/resolve/{commit}/{urllib.parse.quote(file.name)}"
-            _download(url, file, blob, done, total, progress)
+            if cancel is not None and cancel.is_set():
+                raise HubError("cancelled")
+            _download(url, file, blob, done, total, progress, cancel)
         done += file.size
         if progress is not None:
             progress(done, total)
@@ -308,6 +320,48 @@ def _check_architecture(config_file: Path, repo_id: str) -> None:
     if not any(is_supported_architecture(a) for a in architectures):
         raise HubError(f"{repo_id} is a {', '.join(architectures) or 'model naming no architecture'}, "
                        "an architecture kvstudio cannot run")
+
+
+# ---------------------------------------------------------------------------------------------------- searching
+
+@dataclass(frozen=True)
+class HubModel:
+    name: str  # "org/name"
+    downloads: int  # over the last 30 days, as the Hub counts them
+    likes: int
+    size: int | None  # bytes the repo stores on the Hub (every file, not only what a pull fetches); None: not said
+
+
+def search_hub(query: str, limit: int = 20, endpoint: str | None = None) -> list[HubModel]:
+    """Text-generation models with safetensors weights whose id contains `query`, most downloaded first.
+
+    One request without retries: huggingface_hub's list_models backs off for half a minute when the network is
+    down, and a search box should say "offline" at once. Raises HubOffline when the Hub cannot be reached and
+    HubError when it answers with an error.
+    """
+    if not 1 <= limit <= 100:  # the Hub's page size: more would need pagination
+        raise ValueError(f"limit must be between 1 and 100, got {limit}")
+    endpoint = endpoint or constants.ENDPOINT
+    params = {"search": query.strip(), "pipeline_tag": "text-generation", "filter": "safetensors",
+              "sort": "downloads", "limit": limit, "expand": ["downloads", "likes", "usedStorage"]}
+    try:
+        response = get_session().get(f"{endpoint}/api/models", params=params, headers=build_hf_headers(),
+                                     timeout=_TIMEOUT_S)
+        hf_raise_for_status(response)
+        items = response.json()
+    except httpx2.TransportError as e:
+        raise HubOffline(f"cannot reach the Hugging Face Hub at {endpoint}: {e}") from None
+    except HfHubHTTPError as e:
+        raise HubError(f"the Hub search for {query!r} failed: {e}") from None
+    except OSError as e:
+        raise HubOffline(f"cannot reach the Hugging Face Hub at {endpoint}: {e}") from None
+    except ValueError as e:
+        raise HubError(f"the Hub answered the search for {query!r} with something that is not JSON: {e}") from None
+    models = []
+    for item in items[:limit]:
+        info = ModelInfo(**item)
+        models.append(HubModel(info.id, info.downloads or 0, info.likes or 0, info.used_storage))
+    return models
 
 
 # ---------------------------------------------------------------------------------------------------- removing

@@ -1,4 +1,5 @@
-"""The main window: a page list on the left (Chat, Batch, Monitor, Server), the model's state in the status bar.
+"""The main window: a page list on the left (Chat, Batch, Models, Monitor, Server), the model's state in the
+status bar.
 
 The window appears at once; the last used model (or the default one) loads in the background through the
 bridge, with a busy indicator, and a failure is said in the status bar. Closing the window stops the engine
@@ -27,6 +28,7 @@ from app.settings import Settings, save_settings
 from ui.bridge import EngineBridge, ModelLoaded, ModelLoadFailed
 from ui.pages.batch import BatchPage
 from ui.pages.chat import ChatPage
+from ui.pages.models import ModelsPage
 from ui.pages.monitor import MonitorPage
 from ui.pages.server import ServerPage
 
@@ -40,6 +42,7 @@ class MainWindow(QMainWindow):
         self.resize(1280, 800)
         self.chat = ChatPage(bridge, history)
         self.batch = BatchPage(bridge)
+        self.models = ModelsPage(bridge)
         self.monitor = MonitorPage()
         self.server = ServerPage(bridge)
         self.pages = QStackedWidget()
@@ -49,8 +52,8 @@ class MainWindow(QMainWindow):
         font = self.nav.font()
         font.setPointSizeF(font.pointSizeF() * 1.15)
         self.nav.setFont(font)
-        self.page_names = ("Chat", "Batch", "Monitor", "Server")
-        for page in (self.chat, self.batch, self.monitor, self.server):
+        self.page_names = ("Chat", "Batch", "Models", "Monitor", "Server")
+        for page in (self.chat, self.batch, self.models, self.monitor, self.server):
             self.pages.addWidget(page)
         self.nav.addItems(self.page_names)
         self.nav.currentRowChanged.connect(self.pages.setCurrentIndex)
@@ -117,6 +120,7 @@ class MainWindow(QMainWindow):
     def closeEvent(self, event: QCloseEvent) -> None:   # noqa: N802 (Qt's name)
         self.chat.stop()
         self.batch.cancel()
+        self.models.shutdown()
         self.server.shutdown()
         self.bridge.shutdown()
         save_settings(self.settings, self.settings_path)

@@ -39,10 +39,10 @@ def test_the_window_loads_chats_monitors_and_remembers(qtbot, tmp_path, tiny_cha
     qtbot.waitUntil(lambda: bool(snapshots) and snapshots[-1].stats.num_blocks_used == 0, timeout=10_000)
     assert any(s.stats.num_blocks_used for s in snapshots)
     window.grab().save(str(screenshots / "window-chat.png"))
-    window.nav.setCurrentRow(2)
+    window.nav.setCurrentRow(3)
     assert window.pages.currentWidget() is window.monitor
     window.grab().save(str(screenshots / "window-monitor.png"))
-    window.nav.setCurrentRow(3)
+    window.nav.setCurrentRow(4)
     assert window.pages.currentWidget() is window.server and window.server.switch.isEnabled()
     window.server.port.setValue(0)
     assert window.server.set_serving(True)
