@@ -15,6 +15,9 @@ import torch  # noqa: E402 - importing torch runs no @triton.jit
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import hashlib  # noqa: E402
+import threading  # noqa: E402
+from dataclasses import dataclass, field  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
@@ -55,3 +58,129 @@ def tiny_chat_model(tmp_path_factory, smollm2_tokenizer) -> Path:
     LlamaForCausalLM(config).save_pretrained(path)
     tok.save_pretrained(path)
     return path
+
+
+# ---- a fake Hugging Face Hub ------------------------------------------------------------------------------------
+
+HUB_COMMIT = hashlib.sha1(b"the one commit").hexdigest()
+
+
+@dataclass
+class FakeHub:
+    """The Hub routes huggingface_hub and app/hub_models.py call, over repos given as {repo_id: {filename: bytes}}.
+
+    Every request is logged as (method, path, Range header). "repo/file" keys in drop_halfway break their next
+    GET off mid-body; in stall_halfway they send half, then wait for `release`."""
+    repos: dict[str, dict[str, bytes]]
+    downloads: dict[str, int] = field(default_factory=dict)   # for search ordering
+    drop_halfway: set[str] = field(default_factory=set)
+    stall_halfway: set[str] = field(default_factory=set)
+    release: threading.Event = field(default_factory=threading.Event)
+    requests: list[tuple[str, str, str | None]] = field(default_factory=list)
+    url: str = ""
+    commit: str = HUB_COMMIT   # every repo's one revision
+
+    @property
+    def ranges(self) -> list[str | None]:
+        """Range headers of the GETs of weights files, in order."""
+        return [r for _, path, r in self.requests if "/resolve/" in path and path.endswith(".safetensors")]
+
+    async def search(self, request):
+        from aiohttp import web
+
+        query = request.query.get("search", "")
+        found = sorted((r for r in self.repos if query.lower() in r.lower()), key=lambda r: -self.downloads.get(r, 0))
+        return web.json_response([{"id": r, "downloads": self.downloads.get(r, 0), "likes": len(r),
+                                   "usedStorage": sum(map(len, self.repos[r].values()))} for r in found])
+
+    async def info(self, request):
+        from aiohttp import web
+
+        repo_id = f"{request.match_info['org']}/{request.match_info['name']}"
+        self.requests.append((request.method, request.path, None))
+        if repo_id not in self.repos:
+            return web.json_response({"error": "Repository not found"}, status=404,
+                                     headers={"X-Error-Code": "RepoNotFound"})
+        siblings = []
+        for name, data in self.repos[repo_id].items():
+            sibling = {"rfilename": name, "size": len(data),
+                       "blobId": hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()}
+            if name.endswith((".safetensors", ".bin", ".onnx")):  # stored in LFS on the real Hub
+                sibling["lfs"] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest(), "pointerSize": 134}
+            siblings.append(sibling)
+        return web.json_response({"id": repo_id, "modelId": repo_id, "sha": HUB_COMMIT, "siblings": siblings})
+
+    async def resolve(self, request):
+        import asyncio
+
+        from aiohttp import web
+
+        repo_id = f"{request.match_info['org']}/{request.match_info['name']}"
+        filename = request.match_info["file"]
+        self.requests.append((request.method, request.path, request.headers.get("Range")))
+        data = self.repos.get(repo_id, {}).get(filename)
+        if data is None or request.match_info["rev"] != HUB_COMMIT:
+            return web.Response(status=404, headers={"X-Error-Code": "EntryNotFound"})
+        start = int(request.headers.get("Range", "bytes=0-").removeprefix("bytes=").removesuffix("-"))
+        body = data[start:]
+        response = web.StreamResponse(status=206 if start else 200, headers={
+            "Content-Length": str(len(body)), "ETag": f'"{hashlib.sha256(data).hexdigest()}"',
+            "X-Repo-Commit": HUB_COMMIT})
+        if start:
+            response.headers["Content-Range"] = f"bytes {start}-{len(data) - 1}/{len(data)}"
+        await response.prepare(request)
+        key = f"{repo_id}/{filename}"
+        if key in self.drop_halfway | self.stall_halfway:
+            await response.write(body[: len(body) // 2])
+            if key in self.drop_halfway:
+                self.drop_halfway.discard(key)
+                request.transport.abort()  # the connection dies with half of the promised bytes sent
+                return response
+            self.stall_halfway.discard(key)
+            await asyncio.get_running_loop().run_in_executor(None, self.release.wait, 10)
+            body = body[len(body) // 2:]
+        await response.write(body)
+        await response.write_eof()
+        return response
+
+
+@pytest.fixture
+def serve_hub(tmp_path, monkeypatch):
+    """serve_hub(repos, downloads=None) -> FakeHub on loopback, with huggingface_hub pointed at it, the HF cache
+    in tmp_path/hf-cache and kvstudio's data dir in tmp_path/kvstudio."""
+    import asyncio
+
+    from aiohttp import web
+    from huggingface_hub import constants
+
+    from app import model_store
+
+    running = []
+
+    def serve(repos: dict[str, dict[str, bytes]], downloads: dict[str, int] | None = None) -> FakeHub:
+        hub = FakeHub(repos, dict(downloads or {}))
+        app = web.Application()
+        app.router.add_get("/api/models", hub.search)
+        app.router.add_get("/api/models/{org}/{name}", hub.info)
+        app.router.add_get("/api/models/{org}/{name}/revision/{rev}", hub.info)
+        app.router.add_get("/{org}/{name}/resolve/{rev}/{file:.+}", hub.resolve)
+        loop = asyncio.new_event_loop()
+        runner = web.AppRunner(app)
+        loop.run_until_complete(runner.setup())
+        loop.run_until_complete(web.TCPSite(runner, "127.0.0.1", 0).start())
+        thread = threading.Thread(target=loop.run_forever, daemon=True)
+        thread.start()
+        running.append((hub, runner, loop, thread))
+        hub.url = f"http://127.0.0.1:{runner.addresses[0][1]}"
+        monkeypatch.setattr(constants, "ENDPOINT", hub.url)
+        monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+        monkeypatch.setenv(model_store.DATA_DIR_ENV, str(tmp_path / "kvstudio"))
+        return hub
+
+    yield serve
+    for hub, runner, loop, thread in running:
+        hub.release.set()
+        asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(10)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+        loop.close()

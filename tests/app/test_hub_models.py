@@ -1,108 +1,26 @@
 """`kvstudio models list | pull | rm` against a fake Hugging Face Hub served on loopback."""
 from __future__ import annotations
 
-import asyncio
-import hashlib
 import json
-import threading
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from aiohttp import web
-from huggingface_hub import constants, scan_cache_dir, try_to_load_from_cache
+from huggingface_hub import scan_cache_dir, try_to_load_from_cache
 
 from app import cli, hub_models, model_store
 
-COMMIT = hashlib.sha1(b"the one commit").hexdigest()
-
-
-@dataclass
-class FakeHub:
-    """Repos as {repo_id: {filename: bytes}}; every request is logged as (method, path, Range header)."""
-
-    repos: dict[str, dict[str, bytes]]
-    drop_halfway: set[str] = field(default_factory=set)  # "repo/file" whose next GET breaks off mid-body
-    requests: list[tuple[str, str, str | None]] = field(default_factory=list)
-    url: str = ""
-
-    async def info(self, request: web.Request) -> web.Response:
-        repo_id = f"{request.match_info['org']}/{request.match_info['name']}"
-        self.requests.append((request.method, request.path, None))
-        if repo_id not in self.repos:
-            return web.json_response({"error": "Repository not found"}, status=404,
-                                     headers={"X-Error-Code": "RepoNotFound"})
-        siblings = []
-        for name, data in self.repos[repo_id].items():
-            sibling = {"rfilename": name, "size": len(data),
-                       "blobId": hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()}
-            if name.endswith((".safetensors", ".bin", ".onnx")):  # stored in LFS on the real Hub
-                sibling["lfs"] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest(), "pointerSize": 134}
-            siblings.append(sibling)
-        return web.json_response({"id": repo_id, "modelId": repo_id, "sha": COMMIT, "siblings": siblings})
-
-    async def resolve(self, request: web.Request) -> web.StreamResponse:
-        repo_id = f"{request.match_info['org']}/{request.match_info['name']}"
-        filename = request.match_info["file"]
-        self.requests.append((request.method, request.path, request.headers.get("Range")))
-        data = self.repos.get(repo_id, {}).get(filename)
-        if data is None or request.match_info["rev"] != COMMIT:
-            return web.Response(status=404, headers={"X-Error-Code": "EntryNotFound"})
-        start = 0
-        if "Range" in request.headers:  # only the "bytes=N-" form the client sends
-            start = int(request.headers["Range"].removeprefix("bytes=").removesuffix("-"))
-        body = data[start:]
-        response = web.StreamResponse(status=206 if start else 200, headers={
-            "Content-Length": str(len(body)), "ETag": f'"{hashlib.sha256(data).hexdigest()}"',
-            "X-Repo-Commit": COMMIT})
-        if start:
-            response.headers["Content-Range"] = f"bytes {start}-{len(data) - 1}/{len(data)}"
-        await response.prepare(request)
-        key = f"{repo_id}/{filename}"
-        if key in self.drop_halfway:
-            self.drop_halfway.discard(key)
-            await response.write(body[: len(body) // 2])
-            request.transport.abort()  # the connection dies with half of the promised bytes sent
-            return response
-        await response.write(body)
-        await response.write_eof()
-        return response
-
 
 @pytest.fixture
-def fake_hub(tiny_chat_model, tmp_path, monkeypatch):
+def fake_hub(serve_hub, tiny_chat_model):
     tiny = {p.name: p.read_bytes() for p in sorted(tiny_chat_model.iterdir()) if p.is_file()}
     config = json.loads(tiny["config.json"])
-    hub = FakeHub({
+    return serve_hub({
         # what a real repo also carries, and a pull must leave on the Hub
         "org/tiny": {**tiny, "pytorch_model.bin": b"\0" * 300, "README.md": b"# tiny\n"},
         "org/bin-only": {"config.json": tiny["config.json"], "pytorch_model.bin": b"\0" * 300},
         "org/bert": {"config.json": json.dumps({**config, "architectures": ["BertModel"]}).encode(),
                      "model.safetensors": tiny["model.safetensors"]},
     })
-    app = web.Application()
-    app.router.add_get("/api/models/{org}/{name}", hub.info)
-    app.router.add_get("/api/models/{org}/{name}/revision/{rev}", hub.info)
-    app.router.add_get("/{org}/{name}/resolve/{rev}/{file:.+}", hub.resolve)
-
-    loop = asyncio.new_event_loop()
-    runner = web.AppRunner(app)
-    loop.run_until_complete(runner.setup())
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    loop.run_until_complete(site.start())
-    port = runner.addresses[0][1]
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-
-    hub.url = f"http://127.0.0.1:{port}"
-    monkeypatch.setattr(constants, "ENDPOINT", hub.url)
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
-    monkeypatch.setenv(model_store.DATA_DIR_ENV, str(tmp_path / "kvstudio"))
-    yield hub
-    asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(10)
-    loop.call_soon_threadsafe(loop.stop)
-    thread.join(10)
-    loop.close()
 
 
 def run(capsys, *argv: str) -> tuple[int, str, str]:
@@ -118,7 +36,7 @@ def expected_files(tiny_chat_model: Path) -> set[str]:
 def test_pull_downloads_only_what_the_engine_needs_into_the_hf_cache(fake_hub, tiny_chat_model, tmp_path, capsys):
     code, out, err = run(capsys, "pull", "org/tiny")
     assert code == 0, err
-    snapshot = tmp_path / "hf-cache" / "models--org--tiny" / "snapshots" / COMMIT
+    snapshot = tmp_path / "hf-cache" / "models--org--tiny" / "snapshots" / fake_hub.commit
     assert out.strip().splitlines()[-1] == str(snapshot)
     assert {p.name for p in snapshot.iterdir()} == expected_files(tiny_chat_model)
     for name in expected_files(tiny_chat_model):

@@ -3,15 +3,9 @@ model), delete, search, download with progress, a failing and a cancelled downlo
 full disk said in words, offline search, load."""
 from __future__ import annotations
 
-import asyncio
-import hashlib
 import socket
-import threading
-from dataclasses import dataclass, field
 
 import pytest
-from aiohttp import web
-from huggingface_hub import constants
 from PySide6.QtCore import Qt
 
 from app import hub_models, model_store
@@ -19,92 +13,11 @@ from app.hub_models import human_size
 from ui.bridge import EngineBridge
 from ui.pages.models import OFFLINE, ModelsPage
 
-COMMIT = hashlib.sha1(b"the one commit").hexdigest()
-
-
-@dataclass
-class FakeHub:
-    """Repos as {repo_id: {filename: bytes}}, with download counts for the search; "repo/file" keys in
-    drop_halfway break off their next GET mid-body, and in stall_halfway wait for `release` after half."""
-
-    repos: dict[str, dict[str, bytes]]
-    downloads: dict[str, int]
-    drop_halfway: set[str] = field(default_factory=set)
-    stall_halfway: set[str] = field(default_factory=set)
-    release: threading.Event = field(default_factory=threading.Event)
-    ranges: list[str | None] = field(default_factory=list)  # Range headers of the weights' GETs
-    url: str = ""
-
-    async def search(self, request: web.Request) -> web.Response:
-        query = request.query.get("search", "")
-        found = sorted((r for r in self.repos if query.lower() in r.lower()), key=lambda r: -self.downloads[r])
-        return web.json_response([{"id": r, "downloads": self.downloads[r], "likes": len(r),
-                                   "usedStorage": sum(map(len, self.repos[r].values()))} for r in found])
-
-    async def info(self, request: web.Request) -> web.Response:
-        repo_id = f"{request.match_info['org']}/{request.match_info['name']}"
-        if repo_id not in self.repos:
-            return web.json_response({"error": "Repository not found"}, status=404,
-                                     headers={"X-Error-Code": "RepoNotFound"})
-        siblings = []
-        for name, data in self.repos[repo_id].items():
-            sibling = {"rfilename": name, "size": len(data),
-                       "blobId": hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()}
-            if name.endswith(".safetensors"):
-                sibling["lfs"] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest(), "pointerSize": 134}
-            siblings.append(sibling)
-        return web.json_response({"id": repo_id, "modelId": repo_id, "sha": COMMIT, "siblings": siblings})
-
-    async def resolve(self, request: web.Request) -> web.StreamResponse:
-        repo_id = f"{request.match_info['org']}/{request.match_info['name']}"
-        filename = request.match_info["file"]
-        data = self.repos[repo_id][filename]
-        start = int(request.headers.get("Range", "bytes=0-").removeprefix("bytes=").removesuffix("-"))
-        if filename.endswith(".safetensors"):
-            self.ranges.append(request.headers.get("Range"))
-        body = data[start:]
-        response = web.StreamResponse(status=206 if start else 200, headers={"Content-Length": str(len(body))})
-        await response.prepare(request)
-        key = f"{repo_id}/{filename}"
-        if key in self.drop_halfway | self.stall_halfway:
-            await response.write(body[: len(body) // 2])
-            if key in self.drop_halfway:
-                self.drop_halfway.discard(key)
-                request.transport.abort()  # the connection dies with half of the promised bytes sent
-                return response
-            self.stall_halfway.discard(key)
-            await asyncio.get_running_loop().run_in_executor(None, self.release.wait, 10)
-            body = body[len(body) // 2:]
-        await response.write(body)
-        await response.write_eof()
-        return response
-
 
 @pytest.fixture
-def hub(tiny_chat_model, tmp_path, monkeypatch):
+def hub(serve_hub, tiny_chat_model):
     tiny = {p.name: p.read_bytes() for p in sorted(tiny_chat_model.iterdir()) if p.is_file()}
-    fake = FakeHub({"org/tiny": tiny, "org/tiny-instruct": tiny}, {"org/tiny": 1200, "org/tiny-instruct": 3400})
-    app = web.Application()
-    app.router.add_get("/api/models", fake.search)
-    app.router.add_get("/api/models/{org}/{name}", fake.info)
-    app.router.add_get("/api/models/{org}/{name}/revision/{rev}", fake.info)
-    app.router.add_get("/{org}/{name}/resolve/{rev}/{file:.+}", fake.resolve)
-    loop = asyncio.new_event_loop()
-    runner = web.AppRunner(app)
-    loop.run_until_complete(runner.setup())
-    loop.run_until_complete(web.TCPSite(runner, "127.0.0.1", 0).start())
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-    fake.url = f"http://127.0.0.1:{runner.addresses[0][1]}"
-    monkeypatch.setattr(constants, "ENDPOINT", fake.url)
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
-    monkeypatch.setenv(model_store.DATA_DIR_ENV, str(tmp_path / "kvstudio"))
-    yield fake
-    fake.release.set()
-    asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(10)
-    loop.call_soon_threadsafe(loop.stop)
-    thread.join(10)
-    loop.close()
+    return serve_hub({"org/tiny": tiny, "org/tiny-instruct": tiny}, {"org/tiny": 1200, "org/tiny-instruct": 3400})
 
 
 class RecordingLoader:
