@@ -22,6 +22,14 @@ logger = logging.getLogger(__name__)
 class Settings:
     last_model: str | None = None                         # loaded at start-up (None: the default model)
     engine_options: dict = field(default_factory=dict)    # LLM(...) keyword arguments the user chose
+    last_page: int = 0                                    # the window's page when it closed
+    pages: dict = field(default_factory=dict)             # each page's own fields by page name ("chat": {...})
+    # A remote OpenAI-compatible endpoint for chat and batch; the key is kept in this file, which only its owner
+    # can read (mkstemp creates it 0600 and the replace keeps that).
+    remote_url: str = ""
+    remote_api_key: str = ""
+    remote_model: str = ""
+    use_remote: bool = False
 
 
 def config_dir() -> Path:
@@ -46,12 +54,17 @@ def load_settings(path: Path | None = None) -> Settings:
     if not isinstance(raw, dict):
         logger.warning("ignoring settings %s: not a JSON object", path)
         return Settings()
-    known = {f.name for f in fields(Settings)}
-    settings = Settings(**{k: v for k, v in raw.items() if k in known})
-    if settings.last_model is not None and not isinstance(settings.last_model, str):
-        settings.last_model = None
-    if not isinstance(settings.engine_options, dict):
-        settings.engine_options = {}
+    # A value of the wrong type (a hand edit, an older version) falls back to its default, field by field.
+    settings = Settings()
+    for f in fields(Settings):
+        if f.name not in raw:
+            continue
+        value, default = raw[f.name], getattr(settings, f.name)
+        expected = str if f.name == "last_model" else type(default)
+        if value is None and f.name == "last_model" or type(value) is expected:
+            setattr(settings, f.name, value)
+        else:
+            logger.warning("ignoring setting %s=%r in %s: not a %s", f.name, value, path, expected.__name__)
     return settings
 
 

@@ -12,6 +12,7 @@ from app.settings import load_settings
 from engine import LLM
 from ui.bridge import EngineBridge
 from ui.main_window import MainWindow
+from ui.theme import follow_system_scheme
 
 
 def make_llm(model: str, options: dict) -> LLM:
@@ -24,6 +25,7 @@ def make_llm(model: str, options: dict) -> LLM:
 def run(argv: list[str] | None = None) -> int:
     app = QApplication.instance() or QApplication(argv or sys.argv[:1])
     app.setApplicationName("kvstudio")
+    follow_system_scheme(app)
     bridge = EngineBridge(make_llm)
     window = MainWindow(bridge, ChatHistory(), load_settings())
     window.show()

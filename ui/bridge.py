@@ -3,9 +3,14 @@
 Loading a model runs on a worker thread (it takes seconds), requests run on the engine thread; both emit from
 their own threads, and Qt queues each emission to the receivers' thread, so slots run on the UI thread and
 nothing the UI thread does ever waits for the engine.
+
+Chat and batch requests go to the in-process engine, or, once the user connects one, to a remote
+OpenAI-compatible endpoint (app/remote_client.py); either way their replies arrive as the same RequestUpdate.
+The model store, the monitor and the server page always work on the in-process engine.
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import threading
 import time
@@ -14,8 +19,10 @@ from dataclasses import dataclass
 
 from PySide6.QtCore import QObject, Signal
 
+from app.conversation import chat_prompt
 from app.engine_thread import EngineThread
-from engine import LLM, BeamSearchParams, RequestOutput, SamplingParams
+from app.remote_client import Endpoint, RemoteClient, TextUpdate, list_models
+from engine import LLM, RequestOutput, SamplingParams
 
 
 @dataclass(frozen=True)
@@ -33,8 +40,25 @@ class ModelLoadFailed:
 
 @dataclass(frozen=True)
 class RequestUpdate:
+    """A reply so far (cumulative: everything generated yet); `finished` on the last one."""
     request_id: str
-    output: RequestOutput        # cumulative: everything generated so far; output.finished on the last one
+    text: str
+    num_tokens: int
+    finished: bool
+    finish_reason: str | None = None      # "stop" | "length" | "abort", on the last one
+
+
+@dataclass(frozen=True)
+class PreparedChat:
+    """A chat ready to submit: for the in-process engine, its chat template already rendered."""
+    messages: list[dict]
+    prompt: dict | None = None        # the engine prompt (text and token ids); None for a remote endpoint
+
+
+@dataclass(frozen=True)
+class ConnectionFailed:
+    endpoint: Endpoint
+    message: str
 
 
 @dataclass(frozen=True)
@@ -50,6 +74,9 @@ class EngineBridge(QObject):
     request_update = Signal(object)      # RequestUpdate
     request_failed = Signal(object)      # RequestFailed
     snapshot = Signal(object)            # app.engine_thread.EngineSnapshot, at most every stats_interval seconds
+    # The remote endpoint chat and batch now use (with its model filled in), or None for the in-process engine.
+    connection_changed = Signal(object)
+    connection_failed = Signal(object)   # ConnectionFailed
 
     def __init__(self, make_llm: Callable[[str, dict], LLM] = lambda model, options: LLM(model, **options),
                  stats_interval: float = 0.05, parent: QObject | None = None) -> None:
@@ -58,7 +85,8 @@ class EngineBridge(QObject):
         self._stats_interval = stats_interval
         self._thread: EngineThread | None = None
         self._ids = itertools.count()
-        self._lock = threading.Lock()   # guards _thread between the loader and the UI thread
+        self._remote: RemoteClient | None = None
+        self._lock = threading.Lock()   # guards _thread and _remote between the workers and the UI thread
 
     @property
     def engine_thread(self) -> EngineThread | None:
@@ -92,20 +120,123 @@ class EngineBridge(QObject):
         self.model_loaded.emit(ModelLoaded(model, llm.llm_engine.model_config.max_model_len,
                                            time.perf_counter() - start))
 
-    def submit(self, prompt: str | dict, params: SamplingParams | BeamSearchParams,
-               request_id: str | None = None) -> str:
-        """Queue a request; its outputs arrive as request_update, a rejection or failure as request_failed.
-        Raises RuntimeError when no model is loaded and QueueFullError when the engine's queue is full."""
+    @property
+    def remote(self) -> Endpoint | None:
+        """The endpoint chat and batch requests go to, or None when they go to the in-process engine."""
+        with self._lock:
+            return None if self._remote is None else self._remote.endpoint
+
+    def connect_remote(self, endpoint: Endpoint) -> threading.Thread:
+        """Check `endpoint` on a worker (it must answer its model list and serve endpoint.model; an empty model
+        takes its first) and send chat and batch requests there from then on; emits connection_changed or
+        connection_failed."""
+        worker = threading.Thread(target=self._connect, args=(endpoint,), name="kvstudio-connect", daemon=True)
+        worker.start()
+        return worker
+
+    def _connect(self, endpoint: Endpoint) -> None:
+        try:
+            models = list_models(endpoint)
+            if not models:
+                raise RuntimeError(f"{endpoint.base_url} serves no model")
+            if endpoint.model and endpoint.model not in models:
+                raise RuntimeError(f"{endpoint.base_url} does not serve {endpoint.model!r}; it serves "
+                                   f"{', '.join(models)}")
+        except Exception as e:   # unreachable, a wrong key, not OpenAI-compatible: said in words
+            self.connection_failed.emit(ConnectionFailed(endpoint, str(e)))
+            return
+        client = RemoteClient(dataclasses.replace(endpoint, model=endpoint.model or models[0]))
+        with self._lock:
+            old, self._remote = self._remote, client
+        if old is not None:
+            old.close()
+        self.connection_changed.emit(client.endpoint)
+
+    def use_local(self) -> None:
+        """Send chat and batch requests to the in-process engine again; requests in flight remotely stop."""
+        with self._lock:
+            old, self._remote = self._remote, None
+        if old is not None:
+            old.close()
+            self.connection_changed.emit(None)
+
+    def ready(self) -> bool:
+        """Whether a request can go anywhere: a remote endpoint is connected or a model is loaded."""
+        return self.remote is not None or self.engine_thread is not None
+
+    def chat_templated(self) -> bool:
+        """Whether chats can be sent: a remote endpoint applies its own template; a local model needs one."""
+        if self.remote is not None:
+            return True
+        thread = self.engine_thread
+        return thread is not None and bool(getattr(thread.engine.tokenizer, "chat_template", None))
+
+    def prepare_chat(self, messages: list[dict]) -> PreparedChat:
+        """Render `messages` through the local model's chat template, on the caller's thread: a batch renders
+        its rows before submitting any, since a busy engine thread competes for the GIL. Raises RuntimeError
+        when nothing is connected or loaded, and the template's error when it cannot render `messages`."""
+        if self.remote is not None:
+            return PreparedChat(messages)
+        return PreparedChat(messages, chat_prompt(self._local_thread().engine.tokenizer, messages))
+
+    def submit_chat(self, chat: list[dict] | PreparedChat, params: SamplingParams) -> str:
+        """Queue a chat (OpenAI-style messages, or prepare_chat's result); the reply arrives as request_update,
+        a failure as request_failed. Raises as prepare_chat does."""
+        if not isinstance(chat, PreparedChat):
+            chat = self.prepare_chat(chat)
+        with self._lock:
+            remote, thread = self._remote, self._thread
+        if chat.prompt is None:
+            if remote is None:   # the endpoint was disconnected since: render for the local model
+                return self.submit_chat(chat.messages, params)
+            rid = self._new_id()
+            remote.submit_chat(chat.messages, params, self._remote_callback(rid), rid)
+            return rid
+        if remote is not None:   # an endpoint was connected since: it takes the messages
+            return self.submit_chat(chat.messages, params)
+        return self._submit_local(thread or self._local_thread(), chat.prompt, params)
+
+    def submit(self, prompt: str | dict, params: SamplingParams) -> str:
+        """Queue a raw-text prompt (or, to the local engine, {"prompt_token_ids": [...]}) as a completion.
+        Raises RuntimeError when nothing is connected or loaded and QueueFullError when the engine's queue is
+        full."""
+        with self._lock:
+            remote = self._remote
+        if remote is not None:
+            if not isinstance(prompt, str):
+                raise ValueError("a remote endpoint takes text prompts")
+            rid = self._new_id()
+            remote.submit_completion(prompt, params, self._remote_callback(rid), rid)
+            return rid
+        return self._submit_local(self._local_thread(), prompt, params)
+
+    def abort(self, request_id: str) -> None:
+        with self._lock:
+            thread, remote = self._thread, self._remote
+        if remote is not None:
+            remote.abort(request_id)
+        if thread is not None:
+            thread.abort(request_id)
+
+    def _new_id(self) -> str:
+        return f"ui-{next(self._ids)}"
+
+    def _local_thread(self) -> EngineThread:
         thread = self.engine_thread
         if thread is None:
             raise RuntimeError("no model is loaded")
-        rid = request_id if request_id is not None else f"ui-{next(self._ids)}"
+        return thread
+
+    def _submit_local(self, thread: EngineThread, prompt: str | dict, params: SamplingParams) -> str:
+        rid = self._new_id()
 
         def deliver(item: RequestOutput | BaseException) -> None:
             if isinstance(item, BaseException):
                 self.request_failed.emit(RequestFailed(rid, str(item)))
-            else:
-                self.request_update.emit(RequestUpdate(rid, item))
+                return
+            completion = item.outputs[0]
+            self.request_update.emit(RequestUpdate(rid, completion.text, len(completion.token_ids), item.finished,
+                                                   completion.finish_reason))
 
         def rejected(accepted) -> None:   # the engine refused the request (a ValueError naming what is wrong)
             if accepted.exception() is not None:
@@ -114,15 +245,23 @@ class EngineBridge(QObject):
         thread.submit(prompt, params, deliver, rid).add_done_callback(rejected)
         return rid
 
-    def abort(self, request_id: str) -> None:
-        thread = self.engine_thread
-        if thread is not None:
-            thread.abort(request_id)
+    def _remote_callback(self, rid: str):
+        def deliver(item: TextUpdate | BaseException) -> None:
+            if isinstance(item, BaseException):
+                self.request_failed.emit(RequestFailed(rid, str(item)))
+            else:
+                self.request_update.emit(RequestUpdate(rid, item.text, item.num_tokens, item.finished,
+                                                       item.finish_reason))
+        return deliver
 
     def shutdown(self) -> None:
-        """Stop the engine thread (the window is closing): running requests are aborted."""
+        """Stop the engine thread and the remote connection (the window is closing): running requests are
+        aborted."""
         with self._lock:
             thread, self._thread = self._thread, None
+            remote, self._remote = self._remote, None
         if thread is not None:
             thread.stop()
+        if remote is not None:
+            remote.close()
 

@@ -1,16 +1,17 @@
-"""The main window: a page list on the left (Chat, Batch, Models, Monitor, Server), the model's state in the
-status bar.
+"""The main window: a page list on the left (Chat, Batch, Models, Monitor, Server), the model's state and where
+chat and batch requests go in the status bar, menus with a shortcut for each common action (ui/menus.py).
 
 The window appears at once; the last used model (or the default one) loads in the background through the
-bridge, with a busy indicator, and a failure is said in the status bar. Closing the window stops the engine
-and saves the settings.
+bridge, with a busy indicator, and a failure is said in the status bar; a remote endpoint chosen last time is
+reconnected beside it. The pages' fields, the page shown and the connection come back from the settings file;
+closing the window stops the engine and saves them.
 """
 from __future__ import annotations
 
 from pathlib import Path
 
 from PySide6.QtCore import Qt
-from PySide6.QtGui import QAction, QCloseEvent, QKeySequence
+from PySide6.QtGui import QCloseEvent
 from PySide6.QtWidgets import (
     QFileDialog,
     QHBoxLayout,
@@ -24,13 +25,17 @@ from PySide6.QtWidgets import (
 
 from app import model_store
 from app.history import ChatHistory
+from app.remote_client import Endpoint
 from app.settings import Settings, save_settings
-from ui.bridge import EngineBridge, ModelLoaded, ModelLoadFailed
+from ui.bridge import ConnectionFailed, EngineBridge, ModelLoaded, ModelLoadFailed
+from ui.menus import install_menus
 from ui.pages.batch import BatchPage
 from ui.pages.chat import ChatPage
 from ui.pages.models import ModelsPage
 from ui.pages.monitor import MonitorPage
 from ui.pages.server import ServerPage
+from ui.widgets.connection_dialog import ConnectionDialog
+from ui.widgets.form_state import form_values, restore_form
 
 
 class MainWindow(QMainWindow):
@@ -57,7 +62,12 @@ class MainWindow(QMainWindow):
             self.pages.addWidget(page)
         self.nav.addItems(self.page_names)
         self.nav.currentRowChanged.connect(self.pages.setCurrentIndex)
-        self.nav.setCurrentRow(0)
+        self.nav.setCurrentRow(min(max(settings.last_page, 0), len(self.page_names) - 1))
+        self.forms = {"chat": self.chat.form, "batch": self.batch.form, "server": self.server.form}
+        for name, form in self.forms.items():
+            state = settings.pages.get(name)
+            if isinstance(state, dict):
+                restore_form(form, state)
         central = QWidget()
         layout = QHBoxLayout(central)
         layout.addWidget(self.nav)
@@ -65,38 +75,44 @@ class MainWindow(QMainWindow):
         self.setCentralWidget(central)
 
         self.model_status = QLabel("No model")
+        self.connection_status = QLabel()
         self.busy = QProgressBar()
         self.busy.setRange(0, 0)          # indeterminate: a load reports no fraction
         self.busy.setMaximumWidth(120)
         self.busy.hide()
         self.statusBar().addWidget(self.model_status, 1)
+        self.statusBar().addPermanentWidget(self.connection_status)
         self.statusBar().addPermanentWidget(self.busy)
-        self._menus()
+        self.actions = install_menus(self)
+        self._show_connection(None)
 
         bridge.model_loading.connect(self._on_loading)
         bridge.model_loaded.connect(self._on_loaded)
         bridge.model_load_failed.connect(self._on_failed)
         bridge.snapshot.connect(self.monitor.show_snapshot, Qt.QueuedConnection)
-
-    def _menus(self) -> None:
-        file_menu = self.menuBar().addMenu("&File")
-        load = QAction("&Load model…", self, shortcut=QKeySequence.Open, triggered=self._choose_model)
-        quit_ = QAction("&Quit", self, shortcut=QKeySequence.Quit, triggered=self.close)
-        file_menu.addActions([load, quit_])
-        view = self.menuBar().addMenu("&View")
-        for row, name in enumerate(self.page_names):
-            view.addAction(QAction(name, self, shortcut=QKeySequence(f"Ctrl+{row + 1}"),
-                                   triggered=lambda _=False, r=row: self.nav.setCurrentRow(r)))
+        bridge.connection_changed.connect(self._on_connection_changed)
+        bridge.connection_failed.connect(self._on_connection_failed)
 
     def start(self) -> None:
-        """Load the last used model, or the default one (fetched into the store first if needed)."""
+        """Load the last used model, or the default one (fetched into the store first if needed), and reconnect
+        the remote endpoint chosen last time."""
         model = self.settings.last_model or str(model_store.default_model_path())
         self.load_model(model)
+        s = self.settings
+        if s.use_remote and s.remote_url:
+            try:
+                self.bridge.connect_remote(Endpoint(s.remote_url, s.remote_api_key, s.remote_model))
+            except ValueError as e:   # a hand-edited URL
+                self._on_connection_failed(ConnectionFailed(Endpoint("http://invalid"), str(e)))
 
     def load_model(self, model: str) -> None:
         self.bridge.load_model(model, self.settings.engine_options)
 
-    def _choose_model(self) -> None:
+    def choose_connection(self) -> None:
+        s = self.settings
+        ConnectionDialog(self.bridge, s.remote_url, s.remote_api_key, s.remote_model, parent=self).open()
+
+    def choose_model(self) -> None:
         path, _ = QFileDialog.getOpenFileName(self, "Load a model", str(model_store.data_dir()),
                                               "GGUF models (*.gguf);;Model config (config.json)")
         if path:
@@ -117,11 +133,34 @@ class MainWindow(QMainWindow):
         self.busy.hide()
         self.model_status.setText(f"Could not load {Path(failure.model).name}: {failure.message}")
 
+    def _on_connection_changed(self, endpoint: Endpoint | None) -> None:
+        s = self.settings
+        s.use_remote = endpoint is not None
+        if endpoint is not None:
+            s.remote_url, s.remote_api_key, s.remote_model = endpoint.base_url, endpoint.api_key, endpoint.model
+        save_settings(s, self.settings_path)
+        self._show_connection(endpoint)
+
+    def _on_connection_failed(self, failure: ConnectionFailed) -> None:
+        self.statusBar().showMessage(f"Could not connect: {failure.message}. Chat and Batch use this computer.",
+                                     15_000)
+
+    def _show_connection(self, endpoint: Endpoint | None) -> None:
+        if endpoint is None:
+            self.connection_status.setText("Chat & Batch: this computer")
+            self.connection_status.setToolTip("Requests go to the model loaded here (File › Connection… to change)")
+        else:
+            self.connection_status.setText(f"Chat & Batch: {endpoint.model} at {endpoint.base_url}")
+            self.connection_status.setToolTip("Requests go to this OpenAI-compatible endpoint "
+                                              "(File › Connection… to change)")
+
     def closeEvent(self, event: QCloseEvent) -> None:   # noqa: N802 (Qt's name)
         self.chat.stop()
         self.batch.cancel()
         self.models.shutdown()
         self.server.shutdown()
         self.bridge.shutdown()
+        self.settings.last_page = self.nav.currentRow()
+        self.settings.pages = {name: form_values(form) for name, form in self.forms.items()}
         save_settings(self.settings, self.settings_path)
         super().closeEvent(event)

@@ -44,8 +44,13 @@ def test_sixteen_pasted_prompts_run_together_to_completion_and_export(qtbot, pag
     monkeypatch.setattr(batch, "SUBMIT_SLICE", 5)   # rows go in over four turns of the event loop
     final: dict[str, object] = {}
     most_running = []
-    loaded_bridge.request_update.connect(lambda u: u.output.finished and final.__setitem__(u.request_id, u.output))
+    loaded_bridge.request_update.connect(lambda u: u.finished and final.__setitem__(u.request_id, u))
     loaded_bridge.snapshot.connect(lambda s: most_running.append(s.stats.num_running))
+    engine_prompts = {}   # what reached the engine, by request id
+    thread = loaded_bridge.engine_thread
+    engine_submit = thread.submit
+    monkeypatch.setattr(thread, "submit", lambda prompt, params, callback, rid: engine_prompts.__setitem__(rid, prompt)
+                        or engine_submit(prompt, params, callback, rid))
     prompts = [f"Prompt {i}: say something about number {i}, please." for i in range(16)]
     page.input.setPlainText("\n".join(prompts[:8]) + "\n\n   \n" + "\n".join(prompts[8:]))
     assert texts(page) == prompts and page.source.text() == "16 pasted prompts"
@@ -62,9 +67,9 @@ def test_sixteen_pasted_prompts_run_together_to_completion_and_export(qtbot, pag
     assert page.status.text().startswith("16 done in ")
     # Each row holds its own request's final text, and the model's chat template wrapped each line.
     outputs = sorted(final.values(), key=lambda o: int(o.request_id.rsplit("-", 1)[1]))
-    assert [o.outputs[0].text for o in outputs] == [item.output for item in items]
-    assert all(o.prompt.startswith("<|im_start|>") and f"user\n{p}<|im_end|>" in o.prompt
-               for o, p in zip(outputs, prompts))
+    assert [u.text for u in outputs] == [item.output for item in items]
+    sent = [engine_prompts[o.request_id]["prompt"] for o in outputs]
+    assert all(s.startswith("<|im_start|>") and f"user\n{p}<|im_end|>" in s for s, p in zip(sent, prompts))
     assert page.mode.text() == "Chat template" and "chat template" in page.input.toolTip()
     assert max(most_running) > 1   # the rows ran side by side, not one after another
     assert page.model.data(page.model.index(3, 2)) == "done" and page.model.data(page.model.index(3, 3)) == 8
@@ -115,12 +120,14 @@ def test_without_a_chat_template_lines_go_as_raw_text_and_chats_fail(qtbot, load
     path = tmp_path / "rows.jsonl"
     path.write_text('{"prompt": "Once upon a time"}\n{"messages": [{"role": "user", "content": "Hi"}]}\n')
     assert page.import_file(path)
-    prompts = {}
-    loaded_bridge.request_update.connect(lambda u: prompts.__setitem__(u.request_id, u.output.prompt))
+    sent = []
+    submit = loaded_bridge.submit
+    monkeypatch.setattr(loaded_bridge, "submit", lambda prompt, params: sent.append(prompt) or submit(prompt, params))
+    monkeypatch.setattr(loaded_bridge, "submit_chat", lambda *args: pytest.fail("a chat was sent"))
     page.max_tokens.setValue(4)
     run_and_wait(qtbot, page)
     items = page.model.items
-    assert [item.status for item in items] == [DONE, FAILED] and list(prompts.values()) == ["Once upon a time"]
+    assert [item.status for item in items] == [DONE, FAILED] and sent == ["Once upon a time"]
     assert items[1].error == "the model has no chat template, so a row of chat messages cannot be sent"
 
 
@@ -141,13 +148,13 @@ def test_cancel_stops_every_unfinished_row_and_frees_the_pool(qtbot, page, loade
 
 def test_cancel_before_every_row_is_submitted_submits_no_more(qtbot, page, loaded_bridge, monkeypatch):
     monkeypatch.setattr(batch, "SUBMIT_SLICE", 4)
-    submitted, submit = [], loaded_bridge.submit
+    submitted, submit = [], loaded_bridge.submit_chat
 
     def counting_submit(*args):
         submitted.append(submit(*args))
         return submitted[-1]
 
-    monkeypatch.setattr(loaded_bridge, "submit", counting_submit)
+    monkeypatch.setattr(loaded_bridge, "submit_chat", counting_submit)
     page.input.setPlainText("\n".join(f"Prompt {i}" for i in range(16)))
     page.max_tokens.setValue(400)
     page.run_button.click()   # the first slice goes in at once, the rest on later turns of the event loop

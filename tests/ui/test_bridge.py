@@ -42,12 +42,13 @@ def test_a_request_streams_back_as_signals(qtbot, bridge, tiny_chat_model):
     updates = []
     bridge.request_update.connect(updates.append)
     rid = bridge.submit("Hello there", GREEDY)
-    qtbot.waitUntil(lambda: bool(updates) and updates[-1].output.finished, timeout=30_000)
+    qtbot.waitUntil(lambda: bool(updates) and updates[-1].finished, timeout=30_000)
     assert {u.request_id for u in updates} == {rid}
-    lengths = [len(u.output.outputs[0].token_ids) for u in updates]
-    assert lengths == sorted(lengths) and lengths[-1] == 10
+    lengths = [u.num_tokens for u in updates]
+    assert lengths == sorted(lengths) and lengths[-1] == 10 and updates[-1].finish_reason == "length"
+    assert not any(u.finished for u in updates[:-1])
     expected = LLM(str(tiny_chat_model), **OPTIONS).generate("Hello there", GREEDY, use_tqdm=False)
-    assert updates[-1].output.outputs[0].token_ids == expected[0].outputs[0].token_ids
+    assert updates[-1].text == expected[0].outputs[0].text
 
 
 def test_a_rejected_request_fails_in_words(qtbot, bridge):

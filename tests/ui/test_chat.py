@@ -29,7 +29,7 @@ def send_and_wait(qtbot, page, text: str) -> None:
 
 def test_a_reply_streams_in_and_survives_a_restart(qtbot, page, loaded_bridge, tmp_path, screenshots):
     seen: list[str] = []
-    loaded_bridge.request_update.connect(lambda u: seen.append(u.output.outputs[0].text))
+    loaded_bridge.request_update.connect(lambda u: seen.append(u.text))
     # Sampled, seeded: a random model's greedy choice is often a run of newlines, which shows nothing.
     page.temperature.setValue(1.0)
     page.use_seed.setChecked(True)

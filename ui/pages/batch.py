@@ -35,8 +35,7 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from app.batch_io import BatchFileError, BatchRow, export_results, load_rows, parse_text
-from app.conversation import chat_prompt
+from app.batch_io import BatchFileError, export_results, load_rows, parse_text
 from engine import SamplingParams
 from ui.bridge import EngineBridge, RequestFailed, RequestUpdate
 from ui.widgets.batch_table import CANCELLED, DONE, FAILED, QUEUED, RUNNING, BatchTableModel
@@ -62,7 +61,9 @@ class BatchPage(QWidget):
         self._build()
         bridge.request_update.connect(self._on_update)
         bridge.request_failed.connect(self._on_failed)
-        bridge.model_loaded.connect(self._describe_prompts)   # a method, not a lambda: Qt drops it with the page
+        # Methods, not lambdas: Qt drops the connections with the page.
+        bridge.model_loaded.connect(self._describe_prompts)
+        bridge.connection_changed.connect(self._describe_prompts)
         self._describe_prompts()
 
     @property
@@ -94,6 +95,9 @@ class BatchPage(QWidget):
         self.seed = spin_box(QSpinBox(), 0, 2**31 - 1, 0, 1)
         self.seed.setEnabled(False)
         self.use_seed.toggled.connect(self.seed.setEnabled)
+        # What the settings file keeps of this page between runs.
+        self.form = {"temperature": self.temperature, "top_p": self.top_p, "max_tokens": self.max_tokens,
+                     "use_seed": self.use_seed, "seed": self.seed}
         sampling = QGroupBox("Sampling")
         form = QFormLayout(sampling)
         form.addRow("Temperature", self.temperature)
@@ -215,9 +219,13 @@ class BatchPage(QWidget):
     def _describe_prompts(self, *_) -> None:
         """Say (in a tooltip) whether prompts go through the chat template: the same text means different things
         to the model either way."""
-        if self._tokenizer() is None:
+        remote = self.bridge.remote
+        if not self.bridge.ready():
             text, hint = "", "No model is loaded yet."
-        elif self._templated():
+        elif remote is not None:
+            text, hint = f"Chat · {remote.model}", (f"Each line is sent to {remote.base_url} as a user message; "
+                                                    ".jsonl rows may give whole conversations as \"messages\".")
+        elif self.bridge.chat_templated():
             text, hint = "Chat template", ("Each line is sent as a user message through the model's chat "
                                            "template; .jsonl rows may give whole conversations as \"messages\".")
         else:
@@ -226,13 +234,6 @@ class BatchPage(QWidget):
         self.mode.setText(text)
         for widget in (self.input, self.mode, self.run_button):
             widget.setToolTip(hint)
-
-    def _tokenizer(self):
-        thread = self.bridge.engine_thread
-        return None if thread is None else thread.engine.tokenizer
-
-    def _templated(self) -> bool:
-        return bool(getattr(self._tokenizer(), "chat_template", None))
 
     # ---- running ----------------------------------------------------------------------------------------------
     def sampling(self) -> dict:
@@ -247,7 +248,7 @@ class BatchPage(QWidget):
         if not self.model.items:
             self.status.setText("Nothing to run: paste prompts (one per line) or import a file.")
             return
-        if self._tokenizer() is None:
+        if not self.bridge.ready():
             self.status.setText("No model is loaded yet.")
             return
         self._run = next(self._run_ids)
@@ -265,23 +266,31 @@ class BatchPage(QWidget):
         slice into its running batch as it comes."""
         if run != self._run or self._next_row is None:   # cancelled, or a newer run began
             return
-        # The model is looked up per slice: one loaded mid-run gets the rest of the rows in its own template.
-        tokenizer, templated, shared = self._tokenizer(), self._templated(), self._shared
+        # Where rows go is looked up per slice: a model loaded (or an endpoint connected) mid-run takes the rest.
+        chats, shared = self.bridge.chat_templated(), self._shared
         items = self.model.items
         first, end = self._next_row, min(self._next_row + SUBMIT_SLICE, len(items))
         # The slice's prompts are all rendered before any is submitted: once the engine thread is busy it
         # competes for the GIL, and rendering templates against it would hold up the UI thread for longer.
         ready = []
         for i in range(first, end):
+            row = items[i].row
             try:
-                ready.append((i, _prompt(items[i].row, tokenizer, templated),
-                              SamplingParams(**(shared | items[i].row.overrides()))))
+                params = SamplingParams(**(shared | row.overrides()))
+                if chats:
+                    ready.append((i, self.bridge.prepare_chat(row.messages or
+                                                              [{"role": "user", "content": row.prompt}]), params))
+                elif row.messages is not None:
+                    raise ValueError("the model has no chat template, so a row of chat messages cannot be sent")
+                else:
+                    ready.append((i, row.prompt, params))
             except Exception as e:   # a template error, a bad override: this row fails, in words
                 items[i].status, items[i].error = FAILED, str(e) or type(e).__name__
         for i, prompt, params in ready:
             try:
                 items[i].submitted = time.perf_counter()
-                self._requests[self.bridge.submit(prompt, params)] = i   # the bridge's ids are unique
+                submit = self.bridge.submit if isinstance(prompt, str) else self.bridge.submit_chat
+                self._requests[submit(prompt, params)] = i   # the bridge's ids are unique
             except Exception as e:   # a full queue, an engine that is stopping
                 items[i].status, items[i].error = FAILED, str(e) or type(e).__name__
         self._dirty.update(range(first, end))
@@ -309,10 +318,10 @@ class BatchPage(QWidget):
         i = self._requests.get(update.request_id)
         if i is None:
             return
-        item, completion = self.model.items[i], update.output.outputs[0]
-        item.output, item.tokens, item.status = completion.text, len(completion.token_ids), RUNNING
-        if update.output.finished:
-            item.status, item.finish_reason = DONE, completion.finish_reason
+        item = self.model.items[i]
+        item.output, item.tokens, item.status = update.text, update.num_tokens, RUNNING
+        if update.finished:
+            item.status, item.finish_reason = DONE, update.finish_reason
             item.seconds = time.perf_counter() - item.submitted
             del self._requests[update.request_id]
         self._dirty.add(i)
@@ -398,16 +407,6 @@ class BatchPage(QWidget):
         self.input.setReadOnly(busy)
         for button in (self.export_jsonl_button, self.export_csv_button):
             button.setEnabled(not busy and ran)
-
-
-def _prompt(row: BatchRow, tokenizer, templated: bool) -> str | dict:
-    """What the engine gets for a row: the chat template's rendering when the model has one (a plain prompt as
-    one user message), else the plain text."""
-    if not templated:
-        if row.messages is not None:
-            raise ValueError("the model has no chat template, so a row of chat messages cannot be sent")
-        return row.prompt
-    return chat_prompt(tokenizer, row.messages or [{"role": "user", "content": row.prompt}])
 
 
 def _block(title: str, text: str) -> str:

@@ -31,7 +31,6 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from app.conversation import chat_prompt
 from app.history import ChatHistory, Message, title_from
 from engine import SamplingParams
 from ui.bridge import EngineBridge, RequestFailed, RequestUpdate
@@ -114,9 +113,9 @@ class ChatPage(QWidget):
         buttons.addStretch(1)
         mv.addLayout(buttons)
         mv.addWidget(self.status)
-        QShortcut(QKeySequence("Ctrl+Return"), self.input, activated=lambda: self.send())
-        QShortcut(QKeySequence("Ctrl+N"), self, activated=self.new_conversation)
-        QShortcut(QKeySequence("Escape"), self, activated=self.stop)
+        # Escape belongs to the page (a dialog's Escape must not stop a reply); the window's Chat menu holds the
+        # other shortcuts (ui/menus.py).
+        QShortcut(QKeySequence("Escape"), self, activated=self.stop, context=Qt.WidgetWithChildrenShortcut)
 
         self.system_prompt = QPlainTextEdit(placeholderText="System prompt (optional)")
         self.system_prompt.setMaximumHeight(120)
@@ -145,6 +144,11 @@ class ChatPage(QWidget):
                               ("Repetition penalty", self.repetition)):
             form.addRow(label, widget)
         form.addRow(self.use_seed, self.seed)
+        # What the settings file keeps of this page between runs.
+        self.form = {"temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k, "min_p": self.min_p,
+                     "max_tokens": self.max_tokens, "presence_penalty": self.presence,
+                     "frequency_penalty": self.frequency, "repetition_penalty": self.repetition,
+                     "use_seed": self.use_seed, "seed": self.seed}
 
         splitter = QSplitter()
         for w, stretch in ((left, 0), (middle, 1), (right, 0)):
@@ -229,8 +233,7 @@ class ChatPage(QWidget):
         self._start_reply()
 
     def _start_reply(self) -> None:
-        thread = self.bridge.engine_thread
-        if thread is None:
+        if not self.bridge.ready():
             self.status.setText("No model is loaded yet.")
             self.render()
             return
@@ -240,10 +243,9 @@ class ChatPage(QWidget):
         messages += [{"role": m.role, "content": m.content} for m in self.history.messages(self.conversation_id)
                      if m.role != "assistant" or m.finished]
         try:
-            prompt = chat_prompt(thread.engine.tokenizer, messages)
             params = self.sampling_params()
             message = self.history.add_message(self.conversation_id, "assistant", "", finished=False)
-            rid = self.bridge.submit(prompt, params)
+            rid = self.bridge.submit_chat(messages, params)
         except Exception as e:   # a bad parameter, a full queue, a template error: said, not raised
             self.status.setText(f"Could not send: {e}")
             self.render()
@@ -258,12 +260,11 @@ class ChatPage(QWidget):
         if reply is None or update.request_id != reply.request_id:
             return
         now = time.perf_counter()
-        completion = update.output.outputs[0]
         if reply.first_token is None:
             reply.first_token = now
-        reply.text, reply.tokens = completion.text, len(completion.token_ids)
-        if update.output.finished:
-            self._finish(completion.finish_reason or "stop")
+        reply.text, reply.tokens = update.text, update.num_tokens
+        if update.finished:
+            self._finish(update.finish_reason or "stop")
             return
         if now - reply.saved >= SAVE_INTERVAL:
             self.history.update_message(reply.message_id, reply.text, finished=False)

@@ -118,6 +118,8 @@ class ServerPage(QWidget):
         form.addRow("API key", key_row)
         form.addRow("Model name", self.model_name)
         form.addRow(self.lan)
+        # What the settings file keeps of this page between runs (the switch itself always starts off).
+        self.form = {"port": self.port, "api_key": self.api_key, "lan": self.lan}
         self.settings_hint = muted("Switch the server off to change these.")
         settings.addSpacing(6)
         settings.addLayout(form)
@@ -130,7 +132,8 @@ class ServerPage(QWidget):
         url_row = QHBoxLayout()
         url_row.addWidget(QLabel("Base URL"))
         url_row.addWidget(self.url, 1)
-        url_row.addWidget(_copy_button(self.url.text))
+        self.copy_url = _copy_button(self.url.text)
+        url_row.addWidget(self.copy_url)
         self.python_snippet = _snippet_box()
         self.ide_snippet = _snippet_box()
         self.snippets = QTabWidget(documentMode=True)

@@ -1,0 +1,81 @@
+"""The window's menus, one keyboard shortcut for each common action, and the Help list of them all.
+
+A page action first shows its page, then presses that page's own button, so a shortcut does exactly what the
+button would do and nothing when the button is disabled (no model, a run already going).
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from PySide6.QtGui import QAction, QKeySequence
+from PySide6.QtWidgets import QAbstractButton, QMessageBox
+
+if TYPE_CHECKING:
+    from ui.main_window import MainWindow
+
+
+def install_menus(window: MainWindow) -> list[QAction]:
+    """Build the menu bar; returns every action (the Help list and the tests read their shortcuts)."""
+    chat, batch, server = window.chat, window.batch, window.server
+    actions: list[QAction] = []
+
+    def add(menu, text: str, shortcut: str, run: Callable[[], None],
+            page: int | None = None) -> None:
+        def trigger() -> None:
+            if page is not None:
+                window.nav.setCurrentRow(page)
+            run()
+        action = QAction(text, window, shortcut=QKeySequence(shortcut), triggered=trigger)
+        menu.addAction(action)
+        actions.append(action)
+
+    def press(button: QAbstractButton) -> Callable[[], None]:
+        return button.click
+
+    bar = window.menuBar()
+    file_menu = bar.addMenu("&File")
+    add(file_menu, "&Load model…", "Ctrl+O", window.choose_model)
+    add(file_menu, "&Connection…", "Ctrl+K", window.choose_connection)
+    file_menu.addSeparator()
+    add(file_menu, "&Quit", "Ctrl+Q", window.close)
+
+    chat_menu = bar.addMenu("&Chat")
+    add(chat_menu, "&New chat", "Ctrl+N", chat.new_conversation, page=0)
+    add(chat_menu, "&Send", "Ctrl+Return", press(chat.send_button), page=0)
+    add(chat_menu, "S&top", "Ctrl+.", press(chat.stop_button), page=0)
+    add(chat_menu, "&Regenerate", "Ctrl+R", press(chat.regenerate_button), page=0)
+    add(chat_menu, "&Edit last message", "Ctrl+E", press(chat.edit_button), page=0)
+    add(chat_menu, "&Copy reply", "Ctrl+Shift+C", press(chat.copy_button), page=0)
+    add(chat_menu, "Search &conversations", "Ctrl+F", chat.search.setFocus, page=0)
+
+    batch_menu = bar.addMenu("&Batch")
+    add(batch_menu, "&Import prompts…", "Ctrl+I", press(batch.import_button), page=1)
+    add(batch_menu, "&Run all", "Ctrl+Shift+Return", press(batch.run_button), page=1)
+    add(batch_menu, "&Cancel run", "Ctrl+Shift+.", press(batch.cancel_button), page=1)
+    add(batch_menu, "Export &JSONL…", "Ctrl+Shift+J", press(batch.export_jsonl_button), page=1)
+    add(batch_menu, "Export C&SV…", "Ctrl+Shift+V", press(batch.export_csv_button), page=1)
+
+    server_menu = bar.addMenu("&Server")
+    add(server_menu, "&Switch the server on or off", "Ctrl+Shift+S", press(server.switch), page=4)
+    add(server_menu, "&Copy the base URL", "Ctrl+Shift+U", press(server.copy_url), page=4)
+
+    view = bar.addMenu("&View")
+    for row, name in enumerate(window.page_names):
+        add(view, name, f"Ctrl+{row + 1}", lambda: None, page=row)
+
+    help_menu = bar.addMenu("&Help")
+    add(help_menu, "&Keyboard shortcuts", "F1", lambda: show_shortcuts(window, actions))
+    return actions
+
+
+def shortcut_table(actions: list[QAction]) -> str:
+    """The shortcuts as an HTML table, in the menus' order."""
+    rows = "".join(f"<tr><td>{a.text().replace('&', '').rstrip('…')}</td><td>&nbsp;&nbsp;<b>"
+                   f"{a.shortcut().toString(QKeySequence.SequenceFormat.NativeText)}</b></td></tr>" for a in actions)
+    return f"<table>{rows}</table>"
+
+
+def show_shortcuts(window: MainWindow, actions: list[QAction]) -> None:
+    box = QMessageBox(QMessageBox.Icon.NoIcon, "Keyboard shortcuts", shortcut_table(actions), parent=window)
+    box.open()
