@@ -3,51 +3,30 @@
 Models live in the standard Hugging Face cache (so other tools share them), beside the default GGUF model in
 kvstudio's data dir. A pull writes the cache layout itself instead of calling hf_hub_download: huggingface_hub
 deletes a partial file when a download fails, while here `blobs/<etag>.incomplete` survives so the next pull
-resumes it with a Range request. A snapshot's links are made only once every file is complete, so the library
-never shows a half-downloaded model. No printing here: the CLI and the desktop app report through callbacks.
+resumes it with a Range request (app/hub_files.py fetches one file). A snapshot's links are made only once every
+file is complete, so the library never shows a half-downloaded model; until then a small record beside the blobs
+says what the pull fetches, so after a restart the app can offer to resume or discard it. A corrupt model file is
+listed with the problem said, not dropped. No printing here: the CLI and the desktop app report through callbacks.
 """
 
 from __future__ import annotations
 
-import errno
-import hashlib
-import http.client
 import json
 import os
 import shutil
 import threading
-import urllib.error
 import urllib.parse
-import urllib.request
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 
-import httpx2
-from huggingface_hub import HfApi, constants, scan_cache_dir
-from huggingface_hub.errors import CacheNotFound, HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
-from huggingface_hub.hf_api import ModelInfo
-from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
+from huggingface_hub import constants, scan_cache_dir
+from huggingface_hub.errors import CacheNotFound
 
 from app import model_store
-
-# Files the engine reads from a safetensors repo (top level only); everything else (.bin, .onnx, .gguf,
-# README.md, images) stays on the Hub.
-_EXACT_FILES = {"config.json", "generation_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
-                "added_tokens.json", "model.safetensors.index.json"}
-_CHUNK = 1 << 20
-_TIMEOUT_S = 30
-
-Progress = Callable[[int, int], None]  # (bytes done, bytes in all) over the whole pull
-
-
-class HubError(RuntimeError):
-    """A pull or a removal failed; the message says why in words meant for the user."""
-
-
-class HubOffline(HubError):
-    """The Hub could not be reached at all (no network, refused, timed out), as opposed to answering with an error."""
+from app.hub_files import HubError, Progress, RemoteFile, check_space, download_file, remote_files
+from app.machine import local_num_params
+from engine.models.hub import ModelLoadError
 
 
 @dataclass(frozen=True)
@@ -55,13 +34,15 @@ class LocalModel:
     name: str  # "org/name" for a Hub model, the file name for the default GGUF model
     path: Path  # the snapshot directory, or the .gguf file
     size: int  # bytes on disk (every cached revision of a Hub repo)
-    family: str  # architecture, e.g. "LlamaForCausalLM", or the GGUF's "llama"
+    family: str  # the Hugging Face architecture, e.g. "LlamaForCausalLM" (also for a GGUF); "?" when unreadable
     context_length: int | None
     is_default: bool = False
+    num_params: int | None = None  # None: unknown (or the files are corrupt)
+    problem: str | None = None  # why it cannot be loaded (a corrupt file), in a sentence naming the file
 
 
 def is_supported_architecture(architecture: str) -> bool:
-    # imported here: the registry pulls in torch, which listing the library does not otherwise need
+    # imported here: the registry builds every model class, which a pull or a removal does not need
     from engine.models.registry import UnsupportedModelError, model_class
 
     try:
@@ -69,14 +50,6 @@ def is_supported_architecture(architecture: str) -> bool:
     except UnsupportedModelError:
         return False
     return True
-
-
-def wanted_file(name: str) -> bool:
-    """Whether a pull downloads this repo file: config, tokenizer, chat template and safetensors weights."""
-    if "/" in name:
-        return False
-    return (name in _EXACT_FILES or name.endswith(".safetensors") or name.startswith("tokenizer")
-            or name.endswith(".jinja"))
 
 
 def human_size(n: float) -> str:
@@ -96,23 +69,18 @@ def _cache_dir() -> Path:
 
 # ---------------------------------------------------------------------------------------------------- listing
 
-def _gguf_model(path: Path, name: str, size: int, is_default: bool) -> LocalModel | None:
-    from gguf import GGUFReader
+def _gguf_model(path: Path, name: str, size: int, is_default: bool) -> LocalModel:
+    # the engine's own reader: it checks the header and that the file holds every tensor (truncation), and takes
+    # milliseconds where gguf.GGUFReader takes seconds (it maps each of the ~50k vocabulary strings)
+    from engine.models.gguf import GGUFCheckpoint
 
     try:
-        reader = GGUFReader(path)
-    except (OSError, ValueError):
-        return None  # not a readable GGUF: not something kvstudio can run
-
-    def field(key: str):
-        f = reader.fields.get(key)
-        return None if f is None else f.contents()
-
-    family = field("general.architecture")
-    if family is None:
-        return None
-    context = field(f"{family}.context_length")
-    return LocalModel(name, path, size, family, None if context is None else int(context), is_default)
+        config = GGUFCheckpoint(path).config
+        num_params = local_num_params(path)
+    except ModelLoadError as e:
+        return LocalModel(name, path, size, "?", None, is_default, problem=str(e))
+    return LocalModel(name, path, size, config.architectures[0], config.max_position_embeddings, is_default,
+                      num_params)
 
 
 def _hf_model(snapshot: Path, name: str, size: int) -> LocalModel | None:
@@ -121,23 +89,29 @@ def _hf_model(snapshot: Path, name: str, size: int) -> LocalModel | None:
         return None
     try:
         config = json.loads(config_file.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
+        if not isinstance(config, dict):
+            raise TypeError("expected a JSON object")
+    except (OSError, ValueError, TypeError) as e:
+        return LocalModel(name, snapshot, size, "?", None, problem=f"{config_file} cannot be read as JSON: {e}")
     family = next((a for a in config.get("architectures") or [] if is_supported_architecture(a)), None)
     if family is None:
         return None
+    try:
+        num_params = local_num_params(snapshot)
+    except ModelLoadError as e:
+        return LocalModel(name, snapshot, size, family, None, problem=str(e))
     context = config.get("max_position_embeddings")
-    return LocalModel(name, snapshot, size, family, context if isinstance(context, int) else None)
+    return LocalModel(name, snapshot, size, family, context if isinstance(context, int) else None,
+                      num_params=num_params)
 
 
 def list_local_models() -> list[LocalModel]:
-    """The default model (when fetched) and every cached Hub repo kvstudio can run, by name."""
+    """The default model (when fetched) and every cached Hub repo kvstudio can run, by name; one whose files are
+    corrupt is listed with its problem said, so the rest of the library still shows."""
     models: list[LocalModel] = []
     default = model_store.default_model_path()
     if default.is_file():
-        model = _gguf_model(default, default.name, default.stat().st_size, is_default=True)
-        if model is not None:
-            models.append(model)
+        models.append(_gguf_model(default, default.name, default.stat().st_size, is_default=True))
     try:
         repos = scan_cache_dir(_cache_dir()).repos
     except CacheNotFound:
@@ -158,102 +132,8 @@ def list_local_models() -> list[LocalModel]:
 
 # ---------------------------------------------------------------------------------------------------- pulling
 
-@dataclass(frozen=True)
-class _RemoteFile:
-    name: str
-    size: int
-    etag: str  # the blob's name in the cache: the LFS sha256, else the git blob id (as huggingface_hub names it)
-    sha256: str | None  # LFS files only
-
-
 def _repo_dir(repo_id: str) -> Path:
     return _cache_dir() / ("models--" + repo_id.replace("/", "--"))
-
-
-def _remote_files(repo_id: str, revision: str | None, endpoint: str) -> tuple[str, list[_RemoteFile]]:
-    """(commit hash, the files a pull downloads) for the repo at `revision`."""
-    shown = f"{repo_id}@{revision}" if revision else repo_id
-    try:
-        info = HfApi(endpoint=endpoint).model_info(repo_id, revision=revision, files_metadata=True)
-    except RevisionNotFoundError:
-        raise HubError(f"the model {repo_id} on the Hub has no revision {revision!r}") from None
-    except RepositoryNotFoundError:  # also private and gated repos without a token
-        raise HubError(f"no model {repo_id} on the Hub") from None
-    except (httpx2.HTTPError, OSError) as e:
-        raise HubError(f"cannot reach the Hugging Face Hub at {endpoint} to look up {shown}: {e}") from None
-    files = []
-    for sibling in info.siblings or []:
-        if not wanted_file(sibling.rfilename):
-            continue
-        lfs = sibling.lfs
-        etag = lfs.sha256 if lfs is not None else sibling.blob_id
-        if etag is None or sibling.size is None:
-            raise HubError(f"the Hub gave no size or hash for {shown}/{sibling.rfilename}")
-        files.append(_RemoteFile(sibling.rfilename, sibling.size, etag, lfs.sha256 if lfs is not None else None))
-    names = {f.name for f in files}
-    if "config.json" not in names:
-        raise HubError(f"{shown} has no config.json, so it is not a transformers model kvstudio can run")
-    if not any(n.endswith(".safetensors") for n in names):
-        raise HubError(f"{shown} has no .safetensors weights; kvstudio reads only safetensors (or a local .gguf)")
-    return info.sha, files
-
-
-def _download(url: str, file: _RemoteFile, blob: Path, done_before: int, total: int,
-              progress: Progress | None, cancel: threading.Event | None) -> None:
-    """Fetch one file to `blob`, resuming `blob`.incomplete from its length; verified before it is renamed."""
-    partial = blob.with_name(blob.name + ".incomplete")
-    have = partial.stat().st_size if partial.exists() else 0
-    if have > file.size:  # not a prefix of this file: start over
-        partial.unlink()
-        have = 0
-    request = urllib.request.Request(url, headers={"Accept-Encoding": "identity"})
-    if 0 < have < file.size:
-        request.add_header("Range", f"bytes={have}-")
-    try:
-        if have < file.size:
-            with urllib.request.urlopen(request, timeout=_TIMEOUT_S) as response:
-                mode = "ab" if response.status == 206 else "wb"  # 200: the server ignored Range, so from byte 0
-                if mode == "wb":
-                    have = 0
-                with partial.open(mode) as out:
-                    while chunk := response.read(_CHUNK):
-                        out.write(chunk)
-                        have += len(chunk)
-                        if progress is not None:
-                            progress(done_before + have, total)
-                        if cancel is not None and cancel.is_set():
-                            raise HubError("cancelled")  # .incomplete stays, so the next pull resumes it
-    except urllib.error.HTTPError as e:
-        raise HubError(f"downloading {file.name} failed: HTTP {e.code} {e.reason}") from None
-    except OSError as e:
-        if e.errno == errno.ENOSPC:
-            raise HubError(f"the disk holding {blob.parent} is full while downloading {file.name}") from None
-        raise HubError(f"downloading {file.name} failed ({e}); run the pull again to resume it") from None
-    except http.client.HTTPException as e:  # the connection dropped mid-body
-        raise HubError(f"downloading {file.name} broke off after {have} of {file.size} bytes ({e!r}); "
-                       "run the pull again to resume it") from None
-    if have != file.size:
-        raise HubError(f"downloading {file.name} broke off after {have} of {file.size} bytes; "
-                       "run the pull again to resume it")
-    if file.sha256 is not None and _sha256(partial) != file.sha256:
-        partial.unlink()  # corrupt: resuming it would only keep the corruption
-        raise HubError(f"{file.name} arrived corrupted (sha256 mismatch) and was discarded; run the pull again")
-    os.replace(partial, blob)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _check_space(directory: Path, needed: int) -> None:
-    free = shutil.disk_usage(directory).free
-    if needed > free:
-        raise HubError(f"not enough disk space in {directory}: the download needs {needed} more bytes, "
-                       f"{free} are free")
 
 
 def pull(model: str, revision: str | None = None, progress: Progress | None = None,
@@ -261,8 +141,9 @@ def pull(model: str, revision: str | None = None, progress: Progress | None = No
     """Download `model` ("org/name" or "org/name@rev") into the Hugging Face cache; returns the snapshot dir.
 
     Only what the engine reads is fetched. An interrupted pull leaves `.incomplete` blobs that the next pull
-    resumes; the snapshot (what the library lists) appears only once every file is complete. Setting `cancel`
-    stops the pull between chunks with HubError("cancelled"), keeping what arrived for the next pull.
+    resumes, and a record list_interrupted finds; the snapshot (what the library lists) appears only once every
+    file is complete. Setting `cancel` stops the pull between chunks with HubError("cancelled"), keeping what
+    arrived for the next pull.
     """
     repo_id, _, at = model.partition("@")
     if at and revision is not None and at != revision:
@@ -271,7 +152,7 @@ def pull(model: str, revision: str | None = None, progress: Progress | None = No
     if repo_id.count("/") != 1 or not all(repo_id.split("/")):
         raise HubError(f"{model!r} is not a Hub model id: expected ORG/NAME[@REVISION]")
     endpoint = endpoint or constants.ENDPOINT
-    commit, files = _remote_files(repo_id, revision, endpoint)
+    commit, files = remote_files(repo_id, revision, endpoint)
 
     repo_dir = _repo_dir(repo_id)
     blobs = repo_dir / "blobs"
@@ -282,7 +163,7 @@ def pull(model: str, revision: str | None = None, progress: Progress | None = No
     missing = [f for f in files if not (blobs / f.etag).is_file()]
     partial_bytes = sum((blobs / (f.etag + ".incomplete")).stat().st_size for f in missing
                         if (blobs / (f.etag + ".incomplete")).is_file())
-    _check_space(blobs, sum(f.size for f in missing) - partial_bytes)
+    check_space(blobs, sum(f.size for f in missing) - partial_bytes)
 
     done = 0
     for file in files:
@@ -291,12 +172,14 @@ def pull(model: str, revision: str | None = None, progress: Progress | None = No
             url = f"{endpoint}/{repo_id}/resolve/{commit}/{urllib.parse.quote(file.name)}"
             if cancel is not None and cancel.is_set():
                 raise HubError("cancelled")
-            _download(url, file, blob, done, total, progress, cancel)
+            download_file(url, file, blob, done, total, progress, cancel)
         done += file.size
         if progress is not None:
             progress(done, total)
         if file.name == "config.json":
             _check_architecture(blob, repo_id)
+            # from here on an interruption leaves a pull worth resuming (after a restart too): say what it fetches
+            _write_manifest(repo_dir, f"{repo_id}@{revision}" if revision else repo_id, files)
 
     snapshot = repo_dir / "snapshots" / commit
     snapshot.mkdir(parents=True, exist_ok=True)
@@ -309,6 +192,7 @@ def pull(model: str, revision: str | None = None, progress: Progress | None = No
     refs.mkdir(exist_ok=True)
     if revision != commit:
         (refs / (revision or "main")).write_text(commit)
+    (repo_dir / _MANIFEST).unlink(missing_ok=True)  # complete: nothing left to resume
     return snapshot
 
 
@@ -322,46 +206,78 @@ def _check_architecture(config_file: Path, repo_id: str) -> None:
                        "an architecture kvstudio cannot run")
 
 
-# ---------------------------------------------------------------------------------------------------- searching
+# ---------------------------------------------------------------------------------------------------- interrupted
+
+_MANIFEST = "kvstudio-pull.json"  # beside blobs/ while a pull is unfinished; huggingface_hub's cache scan ignores it
+
 
 @dataclass(frozen=True)
-class HubModel:
-    name: str  # "org/name"
-    downloads: int  # over the last 30 days, as the Hub counts them
-    likes: int
-    size: int | None  # bytes the repo stores on the Hub (every file, not only what a pull fetches); None: not said
+class InterruptedPull:
+    """A pull that stopped before its end (it failed, was cancelled, or the app closed) and can be resumed."""
+    model: str  # what was pulled, "org/name[@revision]": pulling it again continues where it stopped
+    repo_id: str
+    done: int  # bytes of it on disk
+    total: int | None  # bytes the whole pull fetches; None when its record cannot be read
 
 
-def search_hub(query: str, limit: int = 20, endpoint: str | None = None) -> list[HubModel]:
-    """Text-generation models with safetensors weights whose id contains `query`, most downloaded first.
-
-    One request without retries: huggingface_hub's list_models backs off for half a minute when the network is
-    down, and a search box should say "offline" at once. Raises HubOffline when the Hub cannot be reached and
-    HubError when it answers with an error.
-    """
-    if not 1 <= limit <= 100:  # the Hub's page size: more would need pagination
-        raise ValueError(f"limit must be between 1 and 100, got {limit}")
-    endpoint = endpoint or constants.ENDPOINT
-    params = {"search": query.strip(), "pipeline_tag": "text-generation", "filter": "safetensors",
-              "sort": "downloads", "limit": limit, "expand": ["downloads", "likes", "usedStorage"]}
+def _write_manifest(repo_dir: Path, model: str, files: list[RemoteFile]) -> None:
+    manifest = repo_dir / _MANIFEST
+    partial = manifest.with_name(manifest.name + ".tmp")
     try:
-        response = get_session().get(f"{endpoint}/api/models", params=params, headers=build_hf_headers(),
-                                     timeout=_TIMEOUT_S)
-        hf_raise_for_status(response)
-        items = response.json()
-    except httpx2.TransportError as e:
-        raise HubOffline(f"cannot reach the Hugging Face Hub at {endpoint}: {e}") from None
-    except HfHubHTTPError as e:
-        raise HubError(f"the Hub search for {query!r} failed: {e}") from None
+        partial.write_text(json.dumps({"model": model, "files": {f.etag: f.size for f in files}}), encoding="utf-8")
+        os.replace(partial, manifest)  # whole or absent, never half a record
     except OSError as e:
-        raise HubOffline(f"cannot reach the Hugging Face Hub at {endpoint}: {e}") from None
-    except ValueError as e:
-        raise HubError(f"the Hub answered the search for {query!r} with something that is not JSON: {e}") from None
-    models = []
-    for item in items[:limit]:
-        info = ModelInfo(**item)
-        models.append(HubModel(info.id, info.downloads or 0, info.likes or 0, info.used_storage))
-    return models
+        partial.unlink(missing_ok=True)
+        raise HubError(f"cannot write {manifest} ({e}); run the pull again") from None
+
+
+def _bytes_on_disk(blobs: Path, etag: str, size: int) -> int:
+    if (blobs / etag).is_file():
+        return size
+    partial = blobs / (etag + ".incomplete")
+    return min(partial.stat().st_size, size) if partial.is_file() else 0
+
+
+def list_interrupted() -> list[InterruptedPull]:
+    """Every pull in the cache that stopped before its end (also in an earlier run of kvstudio), by repo id."""
+    found = []
+    for manifest in sorted(_cache_dir().glob(f"models--*/{_MANIFEST}")):
+        repo_dir = manifest.parent
+        repo_id = repo_dir.name.removeprefix("models--").replace("--", "/")  # as huggingface_hub reads it
+        blobs = repo_dir / "blobs"
+        try:
+            record = json.loads(manifest.read_text(encoding="utf-8"))
+            sizes = {str(etag): int(size) for etag, size in record["files"].items()}
+            model = str(record["model"])
+        except (OSError, ValueError, TypeError, KeyError, AttributeError):
+            # an unreadable record: what arrived is still shown, so it can be resumed from main or discarded
+            done = sum(f.stat().st_size for f in blobs.glob("*.incomplete"))
+            found.append(InterruptedPull(repo_id, repo_id, done, None))
+            continue
+        done = sum(_bytes_on_disk(blobs, etag, size) for etag, size in sizes.items())
+        found.append(InterruptedPull(model, repo_id, done, sum(sizes.values())))
+    return found
+
+
+def discard_interrupted(repo_id: str) -> int:
+    """Delete what an interrupted pull of `repo_id` left (partial files, finished files no snapshot links, its
+    record), keeping a revision of it already in the library. Returns the bytes freed."""
+    repo_dir = _repo_dir(repo_id)
+    if not (repo_dir / _MANIFEST).is_file():
+        raise HubError(f"there is no interrupted download of {repo_id} to discard")
+    snapshots = repo_dir / "snapshots"
+    if not snapshots.is_dir() or not any(snapshots.iterdir()):  # nothing of it is in the library: all goes
+        freed = sum(f.stat().st_size for f in repo_dir.rglob("*") if f.is_file() and not f.is_symlink())
+        shutil.rmtree(repo_dir)
+        return freed
+    linked = {link.resolve() for link in snapshots.rglob("*") if link.is_symlink()}
+    freed = 0
+    for blob in (repo_dir / "blobs").iterdir():
+        if blob.resolve() not in linked:
+            freed += blob.stat().st_size
+            blob.unlink()
+    (repo_dir / _MANIFEST).unlink()
+    return freed
 
 
 # ---------------------------------------------------------------------------------------------------- removing

@@ -9,7 +9,8 @@ kernel's out-of-memory killer.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from math import prod
 from pathlib import Path
 
 import torch
@@ -84,3 +85,49 @@ def check_fit(num_params: int, memory: MachineMemory, dtype: str = "auto") -> Mo
         return ModelFit("tight", needed, memory.available,
                         f"Tight: {amounts}; close other programs or lower the KV cache size.")
     return ModelFit("too big", needed, memory.available, f"Too big for this machine: {amounts}.")
+
+
+def local_num_params(path: str | Path) -> int | None:
+    """The number of weights in a local model, read from headers only (milliseconds, no tensor data): the
+    *.safetensors files of a Hugging Face model directory (the shards its index names, when it has one) or the
+    tensor table of a .gguf file. None when `path` holds no weights in either form; ModelLoadError (a ValueError)
+    naming the file when one is truncated or not what its name says."""
+    # imported here: the loaders pull in transformers, which asking about memory alone does not need
+    from safetensors import safe_open
+
+    from engine.models.loader import SafetensorsCheckpoint
+
+    path = Path(path)
+    if path.is_dir():
+        if not any(path.glob("*.safetensors")) and not (path / "model.safetensors.index.json").is_file():
+            return None
+        total = 0
+        for file in SafetensorsCheckpoint(path).files:  # validated: headers readable, sizes cover the data
+            with safe_open(file, framework="pt") as tensors:
+                # a safe_open handle is not iterable: keys() is the way to its names
+                total += sum(prod(tensors.get_slice(name).get_shape()) for name in tensors.keys())  # noqa: SIM118
+        return total
+    if path.is_file() and path.suffix.lower() == ".gguf":
+        from engine.models.gguf import GGUFCheckpoint
+
+        return sum(prod(tensor.shape) for tensor in GGUFCheckpoint(path).tensors)
+    return None
+
+
+def check_model_fits(path: str | Path, engine_options: dict) -> ModelFit | None:
+    """check_fit for the model at `path` (a model directory or a .gguf file) loaded with `engine_options` (LLM
+    keyword arguments: dtype, device and the CPU's kv_cache_memory count), against the memory free now. None when
+    its size is unknown (a repo id rather than a path, no weights there); ModelLoadError naming the file when a
+    weights file is corrupt."""
+    num_params = local_num_params(path) if Path(path).exists() else None
+    if num_params is None:
+        return None
+    memory = machine_memory()
+    if engine_options.get("device") == "cpu" and memory.is_gpu:  # a GPU machine told to run on its CPU
+        total, available = _ram()
+        memory = MachineMemory("cpu", total, available, 4, CPU_RESERVE)
+    if not memory.is_gpu and engine_options.get("kv_cache_memory") is not None:
+        # the reserve's default KV pool swapped for the one asked for (GiB)
+        kv_pool = int(engine_options["kv_cache_memory"] * GIB)
+        memory = replace(memory, reserve=CPU_RESERVE - int(DEFAULT_CPU_KV_CACHE_GIB * GIB) + kv_pool)
+    return check_fit(num_params, memory, engine_options.get("dtype", "auto"))

@@ -70,9 +70,11 @@ class FakeHub:
     """The Hub routes huggingface_hub and app/hub_models.py call, over repos given as {repo_id: {filename: bytes}}.
 
     Every request is logged as (method, path, Range header). "repo/file" keys in drop_halfway break their next
-    GET off mid-body; in stall_halfway they send half, then wait for `release`."""
+    GET off mid-body; in stall_halfway they send half, then wait for `release`. A search answers only the fields
+    its `expand` asks for, as the Hub does."""
     repos: dict[str, dict[str, bytes]]
     downloads: dict[str, int] = field(default_factory=dict)   # for search ordering
+    num_params: dict[str, int] = field(default_factory=dict)  # the safetensors parameter count a search reports
     drop_halfway: set[str] = field(default_factory=set)
     stall_halfway: set[str] = field(default_factory=set)
     release: threading.Event = field(default_factory=threading.Event)
@@ -89,9 +91,16 @@ class FakeHub:
         from aiohttp import web
 
         query = request.query.get("search", "")
+        expand = set(request.query.getall("expand", []))
         found = sorted((r for r in self.repos if query.lower() in r.lower()), key=lambda r: -self.downloads.get(r, 0))
-        return web.json_response([{"id": r, "downloads": self.downloads.get(r, 0), "likes": len(r),
-                                   "usedStorage": sum(map(len, self.repos[r].values()))} for r in found])
+        items = []
+        for r in found:
+            fields = {"downloads": self.downloads.get(r, 0), "likes": len(r),
+                      "usedStorage": sum(map(len, self.repos[r].values()))}
+            if r in self.num_params:
+                fields["safetensors"] = {"parameters": {"F32": self.num_params[r]}, "total": self.num_params[r]}
+            items.append({"id": r, **{k: v for k, v in fields.items() if k in expand}})
+        return web.json_response(items)
 
     async def info(self, request):
         from aiohttp import web
@@ -146,8 +155,8 @@ class FakeHub:
 
 @pytest.fixture
 def serve_hub(tmp_path, monkeypatch):
-    """serve_hub(repos, downloads=None) -> FakeHub on loopback, with huggingface_hub pointed at it, the HF cache
-    in tmp_path/hf-cache and kvstudio's data dir in tmp_path/kvstudio."""
+    """serve_hub(repos, downloads=None, num_params=None) -> FakeHub on loopback, with huggingface_hub pointed at
+    it, the HF cache in tmp_path/hf-cache and kvstudio's data dir in tmp_path/kvstudio."""
     import asyncio
 
     from aiohttp import web
@@ -157,8 +166,9 @@ def serve_hub(tmp_path, monkeypatch):
 
     running = []
 
-    def serve(repos: dict[str, dict[str, bytes]], downloads: dict[str, int] | None = None) -> FakeHub:
-        hub = FakeHub(repos, dict(downloads or {}))
+    def serve(repos: dict[str, dict[str, bytes]], downloads: dict[str, int] | None = None,
+              num_params: dict[str, int] | None = None) -> FakeHub:
+        hub = FakeHub(repos, dict(downloads or {}), dict(num_params or {}))
         app = web.Application()
         app.router.add_get("/api/models", hub.search)
         app.router.add_get("/api/models/{org}/{name}", hub.info)
@@ -184,3 +194,30 @@ def serve_hub(tmp_path, monkeypatch):
         loop.call_soon_threadsafe(loop.stop)
         thread.join(10)
         loop.close()
+
+
+# ---- an OpenAI-compatible endpoint to point clients at ------------------------------------------------------------
+
+@dataclass
+class OpenAIEndpoint:
+    base_url: str        # http://127.0.0.1:port/v1
+    api_key: str
+    model: str           # the one model it serves
+    engine: object       # its LLMEngine, to check what the server did
+
+
+@pytest.fixture(scope="module")
+def openai_endpoint(tiny_chat_model):
+    """kvstudio's own server over the tiny chat model, on a free loopback port, with an API key: a remote
+    endpoint for the clients under test."""
+    from app.engine_thread import EngineThread
+    from app.server.app import ServerConfig
+    from app.server.run import BackgroundServer, model_info
+    from engine import LLM
+
+    engine = LLM(str(tiny_chat_model), max_model_len=256, kv_cache_memory=0.02).llm_engine
+    thread = EngineThread(engine).start()
+    server = BackgroundServer(thread, model_info(engine, "tiny"), ServerConfig(port=0, api_key="sk-test")).start()
+    yield OpenAIEndpoint(server.url + "/v1", "sk-test", "tiny", engine)
+    server.stop()
+    thread.stop()

@@ -21,6 +21,7 @@ from PySide6.QtCore import QObject, Signal
 
 from app.conversation import chat_prompt
 from app.engine_thread import EngineThread
+from app.machine import check_model_fits
 from app.remote_client import Endpoint, RemoteClient, TextUpdate, list_models
 from engine import LLM, RequestOutput, SamplingParams
 
@@ -106,6 +107,9 @@ class EngineBridge(QObject):
     def _load(self, model: str, options: dict) -> None:
         start = time.perf_counter()
         try:
+            # A model too big for the memory free now would end in the OOM killer: refused here, in words.
+            if (fit := check_model_fits(model, options)) is not None and not fit.fits:
+                raise MemoryError(fit.message)
             llm = self._make_llm(model, options)
         except Exception as e:   # a bad path, a corrupt file, too little memory: said in words, never a crash
             self.model_load_failed.emit(ModelLoadFailed(model, str(e) or type(e).__name__))

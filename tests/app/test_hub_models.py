@@ -1,4 +1,5 @@
-"""`kvstudio models list | pull | rm` against a fake Hugging Face Hub served on loopback."""
+"""`kvstudio models list | pull | rm`, searching, and interrupted pulls found again after a restart, against a fake
+Hugging Face Hub served on loopback."""
 from __future__ import annotations
 
 import json
@@ -7,7 +8,8 @@ from pathlib import Path
 import pytest
 from huggingface_hub import scan_cache_dir, try_to_load_from_cache
 
-from app import cli, hub_models, model_store
+from app import cli, hub_files, hub_models, model_store
+from app.hub_search import search_hub
 
 
 @pytest.fixture
@@ -113,7 +115,7 @@ def test_a_pull_kvstudio_cannot_use_fails_with_the_reason(fake_hub, repo, messag
 
 
 def test_a_pull_needing_more_than_the_free_disk_fails_before_downloading(fake_hub, monkeypatch, capsys):
-    monkeypatch.setattr(hub_models.shutil, "disk_usage", lambda path: type("Usage", (), {"free": 10})())
+    monkeypatch.setattr(hub_files.shutil, "disk_usage", lambda path: type("Usage", (), {"free": 10})())
     code, _, err = run(capsys, "pull", "org/tiny")
     assert code == 1 and "not enough disk space" in err
     assert [path for _, path, _ in fake_hub.requests if "/resolve/" in path] == []
@@ -138,10 +140,105 @@ def test_the_default_model_is_listed_and_removed_only_with_force(fake_hub, smoll
     default.symlink_to(smollm2_gguf)  # removing the link leaves the suite's copy alone
     [model] = hub_models.list_local_models()
     assert (model.name, model.family, model.context_length, model.is_default) == (
-        default.name, "llama", 8192, True)
+        default.name, "LlamaForCausalLM", 8192, True)
 
     code, _, err = run(capsys, "rm", default.name)
     assert code == 1 and "--force" in err and default.exists()
     code, out, _ = run(capsys, "rm", default.name, "--force")
     assert code == 0 and not default.exists() and smollm2_gguf.is_file()
     assert out.strip() == f"Removed {default.name}, freed {hub_models.human_size(model_store.DEFAULT_MODEL.size)}."
+
+
+def tiny_files(tiny_chat_model: Path) -> int:
+    return sum((tiny_chat_model / name).stat().st_size for name in expected_files(tiny_chat_model))
+
+
+def test_search_asks_the_hub_for_parameter_counts(serve_hub, tiny_chat_model):
+    config = (tiny_chat_model / "config.json").read_bytes()
+    serve_hub({"org/tiny": {"config.json": config}, "org/tiny-gguf": {"config.json": config}},
+              {"org/tiny": 5, "org/tiny-gguf": 1}, num_params={"org/tiny": 4_200_000})
+    found = search_hub("tiny")
+    assert [(m.name, m.downloads, m.num_params) for m in found] == [("org/tiny", 5, 4_200_000),
+                                                                     ("org/tiny-gguf", 1, None)]
+
+
+def test_a_failed_pull_is_found_again_with_its_progress_and_resumes(fake_hub, tiny_chat_model, tmp_path):
+    weights = (tiny_chat_model / "model.safetensors").stat().st_size
+    fake_hub.drop_halfway.add("org/tiny/model.safetensors")
+    with pytest.raises(hub_models.HubError, match="broke off"):
+        hub_models.pull("org/tiny")
+    # what a new process finds in the cache: the files fetched before the weights whole, half the weights
+    [pull] = hub_models.list_interrupted()
+    assert (pull.model, pull.repo_id, pull.total) == ("org/tiny", "org/tiny", tiny_files(tiny_chat_model))
+    blobs = tmp_path / "hf-cache" / "models--org--tiny" / "blobs"
+    [partial] = blobs.glob("*.incomplete")
+    assert partial.stat().st_size == weights // 2
+    assert pull.done == sum(f.stat().st_size for f in blobs.iterdir()) < pull.total
+    hub_models.pull(pull.model)
+    assert fake_hub.ranges == [None, f"bytes={weights // 2}-"]
+    assert hub_models.list_interrupted() == []
+
+
+def test_a_pull_kvstudio_cannot_run_leaves_nothing_to_resume(fake_hub):
+    with pytest.raises(hub_models.HubError, match="BertModel"):
+        hub_models.pull("org/bert")
+    assert hub_models.list_interrupted() == []
+
+
+def test_discarding_an_interrupted_pull_removes_every_file_it_left(fake_hub, tmp_path):
+    fake_hub.drop_halfway.add("org/tiny/model.safetensors")
+    with pytest.raises(hub_models.HubError):
+        hub_models.pull("org/tiny")
+    repo_dir = tmp_path / "hf-cache" / "models--org--tiny"
+    on_disk = sum(f.stat().st_size for f in repo_dir.rglob("*") if f.is_file())
+    assert hub_models.discard_interrupted("org/tiny") == on_disk
+    assert not repo_dir.exists() and hub_models.list_interrupted() == []
+    with pytest.raises(hub_models.HubError, match="no interrupted download of org/tiny"):
+        hub_models.discard_interrupted("org/tiny")
+
+
+def test_discarding_an_interrupted_update_keeps_the_model_in_the_library(fake_hub, tiny_chat_model):
+    hub_models.pull("org/tiny")
+    [before] = hub_models.list_local_models()
+    # the repo's weights change on the Hub and the pull of the new ones breaks off halfway
+    fake_hub.repos["org/tiny"]["model.safetensors"] = b"\1" * 1000
+    fake_hub.drop_halfway.add("org/tiny/model.safetensors")
+    with pytest.raises(hub_models.HubError):
+        hub_models.pull("org/tiny")
+    [pull] = hub_models.list_interrupted()
+    assert pull.done == pull.total - 500
+    assert hub_models.discard_interrupted("org/tiny") == 500
+    assert hub_models.list_interrupted() == [] and hub_models.list_local_models() == [before]
+    blobs = before.path.parent.parent / "blobs"
+    assert not list(blobs.glob("*.incomplete"))
+    assert (before.path / "model.safetensors").read_bytes() == (tiny_chat_model / "model.safetensors").read_bytes()
+
+
+def test_an_unreadable_pull_record_still_shows_what_arrived(fake_hub, tmp_path):
+    fake_hub.drop_halfway.add("org/tiny/model.safetensors")
+    with pytest.raises(hub_models.HubError):
+        hub_models.pull("org/tiny")
+    repo_dir = tmp_path / "hf-cache" / "models--org--tiny"
+    (repo_dir / hub_models._MANIFEST).write_text("{not json")
+    partial = sum(f.stat().st_size for f in (repo_dir / "blobs").glob("*.incomplete"))
+    assert hub_models.list_interrupted() == [hub_models.InterruptedPull("org/tiny", "org/tiny", partial, None)]
+    hub_models.discard_interrupted("org/tiny")
+    assert not repo_dir.exists()
+
+
+def test_a_corrupt_model_is_listed_with_the_problem_and_the_rest_still_show(fake_hub, smollm2_gguf):
+    default = model_store.default_model_path()
+    default.parent.mkdir(parents=True)
+    with smollm2_gguf.open("rb") as f:
+        default.write_bytes(f.read(5_000_000))  # cut short: its header is whole, its tensors are not
+    hub_models.pull("org/tiny")
+    [cut, tiny] = hub_models.list_local_models()
+    assert cut.name == default.name and cut.problem.startswith(f"{default} is truncated")
+    assert (cut.family, cut.num_params) == ("?", None)
+    assert tiny.problem is None and tiny.num_params > 0
+
+    config = tiny.path / "config.json"
+    config.unlink()  # the link into blobs/; a file of garbage in its place
+    config.write_text("{not json")
+    [_, tiny] = hub_models.list_local_models()
+    assert tiny.name == "org/tiny" and tiny.problem.startswith(f"{config} cannot be read as JSON")

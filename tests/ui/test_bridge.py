@@ -74,3 +74,16 @@ def test_snapshots_follow_the_pool(qtbot, bridge):
     qtbot.waitUntil(lambda: any(s.stats.num_blocks_used for s in snapshots), timeout=30_000)
     qtbot.waitUntil(lambda: snapshots[-1].stats.num_blocks_used == 0, timeout=30_000)
     assert any(rid in s.block_map.owners.values() for s in snapshots)
+
+
+def test_a_model_too_big_for_the_free_memory_is_refused_before_loading(qtbot, tiny_chat_model, monkeypatch):
+    from app import machine
+
+    loads = []
+    b = EngineBridge(lambda model, options: loads.append(model))
+    little = machine.MachineMemory("cpu", 2**30, 2**20, 4, machine.CPU_RESERVE)
+    monkeypatch.setattr(machine, "machine_memory", lambda: little)
+    with qtbot.waitSignal(b.model_load_failed, timeout=30_000) as failed:
+        b.load_model(str(tiny_chat_model), OPTIONS)
+    assert failed.args[0].message.startswith("Too big for this machine: needs about") and not loads
+    assert b.engine_thread is None

@@ -1,23 +1,40 @@
 """The models page against a fake Hub on loopback and a tmp Hugging Face cache: the library (with the default
-model), delete, search, download with progress, a failing and a cancelled download resumed, a missing repo and a
-full disk said in words, offline search, load."""
+model), delete, search, download with progress, a failing and a cancelled download resumed, a download interrupted
+in an earlier run resumed or discarded, a missing repo and a full disk said in words, offline search, load, a model
+too big for memory and a corrupt one refused in words."""
 from __future__ import annotations
 
 import socket
 
 import pytest
 from PySide6.QtCore import Qt
+from PySide6.QtGui import QColor, QPalette
+from PySide6.QtWidgets import QApplication
 
-from app import hub_models, model_store
+from app import hub_files, hub_models, machine, model_store
 from app.hub_models import human_size
+from app.machine import GIB, MachineMemory
 from ui.bridge import EngineBridge
-from ui.pages.models import OFFLINE, ModelsPage
+from ui.pages.models import ModelsPage
+from ui.widgets.hub_panel import OFFLINE
+from ui.widgets.rows_table import tone_color
+
+HUGE = 70_000_000_000  # parameters: too big for any machine this runs on
 
 
 @pytest.fixture
 def hub(serve_hub, tiny_chat_model):
     tiny = {p.name: p.read_bytes() for p in sorted(tiny_chat_model.iterdir()) if p.is_file()}
-    return serve_hub({"org/tiny": tiny, "org/tiny-instruct": tiny}, {"org/tiny": 1200, "org/tiny-instruct": 3400})
+    return serve_hub({"org/tiny": tiny, "org/tiny-instruct": tiny, "org/huge": {"config.json": tiny["config.json"]}},
+                     {"org/tiny": 1200, "org/tiny-instruct": 3400, "org/huge": 10},
+                     {"org/tiny": tiny_params(tiny_chat_model), "org/huge": HUGE})
+
+
+def tiny_params(tiny_chat_model) -> int:
+    from safetensors import safe_open
+
+    with safe_open(tiny_chat_model / "model.safetensors", framework="pt") as f:
+        return sum(f.get_tensor(name).numel() for name in f.keys())  # noqa: SIM118 - not iterable
 
 
 class RecordingLoader:
@@ -40,47 +57,68 @@ def page(qtbot, hub):
     p.shutdown()
 
 
+def cells(model, role=Qt.DisplayRole) -> list[list]:
+    return [[model.data(model.index(r, c), role) for c in range(model.columnCount())] for r in range(model.rowCount())]
+
+
 def library(page: ModelsPage) -> list[list[str]]:
-    m = page.library
-    return [[m.data(m.index(r, c)) for c in range(m.columnCount())] for r in range(m.rowCount())]
+    return cells(page.library)
+
+
+def names(page: ModelsPage) -> list[str]:
+    return [m.name for m in page.library.rows()]
 
 
 def results(page: ModelsPage) -> list[list[str]]:
-    m = page.results
-    return [[m.data(m.index(r, c)) for c in range(m.columnCount())] for r in range(m.rowCount())]
+    return cells(page.hub.results)
 
 
 def search(qtbot, page: ModelsPage, query: str) -> None:
-    page.query.setText(query)
-    page.search_button.click()  # disabled until the worker's answer arrives
-    qtbot.waitUntil(page.search_button.isEnabled, timeout=10_000)
+    page.hub.query.setText(query)
+    page.hub.search_button.click()  # disabled until the worker's answer arrives
+    qtbot.waitUntil(page.hub.search_button.isEnabled, timeout=10_000)
 
 
 def download(qtbot, page: ModelsPage, name: str, signal: str) -> None:
     row = [r[0] for r in results(page)].index(name)
-    page.results_view.selectRow(row)
-    with qtbot.waitSignal(getattr(page, signal), timeout=20_000):
-        page.download_button.click()
+    page.hub.results_view.selectRow(row)
+    with qtbot.waitSignal(getattr(page.hub, signal), timeout=20_000):
+        page.hub.download_button.click()
+
+
+def small_machine(available: int) -> MachineMemory:
+    return MachineMemory("cpu", total=available, available=available, bytes_per_param=4, reserve=GIB // 2)
 
 
 def weights_size(tiny_chat_model) -> int:
     return (tiny_chat_model / "model.safetensors").stat().st_size
 
 
-def test_the_library_lists_a_pulled_model_and_the_default(qtbot, hub, smollm2_gguf, tiny_chat_model):
+def test_the_library_lists_a_pulled_model_and_the_default(qtbot, hub, smollm2_gguf, tiny_chat_model, monkeypatch):
     default = model_store.default_model_path()
     default.parent.mkdir(parents=True)
     default.symlink_to(smollm2_gguf)  # removing the link leaves the suite's copy alone
     hub_models.pull("org/tiny")
     size = sum(p.stat().st_size for p in tiny_chat_model.iterdir() if p.is_file())
+    # room for the tiny model with a quarter to spare, not for SmolLM2's 135M float32 weights
+    monkeypatch.setattr(machine, "machine_memory", lambda: small_machine(GIB * 5 // 4))
     page = ModelsPage(EngineBridge(make_llm=RecordingLoader()))
     qtbot.addWidget(page)
     assert [page.library.headerData(c, Qt.Horizontal) for c in range(page.library.columnCount())] == [
-        "Name", "Size", "Family", "Context", ""]
+        "Name", "Family", "Params", "Context", "Size", "Memory"]
+    params = tiny_params(tiny_chat_model)
     assert library(page) == [
-        [default.name, human_size(model_store.DEFAULT_MODEL.size), "llama", "8,192", "default"],
-        ["org/tiny", human_size(size), "LlamaForCausalLM", "512", ""],
+        [default.name, "Llama", "135M", "8,192", human_size(model_store.DEFAULT_MODEL.size), "tight"],
+        ["org/tiny", "Llama", f"{params / 1e6:.1f}M", "512", human_size(size), "fits"],
     ]
+    tips = cells(page.library, Qt.ToolTipRole)
+    assert tips[0][0] == f"kvstudio's default model: {default}" and tips[1][0] == str(page.library.row(1).path)
+    assert tips[0][2] == "134,515,008 parameters"
+    assert page.library.data(page.library.index(0, 0), Qt.FontRole).bold()
+    assert page.library.data(page.library.index(1, 0), Qt.FontRole) is None
+    assert tips[0][5].startswith("Tight: needs about 1.0 GiB, 1.2 GiB of RAM is free")
+    colours = cells(page.library, Qt.ForegroundRole)
+    assert (colours[0][5], colours[1][5], colours[1][0]) == (tone_color("warn"), tone_color("ok"), None)
     assert page.library_summary.text() == f"2 models, {human_size(size + model_store.DEFAULT_MODEL.size)} on disk"
 
 
@@ -95,9 +133,9 @@ def test_delete_frees_the_model_and_refuses_the_default_unless_forced(page, hub,
     page.select_model("org/tiny")
     page.delete_button.click()  # the confirmation shows under the table; nothing is deleted yet
     assert page.confirm_bar.isVisibleTo(page) and f"free {human_size(tiny.size)}" in page.confirm_text.text()
-    assert [r[0] for r in library(page)] == [default.name, "org/tiny"]
+    assert names(page) == [default.name, "org/tiny"]
     page.confirm_button.click()
-    assert [r[0] for r in library(page)] == [default.name]
+    assert names(page) == [default.name]
     assert page.status.text() == f"Deleted org/tiny, freed {human_size(tiny.size)}."
     assert not (hub_models._cache_dir() / "models--org--tiny").exists()
 
@@ -111,25 +149,51 @@ def test_delete_frees_the_model_and_refuses_the_default_unless_forced(page, hub,
 def test_a_search_lists_the_hub_results_most_downloaded_first(qtbot, page, hub, tiny_chat_model):
     search(qtbot, page, "tiny")
     stored = human_size(sum(p.stat().st_size for p in tiny_chat_model.iterdir() if p.is_file()))
-    assert results(page) == [["org/tiny-instruct", "3,400", "17", stored], ["org/tiny", "1,200", "8", stored]]
+    params = f"{tiny_params(tiny_chat_model) / 1e6:.1f}M"
+    assert [page.hub.results.headerData(c, Qt.Horizontal) for c in range(page.hub.results.columnCount())] == [
+        "Name", "Params", "Downloads", "Likes", "Size", "Memory"]
+    assert results(page) == [["org/tiny-instruct", "—", "3,400", "17", stored, "—"],  # the Hub gave no count
+                             ["org/tiny", params, "1,200", "8", stored, "fits"]]
     assert page.status.text() == "2 models on the Hub for 'tiny'."
     search(qtbot, page, "nothing-like-it")
     assert results(page) == [] and "No text-generation model" in page.status.text()
 
 
-def test_a_download_completes_and_the_model_joins_the_library(qtbot, page, hub, screenshots):
-    search(qtbot, page, "tiny")
+def test_a_download_completes_and_the_model_joins_the_library(qtbot, page, hub, smollm2_gguf, screenshots):
+    default = model_store.default_model_path()
+    default.parent.mkdir(parents=True)
+    default.symlink_to(smollm2_gguf)
+    page.refresh()
+    search(qtbot, page, "org")
     values = []
-    page.download_progress.connect(lambda p: values.append(page.progress.value()))
+    page.hub.download_progress.connect(lambda p: values.append(page.hub.progress.value()))
     download(qtbot, page, "org/tiny", "download_done")
-    assert page.progress.value() == 100 and values[-1] == 100
-    assert [r[0] for r in library(page)] == ["org/tiny"]
+    assert page.hub.progress.value() == 100 and values[-1] == 100
+    assert names(page) == [default.name, "org/tiny"]
     assert page.selected_model().name == "org/tiny"
     assert page.status.text() == "Downloaded org/tiny; it is in the library."
-    assert page.download_button.isEnabled() and not page.cancel_button.isEnabled()
+    assert page.hub.download_button.isEnabled() and not page.hub.cancel_button.isEnabled()
     page.show()
     qtbot.waitExposed(page)
     page.grab().save(str(screenshots / "models.png"))
+    # on a dark desktop the verdict colours turn lighter, readable on the dark base
+    light = QApplication.palette()
+    ok = tone_color("ok")
+    dark = QPalette()
+    for role, color in ((QPalette.ColorRole.Window, "#1f2124"), (QPalette.ColorRole.WindowText, "#e6e6e6"),
+                        (QPalette.ColorRole.Base, "#2a2d31"), (QPalette.ColorRole.AlternateBase, "#303338"),
+                        (QPalette.ColorRole.Text, "#e6e6e6"), (QPalette.ColorRole.Button, "#2a2d31"),
+                        (QPalette.ColorRole.ButtonText, "#e6e6e6"), (QPalette.ColorRole.PlaceholderText, "#9aa0a6")):
+        dark.setColor(role, QColor(color))
+    QApplication.setPalette(dark)
+    try:
+        assert tone_color("ok").lightness() > ok.lightness()
+        page.library_view.clearSelection()
+        page.hub.results_view.clearSelection()
+        QApplication.sendPostedEvents()  # the palette change reaches the widgets as posted events
+        page.grab().save(str(screenshots / "models-dark.png"))
+    finally:
+        QApplication.setPalette(light)
 
 
 def test_a_download_failing_halfway_says_so_and_a_retry_resumes(qtbot, page, hub, tiny_chat_model):
@@ -137,23 +201,23 @@ def test_a_download_failing_halfway_says_so_and_a_retry_resumes(qtbot, page, hub
     hub.drop_halfway.add("org/tiny/model.safetensors")
     download(qtbot, page, "org/tiny", "download_failed")
     assert "model.safetensors broke off" in page.status.text() and "resume" in page.status.text()
-    assert library(page) == [] and page.progress_text.text() == "org/tiny: failed."
+    assert library(page) == [] and page.hub.progress_text.text() == "org/tiny: failed."
     download(qtbot, page, "org/tiny", "download_done")
     assert hub.ranges == [None, f"bytes={weights_size(tiny_chat_model) // 2}-"]
-    assert [r[0] for r in library(page)] == ["org/tiny"] and page.progress.value() == 100
+    assert names(page) == ["org/tiny"] and page.hub.progress.value() == 100
 
 
 def test_cancel_stops_between_chunks_and_downloading_again_resumes(qtbot, page, hub, tiny_chat_model, monkeypatch):
-    monkeypatch.setattr(hub_models, "_CHUNK", 1024)  # several chunks, so there is a "between"
+    monkeypatch.setattr(hub_files, "_CHUNK", 1024)  # several chunks, so there is a "between"
     search(qtbot, page, "tiny")
     hub.stall_halfway.add("org/tiny/model.safetensors")
     row = [r[0] for r in results(page)].index("org/tiny")
-    page.results_view.selectRow(row)
-    page.download_button.click()
+    page.hub.results_view.selectRow(row)
+    page.hub.download_button.click()
     qtbot.waitUntil(lambda: hub.ranges == [None], timeout=10_000)  # the weights' GET has begun
-    assert page.cancel_button.isEnabled() and not page.download_button.isEnabled()
-    with qtbot.waitSignal(page.download_failed, timeout=10_000) as blocker:
-        page.cancel_button.click()
+    assert page.hub.cancel_button.isEnabled() and not page.hub.download_button.isEnabled()
+    with qtbot.waitSignal(page.hub.download_failed, timeout=10_000) as blocker:
+        page.hub.cancel_button.click()
         hub.release.set()
     assert blocker.args[0].cancelled and "cancelled" in page.status.text()
     assert library(page) == []
@@ -163,25 +227,136 @@ def test_cancel_stops_between_chunks_and_downloading_again_resumes(qtbot, page, 
 
     download(qtbot, page, "org/tiny", "download_done")
     assert hub.ranges == [None, f"bytes={kept}-"]
-    assert [r[0] for r in library(page)] == ["org/tiny"]
+    assert names(page) == ["org/tiny"]
 
 
 def test_a_missing_repo_fails_in_words(qtbot, page, hub):
-    with qtbot.waitSignal(page.download_failed, timeout=10_000):
-        page.download("org/missing")
+    with qtbot.waitSignal(page.hub.download_failed, timeout=10_000):
+        page.hub.download("org/missing")
     assert page.status.text() == "Download of org/missing failed: no model org/missing on the Hub"
 
 
 def test_an_offline_search_says_offline_and_the_library_still_works(qtbot, page, hub, monkeypatch):
     with socket.socket() as s:  # a port nothing listens on
         s.bind(("127.0.0.1", 0))
-        page.endpoint = f"http://127.0.0.1:{s.getsockname()[1]}"
-    with qtbot.waitSignal(page.search_failed, timeout=10_000):
-        page.search()
+        page.hub.endpoint = f"http://127.0.0.1:{s.getsockname()[1]}"
+    with qtbot.waitSignal(page.hub.search_failed, timeout=10_000):
+        page.hub.search()
     assert page.status.text() == OFFLINE and results(page) == []
     hub_models.pull("org/tiny", endpoint=hub.url)
     page.refresh()
-    assert [r[0] for r in library(page)] == ["org/tiny"]
+    assert names(page) == ["org/tiny"]
+
+
+def test_the_hub_results_say_which_models_fit_this_machine(qtbot, page, hub, monkeypatch):
+    monkeypatch.setattr(machine, "machine_memory", lambda: small_machine(GIB))
+    search(qtbot, page, "org")
+    names = [r[0] for r in results(page)]
+    huge = names.index("org/huge")
+    assert [r[5] for r in results(page)][huge] == "too big" and results(page)[huge][1] == "70B"
+    tip = cells(page.hub.results, Qt.ToolTipRole)[huge][5]
+    assert tip == "Too big for this machine: needs about 261.3 GiB, 1.0 GiB of RAM is free."
+    assert cells(page.hub.results, Qt.ForegroundRole)[huge][5] == tone_color("error")
+
+
+def test_a_model_too_big_for_the_memory_is_refused_before_loading(qtbot, page, hub, monkeypatch):
+    hub_models.pull("org/tiny")
+    monkeypatch.setattr(machine, "machine_memory", lambda: small_machine(GIB // 4))  # less than the reserve alone
+    page.refresh()
+    assert library(page)[0][5] == "too big"
+    loads = []
+    page.bridge.model_loading.connect(loads.append)
+    page.select_model("org/tiny")
+    page.load_button.click()
+    assert page.status.text().startswith("Not loading org/tiny: Too big for this machine: needs about 0.5 GiB")
+    QApplication.processEvents()
+    assert loads == [] and page.bridge._make_llm.loaded == []
+
+
+def test_a_corrupt_model_is_listed_as_such_and_load_says_why(qtbot, page, hub, smollm2_gguf, screenshots):
+    default = model_store.default_model_path()
+    default.parent.mkdir(parents=True)
+    with smollm2_gguf.open("rb") as f:
+        default.write_bytes(f.read(5_000_000))  # cut short: its header is whole, its tensors are not
+    tiny_dir = hub_models.pull("org/tiny")
+    (tiny_dir / "config.json").unlink()  # the link into blobs; garbage in its place
+    (tiny_dir / "config.json").write_text("{not json")
+    page.refresh()
+    assert [r[:2] for r in library(page)] == [[default.name, "can't load"], ["org/tiny", "can't load"]]
+    assert cells(page.library, Qt.ForegroundRole)[0][:2] == [tone_color("error")] * 2
+    assert cells(page.library, Qt.ToolTipRole)[0][1].startswith(f"Cannot be loaded: {default} is truncated")
+    assert page.library_summary.text().endswith("; 2 cannot be loaded (hover it for why)")
+
+    loads = []
+    page.bridge.model_loading.connect(loads.append)
+    page.select_model("org/tiny")
+    page.load_button.click()
+    assert page.status.text().startswith(f"Could not load org/tiny: {tiny_dir / 'config.json'} cannot be read as JSON")
+    assert page.status.text().endswith(".")
+    page.select_model(default.name)
+    page.load_button.click()
+    assert page.status.text().startswith(f"Could not load {default.name}: {default} is truncated: tensor ")
+    QApplication.processEvents()
+    assert loads == []
+    page.show()
+    qtbot.waitExposed(page)
+    page.grab().save(str(screenshots / "models-corrupt.png"))
+
+
+def test_a_corrupt_file_loaded_elsewhere_fails_in_words_naming_it(qtbot, hub, tmp_path, smollm2_gguf):
+    # the window's File > Load goes to the bridge directly; its failure shows on the page too
+    page = ModelsPage(EngineBridge())  # the real loader
+    qtbot.addWidget(page)
+    cut = tmp_path / "cut.gguf"
+    with smollm2_gguf.open("rb") as f:
+        cut.write_bytes(f.read(5_000_000))
+    with qtbot.waitSignal(page.bridge.model_load_failed, timeout=20_000):
+        page.bridge.load_model(str(cut))
+    assert page.status.text().startswith(f"Could not load cut.gguf: {cut} is truncated: tensor ")
+    assert page.status.text().endswith(".")
+
+
+def test_a_download_interrupted_in_an_earlier_run_is_offered_and_resumes(qtbot, hub, tiny_chat_model, screenshots):
+    hub.drop_halfway.add("org/tiny/model.safetensors")
+    with pytest.raises(hub_models.HubError):
+        hub_models.pull("org/tiny")  # the earlier run: it broke off, then the app closed
+    [pull] = hub_models.list_interrupted()
+    page = ModelsPage(EngineBridge(make_llm=RecordingLoader()))  # the app starts again
+    qtbot.addWidget(page)
+    page.resize(1200, 640)
+    row = page.hub.interrupted_row("org/tiny")
+    percent = 100 * pull.done // pull.total
+    assert row.text.text() == (f"org/tiny: interrupted at {percent}% "
+                               f"({human_size(pull.done)} of {human_size(pull.total)})")
+    assert library(page) == []  # nothing half-downloaded in the library
+    page.show()
+    qtbot.waitExposed(page)
+    page.grab().save(str(screenshots / "models-interrupted.png"))
+
+    with qtbot.waitSignal(page.hub.download_done, timeout=20_000):
+        row.resume_button.click()
+    assert hub.ranges == [None, f"bytes={weights_size(tiny_chat_model) // 2}-"]
+    assert names(page) == ["org/tiny"] and page.hub.interrupted == []
+
+
+def test_discarding_an_interrupted_download_leaves_no_partial_file(qtbot, hub, tmp_path):
+    hub.drop_halfway.add("org/tiny/model.safetensors")
+    with pytest.raises(hub_models.HubError):
+        hub_models.pull("org/tiny")
+    repo_dir = tmp_path / "hf-cache" / "models--org--tiny"
+    on_disk = sum(f.stat().st_size for f in repo_dir.rglob("*") if f.is_file())
+    page = ModelsPage(EngineBridge(make_llm=RecordingLoader()))
+    qtbot.addWidget(page)
+    page.hub.interrupted_row("org/tiny").discard_button.click()
+    assert page.status.text() == f"Discarded the unfinished download of org/tiny, freed {human_size(on_disk)}."
+    assert not repo_dir.exists() and page.hub.interrupted == [] and library(page) == []
+
+
+def test_a_failed_download_is_offered_for_resuming_at_once(qtbot, page, hub):
+    hub.drop_halfway.add("org/tiny/model.safetensors")
+    search(qtbot, page, "tiny")
+    download(qtbot, page, "org/tiny", "download_failed")
+    assert page.hub.interrupted_row("org/tiny").resume_button.isEnabled()
 
 
 def test_load_hands_the_library_path_to_the_bridge(qtbot, page, hub):
@@ -198,7 +373,7 @@ def test_load_hands_the_library_path_to_the_bridge(qtbot, page, hub):
 
 
 def test_a_download_that_does_not_fit_on_disk_fails_in_words(qtbot, page, hub, monkeypatch):
-    monkeypatch.setattr(hub_models.shutil, "disk_usage", lambda path: type("Usage", (), {"free": 10})())
-    with qtbot.waitSignal(page.download_failed, timeout=10_000):
-        page.download("org/tiny")
+    monkeypatch.setattr(hub_files.shutil, "disk_usage", lambda path: type("Usage", (), {"free": 10})())
+    with qtbot.waitSignal(page.hub.download_failed, timeout=10_000):
+        page.hub.download("org/tiny")
     assert "not enough disk space" in page.status.text() and library(page) == []

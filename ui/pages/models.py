@@ -1,116 +1,52 @@
-"""The models page: the local library (load, delete with the space freed, refresh) and the Hugging Face Hub
-(search, download with progress, speed and cancel; the library refreshes when a download completes).
+"""The models page: the local library (load, delete with the space freed, refresh; whether each model fits this
+machine's memory, and a corrupt one said as such) beside the Hugging Face Hub card (ui/widgets/hub_panel.py:
+search, download, and the downloads left unfinished); the library refreshes when a download completes.
 
-Searching and downloading touch the network, so they run on worker threads and never on the UI thread. A worker
-reports through the page's signals with dataclass payloads; Qt queues each emission to the UI thread. Every
-failure (no network, no such repo, a download breaking off, a full disk) is said in the status line.
+A load is checked against the memory free first: a model too big for it is refused in words here instead of
+ending in the kernel's out-of-memory killer. Every failure is said in the status line; the page keeps working.
 """
 from __future__ import annotations
 
-import threading
-import time
-from dataclasses import dataclass
+from pathlib import Path
 
-from PySide6.QtCore import Qt, Signal, Slot
-from PySide6.QtGui import QColor
-from PySide6.QtWidgets import (
-    QHBoxLayout,
-    QLabel,
-    QLineEdit,
-    QProgressBar,
-    QPushButton,
-    QVBoxLayout,
-    QWidget,
-)
+from PySide6.QtCore import Qt, Slot
+from PySide6.QtWidgets import QHBoxLayout, QLabel, QPushButton, QVBoxLayout, QWidget
 
-from app import hub_models
-from app.hub_models import HubError, HubModel, HubOffline, LocalModel, human_size
+from app import hub_models, machine
+from app.hub_models import HubError, LocalModel, human_size
 from ui.bridge import EngineBridge, ModelLoaded, ModelLoadFailed
 from ui.widgets.cards import card, muted, section
-from ui.widgets.rows_table import library_model, results_model, rows_table
+from ui.widgets.hub_panel import DownloadDone, HubPanel
+from ui.widgets.rows_table import library_model, rows_table, tone_color
 
-SEARCH_LIMIT = 30
-PROGRESS_INTERVAL_S = 0.1  # at most this often a download's progress crosses to the UI thread (and at its end)
-OFFLINE = "Offline: the Hub cannot be reached. The library still works."
-ERROR_COLOR = QColor("#dc2626")
-OK_COLOR = QColor("#16a34a")
-
-
-# ---- worker payloads ----------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class SearchDone:
-    query: str
-    results: list[HubModel]
-
-
-@dataclass(frozen=True)
-class SearchFailed:
-    query: str
-    message: str
-    offline: bool
-
-
-@dataclass(frozen=True)
-class DownloadProgress:
-    model: str
-    done: int  # bytes
-    total: int
-    bytes_per_s: float
-
-
-@dataclass(frozen=True)
-class DownloadDone:
-    model: str
-    path: str  # the snapshot directory
-
-
-@dataclass(frozen=True)
-class DownloadFailed:
-    model: str
-    message: str
-    cancelled: bool
-
-
-# ---- the page -----------------------------------------------------------------------------------------------
 
 class ModelsPage(QWidget):
-    # emitted on worker threads, received on the UI thread
-    search_done = Signal(object)        # SearchDone
-    search_failed = Signal(object)      # SearchFailed
-    download_progress = Signal(object)  # DownloadProgress
-    download_done = Signal(object)      # DownloadDone
-    download_failed = Signal(object)    # DownloadFailed
-
     def __init__(self, bridge: EngineBridge, endpoint: str | None = None, parent: QWidget | None = None) -> None:
         super().__init__(parent)
         self.bridge = bridge
-        self.endpoint = endpoint  # None: huggingface_hub's (HF_ENDPOINT or the public Hub)
-        self._cancel: threading.Event | None = None  # set while a download runs
-        self._downloading = ""
-        self._searching = False
         self._pending_delete: LocalModel | None = None
-        self._build()
-        self.search_done.connect(self._on_search_done)
-        self.search_failed.connect(self._on_search_failed)
-        self.download_progress.connect(self._on_progress)
-        self.download_done.connect(self._on_download_done)
-        self.download_failed.connect(self._on_download_failed)
+        self._memory: machine.MachineMemory  # what the library's verdicts are against: taken by each refresh()
+        self._build(endpoint)
+        self.hub.download_done.connect(self._on_download_done)
         bridge.model_loaded.connect(self._on_model_loaded)
         bridge.model_load_failed.connect(self._on_model_load_failed)
         self.refresh()
-        self._sync()
+        if self.hub.interrupted:  # left by an earlier run: say so, the rows alone are easy to miss
+            n = len(self.hub.interrupted)
+            self._say(f"{'A download' if n == 1 else f'{n} downloads'} did not finish last time: Resume continues "
+                      "where it stopped, Discard deletes what arrived.", "warn")
 
     # ---- layout -------------------------------------------------------------------------------------------
-    def _build(self) -> None:
+    def _build(self, endpoint: str | None) -> None:
         self.status = QLabel(wordWrap=True, textInteractionFlags=Qt.TextSelectableByMouse)
 
         library_card, library = card("Library")
-        self.library = library_model(self)
+        self.library = library_model(self._fit, self)
         self.library_view = rows_table(self.library)
         self.library_view.selectionModel().selectionChanged.connect(self._sync)
         self.library_view.doubleClicked.connect(lambda _: self.load_selected())
         self.library_summary = muted()
+        self.library_summary.setWordWrap(True)  # a long summary wraps instead of widening the card
         self.load_button = QPushButton("Load")
         self.load_button.clicked.connect(self.load_selected)
         self.delete_button = QPushButton("Delete…")
@@ -137,43 +73,16 @@ class ModelsPage(QWidget):
         library_buttons.addWidget(self.load_button)
         library.addSpacing(6)
         library.addWidget(self.library_view, 1)
+        library.addSpacing(4)
         library.addWidget(self.confirm_bar)
         library.addLayout(library_buttons)
 
-        hub_card, hub = card("Hugging Face Hub")
-        self.query = QLineEdit(placeholderText="Search text-generation models, e.g. SmolLM2")
-        self.query.returnPressed.connect(self.search)
-        self.search_button = QPushButton("Search")
-        self.search_button.clicked.connect(self.search)
-        search_row = QHBoxLayout()
-        search_row.addWidget(self.query, 1)
-        search_row.addWidget(self.search_button)
-        self.results = results_model(self)
-        self.results_view = rows_table(self.results)
-        self.results_view.selectionModel().selectionChanged.connect(self._sync)
-        self.results_view.doubleClicked.connect(lambda _: self.download_selected())
-        self.progress = QProgressBar()
-        self.progress.setRange(0, 100)
-        self.progress.setValue(0)
-        self.progress_text = muted()
-        self.download_button = QPushButton("Download")
-        self.download_button.clicked.connect(self.download_selected)
-        self.cancel_button = QPushButton("Cancel")
-        self.cancel_button.clicked.connect(self.cancel_download)
-        download_row = QHBoxLayout()
-        download_row.addWidget(self.progress, 1)
-        download_row.addWidget(self.cancel_button)
-        download_row.addWidget(self.download_button)
-        hub.addSpacing(6)
-        hub.addLayout(search_row)
-        hub.addWidget(self.results_view, 1)
-        hub.addLayout(download_row)
-        hub.addWidget(self.progress_text)
+        self.hub = HubPanel(self._say, endpoint)
 
         cards = QHBoxLayout()
         cards.setSpacing(12)
         cards.addWidget(library_card, 1)
-        cards.addWidget(hub_card, 1)
+        cards.addWidget(self.hub, 1)
 
         layout = QVBoxLayout(self)
         layout.setContentsMargins(24, 20, 24, 20)
@@ -182,17 +91,25 @@ class ModelsPage(QWidget):
         layout.addWidget(self.status)
         layout.addLayout(cards, 1)
 
+    def _fit(self, model: LocalModel) -> machine.ModelFit | None:
+        return None if model.num_params is None else machine.check_fit(model.num_params, self._memory)
+
     # ---- library ------------------------------------------------------------------------------------------
     @Slot()
     def refresh(self) -> None:
-        """Read the library again (the default GGUF and the runnable models in the Hugging Face cache)."""
+        """Read the library again (the default GGUF and the runnable models in the Hugging Face cache), the memory
+        free for them, and the unfinished downloads."""
+        self._memory = machine.machine_memory()
         self.library.set_rows(hub_models.list_local_models())
         models = self.library.rows()
         total = sum(m.size for m in models)
+        broken = sum(m.problem is not None for m in models)
         self.library_summary.setText(
             "No models yet: download one from the Hub." if not models else
-            f"{len(models)} model{'s' if len(models) != 1 else ''}, {human_size(total)} on disk")
+            f"{len(models)} model{'s' if len(models) != 1 else ''}, {human_size(total)} on disk"
+            + (f"; {broken} cannot be loaded (hover it for why)" if broken else ""))
         self._cancel_delete()
+        self.hub.refresh_interrupted()
         self._sync()
 
     def selected_model(self) -> LocalModel | None:
@@ -215,19 +132,43 @@ class ModelsPage(QWidget):
         if model is not None:
             self.load(model.name)
 
-    def load(self, name: str) -> None:
-        """Load a library model into the engine (on the bridge's loader thread)."""
+    def load(self, name: str) -> bool:
+        """Load a library model into the engine (on the bridge's loader thread). A corrupt model, or one too big
+        for the memory free now, is refused in words instead; returns whether the load started."""
         model = self.library.row(self._library_row(name))
-        self._say(f"Loading {model.name}…")
+        if model.problem is not None:
+            self._say(f"Could not load {model.name}: {_sentence(model.problem)}", "error")
+            return False
+        try:
+            fit = machine.check_model_fits(model.path, {})
+        except ValueError as e:  # a weights file went bad since the listing
+            self._say(f"Could not load {model.name}: {_sentence(str(e))}", "error")
+            return False
+        if fit is not None and not fit.fits:
+            self._say(f"Not loading {model.name}: {fit.message}", "error")
+            return False
+        tight = fit is not None and fit.verdict == "tight"
+        self._say(f"Loading {model.name}…" + (f" {fit.message}" if tight else ""), "warn" if tight else None)
         self.bridge.load_model(str(model.path))
+        return True
+
+    def _shown_name(self, model: str) -> str:
+        """A loaded path as the library names it (a snapshot's folder is a commit hash), else its file name."""
+        return next((m.name for m in self.library.rows() if str(m.path) == model), Path(model).name)
 
     @Slot(object)
     def _on_model_loaded(self, loaded: ModelLoaded) -> None:
-        self._say(f"Loaded {loaded.model} ({loaded.seconds:.1f} s, context {loaded.max_model_len:,}).", OK_COLOR)
+        self._say(f"Loaded {self._shown_name(loaded.model)} ({loaded.seconds:.1f} s, "
+                  f"context {loaded.max_model_len:,}).", "ok")
 
     @Slot(object)
     def _on_model_load_failed(self, failed: ModelLoadFailed) -> None:
-        self._say(f"Could not load {failed.model}: {failed.message}", ERROR_COLOR)
+        self._say(f"Could not load {self._shown_name(failed.model)}: {_sentence(failed.message)}", "error")
+
+    @Slot(object)
+    def _on_download_done(self, done: DownloadDone) -> None:
+        self.refresh()
+        self.select_model(done.model.partition("@")[0])  # a completed pull is always listed
 
     @Slot()
     def ask_delete(self) -> None:
@@ -260,157 +201,34 @@ class ModelsPage(QWidget):
         self._cancel_delete()
         model = next((m for m in self.library.rows() if m.name == name), None)
         if model is not None and model.is_default and not force:
-            self._say(f"{name} is the default model; it is kept unless you confirm deleting it anyway.",
-                      ERROR_COLOR)
+            self._say(f"{name} is the default model; it is kept unless you confirm deleting it anyway.", "error")
             return None
         try:
             freed = hub_models.remove(name, force=force)
         except (HubError, OSError) as e:
-            self._say(f"Could not delete {name}: {e}", ERROR_COLOR)
+            self._say(f"Could not delete {name}: {e}", "error")
             return None
         self.refresh()
-        self._say(f"Deleted {name}, freed {human_size(freed)}.", OK_COLOR)
+        self._say(f"Deleted {name}, freed {human_size(freed)}.", "ok")
         return freed
 
-    # ---- hub: search --------------------------------------------------------------------------------------
-    @Slot()
-    def search(self) -> threading.Thread:
-        """Search the Hub for the query box's text on a worker thread; results arrive as search_done."""
-        query = self.query.text().strip()
-        self._searching = True
-        self._sync()
-        self._say(f"Searching the Hub for {query!r}…" if query else "Listing the most downloaded models…")
-        worker = threading.Thread(target=self._search, args=(query,), name="kvstudio-hub-search", daemon=True)
-        worker.start()
-        return worker
-
-    def _search(self, query: str) -> None:
-        try:
-            self.search_done.emit(SearchDone(query, hub_models.search_hub(query, SEARCH_LIMIT, self.endpoint)))
-        except HubOffline as e:
-            self.search_failed.emit(SearchFailed(query, str(e), offline=True))
-        except Exception as e:  # a Hub error or a malformed answer: said in words, never a crash
-            self.search_failed.emit(SearchFailed(query, str(e) or type(e).__name__, offline=False))
-
-    @Slot(object)
-    def _on_search_done(self, done: SearchDone) -> None:
-        self._searching = False
-        self.results.set_rows(done.results)
-        n = len(done.results)
-        self._say(f"{n} model{'s' if n != 1 else ''} on the Hub" + (f" for {done.query!r}." if done.query else ".")
-                  if n else f"No text-generation model on the Hub matches {done.query!r}.")
-        self._sync()
-
-    @Slot(object)
-    def _on_search_failed(self, failed: SearchFailed) -> None:
-        self._searching = False
-        self._say(OFFLINE if failed.offline else f"Search failed: {failed.message}", ERROR_COLOR)
-        self._sync()
-
-    # ---- hub: download ------------------------------------------------------------------------------------
-    def selected_result(self) -> HubModel | None:
-        rows = self.results_view.selectionModel().selectedRows()
-        return self.results.row(rows[0].row()) if rows else None
-
-    @Slot()
-    def download_selected(self) -> None:
-        result = self.selected_result()
-        if result is not None:
-            self.download(result.name)
-
-    def download(self, model: str) -> threading.Thread | None:
-        """Pull `model` on a worker thread (one at a time; None while another runs). Progress arrives as
-        download_progress; the library refreshes on download_done."""
-        if self._cancel is not None:
-            return None
-        self._cancel = threading.Event()
-        self._downloading = model
-        self.progress.setValue(0)
-        self.progress_text.setText(f"{model}: starting…")
-        self._say(f"Downloading {model}…")
-        worker = threading.Thread(target=self._download, args=(model, self._cancel), name="kvstudio-hub-pull",
-                                  daemon=True)
-        worker.start()
-        self._sync()
-        return worker
-
-    def _download(self, model: str, cancel: threading.Event) -> None:
-        start = time.monotonic()
-        last = 0.0
-        first_done: int | None = None  # bytes already there (a resumed pull): not counted in the speed
-
-        def progress(done: int, total: int) -> None:
-            nonlocal last, first_done
-            now = time.monotonic()
-            if first_done is None:
-                first_done = done
-            if now - last < PROGRESS_INTERVAL_S and done < total:
-                return
-            last = now
-            speed = (done - first_done) / max(now - start, 1e-6)
-            self.download_progress.emit(DownloadProgress(model, done, total, speed))
-
-        try:
-            path = hub_models.pull(model, progress=progress, endpoint=self.endpoint, cancel=cancel)
-        except HubError as e:
-            self.download_failed.emit(DownloadFailed(model, str(e), cancelled=cancel.is_set()))
-        except Exception as e:  # anything else pull did not foresee: said in words, never a crash
-            self.download_failed.emit(DownloadFailed(model, str(e) or type(e).__name__, cancelled=False))
-        else:
-            self.download_done.emit(DownloadDone(model, str(path)))
-
-    @Slot()
-    def cancel_download(self) -> None:
-        """Stop the running download between two chunks; what arrived is kept, and downloading again resumes."""
-        if self._cancel is not None:
-            self._cancel.set()
-            self.progress_text.setText(f"{self._downloading}: cancelling…")
+    # ---- state --------------------------------------------------------------------------------------------
+    def _say(self, text: str, tone: str | None = None) -> None:
+        """The status line: `tone` ("ok", "warn", "error") colours it, None leaves the palette's text colour."""
+        self.status.setStyleSheet(f"color: {tone_color(tone).name()};" if tone is not None else "")
+        self.status.setText(text)
 
     def shutdown(self) -> None:
-        """The window is closing: stop a running download (it resumes next time)."""
-        self.cancel_download()
-
-    @Slot(object)
-    def _on_progress(self, p: DownloadProgress) -> None:
-        self.progress.setValue(100 if p.total == 0 else int(100 * p.done / p.total))
-        self.progress_text.setText(f"{p.model}: {human_size(p.done)} of {human_size(p.total)}, "
-                                   f"{human_size(p.bytes_per_s)}/s")
-
-    @Slot(object)
-    def _on_download_done(self, done: DownloadDone) -> None:
-        self._finish_download()
-        self.progress.setValue(100)
-        self.refresh()
-        self._say(f"Downloaded {done.model}; it is in the library.", OK_COLOR)
-        self.progress_text.setText(f"{done.model}: done.")
-        self.select_model(done.model)  # a completed pull is always runnable, so it is listed
-
-    @Slot(object)
-    def _on_download_failed(self, failed: DownloadFailed) -> None:
-        self._finish_download()
-        if failed.cancelled:
-            self._say(f"Download of {failed.model} cancelled; downloading it again resumes where it stopped.")
-            self.progress_text.setText(f"{failed.model}: cancelled.")
-        else:
-            self._say(f"Download of {failed.model} failed: {failed.message}", ERROR_COLOR)
-            self.progress_text.setText(f"{failed.model}: failed.")
-
-    def _finish_download(self) -> None:
-        self._cancel = None
-        self._downloading = ""
-        self._sync()
-
-    # ---- state --------------------------------------------------------------------------------------------
-    def _say(self, text: str, color: QColor | None = None) -> None:
-        self.status.setStyleSheet(f"color: {color.name()};" if color is not None else "")
-        self.status.setText(text)
+        """The window is closing: stop a running download (it can be resumed on the next start)."""
+        self.hub.shutdown()
 
     @Slot()
     def _sync(self) -> None:
         has_model = self.selected_model() is not None
         self.load_button.setEnabled(has_model)
         self.delete_button.setEnabled(has_model)
-        downloading = self._cancel is not None
-        self.download_button.setEnabled(not downloading and self.selected_result() is not None)
-        self.cancel_button.setEnabled(downloading)
-        self.search_button.setEnabled(not self._searching)
+
+
+def _sentence(message: str) -> str:
+    """A message as the end of a sentence: "…/x.gguf is truncated" -> "…/x.gguf is truncated."."""
+    return message if message.endswith((".", "!", "?")) else message + "."

@@ -6,17 +6,46 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from PySide6.QtCore import QAbstractTableModel, QModelIndex, QObject, Qt
-from PySide6.QtWidgets import QAbstractItemView, QHeaderView, QTableView
+from PySide6.QtCore import QAbstractTableModel, QModelIndex, QObject, QSize, Qt
+from PySide6.QtGui import QColor, QFont, QGuiApplication, QPalette
+from PySide6.QtWidgets import QAbstractItemView, QHeaderView, QStyledItemDelegate, QTableView
 
 from app.hub_models import human_size
+from app.machine import ModelFit
+
+# (on a light base, on a dark base): the same hues as the other pages' status colours, lighter where the base is dark
+TONES = {"ok": ("#16a34a", "#4ade80"), "warn": ("#b45309", "#fbbf24"), "error": ("#dc2626", "#f87171")}
+FIT_TONES = {"fits": "ok", "tight": "warn", "too big": "error"}
+ROW_HEIGHT = 28
+CELL_GAP = 6  # px added on each side of a cell's content when columns are sized to it
+ALIGN = {side: int(flag | Qt.AlignmentFlag.AlignVCenter) for side, flag in (
+    ("left", Qt.AlignmentFlag.AlignLeft), ("right", Qt.AlignmentFlag.AlignRight), ("center", Qt.AlignmentFlag.AlignHCenter))}
+_ROOT = QModelIndex()  # the invisible parent of every row
+
+
+def tone_color(tone: str) -> QColor:
+    """The colour of a tone ("ok", "warn", "error") readable on the application palette's base."""
+    light, dark = TONES[tone]
+    return QColor(dark if QGuiApplication.palette().color(QPalette.ColorRole.Base).lightness() < 128 else light)
+
+
+def human_count(n: int) -> str:
+    """A parameter count as model names say it: 134515008 -> '135M', 1711376384 -> '1.7B'."""
+    for scale, unit in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if n >= scale:
+            value = n / scale
+            return f"{value:.1f}{unit}" if value < 10 else f"{value:.0f}{unit}"
+    return str(n)
 
 
 @dataclass(frozen=True)
 class Column:
     title: str
     text: Callable[[Any], str]
-    numeric: bool = False  # right-aligned
+    align: str = "left"  # an ALIGN key: "right" for figures, the heading too
+    tooltip: Callable[[Any], str | None] | None = None
+    tone: Callable[[Any], str | None] | None = None  # a TONES key colouring the text, or None for the palette's
+    bold: Callable[[Any], bool] | None = None
 
 
 class RowsModel(QAbstractTableModel):
@@ -38,20 +67,29 @@ class RowsModel(QAbstractTableModel):
     def rows(self) -> list:
         return list(self._rows)
 
-    def rowCount(self, parent: QModelIndex = QModelIndex()) -> int:
+    def rowCount(self, parent: QModelIndex = _ROOT) -> int:
         return 0 if parent.isValid() else len(self._rows)
 
-    def columnCount(self, parent: QModelIndex = QModelIndex()) -> int:
+    def columnCount(self, parent: QModelIndex = _ROOT) -> int:
         return 0 if parent.isValid() else len(self.columns)
 
     def data(self, index: QModelIndex, role: int = Qt.DisplayRole):
         if not index.isValid():
             return None
-        column = self.columns[index.column()]
+        column, row = self.columns[index.column()], self._rows[index.row()]
         if role == Qt.DisplayRole:
-            return column.text(self._rows[index.row()])
-        if role == Qt.TextAlignmentRole and column.numeric:
-            return int(Qt.AlignRight | Qt.AlignVCenter)
+            return column.text(row)
+        if role == Qt.ToolTipRole:
+            return None if column.tooltip is None else column.tooltip(row)
+        if role == Qt.ForegroundRole:
+            tone = None if column.tone is None else column.tone(row)
+            return None if tone is None else tone_color(tone)
+        if role == Qt.TextAlignmentRole:
+            return ALIGN[column.align]
+        if role == Qt.FontRole and column.bold is not None and column.bold(row):
+            font = QFont()
+            font.setBold(True)
+            return font
         return None
 
     def headerData(self, section: int, orientation: Qt.Orientation, role: int = Qt.DisplayRole):
@@ -60,45 +98,93 @@ class RowsModel(QAbstractTableModel):
         if role == Qt.DisplayRole:
             return self.columns[section].title
         if role == Qt.TextAlignmentRole:  # headings line up with their column's figures
-            return int((Qt.AlignRight if self.columns[section].numeric else Qt.AlignLeft) | Qt.AlignVCenter)
+            return ALIGN[self.columns[section].align]
         return None
 
 
-def library_model(parent: QObject | None = None) -> RowsModel:
-    """Rows of LocalModel."""
+def fit_column(fit_of: Callable[[Any], ModelFit | None]) -> Column:
+    """Whether a row's model fits this machine's memory: the verdict, coloured, with the sentence as tooltip."""
+    return Column("Memory", lambda r: "—" if (fit := fit_of(r)) is None else fit.verdict, align="center",
+                  tooltip=lambda r: None if (fit := fit_of(r)) is None else fit.message,
+                  tone=lambda r: None if (fit := fit_of(r)) is None else FIT_TONES[fit.verdict])
+
+
+def _family(model) -> str:
+    # "LlamaForCausalLM" -> "Llama": every runnable model is a causal LM, the suffix says nothing
+    return "can't load" if model.problem is not None else model.family.removesuffix("ForCausalLM")
+
+
+def library_model(fit_of: Callable[[Any], ModelFit | None], parent: QObject | None = None) -> RowsModel:
+    """Rows of LocalModel; fit_of(model) is its memory verdict (None: unknown)."""
+    def problem(m) -> str | None:
+        return None if m.problem is None else f"Cannot be loaded: {m.problem}"
+
     return RowsModel([
-        Column("Name", lambda m: m.name),
-        Column("Size", lambda m: human_size(m.size), numeric=True),
-        Column("Family", lambda m: m.family),
-        Column("Context", lambda m: "—" if m.context_length is None else f"{m.context_length:,}", numeric=True),
-        Column("", lambda m: "default" if m.is_default else ""),
+        # the default model in bold rather than with a "(default)" that would crowd out its long file name
+        Column("Name", lambda m: m.name, bold=lambda m: m.is_default,
+               tooltip=lambda m: problem(m) or ("kvstudio's default model: " if m.is_default else "") + str(m.path),
+               tone=lambda m: None if m.problem is None else "error"),
+        Column("Family", _family, tooltip=problem, tone=lambda m: None if m.problem is None else "error"),
+        Column("Params", lambda m: "—" if m.num_params is None else human_count(m.num_params), align="right",
+               tooltip=lambda m: None if m.num_params is None else f"{m.num_params:,} parameters"),
+        Column("Context", lambda m: "—" if m.context_length is None else f"{m.context_length:,}", align="right"),
+        Column("Size", lambda m: human_size(m.size), align="right"),
+        fit_column(fit_of),
     ], parent)
 
 
-def results_model(parent: QObject | None = None) -> RowsModel:
-    """Rows of HubModel."""
+def results_model(fit_of: Callable[[Any], ModelFit | None], parent: QObject | None = None) -> RowsModel:
+    """Rows of HubModel; fit_of(model) is its memory verdict (None: the Hub does not say its size)."""
     return RowsModel([
-        Column("Name", lambda m: m.name),
-        Column("Downloads", lambda m: f"{m.downloads:,}", numeric=True),
-        Column("Likes", lambda m: f"{m.likes:,}", numeric=True),
-        Column("Size on the Hub", lambda m: "—" if m.size is None else human_size(m.size), numeric=True),
+        Column("Name", lambda m: m.name, tooltip=lambda m: m.name),
+        Column("Params", lambda m: "—" if m.num_params is None else human_count(m.num_params), align="right",
+               tooltip=lambda m: None if m.num_params is None else f"{m.num_params:,} parameters"),
+        Column("Downloads", lambda m: f"{m.downloads:,}", align="right"),
+        Column("Likes", lambda m: f"{m.likes:,}", align="right"),
+        Column("Size", lambda m: "—" if m.size is None else human_size(m.size), align="right",
+               tooltip=lambda m: "Everything the repo stores on the Hub; a download fetches only what kvstudio runs"),
+        fit_column(fit_of),
     ], parent)
+
+
+# Cells and headings are drawn as usual but sized CELL_GAP wider on each side: the room between a right-aligned
+# figure and the column before it. (A style sheet's padding would do it too, but freezes the header's colours at
+# polish time and misses a switch between light and dark.) The style's own margins keep a heading over its column.
+
+class _SpacedCells(QStyledItemDelegate):
+    def sizeHint(self, option, index) -> QSize:
+        size = super().sizeHint(option, index)
+        return QSize(size.width() + 2 * CELL_GAP, size.height())
+
+
+class _SpacedHeader(QHeaderView):
+    def sectionSizeFromContents(self, logical_index: int) -> QSize:
+        size = super().sectionSizeFromContents(logical_index)
+        return QSize(size.width() + 2 * CELL_GAP, size.height())
 
 
 def rows_table(model: RowsModel) -> QTableView:
-    """A read-only table of whole rows, one selected at a time; the name column takes the spare width."""
+    """A read-only table of whole rows, one selected at a time; the name column takes the spare width and elides
+    in the middle, where model ids differ least (an org prefix, a -Instruct or quantisation suffix both stay)."""
     view = QTableView()
+    view.setHorizontalHeader(_SpacedHeader(Qt.Horizontal, view))
+    view.setItemDelegate(_SpacedCells(view))
     view.setModel(model)
     view.verticalHeader().hide()
+    view.verticalHeader().setSectionResizeMode(QHeaderView.Fixed)
+    view.verticalHeader().setDefaultSectionSize(ROW_HEIGHT)
     view.setEditTriggers(QAbstractItemView.NoEditTriggers)
     view.setSelectionBehavior(QAbstractItemView.SelectRows)
     view.setSelectionMode(QAbstractItemView.SingleSelection)
     view.setAlternatingRowColors(True)
     view.setShowGrid(False)
+    view.setWordWrap(False)
+    view.setTextElideMode(Qt.ElideMiddle)
+    view.setHorizontalScrollBarPolicy(Qt.ScrollBarAlwaysOff)  # the name column gives way instead
     header = view.horizontalHeader()
     header.setSectionResizeMode(QHeaderView.ResizeToContents)
-    header.setMinimumSectionSize(72)
-    # room between a right-aligned figure and the next column's left-aligned text
-    view.setStyleSheet("QTableView::item { padding: 0 6px; } QHeaderView::section { padding: 0 6px; }")
+    header.setMinimumSectionSize(56)
+    header.setFixedHeight(ROW_HEIGHT)
+    header.setHighlightSections(False)
     header.setSectionResizeMode(0, QHeaderView.Stretch)
     return view
