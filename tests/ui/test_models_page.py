@@ -42,9 +42,11 @@ class RecordingLoader:
 
     def __init__(self) -> None:
         self.loaded: list[str] = []
+        self.options: list[dict] = []
 
     def __call__(self, model: str, options: dict):
         self.loaded.append(model)
+        self.options.append(options)
         raise RuntimeError("no engine in this test")
 
 
@@ -364,11 +366,12 @@ def test_load_hands_the_library_path_to_the_bridge(qtbot, page, hub):
     page.refresh()
     page.select_model("org/tiny")
     path = str(page.selected_model().path)
+    page.engine_options = {"max_model_len": 128}   # the window's settings
     with qtbot.waitSignal(page.bridge.model_loading, timeout=5_000) as loading:
         page.load_button.click()
     assert loading.args == [path]
     qtbot.waitUntil(lambda: page.status.text().startswith("Could not load"), timeout=5_000)
-    assert page.bridge._make_llm.loaded == [path]
+    assert page.bridge._make_llm.loaded == [path] and page.bridge._make_llm.options == [{"max_model_len": 128}]
     assert "no engine in this test" in page.status.text()
 
 

@@ -24,6 +24,7 @@ class ModelsPage(QWidget):
     def __init__(self, bridge: EngineBridge, endpoint: str | None = None, parent: QWidget | None = None) -> None:
         super().__init__(parent)
         self.bridge = bridge
+        self.engine_options: dict = {}   # LLM keyword arguments for loads (the window passes its settings')
         self._pending_delete: LocalModel | None = None
         self._memory: machine.MachineMemory  # what the library's verdicts are against: taken by each refresh()
         self._build(endpoint)
@@ -140,7 +141,7 @@ class ModelsPage(QWidget):
             self._say(f"Could not load {model.name}: {_sentence(model.problem)}", "error")
             return False
         try:
-            fit = machine.check_model_fits(model.path, {})
+            fit = machine.check_model_fits(model.path, self.engine_options)
         except ValueError as e:  # a weights file went bad since the listing
             self._say(f"Could not load {model.name}: {_sentence(str(e))}", "error")
             return False
@@ -149,7 +150,7 @@ class ModelsPage(QWidget):
             return False
         tight = fit is not None and fit.verdict == "tight"
         self._say(f"Loading {model.name}…" + (f" {fit.message}" if tight else ""), "warn" if tight else None)
-        self.bridge.load_model(str(model.path))
+        self.bridge.load_model(str(model.path), self.engine_options)
         return True
 
     def _shown_name(self, model: str) -> str:
