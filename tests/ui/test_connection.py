@@ -105,6 +105,7 @@ def test_the_dialog_says_why_it_cannot_connect_and_the_window_remembers_the_endp
         dialog.apply()
     assert dialog.result() == ConnectionDialog.Accepted
     assert window.connection_status.text() == f"Chat & Batch: tiny at {openai_endpoint.base_url}"
+    assert not window.monitor.remote_note.isHidden() and openai_endpoint.base_url in window.monitor.remote_note.text()
     saved = load_settings(settings_path)
     assert (saved.use_remote, saved.remote_url, saved.remote_model) == (True, openai_endpoint.base_url, "tiny")
     window.close()
@@ -123,6 +124,7 @@ def test_the_dialog_says_why_it_cannot_connect_and_the_window_remembers_the_endp
     with qtbot.waitSignal(again.bridge.connection_changed, timeout=5_000):
         back.apply()
     assert again.bridge.remote is None and not load_settings(settings_path).use_remote
+    assert again.monitor.remote_note.isHidden()
     again.close()
 
 

@@ -72,9 +72,14 @@ class MonitorPage(QWidget):
             throughput_header.addWidget(label)
         self._show_rates(None, None)
 
+        # Said while Chat and Batch go to a remote endpoint, whose cache this page cannot see.
+        self.remote_note = muted()
+        self.remote_note.hide()
+
         layout = QVBoxLayout(self)
         layout.setContentsMargins(24, 20, 24, 20)
         layout.setSpacing(12)
+        layout.addWidget(self.remote_note)
         layout.addLayout(cards)
         layout.addSpacing(8)
         layout.addWidget(section("KV blocks"))
@@ -82,6 +87,12 @@ class MonitorPage(QWidget):
         layout.addSpacing(8)
         layout.addLayout(throughput_header)
         layout.addWidget(self.chart)
+
+    def show_remote(self, where: str | None) -> None:
+        """Say that chat and batch requests go to `where` (a remote endpoint), or nothing when they run here."""
+        self.remote_note.setText(f"Chat and Batch are sending their requests to {where}; this page shows this "
+                                 "computer's engine, which serves the Server page." if where else "")
+        self.remote_note.setVisible(bool(where))
 
     def _style_usage_bar(self) -> None:
         # A thin track in the palette's midlight with a block-map-blue fill; redone when the palette changes.
