@@ -90,3 +90,32 @@ def test_conversations_can_be_searched_renamed_and_deleted(qtbot, page):
     assert "Railways" in [page.conversations.item(i).text() for i in range(page.conversations.count())]
     page.delete_conversation()
     assert page.conversations.count() == 1 and page.conversation_id is None
+
+
+def test_code_blocks_in_a_reply_render_with_a_copy_link_each(qtbot, page):
+    from PySide6.QtCore import QUrl
+    from PySide6.QtGui import QGuiApplication, QPalette, QTextFormat
+
+    def iter_blocks(document):
+        block = document.begin()
+        while block.isValid():
+            yield block
+            block = block.next()
+
+    conv = page.history.create_conversation("Code")
+    page.history.add_message(conv.id, "user", "Two snippets, please.")
+    reply = page.history.add_message(conv.id, "assistant", "First:\n\n```python\nprint('a')\n```\n\nThen:\n\n"
+                                     "~~~\nls -l\necho ```\n~~~\n", finished=True)
+    page.refresh_conversations()
+    page.open_conversation(conv.id)
+    html = page.transcript.toHtml()
+    assert html.count("Copy code") == 2 and f"copy:{reply.id}/1" in html
+    code = [b for b in iter_blocks(page.transcript.document())
+            if b.blockFormat().hasProperty(QTextFormat.Property.BlockCodeFence)]
+    shade = page.palette().color(QPalette.ColorRole.AlternateBase)
+    assert [b.text() for b in code] == ["print('a')", "ls -l", "echo ```"]
+    assert all(b.blockFormat().background().color() == shade for b in code)
+    page.transcript.anchorClicked.emit(QUrl(f"copy:{reply.id}/1"))
+    assert QGuiApplication.clipboard().text() == "ls -l\necho ```\n" and page.status.text() == "Code copied."
+    page.transcript.anchorClicked.emit(QUrl(f"copy:{reply.id}/0"))
+    assert QGuiApplication.clipboard().text() == "print('a')\n"

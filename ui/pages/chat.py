@@ -7,11 +7,20 @@ SAVE_INTERVAL seconds, and when it ends), so a crash mid-reply loses nothing tha
 """
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass
 
-from PySide6.QtCore import Qt
-from PySide6.QtGui import QGuiApplication, QKeySequence, QShortcut
+from PySide6.QtCore import Qt, QUrl
+from PySide6.QtGui import (
+    QDesktopServices,
+    QGuiApplication,
+    QKeySequence,
+    QPalette,
+    QShortcut,
+    QTextCursor,
+    QTextFormat,
+)
 from PySide6.QtWidgets import (
     QCheckBox,
     QDoubleSpinBox,
@@ -88,7 +97,9 @@ class ChatPage(QWidget):
         row.addWidget(self.delete_button)
         lv.addLayout(row)
 
-        self.transcript = QTextBrowser(openExternalLinks=True)
+        # Links are handled here: "copy:" ones copy a code block, the rest open in the browser.
+        self.transcript = QTextBrowser(openLinks=False)
+        self.transcript.anchorClicked.connect(self._on_link)
         self.input = QPlainTextEdit(placeholderText="Message (Ctrl+Enter sends)")
         self.input.setMaximumHeight(110)
         self.send_button = QPushButton("Send")
@@ -335,14 +346,37 @@ class ChatPage(QWidget):
                 if self.reply is not None and m.id == self.reply.message_id:
                     content = self.reply.text + " ▍"
                 stats = _stats_line(m.stats) if m.role == "assistant" and m.finished else ""
+                if m.role == "assistant" and m.finished:
+                    content = with_copy_links(content, m.id)
                 parts.append(f"**{ROLE_NAMES.get(m.role, m.role)}**\n\n{content or '…'}" +
                              (f"\n\n{stats}" if stats else ""))
         bar = self.transcript.verticalScrollBar()
         at_bottom = bar.value() >= bar.maximum() - 4
         self.transcript.setMarkdown("\n\n---\n\n".join(p for p in parts if p) if parts else
                                     "*Start a conversation: type below and press Ctrl+Enter.*")
+        self._shade_code()
         if at_bottom:
             bar.setValue(bar.maximum())
+
+    def _shade_code(self) -> None:
+        """Code blocks on the palette's alternate base, so they stand apart from the prose around them."""
+        shade = self.palette().color(QPalette.ColorRole.AlternateBase)
+        block = self.transcript.document().begin()
+        while block.isValid():
+            fmt = block.blockFormat()
+            if fmt.hasProperty(QTextFormat.Property.BlockCodeFence):
+                fmt.setBackground(shade)
+                QTextCursor(block).setBlockFormat(fmt)
+            block = block.next()
+
+    def _on_link(self, url: QUrl) -> None:
+        if url.scheme() == "copy":   # copy:<message id>/<block number>
+            message_id, block = (int(x) for x in url.path().split("/"))
+            message = next(m for m in self.history.messages(self.conversation_id) if m.id == message_id)
+            QGuiApplication.clipboard().setText(code_blocks(message.content)[block])
+            self.status.setText("Code copied.")
+        else:
+            QDesktopServices.openUrl(url)
 
     def _sync_buttons(self) -> None:
         busy = self.reply is not None
@@ -352,6 +386,21 @@ class ChatPage(QWidget):
         for b in (self.regenerate_button, self.edit_button, self.copy_button, self.rename_button,
                   self.delete_button):
             b.setEnabled(has and not busy)
+
+
+# A fenced code block: its opening fence (``` or ~~~, an optional language), its text, its closing fence.
+_FENCE = re.compile(r"^(?P<fence>```|~~~)[^\n]*\n(?P<code>.*?)^(?P=fence)[ \t]*$", re.MULTILINE | re.DOTALL)
+
+
+def code_blocks(markdown: str) -> list[str]:
+    """The text of each fenced code block, in order."""
+    return [m.group("code") for m in _FENCE.finditer(markdown)]
+
+
+def with_copy_links(markdown: str, message_id: int) -> str:
+    """The reply with a "Copy code" link under each fenced code block."""
+    count = iter(range(1 << 30))
+    return _FENCE.sub(lambda m: f"{m.group(0)}\n\n[Copy code](copy:{message_id}/{next(count)})\n", markdown)
 
 
 def _stats_line(stats: dict) -> str:
