@@ -3,6 +3,11 @@
 # make run:   setup, then kvstudio.
 # make gpu-check: on a CUDA machine, the Triton kernels at real sizes and kvstudio against transformers there
 #             (uses the machine's own python with torch, triton and transformers; no setup).
+# make package: the desktop app as one folder, dist/kvstudio/ (PyInstaller, packaging/kvstudio.spec).
+# make package-check: package, then start the bundle offscreen until its main window shows and run its command
+#             line; prints the bundle's size and start-up time.
+# make wheel-check: build the wheel into dist/, install it in a fresh venv (build/wheel-check/venv) and run
+#             kvstudio --help, doctor and generate on the default model from outside the repository.
 
 PYTHON ?= python3.11
 VENV := .venv
@@ -27,7 +32,7 @@ QT_SYSTEM_LIBS := libEGL.so.1:libegl1 libGL.so.1:libgl1 libOpenGL.so.0:libopengl
 	libxcb-shm.so.0:libxcb-shm0 libxcb-sync.so.1:libxcb-sync1 libxcb-util.so.1:libxcb-util1 \
 	libxcb-xfixes.so.0:libxcb-xfixes0 libxcb-xkb.so.1:libxcb-xkb1
 
-.PHONY: setup test run gpu-check
+.PHONY: setup test run gpu-check package package-check wheel-check
 
 setup: $(STAMP)
 	$(PY) -m app.model_store fetch-default
@@ -60,3 +65,39 @@ run: setup
 GPU_PYTHON ?= python3
 gpu-check:
 	$(GPU_PYTHON) -m app.gpu_check
+
+# Build tools go into .venv beside the app, pinned by constraints.txt; a stamp per tool set, as for setup.
+PACKAGE_TOOLS := $(VENV)/.kvstudio-package-tools
+WHEEL_TOOLS := $(VENV)/.kvstudio-wheel-tools
+BUNDLE := dist/kvstudio
+# What the bundle is frozen from: it is rebuilt when one of these changes.
+BUNDLE_SOURCES := $(shell find app engine kernels ui resources -type f ! -name '*.pyc' 2>/dev/null) \
+	packaging/kvstudio.spec packaging/kvstudio_main.py pyproject.toml requirements/constraints.txt
+WHEEL_CHECK := build/wheel-check
+
+$(PACKAGE_TOOLS): $(STAMP) requirements/package.txt requirements/constraints.txt
+	$(PY) -m pip install -q -c requirements/constraints.txt -r requirements/package.txt
+	touch $@
+
+$(WHEEL_TOOLS): $(STAMP) requirements/build.txt requirements/constraints.txt
+	$(PY) -m pip install -q -c requirements/constraints.txt -r requirements/build.txt
+	touch $@
+
+$(BUNDLE)/kvstudio: $(PACKAGE_TOOLS) $(BUNDLE_SOURCES)
+	$(PY) -m PyInstaller --noconfirm --log-level WARN --distpath dist --workpath build/pyinstaller \
+		packaging/kvstudio.spec
+	touch $@
+
+package: $(BUNDLE)/kvstudio
+
+# setup first: the check runs the bundle on the default model it fetches.
+package-check: setup package
+	$(PY) packaging/check_bundle.py $(BUNDLE)
+
+# build/lib is removed first: setuptools copies modules there and never deletes one the source tree lost.
+wheel-check: $(WHEEL_TOOLS)
+	rm -rf build/lib $(WHEEL_CHECK) dist/kvstudio-*.whl
+	$(PY) -m build --wheel --outdir dist .
+	$(PYTHON) -m venv $(WHEEL_CHECK)/venv
+	$(PIP_ENV) $(WHEEL_CHECK)/venv/bin/pip install -q -c requirements/constraints.txt dist/kvstudio-*.whl
+	$(PY) packaging/check_wheel.py $(WHEEL_CHECK)/venv dist/kvstudio-*.whl

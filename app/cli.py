@@ -193,6 +193,14 @@ def build_parser() -> argparse.ArgumentParser:
     rm = models_commands.add_parser("rm", help="delete a model (every cached revision) and say the space freed")
     rm.add_argument("name", metavar="NAME", help="as `kvstudio models list` shows it")
     rm.add_argument("--force", action="store_true", help="also remove the default model")
+
+    doctor = commands.add_parser(
+        "doctor", help="what this machine offers kvstudio, and what is missing",
+        description="Print torch, CUDA, GPU and RAM, the largest model that fits, triton, the Qt platform, the "
+                    "model store and its free disk, then what is missing. Exit status 0 when kvstudio can run "
+                    "here, 1 when it cannot.")
+    # doctor starts Qt in a child process running this (a plugin that cannot load aborts its process)
+    doctor.add_argument("--qt-probe", action="store_true", help=argparse.SUPPRESS)
     return parser
 
 
@@ -399,6 +407,10 @@ def main(argv: list[str] | None = None) -> int:
             return bench_commands.run(args)
         if args.command == "models":
             return run_models(args)
+        if args.command == "doctor":
+            from app import doctor
+
+            return doctor.main(qt_probe=args.qt_probe)
         return run_default()
     except ValueError as e:  # a bad argument the parser could not see: a value, a file, a model
         print(f"kvstudio: error: {e}", file=sys.stderr)
