@@ -35,6 +35,7 @@ from ui.pages.models import ModelsPage
 from ui.pages.monitor import MonitorPage
 from ui.pages.server import ServerPage
 from ui.widgets.connection_dialog import ConnectionDialog
+from ui.widgets.first_run import FIND_MODEL, START_DEFAULT, FirstRunDialog
 from ui.widgets.form_state import form_values, restore_form
 
 
@@ -48,6 +49,7 @@ class MainWindow(QMainWindow):
         self.chat = ChatPage(bridge, history)
         self.batch = BatchPage(bridge)
         self.models = ModelsPage(bridge)
+        self.models.engine_options = settings.engine_options
         self.monitor = MonitorPage()
         self.server = ServerPage(bridge)
         self.pages = QStackedWidget()
@@ -75,6 +77,7 @@ class MainWindow(QMainWindow):
         self.setCentralWidget(central)
 
         self.model_status = QLabel("No model")
+        self.welcome: FirstRunDialog | None = None   # shown by start() on the first run
         self.connection_status = QLabel()
         self.busy = QProgressBar()
         self.busy.setRange(0, 0)          # indeterminate: a load reports no fraction
@@ -94,10 +97,14 @@ class MainWindow(QMainWindow):
         bridge.connection_failed.connect(self._on_connection_failed)
 
     def start(self) -> None:
-        """Load the last used model, or the default one (fetched into the store first if needed), and reconnect
+        """Load the last used model (on the first run, welcome the user and offer the default one) and reconnect
         the remote endpoint chosen last time."""
-        model = self.settings.last_model or str(model_store.default_model_path())
-        self.load_model(model)
+        if self.settings.last_model is None:
+            self.welcome = FirstRunDialog(parent=self)
+            self.welcome.finished.connect(self._on_welcome)
+            self.welcome.open()
+        else:
+            self.load_model(self.settings.last_model)
         s = self.settings
         if s.use_remote and s.remote_url:
             try:
@@ -107,6 +114,15 @@ class MainWindow(QMainWindow):
 
     def load_model(self, model: str) -> None:
         self.bridge.load_model(model, self.settings.engine_options)
+
+    def _on_welcome(self, choice: int) -> None:
+        if choice == START_DEFAULT:   # fetched into the store first when setup has not (ui/app.py make_llm)
+            self.load_model(str(model_store.default_model_path()))
+        elif choice == FIND_MODEL:
+            self.nav.setCurrentRow(self.page_names.index("Models"))
+            self.models.hub.query.setFocus()
+        else:
+            self.model_status.setText("No model: load one with File › Load model… or from the Models page")
 
     def choose_connection(self) -> None:
         s = self.settings
@@ -119,7 +135,9 @@ class MainWindow(QMainWindow):
             self.load_model(str(Path(path).parent) if path.endswith("config.json") else path)
 
     def _on_loading(self, model: str) -> None:
-        self.model_status.setText(f"Loading {Path(model).name}…")
+        fetch = Path(model) == model_store.default_model_path() and not Path(model).is_file()
+        self.model_status.setText(f"Downloading and loading {Path(model).name}…" if fetch else
+                                  f"Loading {Path(model).name}…")
         self.busy.show()
 
     def _on_loaded(self, loaded: ModelLoaded) -> None:
@@ -146,6 +164,7 @@ class MainWindow(QMainWindow):
                                      15_000)
 
     def _show_connection(self, endpoint: Endpoint | None) -> None:
+        self.monitor.show_remote(None if endpoint is None else f"{endpoint.model} at {endpoint.base_url}")
         if endpoint is None:
             self.connection_status.setText("Chat & Batch: this computer")
             self.connection_status.setToolTip("Requests go to the model loaded here (File › Connection… to change)")
