@@ -17,8 +17,12 @@ STAMP := $(VENV)/.kvstudio-setup
 
 # PyPI's Linux torch wheel is the CUDA build. pip's find-links (/opt/wheels here) hold the CPU build, which wins
 # a tie on the version, so where a GPU answers, pip is pointed at a folder without wheels instead.
+# There torch's CUDA wheel also pins its own triton, so triton-cpu.txt's pin applies on the CPU only.
+CONSTRAINTS := -c requirements/constraints.txt
 ifeq ($(shell nvidia-smi >/dev/null 2>&1 && echo gpu),gpu)
 PIP_ENV := PIP_FIND_LINKS=$(CURDIR)/requirements
+else
+CONSTRAINTS += -c requirements/triton-cpu.txt
 endif
 
 LDCONFIG := $(or $(shell command -v ldconfig 2>/dev/null),/sbin/ldconfig)
@@ -41,7 +45,7 @@ setup: $(STAMP)
 
 # The editable install's compat mode puts the repository root on sys.path, so top-level packages added later
 # (ui/, kernels/) import without a reinstall.
-$(STAMP): pyproject.toml requirements/constraints.txt
+$(STAMP): pyproject.toml requirements/constraints.txt requirements/triton-cpu.txt
 	@missing=""; \
 	for pair in $(QT_SYSTEM_LIBS); do \
 		$(LDCONFIG) -p | awk '{print $$1}' | grep -qxF "$${pair%%:*}" || missing="$$missing $${pair#*:}"; \
@@ -52,7 +56,7 @@ $(STAMP): pyproject.toml requirements/constraints.txt
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
 	fi
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP_ENV) $(PY) -m pip install -q -c requirements/constraints.txt --config-settings editable_mode=compat -e '.[test]'
+	$(PIP_ENV) $(PY) -m pip install -q $(CONSTRAINTS) --config-settings editable_mode=compat -e '.[test]'
 	QT_QPA_PLATFORM=offscreen $(PY) -c "from PySide6.QtWidgets import QApplication; QApplication([])"
 	touch $@
 
@@ -76,11 +80,11 @@ BUNDLE_SOURCES := $(shell find app engine kernels ui resources -type f ! -name '
 WHEEL_CHECK := build/wheel-check
 
 $(PACKAGE_TOOLS): $(STAMP) requirements/package.txt requirements/constraints.txt
-	$(PY) -m pip install -q -c requirements/constraints.txt -r requirements/package.txt
+	$(PY) -m pip install -q $(CONSTRAINTS) -r requirements/package.txt
 	touch $@
 
 $(WHEEL_TOOLS): $(STAMP) requirements/build.txt requirements/constraints.txt
-	$(PY) -m pip install -q -c requirements/constraints.txt -r requirements/build.txt
+	$(PY) -m pip install -q $(CONSTRAINTS) -r requirements/build.txt
 	touch $@
 
 $(BUNDLE)/kvstudio: $(PACKAGE_TOOLS) $(BUNDLE_SOURCES)
@@ -99,5 +103,5 @@ wheel-check: $(WHEEL_TOOLS)
 	rm -rf build/lib $(WHEEL_CHECK) dist/kvstudio-*.whl
 	$(PY) -m build --wheel --outdir dist .
 	$(PYTHON) -m venv $(WHEEL_CHECK)/venv
-	$(PIP_ENV) $(WHEEL_CHECK)/venv/bin/pip install -q -c requirements/constraints.txt dist/kvstudio-*.whl
+	$(PIP_ENV) $(WHEEL_CHECK)/venv/bin/pip install -q $(CONSTRAINTS) dist/kvstudio-*.whl
 	$(PY) packaging/check_wheel.py $(WHEEL_CHECK)/venv dist/kvstudio-*.whl

@@ -369,7 +369,7 @@ def run_models(args: argparse.Namespace) -> int:
             for m in models:
                 context = "?" if m.context_length is None else str(m.context_length)
                 print(f"{m.name:<{width}}  {hub_models.human_size(m.size):>9}  {m.family:<20}  context {context}"
-                      + ("  (default)" if m.is_default else ""))
+                      + ("  (default)" if m.is_default else "") + (f"  cannot load: {m.problem}" if m.problem else ""))
             return 0
         if args.models_command == "pull":
             from tqdm import tqdm

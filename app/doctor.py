@@ -84,8 +84,8 @@ def _version(dist: str) -> str | None:
 
 
 def _triton_version() -> str | None:
-    """Read from the module, not the package metadata: the PyInstaller bundle carries triton without the latter.
-    Cheap by now: the engine's import brought triton in already."""
+    """Read from the module, not the package metadata, which a PyInstaller bundle built with a CUDA torch leaves
+    out. The CPU app never imports triton (a CPU bundle and a plain `pip install .` do not carry it)."""
     try:
         return importlib.import_module("triton").__version__
     except Exception:   # absent, or a broken install: either way the line says it is not there
@@ -253,7 +253,7 @@ def report(env: Environment) -> list[tuple[str, str]]:
         fits, tight = largest_model(m, "fits"), largest_model(m, "tight")
         rows.append(("Model size", f"up to {fits / 1e9:.1f} B parameters fit at {dtype} "
                                    f"(tight up to {tight / 1e9:.1f} B)" if fits else "no model fits"))
-    rows.append(("triton", env.triton_version or "does not import"))
+    rows.append(("triton", env.triton_version or "not installed (the Triton kernels run on a CUDA GPU only)"))
     qt = env.qt
     if qt.platform is not None:
         rows.append(("Qt", f"{qt.version}, platform {qt.platform} starts (plugins: {', '.join(qt.plugins)})"))

@@ -7,7 +7,7 @@ from collections import deque
 
 import torch
 
-from engine.attention import TritonAttentionBackend, select_backend
+from engine.attention import select_backend
 from engine.beam_search import BeamSearchParams, BeamSearchState
 from engine.block_manager import BlockManager, blocks_for
 from engine.config import EngineConfig, ModelConfig
@@ -53,7 +53,7 @@ class LLMEngine:
         bs = config.block_size
         backend = select_backend(config.attention_backend, device, bs, a.head_dim, a.sliding_window,
                                  self.model_config.kv_cache_dtype)
-        model.materialize(device, dtype, triton_kernels=isinstance(backend, TritonAttentionBackend))
+        model.materialize(device, dtype, triton_kernels=backend.fused_kernels)
         model.load_weights(source.weights(dtype))
         model.eval()
 
@@ -63,7 +63,7 @@ class LLMEngine:
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, self.max_num_batched_tokens,
                                    config.preemption_mode)
         self.runner = ModelRunner(model, backend, caches.device_cache, bs, device, caches.swap_cache)
-        if device.type == "cuda" and config.cuda_graphs and isinstance(backend, TritonAttentionBackend):
+        if device.type == "cuda" and config.cuda_graphs and backend.fused_kernels:
             from engine.cuda_graphs import DecodeGraphs
 
             graphs = DecodeGraphs(model, backend, caches.device_cache, min(config.max_num_seqs, 256),

@@ -22,6 +22,11 @@ def load() -> ModuleType:
     """The compiled module; the first call on a machine builds it (about a minute), later ones load it."""
     from torch.utils import cpp_extension
 
+    # Without torch's C++ headers (the PyInstaller bundle leaves them out) the compiler could only fail, noisily.
+    headers = [Path(d) / "torch" / "extension.h" for d in cpp_extension.include_paths()]
+    if not any(h.is_file() for h in headers):
+        raise KernelBuildError("could not build kvstudio's CPU kernels: torch's C++ headers (torch/extension.h) are "
+                               "not installed with this torch")
     try:
         return cpp_extension.load(
             name="kvstudio_cpu_ops", sources=[str(p) for p in _SOURCES],

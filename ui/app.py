@@ -4,6 +4,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from PySide6.QtGui import QIcon
 from PySide6.QtWidgets import QApplication
 
 from app import model_store
@@ -13,6 +14,9 @@ from engine import LLM
 from ui.bridge import EngineBridge
 from ui.main_window import MainWindow
 from ui.theme import follow_system_scheme
+
+# resources/ installs beside ui/ (pyproject's package data), in the repository, the wheel and the bundle alike.
+ICON = Path(__file__).resolve().parent.parent / "resources" / "icons" / "kvstudio.svg"
 
 
 def make_llm(model: str, options: dict) -> LLM:
@@ -25,6 +29,9 @@ def make_llm(model: str, options: dict) -> LLM:
 def run(argv: list[str] | None = None) -> int:
     app = QApplication.instance() or QApplication(argv or sys.argv[:1])
     app.setApplicationName("kvstudio")
+    # The desktop entry (packaging/kvstudio.desktop) is named after it, so docks group the window under its icon.
+    app.setDesktopFileName("kvstudio")
+    app.setWindowIcon(QIcon(str(ICON)))
     follow_system_scheme(app)
     bridge = EngineBridge(make_llm)
     window = MainWindow(bridge, ChatHistory(), load_settings())

@@ -7,10 +7,8 @@ import torch
 
 from engine.attention.backend import AttentionBackend, AttentionInputs
 from engine.attention.torch_backend import TorchAttentionBackend
-from engine.attention.triton_backend import TritonAttentionBackend
 
-__all__ = ["AttentionBackend", "AttentionInputs", "TorchAttentionBackend", "TritonAttentionBackend",
-           "select_backend"]
+__all__ = ["AttentionBackend", "AttentionInputs", "TorchAttentionBackend", "select_backend"]
 
 logger = logging.getLogger(__name__)
 TRITON_HEAD_DIMS = (16, 32, 64, 128, 256)
@@ -31,6 +29,9 @@ def select_backend(name: str, device: torch.device, block_size: int, head_dim: i
     if kv_cache_dtype == torch.float8_e4m3fn and name != "triton":
         raise ValueError("kv_cache_dtype fp8 needs the triton attention backend (a CUDA device)")
     if name == "triton":
+        # Imported here: triton is needed on the GPU path only, and the CPU app bundle leaves it out.
+        from engine.attention.triton_backend import TritonAttentionBackend
+
         return TritonAttentionBackend(block_size, scale, sliding_window)
     if name == "torch" or (name == "auto" and head_dim not in CPU_HEAD_DIMS):
         return TorchAttentionBackend(block_size, scale, sliding_window)

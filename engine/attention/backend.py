@@ -36,6 +36,9 @@ class AttentionBackend(ABC):
     """
     # Which dimension of kv_cache_shape() indexes blocks: block copies (copy-on-write, swapping) move along it.
     block_dim: int
+    # Whether the model runs its norms and rotary embedding as Triton kernels beside this backend (the GPU path),
+    # and decode steps can be captured as CUDA graphs.
+    fused_kernels: bool = False
 
     @staticmethod
     @abstractmethod

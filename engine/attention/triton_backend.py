@@ -33,6 +33,7 @@ class TritonAttentionMetadata:
 
 class TritonAttentionBackend(AttentionBackend):
     block_dim = 0
+    fused_kernels = True
 
     def __init__(self, block_size: int, scale: float, sliding_window: int | None = None,
                  k_scale: float = 1.0, v_scale: float = 1.0) -> None:

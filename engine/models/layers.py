@@ -9,8 +9,9 @@ from torch import nn
 
 from engine.attention.backend import AttentionBackend
 from engine.models.rope import cos_sin_cache, rope_parameters
-from kernels.triton_norm import rms_norm
-from kernels.triton_rotary import rotary_embedding
+
+# The fused Triton kernels are imported where they run (a dictionary lookup once loaded): triton is needed on the
+# GPU path only, and the CPU app bundle leaves it out.
 
 
 @dataclass
@@ -32,6 +33,8 @@ class RMSNorm(nn.Module):
         """x: [..., dim] -> norm(x); with residual: (norm(x + residual), x + residual), the sum being the next
         layer's residual. Normalised in float32, cast back, then scaled in the input dtype, as HF does."""
         if self.triton:
+            from kernels.triton_norm import rms_norm
+
             shape = x.shape
             out = rms_norm(x.reshape(-1, shape[-1]), self.weight, self.eps, residual)
             if residual is None:
@@ -59,6 +62,8 @@ class RopeStep:
     def apply(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """q: [T, heads, dim], k: [T, kv_heads, dim] -> rotated (in place on the Triton path)."""
         if self.triton:
+            from kernels.triton_rotary import rotary_embedding
+
             rotary_embedding(self.positions, q, k, self.cos_sin_cache, True)
             return q, k
         return self.rotate(q), self.rotate(k)

@@ -226,7 +226,7 @@ def test_an_unreadable_pull_record_still_shows_what_arrived(fake_hub, tmp_path):
     assert not repo_dir.exists()
 
 
-def test_a_corrupt_model_is_listed_with_the_problem_and_the_rest_still_show(fake_hub, smollm2_gguf):
+def test_a_corrupt_model_is_listed_with_the_problem_and_the_rest_still_show(fake_hub, smollm2_gguf, capsys):
     default = model_store.default_model_path()
     default.parent.mkdir(parents=True)
     with smollm2_gguf.open("rb") as f:
@@ -236,6 +236,9 @@ def test_a_corrupt_model_is_listed_with_the_problem_and_the_rest_still_show(fake
     assert cut.name == default.name and cut.problem.startswith(f"{default} is truncated")
     assert (cut.family, cut.num_params) == ("?", None)
     assert tiny.problem is None and tiny.num_params > 0
+    code, out, _ = run(capsys, "list")
+    cut_line, tiny_line = out.splitlines()
+    assert code == 0 and f"cannot load: {default} is truncated" in cut_line and "cannot load" not in tiny_line
 
     config = tiny.path / "config.json"
     config.unlink()  # the link into blobs/; a file of garbage in its place

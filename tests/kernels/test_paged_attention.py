@@ -75,3 +75,18 @@ def test_an_unsupported_head_dim_is_refused():
     q, k, v, tables, ctx = make_case(4, 2, 2, 2, 24, 4, [3, 5], torch.float32)
     with pytest.raises(RuntimeError, match="head_dim 24 is not supported"):
         paged_decode_attention(q, k, v, tables, ctx, 0.2)
+
+
+def test_a_torch_without_its_cpp_headers_fails_the_build_at_once_in_words(monkeypatch, tmp_path):
+    from torch.utils import cpp_extension
+
+    from kernels import cpu_ops
+
+    monkeypatch.setattr(cpp_extension, "include_paths", lambda *a, **k: [str(tmp_path)])
+    monkeypatch.setattr(cpp_extension, "load", lambda **kw: pytest.fail("the compiler ran"))
+    cpu_ops.load.cache_clear()
+    try:
+        with pytest.raises(cpu_ops.KernelBuildError, match=r"torch's C\+\+ headers \(torch/extension.h\)"):
+            cpu_ops.load()
+    finally:
+        cpu_ops.load.cache_clear()   # the next caller loads the real build again

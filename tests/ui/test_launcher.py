@@ -22,3 +22,9 @@ def test_commands_and_displayless_runs_go_to_the_command_line(monkeypatch):
     monkeypatch.delenv("WAYLAND_DISPLAY", raising=False)
     assert launcher.main([]) == 0
     assert calls == [["generate", "hi"], []]
+
+
+def test_the_window_icon_ships_where_the_app_looks_for_it(qapp):
+    from PySide6.QtGui import QIcon
+
+    assert ui.app.ICON.is_file() and not QIcon(str(ui.app.ICON)).pixmap(64, 64).isNull()
