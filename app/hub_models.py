@@ -75,11 +75,11 @@ def _gguf_model(path: Path, name: str, size: int, is_default: bool) -> LocalMode
     from engine.models.gguf import GGUFCheckpoint
 
     try:
-        config = GGUFCheckpoint(path).config
+        fields = GGUFCheckpoint(path).config_fields   # no LlamaConfig: that would import transformers' models
         num_params = local_num_params(path)
     except ModelLoadError as e:
         return LocalModel(name, path, size, "?", None, is_default, problem=str(e))
-    return LocalModel(name, path, size, config.architectures[0], config.max_position_embeddings, is_default,
+    return LocalModel(name, path, size, fields["architectures"][0], fields["max_position_embeddings"], is_default,
                       num_params)
 
 

@@ -15,18 +15,20 @@ from __future__ import annotations
 import re
 import struct
 from collections.abc import Iterator
+import functools
 from dataclasses import dataclass
 from math import prod
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from gguf import GGML_QUANT_SIZES, GGUF_DEFAULT_ALIGNMENT, GGMLQuantizationType, GGUFValueType
 from gguf.quants import dequantize
-from transformers import LlamaConfig, PreTrainedTokenizerFast
-
 from engine.models.hub import ModelLoadError
+
+if TYPE_CHECKING:
+    from transformers import LlamaConfig, PreTrainedTokenizerFast
 
 # GGUF name -> HF name, for the tensors outside the layers
 _GLOBAL_NAMES = {
@@ -102,7 +104,15 @@ class GGUFCheckpoint:
                 f"{path}: GGUF architecture '{architecture}' is not supported; kvstudio reads only 'llama' GGUF files"
             )
         self._check_tensors()
-        self.config = self._build_config()
+        # Read and checked now; the LlamaConfig itself is made on first use (`config`), since importing it costs
+        # transformers' model machinery (seconds) and a library listing needs only these fields.
+        self.config_fields = self._config_fields()
+
+    @functools.cached_property
+    def config(self) -> LlamaConfig:
+        from transformers import LlamaConfig
+
+        return LlamaConfig(**self.config_fields)
 
     def weights(self, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
         """(HF name, CPU tensor in dtype), dequantizing one tensor at a time."""
@@ -121,6 +131,8 @@ class GGUFCheckpoint:
     def tokenizer(self) -> PreTrainedTokenizerFast:
         """The tokenizer (and chat template) stored in the file's metadata; reads no tensor data."""
         try:
+            from transformers import PreTrainedTokenizerFast
+
             return PreTrainedTokenizerFast(name_or_path=str(self.path.parent), gguf_file=self.path.name)
         except (ValueError, KeyError, OSError) as error:
             raise ModelLoadError(f"{self.path}: cannot build the tokenizer from its metadata: {error}") from error
@@ -169,7 +181,8 @@ class GGUFCheckpoint:
                     ) from error
                 checked_types.add(tensor.type)
 
-    def _build_config(self) -> LlamaConfig:
+    def _config_fields(self) -> dict[str, Any]:
+        """LlamaConfig's keyword arguments, from the header."""
         shapes = {tensor.name: tensor.shape for tensor in self.tensors}
         num_layers = int(self._field("llama.block_count"))
         expected = {"token_embd.weight", "output_norm.weight"} | {
@@ -184,7 +197,7 @@ class GGUFCheckpoint:
 
         num_heads = int(self._field("llama.attention.head_count"))
         hidden_size = int(self._field("llama.embedding_length"))
-        return LlamaConfig(
+        return dict(
             architectures=["LlamaForCausalLM"],
             vocab_size=shapes["token_embd.weight"][0],
             hidden_size=hidden_size,

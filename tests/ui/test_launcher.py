@@ -28,3 +28,12 @@ def test_the_window_icon_ships_where_the_app_looks_for_it(qapp):
     from PySide6.QtGui import QIcon
 
     assert ui.app.ICON.is_file() and not QIcon(str(ui.app.ICON)).pixmap(64, 64).isNull()
+
+
+def test_the_splash_needs_only_qt_so_it_shows_before_the_engine_imports():
+    import subprocess
+    import sys
+
+    code = "import sys, ui.app; print(sorted(m for m in ('torch', 'transformers', 'engine') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
