@@ -10,11 +10,12 @@ import sys
 from pathlib import Path
 
 from PySide6.QtCore import Qt
-from PySide6.QtGui import QIcon
+from PySide6.QtGui import QColor, QIcon, QPainter, QPixmap
 from PySide6.QtWidgets import QApplication, QSplashScreen
 
 # resources/ installs beside ui/ (pyproject's package data), in the repository, the wheel and the bundle alike.
 ICON = Path(__file__).resolve().parent.parent / "resources" / "icons" / "kvstudio.svg"
+SPLASH_BACKGROUND, SPLASH_TEXT = "#26282c", "#e8eaed"
 
 
 def make_llm(model: str, options: dict):
@@ -28,8 +29,14 @@ def make_llm(model: str, options: dict):
 
 
 def splash(app: QApplication) -> QSplashScreen:
-    screen = QSplashScreen(QIcon(str(ICON)).pixmap(192, 192))
-    screen.showMessage("Starting kvstudio…", Qt.AlignBottom | Qt.AlignHCenter)
+    """The icon over the app's name on a dark card: no palette exists yet to take colours from."""
+    card = QPixmap(320, 240)
+    card.fill(QColor(SPLASH_BACKGROUND))
+    painter = QPainter(card)
+    painter.drawPixmap(96, 36, QIcon(str(ICON)).pixmap(128, 128))
+    painter.end()
+    screen = QSplashScreen(card)
+    screen.showMessage("Starting kvstudio…", Qt.AlignBottom | Qt.AlignHCenter, QColor(SPLASH_TEXT))
     screen.show()
     app.processEvents()   # painted now, before the imports below hold the thread
     return screen
