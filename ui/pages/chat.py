@@ -11,7 +11,7 @@ import re
 import time
 from dataclasses import dataclass
 
-from PySide6.QtCore import Qt, QUrl
+from PySide6.QtCore import Qt, QTimer, QUrl
 from PySide6.QtGui import (
     QDesktopServices,
     QGuiApplication,
@@ -46,6 +46,9 @@ from ui.bridge import EngineBridge, RequestFailed, RequestUpdate
 from ui.widgets.cards import spin_box
 
 SAVE_INTERVAL = 0.5
+# A streaming reply is redrawn at most this often: the transcript is re-rendered whole, and doing that for every
+# token would take the UI thread (and the GIL) from the engine thread.
+RENDER_INTERVAL_MS = 50
 ROLE_NAMES = {"user": "You", "assistant": "Assistant", "system": "System"}
 
 
@@ -67,6 +70,7 @@ class ChatPage(QWidget):
         self.bridge, self.history = bridge, history
         self.conversation_id: int | None = None
         self.reply: _Reply | None = None
+        self._render_soon = QTimer(self, singleShot=True, interval=RENDER_INTERVAL_MS, timeout=self.render)
         self._build()
         bridge.request_update.connect(self._on_update)
         bridge.request_failed.connect(self._on_failed)
@@ -280,7 +284,8 @@ class ChatPage(QWidget):
         if now - reply.saved >= SAVE_INTERVAL:
             self.history.update_message(reply.message_id, reply.text, finished=False)
             reply.saved = now
-        self.render()
+        if not self._render_soon.isActive():
+            self._render_soon.start()
 
     def _on_failed(self, failure: RequestFailed) -> None:
         if self.reply is not None and failure.request_id == self.reply.request_id:
@@ -339,6 +344,7 @@ class ChatPage(QWidget):
     # ---- rendering --------------------------------------------------------------------------------------------
     def render(self) -> None:
         """The transcript as markdown: the model's replies often are markdown (lists, code blocks)."""
+        self._render_soon.stop()
         parts = []
         if self.conversation_id is not None:
             for m in self.history.messages(self.conversation_id):
