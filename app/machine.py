@@ -114,14 +114,9 @@ def local_num_params(path: str | Path) -> int | None:
     return None
 
 
-def check_model_fits(path: str | Path, engine_options: dict) -> ModelFit | None:
-    """check_fit for the model at `path` (a model directory or a .gguf file) loaded with `engine_options` (LLM
-    keyword arguments: dtype, device and the CPU's kv_cache_memory count), against the memory free now. None when
-    its size is unknown (a repo id rather than a path, no weights there); ModelLoadError naming the file when a
-    weights file is corrupt."""
-    num_params = local_num_params(path) if Path(path).exists() else None
-    if num_params is None:
-        return None
+def memory_for(engine_options: dict) -> MachineMemory:
+    """The memory a model loaded with `engine_options` (LLM keyword arguments) runs in, free now: RAM when a GPU
+    machine is told device="cpu", and the CPU's reserve with the KV pool asked for (kv_cache_memory, GiB)."""
     memory = machine_memory()
     if engine_options.get("device") == "cpu" and memory.is_gpu:  # a GPU machine told to run on its CPU
         total, available = _ram()
@@ -130,4 +125,16 @@ def check_model_fits(path: str | Path, engine_options: dict) -> ModelFit | None:
         # the reserve's default KV pool swapped for the one asked for (GiB)
         kv_pool = int(engine_options["kv_cache_memory"] * GIB)
         memory = replace(memory, reserve=CPU_RESERVE - int(DEFAULT_CPU_KV_CACHE_GIB * GIB) + kv_pool)
+    return memory
+
+
+def check_model_fits(path: str | Path, engine_options: dict) -> ModelFit | None:
+    """check_fit for the model at `path` (a model directory or a .gguf file) loaded with `engine_options` (LLM
+    keyword arguments: dtype, device and the CPU's kv_cache_memory count), against the memory free now. None when
+    its size is unknown (a repo id rather than a path, no weights there); ModelLoadError naming the file when a
+    weights file is corrupt."""
+    num_params = local_num_params(path) if Path(path).exists() else None
+    if num_params is None:
+        return None
+    memory = memory_for(engine_options)
     return check_fit(num_params, memory, engine_options.get("dtype", "auto"))

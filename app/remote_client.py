@@ -101,12 +101,19 @@ def request_body(params: SamplingParams) -> dict:
     return body
 
 
+@dataclass
+class _Request:
+    task: concurrent.futures.Future | None
+    callback: UpdateCallback
+
+
 class RemoteClient:
     def __init__(self, endpoint: Endpoint) -> None:
         self.endpoint = endpoint
         self._loop = asyncio.new_event_loop()
         self._session: aiohttp.ClientSession | None = None   # made on the loop: aiohttp binds it there
-        self._tasks: dict[str, concurrent.futures.Future] = {}
+        self._requests: dict[str, _Request] = {}              # in flight; guarded by _lock
+        self._closed = False
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._loop.run_forever, name="kvstudio-remote", daemon=True)
         self._thread.start()
@@ -120,48 +127,78 @@ class RemoteClient:
         self._submit("completions", {"prompt": prompt}, params, callback, request_id)
 
     def abort(self, request_id: str) -> None:
-        """Stop a request (its connection closes); its callback gets nothing more. Unknown ids are ignored."""
+        """Stop a request (its connection closes); its callback gets nothing more, not even a line the loop had
+        already read. Unknown ids are ignored."""
         with self._lock:
-            task = self._tasks.pop(request_id, None)
-        if task is not None:
-            task.cancel()
+            request = self._requests.pop(request_id, None)
+        if request is not None and request.task is not None:
+            request.task.cancel()
 
     def close(self) -> None:
-        """Abort everything in flight and end the loop thread."""
+        """End the loop thread. Requests still in flight end with a RemoteError saying the connection closed, so
+        no caller waits for a reply that will never come."""
         with self._lock:
-            tasks, self._tasks = list(self._tasks.values()), {}
-        for task in tasks:
-            task.cancel()
-        if self._session is not None:
-            asyncio.run_coroutine_threadsafe(self._session.close(), self._loop).result(timeout=5)
+            self._closed = True
+            requests, self._requests = list(self._requests.values()), {}
+        for request in requests:
+            request.callback(RemoteError(f"the connection to {self.endpoint.base_url} was closed"))
+        try:   # every coroutine is cancelled and awaited on the loop, then the session closes, before it stops
+            asyncio.run_coroutine_threadsafe(self._shut_down(), self._loop).result(timeout=5)
+        except (TimeoutError, concurrent.futures.TimeoutError, RuntimeError):   # a dead peer: closing anyway
+            pass
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=5)
+        if not self._thread.is_alive():
+            self._loop.close()
+
+    async def _shut_down(self) -> None:
+        tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if self._session is not None:
+            await self._session.close()
 
     def _submit(self, route: str, prompt: dict, params: SamplingParams, callback: UpdateCallback,
                 request_id: str) -> None:
         body = {"model": self.endpoint.model, **prompt, **request_body(params), "stream": True,
                 "stream_options": {"include_usage": True}}
-        task = asyncio.run_coroutine_threadsafe(self._stream(route, body, callback), self._loop)
+        request = _Request(None, callback)
         with self._lock:
-            self._tasks[request_id] = task
-        task.add_done_callback(lambda _: self._forget(request_id, task))
+            if self._closed:
+                raise RemoteError(f"the connection to {self.endpoint.base_url} was closed")
+            self._requests[request_id] = request
+            # Scheduled under the lock, so close() sees either no request or one with its task.
+            request.task = asyncio.run_coroutine_threadsafe(self._stream(route, body, request_id), self._loop)
 
-    def _forget(self, request_id: str, task: concurrent.futures.Future) -> None:
+    def _deliver(self, request_id: str, item: TextUpdate | BaseException) -> None:
+        """Hand `item` to the request's callback unless it was aborted or closed meanwhile; the last item (finished
+        or an error) retires the request."""
+        last = isinstance(item, BaseException) or item.finished
         with self._lock:
-            if self._tasks.get(request_id) is task:
-                del self._tasks[request_id]
+            request = self._requests.get(request_id)
+            if request is None:
+                return
+            if last:
+                del self._requests[request_id]
+        request.callback(item)
 
-    async def _stream(self, route: str, body: dict, callback: UpdateCallback) -> None:
+    async def _stream(self, route: str, body: dict, request_id: str) -> None:
+        def deliver(item: TextUpdate | BaseException) -> None:
+            self._deliver(request_id, item)
+
         try:
-            await self._read_stream(route, body, callback)
+            await self._read_stream(route, body, deliver)
         except asyncio.CancelledError:
             raise
         except RemoteError as e:
-            callback(e)
+            deliver(e)
         except ValueError as e:   # a chunk that is not JSON: not an OpenAI-compatible stream
-            callback(RemoteError(f"{self.endpoint.base_url} sent a stream that is not OpenAI's: {e}"))
+            deliver(RemoteError(f"{self.endpoint.base_url} sent a stream that is not OpenAI's: {e}"))
         except (TimeoutError, aiohttp.ClientError, OSError) as e:
-            callback(RemoteError(f"cannot reach {self.endpoint.base_url}: {e or type(e).__name__}"))
+            deliver(RemoteError(f"cannot reach {self.endpoint.base_url}: {e or type(e).__name__}"))
+        except Exception as e:   # anything else (a chunk of the wrong shape): the caller must still hear the end
+            deliver(RemoteError(f"{self.endpoint.base_url} sent something unexpected: {e!r}"))
 
     async def _read_stream(self, route: str, body: dict, callback: UpdateCallback) -> None:
         if self._session is None:
@@ -185,7 +222,7 @@ class RemoteClient:
                 if chunk.get("usage"):
                     tokens = chunk["usage"].get("completion_tokens", tokens)
                 for choice in chunk.get("choices") or []:
-                    piece = choice.get("delta", {}).get("content") if "delta" in choice else choice.get("text")
+                    piece = (choice.get("delta") or {}).get("content") if "delta" in choice else choice.get("text")
                     if piece:
                         text, tokens = text + piece, tokens + 1
                     reason = choice.get("finish_reason") or reason

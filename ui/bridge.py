@@ -87,6 +87,7 @@ class EngineBridge(QObject):
         self._thread: EngineThread | None = None
         self._ids = itertools.count()
         self._remote: RemoteClient | None = None
+        self._generation = 0            # bumped by every change of target: a slower, older check then loses
         self._lock = threading.Lock()   # guards _thread and _remote between the workers and the UI thread
 
     @property
@@ -133,12 +134,22 @@ class EngineBridge(QObject):
     def connect_remote(self, endpoint: Endpoint) -> threading.Thread:
         """Check `endpoint` on a worker (it must answer its model list and serve endpoint.model; an empty model
         takes its first) and send chat and batch requests there from then on; emits connection_changed or
-        connection_failed."""
-        worker = threading.Thread(target=self._connect, args=(endpoint,), name="kvstudio-connect", daemon=True)
+        connection_failed. A later connect_remote, use_local, cancel_connect or shutdown makes this check stale:
+        it then changes nothing and emits nothing."""
+        with self._lock:
+            self._generation += 1
+            generation = self._generation
+        worker = threading.Thread(target=self._connect, args=(endpoint, generation), name="kvstudio-connect",
+                                  daemon=True)
         worker.start()
         return worker
 
-    def _connect(self, endpoint: Endpoint) -> None:
+    def cancel_connect(self) -> None:
+        """Forget a check still running (the user cancelled it); the current target stays."""
+        with self._lock:
+            self._generation += 1
+
+    def _connect(self, endpoint: Endpoint, generation: int) -> None:
         try:
             models = list_models(endpoint)
             if not models:
@@ -147,22 +158,32 @@ class EngineBridge(QObject):
                 raise RuntimeError(f"{endpoint.base_url} does not serve {endpoint.model!r}; it serves "
                                    f"{', '.join(models)}")
         except Exception as e:   # unreachable, a wrong key, not OpenAI-compatible: said in words
-            self.connection_failed.emit(ConnectionFailed(endpoint, str(e)))
+            with self._lock:
+                current = generation == self._generation
+            if current:
+                self.connection_failed.emit(ConnectionFailed(endpoint, str(e)))
             return
         client = RemoteClient(dataclasses.replace(endpoint, model=endpoint.model or models[0]))
         with self._lock:
-            old, self._remote = self._remote, client
+            current = generation == self._generation
+            if current:
+                old, self._remote = self._remote, client
+        if not current:
+            client.close()
+            return
         if old is not None:
-            old.close()
+            old.close()   # its requests in flight fail in words: the pages stop waiting for them
         self.connection_changed.emit(client.endpoint)
 
     def use_local(self) -> None:
-        """Send chat and batch requests to the in-process engine again; requests in flight remotely stop."""
+        """Send chat and batch requests to the in-process engine again (a check still running is forgotten);
+        requests in flight remotely fail in words. Always emits connection_changed(None)."""
         with self._lock:
+            self._generation += 1
             old, self._remote = self._remote, None
         if old is not None:
             old.close()
-            self.connection_changed.emit(None)
+        self.connection_changed.emit(None)
 
     def ready(self) -> bool:
         """Whether a request can go anywhere: a remote endpoint is connected or a model is loaded."""
@@ -262,6 +283,7 @@ class EngineBridge(QObject):
         """Stop the engine thread and the remote connection (the window is closing): running requests are
         aborted."""
         with self._lock:
+            self._generation += 1
             thread, self._thread = self._thread, None
             remote, self._remote = self._remote, None
         if thread is not None:

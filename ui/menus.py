@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from PySide6.QtCore import Qt
 from PySide6.QtGui import QAction, QKeySequence
 from PySide6.QtWidgets import QAbstractButton, QMessageBox
 
@@ -52,7 +53,7 @@ def install_menus(window: MainWindow) -> list[QAction]:
     batch_menu = bar.addMenu("&Batch")
     add(batch_menu, "&Import prompts…", "Ctrl+I", press(batch.import_button), page=1)
     add(batch_menu, "&Run all", "Ctrl+Shift+Return", press(batch.run_button), page=1)
-    add(batch_menu, "&Cancel run", "Ctrl+Shift+.", press(batch.cancel_button), page=1)
+    add(batch_menu, "&Cancel run", "Ctrl+Shift+X", press(batch.cancel_button), page=1)
     add(batch_menu, "Export &JSONL…", "Ctrl+Shift+J", press(batch.export_jsonl_button), page=1)
     add(batch_menu, "Export C&SV…", "Ctrl+Shift+V", press(batch.export_csv_button), page=1)
 
@@ -78,4 +79,5 @@ def shortcut_table(actions: list[QAction]) -> str:
 
 def show_shortcuts(window: MainWindow, actions: list[QAction]) -> None:
     box = QMessageBox(QMessageBox.Icon.NoIcon, "Keyboard shortcuts", shortcut_table(actions), parent=window)
+    box.setAttribute(Qt.WA_DeleteOnClose)
     box.open()

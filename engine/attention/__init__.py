@@ -1,6 +1,7 @@
 """Attention backends: how new K/V are written into the paged cache and how attention reads it back."""
 from __future__ import annotations
 
+import importlib.util
 import logging
 
 import torch
@@ -14,6 +15,13 @@ logger = logging.getLogger(__name__)
 TRITON_HEAD_DIMS = (16, 32, 64, 128, 256)
 
 
+def _has_triton() -> bool:
+    if importlib.util.find_spec("triton") is not None:
+        return True
+    logger.warning("triton is not installed: attention runs on torch ops, without the Triton kernels")
+    return False
+
+
 def select_backend(name: str, device: torch.device, block_size: int, head_dim: int,
                    sliding_window: int | None, kv_cache_dtype: torch.dtype) -> AttentionBackend:
     """auto: the Triton kernels on CUDA; on the CPU the compiled CPU kernels when they build here and fit the
@@ -24,8 +32,9 @@ def select_backend(name: str, device: torch.device, block_size: int, head_dim: i
 
     scale = head_dim ** -0.5
     if name == "auto" and device.type == "cuda":
-        # The Triton kernels tile head_dim as a power of two; other sizes run on torch ops.
-        name = "triton" if head_dim in TRITON_HEAD_DIMS else "torch"
+        # The Triton kernels tile head_dim as a power of two; other sizes run on torch ops, as does a CUDA torch
+        # without triton (Windows wheels have none).
+        name = "triton" if head_dim in TRITON_HEAD_DIMS and _has_triton() else "torch"
     if kv_cache_dtype == torch.float8_e4m3fn and name != "triton":
         raise ValueError("kv_cache_dtype fp8 needs the triton attention backend (a CUDA device)")
     if name == "triton":

@@ -127,9 +127,56 @@ def test_abort_closes_the_stream_and_the_server_frees_the_request(served, client
     while not got.items and time.monotonic() < deadline:
         time.sleep(0.01)
     client.abort("r5")
+    seen = len(got.items)
     while engine.has_unfinished_requests() and time.monotonic() < deadline:
         time.sleep(0.01)
     assert not engine.has_unfinished_requests() and engine.get_stats().num_blocks_used == 0
-    seen = len(got.items)
     time.sleep(0.2)
     assert len(got.items) == seen and not got.done.is_set()   # nothing arrives after the abort
+
+
+def test_closing_ends_every_request_in_flight_in_words_and_takes_no_more(openai_endpoint):
+    c = RemoteClient(Endpoint(openai_endpoint.base_url, openai_endpoint.api_key, "tiny"))
+    got = Collector()
+    c.submit_completion("Count", SamplingParams(temperature=0.0, max_tokens=200, ignore_eos=True), got, "r6")
+    c.close()
+    error = got.wait()
+    assert isinstance(error, RemoteError) and str(error) == f"the connection to {openai_endpoint.base_url} was closed"
+    assert sum(isinstance(item, BaseException) for item in got.items) == 1
+    with pytest.raises(RemoteError, match="was closed"):
+        c.submit_completion("again", GREEDY, Collector(), "r7")
+
+
+def test_a_stream_of_the_wrong_shape_ends_the_request_in_words():
+    from aiohttp import web
+
+    async def odd_stream(request):
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(b"data: [1, 2]\n\n")
+        return response
+
+    import asyncio
+    import threading as th
+
+    loop = asyncio.new_event_loop()
+    app = web.Application()
+    app.router.add_post("/v1/completions", odd_stream)
+    runner = web.AppRunner(app)
+    loop.run_until_complete(runner.setup())
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    loop.run_until_complete(site.start())
+    port = runner.addresses[0][1]
+    thread = th.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    c = RemoteClient(Endpoint(f"http://127.0.0.1:{port}", model="m"))
+    try:
+        got = Collector()
+        c.submit_completion("hi", GREEDY, got, "r8")
+        error = got.wait()
+        assert isinstance(error, RemoteError) and "sent something unexpected" in str(error)
+    finally:
+        c.close()
+        asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(10)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)

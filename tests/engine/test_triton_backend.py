@@ -95,3 +95,20 @@ def test_cuda_graph_replays_equal_eager_decoding(tiny_llama):
         outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
         tokens[graphs] = [o.outputs[0].token_ids for o in outs]
     assert tokens[True] == tokens[False] == tiny_llama.greedy_reference(prompts, 24)
+
+
+def test_auto_on_cuda_takes_triton_where_it_is_installed_and_torch_ops_where_not(monkeypatch, caplog):
+    import importlib.util
+
+    from engine.attention import TorchAttentionBackend, select_backend
+
+    cuda = torch.device("cuda")
+    picked = select_backend("auto", cuda, 16, 64, None, torch.float16)
+    assert isinstance(picked, TritonAttentionBackend)
+    assert isinstance(select_backend("auto", cuda, 16, 80, None, torch.float16), TorchAttentionBackend)
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "triton" else
+                        real_find_spec(name, *a))
+    with caplog.at_level("WARNING"):
+        assert isinstance(select_backend("auto", cuda, 16, 64, None, torch.float16), TorchAttentionBackend)
+    assert "triton is not installed" in caplog.text

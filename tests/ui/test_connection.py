@@ -169,3 +169,57 @@ def test_page_fields_and_the_page_come_back_after_a_restart(qtbot, tmp_path):
         0.35, True, 1234)
     assert again.batch.max_tokens.value() == 64 and again.server.port.value() == 8123 and again.server.lan.isChecked()
     again.close()
+
+
+def test_switching_away_ends_a_reply_in_flight_in_words(qtbot, tmp_path, openai_endpoint):
+    bridge = connected_bridge(qtbot, openai_endpoint)
+    page = ChatPage(bridge, ChatHistory(tmp_path / "h.sqlite3"))
+    qtbot.addWidget(page)
+    page.max_tokens.setValue(200)
+    page.input.setPlainText("Tell me a long story.")
+    page.send_button.click()
+    with qtbot.waitSignal(bridge.connection_changed, timeout=5_000) as changed:
+        bridge.use_local()
+    assert changed.args == [None]
+    qtbot.waitUntil(lambda: page.reply is None, timeout=5_000)   # not left "Generating…"
+    assert page.status.text() == f"Stopped: the connection to {openai_endpoint.base_url} was closed"
+    assert page.send_button.isEnabled()
+    bridge.shutdown()
+
+
+def test_a_check_overtaken_by_another_choice_changes_nothing(qtbot, openai_endpoint):
+    bridge = EngineBridge()
+    changes = []
+    bridge.connection_changed.connect(changes.append)
+    bridge.connection_failed.connect(changes.append)
+    worker = bridge.connect_remote(Endpoint(openai_endpoint.base_url, openai_endpoint.api_key))
+    bridge.use_local()    # chosen while the check runs
+    worker.join(10)
+    qtbot.wait(50)
+    assert bridge.remote is None and changes == [None]
+    worker = bridge.connect_remote(Endpoint(openai_endpoint.base_url, openai_endpoint.api_key))
+    bridge.cancel_connect()
+    worker.join(10)
+    qtbot.wait(50)
+    assert bridge.remote is None and changes == [None]
+    bridge.shutdown()
+
+
+def test_cancel_while_connecting_keeps_this_computer(qtbot, tmp_path, openai_endpoint):
+    window = MainWindow(EngineBridge(), ChatHistory(tmp_path / "h.sqlite3"), Settings(use_remote=True,
+                        remote_url="http://127.0.0.1:9/v1"), tmp_path / "settings.json")
+    qtbot.addWidget(window)
+    dialog = ConnectionDialog(window.bridge, parent=window)
+    dialog.remote.setChecked(True)
+    dialog.url.setText(openai_endpoint.base_url)
+    dialog.api_key.setText(openai_endpoint.api_key)
+    dialog.apply()
+    dialog.reject()
+    qtbot.wait(1500)   # longer than the check takes
+    assert window.bridge.remote is None
+    # Choosing this computer when nothing is connected still saves it: the failed endpoint is not retried.
+    again = ConnectionDialog(window.bridge, parent=window)
+    again.local.setChecked(True)
+    again.apply()
+    assert not load_settings(tmp_path / "settings.json").use_remote
+    window.close()

@@ -122,6 +122,12 @@ def test_the_library_lists_a_pulled_model_and_the_default(qtbot, hub, smollm2_gg
     colours = cells(page.library, Qt.ForegroundRole)
     assert (colours[0][5], colours[1][5], colours[1][0]) == (tone_color("warn"), tone_color("ok"), None)
     assert page.library_summary.text() == f"2 models, {human_size(size + model_store.DEFAULT_MODEL.size)} on disk"
+    # The window's engine options count as they will at load time: 16-bit weights halve SmolLM2's need, a 1 GiB
+    # KV pool leaves room for neither model.
+    page.engine_options = {"dtype": "float16"}
+    assert [row[5] for row in library(page)] == ["fits", "fits"] and page.hub.engine_options == {"dtype": "float16"}
+    page.engine_options = {"kv_cache_memory": 1.0}
+    assert [row[5] for row in library(page)] == ["too big", "too big"]
 
 
 def test_delete_frees_the_model_and_refuses_the_default_unless_forced(page, hub, smollm2_gguf):
@@ -363,10 +369,9 @@ def test_a_failed_download_is_offered_for_resuming_at_once(qtbot, page, hub):
 
 def test_load_hands_the_library_path_to_the_bridge(qtbot, page, hub):
     hub_models.pull("org/tiny")
-    page.refresh()
+    page.engine_options = {"max_model_len": 128}   # the window's settings (setting them reads the library again)
     page.select_model("org/tiny")
     path = str(page.selected_model().path)
-    page.engine_options = {"max_model_len": 128}   # the window's settings
     with qtbot.waitSignal(page.bridge.model_loading, timeout=5_000) as loading:
         page.load_button.click()
     assert loading.args == [path]

@@ -24,7 +24,7 @@ class ModelsPage(QWidget):
     def __init__(self, bridge: EngineBridge, endpoint: str | None = None, parent: QWidget | None = None) -> None:
         super().__init__(parent)
         self.bridge = bridge
-        self.engine_options: dict = {}   # LLM keyword arguments for loads (the window passes its settings')
+        self._engine_options: dict = {}
         self._pending_delete: LocalModel | None = None
         self._memory: machine.MachineMemory  # what the library's verdicts are against: taken by each refresh()
         self._build(endpoint)
@@ -93,14 +93,26 @@ class ModelsPage(QWidget):
         layout.addLayout(cards, 1)
 
     def _fit(self, model: LocalModel) -> machine.ModelFit | None:
-        return None if model.num_params is None else machine.check_fit(model.num_params, self._memory)
+        if model.num_params is None:
+            return None
+        return machine.check_fit(model.num_params, self._memory, self.engine_options.get("dtype", "auto"))
+
+    @property
+    def engine_options(self) -> dict:
+        """LLM keyword arguments for loads (the window passes its settings'); the Memory columns count them."""
+        return self._engine_options
+
+    @engine_options.setter
+    def engine_options(self, options: dict) -> None:
+        self._engine_options = self.hub.engine_options = options
+        self.refresh()
 
     # ---- library ------------------------------------------------------------------------------------------
     @Slot()
     def refresh(self) -> None:
         """Read the library again (the default GGUF and the runnable models in the Hugging Face cache), the memory
         free for them, and the unfinished downloads."""
-        self._memory = machine.machine_memory()
+        self._memory = machine.memory_for(self.engine_options)
         self.library.set_rows(hub_models.list_local_models())
         models = self.library.rows()
         total = sum(m.size for m in models)

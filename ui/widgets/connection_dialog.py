@@ -30,6 +30,7 @@ class ConnectionDialog(QDialog):
                  parent: QWidget | None = None) -> None:
         super().__init__(parent)
         self.bridge = bridge
+        self.setAttribute(Qt.WA_DeleteOnClose)   # its slots go with it
         self.setWindowTitle("Connection")
         self.setMinimumWidth(520)
         self.local = QRadioButton("This computer: the model loaded in kvstudio")
@@ -68,7 +69,7 @@ class ConnectionDialog(QDialog):
         self._sync()
         bridge.connection_changed.connect(self._on_connected)
         bridge.connection_failed.connect(self._on_failed)
-        self._waiting = False
+        self._asked: Endpoint | None = None   # the endpoint being checked
 
     def apply(self) -> None:
         """OK: switch to this computer at once, or check the endpoint and switch once it answers."""
@@ -81,20 +82,32 @@ class ConnectionDialog(QDialog):
         except ValueError as e:
             self._say(str(e)[0].upper() + str(e)[1:] + ".", error=True)
             return
-        self._waiting = True
+        self._asked = endpoint
         self._say(f"Connecting to {endpoint.base_url}…")
         self.buttons.button(QDialogButtonBox.Ok).setEnabled(False)
         self.bridge.connect_remote(endpoint)
 
+    def reject(self) -> None:
+        """Cancel: a check still running is forgotten, and requests keep going where they went."""
+        if self._asked is not None:
+            self.bridge.cancel_connect()
+            self._asked = None
+        super().reject()
+
+    def _answers_us(self, endpoint: Endpoint | None) -> bool:
+        asked = self._asked
+        return (asked is not None and endpoint is not None and endpoint.base_url == asked.base_url
+                and endpoint.api_key == asked.api_key and (not asked.model or endpoint.model == asked.model))
+
     def _on_connected(self, endpoint: Endpoint | None) -> None:
-        if self._waiting and endpoint is not None:
-            self._waiting = False
+        if self._answers_us(endpoint):
+            self._asked = None
             self.accept()
 
     def _on_failed(self, failure: ConnectionFailed) -> None:
-        if not self._waiting:
+        if not self._answers_us(failure.endpoint):
             return
-        self._waiting = False
+        self._asked = None
         self.buttons.button(QDialogButtonBox.Ok).setEnabled(True)
         self._say(f"Could not connect: {failure.message}", error=True)
 

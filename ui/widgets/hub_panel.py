@@ -102,7 +102,8 @@ class HubPanel(QWidget):
         self._cancel: threading.Event | None = None  # set while a download runs
         self._downloading = ""
         self._searching = False
-        self._memory = machine.machine_memory()  # taken again with each search's results
+        self.engine_options: dict = {}  # LLM keyword arguments loads will use: the fit verdicts count them
+        self._memory = machine.memory_for(self.engine_options)  # taken again with each search's results
         self.interrupted: list[InterruptedRow] = []
         self._build()
         self.search_done.connect(self._on_search_done)
@@ -156,7 +157,9 @@ class HubPanel(QWidget):
         layout.addWidget(hub_card)
 
     def _fit(self, model: HubModel) -> machine.ModelFit | None:
-        return None if model.num_params is None else machine.check_fit(model.num_params, self._memory)
+        if model.num_params is None:
+            return None
+        return machine.check_fit(model.num_params, self._memory, self.engine_options.get("dtype", "auto"))
 
     # ---- search -------------------------------------------------------------------------------------------
     @Slot()
@@ -181,7 +184,7 @@ class HubPanel(QWidget):
     @Slot(object)
     def _on_search_done(self, done: SearchDone) -> None:
         self._searching = False
-        self._memory = machine.machine_memory()
+        self._memory = machine.memory_for(self.engine_options)
         self.results.set_rows(done.results)
         n = len(done.results)
         self.say(f"{n} model{'s' if n != 1 else ''} on the Hub" + (f" for {done.query!r}." if done.query else ".")
