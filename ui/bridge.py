@@ -21,7 +21,7 @@ from PySide6.QtCore import QObject, Signal
 
 from app.conversation import chat_prompt
 from app.engine_thread import EngineThread
-from app.machine import check_model_fits
+from app.machine import ModelFit, check_model_fits
 from app.remote_client import Endpoint, RemoteClient, TextUpdate, list_models
 from engine import LLM, RequestOutput, SamplingParams
 
@@ -105,11 +105,21 @@ class EngineBridge(QObject):
         worker.start()
         return worker
 
+    def check_fit(self, model: str, options: dict) -> ModelFit | None:
+        """Whether `model` loads in the memory free now (None: not known, or not checked). A model too big for
+        the RAM would end in the OOM killer, so loads are refused on it. The model loaded now stays until the new
+        one is ready, so its memory rightly counts as taken; except a GPU engine, which holds most of the card by
+        design (its KV pool): there a load that does not fit fails in words by itself (CUDA out of memory, a KV
+        pool too small). Raises ModelLoadError naming a corrupt weights file."""
+        current = self.engine_thread
+        if current is not None and current.engine.config.torch_device.type == "cuda":
+            return None
+        return check_model_fits(model, options)
+
     def _load(self, model: str, options: dict) -> None:
         start = time.perf_counter()
         try:
-            # A model too big for the memory free now would end in the OOM killer: refused here, in words.
-            if (fit := check_model_fits(model, options)) is not None and not fit.fits:
+            if (fit := self.check_fit(model, options)) is not None and not fit.fits:
                 raise MemoryError(fit.message)
             llm = self._make_llm(model, options)
         except Exception as e:   # a bad path, a corrupt file, too little memory: said in words, never a crash

@@ -87,3 +87,20 @@ def test_a_model_too_big_for_the_free_memory_is_refused_before_loading(qtbot, ti
         b.load_model(str(tiny_chat_model), OPTIONS)
     assert failed.args[0].message.startswith("Too big for this machine: needs about") and not loads
     assert b.engine_thread is None
+
+
+def test_the_fit_check_steps_aside_while_a_gpu_engine_holds_the_card(tiny_chat_model, monkeypatch):
+    from types import SimpleNamespace
+
+    import torch
+
+    from app import machine
+
+    b = EngineBridge()
+    monkeypatch.setattr(machine, "machine_memory",
+                        lambda: machine.MachineMemory("cpu", 2**30, 2**20, 4, machine.CPU_RESERVE))
+    assert b.check_fit(str(tiny_chat_model), {}).verdict == "too big"
+    b._thread = SimpleNamespace(engine=SimpleNamespace(config=SimpleNamespace(torch_device=torch.device("cuda"))))
+    assert b.check_fit(str(tiny_chat_model), {}) is None
+    b._thread = SimpleNamespace(engine=SimpleNamespace(config=SimpleNamespace(torch_device=torch.device("cpu"))))
+    assert b.check_fit(str(tiny_chat_model), {}).verdict == "too big"

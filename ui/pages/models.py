@@ -153,7 +153,7 @@ class ModelsPage(QWidget):
             self._say(f"Could not load {model.name}: {_sentence(model.problem)}", "error")
             return False
         try:
-            fit = machine.check_model_fits(model.path, self.engine_options)
+            fit = self.bridge.check_fit(str(model.path), self.engine_options)
         except ValueError as e:  # a weights file went bad since the listing
             self._say(f"Could not load {model.name}: {_sentence(str(e))}", "error")
             return False
