@@ -1,5 +1,5 @@
 # make setup: .venv with the project installed (editable) and pinned, Qt's system libraries, the default model.
-# make test:  setup, then the whole test suite on the CPU.
+# make test:  setup, then the linter and formatter checks (ruff), then the whole test suite on the CPU.
 # make run:   setup, then kvstudio.
 # make gpu-check: on a CUDA machine, the Triton kernels at real sizes and kvstudio against transformers there
 #             (uses the machine's own python with torch, triton and transformers; no setup).
@@ -39,7 +39,7 @@ QT_SYSTEM_LIBS := libEGL.so.1:libegl1 libGL.so.1:libgl1 libOpenGL.so.0:libopengl
 .PHONY: setup test run gpu-check package package-check wheel-check
 
 setup: $(STAMP)
-	$(PY) -m app.model_store fetch-default
+	$(PY) -m app.library.model_store fetch-default
 	@# Builds the C++ CPU kernels for this machine once (cached by torch afterwards).
 	$(PY) -c "from kernels import cpu_ops; cpu_ops.load()"
 
@@ -61,6 +61,8 @@ $(STAMP): pyproject.toml requirements/constraints.txt requirements/triton-cpu.tx
 	touch $@
 
 test: setup
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 	QT_QPA_PLATFORM=offscreen $(PY) -m pytest
 
 run: setup
@@ -68,7 +70,7 @@ run: setup
 
 GPU_PYTHON ?= python3
 gpu-check:
-	$(GPU_PYTHON) -m app.gpu_check
+	$(GPU_PYTHON) -m app.bench.gpu_check
 
 # Build tools go into .venv beside the app, pinned by constraints.txt; a stamp per tool set, as for setup.
 PACKAGE_TOOLS := $(VENV)/.kvstudio-package-tools

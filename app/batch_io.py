@@ -4,6 +4,7 @@ per-row sampling overrides, and results written to JSONL or CSV atomically.
 Every problem in an input file is a BatchFileError naming the file and the line (or CSV row) at fault, so the
 batch page can say what to fix instead of failing somewhere inside a run.
 """
+
 from __future__ import annotations
 
 import csv
@@ -34,6 +35,7 @@ class BatchFileError(ValueError):
 class BatchRow:
     """One prompt of a batch: plain text or chat messages, and the sampling fields this row sets for itself
     (None: the batch's shared setting)."""
+
     prompt: str | None = None
     messages: list[dict[str, str]] | None = None
     temperature: float | None = None
@@ -52,19 +54,21 @@ class BatchRow:
         """What to show for the row: the prompt, or a chat's last user message."""
         if self.prompt is not None:
             return self.prompt
-        return next((m["content"] for m in reversed(self.messages) if m["role"] == "user"),
-                    self.messages[-1]["content"])
+        return next(
+            (m["content"] for m in reversed(self.messages) if m["role"] == "user"), self.messages[-1]["content"]
+        )
 
 
 @dataclass
 class BatchResult:
     """One row's outcome, as exported. `messages`: the chat a row was given as (JSONL keeps it; CSV has only the
     prompt, the chat's last user message)."""
+
     prompt: str
     output: str = ""
-    finish_reason: str | None = None    # "stop" | "length" | "abort", None when it failed or never ran
+    finish_reason: str | None = None  # "stop" | "length" | "abort", None when it failed or never ran
     tokens: int = 0
-    seconds: float | None = None        # from submission to the last token
+    seconds: float | None = None  # from submission to the last token
     error: str | None = None
     messages: list[dict[str, str]] | None = None
 
@@ -91,7 +95,11 @@ def _stop(value: Any) -> list[str]:
 
 # Each override field and the check that turns a JSON value into it (raising ValueError saying what is wrong).
 OVERRIDES: dict[str, Callable[[Any], Any]] = {
-    "temperature": _number, "top_p": _number, "top_k": _integer, "max_tokens": _integer, "seed": _integer,
+    "temperature": _number,
+    "top_p": _number,
+    "top_k": _integer,
+    "max_tokens": _integer,
+    "seed": _integer,
     "stop": _stop,
 }
 
@@ -108,8 +116,7 @@ def load_rows(path: str | Path) -> list[BatchRow]:
     readers = {".txt": _read_txt, ".jsonl": _read_jsonl, ".csv": _read_csv}
     reader = readers.get(path.suffix.lower())
     if reader is None:
-        raise BatchFileError(f"{path.name}: unknown file type {path.suffix or '(none)'!r}; "
-                             f"use {', '.join(readers)}")
+        raise BatchFileError(f"{path.name}: unknown file type {path.suffix or '(none)'!r}; use {', '.join(readers)}")
     text = _read_text(path)
     if not text.strip():
         raise BatchFileError(f"{path.name}: the file is empty")
@@ -125,9 +132,9 @@ def _read_text(path: Path) -> str:
     except OSError as e:
         raise BatchFileError(f"{path.name}: cannot read the file: {e.strerror or e}") from e
     try:
-        return raw.decode("utf-8-sig")   # -sig: spreadsheets often start their CSV and text with a BOM
+        return raw.decode("utf-8-sig")  # -sig: spreadsheets often start their CSV and text with a BOM
     except UnicodeDecodeError as e:
-        line = raw[:e.start].count(b"\n") + 1
+        line = raw[: e.start].count(b"\n") + 1
         raise BatchFileError(f"{path.name} line {line}: not UTF-8 text (byte 0x{raw[e.start]:02x})") from e
 
 
@@ -159,13 +166,15 @@ def _read_csv(path: Path, text: str) -> list[BatchRow]:
     try:
         header = reader.fieldnames or []
         if "prompt" not in header:
-            raise BatchFileError(f"{path.name} row 1: the header needs a 'prompt' column "
-                                 f"(found {', '.join(repr(h) for h in header) or 'nothing'})")
+            raise BatchFileError(
+                f"{path.name} row 1: the header needs a 'prompt' column "
+                f"(found {', '.join(repr(h) for h in header) or 'nothing'})"
+            )
         rows = []
         # Rows counted as a spreadsheet shows them: the header is row 1 (a quoted cell may span lines).
         for number, record in enumerate(reader, start=2):
             place = f"{path.name} row {number}"
-            if None in record:   # DictReader files surplus cells under the key None
+            if None in record:  # DictReader files surplus cells under the key None
                 raise BatchFileError(f"{place}: more cells than the header has columns")
             # An empty cell means "not set" (a spreadsheet cannot leave a cell out); only the prompt must be there.
             cells = {k: v for k, v in record.items() if k == "prompt" or v not in ("", None)}
@@ -189,8 +198,9 @@ def _csv_value(name: str, cell: str | None, place: str) -> Any:
 def _row(record: dict[str, Any], place: str, what: str) -> BatchRow:
     unknown = [k for k in record if k not in OVERRIDES and k not in RESULT_FIELDS and k != "messages"]
     if unknown:
-        raise BatchFileError(f"{place}: unknown {what} {unknown[0]!r} "
-                             f"(known: prompt, messages, {', '.join(OVERRIDES)})")
+        raise BatchFileError(
+            f"{place}: unknown {what} {unknown[0]!r} (known: prompt, messages, {', '.join(OVERRIDES)})"
+        )
     prompt, messages = record.get("prompt"), record.get("messages")
     if (prompt is None) == (messages is None):
         if prompt is not None:
@@ -207,7 +217,7 @@ def _row(record: dict[str, Any], place: str, what: str) -> BatchRow:
                 setattr(row, name, check(record[name]))
             except ValueError as e:
                 raise BatchFileError(f"{place}: {name} {e}, got {record[name]!r}") from None
-    try:   # ranges (top_p in (0, 1], max_tokens >= 1, ...) as the engine would judge them
+    try:  # ranges (top_p in (0, 1], max_tokens >= 1, ...) as the engine would judge them
         SamplingParams(**row.overrides())
     except ValueError as e:
         raise BatchFileError(f"{place}: {e}") from None
@@ -219,8 +229,9 @@ def _check_messages(messages: Any, place: str) -> None:
         raise BatchFileError(f"{place}: 'messages' must be a non-empty list")
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
-            raise BatchFileError(f"{place}: messages[{i}] must be {{\"role\": one of {', '.join(ROLES)}, "
-                                 f"\"content\": text}}, got {m!r}")
+            raise BatchFileError(
+                f'{place}: messages[{i}] must be {{"role": one of {", ".join(ROLES)}, "content": text}}, got {m!r}'
+            )
     if not any(m["role"] == "user" for m in messages):
         raise BatchFileError(f"{place}: 'messages' has no user message")
 
@@ -231,14 +242,16 @@ def export_results(results: Iterable[BatchResult], path: str | Path) -> None:
     path = Path(path)
     writers = {".jsonl": export_jsonl, ".csv": export_csv}
     if path.suffix.lower() not in writers:
-        raise BatchFileError(f"{path.name}: cannot export to {path.suffix or '(no suffix)'!r}; "
-                             f"use {' or '.join(writers)}")
+        raise BatchFileError(
+            f"{path.name}: cannot export to {path.suffix or '(no suffix)'!r}; use {' or '.join(writers)}"
+        )
     writers[path.suffix.lower()](results, path)
 
 
 def export_jsonl(results: Iterable[BatchResult], path: str | Path) -> None:
     """One JSON object per result; a chat row has its "messages" in place of "prompt", as it was given, so the
     file can be imported again."""
+
     def write(out) -> None:
         for r in results:
             record = {k: v for k, v in asdict(r).items() if k in RESULT_FIELDS}
@@ -246,16 +259,19 @@ def export_jsonl(results: Iterable[BatchResult], path: str | Path) -> None:
                 del record["prompt"]
                 record = {"messages": r.messages, **record}
             out.write(json.dumps(record, ensure_ascii=False) + "\n")
+
     _write_atomically(Path(path), write)
 
 
 def export_csv(results: Iterable[BatchResult], path: str | Path) -> None:
     """A header row, then one row per result; cells with commas, quotes or line breaks are quoted."""
+
     def write(out) -> None:
         writer = csv.writer(out)
         writer.writerow(RESULT_FIELDS)
         for r in results:
             writer.writerow(["" if getattr(r, k) is None else getattr(r, k) for k in RESULT_FIELDS])
+
     _write_atomically(Path(path), write)
 
 
@@ -277,4 +293,3 @@ def _write_atomically(path: Path, write: Callable) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-

@@ -1,4 +1,5 @@
 """Turning a conversation into an engine prompt: the model's chat template, tokenized once."""
+
 from __future__ import annotations
 
 

@@ -6,6 +6,7 @@ engine thread drains between steps; outputs go back through per-request callback
 an async iterator. Every `stats_interval` seconds at most, listeners get a snapshot of the engine's stats and
 block map, taken on the engine thread so it is consistent.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -56,7 +57,7 @@ class _Abort:
     request_id: str
 
 
-_EMPTY = object()   # no command queued
+_EMPTY = object()  # no command queued
 IDLE_SNAPSHOT_S = 1.0
 
 
@@ -66,8 +67,8 @@ class EngineThread:
         self.max_queue = max_queue
         self.stats_interval = stats_interval
         self._commands: queue.SimpleQueue[_Submit | _Abort | None] = queue.SimpleQueue()
-        self._callbacks: dict[str, OutputCallback] = {}   # engine thread only
-        self._num_unfinished = 0                            # submitted, not yet finished; guarded by _lock
+        self._callbacks: dict[str, OutputCallback] = {}  # engine thread only
+        self._num_unfinished = 0  # submitted, not yet finished; guarded by _lock
         self._lock = threading.Lock()
         self._listeners: list[StatsListener] = []
         self._ids = itertools.count()
@@ -85,8 +86,13 @@ class EngineThread:
         with self._lock:
             return self._num_unfinished
 
-    def submit(self, prompt: str | dict, params: SamplingParams | BeamSearchParams, callback: OutputCallback,
-               request_id: str | None = None) -> concurrent.futures.Future:
+    def submit(
+        self,
+        prompt: str | dict,
+        params: SamplingParams | BeamSearchParams,
+        callback: OutputCallback,
+        request_id: str | None = None,
+    ) -> concurrent.futures.Future:
         """Queue a request. The returned future resolves to its request id once the engine has accepted it, or
         raises the engine's ValueError for a bad request. Raises QueueFullError / EngineStoppedError at once."""
         with self._lock:
@@ -104,14 +110,16 @@ class EngineThread:
         """Stop a request and free its KV blocks; its callback gets nothing more. Unknown ids are ignored."""
         self._commands.put(_Abort(request_id))
 
-    async def generate(self, prompt: str | dict, params: SamplingParams | BeamSearchParams,
-                       request_id: str | None = None) -> AsyncIterator[RequestOutput]:
+    async def generate(
+        self, prompt: str | dict, params: SamplingParams | BeamSearchParams, request_id: str | None = None
+    ) -> AsyncIterator[RequestOutput]:
         """Outputs of one request as they grow, the last one finished. Leaving the loop early (a client that
         went away, a cancelled task) aborts the request at once."""
         loop = asyncio.get_running_loop()
         outputs: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
-        accepted = self.submit(prompt, params, lambda item: loop.call_soon_threadsafe(outputs.put_nowait, item),
-                               request_id)
+        accepted = self.submit(
+            prompt, params, lambda item: loop.call_soon_threadsafe(outputs.put_nowait, item), request_id
+        )
         rid = await asyncio.wrap_future(accepted)
         finished = False
         try:
@@ -161,7 +169,7 @@ class EngineThread:
                     self._publish(force=True)
                     continue
             while command is not _EMPTY:
-                if command is None:   # stop()
+                if command is None:  # stop()
                     self._shutdown()
                     return
                 self._handle(command)
@@ -186,7 +194,7 @@ class EngineThread:
             return
         try:
             engine.add_request(command.request_id, command.prompt, command.params)
-        except Exception as e:   # a bad request: the submitter gets the engine's error, the engine serves on
+        except Exception as e:  # a bad request: the submitter gets the engine's error, the engine serves on
             self._finished()
             command.accepted.set_exception(e)
             return
@@ -216,7 +224,7 @@ class EngineThread:
     def _deliver(self, callback: OutputCallback, item: RequestOutput | BaseException) -> None:
         try:
             callback(item)
-        except Exception:   # a broken consumer must not take the engine down with it
+        except Exception:  # a broken consumer must not take the engine down with it
             logger.exception("an output callback failed")
 
     def _finished(self) -> None:
@@ -229,7 +237,7 @@ class EngineThread:
             return
         self._last_snapshot_at = now
         snapshot = EngineSnapshot(self.engine.get_stats(), self.engine.get_block_map(), now)
-        for listener in list(self._listeners):   # listeners come and go from other threads
+        for listener in list(self._listeners):  # listeners come and go from other threads
             try:
                 listener(snapshot)
             except Exception:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from app.model_store import data_dir
+from app.library.model_store import data_dir
 
 SCHEMA_VERSION = 1
 ROLES = ("system", "user", "assistant")
@@ -147,8 +147,9 @@ class ChatHistory:
 
     # --- conversations -------------------------------------------------------------------------------------
 
-    def create_conversation(self, title: str = DEFAULT_TITLE, system_prompt: str = "",
-                            params: dict[str, Any] | None = None) -> Conversation:
+    def create_conversation(
+        self, title: str = DEFAULT_TITLE, system_prompt: str = "", params: dict[str, Any] | None = None
+    ) -> Conversation:
         params = dict(params or {})
         with self._lock, self._db:
             now = self._now()
@@ -196,8 +197,9 @@ class ChatHistory:
 
     # --- messages ------------------------------------------------------------------------------------------
 
-    def add_message(self, conversation_id: int, role: str, content: str, finished: bool = True,
-                    stats: dict[str, Any] | None = None) -> Message:
+    def add_message(
+        self, conversation_id: int, role: str, content: str, finished: bool = True, stats: dict[str, Any] | None = None
+    ) -> Message:
         if role not in ROLES:
             raise ValueError(f"role must be one of {', '.join(ROLES)}, got {role!r}")
         with self._lock, self._db:
@@ -211,8 +213,9 @@ class ChatHistory:
             self._touch(conversation_id, now)
             return self._message(cur.lastrowid)
 
-    def update_message(self, message_id: int, content: str, finished: bool,
-                       stats: dict[str, Any] | None = None) -> None:
+    def update_message(
+        self, message_id: int, content: str, finished: bool, stats: dict[str, Any] | None = None
+    ) -> None:
         """Replace a message's content (called as a reply streams in); `stats` None keeps the stored stats."""
         with self._lock, self._db:
             conversation_id = self._message(message_id).conversation_id
@@ -226,16 +229,16 @@ class ChatHistory:
         """Delete this message and every later one of its conversation (regenerate, edit and resend)."""
         with self._lock, self._db:
             conversation_id = self._message(message_id).conversation_id
-            self._db.execute("DELETE FROM messages WHERE conversation_id = ? AND id >= ?",
-                             (conversation_id, message_id))
+            self._db.execute(
+                "DELETE FROM messages WHERE conversation_id = ? AND id >= ?", (conversation_id, message_id)
+            )
             self._touch(conversation_id, self._now())
 
     def messages(self, conversation_id: int) -> list[Message]:
         """A conversation's messages in the order they were added."""
         with self._lock:
             self._conversation(conversation_id)
-            rows = self._db.execute("SELECT * FROM messages WHERE conversation_id = ? ORDER BY id",
-                                    (conversation_id,))
+            rows = self._db.execute("SELECT * FROM messages WHERE conversation_id = ? ORDER BY id", (conversation_id,))
             return [_to_message(row) for row in rows]
 
     # --- internals (callers hold the lock) -----------------------------------------------------------------
@@ -249,8 +252,10 @@ class ChatHistory:
 
     def _set(self, conversation_id: int, column: str, value: str) -> None:
         with self._lock, self._db:
-            cur = self._db.execute(f"UPDATE conversations SET {column} = ?, updated = ? WHERE id = ?",
-                                   (value, self._now(), conversation_id))
+            cur = self._db.execute(
+                f"UPDATE conversations SET {column} = ?, updated = ? WHERE id = ?",
+                (value, self._now(), conversation_id),
+            )
             if cur.rowcount == 0:
                 raise NotFoundError(f"no conversation with id {conversation_id}")
 

@@ -7,10 +7,12 @@ and abort through thread-safe calls and get each request's text as it grows thro
 the engine thread gives (app/engine_thread.py). Aborting cancels the coroutine, which closes its connection:
 an OpenAI-compatible server stops generating for a client that went away.
 """
+
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import json
 import threading
 import urllib.error
@@ -24,7 +26,7 @@ import aiohttp
 from engine import SamplingParams
 
 CONNECT_TIMEOUT_S = 10
-READ_TIMEOUT_S = 300      # between two chunks: a long prefill on a busy server can take minutes
+READ_TIMEOUT_S = 300  # between two chunks: a long prefill on a busy server can take minutes
 
 
 class RemoteError(RuntimeError):
@@ -33,16 +35,17 @@ class RemoteError(RuntimeError):
 
 @dataclass(frozen=True)
 class Endpoint:
-    base_url: str          # e.g. "http://gpu-box:8000/v1"; a URL without a path gets "/v1"
+    base_url: str  # e.g. "http://gpu-box:8000/v1"; a URL without a path gets "/v1"
     api_key: str = ""
-    model: str = ""        # the model id to ask for; "" takes the first one the endpoint lists
+    model: str = ""  # the model id to ask for; "" takes the first one the endpoint lists
 
     def __post_init__(self) -> None:
         url = self.base_url.strip().rstrip("/")
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.netloc:
-            raise ValueError(f"the endpoint URL must start with http:// or https:// and name a host, "
-                             f"got {self.base_url!r}")
+            raise ValueError(
+                f"the endpoint URL must start with http:// or https:// and name a host, got {self.base_url!r}"
+            )
         object.__setattr__(self, "base_url", url if parts.path else url + "/v1")
 
     def headers(self) -> dict[str, str]:
@@ -52,6 +55,7 @@ class Endpoint:
 @dataclass(frozen=True)
 class TextUpdate:
     """A request's reply so far; `finished` on the last one, which carries the finish reason."""
+
     text: str
     num_tokens: int
     finished: bool
@@ -73,8 +77,9 @@ def list_models(endpoint: Endpoint, timeout: float = CONNECT_TIMEOUT_S) -> list[
         reason = getattr(e, "reason", e)
         raise RemoteError(f"cannot reach {endpoint.base_url}: {reason}") from None
     except ValueError:
-        raise RemoteError(f"{endpoint.base_url}/models did not answer with JSON: is this an OpenAI-compatible "
-                          "endpoint?") from None
+        raise RemoteError(
+            f"{endpoint.base_url}/models did not answer with JSON: is this an OpenAI-compatible endpoint?"
+        ) from None
     try:
         return [m["id"] for m in body["data"]]
     except (KeyError, TypeError):
@@ -86,8 +91,13 @@ def request_body(params: SamplingParams) -> dict:
     they go only when set, since strict servers reject fields they do not know."""
     if params.n != 1:
         raise ValueError("a remote request takes n=1")
-    body = {"temperature": params.temperature, "top_p": params.top_p, "max_tokens": params.max_tokens,
-            "presence_penalty": params.presence_penalty, "frequency_penalty": params.frequency_penalty}
+    body = {
+        "temperature": params.temperature,
+        "top_p": params.top_p,
+        "max_tokens": params.max_tokens,
+        "presence_penalty": params.presence_penalty,
+        "frequency_penalty": params.frequency_penalty,
+    }
     if params.seed is not None:
         body["seed"] = params.seed
     if params.stop_strings:
@@ -111,19 +121,19 @@ class RemoteClient:
     def __init__(self, endpoint: Endpoint) -> None:
         self.endpoint = endpoint
         self._loop = asyncio.new_event_loop()
-        self._session: aiohttp.ClientSession | None = None   # made on the loop: aiohttp binds it there
-        self._requests: dict[str, _Request] = {}              # in flight; guarded by _lock
+        self._session: aiohttp.ClientSession | None = None  # made on the loop: aiohttp binds it there
+        self._requests: dict[str, _Request] = {}  # in flight; guarded by _lock
         self._closed = False
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._loop.run_forever, name="kvstudio-remote", daemon=True)
         self._thread.start()
 
-    def submit_chat(self, messages: list[dict], params: SamplingParams, callback: UpdateCallback,
-                    request_id: str) -> None:
+    def submit_chat(
+        self, messages: list[dict], params: SamplingParams, callback: UpdateCallback, request_id: str
+    ) -> None:
         self._submit("chat/completions", {"messages": messages}, params, callback, request_id)
 
-    def submit_completion(self, prompt: str, params: SamplingParams, callback: UpdateCallback,
-                          request_id: str) -> None:
+    def submit_completion(self, prompt: str, params: SamplingParams, callback: UpdateCallback, request_id: str) -> None:
         self._submit("completions", {"prompt": prompt}, params, callback, request_id)
 
     def abort(self, request_id: str) -> None:
@@ -142,10 +152,10 @@ class RemoteClient:
             requests, self._requests = list(self._requests.values()), {}
         for request in requests:
             request.callback(RemoteError(f"the connection to {self.endpoint.base_url} was closed"))
-        try:   # every coroutine is cancelled and awaited on the loop, then the session closes, before it stops
+        # Every coroutine is cancelled and awaited on the loop, then the session closes, before it stops; a dead
+        # peer (a timeout) or a loop already gone does not stop the closing.
+        with contextlib.suppress(TimeoutError, concurrent.futures.TimeoutError, RuntimeError):
             asyncio.run_coroutine_threadsafe(self._shut_down(), self._loop).result(timeout=5)
-        except (TimeoutError, concurrent.futures.TimeoutError, RuntimeError):   # a dead peer: closing anyway
-            pass
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=5)
         if not self._thread.is_alive():
@@ -159,10 +169,16 @@ class RemoteClient:
         if self._session is not None:
             await self._session.close()
 
-    def _submit(self, route: str, prompt: dict, params: SamplingParams, callback: UpdateCallback,
-                request_id: str) -> None:
-        body = {"model": self.endpoint.model, **prompt, **request_body(params), "stream": True,
-                "stream_options": {"include_usage": True}}
+    def _submit(
+        self, route: str, prompt: dict, params: SamplingParams, callback: UpdateCallback, request_id: str
+    ) -> None:
+        body = {
+            "model": self.endpoint.model,
+            **prompt,
+            **request_body(params),
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
         request = _Request(None, callback)
         with self._lock:
             if self._closed:
@@ -193,23 +209,24 @@ class RemoteClient:
             raise
         except RemoteError as e:
             deliver(e)
-        except ValueError as e:   # a chunk that is not JSON: not an OpenAI-compatible stream
+        except ValueError as e:  # a chunk that is not JSON: not an OpenAI-compatible stream
             deliver(RemoteError(f"{self.endpoint.base_url} sent a stream that is not OpenAI's: {e}"))
         except (TimeoutError, aiohttp.ClientError, OSError) as e:
             deliver(RemoteError(f"cannot reach {self.endpoint.base_url}: {e or type(e).__name__}"))
-        except Exception as e:   # anything else (a chunk of the wrong shape): the caller must still hear the end
+        except Exception as e:  # anything else (a chunk of the wrong shape): the caller must still hear the end
             deliver(RemoteError(f"{self.endpoint.base_url} sent something unexpected: {e!r}"))
 
     async def _read_stream(self, route: str, body: dict, callback: UpdateCallback) -> None:
         if self._session is None:
-            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(
-                total=None, sock_connect=CONNECT_TIMEOUT_S, sock_read=READ_TIMEOUT_S))
+            self._session = aiohttp.ClientSession(
+                timeout=aiohttp.ClientTimeout(total=None, sock_connect=CONNECT_TIMEOUT_S, sock_read=READ_TIMEOUT_S)
+            )
         url = f"{self.endpoint.base_url}/{route}"
         async with self._session.post(url, json=body, headers=self.endpoint.headers()) as response:
             if response.status != 200:
                 raise RemoteError(f"{url} answered {response.status}: {_error_message(await response.read())}")
             text, tokens, reason = "", 0, None
-            async for raw in response.content:   # one SSE line at a time
+            async for raw in response.content:  # one SSE line at a time
                 line = raw.decode("utf-8", "replace").strip()
                 if not line.startswith("data:"):
                     continue

@@ -3,6 +3,7 @@
 A missing or unreadable file gives the defaults (the app must start whatever the disk holds); writes go to a
 temporary file in the same folder and replace the old one in one step, so a crash never leaves half a file.
 """
+
 from __future__ import annotations
 
 import json
@@ -20,10 +21,10 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class Settings:
-    last_model: str | None = None                         # loaded at start-up (None: the default model)
-    engine_options: dict = field(default_factory=dict)    # LLM(...) keyword arguments the user chose
-    last_page: int = 0                                    # the window's page when it closed
-    pages: dict = field(default_factory=dict)             # each page's own fields by page name ("chat": {...})
+    last_model: str | None = None  # loaded at start-up (None: the default model)
+    engine_options: dict = field(default_factory=dict)  # LLM(...) keyword arguments the user chose
+    last_page: int = 0  # the window's page when it closed
+    pages: dict = field(default_factory=dict)  # each page's own fields by page name ("chat": {...})
     # A remote OpenAI-compatible endpoint for chat and batch; the key is kept in this file, which only its owner
     # can read (mkstemp creates it 0600 and the replace keeps that).
     remote_url: str = ""
@@ -61,7 +62,7 @@ def load_settings(path: Path | None = None) -> Settings:
             continue
         value, default = raw[f.name], getattr(settings, f.name)
         expected = str if f.name == "last_model" else type(default)
-        if value is None and f.name == "last_model" or type(value) is expected:
+        if (value is None and f.name == "last_model") or type(value) is expected:
             setattr(settings, f.name, value)
         else:
             logger.warning("ignoring setting %s=%r in %s: not a %s", f.name, value, path, expected.__name__)

@@ -10,6 +10,7 @@ rewards length), or, with early_stopping=True, as soon as W hypotheses are finis
 
 The engine turns each step's continuations into sequence forks that share their parent's KV blocks.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -25,7 +26,7 @@ class BeamSearchParams:
     max_tokens: int
     ignore_eos: bool = False
     length_penalty: float = 1.0
-    early_stopping: bool | str = False    # True | False | "never", as in transformers
+    early_stopping: bool | str = False  # True | False | "never", as in transformers
 
     def __post_init__(self) -> None:
         if not isinstance(self.beam_width, int) or self.beam_width < 1:
@@ -41,23 +42,24 @@ class BeamSearchParams:
 @dataclass
 class Hypothesis:
     """A finished beam: its generated tokens (ending with EOS when it stopped on one)."""
+
     token_ids: list[int]
     cumulative_logprob: float
-    score: float                  # cumulative_logprob / len(token_ids) ** length_penalty
-    finish_reason: str            # "stop" (EOS) or "length"
+    score: float  # cumulative_logprob / len(token_ids) ** length_penalty
+    finish_reason: str  # "stop" (EOS) or "length"
 
 
 @dataclass
 class BeamSearchState:
     params: BeamSearchParams
     eos_token_ids: frozenset[int]
-    scores: dict[int, float] = field(default_factory=dict)           # live beam seq_id -> cumulative logprob
-    finished: list[Hypothesis] = field(default_factory=list)         # best first, at most beam_width
+    scores: dict[int, float] = field(default_factory=dict)  # live beam seq_id -> cumulative logprob
+    finished: list[Hypothesis] = field(default_factory=list)  # best first, at most beam_width
     done: bool = False
     # Log-probabilities each live beam produced this step; a step runs once every live beam has its row (beams
     # recomputed after a preemption reach their last token in different steps).
     _pending: dict[int, torch.Tensor] = field(default_factory=dict)
-    _improvable: bool = True      # transformers' is_early_stop_heuristic_unsatisfied
+    _improvable: bool = True  # transformers' is_early_stop_heuristic_unsatisfied
 
     def add(self, seq: Sequence, logprobs: torch.Tensor) -> None:
         """logprobs: [vocab] float32, log-softmax of seq's next-token logits."""
@@ -72,12 +74,12 @@ class BeamSearchState:
         cannot grow past one more token (max_model_len)."""
         p, width = self.params, self.params.beam_width
         eos = frozenset() if p.ignore_eos else self.eos_token_ids
-        lps = torch.stack([self._pending.pop(s.seq_id) for s in live])                      # [beams, vocab]
+        lps = torch.stack([self._pending.pop(s.seq_id) for s in live])  # [beams, vocab]
         base = torch.tensor([self.scores.pop(s.seq_id, 0.0) for s in live], device=lps.device)
         vocab = lps.shape[1]
         keep = min(max(2, 1 + len(eos)) * width, lps.numel())
         top_vals, top_idx = (lps + base[:, None]).view(-1).topk(keep)
-        gen_len = live[0].num_output_tokens + 1          # every live beam has the same length
+        gen_len = live[0].num_output_tokens + 1  # every live beam has the same length
         max_len = min(p.max_tokens, gen_len if at_limit else p.max_tokens)
         ends_on_length = gen_len >= max_len
         candidates = [(live[i // vocab], i % vocab, v) for i, v in zip(top_idx.tolist(), top_vals.tolist())]
@@ -90,15 +92,16 @@ class BeamSearchState:
             for (parent, tok, v), e in zip(candidates[:width], ends[:width]):
                 if e:
                     reason = "length" if tok not in eos else "stop"
-                    self.finished.append(Hypothesis(parent.output_token_ids + [tok], v,
-                                                    v / gen_len ** p.length_penalty, reason))
-            self.finished.sort(key=lambda h: h.score, reverse=True)   # stable: earlier ones win ties
+                    self.finished.append(
+                        Hypothesis([*parent.output_token_ids, tok], v, v / gen_len**p.length_penalty, reason)
+                    )
+            self.finished.sort(key=lambda h: h.score, reverse=True)  # stable: earlier ones win ties
             del self.finished[width:]
 
         full = len(self.finished) == width
         if full and running:
             best_len = max_len if p.early_stopping == "never" and p.length_penalty > 0 else gen_len
-            best_possible = running[0][2] / best_len ** p.length_penalty
+            best_possible = running[0][2] / best_len**p.length_penalty
             self._improvable = self._improvable and best_possible > self.finished[-1].score
         if not self._improvable or (full and p.early_stopping is True) or all(ends):
             self.done = True

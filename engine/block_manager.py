@@ -12,6 +12,7 @@ hash(previous block's hash, its token ids). A later sequence whose prompt starts
 never serve the wrong KV. A block whose ref count drops to 0 keeps its hash and goes to the end of the free
 queue: it is evicted (its hash forgotten) only when the pool hands it out again, least recently freed first.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -48,8 +49,9 @@ def chain_hash(prev_hash: bytes | None, token_ids: tuple[int, ...]) -> bytes:
 
 
 class BlockManager:
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
-                 num_swap_blocks: int = 0) -> None:
+    def __init__(
+        self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True, num_swap_blocks: int = 0
+    ) -> None:
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
         self.blocks = [Block(i) for i in range(num_blocks)]
@@ -57,12 +59,12 @@ class BlockManager:
         # needed when a prefix hit revives a cached block that sits in the queue.
         self._free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
         self._hash_to_block: dict[bytes, int] = {}
-        self.prefix_queries = 0   # prompt tokens looked up in the prefix cache
-        self.prefix_hits = 0      # of those, tokens served from it
-        self.copies: list[tuple[int, int]] = []   # copy-on-write (src, dst) pairs not yet handed to the runner
+        self.prefix_queries = 0  # prompt tokens looked up in the prefix cache
+        self.prefix_hits = 0  # of those, tokens served from it
+        self.copies: list[tuple[int, int]] = []  # copy-on-write (src, dst) pairs not yet handed to the runner
         self.num_swap_blocks = num_swap_blocks
         self._swap_refs = [0] * num_swap_blocks
-        self._swap_free = list(range(num_swap_blocks - 1, -1, -1))   # a stack: pop() hands out the lowest id
+        self._swap_free = list(range(num_swap_blocks - 1, -1, -1))  # a stack: pop() hands out the lowest id
 
     @property
     def num_blocks(self) -> int:
@@ -110,7 +112,7 @@ class BlockManager:
         hits = 0
         for i in range(max_blocks):
             block_id = self._hash_to_block.get(seq.block_hashes[i])
-            if block_id is None or self.blocks[block_id].token_ids != tuple(seq.token_ids[i * bs:(i + 1) * bs]):
+            if block_id is None or self.blocks[block_id].token_ids != tuple(seq.token_ids[i * bs : (i + 1) * bs]):
                 break
             self._take(block_id)
             seq.block_table.append(block_id)
@@ -179,7 +181,7 @@ class BlockManager:
                 continue
             if self._hash_to_block.setdefault(seq.block_hashes[i], block.block_id) == block.block_id:
                 block.hash = seq.block_hashes[i]
-                block.token_ids = tuple(seq.token_ids[i * bs:(i + 1) * bs])
+                block.token_ids = tuple(seq.token_ids[i * bs : (i + 1) * bs])
 
     def free(self, seq: Sequence) -> None:
         """Release seq's blocks. Tail blocks go first into the queue so a shared prefix outlives its tails."""
@@ -194,7 +196,7 @@ class BlockManager:
         assert block.ref_count >= 0
         if block.ref_count == 0:
             self._free[block_id] = None
-            if block.hash is None:   # nothing to keep: hand this block out before any cached one
+            if block.hash is None:  # nothing to keep: hand this block out before any cached one
                 self._free.move_to_end(block_id, last=False)
 
     # ---- swapping ---------------------------------------------------------------------------------------------
@@ -245,8 +247,10 @@ class BlockManager:
     # ---- the block map ----------------------------------------------------------------------------------------
     def block_states(self) -> bytes:
         """One byte per block: FREE, USED, SHARED (more than one holder) or CACHED (free, keeps a prefix)."""
-        return bytes(USED if b.ref_count == 1 else SHARED if b.ref_count > 1 else
-                     CACHED if b.hash is not None else FREE for b in self.blocks)
+        return bytes(
+            USED if b.ref_count == 1 else SHARED if b.ref_count > 1 else CACHED if b.hash is not None else FREE
+            for b in self.blocks
+        )
 
     def _take(self, block_id: int) -> None:
         block = self.blocks[block_id]
@@ -259,4 +263,4 @@ class BlockManager:
         hashes = seq.block_hashes
         for i in range(len(hashes), num_blocks):
             prev = hashes[-1] if hashes else None
-            hashes.append(chain_hash(prev, tuple(seq.token_ids[i * bs:(i + 1) * bs])))
+            hashes.append(chain_hash(prev, tuple(seq.token_ids[i * bs : (i + 1) * bs])))

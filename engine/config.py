@@ -1,4 +1,5 @@
 """EngineConfig: every user-facing engine option, validated once (ValueError on bad input)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -25,15 +26,15 @@ class EngineConfig:
     block_size: int = 16
     max_num_seqs: int = 256
     max_num_batched_tokens: int | None = None
-    kv_cache_memory: float | None = None   # GiB; the CPU's KV budget
-    gpu_memory_utilization: float = 0.9    # fraction of the GPU that weights + activations + KV may use
+    kv_cache_memory: float | None = None  # GiB; the CPU's KV budget
+    gpu_memory_utilization: float = 0.9  # fraction of the GPU that weights + activations + KV may use
     enable_prefix_caching: bool = True
-    swap_space: float = 4.0                # GiB of host memory for preempted groups' KV (vLLM's default)
-    preemption_mode: str | None = None     # None: vLLM's policy (swap groups of several sequences); swap | recompute
-    attention_backend: str = "auto"        # auto | torch | cpu (the compiled CPU kernels) | triton (the GPU's)
-    cuda_graphs: bool = True               # replay captured CUDA graphs for decode steps (CUDA + triton only)
+    swap_space: float = 4.0  # GiB of host memory for preempted groups' KV (vLLM's default)
+    preemption_mode: str | None = None  # None: vLLM's policy (swap groups of several sequences); swap | recompute
+    attention_backend: str = "auto"  # auto | torch | cpu (the compiled CPU kernels) | triton (the GPU's)
+    cuda_graphs: bool = True  # replay captured CUDA graphs for decode steps (CUDA + triton only)
     seed: int = 0
-    device: str | None = None              # None = cuda when available, else cpu
+    device: str | None = None  # None = cuda when available, else cpu
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, str) or not self.model:
@@ -41,8 +42,7 @@ class EngineConfig:
         if self.dtype != "auto" and self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of auto, {', '.join(DTYPES)}; got {self.dtype!r}")
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
-            raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}; "
-                             f"got {self.kv_cache_dtype!r}")
+            raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}; got {self.kv_cache_dtype!r}")
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
@@ -56,15 +56,18 @@ class EngineConfig:
         if self.swap_space < 0:
             raise ValueError(f"swap_space must be >= 0 GiB, got {self.swap_space}")
         if self.preemption_mode is not None and self.preemption_mode not in PREEMPTION_MODES:
-            raise ValueError(f"preemption_mode must be swap or recompute (or None for the automatic policy); "
-                             f"got {self.preemption_mode!r}")
+            raise ValueError(
+                f"preemption_mode must be swap or recompute (or None for the automatic policy); "
+                f"got {self.preemption_mode!r}"
+            )
         if self.preemption_mode == "swap" and self.swap_space == 0:
             raise ValueError("preemption_mode swap needs swap_space > 0")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         if self.attention_backend not in ATTENTION_BACKENDS:
-            raise ValueError(f"attention_backend must be one of {', '.join(ATTENTION_BACKENDS)}; "
-                             f"got {self.attention_backend!r}")
+            raise ValueError(
+                f"attention_backend must be one of {', '.join(ATTENTION_BACKENDS)}; got {self.attention_backend!r}"
+            )
         if self.device not in (None, "cpu", "cuda"):
             raise ValueError(f"device must be cpu or cuda, got {self.device!r}")
         if self.device == "cuda" and not torch.cuda.is_available():
@@ -93,6 +96,7 @@ class EngineConfig:
 @dataclass(frozen=True)
 class ModelConfig:
     """What the engine resolved about the model it runs."""
+
     model: str
     architecture: str
     dtype: torch.dtype

@@ -6,6 +6,7 @@ size in graph_batch_sizes() (a step's batch is padded up to the next one), readi
 tensors. A step then copies its inputs into those tensors and replays the graph. Padding rows write nowhere (slot
 -1, which the cache write skips) and attend to one slot of block 0; their outputs are dropped.
 """
+
 from __future__ import annotations
 
 import torch
@@ -26,8 +27,9 @@ def graph_batch_sizes(max_batch: int) -> list[int]:
 
 
 class DecodeGraphs:
-    def __init__(self, model: nn.Module, backend: TritonAttentionBackend, kv_cache: torch.Tensor, max_batch: int,
-                 max_blocks: int) -> None:
+    def __init__(
+        self, model: nn.Module, backend: TritonAttentionBackend, kv_cache: torch.Tensor, max_batch: int, max_blocks: int
+    ) -> None:
         self.model, self.backend, self.kv_cache = model, backend, kv_cache
         self.sizes = graph_batch_sizes(max_batch)
         device = kv_cache.device
@@ -42,9 +44,9 @@ class DecodeGraphs:
     @torch.inference_mode()
     def capture(self) -> None:
         pool = None
-        for size in reversed(self.sizes):   # largest first: the smaller graphs reuse its memory pool
+        for size in reversed(self.sizes):  # largest first: the smaller graphs reuse its memory pool
             ctx = ForwardContext(self.backend, self._metadata(size), self.kv_cache)
-            self.model(self.input_ids[:size], self.positions[:size], ctx)   # warm-up: compiles the kernels
+            self.model(self.input_ids[:size], self.positions[:size], ctx)  # warm-up: compiles the kernels
             torch.cuda.synchronize()
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
@@ -56,8 +58,9 @@ class DecodeGraphs:
     def _metadata(self, size: int) -> TritonAttentionMetadata:
         # The full-width block table fixes decode's context splits for the longest context a sequence can reach;
         # splits that start past a sequence's end do no work.
-        return TritonAttentionMetadata(self.slot_mapping[:size], size, self.block_tables[:size],
-                                       self.context_lens[:size], None, None, None)
+        return TritonAttentionMetadata(
+            self.slot_mapping[:size], size, self.block_tables[:size], self.context_lens[:size], None, None, None
+        )
 
     def run(self, input_ids: torch.Tensor, positions: torch.Tensor, inputs: AttentionInputs) -> torch.Tensor | None:
         """The hidden states [n, hidden] of a decode-only step, or None when n is larger than every graph."""

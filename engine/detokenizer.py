@@ -12,6 +12,7 @@ full decode. While the window's text ends in U+FFFD the newest ids stop inside a
 nothing is shown until a later id completes it (or finish() gives up on it). Once shown, the new ids become the
 next window's context and older ids are dropped, so the work per call stays O(window).
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -33,10 +34,17 @@ class IncrementalDetokenizer:
     (not kept in the output) that starts in text already shown cuts `text` shorter than the deltas returned.
     """
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, prompt_token_ids: Sequence[int], *,
-                 skip_special_tokens: bool = True, stop: Sequence[str] = (),
-                 include_stop_str_in_output: bool = False, hold_back_partial_stop: bool = True,
-                 min_tokens: int = 0) -> None:
+    def __init__(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        prompt_token_ids: Sequence[int],
+        *,
+        skip_special_tokens: bool = True,
+        stop: Sequence[str] = (),
+        include_stop_str_in_output: bool = False,
+        hold_back_partial_stop: bool = True,
+        min_tokens: int = 0,
+    ) -> None:
         if isinstance(stop, str) or any(not isinstance(s, str) or not s for s in stop):
             raise ValueError(f"stop must be a list of non-empty strings, got {stop!r}")
         stop = tuple(stop)
@@ -77,20 +85,21 @@ class IncrementalDetokenizer:
 
     def _decode(self, ids: list[int]) -> str:
         # Clean-up (" ." -> ".") rewrites text across token boundaries, which no window can reproduce.
-        return self._tokenizer.decode(ids, skip_special_tokens=self._skip_special_tokens,
-                                      clean_up_tokenization_spaces=False)
+        return self._tokenizer.decode(
+            ids, skip_special_tokens=self._skip_special_tokens, clean_up_tokenization_spaces=False
+        )
 
     def _decode_new(self, final: bool) -> str:
         """Text of the ids past read_offset, or "" while it is empty or ends inside a character (unless final)."""
-        prefix_text = self._decode(self._window[:self._read_offset])
+        prefix_text = self._decode(self._window[: self._read_offset])
         new_text = self._decode(self._window)
         if len(new_text) <= len(prefix_text) or (new_text.endswith(_REPLACEMENT_CHAR) and not final):
             # Keep the window (and its context) until the ids add complete text.
             return ""
         # Slide: the ids just shown become the next call's context; ids before them are no longer needed.
-        del self._window[:self._read_offset]
+        del self._window[: self._read_offset]
         self._read_offset = len(self._window)
-        return new_text[len(prefix_text):]
+        return new_text[len(prefix_text) :]
 
     def _show(self, new_text: str, final: bool) -> str:
         """Appends decoded text, cuts at a stop string, holds back a possible stop start; returns the delta."""
@@ -98,23 +107,25 @@ class IncrementalDetokenizer:
         if self._stop and new_text and self._num_output_ids >= self._min_tokens:
             # A stop string ending in the new text starts at most max_stop_len - 1 chars before it.
             tail_len = min(len(self.text), self._max_stop_len - 1)
-            searched = self.text[len(self.text) - tail_len:] + pending
+            searched = self.text[len(self.text) - tail_len :] + pending
             # A match must end in the new text: one lying wholly in text shown earlier, before min_tokens was
             # reached, is not a stop.
-            found = min(((i, s) for s in self._stop
-                         if (i := searched.find(s, max(0, tail_len - len(s) + 1))) != -1),
-                        key=lambda m: m[0], default=None)  # earliest start; ties go to the first listed
+            found = min(
+                ((i, s) for s in self._stop if (i := searched.find(s, max(0, tail_len - len(s) + 1))) != -1),
+                key=lambda m: m[0],
+                default=None,
+            )  # earliest start; ties go to the first listed
             if found is not None:
                 start, stop = found
                 cut = len(self.text) - tail_len + start + (len(stop) if self._include_stop else 0)
-                delta = pending[:max(cut - len(self.text), 0)]
+                delta = pending[: max(cut - len(self.text), 0)]
                 self.text = self.text[:cut] + delta
                 self._held = ""
                 self.stop_reason = stop
                 self._finished = True
                 return delta
         keep = 0 if final or not self._hold_back else self._partial_stop_len(pending)
-        delta, self._held = pending[:len(pending) - keep], pending[len(pending) - keep:]
+        delta, self._held = pending[: len(pending) - keep], pending[len(pending) - keep :]
         self.text += delta
         return delta
 

@@ -1,4 +1,5 @@
 """Sizing and allocating the paged KV pool on the device and the swap space in host memory."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -17,8 +18,8 @@ from engine.sequence import Sequence
 
 @dataclass
 class KVCaches:
-    device_cache: torch.Tensor    # [2, num_layers, *backend.kv_cache_shape(num_blocks, ...)]
-    swap_cache: torch.Tensor      # the same layout with num_swap_blocks, on the CPU
+    device_cache: torch.Tensor  # [2, num_layers, *backend.kv_cache_shape(num_blocks, ...)]
+    swap_cache: torch.Tensor  # the same layout with num_swap_blocks, on the CPU
     num_blocks: int
     num_swap_blocks: int
 
@@ -30,8 +31,13 @@ def kv_block_bytes(model_config: ModelConfig, block_size: int) -> int:
     return 2 * m.num_layers * block_size * m.num_kv_heads * m.head_dim * elem
 
 
-def allocate_kv_caches(config: EngineConfig, model_config: ModelConfig, model: nn.Module,
-                       backend: AttentionBackend, max_num_batched_tokens: int) -> KVCaches:
+def allocate_kv_caches(
+    config: EngineConfig,
+    model_config: ModelConfig,
+    model: nn.Module,
+    backend: AttentionBackend,
+    max_num_batched_tokens: int,
+) -> KVCaches:
     m, bs = model_config, config.block_size
     num_blocks = _num_kv_blocks(config, m, model, backend, max_num_batched_tokens)
 
@@ -45,14 +51,17 @@ def allocate_kv_caches(config: EngineConfig, model_config: ModelConfig, model: n
     # written cost no physical memory.
     num_swap_blocks = 0
     if config.preemption_mode != "recompute":
-        num_swap_blocks = min(int(config.swap_space * 2**30) // kv_block_bytes(m, bs),
-                              config.max_num_seqs * blocks_for(m.max_model_len, bs))
+        num_swap_blocks = min(
+            int(config.swap_space * 2**30) // kv_block_bytes(m, bs),
+            config.max_num_seqs * blocks_for(m.max_model_len, bs),
+        )
     swap_cache = torch.empty(shape(num_swap_blocks), dtype=m.kv_cache_dtype, device="cpu")
     return KVCaches(device_cache, swap_cache, num_blocks, num_swap_blocks)
 
 
-def _num_kv_blocks(config: EngineConfig, m: ModelConfig, model: nn.Module, backend: AttentionBackend,
-                   max_num_batched_tokens: int) -> int:
+def _num_kv_blocks(
+    config: EngineConfig, m: ModelConfig, model: nn.Module, backend: AttentionBackend, max_num_batched_tokens: int
+) -> int:
     bs, block_bytes = config.block_size, kv_block_bytes(m, config.block_size)
     if config.torch_device.type == "cuda" and config.kv_cache_memory is None:
         budget = _cuda_kv_budget(config, m, model, backend, max_num_batched_tokens)
@@ -69,12 +78,14 @@ def _num_kv_blocks(config: EngineConfig, m: ModelConfig, model: nn.Module, backe
         need = blocks_for(max_len, bs) * block_bytes / 2**30
         raise ValueError(
             f"the KV cache ({what}) holds {max(num_blocks, 0) * bs} tokens, fewer than max_model_len={max_len}: "
-            f"one sequence cannot fit. Give the KV cache at least {need:.3f} GiB or lower max_model_len")
+            f"one sequence cannot fit. Give the KV cache at least {need:.3f} GiB or lower max_model_len"
+        )
     return num_blocks
 
 
-def _cuda_kv_budget(config: EngineConfig, m: ModelConfig, model: nn.Module, backend: AttentionBackend,
-                    max_num_batched_tokens: int) -> int:
+def _cuda_kv_budget(
+    config: EngineConfig, m: ModelConfig, model: nn.Module, backend: AttentionBackend, max_num_batched_tokens: int
+) -> int:
     """Bytes left for KV blocks after weights and the peak activations of a full-budget prefill."""
     device, bs = config.torch_device, config.block_size
     torch.cuda.empty_cache()

@@ -1,5 +1,6 @@
 """The offline API: LLM(model).generate(prompts, params) / .chat(conversations, params) / .beam_search(prompts,
 params), vLLM names."""
+
 from __future__ import annotations
 
 import itertools
@@ -19,15 +20,15 @@ PromptType = str | dict
 
 @dataclass
 class BeamSearchSequence:
-    tokens: list[int]            # prompt + generated tokens (vLLM's layout)
-    text: str                    # the generated text
+    tokens: list[int]  # prompt + generated tokens (vLLM's layout)
+    text: str  # the generated text
     cum_logprob: float
-    finish_reason: str           # "stop" (EOS) or "length"
+    finish_reason: str  # "stop" (EOS) or "length"
 
 
 @dataclass
 class BeamSearchOutput:
-    sequences: list[BeamSearchSequence]   # best first (length-penalised score)
+    sequences: list[BeamSearchSequence]  # best first (length-penalised score)
 
 
 class LLM:
@@ -38,9 +39,12 @@ class LLM:
     def get_tokenizer(self):
         return self.llm_engine.tokenizer
 
-    def generate(self, prompts: PromptType | Seq[PromptType],
-                 sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
-                 use_tqdm: bool = True) -> list[RequestOutput]:
+    def generate(
+        self,
+        prompts: PromptType | Seq[PromptType],
+        sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+    ) -> list[RequestOutput]:
         """Run every prompt to completion with continuous batching; outputs come back in input order."""
         if isinstance(prompts, (str, dict)):
             prompts = [prompts]
@@ -53,9 +57,14 @@ class LLM:
                 raise ValueError(f"got {len(params)} sampling_params for {len(prompts)} prompts")
         return self._run(prompts, params, use_tqdm)
 
-    def chat(self, messages: list[dict] | list[list[dict]],
-             sampling_params: SamplingParams | Seq[SamplingParams] | None = None, use_tqdm: bool = True,
-             add_generation_prompt: bool = True, chat_template: str | None = None) -> list[RequestOutput]:
+    def chat(
+        self,
+        messages: list[dict] | list[list[dict]],
+        sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+        add_generation_prompt: bool = True,
+        chat_template: str | None = None,
+    ) -> list[RequestOutput]:
         """Apply the model's chat template to one conversation or a list of them, then generate."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
         tok = self.get_tokenizer()
@@ -63,32 +72,44 @@ class LLM:
             raise ValueError("this model has no chat template; pass chat_template= or use generate()")
         prompts = []
         for conv in conversations:
-            text = tok.apply_chat_template(conv, tokenize=False, add_generation_prompt=add_generation_prompt,
-                                           chat_template=chat_template)
+            text = tok.apply_chat_template(
+                conv, tokenize=False, add_generation_prompt=add_generation_prompt, chat_template=chat_template
+            )
             # The template already holds the special tokens it wants (BOS and the like).
             prompts.append({"prompt": text, "prompt_token_ids": tok.encode(text, add_special_tokens=False)})
         return self.generate(prompts, sampling_params, use_tqdm)
 
-    def beam_search(self, prompts: PromptType | Seq[PromptType], params: BeamSearchParams,
-                    use_tqdm: bool = False) -> list[BeamSearchOutput]:
+    def beam_search(
+        self, prompts: PromptType | Seq[PromptType], params: BeamSearchParams, use_tqdm: bool = False
+    ) -> list[BeamSearchOutput]:
         """Beam search for each prompt; its beams share KV blocks in the engine. Returns beam_width beams per
         prompt, best first."""
         if isinstance(prompts, (str, dict)):
             prompts = [prompts]
         prompts = list(prompts)
         outputs = self._run(prompts, [params] * len(prompts), use_tqdm)
-        return [BeamSearchOutput([BeamSearchSequence(out.prompt_token_ids + c.token_ids, c.text, c.cumulative_logprob,
-                                                     c.finish_reason) for c in out.outputs]) for out in outputs]
+        return [
+            BeamSearchOutput(
+                [
+                    BeamSearchSequence(
+                        out.prompt_token_ids + c.token_ids, c.text, c.cumulative_logprob, c.finish_reason
+                    )
+                    for c in out.outputs
+                ]
+            )
+            for out in outputs
+        ]
 
-    def _run(self, prompts: list[PromptType], params: list[SamplingParams | BeamSearchParams],
-             use_tqdm: bool) -> list[RequestOutput]:
+    def _run(
+        self, prompts: list[PromptType], params: list[SamplingParams | BeamSearchParams], use_tqdm: bool
+    ) -> list[RequestOutput]:
         engine = self.llm_engine
         ids = [f"llm-{next(self._ids)}" for _ in prompts]
         try:
             for rid, prompt, p in zip(ids, prompts, params):
                 engine.add_request(rid, prompt, p)
         except ValueError:
-            for rid in ids:   # all or nothing: a bad prompt leaves no half-submitted batch behind
+            for rid in ids:  # all or nothing: a bad prompt leaves no half-submitted batch behind
                 engine.abort_request(rid)
             raise
         finished: dict[str, RequestOutput] = {}
@@ -102,7 +123,7 @@ class LLM:
                             pending.discard(out.request_id)
                             finished[out.request_id] = out
                             bar.update(1)
-        except BaseException:   # an error or Ctrl-C: leave no request of this call running in the engine
+        except BaseException:  # an error or Ctrl-C: leave no request of this call running in the engine
             for rid in pending:
                 engine.abort_request(rid)
             raise

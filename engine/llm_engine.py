@@ -1,4 +1,5 @@
 """LLMEngine: add_request / step / abort on one thread, synchronously. Owns model, KV pool, scheduler, sampler."""
+
 from __future__ import annotations
 
 import itertools
@@ -47,12 +48,20 @@ class LLMEngine:
         model = cls(hf, max_positions=max_model_len)
         a = model.arch
         self.model_config = ModelConfig(
-            model=config.model, architecture=hf.architectures[0], dtype=dtype,
-            kv_cache_dtype=config.cache_dtype(dtype), max_model_len=max_model_len, vocab_size=a.vocab_size,
-            num_layers=a.num_layers, num_kv_heads=a.num_kv_heads, head_dim=a.head_dim)
+            model=config.model,
+            architecture=hf.architectures[0],
+            dtype=dtype,
+            kv_cache_dtype=config.cache_dtype(dtype),
+            max_model_len=max_model_len,
+            vocab_size=a.vocab_size,
+            num_layers=a.num_layers,
+            num_kv_heads=a.num_kv_heads,
+            head_dim=a.head_dim,
+        )
         bs = config.block_size
-        backend = select_backend(config.attention_backend, device, bs, a.head_dim, a.sliding_window,
-                                 self.model_config.kv_cache_dtype)
+        backend = select_backend(
+            config.attention_backend, device, bs, a.head_dim, a.sliding_window, self.model_config.kv_cache_dtype
+        )
         model.materialize(device, dtype, triton_kernels=backend.fused_kernels)
         model.load_weights(source.weights(dtype))
         model.eval()
@@ -60,14 +69,16 @@ class LLMEngine:
         self.max_num_batched_tokens = config.max_num_batched_tokens or DEFAULT_MAX_NUM_BATCHED_TOKENS
         caches = allocate_kv_caches(config, self.model_config, model, backend, self.max_num_batched_tokens)
         self.block_manager = BlockManager(caches.num_blocks, bs, config.enable_prefix_caching, caches.num_swap_blocks)
-        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, self.max_num_batched_tokens,
-                                   config.preemption_mode)
+        self.scheduler = Scheduler(
+            self.block_manager, config.max_num_seqs, self.max_num_batched_tokens, config.preemption_mode
+        )
         self.runner = ModelRunner(model, backend, caches.device_cache, bs, device, caches.swap_cache)
         if device.type == "cuda" and config.cuda_graphs and backend.fused_kernels:
             from engine.cuda_graphs import DecodeGraphs
 
-            graphs = DecodeGraphs(model, backend, caches.device_cache, min(config.max_num_seqs, 256),
-                                  blocks_for(max_model_len, bs))
+            graphs = DecodeGraphs(
+                model, backend, caches.device_cache, min(config.max_num_seqs, 256), blocks_for(max_model_len, bs)
+            )
             graphs.capture()
             self.runner.graphs = graphs
         self.sampler = Sampler(torch.Generator(device).manual_seed(config.seed))
@@ -75,11 +86,12 @@ class LLMEngine:
         self._seq_ids = itertools.count()
         self._prompt_tokens_total = 0
         self._generation_tokens_total = 0
-        self._recent: deque[tuple[float, int, int]] = deque()   # (time, prompt tokens, generated tokens)
+        self._recent: deque[tuple[float, int, int]] = deque()  # (time, prompt tokens, generated tokens)
 
     # ---- requests -----------------------------------------------------------------------------------------
-    def add_request(self, request_id: str, prompt: str | dict,
-                    params: SamplingParams | BeamSearchParams | None = None) -> None:
+    def add_request(
+        self, request_id: str, prompt: str | dict, params: SamplingParams | BeamSearchParams | None = None
+    ) -> None:
         """Queue a request. SamplingParams(n=N) gives N samples sharing the prompt's blocks; BeamSearchParams runs
         a beam search whose beams share blocks, and whose output lists the beams best first."""
         params = params or SamplingParams()
@@ -98,8 +110,9 @@ class LLMEngine:
         self._requests[request_id] = group
         self.scheduler.add(group)
 
-    def _sampling_group(self, request_id: str, text: str | None, token_ids: list[int],
-                        params: SamplingParams) -> SequenceGroup:
+    def _sampling_group(
+        self, request_id: str, text: str | None, token_ids: list[int], params: SamplingParams
+    ) -> SequenceGroup:
         vocab = self.model_config.vocab_size
         params.check_vocab(vocab)
         bad_words = bad_words_token_ids(params.bad_words, self.tokenizer) if params.bad_words else []
@@ -111,17 +124,22 @@ class LLMEngine:
             gen = None
             if params.seed is not None:
                 gen = torch.Generator(self.device).manual_seed(params.seed + i)
-            detok = IncrementalDetokenizer(self.tokenizer, token_ids, skip_special_tokens=params.skip_special_tokens,
-                                           stop=list(params.stop_strings),
-                                           include_stop_str_in_output=params.include_stop_str_in_output,
-                                           min_tokens=params.min_tokens)
+            detok = IncrementalDetokenizer(
+                self.tokenizer,
+                token_ids,
+                skip_special_tokens=params.skip_special_tokens,
+                stop=list(params.stop_strings),
+                include_stop_str_in_output=params.include_stop_str_in_output,
+                min_tokens=params.min_tokens,
+            )
             seq = Sequence(next(self._seq_ids), request_id, i, token_ids, params, detok, gen)
             seq.bad_words_token_ids = bad_words
             seqs.append(seq)
         return SequenceGroup(request_id, text, token_ids, params, seqs[:1], pending_forks=seqs[1:])
 
-    def _beam_group(self, request_id: str, text: str | None, token_ids: list[int],
-                    params: BeamSearchParams) -> SequenceGroup:
+    def _beam_group(
+        self, request_id: str, text: str | None, token_ids: list[int], params: BeamSearchParams
+    ) -> SequenceGroup:
         # Beams never reach the sampler or the stop checks: the beam search picks their tokens and ends them.
         seq_params = SamplingParams(temperature=0.0, max_tokens=params.max_tokens)
         seq = Sequence(next(self._seq_ids), request_id, 0, token_ids, seq_params, None)
@@ -138,8 +156,9 @@ class LLMEngine:
             return prompt.get("prompt"), list(ids)
         if isinstance(prompt, dict) and isinstance(prompt.get("prompt"), str):
             return prompt["prompt"], self.tokenizer.encode(prompt["prompt"])
-        raise ValueError(f"a prompt must be a string or a dict with 'prompt_token_ids' or 'prompt', "
-                         f"got {type(prompt).__name__}")
+        raise ValueError(
+            f"a prompt must be a string or a dict with 'prompt_token_ids' or 'prompt', got {type(prompt).__name__}"
+        )
 
     def _check_prompt(self, token_ids: list[int]) -> None:
         if not token_ids:
@@ -150,8 +169,10 @@ class LLMEngine:
             raise ValueError(f"prompt token ids out of range [0, {vocab}): {bad[:5]}")
         max_len = self.model_config.max_model_len
         if len(token_ids) >= max_len:
-            raise ValueError(f"the prompt has {len(token_ids)} tokens, which leaves no room to generate within "
-                             f"max_model_len={max_len}")
+            raise ValueError(
+                f"the prompt has {len(token_ids)} tokens, which leaves no room to generate within "
+                f"max_model_len={max_len}"
+            )
 
     def abort_request(self, request_id: str) -> None:
         group = self._requests.pop(request_id, None)
@@ -189,8 +210,9 @@ class LLMEngine:
             seqs, rows, beam_rows = self._fork_and_split(result.sample_seqs)
             sampled = None
             if seqs:
-                batch = SamplingBatch.from_sequences(seqs, list(self.eos_token_ids),
-                                                     self.model_config.vocab_size, self.device)
+                batch = SamplingBatch.from_sequences(
+                    seqs, list(self.eos_token_ids), self.model_config.vocab_size, self.device
+                )
                 sampled = self.sampler(result.logits[rows], batch)
             beam_logprobs = torch.log_softmax(result.logits[beam_rows], dim=-1) if beam_rows else None
         except Exception:
@@ -219,7 +241,7 @@ class LLMEngine:
             if group.is_finished:
                 self.scheduler.remove(group)
                 del self._requests[group.request_id]
-            if group.beam is None or group.is_finished:   # a beam search reports once, at the end
+            if group.beam is None or group.is_finished:  # a beam search reports once, at the end
                 outputs.append(self._make_output(group))
         return outputs
 
@@ -257,7 +279,7 @@ class LLMEngine:
             return
         taken: set[int] = set()
         new_seqs: list[tuple[Sequence, int, float]] = []
-        for parent, token, score in kept:   # forks first: a fork copies its parent's tokens before they change
+        for parent, token, score in kept:  # forks first: a fork copies its parent's tokens before they change
             if parent.seq_id in taken:
                 child = parent.fork(next(self._seq_ids), len(new_seqs))
                 self.block_manager.fork(parent, child)
@@ -279,12 +301,12 @@ class LLMEngine:
         touched = {}
         for seq, start, logits in prompt_logits:
             n = seq.params.prompt_logprobs
-            lp = torch.log_softmax(logits, dim=-1)                              # [chunk, vocab]
-            first = len(seq.prompt_logprobs) - start - 1   # rows before it were recorded before a preemption
+            lp = torch.log_softmax(logits, dim=-1)  # [chunk, vocab]
+            first = len(seq.prompt_logprobs) - start - 1  # rows before it were recorded before a preemption
             last = min(lp.shape[0], seq.num_prompt_tokens - start - 1)
             if first >= last:
                 continue
-            targets = torch.tensor(seq.prompt_token_ids[start + first + 1:start + last + 1], device=lp.device)
+            targets = torch.tensor(seq.prompt_token_ids[start + first + 1 : start + last + 1], device=lp.device)
             chosen = lp[first:last].gather(1, targets[:, None]).squeeze(1).tolist()
             top_vals, top_ids = lp[first:last].topk(max(n, 1), dim=-1)
             for tok, val, ids, vals in zip(targets.tolist(), chosen, top_ids.tolist(), top_vals.tolist()):
@@ -310,9 +332,9 @@ class LLMEngine:
             seq.detokenizer.append([token])
             if seq.detokenizer.stop_reason is not None:
                 reason, seq.stop_reason = "stop", seq.detokenizer.stop_reason
-            elif p.max_tokens is not None and seq.num_output_tokens >= p.max_tokens:
-                reason = "length"
-            elif seq.num_tokens >= self.model_config.max_model_len:
+            elif (
+                p.max_tokens is not None and seq.num_output_tokens >= p.max_tokens
+            ) or seq.num_tokens >= self.model_config.max_model_len:
                 reason = "length"
         if reason is not None:
             seq.detokenizer.finish()
@@ -321,18 +343,41 @@ class LLMEngine:
 
     def _make_output(self, group: SequenceGroup) -> RequestOutput:
         if group.beam is not None:
-            outputs = [CompletionOutput(i, self.tokenizer.decode(h.token_ids, skip_special_tokens=True), h.token_ids,
-                                        h.cumulative_logprob, None, h.finish_reason)
-                       for i, h in enumerate(group.beam.best())]
+            outputs = [
+                CompletionOutput(
+                    i,
+                    self.tokenizer.decode(h.token_ids, skip_special_tokens=True),
+                    h.token_ids,
+                    h.cumulative_logprob,
+                    None,
+                    h.finish_reason,
+                )
+                for i, h in enumerate(group.beam.best())
+            ]
         else:
             seqs = sorted(group.seqs + group.pending_forks, key=lambda s: s.index)
-            outputs = [CompletionOutput(s.index, s.text, s.output_token_ids, s.cumulative_logprob,
-                                        list(s.logprobs) if s.logprobs is not None else None,
-                                        s.finish_reason, s.stop_reason) for s in seqs]
+            outputs = [
+                CompletionOutput(
+                    s.index,
+                    s.text,
+                    s.output_token_ids,
+                    s.cumulative_logprob,
+                    list(s.logprobs) if s.logprobs is not None else None,
+                    s.finish_reason,
+                    s.stop_reason,
+                )
+                for s in seqs
+            ]
         prompt_lp = group.seqs[0].prompt_logprobs
-        return RequestOutput(group.request_id, group.prompt, group.prompt_token_ids, outputs, group.is_finished,
-                             num_cached_tokens=group.seqs[0].num_cached_tokens,
-                             prompt_logprobs=list(prompt_lp) if prompt_lp is not None else None)
+        return RequestOutput(
+            group.request_id,
+            group.prompt,
+            group.prompt_token_ids,
+            outputs,
+            group.is_finished,
+            num_cached_tokens=group.seqs[0].num_cached_tokens,
+            prompt_logprobs=list(prompt_lp) if prompt_lp is not None else None,
+        )
 
     # ---- stats --------------------------------------------------------------------------------------------
     def _record(self, num_prompt: int, num_generated: int) -> None:
@@ -356,16 +401,26 @@ class LLMEngine:
         free = bm.num_free_blocks
         sched = self.scheduler
         return EngineStats(
-            num_blocks_total=bm.num_blocks, num_blocks_used=bm.num_blocks - free, num_blocks_free=free,
-            num_blocks_cached=bm.num_cached_free_blocks, num_blocks_shared=bm.num_shared_blocks,
+            num_blocks_total=bm.num_blocks,
+            num_blocks_used=bm.num_blocks - free,
+            num_blocks_free=free,
+            num_blocks_cached=bm.num_cached_free_blocks,
+            num_blocks_shared=bm.num_shared_blocks,
             num_blocks_without_sharing=sum(len(s.block_table) for s in self._running_seqs()),
-            block_size=bm.block_size, num_running=sched.num_running_seqs, num_waiting=len(sched.waiting),
-            num_swapped=sched.num_swapped_seqs, num_swap_blocks_total=bm.num_swap_blocks,
+            block_size=bm.block_size,
+            num_running=sched.num_running_seqs,
+            num_waiting=len(sched.waiting),
+            num_swapped=sched.num_swapped_seqs,
+            num_swap_blocks_total=bm.num_swap_blocks,
             num_swap_blocks_used=bm.num_swap_blocks - bm.num_free_swap_blocks,
-            num_preemptions=sched.num_preemptions, prefix_cache_queries=bm.prefix_queries,
-            prefix_cache_hits=bm.prefix_hits, prompt_tokens_total=self._prompt_tokens_total,
-            generation_tokens_total=self._generation_tokens_total, prompt_tokens_per_s=rate_p,
-            generation_tokens_per_s=rate_g)
+            num_preemptions=sched.num_preemptions,
+            prefix_cache_queries=bm.prefix_queries,
+            prefix_cache_hits=bm.prefix_hits,
+            prompt_tokens_total=self._prompt_tokens_total,
+            generation_tokens_total=self._generation_tokens_total,
+            prompt_tokens_per_s=rate_p,
+            generation_tokens_per_s=rate_g,
+        )
 
     def get_block_map(self) -> BlockMap:
         """Each KV block's state and owning request, for the monitor's block map."""

@@ -4,6 +4,7 @@ allowed-token mask, logit bias, and repetition / frequency / presence penalties.
 Each is built once per step from the rows that ask for it, as index tensors on the device, and edits the
 [B, vocab] logits in place; a batch in which no row asks for any builds none.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -42,22 +43,22 @@ def bad_word_bans(bad_words: list[list[int]], output_token_ids: list[int]) -> li
     """Tokens a row must not sample next: each one-token word, and the last token of each longer word whose
     other tokens end the output so far (vLLM matches against the output only, not the prompt)."""
     n = len(output_token_ids)
-    return [w[-1] for w in bad_words if len(w) - 1 <= n and output_token_ids[n - len(w) + 1:] == w[:-1]]
+    return [w[-1] for w in bad_words if len(w) - 1 <= n and output_token_ids[n - len(w) + 1 :] == w[:-1]]
 
 
 def _pairs(per_row: list[tuple[int, list[int]]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """(row, token id) pairs flattened into two [n] index tensors."""
     rows = [row for row, ids in per_row for _ in ids]
     ids = [t for _, ids in per_row for t in ids]
-    return (torch.tensor(rows, dtype=torch.int64, device=device),
-            torch.tensor(ids, dtype=torch.int64, device=device))
+    return (torch.tensor(rows, dtype=torch.int64, device=device), torch.tensor(ids, dtype=torch.int64, device=device))
 
 
 @dataclass
 class BannedTokens:
     """Tokens that must not be sampled: EOS and stop ids under min_tokens, bad words."""
-    rows: torch.Tensor   # [n] int64
-    ids: torch.Tensor    # [n] int64
+
+    rows: torch.Tensor  # [n] int64
+    ids: torch.Tensor  # [n] int64
 
     def apply(self, logits: torch.Tensor) -> None:
         logits[self.rows, self.ids] = float("-inf")
@@ -66,9 +67,10 @@ class BannedTokens:
 @dataclass
 class AllowedTokens:
     """Rows that may only sample the listed tokens."""
-    rows: torch.Tensor       # [k] the restricted rows
+
+    rows: torch.Tensor  # [k] the restricted rows
     pair_rows: torch.Tensor  # [n] (row, allowed token id) pairs
-    pair_ids: torch.Tensor   # [n]
+    pair_ids: torch.Tensor  # [n]
 
     def apply(self, logits: torch.Tensor) -> None:
         # Gather, blank, put back: no [k, vocab] mask to build.
@@ -79,8 +81,8 @@ class AllowedTokens:
 
 @dataclass
 class LogitBias:
-    rows: torch.Tensor    # [n] int64
-    ids: torch.Tensor     # [n] int64, unique per row
+    rows: torch.Tensor  # [n] int64
+    ids: torch.Tensor  # [n] int64, unique per row
     values: torch.Tensor  # [n] float32
 
     def apply(self, logits: torch.Tensor) -> None:
@@ -91,8 +93,9 @@ def _token_counts(token_lists: list[list[int]], vocab_size: int, device: torch.d
     """How often each token occurs in each list: [len(token_lists), vocab_size] float32."""
     width = max(len(ids) for ids in token_lists)
     # Rows are padded with an id one past the vocabulary, whose column is dropped after counting.
-    padded = torch.tensor([ids + [vocab_size] * (width - len(ids)) for ids in token_lists],
-                          dtype=torch.int64, device=device)   # [k, width]
+    padded = torch.tensor(
+        [ids + [vocab_size] * (width - len(ids)) for ids in token_lists], dtype=torch.int64, device=device
+    )  # [k, width]
     counts = torch.zeros(len(token_lists), vocab_size + 1, dtype=torch.float32, device=device)
     counts.scatter_add_(1, padded, torch.ones(padded.shape, dtype=torch.float32, device=device))
     return counts[:, :vocab_size]
@@ -102,17 +105,23 @@ def _token_counts(token_lists: list[list[int]], vocab_size: int, device: torch.d
 class Penalties:
     """vLLM's penalties, in its order: repetition (HF/CTRL, over prompt and output tokens), then frequency and
     presence (OpenAI, over output tokens). Rows without a penalty get neutral values, which leave them exact."""
-    rows: torch.Tensor                # [k] rows with some penalty
-    repetition: torch.Tensor | None   # [k] float32; None when no row uses it
-    seen: torch.Tensor | None         # [k, vocab] bool: token in the prompt or the output
-    frequency: torch.Tensor | None    # [k] float32
-    presence: torch.Tensor | None     # [k] float32
-    counts: torch.Tensor | None       # [k, vocab] float32: occurrences in the output
+
+    rows: torch.Tensor  # [k] rows with some penalty
+    repetition: torch.Tensor | None  # [k] float32; None when no row uses it
+    seen: torch.Tensor | None  # [k, vocab] bool: token in the prompt or the output
+    frequency: torch.Tensor | None  # [k] float32
+    presence: torch.Tensor | None  # [k] float32
+    counts: torch.Tensor | None  # [k, vocab] float32: occurrences in the output
 
     @classmethod
     def build(cls, seqs: list[Sequence], vocab_size: int, device: torch.device) -> Penalties | None:
-        rows = [row for row, s in enumerate(seqs) if s.params.repetition_penalty != 1.0
-                or s.params.frequency_penalty != 0.0 or s.params.presence_penalty != 0.0]
+        rows = [
+            row
+            for row, s in enumerate(seqs)
+            if s.params.repetition_penalty != 1.0
+            or s.params.frequency_penalty != 0.0
+            or s.params.presence_penalty != 0.0
+        ]
         if not rows:
             return None
         params = [seqs[row].params for row in rows]
@@ -130,11 +139,10 @@ class Penalties:
             counts = _token_counts([seqs[row].output_token_ids for row in rows], vocab_size, device)
             frequency = per_row([p.frequency_penalty for p in params]) if use_frequency else None
             presence = per_row([p.presence_penalty for p in params]) if use_presence else None
-        return cls(torch.tensor(rows, dtype=torch.int64, device=device), repetition, seen, frequency, presence,
-                   counts)
+        return cls(torch.tensor(rows, dtype=torch.int64, device=device), repetition, seen, frequency, presence, counts)
 
     def apply(self, logits: torch.Tensor) -> None:
-        x = logits[self.rows]   # [k, vocab], a copy
+        x = logits[self.rows]  # [k, vocab], a copy
         if self.repetition is not None:
             penalty = torch.where(self.seen, self.repetition[:, None], 1.0)
             x = torch.where(x > 0, x / penalty, x * penalty)
@@ -145,8 +153,9 @@ class Penalties:
         logits[self.rows] = x
 
 
-def build_processors(seqs: list[Sequence], eos_token_ids: list[int], vocab_size: int,
-                     device: torch.device) -> list[LogitsProcessor]:
+def build_processors(
+    seqs: list[Sequence], eos_token_ids: list[int], vocab_size: int, device: torch.device
+) -> list[LogitsProcessor]:
     """The processors this step's rows ask for, in the order they apply (vLLM's: bans and the allowed mask, then
     bias, then penalties; the -inf masks commute with each other, so min_tokens and bad words share one)."""
     banned, allowed, bias = [], [], []

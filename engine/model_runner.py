@@ -1,5 +1,6 @@
 """SchedulerOutput -> block copies, then one flat batch (tokens, positions, slots, block tables) -> forward ->
 logits to sample (and, for requests that ask for prompt logprobs, logits of their prompt positions)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -16,23 +17,30 @@ from engine.sequence import Sequence
 
 @dataclass
 class StepResult:
-    sample_seqs: list[Sequence]     # the sequences whose chunk reached their last token, in logits' row order
-    logits: torch.Tensor            # [len(sample_seqs), vocab] float32
+    sample_seqs: list[Sequence]  # the sequences whose chunk reached their last token, in logits' row order
+    logits: torch.Tensor  # [len(sample_seqs), vocab] float32
     # (sequence, position of the chunk's first token, logits [chunk tokens, vocab] float32) for every prefill
     # chunk of a sequence that owes prompt logprobs; row i predicts the token at position + i + 1.
     prompt_logits: list[tuple[Sequence, int, torch.Tensor]] = field(default_factory=list)
 
 
 class ModelRunner:
-    def __init__(self, model: nn.Module, backend: AttentionBackend, kv_cache: torch.Tensor, block_size: int,
-                 device: torch.device, swap_cache: torch.Tensor | None = None) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        backend: AttentionBackend,
+        kv_cache: torch.Tensor,
+        block_size: int,
+        device: torch.device,
+        swap_cache: torch.Tensor | None = None,
+    ) -> None:
         self.model = model
         self.backend = backend
-        self.kv_cache = kv_cache       # [2, num_layers, *backend.kv_cache_shape(num_blocks, ...)]
-        self.swap_cache = swap_cache   # the same layout with num_swap_blocks, in host memory
+        self.kv_cache = kv_cache  # [2, num_layers, *backend.kv_cache_shape(num_blocks, ...)]
+        self.swap_cache = swap_cache  # the same layout with num_swap_blocks, in host memory
         self.block_size = block_size
         self.device = device
-        self.graphs = None   # a DecodeGraphs once captured (CUDA only): decode-only steps replay it
+        self.graphs = None  # a DecodeGraphs once captured (CUDA only): decode-only steps replay it
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> StepResult:
@@ -41,7 +49,7 @@ class ModelRunner:
         if out.is_empty:
             return StepResult([], torch.empty((0, 0)))
         input_ids, positions, inputs, sample_rows, sample_seqs = self._prepare(out)
-        hidden = None                                               # [num_tokens, hidden]
+        hidden = None  # [num_tokens, hidden]
         if self.graphs is not None and not out.prefills:
             hidden = self.graphs.run(input_ids, positions, inputs)
         if hidden is None:
@@ -51,7 +59,7 @@ class ModelRunner:
         row = len(out.decodes)
         for seq, n in out.prefills:
             if seq.needs_prompt_logprobs:
-                prompt_logits.append((seq, seq.num_computed_tokens, self.model.compute_logits(hidden[row:row + n])))
+                prompt_logits.append((seq, seq.num_computed_tokens, self.model.compute_logits(hidden[row : row + n])))
             row += n
         if not sample_seqs:
             return StepResult([], hidden.new_empty((0, 0), dtype=torch.float32), prompt_logits)
@@ -84,7 +92,7 @@ class ModelRunner:
         q_lens, p_ctx = [], []
         for seq, n in out.prefills:
             start = seq.num_computed_tokens
-            tokens.extend(seq.token_ids[start:start + n])
+            tokens.extend(seq.token_ids[start : start + n])
             pos_chunks.append(torch.arange(start, start + n, dtype=torch.int64))
             q_lens.append(n)
             p_ctx.append(start + n)
@@ -94,9 +102,9 @@ class ModelRunner:
         positions = torch.cat(pos_chunks)
         seqs = out.decodes + [s for s, _ in out.prefills]
         # Slot of every token: its sequence's block at position // bs, offset position % bs.
-        tables = _padded([s.block_table for s in seqs])                        # [num_seqs, max_blocks]
+        tables = _padded([s.block_table for s in seqs])  # [num_seqs, max_blocks]
         seq_of_token = torch.repeat_interleave(torch.arange(len(seqs)), torch.tensor([1] * len(out.decodes) + q_lens))
-        slots = tables[seq_of_token, positions // bs] * bs + positions % bs    # [num_tokens]
+        slots = tables[seq_of_token, positions // bs] * bs + positions % bs  # [num_tokens]
         nd = len(out.decodes)
         dev = self.device
         inputs = AttentionInputs(
@@ -119,4 +127,4 @@ def _padded(tables: list[list[int]]) -> torch.Tensor:
 
 def _trim(tables: torch.Tensor, max_context: int, block_size: int) -> torch.Tensor:
     """Keep only the block columns a group's longest context needs."""
-    return tables[:, :blocks_for(max_context, block_size)]
+    return tables[:, : blocks_for(max_context, block_size)]

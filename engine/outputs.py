@@ -1,4 +1,5 @@
 """What the engine hands back: per-request outputs (vLLM names) and stats snapshots."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -11,7 +12,7 @@ class CompletionOutput:
     token_ids: list[int]
     cumulative_logprob: float | None
     logprobs: list[dict[int, float]] | None
-    finish_reason: str | None = None      # "stop" | "length" | "abort"
+    finish_reason: str | None = None  # "stop" | "length" | "abort"
     stop_reason: str | int | None = None  # the stop string or stop token id that ended it
 
     def finished(self) -> bool:
@@ -25,7 +26,7 @@ class RequestOutput:
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput]
     finished: bool
-    num_cached_tokens: int = 0            # prompt tokens served by the prefix cache
+    num_cached_tokens: int = 0  # prompt tokens served by the prefix cache
     # With SamplingParams.prompt_logprobs: None for the first token, then {token_id: logprob} per prompt token.
     prompt_logprobs: list[dict[int, float] | None] | None = None
 
@@ -33,21 +34,22 @@ class RequestOutput:
 @dataclass(frozen=True)
 class EngineStats:
     """A snapshot of the engine after a step; cheap to take every UI frame."""
+
     num_blocks_total: int
     num_blocks_used: int
     num_blocks_free: int
-    num_blocks_cached: int       # free, but still holding a reusable prefix
-    num_blocks_shared: int       # held by more than one sequence (forks, beams, prefix hits)
-    num_blocks_without_sharing: int   # what the running sequences' block tables add up to, had nothing been shared
+    num_blocks_cached: int  # free, but still holding a reusable prefix
+    num_blocks_shared: int  # held by more than one sequence (forks, beams, prefix hits)
+    num_blocks_without_sharing: int  # what the running sequences' block tables add up to, had nothing been shared
     block_size: int
-    num_running: int             # sequences
-    num_waiting: int             # requests
-    num_swapped: int             # sequences whose KV sits in the swap space
+    num_running: int  # sequences
+    num_waiting: int  # requests
+    num_swapped: int  # sequences whose KV sits in the swap space
     num_swap_blocks_total: int
     num_swap_blocks_used: int
     num_preemptions: int
-    prefix_cache_queries: int    # prompt tokens looked up
-    prefix_cache_hits: int       # of those, served from the cache
+    prefix_cache_queries: int  # prompt tokens looked up
+    prefix_cache_hits: int  # of those, served from the cache
     prompt_tokens_total: int
     generation_tokens_total: int
     prompt_tokens_per_s: float
@@ -62,5 +64,6 @@ class EngineStats:
 class BlockMap:
     """Every KV block's state (block_manager.FREE / USED / SHARED / CACHED, one byte per block) and the request
     holding each used block (the first holder, for shared ones)."""
+
     states: bytes
     owners: dict[int, str]

@@ -1,4 +1,5 @@
 """Batched sampling: logits processors, greedy, temperature, min-p, top-k, top-p, seeds, logprobs."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -12,19 +13,21 @@ from engine.sequence import Sequence
 @dataclass
 class SamplingBatch:
     """One step's per-row sampling settings, built from the sequences that sample, in row order."""
+
     all_greedy: bool
-    greedy: torch.Tensor                  # [B] bool
-    temperature: torch.Tensor             # [B] float32 (1.0 on greedy rows)
-    top_k: torch.Tensor | None            # [B] int64, vocab size where off; None when no row uses it
-    top_p: torch.Tensor | None            # [B] float32
-    min_p: torch.Tensor | None            # [B] float32
+    greedy: torch.Tensor  # [B] bool
+    temperature: torch.Tensor  # [B] float32 (1.0 on greedy rows)
+    top_k: torch.Tensor | None  # [B] int64, vocab size where off; None when no row uses it
+    top_p: torch.Tensor | None  # [B] float32
+    min_p: torch.Tensor | None  # [B] float32
     seeded: list[tuple[int, torch.Generator]]
-    processors: list[LogitsProcessor]     # in the order they apply; empty when no row asks for any
+    processors: list[LogitsProcessor]  # in the order they apply; empty when no row asks for any
     num_logprobs: list[int | None]
 
     @classmethod
-    def from_sequences(cls, seqs: list[Sequence], eos_token_ids: list[int], vocab_size: int,
-                       device: torch.device) -> SamplingBatch:
+    def from_sequences(
+        cls, seqs: list[Sequence], eos_token_ids: list[int], vocab_size: int, device: torch.device
+    ) -> SamplingBatch:
         params = [s.params for s in seqs]
         greedy = [p.is_greedy for p in params]
         use_top_k = any(p.top_k > 0 for p in params)
@@ -33,6 +36,7 @@ class SamplingBatch:
 
         def tensor(values, dtype):
             return torch.tensor(values, dtype=dtype, device=device)
+
         return cls(
             all_greedy=all(greedy),
             greedy=tensor(greedy, torch.bool),
@@ -55,7 +59,7 @@ class SamplerOutput:
 
 class Sampler:
     def __init__(self, generator: torch.Generator) -> None:
-        self.generator = generator   # for rows without a seed of their own
+        self.generator = generator  # for rows without a seed of their own
 
     def __call__(self, logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
         """logits: [B, vocab] float32, one row per sampling sequence."""
@@ -71,8 +75,9 @@ class Sampler:
         else:
             tokens = torch.where(batch.greedy, logits.argmax(dim=-1), self._sample(logits, batch))
         token_list = tokens.tolist()
-        return SamplerOutput(token_list, self._logprobs(raw_logprobs, tokens, batch) if want_logprobs
-                             else [None] * len(token_list))
+        return SamplerOutput(
+            token_list, self._logprobs(raw_logprobs, tokens, batch) if want_logprobs else [None] * len(token_list)
+        )
 
     def _sample(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
         x = logits / batch.temperature[:, None]

@@ -1,4 +1,5 @@
 """SamplingParams: what a request asks of the sampler and the stop checks (vLLM field names and defaults)."""
+
 from __future__ import annotations
 
 import math
@@ -74,8 +75,7 @@ class SamplingParams:
         if not isinstance(self.min_tokens, int) or self.min_tokens < 0:
             raise ValueError(f"min_tokens must be an integer >= 0, got {self.min_tokens!r}")
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
-            raise ValueError(
-                f"min_tokens ({self.min_tokens}) must be <= max_tokens ({self.max_tokens})")
+            raise ValueError(f"min_tokens ({self.min_tokens}) must be <= max_tokens ({self.max_tokens})")
         if any(not isinstance(s, str) or s == "" for s in self.stop_strings):
             raise ValueError(f"stop strings must be non-empty strings, got {list(self.stop_strings)!r}")
         if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
@@ -88,14 +88,14 @@ class SamplingParams:
                 raise ValueError(f"{name} must be a number in [-2, 2], got {value!r}")
         if not _is_number(self.repetition_penalty) or not 0.0 < self.repetition_penalty < math.inf:
             raise ValueError(f"repetition_penalty must be a finite number > 0, got {self.repetition_penalty!r}")
-        if self.prompt_logprobs is not None and (not isinstance(self.prompt_logprobs, int)
-                                                 or not 0 <= self.prompt_logprobs <= MAX_LOGPROBS):
+        if self.prompt_logprobs is not None and (
+            not isinstance(self.prompt_logprobs, int) or not 0 <= self.prompt_logprobs <= MAX_LOGPROBS
+        ):
             raise ValueError(f"prompt_logprobs must be an integer in [0, {MAX_LOGPROBS}], got {self.prompt_logprobs!r}")
         if self.seed is not None and not isinstance(self.seed, int):
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
         if self.n > 1 and self.is_greedy:
-            raise ValueError("n > 1 needs sampling (temperature > 0): greedy decoding would return n "
-                             "identical outputs")
+            raise ValueError("n > 1 needs sampling (temperature > 0): greedy decoding would return n identical outputs")
 
     @property
     def is_greedy(self) -> bool:
@@ -103,9 +103,11 @@ class SamplingParams:
 
     def check_vocab(self, vocab_size: int) -> None:
         """Token ids given here must exist in the model's vocabulary, which only the engine knows."""
-        for name, ids in (("logit_bias", list(self.logit_bias or ())),
-                          ("allowed_token_ids", self.allowed_token_ids or []),
-                          ("stop_token_ids", self.stop_token_ids)):
+        for name, ids in (
+            ("logit_bias", list(self.logit_bias or ())),
+            ("allowed_token_ids", self.allowed_token_ids or []),
+            ("stop_token_ids", self.stop_token_ids),
+        ):
             bad = [t for t in ids if t >= vocab_size]
             if bad:
                 raise ValueError(f"{name} has token ids outside the vocabulary [0, {vocab_size}): {bad[:5]}")
@@ -116,8 +118,9 @@ def _is_number(value) -> bool:
 
 
 def _token_id_list(name: str, ids) -> list[int]:
-    if not isinstance(ids, (list, tuple)) or not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0
-                                                     for t in ids):
+    if not isinstance(ids, (list, tuple)) or not all(
+        isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in ids
+    ):
         raise ValueError(f"{name} must be a list of non-negative integer token ids, got {ids!r}")
     return list(ids)
 

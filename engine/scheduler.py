@@ -13,6 +13,7 @@ scheduled this step is preempted (the sequence's own group when no other is left
   output tokens, which are recomputed like prompt tokens (the prefix cache usually still holds most of them);
 - `preemption_mode` forces one of them; a swap that does not fit in the swap space falls back to recompute.
 """
+
 from __future__ import annotations
 
 from collections import deque
@@ -27,12 +28,13 @@ from engine.sequence import Sequence, SequenceGroup, SequenceStatus
 class SchedulerOutput:
     """What the runner executes this step: block copies first (swap out, swap in, copy-on-write), then one flat
     batch with the decodes first and the prefill chunks after them."""
+
     decodes: list[Sequence] = field(default_factory=list)
-    prefills: list[tuple[Sequence, int]] = field(default_factory=list)   # (sequence, tokens in this chunk)
+    prefills: list[tuple[Sequence, int]] = field(default_factory=list)  # (sequence, tokens in this chunk)
     preempted: list[SequenceGroup] = field(default_factory=list)
-    swap_out: list[tuple[int, int]] = field(default_factory=list)   # (device block, swap block)
-    swap_in: list[tuple[int, int]] = field(default_factory=list)    # (swap block, device block)
-    copies: list[tuple[int, int]] = field(default_factory=list)     # copy-on-write (src, dst) device blocks
+    swap_out: list[tuple[int, int]] = field(default_factory=list)  # (device block, swap block)
+    swap_in: list[tuple[int, int]] = field(default_factory=list)  # (swap block, device block)
+    copies: list[tuple[int, int]] = field(default_factory=list)  # copy-on-write (src, dst) device blocks
 
     @property
     def is_empty(self) -> bool:
@@ -49,7 +51,7 @@ class SchedulerOutput:
 @dataclass
 class _StepState:
     budget: int
-    scheduled: set[int] = field(default_factory=set)   # id() of groups with a sequence scheduled this step
+    scheduled: set[int] = field(default_factory=set)  # id() of groups with a sequence scheduled this step
     # Chain hashes of the full blocks that sequences scheduled this step will compute. A block enters the prefix
     # cache only after the step that writes it, so a sequence that would compute one of them again (requests
     # arriving together with the same system prompt) waits one step and takes it from the cache.
@@ -57,8 +59,13 @@ class _StepState:
 
 
 class Scheduler:
-    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
-                 preemption_mode: str | None = None) -> None:
+    def __init__(
+        self,
+        block_manager: BlockManager,
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+        preemption_mode: str | None = None,
+    ) -> None:
         assert preemption_mode in (None, *PREEMPTION_MODES)
         self.block_manager = block_manager
         self.max_num_seqs = max_num_seqs
@@ -93,29 +100,31 @@ class Scheduler:
         step = _StepState(self.max_num_batched_tokens)
         live = [(g, s) for g in self.running for s in g.seqs if s.status is SequenceStatus.RUNNING]
         # A sequence with nothing to compute (a beam waiting for its siblings' logits) is not scheduled.
-        work = [(g, s) for g, s in live if s.num_uncomputed_tokens == 1] + \
-               [(g, s) for g, s in live if s.num_uncomputed_tokens > 1]
+        work = [(g, s) for g, s in live if s.num_uncomputed_tokens == 1] + [
+            (g, s) for g, s in live if s.num_uncomputed_tokens > 1
+        ]
         for group, seq in work:
             if step.budget == 0:
                 break
-            if seq.status is SequenceStatus.RUNNING:   # else its group was preempted earlier in this loop
+            if seq.status is SequenceStatus.RUNNING:  # else its group was preempted earlier in this loop
                 self._schedule_seq(group, seq, out, step, may_preempt=True)
-        if not out.preempted:   # a pool that just ran short takes nobody back and admits nobody new
+        if not out.preempted:  # a pool that just ran short takes nobody back and admits nobody new
             self._swap_in(out, step)
             if not self.swapped:
                 self._admit_waiting(out, step)
         out.copies = self.block_manager.take_copies()
         return out
 
-    def _schedule_seq(self, group: SequenceGroup, seq: Sequence, out: SchedulerOutput, step: _StepState,
-                      may_preempt: bool) -> bool:
+    def _schedule_seq(
+        self, group: SequenceGroup, seq: Sequence, out: SchedulerOutput, step: _StepState, may_preempt: bool
+    ) -> bool:
         bm = self.block_manager
         fresh = seq.num_computed_tokens == 0 and not seq.block_table
         if fresh and not seq.needs_prompt_logprobs:
             bm.match_prefix(seq)
         num_new = min(seq.num_uncomputed_tokens, step.budget)
         first = seq.num_computed_tokens // bm.block_size
-        computes = seq.block_hashes[first:(seq.num_computed_tokens + num_new) // bm.block_size]
+        computes = seq.block_hashes[first : (seq.num_computed_tokens + num_new) // bm.block_size]
         if computes and computes[0] in step.in_flight:
             self._unmatch(seq, fresh)
             return False

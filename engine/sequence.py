@@ -1,5 +1,6 @@
 """Sequence: one continuation of a request (its tokens, blocks and progress); SequenceGroup: the request itself,
 whose sequences share KV blocks (parallel sampling forks them after the prompt, beam search at every step)."""
+
 from __future__ import annotations
 
 import enum
@@ -18,7 +19,7 @@ if TYPE_CHECKING:
 class SequenceStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
-    SWAPPED = "swapped"     # its KV sits in the CPU swap space; block_table holds swap block ids
+    SWAPPED = "swapped"  # its KV sits in the CPU swap space; block_table holds swap block ids
     FINISHED = "finished"
 
 
@@ -29,19 +30,20 @@ class Sequence:
     A preempted sequence (recompute) drops its blocks and num_computed_tokens returns to 0: its output tokens
     so far are kept and recomputed like prompt tokens, so it resumes exactly where it stopped.
     """
+
     seq_id: int
     request_id: str
-    index: int                      # which of the request's n outputs this is
+    index: int  # which of the request's n outputs this is
     prompt_token_ids: list[int]
     params: SamplingParams
     detokenizer: IncrementalDetokenizer | None
     generator: torch.Generator | None = None
     token_ids: list[int] = field(init=False)
     block_table: list[int] = field(default_factory=list)
-    block_hashes: list[bytes] = field(default_factory=list)   # chain hashes of its full blocks (tokens never change)
+    block_hashes: list[bytes] = field(default_factory=list)  # chain hashes of its full blocks (tokens never change)
     num_registered_blocks: int = 0  # leading blocks of block_table already in the prefix cache
     num_computed_tokens: int = 0
-    num_cached_tokens: int = 0      # prompt tokens served by the prefix cache at admission
+    num_cached_tokens: int = 0  # prompt tokens served by the prefix cache at admission
     status: SequenceStatus = SequenceStatus.WAITING
     finish_reason: str | None = None
     stop_reason: str | int | None = None
@@ -77,7 +79,7 @@ class Sequence:
 
     @property
     def output_token_ids(self) -> list[int]:
-        return self.token_ids[len(self.prompt_token_ids):]
+        return self.token_ids[len(self.prompt_token_ids) :]
 
     @property
     def is_finished(self) -> bool:
@@ -122,6 +124,7 @@ class SequenceGroup:
     Parallel sampling (n > 1): only seqs[0] runs the prompt; `pending_forks` (created up front with their own
     seeds and detokenizers) take its blocks when its prefill completes. Beam search: `beam` drives the forks.
     """
+
     request_id: str
     prompt: str | None
     prompt_token_ids: list[int]
@@ -142,5 +145,6 @@ class SequenceGroup:
 
     @property
     def is_finished(self) -> bool:
-        return not self.pending_forks and all(s.is_finished for s in self.seqs) and (
-            self.beam is None or self.beam.done)
+        return (
+            not self.pending_forks and all(s.is_finished for s in self.seqs) and (self.beam is None or self.beam.done)
+        )

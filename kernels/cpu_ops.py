@@ -4,6 +4,7 @@ Why C++ on the CPU at all: attention over a paged cache in torch ops must first 
 into a padded copy, and on two cores that copy (written, then read again by the matmul) costs as much as the
 model's own matmuls at batch 64. The kernel reads K/V in place through the block table instead.
 """
+
 from __future__ import annotations
 
 import functools
@@ -25,12 +26,18 @@ def load() -> ModuleType:
     # Without torch's C++ headers (the PyInstaller bundle leaves them out) the compiler could only fail, noisily.
     headers = [Path(d) / "torch" / "extension.h" for d in cpp_extension.include_paths()]
     if not any(h.is_file() for h in headers):
-        raise KernelBuildError("could not build kvstudio's CPU kernels: torch's C++ headers (torch/extension.h) are "
-                               "not installed with this torch")
+        raise KernelBuildError(
+            "could not build kvstudio's CPU kernels: torch's C++ headers (torch/extension.h) are "
+            "not installed with this torch"
+        )
     try:
         return cpp_extension.load(
-            name="kvstudio_cpu_ops", sources=[str(p) for p in _SOURCES],
+            name="kvstudio_cpu_ops",
+            sources=[str(p) for p in _SOURCES],
             # Built where it runs, so it may use every instruction this CPU has.
-            extra_cflags=["-O3", "-march=native", "-fno-math-errno", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=False)
+            extra_cflags=["-O3", "-march=native", "-fno-math-errno", "-fopenmp"],
+            extra_ldflags=["-fopenmp"],
+            verbose=False,
+        )
     except (RuntimeError, OSError, ImportError) as e:
         raise KernelBuildError(f"could not build kvstudio's CPU kernels (needs g++ and ninja): {e}") from e

@@ -6,6 +6,7 @@ head_dim]: `paged_decode_attention` (one query token per sequence, optionally sp
 hits alike). Softmax runs online in base 2 and fp32; fp8 caches hold stored = x / scale and are read back as
 stored * scale, with the scale folded into the scores (k_scale) and the output (v_scale) instead of every element.
 """
+
 from __future__ import annotations
 
 import math
@@ -35,9 +36,27 @@ def _online_softmax_step(s, m_i, l_i, acc, v, PRECISION: tl.constexpr):
 
 
 @triton.jit
-def _load_kv_tile(k_ptr, v_ptr, bt_row_ptr, kv_head, start, lo, hi, stride_kb, stride_kh, stride_kt, stride_kd,
-                  stride_vb, stride_vh, stride_vt, stride_vd, DTYPE: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-                  BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
+def _load_kv_tile(
+    k_ptr,
+    v_ptr,
+    bt_row_ptr,
+    kv_head,
+    start,
+    lo,
+    hi,
+    stride_kb,
+    stride_kh,
+    stride_kt,
+    stride_kd,
+    stride_vb,
+    stride_vh,
+    stride_vt,
+    stride_vd,
+    DTYPE: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+):
     """K, V [BLOCK_N, HEAD_DIM] of positions start.. of one kv head, gathered token by token through the block
     table so a tile may span several cache blocks (or part of one); positions outside [lo, hi) load as 0."""
     pos = start + tl.arange(0, BLOCK_N)
@@ -54,13 +73,44 @@ def _load_kv_tile(k_ptr, v_ptr, bt_row_ptr, kv_head, start, lo, hi, stride_kb, s
 
 
 @triton.jit
-def _decode_kernel(q_ptr, k_ptr, v_ptr, out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, bt_ptr, ctx_ptr,
-                   qk_scale, v_scale, window, num_splits,
-                   stride_qs, stride_qh, stride_qd, stride_os, stride_oh, stride_od,
-                   stride_kb, stride_kh, stride_kt, stride_kd, stride_vb, stride_vh, stride_vt, stride_vd, stride_bt,
-                   GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
-                   HEAD_DIM: tl.constexpr, USE_WINDOW: tl.constexpr, SPLIT: tl.constexpr,
-                   PRECISION: tl.constexpr):
+def _decode_kernel(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    out_ptr,
+    part_m_ptr,
+    part_l_ptr,
+    part_acc_ptr,
+    bt_ptr,
+    ctx_ptr,
+    qk_scale,
+    v_scale,
+    window,
+    num_splits,
+    stride_qs,
+    stride_qh,
+    stride_qd,
+    stride_os,
+    stride_oh,
+    stride_od,
+    stride_kb,
+    stride_kh,
+    stride_kt,
+    stride_kd,
+    stride_vb,
+    stride_vh,
+    stride_vt,
+    stride_vd,
+    stride_bt,
+    GROUP: tl.constexpr,
+    GROUP_PAD: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    USE_WINDOW: tl.constexpr,
+    SPLIT: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
     # One program per (sequence, kv head, split): all GROUP query heads of the kv head share each K/V tile load.
     # The heads form the M side of a tl.dot padded to GROUP_PAD >= 16 rows (the GPU's minimum). Decode is bound
     # by reading the cache, so the padded rows cost tensor-core time that is free; the alternative, elementwise
@@ -81,17 +131,38 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, out_ptr, part_m_ptr, part_l_ptr, part_ac
     g = tl.arange(0, GROUP_PAD)
     d = tl.arange(0, HEAD_DIM)
     heads = kv_head * GROUP + g
-    q = tl.load(q_ptr + seq * stride_qs + heads[:, None] * stride_qh + d[None, :] * stride_qd,
-                mask=(g < GROUP)[:, None], other=0.0)  # q: [GROUP_PAD, HEAD_DIM]
+    q = tl.load(
+        q_ptr + seq * stride_qs + heads[:, None] * stride_qh + d[None, :] * stride_qd,
+        mask=(g < GROUP)[:, None],
+        other=0.0,
+    )  # q: [GROUP_PAD, HEAD_DIM]
     q = q.to(tl.float32).to(dtype)
     m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([GROUP_PAD], tl.float32)
     acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
     bt_row_ptr = bt_ptr + seq * stride_bt
     for tile in range(tile_begin, tile_end):
-        k, v, pos = _load_kv_tile(k_ptr, v_ptr, bt_row_ptr, kv_head, tile * BLOCK_N, first, ctx,
-                                  stride_kb, stride_kh, stride_kt, stride_kd, stride_vb, stride_vh, stride_vt,
-                                  stride_vd, dtype, BLOCK_SIZE, BLOCK_N, HEAD_DIM)
+        k, v, pos = _load_kv_tile(
+            k_ptr,
+            v_ptr,
+            bt_row_ptr,
+            kv_head,
+            tile * BLOCK_N,
+            first,
+            ctx,
+            stride_kb,
+            stride_kh,
+            stride_kt,
+            stride_kd,
+            stride_vb,
+            stride_vh,
+            stride_vt,
+            stride_vd,
+            dtype,
+            BLOCK_SIZE,
+            BLOCK_N,
+            HEAD_DIM,
+        )
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # s: [GROUP_PAD, BLOCK_N], base 2
         s = tl.where(((pos >= first) & (pos < ctx))[None, :], s, float("-inf"))
         m_i, l_i, acc = _online_softmax_step(s, m_i, l_i, acc, v, PRECISION)
@@ -104,13 +175,26 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, out_ptr, part_m_ptr, part_l_ptr, part_ac
         tl.store(part_acc_ptr + row[:, None] * HEAD_DIM + d[None, :], acc * v_scale, mask=(g < GROUP)[:, None])
     else:
         out = acc * (v_scale / l_i)[:, None]
-        tl.store(out_ptr + seq * stride_os + heads[:, None] * stride_oh + d[None, :] * stride_od,
-                 out.to(out_ptr.dtype.element_ty), mask=(g < GROUP)[:, None])
+        tl.store(
+            out_ptr + seq * stride_os + heads[:, None] * stride_oh + d[None, :] * stride_od,
+            out.to(out_ptr.dtype.element_ty),
+            mask=(g < GROUP)[:, None],
+        )
 
 
 @triton.jit
-def _decode_reduce_kernel(out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, num_splits, stride_os, stride_oh,
-                          stride_od, SPLITS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr):
+def _decode_reduce_kernel(
+    out_ptr,
+    part_m_ptr,
+    part_l_ptr,
+    part_acc_ptr,
+    num_splits,
+    stride_os,
+    stride_oh,
+    stride_od,
+    SPLITS_PAD: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+):
     # One program per (sequence, query head): rescale each split's partial sums to the common max and add them.
     seq = tl.program_id(0)
     head = tl.program_id(1)
@@ -127,11 +211,41 @@ def _decode_reduce_kernel(out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, num_spl
 
 
 @triton.jit
-def _prefill_kernel(q_ptr, k_ptr, v_ptr, out_ptr, cu_q_ptr, ctx_ptr, bt_ptr, qk_scale, v_scale, window, num_seqs,
-                    stride_qt, stride_qh, stride_qd, stride_ot, stride_oh, stride_od,
-                    stride_kb, stride_kh, stride_kt, stride_kd, stride_vb, stride_vh, stride_vt, stride_vd, stride_bt,
-                    GROUP: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                    HEAD_DIM: tl.constexpr, USE_WINDOW: tl.constexpr, PRECISION: tl.constexpr):
+def _prefill_kernel(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    out_ptr,
+    cu_q_ptr,
+    ctx_ptr,
+    bt_ptr,
+    qk_scale,
+    v_scale,
+    window,
+    num_seqs,
+    stride_qt,
+    stride_qh,
+    stride_qd,
+    stride_ot,
+    stride_oh,
+    stride_od,
+    stride_kb,
+    stride_kh,
+    stride_kt,
+    stride_kd,
+    stride_vb,
+    stride_vh,
+    stride_vt,
+    stride_vd,
+    stride_bt,
+    GROUP: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    USE_WINDOW: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
     # Program (t, head): query tile t of the packed batch for one query head. Sequence s owns the tile indices
     # [cu_q[s] // BLOCK_M + s, cu_q[s + 1] // BLOCK_M + s + 1), enough for its ceil(q_len / BLOCK_M) tiles, so
     # the grid is sized from shapes alone (no host sync) and a binary search finds a tile's sequence.
@@ -157,8 +271,11 @@ def _prefill_kernel(q_ptr, k_ptr, v_ptr, out_ptr, cu_q_ptr, ctx_ptr, bt_ptr, qk_
     rows = m0 + tl.arange(0, BLOCK_M)
     d = tl.arange(0, HEAD_DIM)
     pos = ctx - q_len + rows  # each query token's position in its sequence
-    q = tl.load(q_ptr + (q_start + rows)[:, None] * stride_qt + head * stride_qh + d[None, :] * stride_qd,
-                mask=(rows < q_len)[:, None], other=0.0)  # q: [BLOCK_M, HEAD_DIM]
+    q = tl.load(
+        q_ptr + (q_start + rows)[:, None] * stride_qt + head * stride_qh + d[None, :] * stride_qd,
+        mask=(rows < q_len)[:, None],
+        other=0.0,
+    )  # q: [BLOCK_M, HEAD_DIM]
     q = q.to(tl.float32).to(dtype)
     # Keys from the lowest any row of the tile sees to the highest (the last real row's position): tiles wholly
     # above the causal diagonal, or below every row's window, are never visited.
@@ -170,9 +287,27 @@ def _prefill_kernel(q_ptr, k_ptr, v_ptr, out_ptr, cu_q_ptr, ctx_ptr, bt_ptr, qk_
     kv_head = head // GROUP
     bt_row_ptr = bt_ptr + seq * stride_bt
     for start in range((lo // BLOCK_N) * BLOCK_N, hi, BLOCK_N):
-        k, v, kpos = _load_kv_tile(k_ptr, v_ptr, bt_row_ptr, kv_head, start, lo, hi,
-                                   stride_kb, stride_kh, stride_kt, stride_kd, stride_vb, stride_vh, stride_vt,
-                                   stride_vd, dtype, BLOCK_SIZE, BLOCK_N, HEAD_DIM)
+        k, v, kpos = _load_kv_tile(
+            k_ptr,
+            v_ptr,
+            bt_row_ptr,
+            kv_head,
+            start,
+            lo,
+            hi,
+            stride_kb,
+            stride_kh,
+            stride_kt,
+            stride_kd,
+            stride_vb,
+            stride_vh,
+            stride_vt,
+            stride_vd,
+            dtype,
+            BLOCK_SIZE,
+            BLOCK_N,
+            HEAD_DIM,
+        )
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # s: [BLOCK_M, BLOCK_N], base 2
         visible = kpos[None, :] <= pos[:, None]
         if USE_WINDOW:
@@ -183,24 +318,32 @@ def _prefill_kernel(q_ptr, k_ptr, v_ptr, out_ptr, cu_q_ptr, ctx_ptr, bt_ptr, qk_
     # Padding rows past q_len may have seen no key at all; they are not stored, the guard only avoids 0 / 0.
     l_i = tl.where(rows < q_len, l_i, 1.0)
     out = acc * (v_scale / l_i)[:, None]
-    tl.store(out_ptr + (q_start + rows)[:, None] * stride_ot + head * stride_oh + d[None, :] * stride_od,
-             out.to(out_ptr.dtype.element_ty), mask=(rows < q_len)[:, None])
+    tl.store(
+        out_ptr + (q_start + rows)[:, None] * stride_ot + head * stride_oh + d[None, :] * stride_od,
+        out.to(out_ptr.dtype.element_ty),
+        mask=(rows < q_len)[:, None],
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Validation and launch heuristics
 
 
-def _check_attention_args(q, k_cache, v_cache, block_tables, context_lens, num_seqs, sliding_window, k_scale,
-                          v_scale) -> None:
+def _check_attention_args(
+    q, k_cache, v_cache, block_tables, context_lens, num_seqs, sliding_window, k_scale, v_scale
+) -> None:
     if q.dim() != 3 or q.dtype not in Q_DTYPES:
         raise ValueError(f"q must be a 3-D float32/float16/bfloat16 tensor, got {q.dtype} of shape {tuple(q.shape)}")
     if k_cache.dim() != 4 or k_cache.dtype not in CACHE_DTYPES:
-        raise ValueError("k_cache must be a 4-D [num_blocks, num_kv_heads, block_size, head_dim] tensor of "
-                         f"float32/float16/bfloat16/float8_e4m3fn, got {k_cache.dtype} of shape {tuple(k_cache.shape)}")
+        raise ValueError(
+            "k_cache must be a 4-D [num_blocks, num_kv_heads, block_size, head_dim] tensor of "
+            f"float32/float16/bfloat16/float8_e4m3fn, got {k_cache.dtype} of shape {tuple(k_cache.shape)}"
+        )
     if v_cache.shape != k_cache.shape or v_cache.dtype != k_cache.dtype:
-        raise ValueError(f"v_cache ({v_cache.dtype}, {tuple(v_cache.shape)}) must match k_cache "
-                         f"({k_cache.dtype}, {tuple(k_cache.shape)})")
+        raise ValueError(
+            f"v_cache ({v_cache.dtype}, {tuple(v_cache.shape)}) must match k_cache "
+            f"({k_cache.dtype}, {tuple(k_cache.shape)})"
+        )
     _, num_kv_heads, _, head_dim = k_cache.shape
     if head_dim < 16 or head_dim & (head_dim - 1):
         raise ValueError(f"head_dim (k_cache.shape[3]) must be a power of two >= 16, got {head_dim}")
@@ -209,13 +352,21 @@ def _check_attention_args(q, k_cache, v_cache, block_tables, context_lens, num_s
     if q.shape[1] % num_kv_heads:
         raise ValueError(f"q's num_heads {q.shape[1]} is not a multiple of the cache's num_kv_heads {num_kv_heads}")
     if block_tables.dim() != 2 or block_tables.dtype != torch.int32 or block_tables.shape[0] != num_seqs:
-        raise ValueError(f"block_tables must be int32 [num_seqs={num_seqs}, max_blocks], "
-                         f"got {block_tables.dtype} of shape {tuple(block_tables.shape)}")
+        raise ValueError(
+            f"block_tables must be int32 [num_seqs={num_seqs}, max_blocks], "
+            f"got {block_tables.dtype} of shape {tuple(block_tables.shape)}"
+        )
     if context_lens.shape != (num_seqs,) or context_lens.dtype != torch.int32:
-        raise ValueError(f"context_lens must be int32 [num_seqs={num_seqs}], "
-                         f"got {context_lens.dtype} of shape {tuple(context_lens.shape)}")
-    for name, t in (("k_cache", k_cache), ("v_cache", v_cache), ("block_tables", block_tables),
-                    ("context_lens", context_lens)):
+        raise ValueError(
+            f"context_lens must be int32 [num_seqs={num_seqs}], "
+            f"got {context_lens.dtype} of shape {tuple(context_lens.shape)}"
+        )
+    for name, t in (
+        ("k_cache", k_cache),
+        ("v_cache", v_cache),
+        ("block_tables", block_tables),
+        ("context_lens", context_lens),
+    ):
         if t.device != q.device:
             raise ValueError(f"{name} is on {t.device}, q on {q.device}")
     if sliding_window is not None and sliding_window < 1:
@@ -260,16 +411,25 @@ def choose_num_splits(num_seqs: int, num_kv_heads: int, max_context: int, sm_cou
 # Public wrappers
 
 
-def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                           block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float,
-                           sliding_window: int | None = None, k_scale: float = 1.0, v_scale: float = 1.0,
-                           num_splits: int | None = None) -> torch.Tensor:
+def paged_decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+    sliding_window: int | None = None,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
+    num_splits: int | None = None,
+) -> torch.Tensor:
     """q: [num_seqs, num_heads, head_dim], the token at position context_lens[i] - 1 of each sequence (its K/V
     already cached); k_cache, v_cache: [num_blocks, num_kv_heads, block_size, head_dim]; block_tables:
     [num_seqs, max_blocks] int32; context_lens: [num_seqs] int32, each >= 1 -> [num_seqs, num_heads, head_dim]
     in q.dtype. num_splits > 1 divides each context into runs reduced by a second kernel; None picks it."""
-    _check_attention_args(q, k_cache, v_cache, block_tables, context_lens, q.shape[0] if q.dim() else 0,
-                          sliding_window, k_scale, v_scale)
+    _check_attention_args(
+        q, k_cache, v_cache, block_tables, context_lens, q.shape[0] if q.dim() else 0, sliding_window, k_scale, v_scale
+    )
     num_seqs, num_heads, head_dim = q.shape
     if num_splits is not None and num_splits < 1:
         raise ValueError(f"num_splits must be None or >= 1, got {num_splits}")
@@ -280,8 +440,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         return out
     if num_splits is None:
         # The table width bounds the longest context without reading context_lens back from the device.
-        num_splits = choose_num_splits(num_seqs, num_kv_heads, block_tables.shape[1] * block_size,
-                                       _sm_count(q.device))
+        num_splits = choose_num_splits(num_seqs, num_kv_heads, block_tables.shape[1] * block_size, _sm_count(q.device))
     k_scale, v_scale = _kv_scales(k_cache, k_scale, v_scale)
     split = num_splits > 1
     if split:
@@ -291,33 +450,70 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     else:  # unused by the kernel, which then writes out directly
         part_m = part_l = part_acc = out
     _decode_kernel[(num_seqs, num_kv_heads, num_splits)](
-        q, k_cache, v_cache, out, part_m, part_l, part_acc, block_tables, context_lens,
-        scale * k_scale * LOG2E, v_scale, sliding_window or 0, num_splits,
-        *q.stride(), *out.stride(), *k_cache.stride(), *v_cache.stride(), block_tables.stride(0),
-        GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), BLOCK_SIZE=block_size,
-        BLOCK_N=_kv_tile(block_size), HEAD_DIM=head_dim, USE_WINDOW=sliding_window is not None, SPLIT=split,
-        PRECISION=_dot_precision(q))
+        q,
+        k_cache,
+        v_cache,
+        out,
+        part_m,
+        part_l,
+        part_acc,
+        block_tables,
+        context_lens,
+        scale * k_scale * LOG2E,
+        v_scale,
+        sliding_window or 0,
+        num_splits,
+        *q.stride(),
+        *out.stride(),
+        *k_cache.stride(),
+        *v_cache.stride(),
+        block_tables.stride(0),
+        GROUP=group,
+        GROUP_PAD=max(16, triton.next_power_of_2(group)),
+        BLOCK_SIZE=block_size,
+        BLOCK_N=_kv_tile(block_size),
+        HEAD_DIM=head_dim,
+        USE_WINDOW=sliding_window is not None,
+        SPLIT=split,
+        PRECISION=_dot_precision(q),
+    )
     if split:
         _decode_reduce_kernel[(num_seqs, num_heads)](
-            out, part_m, part_l, part_acc, num_splits, *out.stride(),
-            SPLITS_PAD=triton.next_power_of_2(num_splits), HEAD_DIM=head_dim)
+            out,
+            part_m,
+            part_l,
+            part_acc,
+            num_splits,
+            *out.stride(),
+            SPLITS_PAD=triton.next_power_of_2(num_splits),
+            HEAD_DIM=head_dim,
+        )
     return out
 
 
-def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cu_query_lens: torch.Tensor,
-                      context_lens: torch.Tensor, block_tables: torch.Tensor, scale: float,
-                      sliding_window: int | None = None, k_scale: float = 1.0,
-                      v_scale: float = 1.0) -> torch.Tensor:
+def prefill_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cu_query_lens: torch.Tensor,
+    context_lens: torch.Tensor,
+    block_tables: torch.Tensor,
+    scale: float,
+    sliding_window: int | None = None,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
+) -> torch.Tensor:
     """q: [num_tokens, num_heads, head_dim], each sequence's new tokens packed in order; cu_query_lens:
     [num_seqs + 1] int32 prefix sums of the query lengths; context_lens: [num_seqs] int32, tokens cached after
     this step (prefix + new); block_tables: [num_seqs, max_blocks] int32. Query i of sequence s sits at position
     context_lens[s] - q_len + i and attends causally -> [num_tokens, num_heads, head_dim] in q.dtype."""
     num_seqs = cu_query_lens.shape[0] - 1 if cu_query_lens.dim() == 1 else -1
     if num_seqs < 0 or cu_query_lens.dtype != torch.int32 or cu_query_lens.device != q.device:
-        raise ValueError(f"cu_query_lens must be an int32 [num_seqs + 1] tensor on {q.device}, "
-                         f"got {cu_query_lens.dtype} of shape {tuple(cu_query_lens.shape)} on {cu_query_lens.device}")
-    _check_attention_args(q, k_cache, v_cache, block_tables, context_lens, num_seqs, sliding_window, k_scale,
-                          v_scale)
+        raise ValueError(
+            f"cu_query_lens must be an int32 [num_seqs + 1] tensor on {q.device}, "
+            f"got {cu_query_lens.dtype} of shape {tuple(cu_query_lens.shape)} on {cu_query_lens.device}"
+        )
+    _check_attention_args(q, k_cache, v_cache, block_tables, context_lens, num_seqs, sliding_window, k_scale, v_scale)
     num_tokens, num_heads, head_dim = q.shape
     _, num_kv_heads, block_size, _ = k_cache.shape
     out = torch.empty_like(q)
@@ -329,11 +525,30 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     block_m = 16 if num_tokens <= 32 * num_seqs else (64 if head_dim <= 128 else 32)
     grid = (num_tokens // block_m + num_seqs, num_heads)
     _prefill_kernel[grid](
-        q, k_cache, v_cache, out, cu_query_lens, context_lens, block_tables,
-        scale * k_scale * LOG2E, v_scale, sliding_window or 0, num_seqs,
-        *q.stride(), *out.stride(), *k_cache.stride(), *v_cache.stride(), block_tables.stride(0),
-        GROUP=num_heads // num_kv_heads, BLOCK_SIZE=block_size, BLOCK_M=block_m, BLOCK_N=_kv_tile(block_size),
-        HEAD_DIM=head_dim, USE_WINDOW=sliding_window is not None, PRECISION=_dot_precision(q))
+        q,
+        k_cache,
+        v_cache,
+        out,
+        cu_query_lens,
+        context_lens,
+        block_tables,
+        scale * k_scale * LOG2E,
+        v_scale,
+        sliding_window or 0,
+        num_seqs,
+        *q.stride(),
+        *out.stride(),
+        *k_cache.stride(),
+        *v_cache.stride(),
+        block_tables.stride(0),
+        GROUP=num_heads // num_kv_heads,
+        BLOCK_SIZE=block_size,
+        BLOCK_M=block_m,
+        BLOCK_N=_kv_tile(block_size),
+        HEAD_DIM=head_dim,
+        USE_WINDOW=sliding_window is not None,
+        PRECISION=_dot_precision(q),
+    )
     return out
 
 
@@ -343,19 +558,20 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
 
 def _gather_kv(cache: torch.Tensor, blocks: torch.Tensor, n: int, scale: float) -> torch.Tensor:
     """The first n positions of one sequence -> [num_kv_heads, n, head_dim] float32, fp8 dequantized."""
-    x = cache[blocks.long()].float()                         # [blocks, kv_heads, block_size, head_dim]
+    x = cache[blocks.long()].float()  # [blocks, kv_heads, block_size, head_dim]
     if cache.dtype == torch.float8_e4m3fn:
         x = x * scale
     return x.transpose(0, 1).flatten(1, 2)[:, :n]
 
 
-def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, scale: float,
-            sliding_window: int | None) -> torch.Tensor:
+def _attend(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, scale: float, sliding_window: int | None
+) -> torch.Tensor:
     """q: [L, heads, dim] at positions pos [L]; k, v: [kv_heads, n, dim] -> [L, heads, dim] float32."""
     group = q.shape[1] // k.shape[0]
-    k = k.repeat_interleave(group, 0)                        # [heads, n, dim]
+    k = k.repeat_interleave(group, 0)  # [heads, n, dim]
     v = v.repeat_interleave(group, 0)
-    scores = q.float().transpose(0, 1) @ k.transpose(1, 2) * scale   # [heads, L, n]
+    scores = q.float().transpose(0, 1) @ k.transpose(1, 2) * scale  # [heads, L, n]
     keys = torch.arange(k.shape[1], device=q.device)
     visible = keys[None, :] <= pos[:, None]
     if sliding_window is not None:
@@ -364,10 +580,18 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor
     return (p @ v).transpose(0, 1)
 
 
-def paged_decode_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                               block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float,
-                               sliding_window: int | None = None, k_scale: float = 1.0, v_scale: float = 1.0,
-                               num_splits: int | None = None) -> torch.Tensor:
+def paged_decode_attention_ref(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+    sliding_window: int | None = None,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
+    num_splits: int | None = None,
+) -> torch.Tensor:
     """Same result as paged_decode_attention; num_splits only divides the kernel's work, so it is unused."""
     block_size = k_cache.shape[2]
     out = torch.empty_like(q)
@@ -376,15 +600,24 @@ def paged_decode_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: 
         blocks = block_tables[s, : -(-n // block_size)]
         k = _gather_kv(k_cache, blocks, n, k_scale)
         v = _gather_kv(v_cache, blocks, n, v_scale)
-        out[s] = _attend(q[s : s + 1], k, v, torch.tensor([n - 1], device=q.device), scale,
-                         sliding_window)[0].to(q.dtype)
+        out[s] = _attend(q[s : s + 1], k, v, torch.tensor([n - 1], device=q.device), scale, sliding_window)[0].to(
+            q.dtype
+        )
     return out
 
 
-def prefill_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                          cu_query_lens: torch.Tensor, context_lens: torch.Tensor, block_tables: torch.Tensor,
-                          scale: float, sliding_window: int | None = None, k_scale: float = 1.0,
-                          v_scale: float = 1.0) -> torch.Tensor:
+def prefill_attention_ref(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cu_query_lens: torch.Tensor,
+    context_lens: torch.Tensor,
+    block_tables: torch.Tensor,
+    scale: float,
+    sliding_window: int | None = None,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
+) -> torch.Tensor:
     block_size = k_cache.shape[2]
     out = torch.empty_like(q)
     for s in range(context_lens.shape[0]):

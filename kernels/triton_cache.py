@@ -20,6 +20,7 @@ to the twin's:
   them and the cache write is memory-bound, so its few integer operations cost nothing.
 NaN inputs are outside the contract (they would mean the model already failed); +-inf saturates to +-448.
 """
+
 from __future__ import annotations
 
 import math
@@ -45,6 +46,7 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
 
 # ---------------------------------------------------------------------------------------------- reshape_and_cache
 
+
 @triton.jit
 def _e4m3_bits(y):
     """y: float32 within [-448, 448] -> its float8_e4m3fn byte, rounded to nearest, ties to even."""
@@ -65,17 +67,36 @@ def _e4m3_bits(y):
     rem = mant - (q << shift)
     half = 1 << (shift - 1)
     up = (rem > half) | ((rem == half) & ((q & 1) == 1))
-    subnormal = q + up.to(tl.int32)   # q + 1 == 8 is the smallest normal, 2^-6: the encodings line up
-    code = tl.where(mag >= 0x3C800000, normal, subnormal)   # 0x3C800000 = 2^-6
+    subnormal = q + up.to(tl.int32)  # q + 1 == 8 is the smallest normal, 2^-6: the encodings line up
+    code = tl.where(mag >= 0x3C800000, normal, subnormal)  # 0x3C800000 = 2^-6
     return (sign | code).to(tl.uint8)
 
 
 @triton.jit
-def _reshape_and_cache_kernel(key_ptr, value_ptr, k_cache_ptr, v_cache_ptr, slot_ptr,
-                              k_inv_scale, v_inv_scale, num_kv_heads, head_dim, block_size,
-                              stride_kt, stride_kh, stride_kd, stride_vt, stride_vh, stride_vd,
-                              stride_cb, stride_ch, stride_cs,
-                              FP8: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
+def _reshape_and_cache_kernel(
+    key_ptr,
+    value_ptr,
+    k_cache_ptr,
+    v_cache_ptr,
+    slot_ptr,
+    k_inv_scale,
+    v_inv_scale,
+    num_kv_heads,
+    head_dim,
+    block_size,
+    stride_kt,
+    stride_kh,
+    stride_kd,
+    stride_vt,
+    stride_vh,
+    stride_vd,
+    stride_cb,
+    stride_ch,
+    stride_cs,
+    FP8: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     # One program: one token, BLOCK_H of its kv heads, K and V both.
     token = tl.program_id(0).to(tl.int64)
     slot = tl.load(slot_ptr + token)
@@ -90,15 +111,22 @@ def _reshape_and_cache_kernel(key_ptr, value_ptr, k_cache_ptr, v_cache_ptr, slot
     dst = block * stride_cb + heads[:, None] * stride_ch + offset * stride_cs + dims[None, :]
     k = tl.load(key_ptr + k_src, mask=mask)
     v = tl.load(value_ptr + v_src, mask=mask)
-    if FP8:   # the caches arrive as uint8 views
+    if FP8:  # the caches arrive as uint8 views
         k = _e4m3_bits(tl.minimum(tl.maximum(k.to(tl.float32) * k_inv_scale, -448.0), 448.0))
         v = _e4m3_bits(tl.minimum(tl.maximum(v.to(tl.float32) * v_inv_scale, -448.0), 448.0))
     tl.store(k_cache_ptr + dst, k.to(k_cache_ptr.dtype.element_ty), mask=mask)
     tl.store(v_cache_ptr + dst, v.to(v_cache_ptr.dtype.element_ty), mask=mask)
 
 
-def reshape_and_cache(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                      slot_mapping: torch.Tensor, k_scale: float = 1.0, v_scale: float = 1.0) -> None:
+def reshape_and_cache(
+    key: torch.Tensor,
+    value: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
+) -> None:
     """key, value: [num_tokens, num_kv_heads, head_dim] (any strides); k_cache, v_cache: [num_blocks,
     num_kv_heads, block_size, head_dim], contiguous, written in place; slot_mapping: [num_tokens] int64.
     k_scale, v_scale: the fp8 scales (ignored for other cache dtypes)."""
@@ -107,27 +135,48 @@ def reshape_and_cache(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Ten
     if num_tokens == 0:
         return
     fp8 = k_cache.dtype == torch.float8_e4m3fn
-    k_inv_scale, v_inv_scale = (1.0 / k_scale, 1.0 / v_scale) if fp8 else (1.0, 1.0)   # float32 in the kernel
-    if fp8:   # the kernel writes the bytes it encodes
+    k_inv_scale, v_inv_scale = (1.0 / k_scale, 1.0 / v_scale) if fp8 else (1.0, 1.0)  # float32 in the kernel
+    if fp8:  # the kernel writes the bytes it encodes
         k_cache, v_cache = k_cache.view(torch.uint8), v_cache.view(torch.uint8)
     block_d = triton.next_power_of_2(head_dim)
     block_h = min(triton.next_power_of_2(num_kv_heads), max(1, _TILE // block_d))
     grid = (num_tokens, triton.cdiv(num_kv_heads, block_h))
     _reshape_and_cache_kernel[grid](
-        key, value, k_cache, v_cache, slot_mapping.contiguous(), k_inv_scale, v_inv_scale,
-        num_kv_heads, head_dim, k_cache.shape[2], *key.stride(), *value.stride(), *k_cache.stride()[:3],
-        FP8=fp8, BLOCK_H=block_h, BLOCK_D=block_d)
+        key,
+        value,
+        k_cache,
+        v_cache,
+        slot_mapping.contiguous(),
+        k_inv_scale,
+        v_inv_scale,
+        num_kv_heads,
+        head_dim,
+        k_cache.shape[2],
+        *key.stride(),
+        *value.stride(),
+        *k_cache.stride()[:3],
+        FP8=fp8,
+        BLOCK_H=block_h,
+        BLOCK_D=block_d,
+    )
 
 
-def reshape_and_cache_ref(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                          slot_mapping: torch.Tensor, k_scale: float = 1.0, v_scale: float = 1.0) -> None:
+def reshape_and_cache_ref(
+    key: torch.Tensor,
+    value: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
+) -> None:
     keep = slot_mapping >= 0
     slots = slot_mapping[keep]
     block_size = k_cache.shape[2]
     blocks, offsets = slots // block_size, slots % block_size
     for x, cache, scale in ((key[keep], k_cache, k_scale), (value[keep], v_cache, v_scale)):
         if cache.dtype == torch.float8_e4m3fn:
-            inv = torch.tensor(1.0 / scale, dtype=torch.float32)   # the kernel's float32 reciprocal
+            inv = torch.tensor(1.0 / scale, dtype=torch.float32)  # the kernel's float32 reciprocal
             x = (x.float() * inv).clamp(-E4M3_MAX, E4M3_MAX)
         # cache[blocks, :, offsets]: [tokens kept, num_kv_heads, head_dim], like x
         _bits(cache)[blocks, :, offsets] = _bits(x.to(cache.dtype))
@@ -137,17 +186,22 @@ def _check_reshape_and_cache(key, value, k_cache, v_cache, slot_mapping, k_scale
     if key.dim() != 3:
         raise ValueError(f"key must be [num_tokens, num_kv_heads, head_dim], got shape {tuple(key.shape)}")
     if value.shape != key.shape or value.dtype != key.dtype:
-        raise ValueError(f"value ({tuple(value.shape)}, {value.dtype}) must match key "
-                         f"({tuple(key.shape)}, {key.dtype})")
+        raise ValueError(
+            f"value ({tuple(value.shape)}, {value.dtype}) must match key ({tuple(key.shape)}, {key.dtype})"
+        )
     if k_cache.dim() != 4:
-        raise ValueError("k_cache must be [num_blocks, num_kv_heads, block_size, head_dim], "
-                         f"got shape {tuple(k_cache.shape)}")
+        raise ValueError(
+            f"k_cache must be [num_blocks, num_kv_heads, block_size, head_dim], got shape {tuple(k_cache.shape)}"
+        )
     if v_cache.shape != k_cache.shape or v_cache.dtype != k_cache.dtype:
-        raise ValueError(f"v_cache ({tuple(v_cache.shape)}, {v_cache.dtype}) must match k_cache "
-                         f"({tuple(k_cache.shape)}, {k_cache.dtype})")
+        raise ValueError(
+            f"v_cache ({tuple(v_cache.shape)}, {v_cache.dtype}) must match k_cache "
+            f"({tuple(k_cache.shape)}, {k_cache.dtype})"
+        )
     if (k_cache.shape[1], k_cache.shape[3]) != key.shape[1:]:
-        raise ValueError(f"k_cache {tuple(k_cache.shape)} does not hold key's num_kv_heads and head_dim "
-                         f"{tuple(key.shape[1:])}")
+        raise ValueError(
+            f"k_cache {tuple(k_cache.shape)} does not hold key's num_kv_heads and head_dim {tuple(key.shape[1:])}"
+        )
     if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
         raise ValueError("k_cache and v_cache must be contiguous")
     if slot_mapping.dtype != torch.int64:
@@ -171,9 +225,18 @@ def _check_reshape_and_cache(key, value, k_cache, v_cache, slot_mapping, k_scale
 
 # ---------------------------------------------------------------------------------------------- copy_blocks
 
+
 @triton.jit
-def _copy_blocks_kernel(src_pool_ptr, dst_pool_ptr, src_ids_ptr, dst_ids_ptr,
-                        src_layer_stride, dst_layer_stride, block_numel, BLOCK: tl.constexpr):
+def _copy_blocks_kernel(
+    src_pool_ptr,
+    dst_pool_ptr,
+    src_ids_ptr,
+    dst_ids_ptr,
+    src_layer_stride,
+    dst_layer_stride,
+    block_numel,
+    BLOCK: tl.constexpr,
+):
     # Pools: [2 * num_layers, blocks, block_numel]. One program: one pair, one layer's K or V, one chunk.
     pair = tl.program_id(0)
     layer = tl.program_id(1).to(tl.int64)
@@ -197,7 +260,7 @@ def copy_blocks(kv_cache: torch.Tensor, src: torch.Tensor, dst: torch.Tensor) ->
     src_ids, dst_ids = _check_copy_blocks(kv_cache, src, dst)
     if not src_ids:
         return
-    pool = _bits(kv_cache).view(2 * kv_cache.shape[1], kv_cache.shape[2], -1)   # [2 * layers, blocks, numel]
+    pool = _bits(kv_cache).view(2 * kv_cache.shape[1], kv_cache.shape[2], -1)  # [2 * layers, blocks, numel]
     device = kv_cache.device
     # The kernel indexes the ids as contiguous arrays: a strided view (a column of a pairs tensor) must not
     # reach it as such.
@@ -205,7 +268,7 @@ def copy_blocks(kv_cache: torch.Tensor, src: torch.Tensor, dst: torch.Tensor) ->
     if set(src_ids).isdisjoint(dst_ids):
         _launch_copy(pool, pool, src, dst)
         return
-    stage = pool.new_empty(pool.shape[0], len(src_ids), pool.shape[2])      # [2 * layers, pairs, numel]
+    stage = pool.new_empty(pool.shape[0], len(src_ids), pool.shape[2])  # [2 * layers, pairs, numel]
     in_order = torch.arange(len(src_ids), device=device)
     _launch_copy(pool, stage, src, in_order)
     _launch_copy(stage, pool, in_order, dst)
@@ -215,8 +278,9 @@ def _launch_copy(src_pool: torch.Tensor, dst_pool: torch.Tensor, src: torch.Tens
     block_numel = src_pool.shape[2]
     block = min(triton.next_power_of_2(block_numel), _TILE)
     grid = (src.numel(), src_pool.shape[0], triton.cdiv(block_numel, block))
-    _copy_blocks_kernel[grid](src_pool, dst_pool, src, dst, src_pool.stride(0), dst_pool.stride(0),
-                              block_numel, BLOCK=block)
+    _copy_blocks_kernel[grid](
+        src_pool, dst_pool, src, dst, src_pool.stride(0), dst_pool.stride(0), block_numel, BLOCK=block
+    )
 
 
 def copy_blocks_ref(kv_cache: torch.Tensor, src: torch.Tensor, dst: torch.Tensor) -> None:
@@ -228,8 +292,10 @@ def _check_copy_blocks(kv_cache, src, dst) -> tuple[list[int], list[int]]:
     """Validates and returns the ids as host lists (the block manager's ids live on the host: reading them
     there is free; ids on the GPU cost one small sync)."""
     if kv_cache.dim() != 6 or kv_cache.shape[0] != 2:
-        raise ValueError("kv_cache must be [2, num_layers, num_blocks, num_kv_heads, block_size, head_dim], "
-                         f"got shape {tuple(kv_cache.shape)}")
+        raise ValueError(
+            "kv_cache must be [2, num_layers, num_blocks, num_kv_heads, block_size, head_dim], "
+            f"got shape {tuple(kv_cache.shape)}"
+        )
     if not kv_cache.is_contiguous():
         raise ValueError("kv_cache must be contiguous")
     return _check_block_ids(src, dst, "src", "dst", kv_cache.shape[2], kv_cache.shape[2])
@@ -253,8 +319,8 @@ def _check_block_ids(src, dst, src_name, dst_name, src_blocks, dst_blocks) -> tu
 
 # ---------------------------------------------------------------------------------------------- swap_blocks
 
-def swap_blocks(src_cache: torch.Tensor, dst_cache: torch.Tensor, src_ids: torch.Tensor,
-                dst_ids: torch.Tensor) -> None:
+
+def swap_blocks(src_cache: torch.Tensor, dst_cache: torch.Tensor, src_ids: torch.Tensor, dst_ids: torch.Tensor) -> None:
     """src_cache, dst_cache: pools [2, num_layers, num_blocks, num_kv_heads, block_size, head_dim] that may differ
     in num_blocks and device (the GPU pool and the host swap pool, either way round); src_ids, dst_ids:
     [num_pairs] int64. Copies block src_ids[i] of src_cache to dst_ids[i] of dst_cache, K and V of every layer.
@@ -266,8 +332,8 @@ def swap_blocks(src_cache: torch.Tensor, dst_cache: torch.Tensor, src_ids: torch
     _check_swap_blocks(src_cache, dst_cache, src_ids, dst_ids)
     src_pool, dst_pool = _bits(src_cache), _bits(dst_cache)
     src_ids, dst_ids = src_ids.to(src_cache.device), dst_ids.to(dst_cache.device)
-    shape = (*src_pool.shape[:2], src_ids.numel(), *src_pool.shape[3:])   # [2, layers, pairs, heads, size, dim]
-    if src_pool.is_cuda and not dst_pool.is_cuda:   # swap out
+    shape = (*src_pool.shape[:2], src_ids.numel(), *src_pool.shape[3:])  # [2, layers, pairs, heads, size, dim]
+    if src_pool.is_cuda and not dst_pool.is_cuda:  # swap out
         staged = torch.empty(shape, dtype=src_pool.dtype, pin_memory=True)
         staged.copy_(src_pool.index_select(2, src_ids), non_blocking=True)
         # The scatter below runs on the CPU and reads the staged blocks: wait for the transfer.
@@ -284,23 +350,33 @@ def swap_blocks(src_cache: torch.Tensor, dst_cache: torch.Tensor, src_ids: torch
     dst_pool.index_copy_(2, dst_ids, blocks)
 
 
-def swap_blocks_ref(src_cache: torch.Tensor, dst_cache: torch.Tensor, src_ids: torch.Tensor,
-                    dst_ids: torch.Tensor) -> None:
+def swap_blocks_ref(
+    src_cache: torch.Tensor, dst_cache: torch.Tensor, src_ids: torch.Tensor, dst_ids: torch.Tensor
+) -> None:
     _bits(dst_cache)[:, :, dst_ids] = _bits(src_cache)[:, :, src_ids].to(dst_cache.device)
 
 
 def _check_swap_blocks(src_cache, dst_cache, src_ids, dst_ids) -> None:
     if src_cache.dim() != 6 or src_cache.shape[0] != 2:
-        raise ValueError("src_cache must be [2, num_layers, num_blocks, num_kv_heads, block_size, head_dim], "
-                         f"got shape {tuple(src_cache.shape)}")
-    if (dst_cache.dim() != 6 or dst_cache.shape[:2] != src_cache.shape[:2]
-            or dst_cache.shape[3:] != src_cache.shape[3:] or dst_cache.dtype != src_cache.dtype):
-        raise ValueError(f"dst_cache ({tuple(dst_cache.shape)}, {dst_cache.dtype}) must match src_cache "
-                         f"({tuple(src_cache.shape)}, {src_cache.dtype}) but for num_blocks")
+        raise ValueError(
+            "src_cache must be [2, num_layers, num_blocks, num_kv_heads, block_size, head_dim], "
+            f"got shape {tuple(src_cache.shape)}"
+        )
+    if (
+        dst_cache.dim() != 6
+        or dst_cache.shape[:2] != src_cache.shape[:2]
+        or dst_cache.shape[3:] != src_cache.shape[3:]
+        or dst_cache.dtype != src_cache.dtype
+    ):
+        raise ValueError(
+            f"dst_cache ({tuple(dst_cache.shape)}, {dst_cache.dtype}) must match src_cache "
+            f"({tuple(src_cache.shape)}, {src_cache.dtype}) but for num_blocks"
+        )
     _check_block_ids(src_ids, dst_ids, "src_ids", "dst_ids", src_cache.shape[2], dst_cache.shape[2])
 
 
 # ---------------------------------------------------------------------------------------------- kv_scale
+
 
 def kv_scale(x: torch.Tensor) -> float:
     """The per-tensor fp8 e4m3 scale for x: amax / 448, so that x's largest magnitude maps to e4m3's largest

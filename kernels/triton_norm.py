@@ -6,6 +6,7 @@ before the weight multiply (rather than once at the end) is what makes a half-pr
 With a residual the add comes first, in x's dtype as HF's `hidden_states = residual + hidden_states` does,
 and the rounded sum is both what is normalised and the new residual stream.
 """
+
 from __future__ import annotations
 
 import torch
@@ -16,9 +17,21 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 @triton.jit
-def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr,
-                     x_stride, res_stride, out_stride, res_out_stride, hidden, eps,
-                     HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
+def _rms_norm_kernel(
+    x_ptr,
+    res_ptr,
+    w_ptr,
+    out_ptr,
+    res_out_ptr,
+    x_stride,
+    res_stride,
+    out_stride,
+    res_out_stride,
+    hidden,
+    eps,
+    HAS_RESIDUAL: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     # One program per row; the whole row fits in one block.
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
@@ -60,8 +73,9 @@ def _check(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None)
             raise ValueError("residual must be contiguous along hidden (stride 1)")
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
-             residual: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+def rms_norm(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """x, residual: [num_tokens, hidden]; weight: [hidden], all one dtype.
     Returns out, or (out, new_residual) with new_residual = x + residual and out = rms_norm(new_residual)."""
     _check(x, weight, residual)
@@ -74,14 +88,27 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
     # Enough warps that each thread holds a few dozen elements of the row, at most 8 warps.
     num_warps = min(max(block // 256, 1), 8)
     _rms_norm_kernel[(num_tokens,)](
-        x, residual if residual is not None else x, weight, out, res_out,
-        x.stride(0), residual.stride(0) if residual is not None else 0, out.stride(0), res_out.stride(0),
-        hidden, eps, HAS_RESIDUAL=residual is not None, BLOCK=block, num_warps=num_warps)
+        x,
+        residual if residual is not None else x,
+        weight,
+        out,
+        res_out,
+        x.stride(0),
+        residual.stride(0) if residual is not None else 0,
+        out.stride(0),
+        res_out.stride(0),
+        hidden,
+        eps,
+        HAS_RESIDUAL=residual is not None,
+        BLOCK=block,
+        num_warps=num_warps,
+    )
     return out if residual is None else (out, res_out)
 
 
-def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float,
-                 residual: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+def rms_norm_ref(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """The same computation in plain torch, step for step as transformers' LlamaRMSNorm."""
     _check(x, weight, residual)
     if residual is not None:

@@ -7,6 +7,7 @@ Pair i of a head is (x[i], x[i + rot_dim / 2]) in the neox layout (HF's rotate_h
     x1' = x1 * cos - x2 * sin,   x2' = x2 * cos + x1 * sin
 computed in float32 and stored in q's dtype.
 """
+
 from __future__ import annotations
 
 import torch
@@ -29,10 +30,24 @@ def _rotate_heads(base_ptr, head_stride, num_heads, first, second, pair_mask, co
 
 
 @triton.jit
-def _rotary_kernel(pos_ptr, q_ptr, k_ptr, cache_ptr, q_token_stride, q_head_stride, k_token_stride, k_head_stride,
-                   num_heads, num_kv_heads, cache_stride,
-                   HALF: tl.constexpr, BLOCK_PAIRS: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_KVH: tl.constexpr,
-                   IS_NEOX: tl.constexpr):
+def _rotary_kernel(
+    pos_ptr,
+    q_ptr,
+    k_ptr,
+    cache_ptr,
+    q_token_stride,
+    q_head_stride,
+    k_token_stride,
+    k_head_stride,
+    num_heads,
+    num_kv_heads,
+    cache_stride,
+    HALF: tl.constexpr,
+    BLOCK_PAIRS: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_KVH: tl.constexpr,
+    IS_NEOX: tl.constexpr,
+):
     # One program per token: its cos/sin row is loaded once and shared by every q and k head.
     token = tl.program_id(0).to(tl.int64)
     pos = tl.load(pos_ptr + token)
@@ -46,10 +61,10 @@ def _rotary_kernel(pos_ptr, q_ptr, k_ptr, cache_ptr, q_token_stride, q_head_stri
     else:
         first = 2 * pairs
         second = 2 * pairs + 1
-    _rotate_heads(q_ptr + token * q_token_stride, q_head_stride, num_heads, first, second, pair_mask, cos, sin,
-                  BLOCK_H)
-    _rotate_heads(k_ptr + token * k_token_stride, k_head_stride, num_kv_heads, first, second, pair_mask, cos, sin,
-                  BLOCK_KVH)
+    _rotate_heads(q_ptr + token * q_token_stride, q_head_stride, num_heads, first, second, pair_mask, cos, sin, BLOCK_H)
+    _rotate_heads(
+        k_ptr + token * k_token_stride, k_head_stride, num_kv_heads, first, second, pair_mask, cos, sin, BLOCK_KVH
+    )
 
 
 def _check(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_sin_cache: torch.Tensor) -> None:
@@ -68,8 +83,10 @@ def _check(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_sin_ca
     if k.dtype != q.dtype or k.shape[2] != q.shape[2]:
         raise ValueError(f"k is {k.dtype} with head_dim {k.shape[2]}, q is {q.dtype} with head_dim {q.shape[2]}")
     if cos_sin_cache.dim() != 2 or cos_sin_cache.dtype != torch.float32 or not cos_sin_cache.is_contiguous():
-        raise ValueError(f"cos_sin_cache must be a contiguous [max_positions, rot_dim] float32 tensor, got "
-                         f"{cos_sin_cache.dtype} {tuple(cos_sin_cache.shape)}")
+        raise ValueError(
+            f"cos_sin_cache must be a contiguous [max_positions, rot_dim] float32 tensor, got "
+            f"{cos_sin_cache.dtype} {tuple(cos_sin_cache.shape)}"
+        )
     if cos_sin_cache.device != q.device:
         raise ValueError(f"cos_sin_cache is on {cos_sin_cache.device}, q on {q.device}")
     rot_dim = cos_sin_cache.shape[1]
@@ -77,8 +94,9 @@ def _check(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_sin_ca
         raise ValueError(f"cos_sin_cache's rot_dim {rot_dim} must be even and in (0, head_dim={q.shape[2]}]")
 
 
-def rotary_embedding(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_sin_cache: torch.Tensor,
-                     is_neox: bool) -> None:
+def rotary_embedding(
+    positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_sin_cache: torch.Tensor, is_neox: bool
+) -> None:
     """Rotate q [num_tokens, num_heads, head_dim] and k [num_tokens, num_kv_heads, head_dim] in place by the
     positions [num_tokens] int64 (each < max_positions: not checked, that would cost a device sync)."""
     _check(positions, q, k, cos_sin_cache)
@@ -86,21 +104,36 @@ def rotary_embedding(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, 
         return
     half = cos_sin_cache.shape[1] // 2
     _rotary_kernel[(positions.shape[0],)](
-        positions, q, k, cos_sin_cache, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
-        q.shape[1], k.shape[1], cos_sin_cache.stride(0),
-        HALF=half, BLOCK_PAIRS=triton.next_power_of_2(half), BLOCK_H=triton.next_power_of_2(q.shape[1]),
-        BLOCK_KVH=triton.next_power_of_2(k.shape[1]), IS_NEOX=is_neox, num_warps=4)
+        positions,
+        q,
+        k,
+        cos_sin_cache,
+        q.stride(0),
+        q.stride(1),
+        k.stride(0),
+        k.stride(1),
+        q.shape[1],
+        k.shape[1],
+        cos_sin_cache.stride(0),
+        HALF=half,
+        BLOCK_PAIRS=triton.next_power_of_2(half),
+        BLOCK_H=triton.next_power_of_2(q.shape[1]),
+        BLOCK_KVH=triton.next_power_of_2(k.shape[1]),
+        IS_NEOX=is_neox,
+        num_warps=4,
+    )
 
 
-def rotary_embedding_ref(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_sin_cache: torch.Tensor,
-                         is_neox: bool) -> None:
+def rotary_embedding_ref(
+    positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_sin_cache: torch.Tensor, is_neox: bool
+) -> None:
     """The same rotation in plain torch, in place."""
     _check(positions, q, k, cos_sin_cache)
     rot_dim = cos_sin_cache.shape[1]
-    cos, sin = cos_sin_cache[positions].unsqueeze(1).chunk(2, dim=-1)    # each [num_tokens, 1, rot_dim / 2]
+    cos, sin = cos_sin_cache[positions].unsqueeze(1).chunk(2, dim=-1)  # each [num_tokens, 1, rot_dim / 2]
     for x in (q, k):
-        rot = x[..., :rot_dim].float()                                     # [num_tokens, heads, rot_dim]
-        x1, x2 = (rot[..., : rot_dim // 2], rot[..., rot_dim // 2:]) if is_neox else (rot[..., 0::2], rot[..., 1::2])
+        rot = x[..., :rot_dim].float()  # [num_tokens, heads, rot_dim]
+        x1, x2 = (rot[..., : rot_dim // 2], rot[..., rot_dim // 2 :]) if is_neox else (rot[..., 0::2], rot[..., 1::2])
         y1, y2 = x1 * cos - x2 * sin, x2 * cos + x1 * sin
         y = torch.cat((y1, y2), dim=-1) if is_neox else torch.stack((y1, y2), dim=-1).flatten(-2)
         x[..., :rot_dim] = y.to(x.dtype)

@@ -10,6 +10,7 @@ Runs with throw-away data and config folders (for the window, the default model 
 so the user's settings, chat history and compiled kernels are not touched. Exit status 1 with the reason when a
 step fails.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,14 +21,14 @@ import tempfile
 import time
 from pathlib import Path
 
-from app import model_store  # .venv's editable install: where the real default model is
+from app.library import model_store  # .venv's editable install: where the real default model is
 from app.settings import CONFIG_DIR_ENV
 
 ROOT = Path(__file__).resolve().parent.parent
 
 SHOWN = "kvstudio: main window shown"
 STARTS = 3
-TIMEOUT = 180   # seconds for one start or command; a first start on two busy cores takes a few
+TIMEOUT = 180  # seconds for one start or command; a first start on two busy cores takes a few
 
 
 class CheckFailed(RuntimeError):
@@ -64,8 +65,9 @@ def start_window(exe: Path, env: dict) -> float:
 
 def run(exe: Path, args: list[str], env: dict) -> tuple[subprocess.CompletedProcess, float]:
     start = time.perf_counter()
-    proc = subprocess.run([str(exe), *args], env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True,
-                          timeout=TIMEOUT)
+    proc = subprocess.run(
+        [str(exe), *args], env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=TIMEOUT
+    )
     return proc, time.perf_counter() - start
 
 
@@ -85,8 +87,14 @@ def check(bundle: Path) -> None:
         (data / "models").mkdir(parents=True)
         (data / "models" / real_model.name).symlink_to(real_model)
         env = {k: v for k, v in os.environ.items() if k not in ("DISPLAY", "WAYLAND_DISPLAY")}
-        env.update({model_store.DATA_DIR_ENV: str(data), CONFIG_DIR_ENV: str(Path(tmp) / "config"),
-                    "TORCH_EXTENSIONS_DIR": str(Path(tmp) / "torch_extensions"), "QT_QPA_PLATFORM": "offscreen"})
+        env.update(
+            {
+                model_store.DATA_DIR_ENV: str(data),
+                CONFIG_DIR_ENV: str(Path(tmp) / "config"),
+                "TORCH_EXTENSIONS_DIR": str(Path(tmp) / "torch_extensions"),
+                "QT_QPA_PLATFORM": "offscreen",
+            }
+        )
 
         times = [start_window(exe, {**env, "KVSTUDIO_EXIT_WHEN_SHOWN": "1"}) for _ in range(STARTS)]
         print(f"start-up to main window (offscreen): first {times[0]:.2f} s, best of {STARTS} {min(times):.2f} s")
@@ -102,13 +110,16 @@ def check(bundle: Path) -> None:
         first_run = {**env, model_store.DATA_DIR_ENV: str(Path(tmp) / "first-run")}
         proc, seconds = run(exe, ["generate", "--max-tokens", "8", "--temperature", "0", prompt], first_run)
         if proc.returncode != 0 or "Paris" not in proc.stdout:
-            raise CheckFailed(f"kvstudio generate failed (exit code {proc.returncode}):\n{proc.stdout}\n"
-                              f"{proc.stderr[-3000:]}")
-        kernels = ("torch attention (the C++ CPU kernels did not build)" if "falling back" in proc.stderr
-                   else "the C++ CPU kernels")
+            raise CheckFailed(
+                f"kvstudio generate failed (exit code {proc.returncode}):\n{proc.stdout}\n{proc.stderr[-3000:]}"
+            )
+        kernels = (
+            "torch attention (the C++ CPU kernels did not build)"
+            if "falling back" in proc.stderr
+            else "the C++ CPU kernels"
+        )
         answer = proc.stdout.strip().splitlines()[-1]
-        print(f"kvstudio generate, default model fetched first: {answer!r} in {seconds:.1f} s, attention on "
-              f"{kernels}")
+        print(f"kvstudio generate, default model fetched first: {answer!r} in {seconds:.1f} s, attention on {kernels}")
 
 
 def main() -> int:

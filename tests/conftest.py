@@ -1,4 +1,5 @@
 """Fixtures shared by the whole suite: the default model, its tokenizer, and the environment the suite runs in."""
+
 from __future__ import annotations
 
 import os
@@ -8,19 +9,19 @@ os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 # process, a Qt thread) would otherwise crawl. Set before torch starts its OpenMP runtime.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import torch  # noqa: E402 - importing torch runs no @triton.jit
+import torch
 
 # Triton kernels run on its interpreter when there is no GPU (on one, the GPU-marked tests run them compiled);
 # this must be set before any @triton.jit runs.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import hashlib  # noqa: E402
-import threading  # noqa: E402
-from dataclasses import dataclass, field  # noqa: E402
-from pathlib import Path  # noqa: E402
+import hashlib
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
 
-import pytest  # noqa: E402
+import pytest
 
 # Both cores for each test's matmuls; the suite runs tests one at a time.
 torch.set_num_threads(2)
@@ -28,7 +29,7 @@ torch.set_num_threads(2)
 
 @pytest.fixture(scope="session")
 def smollm2_gguf() -> Path:
-    from app.model_store import default_model_path
+    from app.library.model_store import default_model_path
 
     path = default_model_path()
     if not path.is_file():
@@ -50,9 +51,18 @@ def tiny_chat_model(tmp_path_factory, smollm2_tokenizer) -> Path:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     tok = smollm2_tokenizer
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, tie_word_embeddings=True)
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        tie_word_embeddings=True,
+    )
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("tiny-chat")
     LlamaForCausalLM(config).save_pretrained(path)
@@ -72,15 +82,16 @@ class FakeHub:
     Every request is logged as (method, path, Range header). "repo/file" keys in drop_halfway break their next
     GET off mid-body; in stall_halfway they send half, then wait for `release`. A search answers only the fields
     its `expand` asks for, as the Hub does."""
+
     repos: dict[str, dict[str, bytes]]
-    downloads: dict[str, int] = field(default_factory=dict)   # for search ordering
+    downloads: dict[str, int] = field(default_factory=dict)  # for search ordering
     num_params: dict[str, int] = field(default_factory=dict)  # the safetensors parameter count a search reports
     drop_halfway: set[str] = field(default_factory=set)
     stall_halfway: set[str] = field(default_factory=set)
     release: threading.Event = field(default_factory=threading.Event)
     requests: list[tuple[str, str, str | None]] = field(default_factory=list)
     url: str = ""
-    commit: str = HUB_COMMIT   # every repo's one revision
+    commit: str = HUB_COMMIT  # every repo's one revision
 
     @property
     def ranges(self) -> list[str | None]:
@@ -95,8 +106,11 @@ class FakeHub:
         found = sorted((r for r in self.repos if query.lower() in r.lower()), key=lambda r: -self.downloads.get(r, 0))
         items = []
         for r in found:
-            fields = {"downloads": self.downloads.get(r, 0), "likes": len(r),
-                      "usedStorage": sum(map(len, self.repos[r].values()))}
+            fields = {
+                "downloads": self.downloads.get(r, 0),
+                "likes": len(r),
+                "usedStorage": sum(map(len, self.repos[r].values())),
+            }
             if r in self.num_params:
                 fields["safetensors"] = {"parameters": {"F32": self.num_params[r]}, "total": self.num_params[r]}
             items.append({"id": r, **{k: v for k, v in fields.items() if k in expand}})
@@ -108,12 +122,16 @@ class FakeHub:
         repo_id = f"{request.match_info['org']}/{request.match_info['name']}"
         self.requests.append((request.method, request.path, None))
         if repo_id not in self.repos:
-            return web.json_response({"error": "Repository not found"}, status=404,
-                                     headers={"X-Error-Code": "RepoNotFound"})
+            return web.json_response(
+                {"error": "Repository not found"}, status=404, headers={"X-Error-Code": "RepoNotFound"}
+            )
         siblings = []
         for name, data in self.repos[repo_id].items():
-            sibling = {"rfilename": name, "size": len(data),
-                       "blobId": hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()}
+            sibling = {
+                "rfilename": name,
+                "size": len(data),
+                "blobId": hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest(),
+            }
             if name.endswith((".safetensors", ".bin", ".onnx")):  # stored in LFS on the real Hub
                 sibling["lfs"] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest(), "pointerSize": 134}
             siblings.append(sibling)
@@ -132,9 +150,14 @@ class FakeHub:
             return web.Response(status=404, headers={"X-Error-Code": "EntryNotFound"})
         start = int(request.headers.get("Range", "bytes=0-").removeprefix("bytes=").removesuffix("-"))
         body = data[start:]
-        response = web.StreamResponse(status=206 if start else 200, headers={
-            "Content-Length": str(len(body)), "ETag": f'"{hashlib.sha256(data).hexdigest()}"',
-            "X-Repo-Commit": HUB_COMMIT})
+        response = web.StreamResponse(
+            status=206 if start else 200,
+            headers={
+                "Content-Length": str(len(body)),
+                "ETag": f'"{hashlib.sha256(data).hexdigest()}"',
+                "X-Repo-Commit": HUB_COMMIT,
+            },
+        )
         if start:
             response.headers["Content-Range"] = f"bytes {start}-{len(data) - 1}/{len(data)}"
         await response.prepare(request)
@@ -147,7 +170,7 @@ class FakeHub:
                 return response
             self.stall_halfway.discard(key)
             await asyncio.get_running_loop().run_in_executor(None, self.release.wait, 10)
-            body = body[len(body) // 2:]
+            body = body[len(body) // 2 :]
         await response.write(body)
         await response.write_eof()
         return response
@@ -162,12 +185,15 @@ def serve_hub(tmp_path, monkeypatch):
     from aiohttp import web
     from huggingface_hub import constants
 
-    from app import model_store
+    from app.library import model_store
 
     running = []
 
-    def serve(repos: dict[str, dict[str, bytes]], downloads: dict[str, int] | None = None,
-              num_params: dict[str, int] | None = None) -> FakeHub:
+    def serve(
+        repos: dict[str, dict[str, bytes]],
+        downloads: dict[str, int] | None = None,
+        num_params: dict[str, int] | None = None,
+    ) -> FakeHub:
         hub = FakeHub(repos, dict(downloads or {}), dict(num_params or {}))
         app = web.Application()
         app.router.add_get("/api/models", hub.search)
@@ -198,12 +224,13 @@ def serve_hub(tmp_path, monkeypatch):
 
 # ---- an OpenAI-compatible endpoint to point clients at ------------------------------------------------------------
 
+
 @dataclass
 class OpenAIEndpoint:
-    base_url: str        # http://127.0.0.1:port/v1
+    base_url: str  # http://127.0.0.1:port/v1
     api_key: str
-    model: str           # the one model it serves
-    engine: object       # its LLMEngine, to check what the server did
+    model: str  # the one model it serves
+    engine: object  # its LLMEngine, to check what the server did
 
 
 @pytest.fixture(scope="module")

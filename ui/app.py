@@ -4,6 +4,7 @@ A splash with the icon is on screen within half a second; the window's modules c
 import torch, transformers and the engine, which takes seconds on a cold start (3 to 4 s on two cores). Only Qt
 and the standard library are imported above run()'s splash.
 """
+
 from __future__ import annotations
 
 import sys
@@ -20,7 +21,7 @@ SPLASH_BACKGROUND, SPLASH_TEXT = "#26282c", "#e8eaed"
 
 def make_llm(model: str, options: dict):
     """The bridge's loader: the default model is fetched into the store first when it is not there yet."""
-    from app import model_store
+    from app.library import model_store
     from engine import LLM
 
     if Path(model) == model_store.default_model_path():
@@ -38,7 +39,7 @@ def splash(app: QApplication) -> QSplashScreen:
     screen = QSplashScreen(card)
     screen.showMessage("Starting kvstudio…", Qt.AlignBottom | Qt.AlignHCenter, QColor(SPLASH_TEXT))
     screen.show()
-    app.processEvents()   # painted now, before the imports below hold the thread
+    app.processEvents()  # painted now, before the imports below hold the thread
     return screen
 
 

@@ -8,6 +8,7 @@ Chat and batch requests go to the in-process engine, or, once the user connects 
 OpenAI-compatible endpoint (app/remote_client.py); either way their replies arrive as the same RequestUpdate.
 The model store, the monitor and the server page always work on the in-process engine.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -22,7 +23,7 @@ from PySide6.QtCore import QObject, Signal
 
 from app.conversation import chat_prompt
 from app.engine_thread import EngineThread
-from app.machine import ModelFit, check_model_fits
+from app.library.machine import ModelFit, check_model_fits
 from app.remote_client import Endpoint, RemoteClient, TextUpdate, list_models
 from engine import LLM, RequestOutput, SamplingParams
 
@@ -43,18 +44,20 @@ class ModelLoadFailed:
 @dataclass(frozen=True)
 class RequestUpdate:
     """A reply so far (cumulative: everything generated yet); `finished` on the last one."""
+
     request_id: str
     text: str
     num_tokens: int
     finished: bool
-    finish_reason: str | None = None      # "stop" | "length" | "abort", on the last one
+    finish_reason: str | None = None  # "stop" | "length" | "abort", on the last one
 
 
 @dataclass(frozen=True)
 class PreparedChat:
     """A chat ready to submit: for the in-process engine, its chat template already rendered."""
+
     messages: list[dict]
-    prompt: dict | None = None        # the engine prompt (text and token ids); None for a remote endpoint
+    prompt: dict | None = None  # the engine prompt (text and token ids); None for a remote endpoint
 
 
 @dataclass(frozen=True)
@@ -70,26 +73,30 @@ class RequestFailed:
 
 
 class EngineBridge(QObject):
-    model_loading = Signal(str)          # the model being loaded
-    model_loaded = Signal(object)        # ModelLoaded
-    model_load_failed = Signal(object)   # ModelLoadFailed
-    request_update = Signal(object)      # RequestUpdate
-    request_failed = Signal(object)      # RequestFailed
-    snapshot = Signal(object)            # app.engine_thread.EngineSnapshot, at most every stats_interval seconds
+    model_loading = Signal(str)  # the model being loaded
+    model_loaded = Signal(object)  # ModelLoaded
+    model_load_failed = Signal(object)  # ModelLoadFailed
+    request_update = Signal(object)  # RequestUpdate
+    request_failed = Signal(object)  # RequestFailed
+    snapshot = Signal(object)  # app.engine_thread.EngineSnapshot, at most every stats_interval seconds
     # The remote endpoint chat and batch now use (with its model filled in), or None for the in-process engine.
     connection_changed = Signal(object)
-    connection_failed = Signal(object)   # ConnectionFailed
+    connection_failed = Signal(object)  # ConnectionFailed
 
-    def __init__(self, make_llm: Callable[[str, dict], LLM] = lambda model, options: LLM(model, **options),
-                 stats_interval: float = 0.05, parent: QObject | None = None) -> None:
+    def __init__(
+        self,
+        make_llm: Callable[[str, dict], LLM] = lambda model, options: LLM(model, **options),
+        stats_interval: float = 0.05,
+        parent: QObject | None = None,
+    ) -> None:
         super().__init__(parent)
         self._make_llm = make_llm
         self._stats_interval = stats_interval
         self._thread: EngineThread | None = None
         self._ids = itertools.count()
         self._remote: RemoteClient | None = None
-        self._generation = 0            # bumped by every change of target: a slower, older check then loses
-        self._lock = threading.Lock()   # guards _thread and _remote between the workers and the UI thread
+        self._generation = 0  # bumped by every change of target: a slower, older check then loses
+        self._lock = threading.Lock()  # guards _thread and _remote between the workers and the UI thread
 
     @property
     def engine_thread(self) -> EngineThread | None:
@@ -101,8 +108,9 @@ class EngineBridge(QObject):
         """Load `model` on a worker thread, replacing the current one once it is ready; emits model_loading,
         then model_loaded or model_load_failed."""
         self.model_loading.emit(model)
-        worker = threading.Thread(target=self._load, args=(model, dict(options or {})), name="kvstudio-loader",
-                                  daemon=True)
+        worker = threading.Thread(
+            target=self._load, args=(model, dict(options or {})), name="kvstudio-loader", daemon=True
+        )
         worker.start()
         return worker
 
@@ -123,7 +131,7 @@ class EngineBridge(QObject):
             if (fit := self.check_fit(model, options)) is not None and not fit.fits:
                 raise MemoryError(fit.message)
             llm = self._make_llm(model, options)
-        except Exception as e:   # a bad path, a corrupt file, too little memory: said in words, never a crash
+        except Exception as e:  # a bad path, a corrupt file, too little memory: said in words, never a crash
             self.model_load_failed.emit(ModelLoadFailed(model, str(e) or type(e).__name__))
             return
         thread = EngineThread(llm.llm_engine, stats_interval=self._stats_interval)
@@ -140,8 +148,9 @@ class EngineBridge(QObject):
         gc.unfreeze()
         gc.collect()
         gc.freeze()
-        self.model_loaded.emit(ModelLoaded(model, llm.llm_engine.model_config.max_model_len,
-                                           time.perf_counter() - start))
+        self.model_loaded.emit(
+            ModelLoaded(model, llm.llm_engine.model_config.max_model_len, time.perf_counter() - start)
+        )
 
     @property
     def remote(self) -> Endpoint | None:
@@ -157,8 +166,9 @@ class EngineBridge(QObject):
         with self._lock:
             self._generation += 1
             generation = self._generation
-        worker = threading.Thread(target=self._connect, args=(endpoint, generation), name="kvstudio-connect",
-                                  daemon=True)
+        worker = threading.Thread(
+            target=self._connect, args=(endpoint, generation), name="kvstudio-connect", daemon=True
+        )
         worker.start()
         return worker
 
@@ -173,9 +183,10 @@ class EngineBridge(QObject):
             if not models:
                 raise RuntimeError(f"{endpoint.base_url} serves no model")
             if endpoint.model and endpoint.model not in models:
-                raise RuntimeError(f"{endpoint.base_url} does not serve {endpoint.model!r}; it serves "
-                                   f"{', '.join(models)}")
-        except Exception as e:   # unreachable, a wrong key, not OpenAI-compatible: said in words
+                raise RuntimeError(
+                    f"{endpoint.base_url} does not serve {endpoint.model!r}; it serves {', '.join(models)}"
+                )
+        except Exception as e:  # unreachable, a wrong key, not OpenAI-compatible: said in words
             with self._lock:
                 current = generation == self._generation
             if current:
@@ -190,7 +201,7 @@ class EngineBridge(QObject):
             client.close()
             return
         if old is not None:
-            old.close()   # its requests in flight fail in words: the pages stop waiting for them
+            old.close()  # its requests in flight fail in words: the pages stop waiting for them
         self.connection_changed.emit(client.endpoint)
 
     def use_local(self) -> None:
@@ -230,12 +241,12 @@ class EngineBridge(QObject):
         with self._lock:
             remote, thread = self._remote, self._thread
         if chat.prompt is None:
-            if remote is None:   # the endpoint was disconnected since: render for the local model
+            if remote is None:  # the endpoint was disconnected since: render for the local model
                 return self.submit_chat(chat.messages, params)
             rid = self._new_id()
             remote.submit_chat(chat.messages, params, self._remote_callback(rid), rid)
             return rid
-        if remote is not None:   # an endpoint was connected since: it takes the messages
+        if remote is not None:  # an endpoint was connected since: it takes the messages
             return self.submit_chat(chat.messages, params)
         return self._submit_local(thread or self._local_thread(), chat.prompt, params)
 
@@ -278,10 +289,11 @@ class EngineBridge(QObject):
                 self.request_failed.emit(RequestFailed(rid, str(item)))
                 return
             completion = item.outputs[0]
-            self.request_update.emit(RequestUpdate(rid, completion.text, len(completion.token_ids), item.finished,
-                                                   completion.finish_reason))
+            self.request_update.emit(
+                RequestUpdate(rid, completion.text, len(completion.token_ids), item.finished, completion.finish_reason)
+            )
 
-        def rejected(accepted) -> None:   # the engine refused the request (a ValueError naming what is wrong)
+        def rejected(accepted) -> None:  # the engine refused the request (a ValueError naming what is wrong)
             if accepted.exception() is not None:
                 self.request_failed.emit(RequestFailed(rid, str(accepted.exception())))
 
@@ -293,8 +305,10 @@ class EngineBridge(QObject):
             if isinstance(item, BaseException):
                 self.request_failed.emit(RequestFailed(rid, str(item)))
             else:
-                self.request_update.emit(RequestUpdate(rid, item.text, item.num_tokens, item.finished,
-                                                       item.finish_reason))
+                self.request_update.emit(
+                    RequestUpdate(rid, item.text, item.num_tokens, item.finished, item.finish_reason)
+                )
+
         return deliver
 
     def shutdown(self) -> None:
@@ -308,4 +322,3 @@ class EngineBridge(QObject):
             thread.stop()
         if remote is not None:
             remote.close()
-

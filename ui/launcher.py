@@ -2,16 +2,18 @@
 
 It lives in ui/ because it is the one entry point that may open the window: app/ never imports Qt.
 """
+
 from __future__ import annotations
 
 import sys
 
-from app import cli
+from app.cli import main as cli
+from app.cli.options import has_display
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if not argv and cli.has_display():
+    if not argv and has_display():
         from ui.app import run
 
         return run()

@@ -6,6 +6,7 @@ bridge, with a busy indicator, and a failure is said in the status bar; a remote
 reconnected beside it. The pages' fields, the page shown and the connection come back from the settings file;
 closing the window stops the engine and saves them.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -23,8 +24,8 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from app import model_store
 from app.history import ChatHistory
+from app.library import model_store
 from app.remote_client import Endpoint
 from app.settings import Settings, save_settings
 from ui.bridge import ConnectionFailed, EngineBridge, ModelLoaded, ModelLoadFailed
@@ -40,8 +41,9 @@ from ui.widgets.form_state import form_values, restore_form
 
 
 class MainWindow(QMainWindow):
-    def __init__(self, bridge: EngineBridge, history: ChatHistory, settings: Settings,
-                 settings_path: Path | None = None) -> None:
+    def __init__(
+        self, bridge: EngineBridge, history: ChatHistory, settings: Settings, settings_path: Path | None = None
+    ) -> None:
         super().__init__()
         self.bridge, self.settings, self.settings_path = bridge, settings, settings_path
         self.setWindowTitle("kvstudio")
@@ -77,10 +79,10 @@ class MainWindow(QMainWindow):
         self.setCentralWidget(central)
 
         self.model_status = QLabel("No model")
-        self.welcome: FirstRunDialog | None = None   # shown by start() on the first run
+        self.welcome: FirstRunDialog | None = None  # shown by start() on the first run
         self.connection_status = QLabel()
         self.busy = QProgressBar()
-        self.busy.setRange(0, 0)          # indeterminate: a load reports no fraction
+        self.busy.setRange(0, 0)  # indeterminate: a load reports no fraction
         self.busy.setMaximumWidth(120)
         self.busy.hide()
         self.statusBar().addWidget(self.model_status, 1)
@@ -109,14 +111,14 @@ class MainWindow(QMainWindow):
         if s.use_remote and s.remote_url:
             try:
                 self.bridge.connect_remote(Endpoint(s.remote_url, s.remote_api_key, s.remote_model))
-            except ValueError as e:   # a hand-edited URL
+            except ValueError as e:  # a hand-edited URL
                 self._on_connection_failed(ConnectionFailed(Endpoint("http://invalid"), str(e)))
 
     def load_model(self, model: str) -> None:
         self.bridge.load_model(model, self.settings.engine_options)
 
     def _on_welcome(self, choice: int) -> None:
-        if choice == START_DEFAULT:   # fetched into the store first when setup has not (ui/app.py make_llm)
+        if choice == START_DEFAULT:  # fetched into the store first when setup has not (ui/app.py make_llm)
             self.load_model(str(model_store.default_model_path()))
         elif choice == FIND_MODEL:
             self.nav.setCurrentRow(self.page_names.index("Models"))
@@ -129,21 +131,24 @@ class MainWindow(QMainWindow):
         ConnectionDialog(self.bridge, s.remote_url, s.remote_api_key, s.remote_model, parent=self).open()
 
     def choose_model(self) -> None:
-        path, _ = QFileDialog.getOpenFileName(self, "Load a model", str(model_store.data_dir()),
-                                              "GGUF models (*.gguf);;Model config (config.json)")
+        path, _ = QFileDialog.getOpenFileName(
+            self, "Load a model", str(model_store.data_dir()), "GGUF models (*.gguf);;Model config (config.json)"
+        )
         if path:
             self.load_model(str(Path(path).parent) if path.endswith("config.json") else path)
 
     def _on_loading(self, model: str) -> None:
         fetch = Path(model) == model_store.default_model_path() and not Path(model).is_file()
-        self.model_status.setText(f"Downloading and loading {Path(model).name}…" if fetch else
-                                  f"Loading {Path(model).name}…")
+        self.model_status.setText(
+            f"Downloading and loading {Path(model).name}…" if fetch else f"Loading {Path(model).name}…"
+        )
         self.busy.show()
 
     def _on_loaded(self, loaded: ModelLoaded) -> None:
         self.busy.hide()
-        self.model_status.setText(f"{Path(loaded.model).name} · context {loaded.max_model_len} tokens · "
-                                  f"loaded in {loaded.seconds:.1f} s")
+        self.model_status.setText(
+            f"{Path(loaded.model).name} · context {loaded.max_model_len} tokens · loaded in {loaded.seconds:.1f} s"
+        )
         self.settings.last_model = loaded.model
         save_settings(self.settings, self.settings_path)
 
@@ -160,8 +165,7 @@ class MainWindow(QMainWindow):
         self._show_connection(endpoint)
 
     def _on_connection_failed(self, failure: ConnectionFailed) -> None:
-        self.statusBar().showMessage(f"Could not connect: {failure.message}. Chat and Batch use this computer.",
-                                     15_000)
+        self.statusBar().showMessage(f"Could not connect: {failure.message}. Chat and Batch use this computer.", 15_000)
 
     def _show_connection(self, endpoint: Endpoint | None) -> None:
         self.monitor.show_remote(None if endpoint is None else f"{endpoint.model} at {endpoint.base_url}")
@@ -170,10 +174,11 @@ class MainWindow(QMainWindow):
             self.connection_status.setToolTip("Requests go to the model loaded here (File › Connection… to change)")
         else:
             self.connection_status.setText(f"Chat & Batch: {endpoint.model} at {endpoint.base_url}")
-            self.connection_status.setToolTip("Requests go to this OpenAI-compatible endpoint "
-                                              "(File › Connection… to change)")
+            self.connection_status.setToolTip(
+                "Requests go to this OpenAI-compatible endpoint (File › Connection… to change)"
+            )
 
-    def closeEvent(self, event: QCloseEvent) -> None:   # noqa: N802 (Qt's name)
+    def closeEvent(self, event: QCloseEvent) -> None:
         self.chat.stop()
         self.batch.cancel()
         self.models.shutdown()

@@ -3,6 +3,7 @@
 A page action first shows its page, then presses that page's own button, so a shortcut does exactly what the
 button would do and nothing when the button is disabled (no model, a run already going).
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -21,12 +22,12 @@ def install_menus(window: MainWindow) -> list[QAction]:
     chat, batch, server = window.chat, window.batch, window.server
     actions: list[QAction] = []
 
-    def add(menu, text: str, shortcut: str, run: Callable[[], None],
-            page: int | None = None) -> None:
+    def add(menu, text: str, shortcut: str, run: Callable[[], None], page: int | None = None) -> None:
         def trigger() -> None:
             if page is not None:
                 window.nav.setCurrentRow(page)
             run()
+
         action = QAction(text, window, shortcut=QKeySequence(shortcut), triggered=trigger)
         menu.addAction(action)
         actions.append(action)
@@ -72,8 +73,11 @@ def install_menus(window: MainWindow) -> list[QAction]:
 
 def shortcut_table(actions: list[QAction]) -> str:
     """The shortcuts as an HTML table, in the menus' order."""
-    rows = "".join(f"<tr><td>{a.text().replace('&', '').rstrip('…')}</td><td>&nbsp;&nbsp;<b>"
-                   f"{a.shortcut().toString(QKeySequence.SequenceFormat.NativeText)}</b></td></tr>" for a in actions)
+    rows = "".join(
+        f"<tr><td>{a.text().replace('&', '').rstrip('…')}</td><td>&nbsp;&nbsp;<b>"
+        f"{a.shortcut().toString(QKeySequence.SequenceFormat.NativeText)}</b></td></tr>"
+        for a in actions
+    )
     return f"<table>{rows}</table>"
 
 

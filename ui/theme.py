@@ -5,6 +5,7 @@ Qt follows the scheme by itself only where its platform theme does (Windows, mac
 Fusion style with an explicit palette looks the same everywhere. Widgets take every colour from the palette
 (ui/widgets/cards.py, block_map.py, throughput_chart.py), so they follow a switch without a restart.
 """
+
 from __future__ import annotations
 
 from PySide6.QtCore import Qt
@@ -15,15 +16,25 @@ from PySide6.QtWidgets import QApplication, QStyleFactory
 # darker than the window, which would vanish against a darker field. The disabled group dims text so greyed-out
 # buttons read as such.
 _DARK = {
-    QPalette.ColorRole.Window: "#26282c", QPalette.ColorRole.WindowText: "#e8eaed",
-    QPalette.ColorRole.Base: "#33363b", QPalette.ColorRole.AlternateBase: "#393c42",
-    QPalette.ColorRole.Text: "#e8eaed", QPalette.ColorRole.Button: "#3d4046",
-    QPalette.ColorRole.ButtonText: "#e8eaed", QPalette.ColorRole.BrightText: "#ffffff",
-    QPalette.ColorRole.Highlight: "#3b82f6", QPalette.ColorRole.HighlightedText: "#ffffff",
-    QPalette.ColorRole.ToolTipBase: "#2b2d31", QPalette.ColorRole.ToolTipText: "#e8eaed",
-    QPalette.ColorRole.PlaceholderText: "#8a8f98", QPalette.ColorRole.Link: "#7aa7ff",
-    QPalette.ColorRole.Light: "#50535a", QPalette.ColorRole.Midlight: "#44474d",
-    QPalette.ColorRole.Mid: "#5f636b", QPalette.ColorRole.Dark: "#1a1b1e", QPalette.ColorRole.Shadow: "#000000",
+    QPalette.ColorRole.Window: "#26282c",
+    QPalette.ColorRole.WindowText: "#e8eaed",
+    QPalette.ColorRole.Base: "#33363b",
+    QPalette.ColorRole.AlternateBase: "#393c42",
+    QPalette.ColorRole.Text: "#e8eaed",
+    QPalette.ColorRole.Button: "#3d4046",
+    QPalette.ColorRole.ButtonText: "#e8eaed",
+    QPalette.ColorRole.BrightText: "#ffffff",
+    QPalette.ColorRole.Highlight: "#3b82f6",
+    QPalette.ColorRole.HighlightedText: "#ffffff",
+    QPalette.ColorRole.ToolTipBase: "#2b2d31",
+    QPalette.ColorRole.ToolTipText: "#e8eaed",
+    QPalette.ColorRole.PlaceholderText: "#8a8f98",
+    QPalette.ColorRole.Link: "#7aa7ff",
+    QPalette.ColorRole.Light: "#50535a",
+    QPalette.ColorRole.Midlight: "#44474d",
+    QPalette.ColorRole.Mid: "#5f636b",
+    QPalette.ColorRole.Dark: "#1a1b1e",
+    QPalette.ColorRole.Shadow: "#000000",
 }
 _DARK_DISABLED = "#6b7078"
 

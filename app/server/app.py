@@ -6,6 +6,7 @@ events, security middlewares, metrics.
 A client that disconnects cancels its handler (aiohttp's handler_cancellation), which leaves the engine stream
 early and so aborts the request and frees its KV blocks at once.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -41,7 +42,7 @@ class ServerConfig:
     port: int = 8000
     api_key: str | None = None
     cors_origins: tuple[str, ...] = ()
-    drain_timeout: float = 30.0           # seconds in-flight requests get to finish on shutdown
+    drain_timeout: float = 30.0  # seconds in-flight requests get to finish on shutdown
 
     @property
     def loopback(self) -> bool:
@@ -54,11 +55,11 @@ class _State:
     model: ModelInfo
     config: ServerConfig
     metrics: Metrics
-    log: list[Callable[[dict], None]] = field(default_factory=list)   # request-log listeners (the desktop app)
+    log: list[Callable[[dict], None]] = field(default_factory=list)  # request-log listeners (the desktop app)
 
 
 _STATE = web.AppKey("state", _State)
-_LOGGED = web.RequestKey("logged", bool)   # this request's log line is written
+_LOGGED = web.RequestKey("logged", bool)  # this request's log line is written
 
 
 def _is_loopback(host: str) -> bool:
@@ -71,12 +72,19 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-def _error(status: int, message: str, type_: str, param: str | None = None, code: str | None = None,
-           headers: dict | None = None) -> web.Response:
+def _error(
+    status: int,
+    message: str,
+    type_: str,
+    param: str | None = None,
+    code: str | None = None,
+    headers: dict | None = None,
+) -> web.Response:
     return web.json_response(ApiError(status, message, type_, param, code).body(), status=status, headers=headers)
 
 
 # ---- middlewares ------------------------------------------------------------------------------------------------
+
 
 @web.middleware
 async def _access_log(request: web.Request, handler) -> web.StreamResponse:
@@ -95,7 +103,7 @@ async def _errors(request: web.Request, handler) -> web.StreamResponse:
         return await handler(request)
     except ApiError as e:
         return web.json_response(e.body(), status=e.status)
-    except ValueError as e:   # the engine's own checks of a request the protocol layer let through
+    except ValueError as e:  # the engine's own checks of a request the protocol layer let through
         return _error(400, str(e), "invalid_request_error")
     except QueueFullError as e:
         return _error(503, str(e), "server_error", headers={"Retry-After": str(RETRY_AFTER_S)})
@@ -118,10 +126,13 @@ def _security(config: ServerConfig):
     @web.middleware
     async def security(request: web.Request, handler) -> web.StreamResponse:
         # DNS rebinding: a page on evil.example resolving to 127.0.0.1 sends Host: evil.example.
-        if config.loopback and (request.host.rsplit(":", 1)[0].strip("[]") if request.host else "") not in \
-                LOOPBACK_NAMES:
-            return _error(403, "the Host header must name this machine (localhost or a loopback address)",
-                          "invalid_request_error")
+        if (
+            config.loopback
+            and (request.host.rsplit(":", 1)[0].strip("[]") if request.host else "") not in LOOPBACK_NAMES
+        ):
+            return _error(
+                403, "the Host header must name this machine (localhost or a loopback address)", "invalid_request_error"
+            )
         origin = request.headers.get("Origin")
         allowed = origin is not None and origin in config.cors_origins
         if request.method == "OPTIONS" and origin is not None:
@@ -132,25 +143,35 @@ def _security(config: ServerConfig):
             auth = request.headers.get("Authorization", "")
             token = auth[7:] if auth.startswith("Bearer ") else ""
             if not hmac.compare_digest(token.encode(), config.api_key.encode()):
-                return _error(401, "a valid API key is required: Authorization: Bearer <key>", "authentication_error",
-                              code="invalid_api_key")
+                return _error(
+                    401,
+                    "a valid API key is required: Authorization: Bearer <key>",
+                    "authentication_error",
+                    code="invalid_api_key",
+                )
         response = await handler(request)
         if allowed and not response.prepared:
             response.headers.update(_cors_headers(origin, preflight=False))
         return response
+
     return security
 
 
 def _cors_headers(origin: str, preflight: bool) -> dict[str, str]:
     headers = {"Access-Control-Allow-Origin": origin, "Vary": "Origin"}
     if preflight:
-        headers.update({"Access-Control-Allow-Methods": "GET, POST, OPTIONS",
-                        "Access-Control-Allow-Headers": "Authorization, Content-Type",
-                        "Access-Control-Max-Age": "600"})
+        headers.update(
+            {
+                "Access-Control-Allow-Methods": "GET, POST, OPTIONS",
+                "Access-Control-Allow-Headers": "Authorization, Content-Type",
+                "Access-Control-Max-Age": "600",
+            }
+        )
     return headers
 
 
 # ---- handlers -----------------------------------------------------------------------------------------------
+
 
 async def _json_body(request: web.Request):
     try:
@@ -171,8 +192,9 @@ async def models(request: web.Request) -> web.Response:
 async def model(request: web.Request) -> web.Response:
     state = request.app[_STATE]
     if request.match_info["model_id"] != state.model.name:
-        raise ApiError(404, f"the model {request.match_info['model_id']!r} does not exist", param="model",
-                       code="model_not_found")
+        raise ApiError(
+            404, f"the model {request.match_info['model_id']!r} does not exist", param="model", code="model_not_found"
+        )
     return web.json_response(protocol.model_card(state.model))
 
 
@@ -198,8 +220,10 @@ async def _generate(request: web.Request, req: GenerationRequest, request_id: st
         try:
             # A TaskGroup: when one prompt fails, the others are cancelled, which aborts them in the engine.
             async with asyncio.TaskGroup() as group:
-                tasks = [group.create_task(_run_to_end(state.engine, prompt, req, f"{request_id}-{i}", timing))
-                         for i, prompt in enumerate(req.prompts)]
+                tasks = [
+                    group.create_task(_run_to_end(state.engine, prompt, req, f"{request_id}-{i}", timing))
+                    for i, prompt in enumerate(req.prompts)
+                ]
         except ExceptionGroup as eg:
             raise eg.exceptions[0] from None
         outputs = [t.result() for t in tasks]
@@ -212,6 +236,7 @@ async def _generate(request: web.Request, req: GenerationRequest, request_id: st
 @dataclass
 class _Timing:
     """Time to first token and the gaps between tokens, for the metrics' histograms."""
+
     metrics: Metrics
     start: float
     first: bool = True
@@ -226,8 +251,9 @@ class _Timing:
         self.last = now
 
 
-async def _run_to_end(engine: EngineThread, prompt: dict, req: GenerationRequest, rid: str,
-                      timing: _Timing) -> RequestOutput:
+async def _run_to_end(
+    engine: EngineThread, prompt: dict, req: GenerationRequest, rid: str, timing: _Timing
+) -> RequestOutput:
     last = None
     async for out in engine.generate(prompt, req.params, request_id=rid):
         timing.tokens(time.perf_counter())
@@ -238,15 +264,17 @@ async def _run_to_end(engine: EngineThread, prompt: dict, req: GenerationRequest
 async def _stream(request: web.Request, req: GenerationRequest, request_id: str, timing: _Timing) -> web.StreamResponse:
     state = request.app[_STATE]
     # Validate up front what can fail, so that errors before the first byte are plain HTTP errors.
-    streams = [state.engine.generate(prompt, req.params, request_id=f"{request_id}-{i}")
-               for i, prompt in enumerate(req.prompts)]
+    streams = [
+        state.engine.generate(prompt, req.params, request_id=f"{request_id}-{i}")
+        for i, prompt in enumerate(req.prompts)
+    ]
     merged: asyncio.Queue[tuple[int, RequestOutput | BaseException | None]] = asyncio.Queue()
 
     async def pump(i: int, stream) -> None:
         try:
             async for out in stream:
                 await merged.put((i, out))
-        except Exception as e:   # noqa: BLE001 - forwarded to the client as an error event
+        except Exception as e:
             await merged.put((i, e))
         finally:
             await merged.put((i, None))
@@ -258,7 +286,7 @@ async def _stream(request: web.Request, req: GenerationRequest, request_id: str,
     tasks = []
     finals: dict[int, RequestOutput] = {}
     try:
-        first = await anext(streams[0])   # raises the engine's ValueError (or a full queue) before any byte
+        first = await anext(streams[0])  # raises the engine's ValueError (or a full queue) before any byte
         await response.prepare(request)
         tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams[1:], start=1)]
         await merged.put((0, first))
@@ -279,8 +307,10 @@ async def _stream(request: web.Request, req: GenerationRequest, request_id: str,
         if req.include_usage:
             await response.write(_sse(states[0].usage_chunk([finals[i] for i in sorted(finals)])))
     except Exception as e:
-        if not response.prepared:   # nothing sent yet: a plain HTTP error (the middleware shapes it)
-            raise ApiError(400, str(e)) if isinstance(e, ValueError) else e
+        if not response.prepared:  # nothing sent yet: a plain HTTP error (the middleware shapes it)
+            if isinstance(e, ValueError):
+                raise ApiError(400, str(e)) from None
+            raise
         # The stream has started: the error becomes an event, then [DONE] as usual.
         logger.warning("stream %s failed: %s", request_id, e)
         error = e if isinstance(e, ApiError) else ApiError(500, f"generation failed: {e}", "server_error")
@@ -290,7 +320,7 @@ async def _stream(request: web.Request, req: GenerationRequest, request_id: str,
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         for s in streams:
-            await s.aclose()   # a stream left early aborts its request
+            await s.aclose()  # a stream left early aborts its request
     await response.write(b"data: [DONE]\n\n")
     await response.write_eof()
     _log(state, request, 200, timing.start, list(finals.values()))
@@ -304,9 +334,15 @@ def _sse(payload: dict) -> bytes:
 def _log(state: _State, request: web.Request, status: int, start: float, outputs: list[RequestOutput]) -> None:
     request[_LOGGED] = True
     tokens = sum(len(c.token_ids) for o in outputs if o is not None for c in o.outputs)
-    entry = {"time": time.time(), "method": request.method, "path": request.path, "status": status,
-             "seconds": round(time.perf_counter() - start, 3), "completion_tokens": tokens,
-             "remote": request.remote}
+    entry = {
+        "time": time.time(),
+        "method": request.method,
+        "path": request.path,
+        "status": status,
+        "seconds": round(time.perf_counter() - start, 3),
+        "completion_tokens": tokens,
+        "remote": request.remote,
+    }
     logger.info("%s %s %d %.3fs %d tokens", request.method, request.path, status, entry["seconds"], tokens)
     for listener in state.log:
         listener(entry)
@@ -340,13 +376,14 @@ async def metrics(request: web.Request) -> web.Response:
     return web.Response(body=body, headers={"Content-Type": content_type})
 
 
-def create_app(engine: EngineThread, model_info: ModelInfo, config: ServerConfig,
-               on_request: Callable[[dict], None] | None = None) -> web.Application:
+def create_app(
+    engine: EngineThread, model_info: ModelInfo, config: ServerConfig, on_request: Callable[[dict], None] | None = None
+) -> web.Application:
     app = web.Application(middlewares=[_access_log, _errors, _security(config)], client_max_size=MAX_BODY_BYTES)
     state = _State(engine, model_info, config, Metrics(model_info.name))
     engine.add_listener(state.metrics.update)
 
-    async def stop_listening(_: web.Application) -> None:   # a server switched off leaves no listener behind
+    async def stop_listening(_: web.Application) -> None:  # a server switched off leaves no listener behind
         engine.remove_listener(state.metrics.update)
 
     app.on_cleanup.append(stop_listening)

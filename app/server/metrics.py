@@ -2,6 +2,7 @@
 
 Each server owns its registry (no process-global collectors), so several servers or tests never collide.
 """
+
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
@@ -18,10 +19,18 @@ class Metrics:
         self.model_name = model_name
         self.registry = CollectorRegistry()
         self.snapshot: EngineSnapshot | None = None
-        self.ttft = Histogram("kvstudio_time_to_first_token_seconds", "Time from request to its first token",
-                              buckets=_LATENCY_BUCKETS, registry=self.registry)
-        self.itl = Histogram("kvstudio_inter_token_latency_seconds", "Time between a request's output steps",
-                             buckets=_LATENCY_BUCKETS, registry=self.registry)
+        self.ttft = Histogram(
+            "kvstudio_time_to_first_token_seconds",
+            "Time from request to its first token",
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.itl = Histogram(
+            "kvstudio_inter_token_latency_seconds",
+            "Time between a request's output steps",
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
         self.registry.register(self)
 
     def update(self, snapshot: EngineSnapshot) -> None:
@@ -50,8 +59,9 @@ class Metrics:
         yield gauge("kvstudio_num_requests_swapped", "Sequences swapped out to host memory", s.num_swapped)
         yield gauge("kvstudio_kv_cache_usage_perc", "Fraction of KV blocks in use", s.kv_usage)
         yield gauge("kvstudio_kv_blocks_shared", "KV blocks held by more than one sequence", s.num_blocks_shared)
-        yield counter("kvstudio_prefix_cache_queries", "Prompt tokens looked up in the prefix cache",
-                      s.prefix_cache_queries)
+        yield counter(
+            "kvstudio_prefix_cache_queries", "Prompt tokens looked up in the prefix cache", s.prefix_cache_queries
+        )
         yield counter("kvstudio_prefix_cache_hits", "Prompt tokens served by the prefix cache", s.prefix_cache_hits)
         yield counter("kvstudio_num_preemptions", "Preemptions", s.num_preemptions)
         yield counter("kvstudio_prompt_tokens", "Prompt tokens computed", s.prompt_tokens_total)

@@ -4,6 +4,7 @@ SamplingParams) out (responses.py turns the engine's outputs back into OpenAI's 
 Every bad request raises ApiError(400, param=<the field at fault>), as OpenAI does; the fields, ranges and shapes
 follow ../shared/OPENAI_CONTRACT.md (where OpenAI and vLLM differ, OpenAI).
 """
+
 from __future__ import annotations
 
 import math
@@ -19,16 +20,21 @@ from engine.sampling_params import MAX_LOGPROBS
 # More samples than this from a local server is a mistake rather than a use; it would crowd out every other client.
 MAX_N = 16
 # Fill-in-the-middle token names (StarCoder/SantaCoder style, then Qwen2.5-Coder style): prefix, suffix, middle.
-_FIM_TOKENS = (("<fim_prefix>", "<fim_suffix>", "<fim_middle>"),
-               ("<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>"))
+_FIM_TOKENS = (("<fim_prefix>", "<fim_suffix>", "<fim_middle>"), ("<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>"))
 _CHAT_ROLES = ("system", "user", "assistant", "tool")
 
 
 class ApiError(Exception):
     """An error the client sees as OpenAI's {"error": {...}} body with this HTTP status."""
 
-    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+    ) -> None:
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
 
@@ -38,8 +44,8 @@ class ApiError(Exception):
 
 @dataclass(frozen=True)
 class ModelInfo:
-    name: str                 # the served model name, what "model" must equal
-    tokenizer: Any            # the HF tokenizer
+    name: str  # the served model name, what "model" must equal
+    tokenizer: Any  # the HF tokenizer
     max_model_len: int
     vocab_size: int
     created: int
@@ -47,17 +53,18 @@ class ModelInfo:
 
 @dataclass
 class GenerationRequest:
-    kind: str                 # "completion" | "chat"
-    prompts: list[dict]       # engine prompts {"prompt_token_ids", "prompt"}: one per prompt, chat has one
+    kind: str  # "completion" | "chat"
+    prompts: list[dict]  # engine prompts {"prompt_token_ids", "prompt"}: one per prompt, chat has one
     params: SamplingParams
     stream: bool
     include_usage: bool
-    echo: bool                # completions: the prompt's text (and logprobs) go before each choice's
-    logprobs: int | None      # top-N per token (completions' int, chat's top_logprobs), None when not asked
+    echo: bool  # completions: the prompt's text (and logprobs) go before each choice's
+    logprobs: int | None  # top-N per token (completions' int, chat's top_logprobs), None when not asked
     model: str
 
 
 # ---- field readers: each checks one field's type (and range) and names it in the error ----------------------------
+
 
 def _bad(param: str, message: str, code: str | None = None) -> ApiError:
     return ApiError(400, message, param=param, code=code)
@@ -76,13 +83,20 @@ def _is_number(value: Any) -> bool:
     return (_is_int(value) or isinstance(value, float)) and not math.isnan(value)
 
 
-def _number(body: dict, name: str, default: float | None, lo: float | None = None, hi: float | None = None,
-            lo_open: bool = False) -> float | None:
+def _number(
+    body: dict,
+    name: str,
+    default: float | None,
+    lo: float | None = None,
+    hi: float | None = None,
+    lo_open: bool = False,
+) -> float | None:
     value = body.get(name)
     if value is None:
         return default
-    if not (_is_number(value) and (lo is None or (value > lo if lo_open else value >= lo))
-            and (hi is None or value <= hi)):
+    if not (
+        _is_number(value) and (lo is None or (value > lo if lo_open else value >= lo)) and (hi is None or value <= hi)
+    ):
         span = f"{'(' if lo_open else '['}{lo}, {hi}]" if lo is not None and hi is not None else "a number"
         raise _bad(name, f"{name} must be a number in {span}, got {_short(value)}")
     return float(value)
@@ -117,8 +131,12 @@ def _object(body: Any, name: str | None = None) -> dict:
 def _check_model(body: dict, model: ModelInfo) -> None:
     name = body.get("model")
     if name is not None and name != model.name:
-        raise ApiError(404, f"the model {_short(name)} does not exist; this server serves {model.name!r}",
-                       param="model", code="model_not_found")
+        raise ApiError(
+            404,
+            f"the model {_short(name)} does not exist; this server serves {model.name!r}",
+            param="model",
+            code="model_not_found",
+        )
 
 
 def _stream_flags(body: dict) -> tuple[bool, bool]:
@@ -151,8 +169,15 @@ def _token_ids(value: Any, vocab_size: int) -> bool:
 _PARAM_OF_FIELD = {"prompt_logprobs": "logprobs"}
 
 
-def _sampling_params(body: dict, model: ModelInfo, max_tokens: int, logprobs: int | None,
-                     prompt_logprobs: int | None, logprobs_param: str, max_tokens_param: str) -> SamplingParams:
+def _sampling_params(
+    body: dict,
+    model: ModelInfo,
+    max_tokens: int,
+    logprobs: int | None,
+    prompt_logprobs: int | None,
+    logprobs_param: str,
+    max_tokens_param: str,
+) -> SamplingParams:
     """The fields both endpoints share (OpenAI's plus vLLM's extras); SamplingParams checks the ranges it owns."""
     bias = body.get("logit_bias")
     if bias is not None:
@@ -166,7 +191,7 @@ def _sampling_params(body: dict, model: ModelInfo, max_tokens: int, logprobs: in
         top_p=_number(body, "top_p", 1.0, 0.0, 1.0, lo_open=True),
         presence_penalty=_number(body, "presence_penalty", 0.0, -2.0, 2.0),
         frequency_penalty=_number(body, "frequency_penalty", 0.0, -2.0, 2.0),
-        seed=_int(body, "seed", None, -2**63, 2**63 - 1),
+        seed=_int(body, "seed", None, -(2**63), 2**63 - 1),
         stop=_stop(body),
         logit_bias=bias,
         top_k=_int(body, "top_k", -1),
@@ -201,14 +226,23 @@ def _max_tokens(body: dict, names: tuple[str, ...]) -> tuple[int | None, str]:
 
 def _check_context(model: ModelInfo, prompt_len: int, max_tokens: int, prompt_param: str) -> None:
     if prompt_len >= model.max_model_len:
-        raise _bad(prompt_param, f"the prompt has {prompt_len} tokens, which leaves no room to generate within the "
-                   f"context of {model.max_model_len} tokens", code="context_length_exceeded")
+        raise _bad(
+            prompt_param,
+            f"the prompt has {prompt_len} tokens, which leaves no room to generate within the "
+            f"context of {model.max_model_len} tokens",
+            code="context_length_exceeded",
+        )
     if prompt_len + max_tokens > model.max_model_len:
-        raise _bad("max_tokens", f"the prompt ({prompt_len} tokens) plus max_tokens ({max_tokens}) is over the "
-                   f"context of {model.max_model_len} tokens", code="context_length_exceeded")
+        raise _bad(
+            "max_tokens",
+            f"the prompt ({prompt_len} tokens) plus max_tokens ({max_tokens}) is over the "
+            f"context of {model.max_model_len} tokens",
+            code="context_length_exceeded",
+        )
 
 
 # ---- /v1/completions ----------------------------------------------------------------------------------------------
+
 
 def _fim_tokens(tokenizer) -> tuple[str, str, str] | None:
     vocab = tokenizer.get_vocab()
@@ -222,10 +256,14 @@ def _completion_prompts(body: dict, model: ModelInfo, echo: bool) -> list[dict]:
         raise _bad("prompt", "prompt is required")
     if isinstance(prompt, str) or (isinstance(prompt, list) and prompt and all(_is_int(t) for t in prompt)):
         prompt = [prompt]
-    if not isinstance(prompt, list) or not prompt or not (all(isinstance(p, str) for p in prompt)
-                                                          or all(isinstance(p, list) for p in prompt)):
-        raise _bad("prompt", "prompt must be a non-empty string, list of strings, list of token ids or list of "
-                   "token id lists")
+    if (
+        not isinstance(prompt, list)
+        or not prompt
+        or not (all(isinstance(p, str) for p in prompt) or all(isinstance(p, list) for p in prompt))
+    ):
+        raise _bad(
+            "prompt", "prompt must be a non-empty string, list of strings, list of token ids or list of token id lists"
+        )
     suffix = body.get("suffix")
     if suffix is not None and not isinstance(suffix, str):
         raise _bad("suffix", f"suffix must be a string, got {_short(suffix)}")
@@ -268,16 +306,18 @@ def parse_completion_request(body: Any, model: ModelInfo) -> GenerationRequest:
 
 # ---- /v1/chat/completions -----------------------------------------------------------------------------------------
 
+
 def _message(m: Any, i: int) -> dict:
     """One message for the chat template: content as one string (text parts joined by newlines, as vLLM does)."""
     if not isinstance(m, dict) or m.get("role") not in _CHAT_ROLES:
         raise _bad("messages", f"messages[{i}] must be an object whose role is one of {', '.join(_CHAT_ROLES)}")
     content = m.get("content")
     if isinstance(content, list):
-        if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
-                   for p in content):
-            raise _bad("messages", f"messages[{i}].content parts must be {{\"type\": \"text\", \"text\": ...}}: "
-                       "this server takes text only")
+        if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content):
+            raise _bad(
+                "messages",
+                f'messages[{i}].content parts must be {{"type": "text", "text": ...}}: this server takes text only',
+            )
         content = "\n".join(p["text"] for p in content)
     elif content is None and m["role"] == "assistant" and m.get("tool_calls"):
         content = ""
@@ -290,9 +330,17 @@ def _message(m: Any, i: int) -> dict:
 
 def _tools(body: dict) -> list[dict] | None:
     tools = body.get("tools") or None
-    if tools is not None and not (isinstance(tools, list) and all(
-            isinstance(t, dict) and t.get("type") == "function" and isinstance(t.get("function"), dict)
-            and isinstance(t["function"].get("name"), str) and t["function"]["name"] for t in tools)):
+    if tools is not None and not (
+        isinstance(tools, list)
+        and all(
+            isinstance(t, dict)
+            and t.get("type") == "function"
+            and isinstance(t.get("function"), dict)
+            and isinstance(t["function"].get("name"), str)
+            and t["function"]["name"]
+            for t in tools
+        )
+    ):
         raise _bad("tools", 'tools must be a list of {"type": "function", "function": {"name": ..., ...}}')
     choice = body.get("tool_choice")
     if choice is None:
@@ -300,11 +348,16 @@ def _tools(body: dict) -> list[dict] | None:
     if tools is None:
         raise _bad("tool_choice", "tool_choice is only allowed when tools are given")
     names = {t["function"]["name"] for t in tools}
-    named = choice["function"].get("name") if isinstance(choice, dict) and choice.get("type") == "function" \
-        and isinstance(choice.get("function"), dict) else None
+    named = (
+        choice["function"].get("name")
+        if isinstance(choice, dict) and choice.get("type") == "function" and isinstance(choice.get("function"), dict)
+        else None
+    )
     if choice not in ("none", "auto", "required") and named not in names:
-        raise _bad("tool_choice", f"tool_choice must be none, auto, required or a function among the tools, got "
-                   f"{_short(choice)}")
+        raise _bad(
+            "tool_choice",
+            f"tool_choice must be none, auto, required or a function among the tools, got {_short(choice)}",
+        )
     return tools
 
 
@@ -320,12 +373,14 @@ def _check_response_format(body: dict) -> None:
         if not isinstance(schema, dict) or not isinstance(schema.get("schema"), dict):
             raise _bad("response_format", "response_format json_schema needs json_schema.schema, a JSON schema object")
     elif kind not in ("text", "json_object"):
-        raise _bad("response_format", f"response_format type must be text, json_object or json_schema, got "
-                   f"{_short(kind)}")
+        raise _bad(
+            "response_format", f"response_format type must be text, json_object or json_schema, got {_short(kind)}"
+        )
 
 
-def _chat_prompt(messages: Any, model: ModelInfo, tools: list[dict] | None = None,
-                add_generation_prompt: bool = True) -> dict:
+def _chat_prompt(
+    messages: Any, model: ModelInfo, tools: list[dict] | None = None, add_generation_prompt: bool = True
+) -> dict:
     """messages -> the engine prompt, through the model's chat template (which holds its own special tokens)."""
     if not isinstance(messages, list) or not messages:
         raise _bad("messages", "messages must be a non-empty list")
@@ -334,9 +389,10 @@ def _chat_prompt(messages: Any, model: ModelInfo, tools: list[dict] | None = Non
     if not getattr(tok, "chat_template", None):
         raise _bad("messages", f"{model.name} has no chat template: use /v1/completions")
     try:
-        text = tok.apply_chat_template(conversation, tools=tools, tokenize=False,
-                                       add_generation_prompt=add_generation_prompt)
-    except (TemplateError, TypeError, ValueError, KeyError) as e:   # templates raise on roles they do not take
+        text = tok.apply_chat_template(
+            conversation, tools=tools, tokenize=False, add_generation_prompt=add_generation_prompt
+        )
+    except (TemplateError, TypeError, ValueError, KeyError) as e:  # templates raise on roles they do not take
         raise _bad("messages", f"the chat template rejected the messages: {e}") from None
     return {"prompt_token_ids": tok.encode(text, add_special_tokens=False), "prompt": text}
 
@@ -356,7 +412,7 @@ def parse_chat_request(body: Any, model: ModelInfo) -> GenerationRequest:
     logprobs = (top or 0) if want_logprobs else None
     prompt_len = len(prompt["prompt_token_ids"])
     max_tokens, name = _max_tokens(body, ("max_completion_tokens", "max_tokens"))
-    if max_tokens is None:   # unset: whatever the context leaves
+    if max_tokens is None:  # unset: whatever the context leaves
         _check_context(model, prompt_len, 0, "messages")
         max_tokens = model.max_model_len - prompt_len
     params = _sampling_params(body, model, max_tokens, logprobs, None, "top_logprobs", name)
@@ -365,6 +421,7 @@ def parse_chat_request(body: Any, model: ModelInfo) -> GenerationRequest:
 
 
 # ---- /tokenize, /detokenize, /v1/models ---------------------------------------------------------------------------
+
 
 def tokenize_response(body: Any, model: ModelInfo) -> dict:
     """vLLM's /tokenize: {"prompt": str} (add_special_tokens defaults to true) or {"messages": [...]} through the
@@ -394,5 +451,10 @@ def detokenize_response(body: Any, model: ModelInfo) -> dict:
 
 
 def model_card(model: ModelInfo) -> dict:
-    return {"id": model.name, "object": "model", "created": model.created, "owned_by": "kvstudio",
-            "max_model_len": model.max_model_len}
+    return {
+        "id": model.name,
+        "object": "model",
+        "created": model.created,
+        "owned_by": "kvstudio",
+        "max_model_len": model.max_model_len,
+    }

@@ -1,5 +1,6 @@
 """OpenAI's response shapes from the engine's RequestOutputs: whole responses, streamed chunks, logprobs, usage.
 Free of any HTTP library, like protocol.py."""
+
 from __future__ import annotations
 
 import time
@@ -14,6 +15,7 @@ _MIN_LOGPROB = -9999.0
 
 # ---- responses ----------------------------------------------------------------------------------------------------
 
+
 def _token_text(tokenizer, token_id: int) -> str:
     """The token as text (byte-level BPE symbols such as 'Ġ' turned back into what they stand for)."""
     return tokenizer.convert_tokens_to_string([tokenizer.convert_ids_to_tokens(token_id)])
@@ -27,8 +29,9 @@ def _ranked(entry: dict[int, float]) -> list[tuple[int, float]]:
     return sorted(entry.items(), key=lambda kv: -kv[1])
 
 
-def _completion_logprobs(tokenizer, token_ids: list[int], entries: list[dict[int, float] | None],
-                         offset: int) -> tuple[dict, int]:
+def _completion_logprobs(
+    tokenizer, token_ids: list[int], entries: list[dict[int, float] | None], offset: int
+) -> tuple[dict, int]:
     """OpenAI's legacy shape; top_logprobs keeps the chosen token too (up to N + 1 entries, as OpenAI says). An
     entry of None (the first prompt token, which nothing scores) gives nulls. Returns the offset after the last."""
     out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
@@ -38,8 +41,9 @@ def _completion_logprobs(tokenizer, token_ids: list[int], entries: list[dict[int
         out["text_offset"].append(offset)
         offset += len(text)
         out["token_logprobs"].append(None if entry is None else _lp(entry[tid]))
-        out["top_logprobs"].append(None if entry is None else
-                                   {_token_text(tokenizer, t): _lp(v) for t, v in _ranked(entry)})
+        out["top_logprobs"].append(
+            None if entry is None else {_token_text(tokenizer, t): _lp(v) for t, v in _ranked(entry)}
+        )
     return out, offset
 
 
@@ -47,9 +51,14 @@ def _chat_logprobs(tokenizer, token_ids: list[int], entries: list[dict[int, floa
     def item(tid: int, value: float) -> dict:
         text = _token_text(tokenizer, tid)
         return {"token": text, "logprob": _lp(value), "bytes": list(text.encode())}
+
     # The engine's entry is the top-N plus the chosen token, so the top N of it are the model's top N.
-    return {"content": [{**item(tid, entry[tid]), "top_logprobs": [item(t, v) for t, v in _ranked(entry)[:top_n]]}
-                        for tid, entry in zip(token_ids, entries)]}
+    return {
+        "content": [
+            {**item(tid, entry[tid]), "top_logprobs": [item(t, v) for t, v in _ranked(entry)[:top_n]]}
+            for tid, entry in zip(token_ids, entries)
+        ]
+    }
 
 
 def _prompt_text(output: RequestOutput, tokenizer) -> str:
@@ -71,8 +80,9 @@ def _usage(outputs: list[RequestOutput]) -> dict:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-def completion_response(req: GenerationRequest, request_id: str, outputs: list[RequestOutput],
-                        model: ModelInfo) -> dict:
+def completion_response(
+    req: GenerationRequest, request_id: str, outputs: list[RequestOutput], model: ModelInfo
+) -> dict:
     tok, choices = model.tokenizer, []
     for p, output in enumerate(outputs):
         prompt_text = _prompt_text(output, tok)
@@ -83,31 +93,59 @@ def completion_response(req: GenerationRequest, request_id: str, outputs: list[R
                 logprobs = _completion_logprobs(tok, c.token_ids, c.logprobs or [], len(prompt_text))[0]
                 if req.echo:
                     logprobs = _joined(_echo_logprobs(output, tok), logprobs)
-            choices.append({"index": p * req.params.n + c.index, "text": prompt_text + c.text if req.echo else c.text,
-                            "logprobs": logprobs, "finish_reason": c.finish_reason})
-    return {"id": request_id, "object": "text_completion", "created": int(time.time()), "model": model.name,
-            "choices": choices, "usage": _usage(outputs)}
+            choices.append(
+                {
+                    "index": p * req.params.n + c.index,
+                    "text": prompt_text + c.text if req.echo else c.text,
+                    "logprobs": logprobs,
+                    "finish_reason": c.finish_reason,
+                }
+            )
+    return {
+        "id": request_id,
+        "object": "text_completion",
+        "created": int(time.time()),
+        "model": model.name,
+        "choices": choices,
+        "usage": _usage(outputs),
+    }
 
 
 def chat_response(req: GenerationRequest, request_id: str, outputs: list[RequestOutput], model: ModelInfo) -> dict:
     choices = []
     for output in outputs:
         for c in output.outputs:
-            logprobs = None if req.logprobs is None else \
-                _chat_logprobs(model.tokenizer, c.token_ids, c.logprobs or [], req.logprobs)
-            choices.append({"index": c.index, "message": {"role": "assistant", "content": c.text},
-                            "logprobs": logprobs, "finish_reason": c.finish_reason})
-    return {"id": request_id, "object": "chat.completion", "created": int(time.time()), "model": model.name,
-            "choices": choices, "usage": _usage(outputs)}
+            logprobs = (
+                None
+                if req.logprobs is None
+                else _chat_logprobs(model.tokenizer, c.token_ids, c.logprobs or [], req.logprobs)
+            )
+            choices.append(
+                {
+                    "index": c.index,
+                    "message": {"role": "assistant", "content": c.text},
+                    "logprobs": logprobs,
+                    "finish_reason": c.finish_reason,
+                }
+            )
+    return {
+        "id": request_id,
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": model.name,
+        "choices": choices,
+        "usage": _usage(outputs),
+    }
 
 
 @dataclass
 class _Sent:
     """What one choice has streamed so far."""
+
     chars: int = 0
     tokens: int = 0
-    offset: int = 0          # completions' text_offset of the next token
-    started: bool = False    # chat: the role chunk went out; completions: the first text chunk did
+    offset: int = 0  # completions' text_offset of the next token
+    started: bool = False  # chat: the role chunk went out; completions: the first text chunk did
     finished: bool = False
 
 
@@ -124,8 +162,13 @@ class StreamState:
 
     def _chunk(self, choices: list[dict]) -> dict:
         chat = self.req.kind == "chat"
-        chunk = {"id": self.request_id, "object": "chat.completion.chunk" if chat else "text_completion",
-                 "created": self.created, "model": self.model.name, "choices": choices}
+        chunk = {
+            "id": self.request_id,
+            "object": "chat.completion.chunk" if chat else "text_completion",
+            "created": self.created,
+            "model": self.model.name,
+            "choices": choices,
+        }
         if self.req.include_usage:
             chunk["usage"] = None
         return chunk
@@ -137,24 +180,40 @@ class StreamState:
             if sent.finished:
                 continue
             if chat and not sent.started:
-                out.append(self._chunk([{"index": c.index, "delta": {"role": "assistant", "content": ""},
-                                         "logprobs": None, "finish_reason": None}]))
+                out.append(
+                    self._chunk(
+                        [
+                            {
+                                "index": c.index,
+                                "delta": {"role": "assistant", "content": ""},
+                                "logprobs": None,
+                                "finish_reason": None,
+                            }
+                        ]
+                    )
+                )
                 sent.started = True
-            new_text = c.text[sent.chars:]
+            new_text = c.text[sent.chars :]
             finished = c.finish_reason is not None
             # An echo goes out with the first token, once the prompt's logprobs are all in.
             echo_due = self.req.echo and not sent.started and bool(c.token_ids)
             if not (new_text or finished or echo_due):
                 continue
-            choice = self._chat_choice(c, sent, new_text) if chat else \
-                self._completion_choice(output, c, sent, new_text)
+            choice = (
+                self._chat_choice(c, sent, new_text) if chat else self._completion_choice(output, c, sent, new_text)
+            )
             out.append(self._chunk([{**choice, "finish_reason": c.finish_reason}]))
             sent.chars, sent.tokens, sent.started, sent.finished = len(c.text), len(c.token_ids), True, finished
         return out
 
     def _chat_choice(self, c: CompletionOutput, sent: _Sent, new_text: str) -> dict:
-        logprobs = None if self.req.logprobs is None else _chat_logprobs(
-            self.model.tokenizer, c.token_ids[sent.tokens:], (c.logprobs or [])[sent.tokens:], self.req.logprobs)
+        logprobs = (
+            None
+            if self.req.logprobs is None
+            else _chat_logprobs(
+                self.model.tokenizer, c.token_ids[sent.tokens :], (c.logprobs or [])[sent.tokens :], self.req.logprobs
+            )
+        )
         return {"index": c.index, "delta": {"content": new_text} if new_text else {}, "logprobs": logprobs}
 
     def _completion_choice(self, output: RequestOutput, c: CompletionOutput, sent: _Sent, new_text: str) -> dict:
@@ -166,12 +225,16 @@ class StreamState:
         if self.req.logprobs is not None:
             if not sent.started:
                 sent.offset = len(self._prompt_text)
-            logprobs, sent.offset = _completion_logprobs(tok, c.token_ids[sent.tokens:],
-                                                         (c.logprobs or [])[sent.tokens:], sent.offset)
+            logprobs, sent.offset = _completion_logprobs(
+                tok, c.token_ids[sent.tokens :], (c.logprobs or [])[sent.tokens :], sent.offset
+            )
             if with_prompt:
                 logprobs = _joined(_echo_logprobs(output, tok), logprobs)
-        return {"index": self.prompt_index * self.req.params.n + c.index,
-                "text": self._prompt_text + new_text if with_prompt else new_text, "logprobs": logprobs}
+        return {
+            "index": self.prompt_index * self.req.params.n + c.index,
+            "text": self._prompt_text + new_text if with_prompt else new_text,
+            "logprobs": logprobs,
+        }
 
     def usage_chunk(self, outputs: list[RequestOutput]) -> dict:
         return {**self._chunk([]), "usage": _usage(outputs)}

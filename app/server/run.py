@@ -1,5 +1,6 @@
 """Running the endpoint: in the foreground until SIGTERM (`kvstudio serve`), or on its own event-loop thread
 beside a caller that is not async (the desktop app, `kvstudio bench serve`, tests)."""
+
 from __future__ import annotations
 
 import asyncio
@@ -23,8 +24,7 @@ logger = logging.getLogger("kvstudio.server")
 async def start_server(app: web.Application, config: ServerConfig) -> web.AppRunner:
     """Listen on config.host:config.port (0 picks a free port: read it from the returned runner's addresses)."""
     # handler_cancellation: a client that disconnects cancels its handler, which aborts its request.
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None,
-                           shutdown_timeout=config.drain_timeout)
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=config.drain_timeout)
     await runner.setup()
     site = web.TCPSite(runner, config.host, config.port)
     await site.start()
@@ -35,15 +35,20 @@ def bound_port(runner: web.AppRunner) -> int:
     return runner.addresses[0][1]
 
 
-
 def model_info(engine: LLMEngine, served_model_name: str | None = None) -> ModelInfo:
     m = engine.model_config
-    return ModelInfo(name=served_model_name or m.model, tokenizer=engine.tokenizer, max_model_len=m.max_model_len,
-                     vocab_size=m.vocab_size, created=int(time.time()))
+    return ModelInfo(
+        name=served_model_name or m.model,
+        tokenizer=engine.tokenizer,
+        max_model_len=m.max_model_len,
+        vocab_size=m.vocab_size,
+        created=int(time.time()),
+    )
 
 
-def serve(engine: LLMEngine, config: ServerConfig, served_model_name: str | None = None,
-          max_queue: int | None = None) -> None:
+def serve(
+    engine: LLMEngine, config: ServerConfig, served_model_name: str | None = None, max_queue: int | None = None
+) -> None:
     """Run the endpoint until SIGTERM or SIGINT, then drain: in-flight requests get config.drain_timeout
     seconds to finish, new ones are refused."""
     # The model and its libraries live until exit: kept out of the cyclic collector's full walks, which took
@@ -75,8 +80,13 @@ class BackgroundServer:
     """The endpoint on its own event-loop thread, beside a caller that is not async (the desktop app's server
     switch, `kvstudio bench serve` without --url, tests)."""
 
-    def __init__(self, thread: EngineThread, info: ModelInfo, config: ServerConfig,
-                 on_request: Callable[[dict], None] | None = None) -> None:
+    def __init__(
+        self,
+        thread: EngineThread,
+        info: ModelInfo,
+        config: ServerConfig,
+        on_request: Callable[[dict], None] | None = None,
+    ) -> None:
         self._loop = asyncio.new_event_loop()
         self._loop_thread = threading.Thread(target=self._loop.run_forever, name="kvstudio-server", daemon=True)
         self._app = create_app(thread, info, config, on_request)
@@ -87,8 +97,7 @@ class BackgroundServer:
         """Bind and serve; raises OSError (port in use, not allowed) after cleaning up its thread."""
         self._loop_thread.start()
         try:
-            self._runner = asyncio.run_coroutine_threadsafe(start_server(self._app, self._config),
-                                                            self._loop).result()
+            self._runner = asyncio.run_coroutine_threadsafe(start_server(self._app, self._config), self._loop).result()
         except BaseException:
             self._end_loop()
             raise

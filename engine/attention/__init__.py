@@ -1,4 +1,5 @@
 """Attention backends: how new K/V are written into the paged cache and how attention reads it back."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -22,15 +23,21 @@ def _has_triton() -> bool:
     return False
 
 
-def select_backend(name: str, device: torch.device, block_size: int, head_dim: int,
-                   sliding_window: int | None, kv_cache_dtype: torch.dtype) -> AttentionBackend:
+def select_backend(
+    name: str,
+    device: torch.device,
+    block_size: int,
+    head_dim: int,
+    sliding_window: int | None,
+    kv_cache_dtype: torch.dtype,
+) -> AttentionBackend:
     """auto: the Triton kernels on CUDA; on the CPU the compiled CPU kernels when they build here and fit the
     model, else plain torch ops. triton on the CPU runs only under Triton's interpreter (the tests)."""
     from engine.attention.cpu_backend import CpuAttentionBackend
     from kernels import cpu_ops
     from kernels.paged_attention import CPU_HEAD_DIMS
 
-    scale = head_dim ** -0.5
+    scale = head_dim**-0.5
     if name == "auto" and device.type == "cuda":
         # The Triton kernels tile head_dim as a power of two; other sizes run on torch ops, as does a CUDA torch
         # without triton (Windows wheels have none).

@@ -1,4 +1,5 @@
 """The contract between the model runner and an attention backend."""
+
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
@@ -15,11 +16,12 @@ class AttentionInputs:
     The flat batch holds num_decodes decode tokens (one per sequence) first, then each prefill chunk's tokens.
     Context lengths count every token whose KV the sequence has after this step, the new ones included.
     """
-    slot_mapping: torch.Tensor          # [num_tokens] int64: cache slot (block_id * block_size + offset) per token
+
+    slot_mapping: torch.Tensor  # [num_tokens] int64: cache slot (block_id * block_size + offset) per token
     num_decodes: int
-    decode_context_lens: torch.Tensor   # [num_decodes] int64
-    decode_block_tables: torch.Tensor   # [num_decodes, max_blocks] int64, padded with 0
-    prefill_query_lens: torch.Tensor    # [num_prefills] int64: tokens in this step's chunk
+    decode_context_lens: torch.Tensor  # [num_decodes] int64
+    decode_block_tables: torch.Tensor  # [num_decodes, max_blocks] int64, padded with 0
+    prefill_query_lens: torch.Tensor  # [num_prefills] int64: tokens in this step's chunk
     prefill_context_lens: torch.Tensor  # [num_prefills] int64
     prefill_block_tables: torch.Tensor  # [num_prefills, max_blocks] int64, padded with 0
 
@@ -34,6 +36,7 @@ class AttentionBackend(ABC):
     prepare() runs once per step and may precompute whatever the layers share (indices, masks); forward() runs
     once per layer and must return the attention output in the query's layout.
     """
+
     # Which dimension of kv_cache_shape() indexes blocks: block copies (copy-on-write, swapping) move along it.
     block_dim: int
     # Whether the model runs its norms and rotary embedding as Triton kernels beside this backend (the GPU path),
@@ -50,8 +53,15 @@ class AttentionBackend(ABC):
         """Per-step metadata shared by all layers."""
 
     @abstractmethod
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                k_cache: torch.Tensor, v_cache: torch.Tensor, metadata: Any) -> torch.Tensor:
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        metadata: Any,
+    ) -> torch.Tensor:
         """q: [num_tokens, num_heads, head_dim]; k, v: [num_tokens, num_kv_heads, head_dim];
         k_cache, v_cache: this layer's caches, shaped by kv_cache_shape(). Returns [num_tokens, num_heads, head_dim].
         """
@@ -59,7 +69,7 @@ class AttentionBackend(ABC):
     def copy_blocks(self, kv_cache: torch.Tensor, pairs: list[tuple[int, int]]) -> None:
         """Copy-on-write: kv_cache[..., dst, ...] = kv_cache[..., src, ...] for every (src, dst) pair, every layer,
         K and V; every source is read before any destination is written."""
-        dim = 2 + self.block_dim   # kv_cache: [2, num_layers, *kv_cache_shape]
+        dim = 2 + self.block_dim  # kv_cache: [2, num_layers, *kv_cache_shape]
         src, dst = torch.tensor(pairs, dtype=torch.int64, device=kv_cache.device).unbind(1)
         kv_cache.index_copy_(dim, dst, kv_cache.index_select(dim, src))
 

@@ -1,4 +1,5 @@
 """The CPU backend: decodes through the compiled paged-attention kernel, prefill chunks as the torch backend."""
+
 from __future__ import annotations
 
 import torch
@@ -14,6 +15,7 @@ class CpuAttentionBackend(TorchAttentionBackend):
 
     def attend_decodes(self, q, k_cache, v_cache, decode) -> torch.Tensor:
         block_tables, context_lens = decode
-        out = paged_decode_attention(q.float().contiguous(), k_cache, v_cache, block_tables, context_lens,
-                                     self.scale, self.sliding_window)
+        out = paged_decode_attention(
+            q.float().contiguous(), k_cache, v_cache, block_tables, context_lens, self.scale, self.sliding_window
+        )
         return out.to(q.dtype)

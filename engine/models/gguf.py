@@ -12,10 +12,10 @@ Dequantization is gguf's (gguf.quants.dequantize).
 
 from __future__ import annotations
 
+import functools
 import re
 import struct
 from collections.abc import Iterator
-import functools
 from dataclasses import dataclass
 from math import prod
 from pathlib import Path
@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from gguf import GGML_QUANT_SIZES, GGUF_DEFAULT_ALIGNMENT, GGMLQuantizationType, GGUFValueType
 from gguf.quants import dequantize
+
 from engine.models.hub import ModelLoadError
 
 if TYPE_CHECKING:

@@ -1,4 +1,5 @@
 """Layers shared by the model families: RMSNorm, rotary embedding, fused linear shards, the per-step context."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -17,9 +18,10 @@ from engine.models.rope import cos_sin_cache, rope_parameters
 @dataclass
 class ForwardContext:
     """What every attention layer needs for one step; passed down explicitly (no global state)."""
+
     backend: AttentionBackend
     metadata: Any
-    kv_cache: torch.Tensor    # [2, num_layers, *backend.kv_cache_shape(...)]
+    kv_cache: torch.Tensor  # [2, num_layers, *backend.kv_cache_shape(...)]
 
 
 class RMSNorm(nn.Module):
@@ -27,7 +29,7 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.empty(dim))
-        self.triton = False   # the fused Triton kernel (set by the engine for the triton backend)
+        self.triton = False  # the fused Triton kernel (set by the engine for the triton backend)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
         """x: [..., dim] -> norm(x); with residual: (norm(x + residual), x + residual), the sum being the next
@@ -53,9 +55,10 @@ class RMSNorm(nn.Module):
 class RopeStep:
     """The rotary inputs of one step, shared by all layers: per-token cos/sin for the torch path, or the
     positions and the whole table for the Triton kernel, which rotates q and k in place."""
-    positions: torch.Tensor          # [T]
-    cos_sin_cache: torch.Tensor      # [max_positions, rot_dim]: cos | sin
-    cos: torch.Tensor | None         # [T, 1, rot_dim / 2] in the activations' dtype (torch path)
+
+    positions: torch.Tensor  # [T]
+    cos_sin_cache: torch.Tensor  # [max_positions, rot_dim]: cos | sin
+    cos: torch.Tensor | None  # [T, 1, rot_dim / 2] in the activations' dtype (torch path)
     sin: torch.Tensor | None
     triton: bool
 
@@ -71,7 +74,7 @@ class RopeStep:
     def rotate(self, x: torch.Tensor) -> torch.Tensor:
         """Torch path, neox layout: x: [T, heads, dim] -> a rotated copy (dims past rot_dim unchanged)."""
         half = self.cos.shape[-1]
-        x1, x2, rest = x[..., :half], x[..., half:2 * half], x[..., 2 * half:]
+        x1, x2, rest = x[..., :half], x[..., half : 2 * half], x[..., 2 * half :]
         rotated = (x1 * self.cos - x2 * self.sin, x2 * self.cos + x1 * self.sin)
         return torch.cat(rotated + ((rest,) if rest.shape[-1] else ()), dim=-1)
 
@@ -81,9 +84,9 @@ class RotaryEmbedding(nn.Module):
 
     def __init__(self, hf_config, max_positions: int) -> None:
         super().__init__()
-        self.params = rope_parameters(hf_config)   # an unsupported rope type fails here, before any weight loads
+        self.params = rope_parameters(hf_config)  # an unsupported rope type fails here, before any weight loads
         self.max_positions = max_positions
-        self.cos_sin_cache = None   # built by build() once the model sits on its device
+        self.cos_sin_cache = None  # built by build() once the model sits on its device
         self.triton = False
 
     def build(self, device: torch.device) -> None:
@@ -123,6 +126,6 @@ class Linear(nn.Module):
         if tuple(loaded.shape) != expected:
             raise ValueError(f"weight shard {shard} has shape {tuple(loaded.shape)}, expected {expected}")
         if param is self.weight:
-            param.data[:, start:start + size].copy_(loaded.t())
+            param.data[:, start : start + size].copy_(loaded.t())
         else:
-            param.data[start:start + size].copy_(loaded)
+            param.data[start : start + size].copy_(loaded)

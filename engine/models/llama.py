@@ -1,8 +1,10 @@
 """The Llama family: Llama, Mistral, Qwen2 (q/k/v bias), Qwen3 (q/k RMSNorm). One class, configured per family."""
+
 from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -42,9 +44,14 @@ class LlamaArch:
         else:
             window = getattr(c, "sliding_window", None)
         return cls(
-            hidden_size=c.hidden_size, num_layers=c.num_hidden_layers, num_heads=heads,
-            num_kv_heads=getattr(c, "num_key_value_heads", None) or heads, head_dim=head_dim,
-            intermediate_size=c.intermediate_size, vocab_size=c.vocab_size, rms_norm_eps=c.rms_norm_eps,
+            hidden_size=c.hidden_size,
+            num_layers=c.num_hidden_layers,
+            num_heads=heads,
+            num_kv_heads=getattr(c, "num_key_value_heads", None) or heads,
+            head_dim=head_dim,
+            intermediate_size=c.intermediate_size,
+            vocab_size=c.vocab_size,
+            rms_norm_eps=c.rms_norm_eps,
             qkv_bias=attention_bias or arch == "Qwen2ForCausalLM",
             o_bias=attention_bias and arch != "Qwen2ForCausalLM",
             mlp_bias=bool(getattr(c, "mlp_bias", False)),
@@ -68,20 +75,19 @@ class LlamaAttention(nn.Module):
 
     def forward(self, rope: RopeStep, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         T, H, KVH, D = x.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
-        qkv = self.qkv_proj(x)                                       # [T, (H + 2 * KVH) * D]
-        v = qkv[:, (H + KVH) * D:].view(T, KVH, D)
+        qkv = self.qkv_proj(x)  # [T, (H + 2 * KVH) * D]
+        v = qkv[:, (H + KVH) * D :].view(T, KVH, D)
         if self.q_norm is None and not rope.triton:
             # q and k sit side by side in qkv: rotate them in one pass, [T, H + KVH, D].
-            qk = rope.rotate(qkv[:, :(H + KVH) * D].view(T, H + KVH, D))
+            qk = rope.rotate(qkv[:, : (H + KVH) * D].view(T, H + KVH, D))
             q, k = qk[:, :H], qk[:, H:]
         else:
-            q = qkv[:, :H * D].view(T, H, D)
-            k = qkv[:, H * D:(H + KVH) * D].view(T, KVH, D)
+            q = qkv[:, : H * D].view(T, H, D)
+            k = qkv[:, H * D : (H + KVH) * D].view(T, KVH, D)
             if self.q_norm is not None:
                 q, k = self.q_norm(q), self.k_norm(k)
             q, k = rope.apply(q, k)
-        o = ctx.backend.forward(q, k, v, ctx.kv_cache[0, self.layer_idx], ctx.kv_cache[1, self.layer_idx],
-                                ctx.metadata)
+        o = ctx.backend.forward(q, k, v, ctx.kv_cache[0, self.layer_idx], ctx.kv_cache[1, self.layer_idx], ctx.metadata)
         return self.o_proj(o.view(T, -1))
 
 
@@ -105,8 +111,9 @@ class LlamaDecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(a.hidden_size, a.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(a.hidden_size, a.rms_norm_eps)
 
-    def forward(self, rope: RopeStep, h: torch.Tensor, residual: torch.Tensor | None,
-                ctx: ForwardContext) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, rope: RopeStep, h: torch.Tensor, residual: torch.Tensor | None, ctx: ForwardContext
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """h: this layer's input (the previous layer's MLP output), residual: the running sum before it (None at
         the first layer). Returns (MLP output, residual): each norm adds its input into the residual first."""
         if residual is None:
@@ -119,8 +126,13 @@ class LlamaDecoderLayer(nn.Module):
 
 class LlamaForCausalLM(nn.Module):
     # HF checkpoint name -> (our merged parameter, shard index)
-    _merged = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
-               "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
+    _merged: ClassVar[dict[str, tuple[str, int]]] = {
+        "q_proj": ("qkv_proj", 0),
+        "k_proj": ("qkv_proj", 1),
+        "v_proj": ("qkv_proj", 2),
+        "gate_proj": ("gate_up_proj", 0),
+        "up_proj": ("gate_up_proj", 1),
+    }
 
     def __init__(self, hf_config, max_positions: int) -> None:
         super().__init__()

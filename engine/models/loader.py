@@ -66,7 +66,7 @@ class SafetensorsCheckpoint:
             except (SafetensorError, OSError) as error:  # changed since open_model checked it
                 raise ModelLoadError(f"{file}: cannot be read: {error}") from error
             with opened as tensors:
-                for name in tensors.keys():
+                for name in tensors.keys():  # noqa: SIM118 - a safe_open handle is not iterable
                     tensor = tensors.get_tensor(name)
                     # integer tensors (none in Llama/Qwen2 checkpoints) keep their type: a cast would corrupt them
                     yield name, tensor.to(dtype) if tensor.is_floating_point() else tensor

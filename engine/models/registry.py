@@ -1,4 +1,5 @@
 """Model classes keyed by the Hugging Face architecture name in config.json."""
+
 from __future__ import annotations
 
 from torch import nn
@@ -24,4 +25,5 @@ def model_class(hf_config) -> type[nn.Module]:
             return _REGISTRY[arch]
     raise UnsupportedModelError(
         f"unsupported model architecture {archs or '(none given in config.json)'}; "
-        f"supported: {', '.join(sorted(_REGISTRY))}")
+        f"supported: {', '.join(sorted(_REGISTRY))}"
+    )

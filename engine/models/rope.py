@@ -7,6 +7,7 @@ up to max_position_embeddings, a larger base beyond). vLLM instead fixes the bas
 max_position_embeddings * factor tokens, and uses that table for every position; so does this module. A model
 with dynamic rope therefore differs from HF on sequences shorter than that length, as it does under vLLM.
 """
+
 from __future__ import annotations
 
 import math
@@ -21,17 +22,17 @@ SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
 class RopeParameters:
     rope_type: str
     base: float
-    rot_dim: int                                  # rotated dims per head: head_dim * partial_rotary_factor
-    factor: float = 1.0                           # linear, dynamic, llama3, yarn
-    original_max_positions: int | None = None     # llama3, yarn: pretraining context; dynamic: max_position_embeddings
-    low_freq_factor: float | None = None          # llama3
-    high_freq_factor: float | None = None         # llama3
-    attention_factor: float | None = None         # yarn: explicit cos/sin scale (else derived from factor, mscale)
-    beta_fast: float = 32.0                       # yarn
-    beta_slow: float = 1.0                        # yarn
-    mscale: float | None = None                   # yarn
-    mscale_all_dim: float | None = None           # yarn
-    truncate: bool = True                         # yarn: round the correction range to whole dims
+    rot_dim: int  # rotated dims per head: head_dim * partial_rotary_factor
+    factor: float = 1.0  # linear, dynamic, llama3, yarn
+    original_max_positions: int | None = None  # llama3, yarn: pretraining context; dynamic: max_position_embeddings
+    low_freq_factor: float | None = None  # llama3
+    high_freq_factor: float | None = None  # llama3
+    attention_factor: float | None = None  # yarn: explicit cos/sin scale (else derived from factor, mscale)
+    beta_fast: float = 32.0  # yarn
+    beta_slow: float = 1.0  # yarn
+    mscale: float | None = None  # yarn
+    mscale_all_dim: float | None = None  # yarn
+    truncate: bool = True  # yarn: round the correction range to whole dims
 
 
 def _field(params: dict, key: str, rope_type: str):
@@ -53,29 +54,44 @@ def rope_parameters(hf_config) -> RopeParameters:
     head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
     rot_dim = int(head_dim * partial)
     if rot_dim < 2 or rot_dim % 2:
-        raise ValueError(f"rotary dim {rot_dim} (head_dim {head_dim} * partial_rotary_factor {partial}) "
-                         f"must be even and at least 2")
+        raise ValueError(
+            f"rotary dim {rot_dim} (head_dim {head_dim} * partial_rotary_factor {partial}) must be even and at least 2"
+        )
     common = dict(rope_type=rope_type, base=base, rot_dim=rot_dim)
     if rope_type == "default":
         return RopeParameters(**common)
     if rope_type in ("linear", "dynamic"):
-        return RopeParameters(**common, factor=float(_field(params, "factor", rope_type)),
-                              original_max_positions=hf_config.max_position_embeddings)
-    original = (params.get("original_max_position_embeddings")
-                or getattr(hf_config, "original_max_position_embeddings", None) or hf_config.max_position_embeddings)
+        return RopeParameters(
+            **common,
+            factor=float(_field(params, "factor", rope_type)),
+            original_max_positions=hf_config.max_position_embeddings,
+        )
+    original = (
+        params.get("original_max_position_embeddings")
+        or getattr(hf_config, "original_max_position_embeddings", None)
+        or hf_config.max_position_embeddings
+    )
     if rope_type == "llama3":
-        return RopeParameters(**common, factor=float(_field(params, "factor", rope_type)),
-                              original_max_positions=original,
-                              low_freq_factor=float(_field(params, "low_freq_factor", rope_type)),
-                              high_freq_factor=float(_field(params, "high_freq_factor", rope_type)))
+        return RopeParameters(
+            **common,
+            factor=float(_field(params, "factor", rope_type)),
+            original_max_positions=original,
+            low_freq_factor=float(_field(params, "low_freq_factor", rope_type)),
+            high_freq_factor=float(_field(params, "high_freq_factor", rope_type)),
+        )
     # yarn: without a factor, the ratio of the extended context to the pretraining one (as DeepSeek-V3 configs).
     factor = params.get("factor") or hf_config.max_position_embeddings / original
-    return RopeParameters(**common, factor=float(factor), original_max_positions=original,
-                          attention_factor=params.get("attention_factor"),
-                          beta_fast=float(params.get("beta_fast") or 32.0),
-                          beta_slow=float(params.get("beta_slow") or 1.0),
-                          mscale=params.get("mscale"), mscale_all_dim=params.get("mscale_all_dim"),
-                          truncate=bool(params.get("truncate", True)))
+    return RopeParameters(
+        **common,
+        factor=float(factor),
+        original_max_positions=original,
+        attention_factor=params.get("attention_factor"),
+        beta_fast=float(params.get("beta_fast") or 32.0),
+        beta_slow=float(params.get("beta_slow") or 1.0),
+        mscale=params.get("mscale"),
+        mscale_all_dim=params.get("mscale_all_dim"),
+        truncate=bool(params.get("truncate", True)),
+    )
 
 
 def _yarn_mscale(factor: float, mscale: float = 1.0) -> float:
@@ -93,9 +109,9 @@ def _yarn(p: RopeParameters, base_powers: torch.Tensor) -> tuple[torch.Tensor, f
         low, high = math.floor(low), math.ceil(high)
     low, high = max(low, 0), min(high, p.rot_dim - 1)
     if low == high:
-        high += 0.001    # a one-dim ramp would divide by zero
+        high += 0.001  # a one-dim ramp would divide by zero
     ramp = ((torch.arange(p.rot_dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
-    keep = 1 - ramp   # the weight of the original frequency; HF's expression, so the table matches it bit for bit
+    keep = 1 - ramp  # the weight of the original frequency; HF's expression, so the table matches it bit for bit
     inv_freq = 1.0 / (p.factor * base_powers) * (1 - keep) + 1.0 / base_powers * keep
     if p.attention_factor is not None:
         scale = float(p.attention_factor)
@@ -123,7 +139,7 @@ def inv_freq_and_scale(p: RopeParameters) -> tuple[torch.Tensor, float]:
         # HF's NTK base for a sequence of factor * max_position_embeddings tokens, fixed (see the module note).
         seq_len = p.factor * p.original_max_positions
         base *= (p.factor * seq_len / p.original_max_positions - (p.factor - 1)) ** (p.rot_dim / (p.rot_dim - 2))
-    base_powers = base ** (torch.arange(0, p.rot_dim, 2, dtype=torch.float32) / p.rot_dim)   # [rot_dim / 2]
+    base_powers = base ** (torch.arange(0, p.rot_dim, 2, dtype=torch.float32) / p.rot_dim)  # [rot_dim / 2]
     if p.rope_type == "yarn":
         return _yarn(p, base_powers)
     inv_freq = 1.0 / base_powers
@@ -139,5 +155,5 @@ def cos_sin_cache(p: RopeParameters, max_positions: int, device: torch.device | 
     scaling, the layout kernels.triton_rotary reads."""
     inv_freq, scale = inv_freq_and_scale(p)
     t = torch.arange(max_positions, dtype=torch.float32, device=device)
-    freqs = torch.outer(t, inv_freq.to(device))                  # [max_positions, rot_dim / 2]
+    freqs = torch.outer(t, inv_freq.to(device))  # [max_positions, rot_dim / 2]
     return torch.cat((freqs.cos(), freqs.sin()), dim=-1) * scale

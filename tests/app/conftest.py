@@ -1,4 +1,5 @@
 """Fixtures for the OpenAI protocol tests: SmolLM2's tokenizer (with its chat template) behind a 64-token model."""
+
 from __future__ import annotations
 
 import pytest

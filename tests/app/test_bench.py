@@ -5,7 +5,8 @@ import re
 
 import pytest
 
-from app import bench, cli
+from app.bench import throughput as bench
+from app.cli import main as cli
 
 
 def write_workload(path, lines: list) -> None:
@@ -21,19 +22,21 @@ def test_the_built_in_workload_is_w64():
 
 def test_num_prompts_and_max_tokens_narrow_the_workload(tmp_path):
     path = tmp_path / "w.jsonl"
-    write_workload(path, [{"messages": [{"role": "user", "content": f"q{i}"}], "max_tokens": 10 + i}
-                          for i in range(3)])
+    write_workload(path, [{"messages": [{"role": "user", "content": f"q{i}"}], "max_tokens": 10 + i} for i in range(3)])
     assert [r.max_tokens for r in bench.load_workload(path)] == [10, 11, 12]
     requests = bench.load_workload(path, num_prompts=2, max_tokens=5)
     assert [(r.messages[0]["content"], r.max_tokens) for r in requests] == [("q0", 5), ("q1", 5)]
 
 
-@pytest.mark.parametrize("line, message", [
-    ("{not json", r"w.jsonl:2: not JSON"),
-    ({"messages": [], "max_tokens": 4}, r"w.jsonl:2: expected \"messages\""),
-    ({"messages": [{"role": "user"}], "max_tokens": 4}, r"w.jsonl:2: expected \"messages\""),
-    ({"messages": [{"role": "user", "content": "x"}], "max_tokens": 0}, r"w.jsonl:2: expected \"max_tokens\""),
-])
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        ("{not json", r"w.jsonl:2: not JSON"),
+        ({"messages": [], "max_tokens": 4}, r"w.jsonl:2: expected \"messages\""),
+        ({"messages": [{"role": "user"}], "max_tokens": 4}, r"w.jsonl:2: expected \"messages\""),
+        ({"messages": [{"role": "user", "content": "x"}], "max_tokens": 0}, r"w.jsonl:2: expected \"max_tokens\""),
+    ],
+)
 def test_a_bad_line_is_named(tmp_path, line, message):
     path = tmp_path / "w.jsonl"
     write_workload(path, [{"messages": [{"role": "user", "content": "fine"}], "max_tokens": 4}, line])
@@ -44,7 +47,7 @@ def test_a_bad_line_is_named(tmp_path, line, message):
 def test_asking_for_more_prompts_than_the_file_has_is_an_error(tmp_path):
     path = tmp_path / "w.jsonl"
     write_workload(path, [{"messages": [{"role": "user", "content": "q"}], "max_tokens": 4}])
-    with pytest.raises(ValueError, match="asked for 2 prompts but .* has 1"):
+    with pytest.raises(ValueError, match=r"asked for 2 prompts but .* has 1"):
         bench.load_workload(path, num_prompts=2)
 
 
@@ -61,13 +64,24 @@ def test_throughput_against_hf_generate(monkeypatch, capsys, smollm2_gguf):
         def recorded(*args, **kwargs):
             results.append(run(*args, **kwargs))
             return results[-1]
+
         return recorded
 
     for name in ("run_engine", "run_hf_generate"):
         monkeypatch.setattr(bench, name, recording(getattr(bench, name)))
 
-    argv = ["bench", "throughput", "--model", str(smollm2_gguf), "--num-prompts", "4", "--max-tokens", "8",
-            "--baseline", "hf"]
+    argv = [
+        "bench",
+        "throughput",
+        "--model",
+        str(smollm2_gguf),
+        "--num-prompts",
+        "4",
+        "--max-tokens",
+        "8",
+        "--baseline",
+        "hf",
+    ]
     assert cli.main(argv) == 0
 
     out = capsys.readouterr().out

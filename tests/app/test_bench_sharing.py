@@ -1,5 +1,6 @@
 """`kvstudio bench sharing` on SmolLM2 with small, capped length mixes: the table's rows, the paper's figures
 beside them, and savings that follow from how the blocks are shared."""
+
 from __future__ import annotations
 
 import re
@@ -7,8 +8,8 @@ import re
 import pytest
 import torch
 
-from app import bench_sharing as bs
-from app import cli
+from app.bench import sharing as bs
+from app.cli import main as cli
 from engine import LLM
 
 
@@ -47,16 +48,39 @@ def test_block_sharing_is_measured_with_prefix_caching_off(smollm2_gguf):
 
 
 def test_the_command_prints_both_tables(smollm2_gguf, capsys):
-    argv = ["bench", "sharing", "--model", str(smollm2_gguf), "--workload", "alpaca", "--num-requests", "2",
-            "--max-prompt-len", "24", "--max-output-len", "6", "--prefix-requests", "2", "--max-model-len", "512",
-            "--kv-cache-memory", "0.25"]
+    argv = [
+        "bench",
+        "sharing",
+        "--model",
+        str(smollm2_gguf),
+        "--workload",
+        "alpaca",
+        "--num-requests",
+        "2",
+        "--max-prompt-len",
+        "24",
+        "--max-output-len",
+        "6",
+        "--prefix-requests",
+        "2",
+        "--max-model-len",
+        "512",
+        "--kv-cache-memory",
+        "0.25",
+    ]
     assert cli.main(argv) == 0
     out = capsys.readouterr().out
-    rows = re.findall(r"^alpaca +(parallel sampling|beam search) +(\d) .* ([\d.]+)% +(6\.1-9\.8%|37\.6-55\.2%) ", out,
-                      re.M)
+    rows = re.findall(
+        r"^alpaca +(parallel sampling|beam search) +(\d) .* ([\d.]+)% +(6\.1-9\.8%|37\.6-55\.2%) ", out, re.M
+    )
     assert [(kind, int(w)) for kind, w, _, _ in rows] == [
-        ("parallel sampling", 2), ("parallel sampling", 4), ("parallel sampling", 6),
-        ("beam search", 2), ("beam search", 4), ("beam search", 6)]
+        ("parallel sampling", 2),
+        ("parallel sampling", 4),
+        ("parallel sampling", 6),
+        ("beam search", 2),
+        ("beam search", 4),
+        ("beam search", 6),
+    ]
     assert all(float(saved) > 0 for _, _, saved, _ in rows)
     # Two short prefills are too quick for their times to say anything here: the saving may even come out negative.
     prefix = re.findall(r"^(\d-shot) +(\d+) .* (-?[\d.]+)% +(\d+) +(\d+)$", out, re.M)

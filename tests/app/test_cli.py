@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from app import cli
+from app.cli import main as cli
+from app.cli import options
 from engine import LLM, SamplingParams
 
 
@@ -32,7 +33,7 @@ def loaded(monkeypatch, llm) -> list[str | None]:
         asked.append(model)
         return llm
 
-    monkeypatch.setattr(cli, "load_llm", load_llm)
+    monkeypatch.setattr(options, "load_llm", load_llm)
     return asked
 
 
@@ -52,17 +53,20 @@ def test_bench_help_lists_throughput(capsys):
     assert "throughput" in out and "sharing" in out
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["generate", "--max-tokens", "0", "hi"], "--max-tokens: must be an integer >= 1"),
-    (["generate", "--dtype", "float8", "hi"], "--dtype: invalid choice: 'float8'"),
-    (["generate", "--kv-cache-memory", "-1", "hi"], "--kv-cache-memory: must be a number > 0"),
-    (["generate", "--swap-space", "-1", "hi"], "--swap-space: must be a number >= 0"),
-    (["generate", "--preemption-mode", "drop", "hi"], "--preemption-mode: invalid choice: 'drop'"),
-    (["bench", "throughput", "--baseline", "vllm"], "--baseline: invalid choice: 'vllm'"),
-    (["bench"], "required"),
-    (["serve", "--port", "x"], "--port: invalid int value: 'x'"),
-    (["serve", "--max-queue", "0"], "--max-queue: must be an integer >= 1"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["generate", "--max-tokens", "0", "hi"], "--max-tokens: must be an integer >= 1"),
+        (["generate", "--dtype", "float8", "hi"], "--dtype: invalid choice: 'float8'"),
+        (["generate", "--kv-cache-memory", "-1", "hi"], "--kv-cache-memory: must be a number > 0"),
+        (["generate", "--swap-space", "-1", "hi"], "--swap-space: must be a number >= 0"),
+        (["generate", "--preemption-mode", "drop", "hi"], "--preemption-mode: invalid choice: 'drop'"),
+        (["bench", "throughput", "--baseline", "vllm"], "--baseline: invalid choice: 'vllm'"),
+        (["bench"], "required"),
+        (["serve", "--port", "x"], "--port: invalid int value: 'x'"),
+        (["serve", "--max-queue", "0"], "--max-queue: must be an integer >= 1"),
+    ],
+)
 def test_bad_arguments_exit_2_with_the_reason(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_:
         cli.main(argv)
@@ -74,29 +78,68 @@ def test_values_only_the_engine_can_judge_exit_2_before_loading(monkeypatch, cap
     def load_llm(model, kwargs):
         raise AssertionError("the model was loaded for a command that was bound to fail")
 
-    monkeypatch.setattr(cli, "load_llm", load_llm)
+    monkeypatch.setattr(options, "load_llm", load_llm)
     assert cli.main(["generate", "--top-p", "2", "hi"]) == 2
     assert "kvstudio: error: top_p must be in (0, 1], got 2.0" in capsys.readouterr().err
 
 
 def test_engine_options_pass_only_what_was_given():
     args = cli.build_parser().parse_args(
-        ["generate", "--block-size", "32", "--no-prefix-caching", "--kv-cache-memory", "0.5",
-         "--attention-backend", "torch", "--swap-space", "0", "--preemption-mode", "recompute", "hi"])
-    assert cli.engine_kwargs(args) == {"dtype": "auto", "kv_cache_dtype": "auto", "enable_prefix_caching": False,
-                                       "attention_backend": "torch", "block_size": 32, "kv_cache_memory": 0.5,
-                                       "swap_space": 0.0, "preemption_mode": "recompute"}
+        [
+            "generate",
+            "--block-size",
+            "32",
+            "--no-prefix-caching",
+            "--kv-cache-memory",
+            "0.5",
+            "--attention-backend",
+            "torch",
+            "--swap-space",
+            "0",
+            "--preemption-mode",
+            "recompute",
+            "hi",
+        ]
+    )
+    assert options.engine_kwargs(args) == {
+        "dtype": "auto",
+        "kv_cache_dtype": "auto",
+        "enable_prefix_caching": False,
+        "attention_backend": "torch",
+        "block_size": 32,
+        "kv_cache_memory": 0.5,
+        "swap_space": 0.0,
+        "preemption_mode": "recompute",
+    }
     args = cli.build_parser().parse_args(["generate", "--kv-cache-dtype", "fp8", "--no-cuda-graphs", "hi"])
-    assert cli.engine_kwargs(args) == {"dtype": "auto", "kv_cache_dtype": "fp8", "enable_prefix_caching": True,
-                                       "attention_backend": "auto", "cuda_graphs": False}
+    assert options.engine_kwargs(args) == {
+        "dtype": "auto",
+        "kv_cache_dtype": "fp8",
+        "enable_prefix_caching": True,
+        "attention_backend": "auto",
+        "cuda_graphs": False,
+    }
 
 
 def test_generate_through_the_console_script(smollm2_gguf):
     kvstudio = Path(sys.executable).with_name("kvstudio")
     proc = subprocess.run(
-        [str(kvstudio), "generate", "--model", str(smollm2_gguf), "--max-tokens", "8", "--temperature", "0",
-         "What is the capital of France?"],
-        stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=300)
+        [
+            str(kvstudio),
+            "generate",
+            "--model",
+            str(smollm2_gguf),
+            "--max-tokens",
+            "8",
+            "--temperature",
+            "0",
+            "What is the capital of France?",
+        ],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "Paris" in proc.stdout
 
@@ -149,5 +192,3 @@ def test_kvstudio_alone_without_a_display_says_why_then_chats(monkeypatch, capsy
     reason = "the desktop window needs a display (neither DISPLAY nor WAYLAND_DISPLAY is set)"
     assert f"kvstudio: {reason}; starting a chat in the terminal instead." in capsys.readouterr().err
     assert loaded == [None]  # the default model
-
-

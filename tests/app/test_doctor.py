@@ -1,5 +1,6 @@
 """kvstudio doctor: the probes read this machine (model store from KVSTUDIO_DATA_DIR, free disk, torch, Qt in a
 child process), and the judgement of what is missing is checked on environments changed one fact at a time."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -9,15 +10,17 @@ import shutil
 import pytest
 import torch
 
-from app import cli, doctor, model_store
-from app.machine import GIB, MachineMemory, check_fit, machine_memory
+from app.cli import doctor
+from app.cli import main as cli
+from app.library import model_store
+from app.library.machine import GIB, MachineMemory, check_fit, machine_memory
 
 MIB = 2**20
 
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("doctor") / "kvstudio-data"   # not created: the store is empty
+    return tmp_path_factory.mktemp("doctor") / "kvstudio-data"  # not created: the store is empty
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +45,7 @@ def test_the_probe_reads_this_machine(env, data_dir):
     assert env.model_store == data_dir / "models"
     assert env.default_model == data_dir / "models" / model_store.DEFAULT_MODEL.filename
     assert not env.default_model_present
-    assert env.disk_path == data_dir.parent          # the nearest folder that exists
+    assert env.disk_path == data_dir.parent  # the nearest folder that exists
     assert abs(env.disk_free - shutil.disk_usage(data_dir.parent).free) < 256 * MIB
     assert env.torch_version == torch.__version__ and env.torch_error is None and env.engine_error is None
     assert env.memory is not None and env.memory.total == machine_memory().total
@@ -72,14 +75,15 @@ def test_largest_model_is_the_edge_of_check_fit():
     assert check_fit(fits + 1_000_000, memory).verdict != "fits"
     tight = doctor.largest_model(memory, "tight")
     assert check_fit(tight, memory).verdict == "tight" and not check_fit(tight + 1_000_000, memory).fits
-    assert doctor.largest_model(cpu_memory(GIB), "tight") == 0   # the reserve alone does not fit
+    assert doctor.largest_model(cpu_memory(GIB), "tight") == 0  # the reserve alone does not fit
 
 
 def test_a_cpu_machine_says_the_triton_kernels_need_a_gpu(env):
     cpu = dataclasses.replace(env, memory=cpu_memory(16 * GIB), cuda_version=None, nvidia_driver=False)
     assert any(m.startswith("CPU only: the Triton kernels need an NVIDIA GPU") for m in messages(cpu, False))
-    gpu = dataclasses.replace(env, memory=MachineMemory("cuda (NVIDIA H100)", 80 * GIB, 79 * GIB, 2, GIB),
-                              cuda_version="13.0")
+    gpu = dataclasses.replace(
+        env, memory=MachineMemory("cuda (NVIDIA H100)", 80 * GIB, 79 * GIB, 2, GIB), cuda_version="13.0"
+    )
     assert not any("CPU only" in m or "CPU attention kernels" in m for m in messages(gpu, False))
     cpu_torch_on_gpu = dataclasses.replace(cpu, nvidia_driver=True)
     assert any("this torch is a CPU build" in m for m in messages(cpu_torch_on_gpu, False))
@@ -94,7 +98,7 @@ def test_the_cpu_kernels_name_what_their_build_lacks(env):
 
 def test_qt_that_cannot_start_is_fatal_only_with_a_display(env):
     broken = dataclasses.replace(env, qt=doctor.QtStatus(None, None, (), "xcb-cursor0 is needed"))
-    assert not messages(broken, True)                          # headless: the commands still work
+    assert not messages(broken, True)  # headless: the commands still work
     assert any("Qt does not start here either (xcb-cursor0 is needed)" in m for m in messages(broken, False))
     on_screen = dataclasses.replace(broken, display=True)
     assert messages(on_screen, True) == ["the window cannot open: Qt does not start (xcb-cursor0 is needed)"]

@@ -1,5 +1,6 @@
 """The engine thread: requests from several threads and from asyncio, streaming, aborts that free the KV blocks,
 bad requests that leave it serving, a full queue, stats snapshots, and stopping with and without draining."""
+
 from __future__ import annotations
 
 import asyncio
@@ -84,7 +85,7 @@ def test_leaving_a_stream_early_aborts_the_request_and_frees_its_blocks(llm, thr
         async for out in thread.generate(PROMPTS[0], long, request_id="leaver"):
             if len(out.outputs[0].token_ids) >= 3:
                 break
-        for _ in range(200):   # the abort is a command the engine thread takes between steps
+        for _ in range(200):  # the abort is a command the engine thread takes between steps
             if not engine.has_request("leaver"):
                 break
             await asyncio.sleep(0.01)
@@ -172,11 +173,11 @@ def test_an_idle_engine_reports_zero_rates(llm, monkeypatch):
     assert done.wait(timeout=30)
     assert engine.get_stats().generation_tokens_per_s > 0
     real = llm_engine_module.time.perf_counter
-    monkeypatch.setattr(llm_engine_module.time, "perf_counter", lambda: real() + 60.0)   # a minute later
+    monkeypatch.setattr(llm_engine_module.time, "perf_counter", lambda: real() + 60.0)  # a minute later
     assert engine.get_stats().generation_tokens_per_s == 0.0
     count = len(snapshots)
     deadline = time.monotonic() + 5
-    while len(snapshots) == count and time.monotonic() < deadline:   # idle snapshots keep coming
+    while len(snapshots) == count and time.monotonic() < deadline:  # idle snapshots keep coming
         time.sleep(0.05)
     t.stop()
     assert len(snapshots) > count and snapshots[-1].stats.generation_tokens_per_s == 0.0

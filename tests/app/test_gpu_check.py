@@ -1,18 +1,28 @@
 """`make gpu-check` runs once on a borrowed GPU, so its script is run here first at smoke scale: the same code on
 the CPU, tiny shapes, Triton's interpreter. Every check must report, and the correctness checks must pass."""
+
 from __future__ import annotations
 
-from app import gpu_check
+from app.bench import gpu_check
 
 
 def test_the_gpu_check_script_runs_every_check_at_smoke_scale(capsys):
     assert gpu_check.main(["--smoke", "--max-tokens", "4"]) == 0
     out = capsys.readouterr().out
-    table = out[out.index("check "):]
-    for check in ("decode attention float32 (splits=1)", "decode attention float32 (splits=4)",
-                  "prefill attention float32", "reshape_and_cache fp8", "copy_blocks", "decode attention, fp8",
-                  "rms_norm + residual", "rotary (neox)", "rotary (gpt-j)", "greedy agreement with transformers",
-                  "CUDA graphs on vs off"):
+    table = out[out.index("check ") :]
+    for check in (
+        "decode attention float32 (splits=1)",
+        "decode attention float32 (splits=4)",
+        "prefill attention float32",
+        "reshape_and_cache fp8",
+        "copy_blocks",
+        "decode attention, fp8",
+        "rms_norm + residual",
+        "rotary (neox)",
+        "rotary (gpt-j)",
+        "greedy agreement with transformers",
+        "CUDA graphs on vs off",
+    ):
         line = next(line for line in table.splitlines() if line.startswith(check))
         assert "PASS" in line, line
     for check in ("decode attention bandwidth", "kvstudio tok/s", "hf generate tok/s", "fp8 KV cache vs 16-bit"):

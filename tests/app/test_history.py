@@ -23,11 +23,18 @@ def test_conversation_and_messages_round_trip_through_the_file(tmp_path):
     with ChatHistory(path) as h:
         conv = h.create_conversation("Paging", "Be brief.", {"temperature": 0.7, "max_tokens": 256})
         user = h.add_message(conv.id, "user", "What is a KV block?")
-        reply = h.add_message(conv.id, "assistant", "A fixed number of tokens' K/V.",
-                              stats={"tokens": 9, "tokens_per_s": 41.5, "ttft_s": 0.12, "finish_reason": "stop"})
+        reply = h.add_message(
+            conv.id,
+            "assistant",
+            "A fixed number of tokens' K/V.",
+            stats={"tokens": 9, "tokens_per_s": 41.5, "ttft_s": 0.12, "finish_reason": "stop"},
+        )
         stored = h.conversation(conv.id)
-    assert (conv.title, conv.system_prompt, conv.params) == ("Paging", "Be brief.", {"temperature": 0.7,
-                                                                                    "max_tokens": 256})
+    assert (conv.title, conv.system_prompt, conv.params) == (
+        "Paging",
+        "Be brief.",
+        {"temperature": 0.7, "max_tokens": 256},
+    )
     assert user == Message(user.id, conv.id, "user", "What is a KV block?", user.created, True, {})
     with ChatHistory(path) as h:
         assert h.conversation(conv.id) == stored
@@ -42,8 +49,7 @@ def test_setters_change_only_their_field(history):
     history.set_system_prompt(conv.id, "You are terse.")
     history.set_params(conv.id, {"top_p": 0.9, "stop": ["\n\n"]})
     got = history.conversation(conv.id)
-    assert (got.title, got.system_prompt, got.params) == ("Renamed", "You are terse.", {"top_p": 0.9,
-                                                                                      "stop": ["\n\n"]})
+    assert (got.title, got.system_prompt, got.params) == ("Renamed", "You are terse.", {"top_p": 0.9, "stop": ["\n\n"]})
     assert got.created == conv.created
 
 
@@ -136,8 +142,11 @@ def test_a_reply_streamed_before_a_crash_survives_unfinished(tmp_path):
     reopened.update_message(reply.id, "One, two, three.", True, {"tokens": 6, "finish_reason": "stop"})
     reopened.update_message(reply.id, "One, two, three!", True)  # no stats: the stored ones stay
     done = reopened.messages(conv.id)[-1]
-    assert (done.content, done.finished, done.stats) == ("One, two, three!", True,
-                                                         {"tokens": 6, "finish_reason": "stop"})
+    assert (done.content, done.finished, done.stats) == (
+        "One, two, three!",
+        True,
+        {"tokens": 6, "finish_reason": "stop"},
+    )
     live.close()
     reopened.close()
 
@@ -269,7 +278,9 @@ def test_title_from_a_first_message():
     assert title_from("   \n") == "New chat"
     long = "Explain how paged attention splits the KV cache into fixed-size blocks"
     assert title_from(long) == "Explain how paged attention splits the KV cache…"
-    assert title_from("Explain how paged attention splits the KV caches into blocks") == \
-        "Explain how paged attention splits the KV…"
+    assert (
+        title_from("Explain how paged attention splits the KV caches into blocks")
+        == "Explain how paged attention splits the KV…"
+    )
     assert title_from("x" * 100) == "x" * 47 + "…"
     assert all(len(title_from(t)) <= 48 for t in (long, "x" * 100, "word " * 30))

@@ -1,5 +1,6 @@
 """`kvstudio models list | pull | rm`, searching, and interrupted pulls found again after a restart, against a fake
 Hugging Face Hub served on loopback."""
+
 from __future__ import annotations
 
 import json
@@ -8,21 +9,26 @@ from pathlib import Path
 import pytest
 from huggingface_hub import scan_cache_dir, try_to_load_from_cache
 
-from app import cli, hub_files, hub_models, model_store
-from app.hub_search import search_hub
+from app.cli import main as cli
+from app.library import hub_files, hub_models, model_store
+from app.library.hub_search import search_hub
 
 
 @pytest.fixture
 def fake_hub(serve_hub, tiny_chat_model):
     tiny = {p.name: p.read_bytes() for p in sorted(tiny_chat_model.iterdir()) if p.is_file()}
     config = json.loads(tiny["config.json"])
-    return serve_hub({
-        # what a real repo also carries, and a pull must leave on the Hub
-        "org/tiny": {**tiny, "pytorch_model.bin": b"\0" * 300, "README.md": b"# tiny\n"},
-        "org/bin-only": {"config.json": tiny["config.json"], "pytorch_model.bin": b"\0" * 300},
-        "org/bert": {"config.json": json.dumps({**config, "architectures": ["BertModel"]}).encode(),
-                     "model.safetensors": tiny["model.safetensors"]},
-    })
+    return serve_hub(
+        {
+            # what a real repo also carries, and a pull must leave on the Hub
+            "org/tiny": {**tiny, "pytorch_model.bin": b"\0" * 300, "README.md": b"# tiny\n"},
+            "org/bin-only": {"config.json": tiny["config.json"], "pytorch_model.bin": b"\0" * 300},
+            "org/bert": {
+                "config.json": json.dumps({**config, "architectures": ["BertModel"]}).encode(),
+                "model.safetensors": tiny["model.safetensors"],
+            },
+        }
+    )
 
 
 def run(capsys, *argv: str) -> tuple[int, str, str]:
@@ -66,8 +72,7 @@ def test_list_shows_the_pulled_model_with_family_size_and_context(fake_hub, tiny
 
     size = sum((tiny_chat_model / name).stat().st_size for name in expected_files(tiny_chat_model))
     [model] = hub_models.list_local_models()
-    assert (model.name, model.size, model.family, model.context_length) == (
-        "org/tiny", size, "LlamaForCausalLM", 512)
+    assert (model.name, model.size, model.family, model.context_length) == ("org/tiny", size, "LlamaForCausalLM", 512)
     code, out, _ = run(capsys, "list")
     assert code == 0
     assert out.split() == ["org/tiny", *hub_models.human_size(size).split(), "LlamaForCausalLM", "context", "512"]
@@ -101,12 +106,15 @@ def test_rm_clears_what_an_interrupted_pull_left(fake_hub, tiny_chat_model, tmp_
     assert not repo_dir.exists()
 
 
-@pytest.mark.parametrize("repo, message", [
-    ("org/missing", "no model org/missing on the Hub"),
-    ("org/bin-only", "org/bin-only has no .safetensors weights"),
-    ("org/bert", "org/bert is a BertModel, an architecture kvstudio cannot run"),
-    ("not-a-repo-id", "'not-a-repo-id' is not a Hub model id"),
-])
+@pytest.mark.parametrize(
+    "repo, message",
+    [
+        ("org/missing", "no model org/missing on the Hub"),
+        ("org/bin-only", "org/bin-only has no .safetensors weights"),
+        ("org/bert", "org/bert is a BertModel, an architecture kvstudio cannot run"),
+        ("not-a-repo-id", "'not-a-repo-id' is not a Hub model id"),
+    ],
+)
 def test_a_pull_kvstudio_cannot_use_fails_with_the_reason(fake_hub, repo, message, capsys):
     code, _, err = run(capsys, "pull", repo)
     assert code == 1
@@ -140,7 +148,11 @@ def test_the_default_model_is_listed_and_removed_only_with_force(fake_hub, smoll
     default.symlink_to(smollm2_gguf)  # removing the link leaves the suite's copy alone
     [model] = hub_models.list_local_models()
     assert (model.name, model.family, model.context_length, model.is_default) == (
-        default.name, "LlamaForCausalLM", 8192, True)
+        default.name,
+        "LlamaForCausalLM",
+        8192,
+        True,
+    )
 
     code, _, err = run(capsys, "rm", default.name)
     assert code == 1 and "--force" in err and default.exists()
@@ -155,11 +167,16 @@ def tiny_files(tiny_chat_model: Path) -> int:
 
 def test_search_asks_the_hub_for_parameter_counts(serve_hub, tiny_chat_model):
     config = (tiny_chat_model / "config.json").read_bytes()
-    serve_hub({"org/tiny": {"config.json": config}, "org/tiny-gguf": {"config.json": config}},
-              {"org/tiny": 5, "org/tiny-gguf": 1}, num_params={"org/tiny": 4_200_000})
+    serve_hub(
+        {"org/tiny": {"config.json": config}, "org/tiny-gguf": {"config.json": config}},
+        {"org/tiny": 5, "org/tiny-gguf": 1},
+        num_params={"org/tiny": 4_200_000},
+    )
     found = search_hub("tiny")
-    assert [(m.name, m.downloads, m.num_params) for m in found] == [("org/tiny", 5, 4_200_000),
-                                                                     ("org/tiny-gguf", 1, None)]
+    assert [(m.name, m.downloads, m.num_params) for m in found] == [
+        ("org/tiny", 5, 4_200_000),
+        ("org/tiny-gguf", 1, None),
+    ]
 
 
 def test_a_failed_pull_is_found_again_with_its_progress_and_resumes(fake_hub, tiny_chat_model, tmp_path):

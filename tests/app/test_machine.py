@@ -1,4 +1,5 @@
 """Counting a local model's weights from its headers, and whether it fits the memory a (monkeypatched) machine has."""
+
 from __future__ import annotations
 
 import json
@@ -7,8 +8,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from app import machine
-from app.machine import CPU_RESERVE, GIB, MachineMemory, check_model_fits, local_num_params
+from app.library import machine
+from app.library.machine import CPU_RESERVE, GIB, MachineMemory, check_model_fits, local_num_params
 from engine.models.hub import ModelLoadError
 
 SMOLLM2_135M_PARAMS = 134_515_008  # SmolLM2-135M's published parameter count (its embedding tied to the LM head)
@@ -56,7 +57,7 @@ def test_a_truncated_safetensors_file_raises_naming_it(tmp_path):
     save_file({"a": torch.zeros(64, 64)}, tmp_path / "model.safetensors")
     data = (tmp_path / "model.safetensors").read_bytes()
     (tmp_path / "model.safetensors").write_bytes(data[: len(data) // 2])
-    with pytest.raises(ModelLoadError, match="model.safetensors is truncated or not a valid safetensors file"):
+    with pytest.raises(ModelLoadError, match=r"model.safetensors is truncated or not a valid safetensors file"):
         local_num_params(tmp_path)
 
 

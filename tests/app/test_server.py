@@ -1,5 +1,6 @@
 """The OpenAI-compatible endpoint, in-process on port 0 with a tiny model, driven by the official `openai`
 client (sync and async) and by raw HTTP where the client would hide what is checked (status codes, headers)."""
+
 from __future__ import annotations
 
 import asyncio
@@ -24,7 +25,7 @@ MAX_LEN = 256
 
 @dataclass
 class Server:
-    url: str             # http://127.0.0.1:port
+    url: str  # http://127.0.0.1:port
     engine: LLMEngine
     thread: EngineThread
 
@@ -41,8 +42,9 @@ class Server:
 
 def http(method: str, url: str, body=None, headers: dict | None = None) -> tuple[int, dict, bytes]:
     data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
-    req = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json",
-                                                                        **(headers or {})})
+    req = urllib.request.Request(
+        url, data=data, method=method, headers={"Content-Type": "application/json", **(headers or {})}
+    )
     try:
         with urllib.request.urlopen(req, timeout=60) as r:
             return r.status, dict(r.headers), r.read()
@@ -85,6 +87,7 @@ def wait_all_free(engine: LLMEngine, timeout: float = 30.0) -> None:
 
 # ---- the happy paths ------------------------------------------------------------------------------------------
 
+
 def test_models_list_and_card(server):
     client = server.client()
     cards = client.models.list().data
@@ -100,8 +103,9 @@ def test_completion_plain_and_streamed_greedy_text_agree(server):
     plain = client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=12, temperature=0)
     assert plain.id.startswith("cmpl-") and plain.object == "text_completion"
     assert plain.choices[0].finish_reason == "length" and plain.usage.completion_tokens == 12
-    chunks = list(client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=12, temperature=0,
-                                            stream=True))
+    chunks = list(
+        client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=12, temperature=0, stream=True)
+    )
     assert "".join(c.choices[0].text for c in chunks if c.choices) == plain.choices[0].text
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
 
@@ -111,8 +115,16 @@ def test_chat_plain_and_streamed_with_usage(server):
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a colour."}]
     plain = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=10, temperature=0)
     assert plain.object == "chat.completion" and plain.choices[0].message.role == "assistant"
-    chunks = list(client.chat.completions.create(model=MODEL, messages=messages, max_tokens=10, temperature=0,
-                                                 stream=True, stream_options={"include_usage": True}))
+    chunks = list(
+        client.chat.completions.create(
+            model=MODEL,
+            messages=messages,
+            max_tokens=10,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
     assert chunks[0].choices[0].delta.role == "assistant"
     assert all(c.usage is None for c in chunks[:-1])
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == plain.usage.completion_tokens
@@ -135,18 +147,22 @@ def test_n2_with_a_seed_is_reproducible(server):
 def test_a_stop_string_cuts_the_text_and_finishes_with_stop(server):
     client = server.client()
     full = client.completions.create(model=MODEL, prompt="Hello", max_tokens=30, temperature=0).choices[0].text
-    stop = full[len(full) // 2:len(full) // 2 + 3]
+    stop = full[len(full) // 2 : len(full) // 2 + 3]
     assert stop.strip(), f"choose another prompt: {full!r}"
     cut = client.completions.create(model=MODEL, prompt="Hello", max_tokens=30, temperature=0, stop=[stop])
     assert cut.choices[0].finish_reason == "stop"
-    assert cut.choices[0].text == full[:full.index(stop)]
+    assert cut.choices[0].text == full[: full.index(stop)]
 
 
 def test_async_client_streams_concurrently(server):
     async def one(client, i):
         stream = await client.chat.completions.create(
-            model=MODEL, messages=[{"role": "user", "content": f"Count to {i}"}], max_tokens=6, temperature=0,
-            stream=True)
+            model=MODEL,
+            messages=[{"role": "user", "content": f"Count to {i}"}],
+            max_tokens=6,
+            temperature=0,
+            stream=True,
+        )
         return "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
 
     async def main():
@@ -170,9 +186,15 @@ def test_tokenize_detokenize_health_version_metrics(server):
     status, headers, body = http("GET", server.url + "/metrics")
     text = body.decode()
     assert status == 200 and headers["Content-Type"].startswith("text/plain")
-    for name in ("kvstudio_num_requests_running", "kvstudio_kv_cache_usage_perc", "kvstudio_prefix_cache_hits",
-                 "kvstudio_generation_tokens_total", "kvstudio_time_to_first_token_seconds_bucket",
-                 "kvstudio_inter_token_latency_seconds_bucket", "kvstudio_num_preemptions"):
+    for name in (
+        "kvstudio_num_requests_running",
+        "kvstudio_kv_cache_usage_perc",
+        "kvstudio_prefix_cache_hits",
+        "kvstudio_generation_tokens_total",
+        "kvstudio_time_to_first_token_seconds_bucket",
+        "kvstudio_inter_token_latency_seconds_bucket",
+        "kvstudio_num_preemptions",
+    ):
         assert name in text, name
 
 
@@ -190,27 +212,48 @@ BAD_REQUESTS = [
     ("/v1/completions", {"model": MODEL, "prompt": "x", "presence_penalty": 5}, 400, "presence_penalty"),
     ("/v1/completions", {"model": MODEL, "prompt": "x", "logit_bias": {"abc": 1}}, 400, "logit_bias"),
     ("/v1/completions", {"model": MODEL, "prompt": "x", "logit_bias": {"99999999": 1}}, 400, "logit_bias"),
-    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "top_logprobs": 2},
-     400, "top_logprobs"),
-    ("/v1/completions", {"model": MODEL, "prompt": "x", "stream_options": {"include_usage": True}}, 400,
-     "stream_options"),
+    (
+        "/v1/chat/completions",
+        {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "top_logprobs": 2},
+        400,
+        "top_logprobs",
+    ),
+    (
+        "/v1/completions",
+        {"model": MODEL, "prompt": "x", "stream_options": {"include_usage": True}},
+        400,
+        "stream_options",
+    ),
     ("/v1/completions", {"model": MODEL, "prompt": "x", "stop": [""]}, 400, "stop"),
     ("/v1/completions", {"model": MODEL, "prompt": LONG}, 400, "prompt"),
     ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": LONG}]}, 400, "messages"),
     ("/v1/completions", {"model": MODEL, "prompt": "word " * 100, "max_tokens": 200}, 400, "max_tokens"),
-    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "x"}],
-                              "tool_choice": "auto"}, 400, "tool_choice"),
-    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "x"}],
-                              "response_format": {"type": "json_schema", "json_schema": {"name": "x"}}},
-     400, "response_format"),
+    (
+        "/v1/chat/completions",
+        {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "tool_choice": "auto"},
+        400,
+        "tool_choice",
+    ),
+    (
+        "/v1/chat/completions",
+        {
+            "model": MODEL,
+            "messages": [{"role": "user", "content": "x"}],
+            "response_format": {"type": "json_schema", "json_schema": {"name": "x"}},
+        },
+        400,
+        "response_format",
+    ),
     ("/v1/completions", {"model": MODEL, "prompt": "x", "suffix": "y"}, 400, "suffix"),
     ("/v1/completions", {"model": "other", "prompt": "x"}, 404, "model"),
 ]
 
 
-@pytest.mark.parametrize("path, body, status, param", BAD_REQUESTS,
-                         ids=[f"{p.rsplit('/', 1)[-1]}-{s}-{param}-{i}" for i, (p, b, s, param)
-                              in enumerate(BAD_REQUESTS)])
+@pytest.mark.parametrize(
+    "path, body, status, param",
+    BAD_REQUESTS,
+    ids=[f"{p.rsplit('/', 1)[-1]}-{s}-{param}-{i}" for i, (p, b, s, param) in enumerate(BAD_REQUESTS)],
+)
 def test_bad_input_gets_the_openai_error_and_the_server_serves_on(server, path, body, status, param):
     got, _, raw = http("POST", server.url + path, body)
     error = json.loads(raw)["error"]
@@ -232,16 +275,22 @@ def test_unknown_paths_and_oversized_bodies_answer_in_json(server):
 
 
 def test_unknown_fields_are_ignored(server):
-    status, _, raw = http("POST", server.url + "/v1/completions",
-                          {"model": MODEL, "prompt": "x", "max_tokens": 2, "best_of": 1, "user": "me", "xyz": 1})
+    status, _, raw = http(
+        "POST",
+        server.url + "/v1/completions",
+        {"model": MODEL, "prompt": "x", "max_tokens": 2, "best_of": 1, "user": "me", "xyz": 1},
+    )
     assert status == 200, raw
 
 
 def test_a_full_queue_answers_503_with_retry_after(engine):
     srv, stop = run_server(engine, ServerConfig(port=0), max_queue=1)
     try:
-        holder = threading.Thread(target=lambda: srv.client().completions.create(
-            model=MODEL, prompt="hold", max_tokens=150, temperature=0, extra_body={"ignore_eos": True}))
+        holder = threading.Thread(
+            target=lambda: srv.client().completions.create(
+                model=MODEL, prompt="hold", max_tokens=150, temperature=0, extra_body={"ignore_eos": True}
+            )
+        )
         holder.start()
         deadline = time.monotonic() + 30
         while srv.thread.num_unfinished == 0 and time.monotonic() < deadline:
@@ -254,6 +303,7 @@ def test_a_full_queue_answers_503_with_retry_after(engine):
 
 
 # ---- security ---------------------------------------------------------------------------------------------------
+
 
 def test_the_default_bind_is_loopback():
     assert ServerConfig().host == "127.0.0.1" and ServerConfig().loopback
@@ -272,9 +322,11 @@ def test_a_foreign_origin_is_not_echoed(server):
 def test_an_allowed_origin_gets_cors_headers(engine):
     srv, stop = run_server(engine, ServerConfig(port=0, cors_origins=("http://localhost:3000",)))
     try:
-        status, headers, _ = http("OPTIONS", srv.url + "/v1/chat/completions",
-                                  headers={"Origin": "http://localhost:3000",
-                                           "Access-Control-Request-Method": "POST"})
+        status, headers, _ = http(
+            "OPTIONS",
+            srv.url + "/v1/chat/completions",
+            headers={"Origin": "http://localhost:3000", "Access-Control-Request-Method": "POST"},
+        )
         assert status == 204 and headers["Access-Control-Allow-Origin"] == "http://localhost:3000"
         status, headers, _ = http("GET", srv.url + "/v1/models", headers={"Origin": "http://localhost:3000"})
         assert headers["Access-Control-Allow-Origin"] == "http://localhost:3000"
@@ -285,8 +337,14 @@ def test_an_allowed_origin_gets_cors_headers(engine):
 def test_an_api_key_guards_every_route_but_health(engine):
     srv, stop = run_server(engine, ServerConfig(port=0, api_key="s3cret"))
     try:
-        for method, path in (("GET", "/v1/models"), ("POST", "/v1/completions"), ("POST", "/v1/chat/completions"),
-                             ("POST", "/tokenize"), ("GET", "/metrics"), ("GET", "/version")):
+        for method, path in (
+            ("GET", "/v1/models"),
+            ("POST", "/v1/completions"),
+            ("POST", "/v1/chat/completions"),
+            ("POST", "/tokenize"),
+            ("GET", "/metrics"),
+            ("GET", "/version"),
+        ):
             for auth in ({}, {"Authorization": "Bearer wrong"}):
                 status, _, raw = http(method, srv.url + path, {} if method == "POST" else None, auth)
                 assert status == 401 and json.loads(raw)["error"]["type"] == "authentication_error", path
@@ -300,6 +358,7 @@ def test_an_api_key_guards_every_route_but_health(engine):
 
 # ---- disconnects and load ---------------------------------------------------------------------------------------
 
+
 def test_32_streaming_clients_half_of_them_leaving_mid_stream(server):
     params = dict(model=MODEL, max_tokens=40, temperature=0, extra_body={"ignore_eos": True})
     expected = server.client().completions.create(prompt="Tell me a story", **params).choices[0].text
@@ -312,7 +371,7 @@ def test_32_streaming_clients_half_of_them_leaving_mid_stream(server):
                 text += chunk.choices[0].text
                 pieces += 1
             if i % 2 and pieces == 3:
-                await stream.close()   # leave mid-stream: the server must abort the request
+                await stream.close()  # leave mid-stream: the server must abort the request
                 return None
         return text
 
@@ -328,12 +387,13 @@ def test_32_streaming_clients_half_of_them_leaving_mid_stream(server):
 def test_a_client_that_disconnects_before_the_answer_frees_its_blocks_at_once(server):
     import socket
 
-    body = json.dumps({"model": MODEL, "prompt": "Tell me everything", "max_tokens": 200,
-                       "ignore_eos": True}).encode()
+    body = json.dumps({"model": MODEL, "prompt": "Tell me everything", "max_tokens": 200, "ignore_eos": True}).encode()
     host, port = server.url.removeprefix("http://").split(":")
     sock = socket.create_connection((host, int(port)))
-    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-                 b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+    sock.sendall(
+        b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
+    )
     deadline = time.monotonic() + 30
     while not server.engine.has_unfinished_requests() and time.monotonic() < deadline:
         time.sleep(0.005)
@@ -351,10 +411,28 @@ def test_sigterm_drains_in_flight_requests_and_exits_0(tiny_chat_model, tmp_path
     import subprocess
     import sys
 
-    proc = subprocess.Popen([sys.executable, "-m", "app.cli", "serve", "--model", str(tiny_chat_model),
-                             "--port", "0", "--max-model-len", "256", "--kv-cache-memory", "0.02",
-                             "--served-model-name", MODEL, "--drain-timeout", "30"],
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "app.cli.main",
+            "serve",
+            "--model",
+            str(tiny_chat_model),
+            "--port",
+            "0",
+            "--max-model-len",
+            "256",
+            "--kv-cache-memory",
+            "0.02",
+            "--served-model-name",
+            MODEL,
+            "--drain-timeout",
+            "30",
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         url = None
         for line in proc.stderr:
@@ -366,8 +444,9 @@ def test_sigterm_drains_in_flight_requests_and_exits_0(tiny_chat_model, tmp_path
 
         def slow_request():
             client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
-            result["text"] = client.completions.create(model=MODEL, prompt="Go on", max_tokens=150,
-                                                       temperature=0, extra_body={"ignore_eos": True})
+            result["text"] = client.completions.create(
+                model=MODEL, prompt="Go on", max_tokens=150, temperature=0, extra_body={"ignore_eos": True}
+            )
 
         t = threading.Thread(target=slow_request)
         t.start()
@@ -395,7 +474,10 @@ def test_every_request_gets_one_log_line(engine):
         background.stop()
         thread.stop()
     assert [(e["path"], e["status"], e["completion_tokens"]) for e in entries] == [
-        ("/v1/completions", 200, 3), ("/v1/completions", 400, 0), ("/v1/models", 200, 0)]
+        ("/v1/completions", 200, 3),
+        ("/v1/completions", 400, 0),
+        ("/v1/models", 200, 0),
+    ]
 
 
 def test_an_error_after_the_stream_started_is_an_event_then_done(engine, monkeypatch):
@@ -411,8 +493,11 @@ def test_an_error_after_the_stream_started_is_an_event_then_done(engine, monkeyp
 
     monkeypatch.setattr(engine.sampler.__class__, "__call__", failing)
     try:
-        status, _, raw = http("POST", srv.url + "/v1/completions",
-                              {"model": MODEL, "prompt": "x", "max_tokens": 20, "stream": True, "ignore_eos": True})
+        status, _, raw = http(
+            "POST",
+            srv.url + "/v1/completions",
+            {"model": MODEL, "prompt": "x", "max_tokens": 20, "stream": True, "ignore_eos": True},
+        )
         events = [line[6:] for line in raw.decode().splitlines() if line.startswith("data: ")]
         assert status == 200 and events[-1] == "[DONE]"
         error = json.loads(events[-2])["error"]
@@ -436,8 +521,11 @@ def test_an_engine_side_rejection_is_a_400_and_spares_nothing_running(server, mo
         return original(request_id, prompt, params)
 
     monkeypatch.setattr(server.engine, "add_request", picky)
-    status, _, raw = http("POST", server.url + "/v1/completions",
-                          {"model": MODEL, "prompt": ["first", "second"], "max_tokens": 100, "ignore_eos": True})
+    status, _, raw = http(
+        "POST",
+        server.url + "/v1/completions",
+        {"model": MODEL, "prompt": ["first", "second"], "max_tokens": 100, "ignore_eos": True},
+    )
     monkeypatch.undo()
     assert status == 400 and "refuses" in json.loads(raw)["error"]["message"]
     wait_all_free(server.engine, timeout=10)
@@ -453,12 +541,11 @@ def test_a_server_that_cannot_bind_or_has_stopped_leaves_nothing_behind(engine):
         taken.listen()
         threads_before = threading.active_count()
         with pytest.raises(OSError):
-            BackgroundServer(thread, model_info(engine, MODEL),
-                             ServerConfig(port=taken.getsockname()[1])).start()
+            BackgroundServer(thread, model_info(engine, MODEL), ServerConfig(port=taken.getsockname()[1])).start()
         taken.close()
-        assert threading.active_count() == threads_before          # no event-loop thread left running
+        assert threading.active_count() == threads_before  # no event-loop thread left running
         listeners = len(thread._listeners)
         BackgroundServer(thread, model_info(engine, MODEL), ServerConfig(port=0)).start().stop()
-        assert len(thread._listeners) == listeners                 # the metrics listener went with it
+        assert len(thread._listeners) == listeners  # the metrics listener went with it
     finally:
         thread.stop()

@@ -6,6 +6,7 @@ the engine loads them exactly as it loads a downloaded model. Their weights are 
 every bias and norm weight is perturbed, so logits are far from ties and a weight loaded into the wrong place
 changes the output.
 """
+
 from __future__ import annotations
 
 import math
@@ -50,6 +51,7 @@ BOS, EOS = "<s>", "</s>"
 @dataclass
 class ReferenceModel:
     """A model the engine loads from `path`, and the transformers model (float32, eval) it must agree with."""
+
     name: str
     path: Path
     hf: PreTrainedModel
@@ -70,14 +72,20 @@ class ReferenceModel:
         head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
         elem = torch.empty((), dtype=dtype).element_size()
         block_bytes = 2 * c.num_hidden_layers * block_size * c.num_key_value_heads * head_dim * elem
-        return num_blocks * block_bytes / 2**30   # exact: a power-of-two division of an integer
+        return num_blocks * block_bytes / 2**30  # exact: a power-of-two division of an integer
 
     def llm(self, *, num_blocks: int, block_size: int, max_model_len: int, **options) -> LLM:
         kv_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(
-            options.get("kv_cache_dtype", "auto"), torch.float32)
-        llm = LLM(str(self.path), block_size=block_size, max_model_len=max_model_len,
-                  kv_cache_memory=self.kv_cache_gib(num_blocks, block_size, kv_dtype), dtype="float32",
-                  **options)
+            options.get("kv_cache_dtype", "auto"), torch.float32
+        )
+        llm = LLM(
+            str(self.path),
+            block_size=block_size,
+            max_model_len=max_model_len,
+            kv_cache_memory=self.kv_cache_gib(num_blocks, block_size, kv_dtype),
+            dtype="float32",
+            **options,
+        )
         assert llm.llm_engine.block_manager.num_blocks == num_blocks
         return llm
 
@@ -92,9 +100,15 @@ class ReferenceModel:
             ids = torch.tensor([[0] * (width - len(p)) + list(p) for p in prompts])
             mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
             with torch.inference_mode():
-                out = self.hf.generate(ids, attention_mask=mask, max_new_tokens=max_new_tokens,
-                                       min_new_tokens=max_new_tokens, do_sample=False, eos_token_id=None,
-                                       pad_token_id=0)
+                out = self.hf.generate(
+                    ids,
+                    attention_mask=mask,
+                    max_new_tokens=max_new_tokens,
+                    min_new_tokens=max_new_tokens,
+                    do_sample=False,
+                    eos_token_id=None,
+                    pad_token_id=0,
+                )
             self._greedy_cache[key] = out[:, width:].tolist()
         return self._greedy_cache[key]
 
@@ -106,12 +120,17 @@ class ReferenceModel:
 
 # ---- tiny models --------------------------------------------------------------------------------------------
 
+
 def _train_tokenizer() -> PreTrainedTokenizerFast:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=TINY_VOCAB, special_tokens=[BOS, EOS],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=TINY_VOCAB,
+        special_tokens=[BOS, EOS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator(_CORPUS * 4, trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS, eos_token=EOS)
 
@@ -121,24 +140,54 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
     return _train_tokenizer()
 
 
-_COMMON = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-               max_position_embeddings=256, initializer_range=0.2, rms_norm_eps=1e-6, bos_token_id=0,
-               eos_token_id=1, pad_token_id=None)
+_COMMON = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    max_position_embeddings=256,
+    initializer_range=0.2,
+    rms_norm_eps=1e-6,
+    bos_token_id=0,
+    eos_token_id=1,
+    pad_token_id=None,
+)
 
 # name -> (config, model class). Each family's distinguishing feature is switched on.
 _FAMILIES: dict[str, tuple[Callable[[int], PretrainedConfig], type[PreTrainedModel]]] = {
     # plain Llama with GQA (4 query heads over 2 kv heads), separate lm_head
-    "llama": (lambda v: LlamaConfig(vocab_size=v, num_key_value_heads=2, tie_word_embeddings=False,
-                                    rope_theta=10000.0, **_COMMON), LlamaForCausalLM),
+    "llama": (
+        lambda v: LlamaConfig(
+            vocab_size=v, num_key_value_heads=2, tie_word_embeddings=False, rope_theta=10000.0, **_COMMON
+        ),
+        LlamaForCausalLM,
+    ),
     # Mistral: one kv head, and a sliding window shorter than the longer sequences
-    "mistral": (lambda v: MistralConfig(vocab_size=v, num_key_value_heads=1, sliding_window=16,
-                                        tie_word_embeddings=False, head_dim=16, **_COMMON), MistralForCausalLM),
+    "mistral": (
+        lambda v: MistralConfig(
+            vocab_size=v, num_key_value_heads=1, sliding_window=16, tie_word_embeddings=False, head_dim=16, **_COMMON
+        ),
+        MistralForCausalLM,
+    ),
     # Qwen2: q/k/v biases, tied embeddings
-    "qwen2": (lambda v: Qwen2Config(vocab_size=v, num_key_value_heads=2, tie_word_embeddings=True,
-                                    use_sliding_window=False, **_COMMON), Qwen2ForCausalLM),
+    "qwen2": (
+        lambda v: Qwen2Config(
+            vocab_size=v, num_key_value_heads=2, tie_word_embeddings=True, use_sliding_window=False, **_COMMON
+        ),
+        Qwen2ForCausalLM,
+    ),
     # Qwen3: q/k RMSNorm and an explicit head_dim (32) that is not hidden / heads (16)
-    "qwen3": (lambda v: Qwen3Config(vocab_size=v, num_key_value_heads=2, head_dim=32, tie_word_embeddings=False,
-                                    use_sliding_window=False, **_COMMON), Qwen3ForCausalLM),
+    "qwen3": (
+        lambda v: Qwen3Config(
+            vocab_size=v,
+            num_key_value_heads=2,
+            head_dim=32,
+            tie_word_embeddings=False,
+            use_sliding_window=False,
+            **_COMMON,
+        ),
+        Qwen3ForCausalLM,
+    ),
 }
 TINY_FAMILIES = tuple(_FAMILIES)
 
@@ -153,8 +202,14 @@ def _perturb(model: PreTrainedModel, std: float) -> None:
                 param.copy_(1.0 + std * torch.randn_like(param))
 
 
-def build_tiny(name: str, directory: Path, tokenizer: PreTrainedTokenizerFast, seed: int,
-               edit: Callable[[PreTrainedModel], None] | None = None, **overrides) -> ReferenceModel:
+def build_tiny(
+    name: str,
+    directory: Path,
+    tokenizer: PreTrainedTokenizerFast,
+    seed: int,
+    edit: Callable[[PreTrainedModel], None] | None = None,
+    **overrides,
+) -> ReferenceModel:
     """Save a random tiny model of family `name` (plus the tokenizer) to directory and return its reference."""
     make_config, cls = _FAMILIES[name]
     config = make_config(len(tokenizer))
@@ -172,16 +227,21 @@ def build_tiny(name: str, directory: Path, tokenizer: PreTrainedTokenizerFast, s
 
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory, tiny_tokenizer) -> dict[str, ReferenceModel]:
-    return {name: build_tiny(name, tmp_path_factory.mktemp(f"tiny-{name}"), tiny_tokenizer, seed=i)
-            for i, name in enumerate(TINY_FAMILIES)}
+    return {
+        name: build_tiny(name, tmp_path_factory.mktemp(f"tiny-{name}"), tiny_tokenizer, seed=i)
+        for i, name in enumerate(TINY_FAMILIES)
+    }
 
 
 @pytest.fixture(scope="session")
 def make_tiny(tmp_path_factory, tiny_tokenizer) -> Callable[..., ReferenceModel]:
     """make_tiny(name, seed, edit=None, **config_overrides): build_tiny into a fresh directory."""
-    def make(name: str, seed: int, edit: Callable[[PreTrainedModel], None] | None = None,
-             **overrides) -> ReferenceModel:
+
+    def make(
+        name: str, seed: int, edit: Callable[[PreTrainedModel], None] | None = None, **overrides
+    ) -> ReferenceModel:
         return build_tiny(name, tmp_path_factory.mktemp(f"tiny-{name}"), tiny_tokenizer, seed, edit, **overrides)
+
     return make
 
 
@@ -197,16 +257,19 @@ def eager_eos_model(tmp_path_factory, tiny_tokenizer) -> ReferenceModel:
     The last MLP's down_proj bias pushes one hidden feature far up, so after the final RMSNorm that feature is
     close to sqrt(hidden) for every token; EOS's lm_head row reads it with a large weight.
     """
+
     def favour_eos(model: PreTrainedModel) -> None:
         with torch.no_grad():
             model.model.layers[-1].mlp.down_proj.bias[0] = 200.0
             model.lm_head.weight[tiny_tokenizer.eos_token_id, 0] = 4.0
 
-    return build_tiny("llama", tmp_path_factory.mktemp("tiny-eager-eos"), tiny_tokenizer, seed=11,
-                      edit=favour_eos, mlp_bias=True)
+    return build_tiny(
+        "llama", tmp_path_factory.mktemp("tiny-eager-eos"), tiny_tokenizer, seed=11, edit=favour_eos, mlp_bias=True
+    )
 
 
 # ---- SmolLM2 ------------------------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="session")
 def smollm2_reference(smollm2_gguf: Path) -> ReferenceModel:
@@ -229,28 +292,31 @@ def smollm2_reference(smollm2_gguf: Path) -> ReferenceModel:
 
 SMOL_BLOCK_SIZE = 8
 SMOL_MAX_MODEL_LEN = 256
-SMOL_NUM_BLOCKS = 40   # 320 tokens: 8 prompts of 7-64 tokens + 32 new each need ~520, so some are preempted
+SMOL_NUM_BLOCKS = 40  # 320 tokens: 8 prompts of 7-64 tokens + 32 new each need ~520, so some are preempted
 
 
 @pytest.fixture(scope="session")
 def smollm2_llm(smollm2_reference) -> LLM:
     """The one SmolLM2 engine of the suite: a block pool small enough for 8 concurrent requests to preempt."""
-    return smollm2_reference.llm(num_blocks=SMOL_NUM_BLOCKS, block_size=SMOL_BLOCK_SIZE,
-                                 max_model_len=SMOL_MAX_MODEL_LEN)
+    return smollm2_reference.llm(
+        num_blocks=SMOL_NUM_BLOCKS, block_size=SMOL_BLOCK_SIZE, max_model_len=SMOL_MAX_MODEL_LEN
+    )
 
 
 # ---- driving the engine -------------------------------------------------------------------------------------
 
+
 @dataclass
 class DriveTrace:
     """What drive() saw across the steps."""
+
     steps: int = 0
     peak_blocks_used: int = 0
-    max_table_blocks: int = 0          # longest block table of any running sequence
-    chunked_prefill: bool = False      # a prompt was part-way through its prefill after some step
-    joined_mid_decode: int = 0         # requests added while another request had output tokens and was running
-    swapped: bool = False              # some group was swapped out after some step
-    peak_blocks_shared: int = 0        # most blocks held by several tables at once
+    max_table_blocks: int = 0  # longest block table of any running sequence
+    chunked_prefill: bool = False  # a prompt was part-way through its prefill after some step
+    joined_mid_decode: int = 0  # requests added while another request had output tokens and was running
+    swapped: bool = False  # some group was swapped out after some step
+    peak_blocks_shared: int = 0  # most blocks held by several tables at once
 
 
 def check_kv_invariants(engine: LLMEngine, trace: DriveTrace) -> None:
@@ -267,15 +333,17 @@ def check_kv_invariants(engine: LLMEngine, trace: DriveTrace) -> None:
             table = seq.block_table
             need = math.ceil(seq.num_computed_tokens / bs)
             assert need <= len(table) <= need + 1, (
-                f"seq {seq.seq_id}: {len(table)} blocks for {seq.num_computed_tokens} computed tokens (block {bs})")
+                f"seq {seq.seq_id}: {len(table)} blocks for {seq.num_computed_tokens} computed tokens (block {bs})"
+            )
             assert len(set(table)) == len(table), f"seq {seq.seq_id} holds a block twice: {table}"
             holders.update(table)
             trace.max_table_blocks = max(trace.max_table_blocks, len(table))
             if 0 < seq.num_computed_tokens < seq.num_prompt_tokens:
                 trace.chunked_prefill = True
     for block_id, n in holders.items():
-        assert bm.blocks[block_id].ref_count == n, f"block {block_id}: ref count {bm.blocks[block_id].ref_count}, " \
-                                                  f"held by {n} tables"
+        assert bm.blocks[block_id].ref_count == n, (
+            f"block {block_id}: ref count {bm.blocks[block_id].ref_count}, held by {n} tables"
+        )
     for group in sched.waiting:
         for seq in group.seqs:
             assert not seq.block_table, f"waiting seq {seq.seq_id} still holds blocks {seq.block_table}"
@@ -299,8 +367,9 @@ def assert_all_blocks_free(engine: LLMEngine) -> None:
 Request = tuple[str | dict, SamplingParams]
 
 
-def drive_engine(engine: LLMEngine, requests: Sequence[Request], add_at: Sequence[int] | None = None,
-                 max_steps: int = 10_000) -> tuple[list[RequestOutput], DriveTrace]:
+def drive_engine(
+    engine: LLMEngine, requests: Sequence[Request], add_at: Sequence[int] | None = None, max_steps: int = 10_000
+) -> tuple[list[RequestOutput], DriveTrace]:
     """Run requests through add_request/step by hand, request i joining before step add_at[i] (default 0).
 
     Checks the KV invariants after every step and that every block is free at the end. Returns the final

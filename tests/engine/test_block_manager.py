@@ -1,4 +1,5 @@
 """The block pool down to exact block ids: allocation, freeing order, prefix hits, LRU eviction, hash chains."""
+
 from __future__ import annotations
 
 import pytest
@@ -28,7 +29,7 @@ def test_allocation_takes_blocks_in_order_and_grows_one_block_at_a_time():
     assert bm.allocate_slots(s, 10)
     assert s.block_table == [0, 1, 2]
     s.num_computed_tokens = 10
-    assert bm.blocks_needed(s, 2) == 0      # 12 tokens still fit in 3 blocks
+    assert bm.blocks_needed(s, 2) == 0  # 12 tokens still fit in 3 blocks
     assert bm.blocks_needed(s, 3) == 1
     assert bm.allocate_slots(s, 3) and s.block_table == [0, 1, 2, 3]
     assert bm.num_free_blocks == 4
@@ -43,7 +44,7 @@ def test_allocation_fails_without_side_effects_when_the_pool_is_short():
 
 def test_free_returns_every_block_and_uncached_ones_are_reused_first():
     bm = BlockManager(num_blocks=6, block_size=4)
-    a = seq(list(range(10)))          # blocks 0, 1 full (cached), block 2 partial
+    a = seq(list(range(10)))  # blocks 0, 1 full (cached), block 2 partial
     run_prefill(bm, a)
     assert a.block_table == [0, 1, 2]
     bm.free(a)
@@ -58,7 +59,7 @@ def test_prefix_hit_shares_blocks_and_leaves_the_last_token_to_compute():
     bm = BlockManager(num_blocks=10, block_size=4)
     a = seq(list(range(12)))
     run_prefill(bm, a)
-    b = seq(list(range(12)))          # same prompt: 3 full blocks, but only 2 may come from the cache
+    b = seq(list(range(12)))  # same prompt: 3 full blocks, but only 2 may come from the cache
     bm.match_prefix(b)
     assert b.block_table == [0, 1] and b.num_computed_tokens == 8 and b.num_cached_tokens == 8
     assert bm.blocks[0].ref_count == 2 and bm.blocks[1].ref_count == 2
@@ -81,7 +82,7 @@ def test_a_hash_collision_is_caught_by_comparing_tokens(monkeypatch):
     bm = BlockManager(num_blocks=10, block_size=4)
     monkeypatch.setattr("engine.block_manager.chain_hash", lambda prev, tokens: 42)
     run_prefill(bm, seq([1, 2, 3, 4, 0]))
-    s = seq([5, 6, 7, 8, 0])            # same (forced) hash, different tokens
+    s = seq([5, 6, 7, 8, 0])  # same (forced) hash, different tokens
     bm.match_prefix(s)
     assert s.block_table == [] and s.num_computed_tokens == 0
 
@@ -89,8 +90,8 @@ def test_a_hash_collision_is_caught_by_comparing_tokens(monkeypatch):
 def test_cached_blocks_are_evicted_least_recently_freed_first():
     bm = BlockManager(num_blocks=4, block_size=2)
     a, b = seq([1, 2, 3]), seq([4, 5, 6])
-    run_prefill(bm, a)                  # blocks 0 (cached [1,2]) and 1 (partial)
-    run_prefill(bm, b)                  # blocks 2 (cached [4,5]) and 3 (partial)
+    run_prefill(bm, a)  # blocks 0 (cached [1,2]) and 1 (partial)
+    run_prefill(bm, b)  # blocks 2 (cached [4,5]) and 3 (partial)
     bm.free(b)
     bm.free(a)
     # Free queue: partial blocks first (1, 3), then cached ones in the order they were freed (2, then 0).
@@ -98,7 +99,7 @@ def test_cached_blocks_are_evicted_least_recently_freed_first():
     assert bm.allocate_slots(c, 7)
     assert c.block_table == [1, 3, 2, 0]
     d = seq([4, 5, 6])
-    bm.match_prefix(d)                  # block 2 was evicted: its prefix is gone
+    bm.match_prefix(d)  # block 2 was evicted: its prefix is gone
     assert d.num_computed_tokens == 0
 
 
@@ -132,6 +133,7 @@ def test_blocks_needed_matches_ceil_division(block_size):
 
 # ---- sharing: forks and copy-on-write ------------------------------------------------------------------------
 
+
 def forked(bm: BlockManager, parent: Sequence) -> Sequence:
     child = parent.fork(next(_ids), 1)
     bm.fork(parent, child)
@@ -150,20 +152,20 @@ def test_a_fork_shares_every_block_of_its_parent():
 
 def test_the_first_write_into_a_shared_block_copies_it_exactly_once():
     bm = BlockManager(num_blocks=8, block_size=4, enable_prefix_caching=False)
-    a = seq(list(range(10)))                      # blocks 0, 1 full; block 2 holds 2 of 4 tokens
+    a = seq(list(range(10)))  # blocks 0, 1 full; block 2 holds 2 of 4 tokens
     run_prefill(bm, a)
     b = forked(bm, a)
     a.token_ids.append(50)
     b.token_ids.append(60)
-    assert bm.blocks_needed(a, 1) == 1            # the private copy of block 2
+    assert bm.blocks_needed(a, 1) == 1  # the private copy of block 2
     assert bm.allocate_slots(a, 1)
     assert a.block_table == [0, 1, 3] and bm.take_copies() == [(2, 3)]
-    assert bm.blocks[2].ref_count == 1            # b is now block 2's only holder: it writes in place
+    assert bm.blocks[2].ref_count == 1  # b is now block 2's only holder: it writes in place
     assert bm.blocks_needed(b, 1) == 0
     assert bm.allocate_slots(b, 1) and b.block_table == [0, 1, 2] and bm.take_copies() == []
     a.num_computed_tokens = b.num_computed_tokens = 11
     a.token_ids.append(51)
-    assert bm.allocate_slots(a, 1) and a.block_table == [0, 1, 3] and bm.take_copies() == []   # its own now
+    assert bm.allocate_slots(a, 1) and a.block_table == [0, 1, 3] and bm.take_copies() == []  # its own now
 
 
 def test_a_fork_on_a_block_boundary_needs_no_copy():
@@ -203,6 +205,7 @@ def test_the_copy_is_only_made_when_the_pool_has_room_for_it():
 
 # ---- swapping ------------------------------------------------------------------------------------------------
 
+
 def test_swap_out_moves_shared_blocks_once_and_swap_in_restores_the_sharing():
     bm = BlockManager(num_blocks=8, block_size=4, enable_prefix_caching=False, num_swap_blocks=6)
     a = seq(list(range(10)))
@@ -214,10 +217,10 @@ def test_swap_out_moves_shared_blocks_once_and_swap_in_restores_the_sharing():
     pairs = bm.swap_out([a, b])
     # Device blocks 0, 1 (shared), 2 (a's), 3 (b's copy) go to swap blocks 0..3, each once.
     assert pairs == [(0, 0), (1, 1), (2, 2), (3, 3)]
-    assert a.block_table == [0, 1, 2] and b.block_table == [0, 1, 3]   # now swap block ids
+    assert a.block_table == [0, 1, 2] and b.block_table == [0, 1, 3]  # now swap block ids
     assert bm.num_free_blocks == 8 and bm.num_free_swap_blocks == 2
     other = seq(list(range(100, 108)))
-    run_prefill(bm, other)                         # the pool serves others meanwhile: device blocks 0, 1
+    run_prefill(bm, other)  # the pool serves others meanwhile: device blocks 0, 1
     assert other.block_table == [0, 1]
     assert bm.swap_in_blocks_needed([a, b]) == 4 + 2
     pairs = bm.swap_in([a, b])
@@ -243,7 +246,7 @@ def test_a_swapped_sequence_freed_gives_its_swap_blocks_back():
     b = forked(bm, a)
     bm.swap_out([a, b])
     bm.free_swapped(a)
-    assert bm.num_free_swap_blocks == 1           # b still holds all three
+    assert bm.num_free_swap_blocks == 1  # b still holds all three
     bm.free_swapped(b)
     assert bm.num_free_swap_blocks == 4
 
@@ -253,10 +256,10 @@ def test_block_states_show_free_used_shared_and_cached():
 
     bm = BlockManager(num_blocks=6, block_size=4)
     a = seq(list(range(10)))
-    run_prefill(bm, a)                            # 0, 1 full and registered; 2 partial
+    run_prefill(bm, a)  # 0, 1 full and registered; 2 partial
     b = forked(bm, a)
     c = seq(list(range(200, 205)))
-    run_prefill(bm, c)                            # 3 full and registered, 4 partial
+    run_prefill(bm, c)  # 3 full and registered, 4 partial
     bm.free(c)
     bm.free(b)
     a.token_ids.append(9)

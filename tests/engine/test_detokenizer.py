@@ -1,4 +1,5 @@
 """IncrementalDetokenizer: streamed deltas add up to a full decode; stop strings cut and never leak."""
+
 from __future__ import annotations
 
 import functools
@@ -23,8 +24,12 @@ TEXTS = [
 @functools.lru_cache(maxsize=1)
 def _build_sentencepiece_tokenizer() -> PreTrainedTokenizerFast:
     """A tiny Llama-style tokenizer: Metaspace "▁" words, BPE, byte fallback for what the vocab lacks."""
-    corpus = ["the quick brown fox jumps over the lazy dog", "hello world, this is a café",
-              "naïve résumé déjà vu", "stop strings end generation early"] * 10
+    corpus = [
+        "the quick brown fox jumps over the lazy dog",
+        "hello world, this is a café",
+        "naïve résumé déjà vu",
+        "stop strings end generation early",
+    ] * 10
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
     tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=200, special_tokens=["<unk>", "<s>", "</s>"]))
@@ -34,8 +39,9 @@ def _build_sentencepiece_tokenizer() -> PreTrainedTokenizerFast:
     vocab.update({f"<0x{b:02X}>": len(vocab) + b for b in range(256)})
     spec["model"]["byte_fallback"] = True
     tok = Tokenizer.from_str(json.dumps(spec))
-    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
-                                     decoders.Strip(" ", 1, 0)])
+    tok.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+    )
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
 
 
@@ -74,12 +80,13 @@ def _random_chunks(rng: random.Random, ids: list[int]) -> list[list[int]]:
     chunks, i = [], 0
     while i < len(ids):
         n = rng.choice([1, 1, 1, 2, 3])
-        chunks.append(ids[i:i + n])
+        chunks.append(ids[i : i + n])
         i += n
     return chunks
 
 
 # --- multi-byte characters and the full-decode invariant -------------------------------------------------------
+
 
 @pytest.mark.parametrize("text", TEXTS)
 def test_smollm2_text_appears_as_soon_as_each_character_is_complete(smollm2_tokenizer, text):
@@ -118,8 +125,10 @@ def test_smollm2_random_token_sequences_stream_to_the_full_decode(smollm2_tokeni
     prompt = tok.encode("<|im_start|>assistant\n")
     for _ in range(150):
         # Mostly arbitrary vocabulary (byte fragments included), sometimes special tokens.
-        out = [rng.choice(special_ids) if rng.random() < 0.1 else rng.randrange(len(tok))
-               for _ in range(rng.randint(1, 40))]
+        out = [
+            rng.choice(special_ids) if rng.random() < 0.1 else rng.randrange(len(tok))
+            for _ in range(rng.randint(1, 40))
+        ]
         detok = IncrementalDetokenizer(tok, prompt, skip_special_tokens=skip_special_tokens)
         deltas = _stream(detok, _random_chunks(rng, out))
         expected = tok.decode(out, skip_special_tokens=skip_special_tokens)
@@ -166,7 +175,7 @@ def test_sentencepiece_random_sequences_stream_like_a_full_decode(sp_tokenizer, 
         deltas = _stream(detok, _random_chunks(rng, out))
         full = tok.decode(prompt + out, skip_special_tokens=skip_special_tokens)
         assert full.startswith(prompt_text)
-        assert "".join(deltas) == full[len(prompt_text):], out
+        assert "".join(deltas) == full[len(prompt_text) :], out
 
 
 def test_sentencepiece_keeps_the_word_boundary_after_the_prompt(sp_tokenizer):
@@ -263,7 +272,7 @@ def _reference_stop(chunks: list[str], stops: list[str], include: bool) -> tuple
         found = [(text.find(s), k, s) for k, s in enumerate(stops) if s in text]
         if found:
             start, _, stop = min(found)
-            return text[:start + (len(stop) if include else 0)], stop
+            return text[: start + (len(stop) if include else 0)], stop
     return text, None
 
 
@@ -275,7 +284,8 @@ def test_random_streams_match_a_whole_text_stop_search_and_never_leak(include):
         stops = ["".join(rng.choice("abc") for _ in range(rng.randint(1, 4))) for _ in range(rng.randint(1, 3))]
         chunks = _random_chunks(rng, [rng.randrange(len(tok.pieces)) for _ in range(rng.randint(1, 25))])
         expected_text, expected_stop = _reference_stop(
-            ["".join(tok.pieces[i] for i in c) for c in chunks], stops, include)
+            ["".join(tok.pieces[i] for i in c) for c in chunks], stops, include
+        )
         detok = IncrementalDetokenizer(tok, [], stop=stops, include_stop_str_in_output=include)
         shown = ""
         for chunk in chunks:
@@ -288,8 +298,9 @@ def test_random_streams_match_a_whole_text_stop_search_and_never_leak(include):
         assert (shown, detok.text, detok.stop_reason) == (expected_text, expected_text, expected_stop)
 
         # Without hold-back the deltas may run ahead, but the final text and reason are the same.
-        detok = IncrementalDetokenizer(tok, [], stop=stops, include_stop_str_in_output=include,
-                                       hold_back_partial_stop=False)
+        detok = IncrementalDetokenizer(
+            tok, [], stop=stops, include_stop_str_in_output=include, hold_back_partial_stop=False
+        )
         _stream(detok, chunks)
         assert (detok.text, detok.stop_reason) == (expected_text, expected_stop)
 
@@ -297,10 +308,10 @@ def test_random_streams_match_a_whole_text_stop_search_and_never_leak(include):
 def test_smollm2_chat_turn_stop_string(smollm2_tokenizer):
     tok = smollm2_tokenizer
     out = tok.encode("Sure! The answer is 42 😀.\n\nUser: thanks", add_special_tokens=False)
-    for include, expected in [(False, "Sure! The answer is 42 😀."),
-                              (True, "Sure! The answer is 42 😀.\n\nUser:")]:
-        detok = IncrementalDetokenizer(tok, tok.encode("Question?"), stop=["\n\nUser:"],
-                                       include_stop_str_in_output=include)
+    for include, expected in [(False, "Sure! The answer is 42 😀."), (True, "Sure! The answer is 42 😀.\n\nUser:")]:
+        detok = IncrementalDetokenizer(
+            tok, tok.encode("Question?"), stop=["\n\nUser:"], include_stop_str_in_output=include
+        )
         deltas = _stream(detok, [[i] for i in out])
         assert "".join(deltas) == detok.text == expected
         assert detok.stop_reason == "\n\nUser:"

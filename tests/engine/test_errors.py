@@ -1,4 +1,5 @@
 """Bad input is refused with a ValueError (or subclass) that names the problem, and the engine keeps serving."""
+
 from __future__ import annotations
 
 import shutil
@@ -33,6 +34,7 @@ def assert_still_serves(llm: LLM) -> None:
 
 # ---- models that cannot be loaded ---------------------------------------------------------------------------
 
+
 def test_missing_path(tmp_path, llm):
     missing = tmp_path / "no-such-model"
     with pytest.raises(ValueError, match="no such file or directory") as info:
@@ -47,7 +49,7 @@ def test_unsupported_architecture(tmp_path, tiny_tokenizer, llm):
     tiny_tokenizer.save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="GPT2LMHeadModel") as info:
         LLM(str(tmp_path), kv_cache_memory=0.01)
-    assert "LlamaForCausalLM" in str(info.value)   # says what would work
+    assert "LlamaForCausalLM" in str(info.value)  # says what would work
     assert_still_serves(llm)
 
 
@@ -77,11 +79,19 @@ def test_truncated_gguf(tmp_path, smollm2_gguf: Path, keep, llm):
 def test_kv_budget_too_small_for_max_model_len(tiny_llama):
     # 15 blocks of 4 tokens = 60 tokens < max_model_len 64.
     with pytest.raises(ValueError, match="max_model_len") as info:
-        LLM(str(tiny_llama.path), block_size=BLOCK, max_model_len=MAX_LEN,
-            kv_cache_memory=tiny_llama.kv_cache_gib(15, BLOCK))
+        LLM(
+            str(tiny_llama.path),
+            block_size=BLOCK,
+            max_model_len=MAX_LEN,
+            kv_cache_memory=tiny_llama.kv_cache_gib(15, BLOCK),
+        )
     assert "KV cache" in str(info.value)
-    LLM(str(tiny_llama.path), block_size=BLOCK, max_model_len=MAX_LEN,
-        kv_cache_memory=tiny_llama.kv_cache_gib(16, BLOCK))   # exactly enough
+    LLM(
+        str(tiny_llama.path),
+        block_size=BLOCK,
+        max_model_len=MAX_LEN,
+        kv_cache_memory=tiny_llama.kv_cache_gib(16, BLOCK),
+    )  # exactly enough
 
 
 # ---- bad requests -------------------------------------------------------------------------------------------
@@ -109,8 +119,9 @@ def test_bad_prompt_is_refused_and_the_engine_keeps_serving(name, llm):
 
 
 def test_longest_prompt_that_fits_still_generates(llm):
-    out = llm.generate({"prompt_token_ids": [5] * (MAX_LEN - 1)}, SamplingParams(temperature=0.0, max_tokens=10),
-                       use_tqdm=False)[0]
+    out = llm.generate(
+        {"prompt_token_ids": [5] * (MAX_LEN - 1)}, SamplingParams(temperature=0.0, max_tokens=10), use_tqdm=False
+    )[0]
     assert len(out.outputs[0].token_ids) == 1 and out.outputs[0].finish_reason == "length"
     assert_still_serves(llm)
 
@@ -173,11 +184,14 @@ def test_parallel_sampling_wider_than_max_num_seqs(llm):
     assert_still_serves(llm)
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    ({"beam_width": 0, "max_tokens": 4}, "beam_width must be an integer >= 1"),
-    ({"beam_width": 2, "max_tokens": 0}, "max_tokens must be an integer >= 1"),
-    ({"beam_width": 2, "max_tokens": 4, "early_stopping": "sometimes"}, "early_stopping must be"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"beam_width": 0, "max_tokens": 4}, "beam_width must be an integer >= 1"),
+        ({"beam_width": 2, "max_tokens": 0}, "max_tokens must be an integer >= 1"),
+        ({"beam_width": 2, "max_tokens": 4, "early_stopping": "sometimes"}, "early_stopping must be"),
+    ],
+)
 def test_bad_beam_search_params(kwargs, match):
     with pytest.raises(ValueError, match=match):
         BeamSearchParams(**kwargs)

@@ -152,7 +152,7 @@ def test_missing_path(tmp_path: Path) -> None:
 
 def test_directory_without_config(broken_copy: Path) -> None:
     (broken_copy / "config.json").unlink()
-    with pytest.raises(ModelLoadError, match="no config.json") as error:
+    with pytest.raises(ModelLoadError, match=r"no config.json") as error:
         open_model(str(broken_copy))
     assert str(broken_copy) in str(error.value)
 

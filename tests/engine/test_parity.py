@@ -3,6 +3,7 @@ family and for SmolLM2, with a block pool small enough that sequences are preemp
 many blocks long, prefix caching on or off, and chunked prefill. A bfloat16 KV cache stays close, and whatever
 the KV pool held before a slot was written never reaches an output.
 """
+
 from __future__ import annotations
 
 import math
@@ -20,8 +21,8 @@ GREEDY_LOGPROBS = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_
 # Tiny models: 4-token blocks. Lengths sit on block boundaries (4, 8, 16) and one past them (5, 9, 17).
 BLOCK = 4
 LENGTHS = (3, 4, 5, 8, 9, 16, 17, 27)
-MAX_LEN = 64              # 27 + 32 = 59 tokens fit
-SMALL_POOL = 24           # 96 tokens, while the 8 sequences grow to 35-59 tokens each (~345 in all)
+MAX_LEN = 64  # 27 + 32 = 59 tokens fit
+SMALL_POOL = 24  # 96 tokens, while the 8 sequences grow to 35-59 tokens each (~345 in all)
 
 # SmolLM2: 8-token blocks; its engine (session fixture smollm2_llm) has 40 blocks = 320 tokens for ~460.
 SMOL_LENGTHS = (7, 8, 9, 16, 17, 33, 48, 64)
@@ -30,7 +31,7 @@ SMOL_TEXTS = (
     "in Mainz, developed a system of movable metal type. Books could now be produced far faster than by hand "
     "copying, and within fifty years presses were running in more than two hundred European cities. Prices "
     "fell, literacy spread, and ideas crossed borders in months instead of decades.",
-    "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n    if n < 2:\n        return n\n"
+    'def fibonacci(n):\n    """Return the n-th Fibonacci number."""\n    if n < 2:\n        return n\n'
     "    return fibonacci(n - 1) + fibonacci(n - 2)\n\n\n# Print the first twenty numbers of the sequence,\n"
     "# one per line, with their index.\nfor i in range(20):\n    print(i, fibonacci(i))\n",
     "Dear Ms. Alvarez,\n\nThank you for your letter of March 3rd about the community garden. The committee met on "
@@ -64,20 +65,23 @@ def assert_not_degenerate(outputs: list[list[int]]) -> None:
 
 @pytest.fixture(scope="module")
 def prompts(tiny_models) -> dict[str, list[list[int]]]:
-    return {name: token_prompts(LENGTHS, m.config.vocab_size, seed=100 + i)
-            for i, (name, m) in enumerate(tiny_models.items())}
+    return {
+        name: token_prompts(LENGTHS, m.config.vocab_size, seed=100 + i)
+        for i, (name, m) in enumerate(tiny_models.items())
+    }
 
 
 def test_families_under_test_are_the_tiny_models(tiny_models):
     assert set(FAMILIES) == set(tiny_models)
 
 
-@pytest.mark.parametrize("backend", ["cpu", "torch"])   # the compiled decode kernel and the plain torch path
+@pytest.mark.parametrize("backend", ["cpu", "torch"])  # the compiled decode kernel and the plain torch path
 @pytest.mark.parametrize("family", FAMILIES)
 def test_greedy_matches_transformers_with_preemption(family, backend, tiny_models, prompts, drive):
     model = tiny_models[family]
-    engine = model.llm(num_blocks=SMALL_POOL, block_size=BLOCK, max_model_len=MAX_LEN,
-                       attention_backend=backend).llm_engine
+    engine = model.llm(
+        num_blocks=SMALL_POOL, block_size=BLOCK, max_model_len=MAX_LEN, attention_backend=backend
+    ).llm_engine
     expected = {"cpu": "CpuAttentionBackend", "torch": "TorchAttentionBackend"}[backend]
     assert type(engine.runner.backend).__name__ == expected
     outputs, trace = drive(engine, as_requests(prompts[family]))
@@ -87,18 +91,18 @@ def test_greedy_matches_transformers_with_preemption(family, backend, tiny_model
     assert all(o.outputs[0].finish_reason == "length" for o in outputs)
     assert engine.scheduler.num_preemptions > 0
     assert trace.peak_blocks_used == SMALL_POOL
-    assert trace.max_table_blocks >= 12   # the longest sequence (59 tokens) spans 15 blocks
+    assert trace.max_table_blocks >= 12  # the longest sequence (59 tokens) spans 15 blocks
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_chunked_prefill_matches_transformers(family, tiny_models, prompts, drive):
     model = tiny_models[family]
-    engine = model.llm(num_blocks=SMALL_POOL, block_size=BLOCK, max_model_len=MAX_LEN,
-                       max_num_batched_tokens=16).llm_engine
+    engine = model.llm(
+        num_blocks=SMALL_POOL, block_size=BLOCK, max_model_len=MAX_LEN, max_num_batched_tokens=16
+    ).llm_engine
     outputs, trace = drive(engine, as_requests(prompts[family]))
     assert trace.chunked_prefill
-    assert_same_tokens([o.outputs[0].token_ids for o in outputs],
-                       model.greedy_reference(prompts[family], NEW_TOKENS))
+    assert_same_tokens([o.outputs[0].token_ids for o in outputs], model.greedy_reference(prompts[family], NEW_TOKENS))
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen3"])
@@ -110,8 +114,9 @@ def test_prefix_caching_on_and_off_give_the_same_tokens(family, tiny_models, dri
     add_at = [0, 1, 1, 2, 3, 5, 8, 13]
     results = {}
     for caching in (True, False):
-        engine = model.llm(num_blocks=64, block_size=BLOCK, max_model_len=MAX_LEN,
-                           enable_prefix_caching=caching).llm_engine
+        engine = model.llm(
+            num_blocks=64, block_size=BLOCK, max_model_len=MAX_LEN, enable_prefix_caching=caching
+        ).llm_engine
         outputs, trace = drive(engine, as_requests(prompts), add_at=add_at)
         results[caching] = [o.outputs[0].token_ids for o in outputs]
         cached = [o.num_cached_tokens for o in outputs]
@@ -142,8 +147,9 @@ def assert_close_to_reference(model, prompts, outputs) -> None:
 @pytest.mark.parametrize("family", FAMILIES)
 def test_bfloat16_kv_cache_stays_close_to_float32(family, tiny_models, prompts, drive):
     model = tiny_models[family]
-    engine = model.llm(num_blocks=SMALL_POOL, block_size=BLOCK, max_model_len=MAX_LEN,
-                       kv_cache_dtype="bfloat16").llm_engine
+    engine = model.llm(
+        num_blocks=SMALL_POOL, block_size=BLOCK, max_model_len=MAX_LEN, kv_cache_dtype="bfloat16"
+    ).llm_engine
     assert engine.runner.kv_cache.dtype == torch.bfloat16
     outputs, _ = drive(engine, as_requests(prompts[family], GREEDY_LOGPROBS))
     assert_close_to_reference(model, prompts[family], outputs)
@@ -163,14 +169,16 @@ def test_unwritten_kv_slots_never_reach_the_outputs(kv_cache_dtype, tiny_models,
     model = tiny_models["mistral"]
     with monkeypatch.context() as patch:
         patch.setattr(torch, "empty", nan_empty)
-        engine = model.llm(num_blocks=SMALL_POOL, block_size=BLOCK, max_model_len=MAX_LEN,
-                           kv_cache_dtype=kv_cache_dtype).llm_engine
+        engine = model.llm(
+            num_blocks=SMALL_POOL, block_size=BLOCK, max_model_len=MAX_LEN, kv_cache_dtype=kv_cache_dtype
+        ).llm_engine
     outputs, _ = drive(engine, as_requests(prompts["mistral"], GREEDY_LOGPROBS))
     for o in outputs:
         assert all(math.isfinite(lp) for entry in o.outputs[0].logprobs for lp in entry.values())
     if kv_cache_dtype == "auto":
-        assert_same_tokens([o.outputs[0].token_ids for o in outputs],
-                           model.greedy_reference(prompts["mistral"], NEW_TOKENS))
+        assert_same_tokens(
+            [o.outputs[0].token_ids for o in outputs], model.greedy_reference(prompts["mistral"], NEW_TOKENS)
+        )
     else:
         assert_close_to_reference(model, prompts["mistral"], outputs)
 
@@ -178,7 +186,7 @@ def test_unwritten_kv_slots_never_reach_the_outputs(kv_cache_dtype, tiny_models,
 def test_smollm2_greedy_matches_transformers_with_preemption(smollm2_llm, smollm2_reference, drive):
     engine = smollm2_llm.llm_engine
     bs = engine.block_manager.block_size
-    assert bs == 8 and {n % bs for n in SMOL_LENGTHS} >= {0, 1}   # on a boundary and one past it
+    assert bs == 8 and {n % bs for n in SMOL_LENGTHS} >= {0, 1}  # on a boundary and one past it
     tok = smollm2_reference.tokenizer
     texts = [tok.encode(t) for t in SMOL_TEXTS]
     assert min(map(len, texts)) >= max(SMOL_LENGTHS)

@@ -1,5 +1,6 @@
 """Rotary tables against transformers: inv_freq and attention scaling per rope type (ROPE_INIT_FUNCTIONS, the
 model's default-rope function), and whole cos/sin tables and rotations against HF's rotary embedding modules."""
+
 from __future__ import annotations
 
 from types import SimpleNamespace
@@ -18,43 +19,88 @@ from kernels.triton_rotary import rotary_embedding_ref
 
 def llama31():
     # Llama 3.1 8B.
-    return LlamaConfig(hidden_size=4096, num_attention_heads=32, max_position_embeddings=131072,
-                       rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
-                                        "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                                        "original_max_position_embeddings": 8192})
+    return LlamaConfig(
+        hidden_size=4096,
+        num_attention_heads=32,
+        max_position_embeddings=131072,
+        rope_parameters={
+            "rope_type": "llama3",
+            "rope_theta": 500000.0,
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+        },
+    )
 
 
 def qwen25_yarn():
     # Qwen2.5 7B with the rope_scaling its model card says to add for 128K contexts (the 4.x-style key).
-    return Qwen2Config(hidden_size=3584, num_attention_heads=28, max_position_embeddings=32768, rope_theta=1e6,
-                       rope_scaling={"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768})
+    return Qwen2Config(
+        hidden_size=3584,
+        num_attention_heads=28,
+        max_position_embeddings=32768,
+        rope_theta=1e6,
+        rope_scaling={"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768},
+    )
 
 
 def yarn_mscale():
     # DeepSeek-style yarn: the attention factor is a ratio of two mscales, the factor given.
-    return LlamaConfig(hidden_size=2048, num_attention_heads=16, max_position_embeddings=163840,
-                       rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 40.0,
-                                        "original_max_position_embeddings": 4096, "beta_fast": 32, "beta_slow": 1,
-                                        "mscale": 0.707, "mscale_all_dim": 1.0})
+    return LlamaConfig(
+        hidden_size=2048,
+        num_attention_heads=16,
+        max_position_embeddings=163840,
+        rope_parameters={
+            "rope_type": "yarn",
+            "rope_theta": 10000.0,
+            "factor": 40.0,
+            "original_max_position_embeddings": 4096,
+            "beta_fast": 32,
+            "beta_slow": 1,
+            "mscale": 0.707,
+            "mscale_all_dim": 1.0,
+        },
+    )
 
 
 def yarn_untruncated():
     # gpt-oss-style yarn: an untruncated correction range and an explicit attention factor.
-    return LlamaConfig(hidden_size=2880, num_attention_heads=45, head_dim=64, max_position_embeddings=131072,
-                       rope_parameters={"rope_type": "yarn", "rope_theta": 150000.0, "factor": 32.0,
-                                        "original_max_position_embeddings": 4096, "beta_fast": 32.0,
-                                        "beta_slow": 1.0, "truncate": False, "attention_factor": 1.25})
+    return LlamaConfig(
+        hidden_size=2880,
+        num_attention_heads=45,
+        head_dim=64,
+        max_position_embeddings=131072,
+        rope_parameters={
+            "rope_type": "yarn",
+            "rope_theta": 150000.0,
+            "factor": 32.0,
+            "original_max_position_embeddings": 4096,
+            "beta_fast": 32.0,
+            "beta_slow": 1.0,
+            "truncate": False,
+            "attention_factor": 1.25,
+        },
+    )
 
 
 def linear(partial=None):
     extra = {} if partial is None else {"partial_rotary_factor": partial}
-    return LlamaConfig(hidden_size=4096, num_attention_heads=32, max_position_embeddings=8192,
-                       rope_parameters={"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0, **extra})
+    return LlamaConfig(
+        hidden_size=4096,
+        num_attention_heads=32,
+        max_position_embeddings=8192,
+        rope_parameters={"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0, **extra},
+    )
 
 
 def dynamic():
-    return LlamaConfig(hidden_size=4096, num_attention_heads=32, max_position_embeddings=4096,
-                       rope_parameters={"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0})
+    return LlamaConfig(
+        hidden_size=4096,
+        num_attention_heads=32,
+        max_position_embeddings=4096,
+        rope_parameters={"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0},
+    )
 
 
 def qwen3_default():
@@ -71,8 +117,10 @@ HF_CASES = {
     "linear-partial": (lambda: linear(0.5), lambda c: ROPE_INIT_FUNCTIONS["linear"](c)),
     # vLLM's (and our) fixed table: HF's NTK base for a sequence of factor * max_position_embeddings tokens.
     "dynamic": (dynamic, lambda c: ROPE_INIT_FUNCTIONS["dynamic"](c, seq_len=2 * c.max_position_embeddings)),
-    "default-llama": (lambda: LlamaConfig(hidden_size=2048, num_attention_heads=32, rope_theta=500000.0),
-                      LlamaRotaryEmbedding.compute_default_rope_parameters),
+    "default-llama": (
+        lambda: LlamaConfig(hidden_size=2048, num_attention_heads=32, rope_theta=500000.0),
+        LlamaRotaryEmbedding.compute_default_rope_parameters,
+    ),
     "default-qwen3": (qwen3_default, Qwen3RotaryEmbedding.compute_default_rope_parameters),
 }
 
@@ -101,8 +149,13 @@ def test_parameters_read_from_the_config():
 
 
 def test_a_4x_style_config_reads_like_a_5x_one():
-    legacy = SimpleNamespace(hidden_size=4096, num_attention_heads=32, max_position_embeddings=8192,
-                             rope_theta=10000.0, rope_scaling={"type": "linear", "factor": 2.0})
+    legacy = SimpleNamespace(
+        hidden_size=4096,
+        num_attention_heads=32,
+        max_position_embeddings=8192,
+        rope_theta=10000.0,
+        rope_scaling={"type": "linear", "factor": 2.0},
+    )
     assert rope_parameters(legacy) == rope_parameters(linear())
     plain = SimpleNamespace(hidden_size=4096, num_attention_heads=32, rope_theta=500000.0, partial_rotary_factor=0.25)
     assert (rope_parameters(plain).rope_type, rope_parameters(plain).rot_dim) == ("default", 32)
@@ -116,16 +169,21 @@ def test_dynamic_differs_from_transformers_below_the_scaled_length():
     assert inv_freq[0] == hf_short[0] and (inv_freq[1:] < hf_short[1:]).all()
 
 
-@pytest.mark.parametrize("make_config,hf_module", [
-    (llama31, LlamaRotaryEmbedding), (qwen25_yarn, Qwen2RotaryEmbedding), (yarn_mscale, LlamaRotaryEmbedding),
-])
+@pytest.mark.parametrize(
+    "make_config,hf_module",
+    [
+        (llama31, LlamaRotaryEmbedding),
+        (qwen25_yarn, Qwen2RotaryEmbedding),
+        (yarn_mscale, LlamaRotaryEmbedding),
+    ],
+)
 def test_tables_and_rotation_match_transformers(make_config, hf_module):
     config = make_config()
     positions = torch.tensor([0, 1, 777, 8191, 8192, 40000, 3])
     cache = cos_sin_cache(rope_parameters(config), 40001, "cpu")
     half = cache.shape[1] // 2
     assert cache.shape == (40001, 2 * half) and cache.dtype == torch.float32
-    hf_cos, hf_sin = hf_module(config)(torch.zeros(1, dtype=torch.float32), positions[None])   # [1, T, head_dim]
+    hf_cos, hf_sin = hf_module(config)(torch.zeros(1, dtype=torch.float32), positions[None])  # [1, T, head_dim]
     cos, sin = cache[positions].chunk(2, dim=-1)
     for ours, theirs in ((cos, hf_cos[0]), (sin, hf_sin[0])):
         torch.testing.assert_close(ours, theirs[:, :half], rtol=1e-5, atol=1e-5)
@@ -148,7 +206,7 @@ def test_yarn_scales_cos_and_sin():
 
 
 def with_rope(config, params):
-    config.rope_parameters = params   # set after construction: transformers' own validation would refuse them first
+    config.rope_parameters = params  # set after construction: transformers' own validation would refuse them first
     return config
 
 
@@ -165,7 +223,9 @@ def test_missing_scaling_field_is_named():
 
 
 def test_odd_rotary_dim_is_refused():
-    config = with_rope(LlamaConfig(hidden_size=2048, num_attention_heads=32),
-                       {"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.3})
+    config = with_rope(
+        LlamaConfig(hidden_size=2048, num_attention_heads=32),
+        {"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.3},
+    )
     with pytest.raises(ValueError, match="rotary dim 19"):
         rope_parameters(config)

@@ -1,5 +1,6 @@
 """Logits processors in the sampler (bans, allowed tokens, bias, penalties), each against an independent
 computation, on Sequence objects built directly: no model."""
+
 from __future__ import annotations
 
 import pytest
@@ -16,8 +17,7 @@ EOS = 11
 CPU = torch.device("cpu")
 
 
-def make_seq(prompt: list[int], output: list[int] = (), bad_words: list[list[int]] | None = None,
-             **params) -> Sequence:
+def make_seq(prompt: list[int], output: list[int] = (), bad_words: list[list[int]] | None = None, **params) -> Sequence:
     params.setdefault("temperature", 0.0)
     if bad_words is not None:
         params["bad_words"] = ["(tokenized below)"]
@@ -49,14 +49,16 @@ def test_plain_batch_builds_no_processors():
 
 @pytest.mark.parametrize("penalty", [1.3, 0.6])
 def test_repetition_penalty_matches_transformers(penalty):
-    seqs = [make_seq([1, 2, 2, 5], [7, 1, 9], repetition_penalty=penalty),
-            make_seq([3], [], repetition_penalty=penalty),
-            make_seq([0, 4, 6, 8, 10], [10, 10, 3], repetition_penalty=penalty)]
+    seqs = [
+        make_seq([1, 2, 2, 5], [7, 1, 9], repetition_penalty=penalty),
+        make_seq([3], [], repetition_penalty=penalty),
+        make_seq([0, 4, 6, 8, 10], [10, 10, 3], repetition_penalty=penalty),
+    ]
     logits = random_logits(3)
     got = processed(logits, seqs)
     hf = RepetitionPenaltyLogitsProcessor(penalty)
     for row, s in enumerate(seqs):
-        want = hf(torch.tensor([s.token_ids]), logits[row:row + 1].clone())[0]
+        want = hf(torch.tensor([s.token_ids]), logits[row : row + 1].clone())[0]
         assert torch.equal(got[row], want)
     assert not torch.equal(got[0], logits[0])
 
@@ -121,14 +123,17 @@ def test_one_token_bad_word_is_always_masked():
     assert torch.equal(got, want)
 
 
-@pytest.mark.parametrize("prompt, output, masked", [
-    ([1], [4, 2, 3], True),       # the output ends with the word's first tokens: its last one is banned
-    ([1], [2, 3], True),          # ... also when that is the whole output
-    ([1], [2, 3, 4], False),      # the prefix occurred, but not at the end
-    ([1], [3], False),            # only part of the prefix
-    ([2, 3], [], False),          # the prompt does not count (vLLM matches the output only)
-    ([1, 2], [3], False),         # ... not even across the prompt/output boundary
-])
+@pytest.mark.parametrize(
+    "prompt, output, masked",
+    [
+        ([1], [4, 2, 3], True),  # the output ends with the word's first tokens: its last one is banned
+        ([1], [2, 3], True),  # ... also when that is the whole output
+        ([1], [2, 3, 4], False),  # the prefix occurred, but not at the end
+        ([1], [3], False),  # only part of the prefix
+        ([2, 3], [], False),  # the prompt does not count (vLLM matches the output only)
+        ([1, 2], [3], False),  # ... not even across the prompt/output boundary
+    ],
+)
 def test_multi_token_bad_word_masks_its_last_token_after_its_prefix(prompt, output, masked):
     logits = random_logits(1)
     got = processed(logits, [make_seq(prompt, output, bad_words=[[2, 3, 9]])])
@@ -166,27 +171,40 @@ def test_processors_apply_after_each_other_in_vllms_order():
 
 
 def test_mixed_batch_leaves_plain_rows_bit_for_bit():
-    seqs = [make_seq([1, 2], [3, 3]),
-            make_seq([4], [5, 6], repetition_penalty=1.5, frequency_penalty=0.3, presence_penalty=-0.7,
-                     logit_bias={1: 4.0}, allowed_token_ids=[1, 2, 5], bad_words=[[6, 2], [8]], min_tokens=5),
-            make_seq([7, 7], [8], temperature=0.8, top_p=0.9),
-            make_seq([9], [], frequency_penalty=1.0)]
+    seqs = [
+        make_seq([1, 2], [3, 3]),
+        make_seq(
+            [4],
+            [5, 6],
+            repetition_penalty=1.5,
+            frequency_penalty=0.3,
+            presence_penalty=-0.7,
+            logit_bias={1: 4.0},
+            allowed_token_ids=[1, 2, 5],
+            bad_words=[[6, 2], [8]],
+            min_tokens=5,
+        ),
+        make_seq([7, 7], [8], temperature=0.8, top_p=0.9),
+        make_seq([9], [], frequency_penalty=1.0),
+    ]
     logits = random_logits(4, seed=3)
-    logits[0, 0] = -0.0   # a signed zero must stay signed on untouched rows
+    logits[0, 0] = -0.0  # a signed zero must stay signed on untouched rows
     got = processed(logits, seqs)
     for row in (0, 2):
         assert torch.equal(got[row], logits[row])
         assert torch.equal(got[row].signbit(), logits[row].signbit())
-    assert torch.equal(got[3], logits[3])   # a penalty row with no output yet
+    assert torch.equal(got[3], logits[3])  # a penalty row with no output yet
     assert not torch.equal(got[1], logits[1])
 
 
 def test_greedy_rows_honour_penalties_bias_and_bans():
     logits = torch.tensor([[0.0, 5.0, 4.0, 1.0] + [0.0] * (VOCAB - 4)] * 4)
-    seqs = [make_seq([0], [1]),                                   # plain greedy: token 1
-            make_seq([0], [1], repetition_penalty=2.0),           # 5 / 2 < 4: token 2
-            make_seq([0], [1], presence_penalty=1.5),             # 5 - 1.5 < 4: token 2
-            make_seq([0], [2], logit_bias={3: 10.0}, bad_words=[[1]])]   # 1 banned, 3 boosted: token 3
+    seqs = [
+        make_seq([0], [1]),  # plain greedy: token 1
+        make_seq([0], [1], repetition_penalty=2.0),  # 5 / 2 < 4: token 2
+        make_seq([0], [1], presence_penalty=1.5),  # 5 - 1.5 < 4: token 2
+        make_seq([0], [2], logit_bias={3: 10.0}, bad_words=[[1]]),
+    ]  # 1 banned, 3 boosted: token 3
     batch = SamplingBatch.from_sequences(seqs, [EOS], VOCAB, CPU)
     assert batch.all_greedy
     assert Sampler(torch.Generator())(logits, batch).token_ids == [1, 2, 2, 3]
@@ -201,4 +219,4 @@ def test_logprobs_stay_those_of_the_raw_distribution():
     sampled, top = out.logprobs[0]
     assert sampled == raw[4].item()
     top_ids = raw.topk(2).indices.tolist()
-    assert top == {t: raw[t].item() for t in top_ids + [4]}
+    assert top == {t: raw[t].item() for t in [*top_ids, 4]}

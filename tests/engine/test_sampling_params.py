@@ -1,4 +1,5 @@
 """SamplingParams: the sampling extras' defaults, normalisation, validation and vocabulary check."""
+
 from __future__ import annotations
 
 import pytest
@@ -29,19 +30,39 @@ def test_range_edges_are_accepted():
     SamplingParams(presence_penalty=2, frequency_penalty=-2, repetition_penalty=5, prompt_logprobs=MAX_LOGPROBS)
 
 
-@pytest.mark.parametrize("field, value", [
-    ("presence_penalty", 2.01), ("presence_penalty", -2.5), ("presence_penalty", float("nan")),
-    ("presence_penalty", "1"), ("frequency_penalty", 3.0), ("frequency_penalty", -2.01),
-    ("repetition_penalty", 0.0), ("repetition_penalty", -1.0), ("repetition_penalty", float("inf")),
-    ("repetition_penalty", None),
-    ("logit_bias", {-1: 1.0}), ("logit_bias", {"-1": 1.0}), ("logit_bias", {"abc": 1.0}),
-    ("logit_bias", {1.5: 1.0}), ("logit_bias", {True: 1.0}), ("logit_bias", {"1": 1.0, 1: 2.0}),
-    ("logit_bias", {1: "x"}), ("logit_bias", {1: float("nan")}), ("logit_bias", [(1, 1.0)]),
-    ("allowed_token_ids", []), ("allowed_token_ids", [1, -2]), ("allowed_token_ids", [1.0]),
-    ("allowed_token_ids", 5),
-    ("bad_words", "word"), ("bad_words", ["ok", 3]),
-    ("prompt_logprobs", -1), ("prompt_logprobs", MAX_LOGPROBS + 1), ("prompt_logprobs", 1.5),
-])
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("presence_penalty", 2.01),
+        ("presence_penalty", -2.5),
+        ("presence_penalty", float("nan")),
+        ("presence_penalty", "1"),
+        ("frequency_penalty", 3.0),
+        ("frequency_penalty", -2.01),
+        ("repetition_penalty", 0.0),
+        ("repetition_penalty", -1.0),
+        ("repetition_penalty", float("inf")),
+        ("repetition_penalty", None),
+        ("logit_bias", {-1: 1.0}),
+        ("logit_bias", {"-1": 1.0}),
+        ("logit_bias", {"abc": 1.0}),
+        ("logit_bias", {1.5: 1.0}),
+        ("logit_bias", {True: 1.0}),
+        ("logit_bias", {"1": 1.0, 1: 2.0}),
+        ("logit_bias", {1: "x"}),
+        ("logit_bias", {1: float("nan")}),
+        ("logit_bias", [(1, 1.0)]),
+        ("allowed_token_ids", []),
+        ("allowed_token_ids", [1, -2]),
+        ("allowed_token_ids", [1.0]),
+        ("allowed_token_ids", 5),
+        ("bad_words", "word"),
+        ("bad_words", ["ok", 3]),
+        ("prompt_logprobs", -1),
+        ("prompt_logprobs", MAX_LOGPROBS + 1),
+        ("prompt_logprobs", 1.5),
+    ],
+)
 def test_bad_values_raise_naming_the_field(field, value):
     with pytest.raises(ValueError, match=field):
         SamplingParams(**{field: value})
@@ -50,8 +71,10 @@ def test_bad_values_raise_naming_the_field(field, value):
 def test_check_vocab_names_the_field_out_of_range():
     ok = SamplingParams(logit_bias={9: 1.0}, allowed_token_ids=[0, 9], stop_token_ids=[9])
     ok.check_vocab(10)
-    for field, p in [("logit_bias", SamplingParams(logit_bias={10: 1.0})),
-                     ("allowed_token_ids", SamplingParams(allowed_token_ids=[3, 10])),
-                     ("stop_token_ids", SamplingParams(stop_token_ids=[12]))]:
+    for field, p in [
+        ("logit_bias", SamplingParams(logit_bias={10: 1.0})),
+        ("allowed_token_ids", SamplingParams(allowed_token_ids=[3, 10])),
+        ("stop_token_ids", SamplingParams(stop_token_ids=[12])),
+    ]:
         with pytest.raises(ValueError, match=field):
             p.check_vocab(10)

@@ -1,4 +1,5 @@
 """Scheduling decisions without a model: budgets, decode-first, chunked prefill, admission, preemption."""
+
 from __future__ import annotations
 
 from engine.block_manager import BlockManager
@@ -67,7 +68,7 @@ def test_chunked_prefill_splits_a_long_prompt_under_the_token_budget():
     add(sched, a)
     chunks = [step(sched).prefills for _ in range(3)]
     assert chunks == [[(a, 8)], [(a, 8)], [(a, 4)]]
-    assert a.num_output_tokens == 1   # only the last chunk samples
+    assert a.num_output_tokens == 1  # only the last chunk samples
 
 
 def test_budget_is_shared_decodes_first_then_the_remaining_prefill():
@@ -92,21 +93,21 @@ def test_max_num_seqs_caps_the_running_set():
 
 def test_preemption_recomputes_the_latest_sequence_and_it_resumes_first():
     sched = make(num_blocks=4, block_size=2, budget=64)
-    a, b = seq(3), seq(3, first=20)   # each takes 2 blocks after prefill (3 tokens + room for the 4th)
+    a, b = seq(3), seq(3, first=20)  # each takes 2 blocks after prefill (3 tokens + room for the 4th)
     add(sched, a)
     add(sched, b)
-    step(sched)                       # both prefilled into 2 blocks each; each sampled a 4th token
+    step(sched)  # both prefilled into 2 blocks each; each sampled a 4th token
     assert sched.block_manager.num_free_blocks == 0
-    out = step(sched)                 # the 4th tokens still fit in the second blocks
+    out = step(sched)  # the 4th tokens still fit in the second blocks
     assert out.decodes == [a, b] and not out.preempted
-    out = step(sched)                 # a's 5th token needs a third block: b (admitted last) is preempted
+    out = step(sched)  # a's 5th token needs a third block: b (admitted last) is preempted
     assert [g.seqs for g in out.preempted] == [[b]] and out.decodes == [a]
     assert b.status is SequenceStatus.WAITING and b.block_table == [] and b.num_computed_tokens == 0
-    assert b.output_token_ids == [7, 7]   # its output so far is kept and will be recomputed
+    assert b.output_token_ids == [7, 7]  # its output so far is kept and will be recomputed
     assert sched.num_preemptions == 1
     finish(sched, a)
     out = step(sched)
-    assert out.prefills == [(b, 5)]   # prompt + its output tokens are recomputed in one chunk
+    assert out.prefills == [(b, 5)]  # prompt + its output tokens are recomputed in one chunk
 
 
 def test_a_sequence_that_cannot_grow_preempts_itself_when_it_is_alone():
@@ -115,7 +116,7 @@ def test_a_sequence_that_cannot_grow_preempts_itself_when_it_is_alone():
     add(sched, a)
     step(sched)
     step(sched)
-    out = step(sched)   # the 5th token needs a 3rd block; nothing else to preempt
+    out = step(sched)  # the 5th token needs a 3rd block; nothing else to preempt
     assert [g.seqs for g in out.preempted] == [[a]] and out.is_empty
 
 
@@ -131,9 +132,9 @@ def test_finish_frees_blocks_at_once():
 
 def test_requests_sharing_a_prefix_wait_one_step_to_take_it_from_the_cache():
     sched = make(block_size=4, caching=True)
-    shared = list(range(100, 108))                         # two full blocks of a common "system prompt"
-    a = Sequence(next(_ids), "a", 0, shared + [1, 2, 3], SamplingParams(), None)
-    b = Sequence(next(_ids), "b", 0, shared + [4, 5], SamplingParams(), None)
+    shared = list(range(100, 108))  # two full blocks of a common "system prompt"
+    a = Sequence(next(_ids), "a", 0, [*shared, 1, 2, 3], SamplingParams(), None)
+    b = Sequence(next(_ids), "b", 0, [*shared, 4, 5], SamplingParams(), None)
     c = Sequence(next(_ids), "c", 0, [7, 7, 7, 7, 7], SamplingParams(), None)
     for s in (a, b, c):
         add(sched, s)

@@ -4,6 +4,7 @@ recompute preemption leave greedy outputs unchanged, a shared system prompt is c
 match transformers, and the stats and block map report what the pool holds. Every run goes through the `drive`
 fixture, which checks after each step that ref counts equal the tables holding each block.
 """
+
 from __future__ import annotations
 
 import math
@@ -36,6 +37,7 @@ def long_llama(make_tiny):
 def eos_llama(make_tiny, tiny_tokenizer):
     """A tiny Llama whose EOS probability varies from step to step around a few percent, so beams finish at
     different lengths (the last MLP's bias drives one hidden feature, which EOS's lm_head row reads)."""
+
     def favour_eos(model) -> None:
         with torch.no_grad():
             model.model.layers[-1].mlp.down_proj.bias[0] = 200.0
@@ -49,6 +51,7 @@ def sampled(seed: int, n: int = 1, **kw) -> SamplingParams:
 
 
 # ---- parallel sampling ---------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("prompt_len, block_size", [(512, 16), (500, 16)])
 def test_n4_blocks_in_use_are_the_prompt_once_plus_each_samples_own(long_llama, drive, prompt_len, block_size):
@@ -65,7 +68,7 @@ def test_n4_blocks_in_use_are_the_prompt_once_plus_each_samples_own(long_llama, 
     assert own == math.ceil(new / block_size)
     copies = (n - 1) if prompt_len % block_size else 0
     assert trace.peak_blocks_used == math.ceil(prompt_len / block_size) + n * own + copies
-    assert trace.peak_blocks_shared == math.ceil(prompt_len / block_size)   # right after the fork
+    assert trace.peak_blocks_shared == math.ceil(prompt_len / block_size)  # right after the fork
 
 
 def test_n4_with_a_seed_is_reproducible_and_each_sample_is_its_seed_alone(tiny_llama, drive):
@@ -87,22 +90,34 @@ def test_n4_with_a_seed_is_reproducible_and_each_sample_is_its_seed_alone(tiny_l
 
 # ---- beam search ---------------------------------------------------------------------------------------------
 
-def hf_beams(ref, prompt: list[int], width: int, max_new: int, length_penalty: float,
-             early_stopping) -> tuple[list[list[int]], list[float]]:
+
+def hf_beams(
+    ref, prompt: list[int], width: int, max_new: int, length_penalty: float, early_stopping
+) -> tuple[list[list[int]], list[float]]:
     with torch.inference_mode():
-        r = ref.hf.generate(torch.tensor([prompt]), num_beams=width, num_return_sequences=width, do_sample=False,
-                            max_new_tokens=max_new, length_penalty=length_penalty, early_stopping=early_stopping,
-                            output_scores=True, return_dict_in_generate=True, pad_token_id=0)
+        r = ref.hf.generate(
+            torch.tensor([prompt]),
+            num_beams=width,
+            num_return_sequences=width,
+            do_sample=False,
+            max_new_tokens=max_new,
+            length_penalty=length_penalty,
+            early_stopping=early_stopping,
+            output_scores=True,
+            return_dict_in_generate=True,
+            pad_token_id=0,
+        )
     # beam_indices is -1 past each hypothesis' end: it tells generated tokens from padding.
     lengths = (r.beam_indices != -1).sum(dim=1).tolist()
-    return [r.sequences[i, len(prompt):len(prompt) + n].tolist() for i, n in enumerate(lengths)], \
-        r.sequences_scores.tolist()
+    return [
+        r.sequences[i, len(prompt) : len(prompt) + n].tolist() for i, n in enumerate(lengths)
+    ], r.sequences_scores.tolist()
 
 
 def assert_beams_match(ref, outputs, prompts, width, max_new, length_penalty, early_stopping) -> None:
     for prompt, out in zip(prompts, outputs):
         expected, scores = hf_beams(ref, prompt, width, max_new, length_penalty, early_stopping)
-        got = [s.tokens[len(prompt):] for s in out.sequences]
+        got = [s.tokens[len(prompt) :] for s in out.sequences]
         assert got == expected, f"prompt {prompt}: beams {got} vs transformers {expected}"
         ours = [s.cum_logprob / len(t) ** length_penalty for s, t in zip(out.sequences, got)]
         assert ours == pytest.approx(scores, abs=1e-4)
@@ -113,8 +128,7 @@ def assert_beams_match(ref, outputs, prompts, width, max_new, length_penalty, ea
 def test_beam_search_equals_transformers(eos_llama, early_stopping, length_penalty):
     llm = eos_llama.llm(num_blocks=96, block_size=4, max_model_len=64)
     prompts = token_prompts([5, 9, 13], eos_llama.config.vocab_size, seed=3)
-    params = BeamSearchParams(beam_width=4, max_tokens=12, length_penalty=length_penalty,
-                              early_stopping=early_stopping)
+    params = BeamSearchParams(beam_width=4, max_tokens=12, length_penalty=length_penalty, early_stopping=early_stopping)
     outputs = llm.beam_search([{"prompt_token_ids": p} for p in prompts], params)
     assert_beams_match(eos_llama, outputs, prompts, 4, 12, length_penalty, early_stopping)
     assert llm.llm_engine.block_manager.num_free_blocks == 96
@@ -158,6 +172,7 @@ def test_beam_search_survives_preemption(eos_llama, drive, mode):
 
 # ---- preemption and prefix caching leave greedy outputs unchanged --------------------------------------------
 
+
 @pytest.mark.parametrize("mode, pool", [("swap", 24), ("recompute", 24), (None, 512)])
 def test_greedy_outputs_are_the_same_under_swap_recompute_or_no_preemption(tiny_llama, drive, mode, pool):
     llm = tiny_llama.llm(num_blocks=pool, block_size=4, max_model_len=64, preemption_mode=mode)
@@ -192,7 +207,7 @@ def test_a_second_request_with_the_same_system_prompt_computes_only_its_own_toke
     before = engine.get_stats()
     (out,), _ = drive(engine, [({"prompt_token_ids": system + q2}, SamplingParams(temperature=0, max_tokens=2))])
     after = engine.get_stats()
-    assert out.num_cached_tokens == 20                        # the system prompt's 5 full blocks
+    assert out.num_cached_tokens == 20  # the system prompt's 5 full blocks
     assert after.prompt_tokens_total - before.prompt_tokens_total == len(system + q2) - 20
     assert after.prefix_cache_hits - before.prefix_cache_hits == 20
     assert after.prefix_cache_queries - before.prefix_cache_queries == len(system + q2)
@@ -200,17 +215,18 @@ def test_a_second_request_with_the_same_system_prompt_computes_only_its_own_toke
 
 # ---- prompt logprobs -----------------------------------------------------------------------------------------
 
+
 def test_prompt_logprobs_match_transformers_across_chunks_and_cached_prefixes(tiny_llama, drive):
     """A chunked prefill (8-token budget) and a prompt whose prefix is cached: the prompt is still computed in
     full, since cached blocks carry no logits."""
     llm = tiny_llama.llm(num_blocks=64, block_size=4, max_model_len=64, max_num_batched_tokens=8)
     prompt = token_prompts([19], tiny_llama.config.vocab_size, seed=12)[0]
     engine = llm.llm_engine
-    drive(engine, [({"prompt_token_ids": prompt}, SamplingParams(temperature=0, max_tokens=1))])   # caches it
+    drive(engine, [({"prompt_token_ids": prompt}, SamplingParams(temperature=0, max_tokens=1))])  # caches it
     params = SamplingParams(temperature=0, max_tokens=2, prompt_logprobs=3)
     (out,), trace = drive(engine, [({"prompt_token_ids": prompt}, params)])
     assert trace.chunked_prefill and out.num_cached_tokens == 0
-    reference = torch.log_softmax(tiny_llama.logits(prompt), dim=-1)      # row i predicts token i + 1
+    reference = torch.log_softmax(tiny_llama.logits(prompt), dim=-1)  # row i predicts token i + 1
     assert out.prompt_logprobs[0] is None and len(out.prompt_logprobs) == len(prompt)
     for pos in range(1, len(prompt)):
         entry = out.prompt_logprobs[pos]
@@ -222,18 +238,19 @@ def test_prompt_logprobs_match_transformers_across_chunks_and_cached_prefixes(ti
 
 # ---- stats and the block map ---------------------------------------------------------------------------------
 
+
 def test_block_map_and_stats_show_sharing_while_it_happens(tiny_llama):
     llm = tiny_llama.llm(num_blocks=32, block_size=4, max_model_len=64)
     engine = llm.llm_engine
     prompt = token_prompts([10], tiny_llama.config.vocab_size, seed=13)[0]
     engine.add_request("shared", {"prompt_token_ids": prompt}, sampled(seed=1, n=3))
-    engine.step()                       # the prompt: 3 blocks (2 full, 1 partial), then the forks take them
+    engine.step()  # the prompt: 3 blocks (2 full, 1 partial), then the forks take them
     stats, block_map = engine.get_stats(), engine.get_block_map()
     assert stats.num_running == 3 and stats.num_blocks_used == 3 and stats.num_blocks_shared == 3
     assert stats.num_blocks_without_sharing == 9
     assert block_map.states[:3] == bytes([SHARED] * 3) and set(block_map.states[3:]) == {FREE}
     assert block_map.owners == {0: "shared", 1: "shared", 2: "shared"}
-    engine.step()                       # two forks copy the partial block; the third writes in place
+    engine.step()  # two forks copy the partial block; the third writes in place
     stats, block_map = engine.get_stats(), engine.get_block_map()
     assert stats.num_blocks_used == 5 and stats.num_blocks_shared == 2
     assert sorted(block_map.states) == sorted([SHARED] * 2 + [USED] * 3 + [FREE] * 27)
@@ -264,6 +281,7 @@ def test_aborting_a_swapped_out_group_frees_its_swap_blocks(tiny_llama):
 
 # ---- limits ----------------------------------------------------------------------------------------------------
 
+
 def test_max_num_seqs_counts_samples_not_forked_yet_and_the_full_beam_width(tiny_llama):
     llm = tiny_llama.llm(num_blocks=32, block_size=4, max_model_len=64, max_num_seqs=2)
     engine = llm.llm_engine
@@ -284,17 +302,22 @@ def test_a_swapped_group_that_outgrew_the_pool_continues_by_recompute(tiny_llama
     params = SamplingParams(n=2, temperature=1.0, seed=3, max_tokens=50, ignore_eos=True)
     (out,), _ = drive(llm.llm_engine, [({"prompt_token_ids": prompt}, params)])
     big = tiny_llama.llm(num_blocks=64, block_size=4, max_model_len=64)
-    alone, _ = drive(big.llm_engine, [({"prompt_token_ids": prompt},
-                                        SamplingParams(temperature=1.0, seed=3 + i, max_tokens=50, ignore_eos=True))
-                                       for i in range(2)])
+    alone, _ = drive(
+        big.llm_engine,
+        [
+            ({"prompt_token_ids": prompt}, SamplingParams(temperature=1.0, seed=3 + i, max_tokens=50, ignore_eos=True))
+            for i in range(2)
+        ],
+    )
     assert [c.token_ids for c in out.outputs] == [a.outputs[0].token_ids for a in alone]
 
 
 def test_beams_stop_at_max_model_len_and_count_in_the_token_stats(tiny_llama):
     llm = tiny_llama.llm(num_blocks=64, block_size=4, max_model_len=32)
     prompt = token_prompts([10], tiny_llama.config.vocab_size, seed=17)[0]
-    (out,) = llm.beam_search({"prompt_token_ids": prompt}, BeamSearchParams(beam_width=2, max_tokens=100,
-                                                                            ignore_eos=True))
+    (out,) = llm.beam_search(
+        {"prompt_token_ids": prompt}, BeamSearchParams(beam_width=2, max_tokens=100, ignore_eos=True)
+    )
     assert [len(s.tokens) for s in out.sequences] == [32, 32]
     assert {s.finish_reason for s in out.sequences} == {"length"}
     # The first step samples from the prompt (1 row), each later one from both beams: 1 + 2 * 21 tokens.
@@ -302,6 +325,7 @@ def test_beams_stop_at_max_model_len_and_count_in_the_token_stats(tiny_llama):
 
 
 # ---- sampling extras through the engine ------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("penalty", [1.5, 0.7])
 def test_greedy_with_a_repetition_penalty_equals_transformers(tiny_llama, drive, penalty):
@@ -311,9 +335,15 @@ def test_greedy_with_a_repetition_penalty_equals_transformers(tiny_llama, drive,
     outputs, _ = drive(llm.llm_engine, [({"prompt_token_ids": p}, params) for p in prompts])
     for prompt, out in zip(prompts, outputs):
         with torch.inference_mode():
-            hf = tiny_llama.hf.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=20,
-                                        min_new_tokens=20, repetition_penalty=penalty, pad_token_id=0)
-        assert out.outputs[0].token_ids == hf[0, len(prompt):].tolist()
+            hf = tiny_llama.hf.generate(
+                torch.tensor([prompt]),
+                do_sample=False,
+                max_new_tokens=20,
+                min_new_tokens=20,
+                repetition_penalty=penalty,
+                pad_token_id=0,
+            )
+        assert out.outputs[0].token_ids == hf[0, len(prompt) :].tolist()
 
 
 def test_allowed_ids_bad_words_and_bias_shape_what_is_sampled(tiny_llama, drive):
@@ -327,12 +357,17 @@ def test_allowed_ids_bad_words_and_bias_shape_what_is_sampled(tiny_llama, drive)
     # A token of the greedy output that is a word of its own (it encodes back to itself) becomes the bad word.
     banned = next(t for t in greedy_ids if tok.encode(tok.decode([t]), add_special_tokens=False) == [t])
     word = tok.decode([banned])
-    outs, _ = drive(llm.llm_engine, [
-        (prompt, SamplingParams(n=3, temperature=1.0, seed=2, max_tokens=16, ignore_eos=True,
-                                allowed_token_ids=allowed)),
-        (prompt, SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, bad_words=[word])),
-        (prompt, SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True, logit_bias={77: 100})),
-    ])
+    outs, _ = drive(
+        llm.llm_engine,
+        [
+            (
+                prompt,
+                SamplingParams(n=3, temperature=1.0, seed=2, max_tokens=16, ignore_eos=True, allowed_token_ids=allowed),
+            ),
+            (prompt, SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, bad_words=[word])),
+            (prompt, SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True, logit_bias={77: 100})),
+        ],
+    )
     assert all(set(c.token_ids) <= set(allowed) for c in outs[0].outputs)
     assert banned not in outs[1].outputs[0].token_ids
     assert outs[1].outputs[0].token_ids != plain[0].outputs[0].token_ids

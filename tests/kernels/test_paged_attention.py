@@ -1,4 +1,5 @@
 """The compiled CPU paged-decode kernel against its torch twin, on random caches and block tables."""
+
 from __future__ import annotations
 
 import pytest
@@ -7,27 +8,26 @@ import torch
 from kernels.paged_attention import paged_decode_attention, paged_decode_attention_ref
 
 
-def make_case(seed, num_seqs, num_heads, num_kv_heads, head_dim, block_size, context_lens, dtype,
-              num_blocks=64):
+def make_case(seed, num_seqs, num_heads, num_kv_heads, head_dim, block_size, context_lens, dtype, num_blocks=64):
     g = torch.Generator().manual_seed(seed)
     q = torch.randn(num_seqs, num_heads, head_dim, generator=g)
     k = torch.randn(num_kv_heads, num_blocks, block_size, head_dim, generator=g).to(dtype)
     v = torch.randn(num_kv_heads, num_blocks, block_size, head_dim, generator=g).to(dtype)
-    max_blocks = max(-(-n // block_size) for n in context_lens) + 1   # one spare column, as tables carry
+    max_blocks = max(-(-n // block_size) for n in context_lens) + 1  # one spare column, as tables carry
     # Tables out of order, each sequence on distinct blocks drawn at random from the pool.
     tables = torch.stack([torch.randperm(num_blocks, generator=g)[:max_blocks] for _ in range(num_seqs)])
     return q, k, v, tables, torch.tensor(context_lens, dtype=torch.int64)
 
 
-@pytest.mark.parametrize("num_heads,num_kv_heads", [(4, 4), (6, 2), (8, 1)])   # GQA ratios 1, 3, 8
+@pytest.mark.parametrize("num_heads,num_kv_heads", [(4, 4), (6, 2), (8, 1)])  # GQA ratios 1, 3, 8
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_kernel_matches_reference_on_ragged_contexts(num_heads, num_kv_heads, dtype):
     block_size = 8
     # One key, exactly one block, one past a block boundary, several blocks, ragged.
     lens = [1, 8, 9, 16, 17, 31, 40, 3]
     q, k, v, tables, ctx = make_case(0, len(lens), num_heads, num_kv_heads, 32, block_size, lens, dtype)
-    out = paged_decode_attention(q, k, v, tables, ctx, 32 ** -0.5)
-    ref = paged_decode_attention_ref(q, k, v, tables, ctx, 32 ** -0.5)
+    out = paged_decode_attention(q, k, v, tables, ctx, 32**-0.5)
+    ref = paged_decode_attention_ref(q, k, v, tables, ctx, 32**-0.5)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
 
@@ -42,8 +42,8 @@ def test_kernel_reads_only_each_sequences_own_blocks():
     for s in range(4):
         n = int(ctx[s])
         last = int(tables[s, (n - 1) // 4])
-        k[:, last, (n - 1) % 4 + 1:] = float("nan")
-        v[:, last, (n - 1) % 4 + 1:] = float("nan")
+        k[:, last, (n - 1) % 4 + 1 :] = float("nan")
+        v[:, last, (n - 1) % 4 + 1 :] = float("nan")
     after = paged_decode_attention(q, k, v, tables, ctx, 0.25)
     torch.testing.assert_close(after, before, rtol=0, atol=0)
 
@@ -89,4 +89,4 @@ def test_a_torch_without_its_cpp_headers_fails_the_build_at_once_in_words(monkey
         with pytest.raises(cpu_ops.KernelBuildError, match=r"torch's C\+\+ headers \(torch/extension.h\)"):
             cpu_ops.load()
     finally:
-        cpu_ops.load.cache_clear()   # the next caller loads the real build again
+        cpu_ops.load.cache_clear()  # the next caller loads the real build again

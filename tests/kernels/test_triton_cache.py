@@ -2,6 +2,7 @@
 
 Caches start poisoned (NaN, or the fp8 NaN byte 0x7F) so a write outside the slots shows. Comparisons are on the
 bytes (integer views), so NaN sentinels compare equal and fp8 needs no float kernels."""
+
 from __future__ import annotations
 
 import pytest
@@ -28,8 +29,11 @@ def bits(t):
 
 
 def poisoned(shape, dtype):
-    return torch.full(shape, 0x7F, dtype=torch.uint8).view(FP8) if dtype == FP8 else torch.full(
-        shape, float("nan"), dtype=dtype)
+    return (
+        torch.full(shape, 0x7F, dtype=torch.uint8).view(FP8)
+        if dtype == FP8
+        else torch.full(shape, float("nan"), dtype=dtype)
+    )
 
 
 def make_tokens(seed, num_tokens, num_kv_heads, head_dim, dtype, amplitude=1.0):
@@ -40,8 +44,8 @@ def make_tokens(seed, num_tokens, num_kv_heads, head_dim, dtype, amplitude=1.0):
     fused = (torch.rand(num_tokens, 3 * width, generator=g) + 0.05) * amplitude
     fused *= torch.randint(0, 2, fused.shape, generator=g) * 2 - 1
     fused = fused.to(dtype)
-    key = fused[:, width:2 * width].view(num_tokens, num_kv_heads, head_dim)
-    value = fused[:, 2 * width:].contiguous().view(num_tokens, num_kv_heads, head_dim)
+    key = fused[:, width : 2 * width].view(num_tokens, num_kv_heads, head_dim)
+    value = fused[:, 2 * width :].contiguous().view(num_tokens, num_kv_heads, head_dim)
     return key, value
 
 
@@ -66,11 +70,18 @@ def cached_rows(cache, slots):
     return cache[slots // block_size, :, slots % block_size]
 
 
-@pytest.mark.parametrize("key_dtype,cache_dtype", [(torch.float32, torch.float32), (torch.float16, torch.float16),
-                                                   (torch.float32, torch.float16), (torch.float16, torch.float32),
-                                                   (torch.bfloat16, torch.bfloat16)])
+@pytest.mark.parametrize(
+    "key_dtype,cache_dtype",
+    [
+        (torch.float32, torch.float32),
+        (torch.float16, torch.float16),
+        (torch.float32, torch.float16),
+        (torch.float16, torch.float32),
+        (torch.bfloat16, torch.bfloat16),
+    ],
+)
 def test_reshape_and_cache_writes_each_token_into_its_slot_only(key_dtype, cache_dtype):
-    num_blocks, num_kv_heads, block_size, head_dim = 6, 3, 4, 16   # 3 heads: a masked head row in the tile
+    num_blocks, num_kv_heads, block_size, head_dim = 6, 3, 4, 16  # 3 heads: a masked head row in the tile
     key, value = make_tokens(0, 11, num_kv_heads, head_dim, key_dtype)
     slots = scattered_slots(1, 11, num_blocks, block_size, num_skipped=3)
     k, v, k_ref, v_ref = run_both(key, value, (num_blocks, num_kv_heads, block_size, head_dim), cache_dtype, slots)
@@ -91,24 +102,25 @@ def test_reshape_and_cache_fp8_matches_twin_bytes_and_input_to_e4m3_precision(ke
     key, value = make_tokens(2, 13, num_kv_heads, head_dim, key_dtype, amplitude=10.0)
     key[::3] *= 1e-4
     slots = scattered_slots(3, 13, num_blocks, block_size, num_skipped=2)
-    k, v, k_ref, v_ref = run_both(key, value, (num_blocks, num_kv_heads, block_size, head_dim), FP8, slots,
-                                  k_scale, v_scale)
+    k, v, k_ref, v_ref = run_both(
+        key, value, (num_blocks, num_kv_heads, block_size, head_dim), FP8, slots, k_scale, v_scale
+    )
     assert torch.equal(bits(k), bits(k_ref)) and torch.equal(bits(v), bits(v_ref))
     kept = slots >= 0
-    assert int((bits(k) != 0x7F).sum()) == int(kept.sum()) * num_kv_heads * head_dim   # nothing else written
+    assert int((bits(k) != 0x7F).sum()) == int(kept.sum()) * num_kv_heads * head_dim  # nothing else written
     seen = torch.zeros(3, dtype=torch.int64)
     for cache, x, scale in ((k, key, k_scale), (v, value, v_scale)):
         x = x[kept].float() / scale
         stored = cached_rows(cache, slots[kept]).float()
-        normal = (x.abs() >= 2 ** -6) & (x.abs() <= E4M3_MAX)
+        normal = (x.abs() >= 2**-6) & (x.abs() <= E4M3_MAX)
         saturated = x.abs() > E4M3_MAX
-        subnormal = x.abs() < 2 ** -6
+        subnormal = x.abs() < 2**-6
         seen += torch.stack([normal.sum(), saturated.sum(), subnormal.sum()])
         # Rounding to nearest with 3 mantissa bits: within half a step, 2^-4 relative.
-        assert ((stored[normal] - x[normal]).abs() <= x[normal].abs() * 2 ** -4).all()
+        assert ((stored[normal] - x[normal]).abs() <= x[normal].abs() * 2**-4).all()
         assert torch.equal(stored[saturated], x[saturated].sign() * E4M3_MAX)
-        assert ((stored[subnormal] - x[subnormal]).abs() <= 2 ** -10).all()   # half of the 2^-9 step
-    assert (seen > 0).all()                                            # every range was exercised
+        assert ((stored[subnormal] - x[subnormal]).abs() <= 2**-10).all()  # half of the 2^-9 step
+    assert (seen > 0).all()  # every range was exercised
 
 
 def test_fp8_encoding_rounds_ties_to_even_and_saturates():
@@ -123,16 +135,16 @@ def test_fp8_encoding_rounds_ties_to_even_and_saturates():
     x = x[~x.isnan()]
     num_tokens = -(-x.numel() // 256)
     flat = torch.cat([x, torch.ones(num_tokens * 256 - x.numel())])
-    key = flat.view(num_tokens, 8, 32)                                     # [tokens, kv heads, head_dim]
+    key = flat.view(num_tokens, 8, 32)  # [tokens, kv heads, head_dim]
     slots = torch.arange(num_tokens)
     k, _, k_ref, _ = run_both(key, -key, (num_tokens, 8, 1, 32), FP8, slots)
     assert torch.equal(bits(k), bits(k_ref))
-    stored = k.view(-1)[: x.numel()].float()                              # block_size 1: slot order = x order
+    stored = k.view(-1)[: x.numel()].float()  # block_size 1: slot order = x order
     assert torch.equal(stored, x.clamp(-E4M3_MAX, E4M3_MAX).to(FP8).float())
     by_value = dict(zip(x.tolist(), stored.tolist()))
     # Ties to even: 1.0625 sits between 1.0 (mantissa 000) and 1.125 (001); 1.9375 carries into the exponent.
     assert by_value[1.0625] == 1.0 and by_value[1.1875] == 1.25 and by_value[1.9375] == 2.0
-    assert by_value[2 ** -10] == 0.0 and by_value[3 * 2 ** -10] == 2 ** -8                 # subnormal ties
+    assert by_value[2**-10] == 0.0 and by_value[3 * 2**-10] == 2**-8  # subnormal ties
     assert by_value[464.0] == 448.0 and by_value[-1e4] == -448.0 and by_value[float("inf")] == 448.0
 
 
@@ -150,11 +162,16 @@ def random_pool(seed, shape, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, FP8])
-@pytest.mark.parametrize("src,dst", [([5, 1, 6], [2, 7, 0]),          # disjoint: one launch
-                                     ([1, 2, 3, 4], [2, 3, 4, 5]),    # chained: 2 is written and read
-                                     ([0, 6], [6, 0])])               # two blocks trade places
+@pytest.mark.parametrize(
+    "src,dst",
+    [
+        ([5, 1, 6], [2, 7, 0]),  # disjoint: one launch
+        ([1, 2, 3, 4], [2, 3, 4, 5]),  # chained: 2 is written and read
+        ([0, 6], [6, 0]),
+    ],
+)  # two blocks trade places
 def test_copy_blocks_copies_every_layer_as_if_all_sources_were_read_first(dtype, src, dst):
-    pool = random_pool(4, (2, 3, 8, 2, 4, 16), dtype)                 # [2, layers, blocks, heads, size, dim]
+    pool = random_pool(4, (2, 3, 8, 2, 4, 16), dtype)  # [2, layers, blocks, heads, size, dim]
     before = bits(pool).clone()
     ref = pool.clone()
     copy_blocks(pool, torch.tensor(src), torch.tensor(dst))
@@ -179,9 +196,11 @@ def test_copy_blocks_takes_ids_from_the_columns_of_a_pairs_tensor():
 @pytest.mark.parametrize("dtype", [torch.float16, FP8])
 def test_swap_blocks_moves_blocks_out_and_back_in(dtype):
     device_pool = random_pool(5, (2, 2, 8, 2, 4, 16), dtype)
-    host_pool = random_pool(6, (2, 2, 5, 2, 4, 16), dtype)            # the swap space: fewer blocks
-    for src_cache, dst_cache, src_ids, dst_ids in ((device_pool, host_pool, [6, 1, 3], [4, 0, 2]),   # out
-                                                    (host_pool, device_pool, [2, 4], [7, 1])):        # in
+    host_pool = random_pool(6, (2, 2, 5, 2, 4, 16), dtype)  # the swap space: fewer blocks
+    for src_cache, dst_cache, src_ids, dst_ids in (
+        (device_pool, host_pool, [6, 1, 3], [4, 0, 2]),  # out
+        (host_pool, device_pool, [2, 4], [7, 1]),
+    ):  # in
         ref = dst_cache.clone()
         before = bits(dst_cache).clone()
         swap_blocks(src_cache, dst_cache, torch.tensor(src_ids), torch.tensor(dst_ids))
@@ -198,7 +217,7 @@ def test_kv_scale_maps_the_largest_magnitude_to_448():
     x = torch.randn(4, 2, 16, generator=g)
     x[1, 1, 3] = -9.5
     assert kv_scale(x) == 9.5 / 448
-    k = poisoned((4, 2, 1, 16), FP8)                                   # block_size 1: token t in block t
+    k = poisoned((4, 2, 1, 16), FP8)  # block_size 1: token t in block t
     reshape_and_cache(x, x, k, poisoned((4, 2, 1, 16), FP8), torch.arange(4), kv_scale(x), 1.0)
     assert k.float().abs().max() == 448.0 and k[1, 1, 0, 3].float() == -448.0
     assert kv_scale(torch.zeros(3, 3)) == MIN_KV_SCALE > 0
@@ -236,11 +255,15 @@ def test_reshape_and_cache_refuses_bad_arguments_by_name():
         with pytest.raises(ValueError, match=message):
             reshape_and_cache(*args)
     k8, v8 = poisoned((4, 2, 4, 16), FP8), poisoned((4, 2, 4, 16), FP8)
-    for scales, name in (((0.0, 1.0), "k_scale"), ((1.0, float("nan")), "v_scale"), ((-1.0, 1.0), "k_scale"),
-                         ((1e-40, 1.0), "k_scale")):
+    for scales, name in (
+        ((0.0, 1.0), "k_scale"),
+        ((1.0, float("nan")), "v_scale"),
+        ((-1.0, 1.0), "k_scale"),
+        ((1e-40, 1.0), "k_scale"),
+    ):
         with pytest.raises(ValueError, match=name):
             reshape_and_cache(key, value, k8, v8, slots, *scales)
-    assert (bits(k8) == 0x7F).all() and k.isnan().all()                # nothing was written
+    assert (bits(k8) == 0x7F).all() and k.isnan().all()  # nothing was written
 
 
 def test_copy_and_swap_blocks_refuse_bad_arguments_by_name():

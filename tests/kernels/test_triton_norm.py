@@ -1,5 +1,6 @@
 """The Triton RMSNorm (plain and fused with the residual add) against its torch twin, and the twin against
 transformers' LlamaRMSNorm. bf16 runs only through the twin: the interpreter rounds bf16 casts wrongly."""
+
 from __future__ import annotations
 
 import pytest
@@ -35,7 +36,7 @@ def make(seed, num_tokens, hidden, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("hidden", [576, 96, 64])   # SmolLM2's width, and widths below one block
+@pytest.mark.parametrize("hidden", [576, 96, 64])  # SmolLM2's width, and widths below one block
 def test_kernel_matches_reference(poisoned, dtype, hidden):
     x, _, w = make(0, 5, hidden, dtype)
     out = rms_norm(x, w, EPS)
@@ -52,7 +53,7 @@ def test_fused_residual_add_matches_reference(poisoned, dtype, hidden):
     # The sum is one rounding of x + r in both: bit-exact.
     torch.testing.assert_close(new_residual, ref_residual, rtol=0, atol=0)
     torch.testing.assert_close(out, ref_out, **TOL[dtype])
-    assert not torch.allclose(out.float(), rms_norm_ref(x, w, EPS).float(), atol=1e-2)   # the residual mattered
+    assert not torch.allclose(out.float(), rms_norm_ref(x, w, EPS).float(), atol=1e-2)  # the residual mattered
 
 
 def test_rows_of_a_wider_buffer(poisoned):
@@ -85,15 +86,18 @@ def test_reference_is_transformers_llama_rms_norm(dtype):
         torch.testing.assert_close(out, hf(r + x), rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("case,message", [
-    (lambda x, r, w: (x[None], w, None), "x must be"),
-    (lambda x, r, w: (x.long(), w, None), "x has dtype"),
-    (lambda x, r, w: (x[:, ::2], w[:48], None), "stride 1"),
-    (lambda x, r, w: (x, w[:-1], None), "weight has shape"),
-    (lambda x, r, w: (x, w.half(), None), "weight is"),
-    (lambda x, r, w: (x, w, r[:-1]), "residual has shape"),
-    (lambda x, r, w: (x, w, r.half()), "residual is"),
-])
+@pytest.mark.parametrize(
+    "case,message",
+    [
+        (lambda x, r, w: (x[None], w, None), "x must be"),
+        (lambda x, r, w: (x.long(), w, None), "x has dtype"),
+        (lambda x, r, w: (x[:, ::2], w[:48], None), "stride 1"),
+        (lambda x, r, w: (x, w[:-1], None), "weight has shape"),
+        (lambda x, r, w: (x, w.half(), None), "weight is"),
+        (lambda x, r, w: (x, w, r[:-1]), "residual has shape"),
+        (lambda x, r, w: (x, w, r.half()), "residual is"),
+    ],
+)
 def test_bad_inputs_are_refused(case, message):
     x, r, w = make(5, 4, 96, torch.float32)
     args = case(x, r, w)

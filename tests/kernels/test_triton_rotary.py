@@ -1,5 +1,6 @@
 """The Triton rotary embedding against its torch twin (neox and GPT-J layouts, partial rotary, GQA), and the twin
 against transformers' apply_rotary_pos_emb and against rotation written as complex multiplication."""
+
 from __future__ import annotations
 
 import pytest
@@ -16,7 +17,7 @@ POSITIONS = torch.tensor([5, 0, 63, 17, 5, 40, 2])
 def make_cache(rot_dim, max_positions=64, base=100.0):
     # A small base so every pair turns through large angles within the 64 positions.
     inv_freq = 1.0 / base ** (torch.arange(0, rot_dim, 2, dtype=torch.float32) / rot_dim)
-    freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv_freq)   # [max_positions, rot_dim / 2]
+    freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv_freq)  # [max_positions, rot_dim / 2]
     return torch.cat((freqs.cos(), freqs.sin()), dim=-1)
 
 
@@ -25,28 +26,33 @@ def make_qkv(seed, num_heads, num_kv_heads, head_dim, dtype):
     g = torch.Generator().manual_seed(seed)
     T, H, KVH, D = len(POSITIONS), num_heads, num_kv_heads, head_dim
     qkv = torch.randn(T, (H + 2 * KVH) * D, generator=g).to(dtype)
-    q = qkv[:, :H * D].view(T, H, D)
-    k = qkv[:, H * D:(H + KVH) * D].view(T, KVH, D)
+    q = qkv[:, : H * D].view(T, H, D)
+    k = qkv[:, H * D : (H + KVH) * D].view(T, KVH, D)
     return qkv, q, k
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("is_neox", [True, False])
-@pytest.mark.parametrize("rot_dim", [32, 16, 12])   # full, half, and a pair count that is not a power of two
+@pytest.mark.parametrize("rot_dim", [32, 16, 12])  # full, half, and a pair count that is not a power of two
 def test_kernel_matches_reference(dtype, is_neox, rot_dim):
-    qkv, q, k = make_qkv(0, 6, 2, 32, dtype)   # GQA: 6 query heads over 2 kv heads
+    qkv, q, k = make_qkv(0, 6, 2, 32, dtype)  # GQA: 6 query heads over 2 kv heads
     # Poison what must not be touched: the dims past rot_dim, and v.
     q[..., rot_dim:] = float("nan")
     k[..., rot_dim:] = float("nan")
-    qkv[:, 8 * 32:] = float("nan")
+    qkv[:, 8 * 32 :] = float("nan")
     expected = qkv.clone()
-    rotary_embedding_ref(POSITIONS, expected[:, :6 * 32].view(-1, 6, 32), expected[:, 6 * 32:8 * 32].view(-1, 2, 32),
-                         make_cache(rot_dim), is_neox)
+    rotary_embedding_ref(
+        POSITIONS,
+        expected[:, : 6 * 32].view(-1, 6, 32),
+        expected[:, 6 * 32 : 8 * 32].view(-1, 2, 32),
+        make_cache(rot_dim),
+        is_neox,
+    )
     before = qkv.clone()
     rotary_embedding(POSITIONS, q, k, make_cache(rot_dim), is_neox)
     torch.testing.assert_close(qkv, expected, equal_nan=True, **TOL[dtype])
-    assert not torch.allclose(q[..., :rot_dim], before[:, :6 * 32].view(-1, 6, 32)[..., :rot_dim])   # it rotated
-    assert torch.isnan(qkv[:, 8 * 32:]).all() and not torch.isnan(q[..., :rot_dim]).any()
+    assert not torch.allclose(q[..., :rot_dim], before[:, : 6 * 32].view(-1, 6, 32)[..., :rot_dim])  # it rotated
+    assert torch.isnan(qkv[:, 8 * 32 :]).all() and not torch.isnan(q[..., :rot_dim]).any()
 
 
 def test_reference_neox_is_transformers_apply_rotary_pos_emb():
@@ -68,11 +74,14 @@ def test_reference_turns_each_pair_as_a_complex_number(is_neox):
     _, q, k = make_qkv(2, 3, 3, 16, torch.float32)
     original = q.clone()
     rotary_embedding_ref(POSITIONS, q, k, make_cache(rot_dim, base=base), is_neox)
-    pairs = (original[..., :rot_dim].view(len(POSITIONS), 3, 2, rot_dim // 2).transpose(-1, -2) if is_neox
-             else original[..., :rot_dim].view(len(POSITIONS), 3, rot_dim // 2, 2))
+    pairs = (
+        original[..., :rot_dim].view(len(POSITIONS), 3, 2, rot_dim // 2).transpose(-1, -2)
+        if is_neox
+        else original[..., :rot_dim].view(len(POSITIONS), 3, rot_dim // 2, 2)
+    )
     angles = POSITIONS[:, None, None].double() / base ** (torch.arange(0, rot_dim, 2).double() / rot_dim)
     turned = torch.view_as_complex(pairs.double().contiguous()) * torch.polar(torch.ones_like(angles), angles)
-    turned = torch.view_as_real(turned)                                     # [T, heads, rot_dim / 2, 2]
+    turned = torch.view_as_real(turned)  # [T, heads, rot_dim / 2, 2]
     rotated = turned.transpose(-1, -2).flatten(-2) if is_neox else turned.flatten(-2)
     torch.testing.assert_close(q[..., :rot_dim].double(), rotated, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(q[..., rot_dim:], original[..., rot_dim:], rtol=0, atol=0)
@@ -83,18 +92,21 @@ def test_no_tokens():
     rotary_embedding(torch.zeros(0, dtype=torch.int64), q, k, make_cache(16), True)
 
 
-@pytest.mark.parametrize("case,message", [
-    (lambda p, q, k, c: (p.int(), q, k, c), "positions must be"),
-    (lambda p, q, k, c: (p, q.flatten(1), k, c), "q must be"),
-    (lambda p, q, k, c: (p, q, k[:-1], c), "k must be"),
-    (lambda p, q, k, c: (p, q.long(), k, c), "q has dtype"),
-    (lambda p, q, k, c: (p, q.transpose(1, 2), k, c), "stride 1"),
-    (lambda p, q, k, c: (p, q, k.half(), c), "k is"),
-    (lambda p, q, k, c: (p, q, k[..., :8], c), "k is"),
-    (lambda p, q, k, c: (p, q, k, c.half()), "cos_sin_cache must be"),
-    (lambda p, q, k, c: (p, q, k, torch.zeros(64, 20)), "rot_dim 20"),
-    (lambda p, q, k, c: (p, q, k, torch.zeros(64, 9)), "rot_dim 9"),
-])
+@pytest.mark.parametrize(
+    "case,message",
+    [
+        (lambda p, q, k, c: (p.int(), q, k, c), "positions must be"),
+        (lambda p, q, k, c: (p, q.flatten(1), k, c), "q must be"),
+        (lambda p, q, k, c: (p, q, k[:-1], c), "k must be"),
+        (lambda p, q, k, c: (p, q.long(), k, c), "q has dtype"),
+        (lambda p, q, k, c: (p, q.transpose(1, 2), k, c), "stride 1"),
+        (lambda p, q, k, c: (p, q, k.half(), c), "k is"),
+        (lambda p, q, k, c: (p, q, k[..., :8], c), "k is"),
+        (lambda p, q, k, c: (p, q, k, c.half()), "cos_sin_cache must be"),
+        (lambda p, q, k, c: (p, q, k, torch.zeros(64, 20)), "rot_dim 20"),
+        (lambda p, q, k, c: (p, q, k, torch.zeros(64, 9)), "rot_dim 9"),
+    ],
+)
 def test_bad_inputs_are_refused(case, message):
     _, q, k = make_qkv(3, 4, 2, 16, torch.float32)
     args = case(POSITIONS, q, k, make_cache(16))
@@ -115,8 +127,14 @@ def test_kernel_matches_reference_on_gpu(dtype, is_neox):
     positions = torch.randint(0, 4096, (T,), generator=g).cuda()
     cache = make_cache(D, max_positions=4096, base=500000.0).cuda()
     expected = qkv.clone()
-    rotary_embedding_ref(positions, expected[:, :H * D].view(T, H, D), expected[:, H * D:(H + KVH) * D].view(T, KVH, D),
-                         cache, is_neox)
-    rotary_embedding(positions, qkv[:, :H * D].view(T, H, D), qkv[:, H * D:(H + KVH) * D].view(T, KVH, D), cache,
-                     is_neox)
+    rotary_embedding_ref(
+        positions,
+        expected[:, : H * D].view(T, H, D),
+        expected[:, H * D : (H + KVH) * D].view(T, KVH, D),
+        cache,
+        is_neox,
+    )
+    rotary_embedding(
+        positions, qkv[:, : H * D].view(T, H, D), qkv[:, H * D : (H + KVH) * D].view(T, KVH, D), cache, is_neox
+    )
     torch.testing.assert_close(qkv, expected)

@@ -1,4 +1,5 @@
 """Fixtures the UI tests share: a bridge with the tiny chat model loaded, and where screenshots go."""
+
 from __future__ import annotations
 
 from pathlib import Path

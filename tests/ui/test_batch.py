@@ -2,9 +2,11 @@
 overrides and chats from a file, a rejected row fails in words, cancel frees the pool, a bad import changes
 nothing, exports read back, and the UI thread keeps turning through a 64-prompt run. The table model is also
 tested alone, without a window."""
+
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import time
 
@@ -39,24 +41,30 @@ def texts(page: BatchPage) -> list[str]:
     return [item.row.text for item in page.model.items]
 
 
-def test_sixteen_pasted_prompts_run_together_to_completion_and_export(qtbot, page, loaded_bridge, tmp_path,
-                                                                      monkeypatch, screenshots):
-    monkeypatch.setattr(batch, "SUBMIT_SLICE", 5)   # rows go in over four turns of the event loop
+def test_sixteen_pasted_prompts_run_together_to_completion_and_export(
+    qtbot, page, loaded_bridge, tmp_path, monkeypatch, screenshots
+):
+    monkeypatch.setattr(batch, "SUBMIT_SLICE", 5)  # rows go in over four turns of the event loop
     final: dict[str, object] = {}
     most_running = []
     loaded_bridge.request_update.connect(lambda u: u.finished and final.__setitem__(u.request_id, u))
     loaded_bridge.snapshot.connect(lambda s: most_running.append(s.stats.num_running))
-    engine_prompts = {}   # what reached the engine, by request id
+    engine_prompts = {}  # what reached the engine, by request id
     thread = loaded_bridge.engine_thread
     engine_submit = thread.submit
-    monkeypatch.setattr(thread, "submit", lambda prompt, params, callback, rid: engine_prompts.__setitem__(rid, prompt)
-                        or engine_submit(prompt, params, callback, rid))
+    monkeypatch.setattr(
+        thread,
+        "submit",
+        lambda prompt, params, callback, rid: (
+            engine_prompts.__setitem__(rid, prompt) or engine_submit(prompt, params, callback, rid)
+        ),
+    )
     prompts = [f"Prompt {i}: say something about number {i}, please." for i in range(16)]
     page.input.setPlainText("\n".join(prompts[:8]) + "\n\n   \n" + "\n".join(prompts[8:]))
     assert texts(page) == prompts and page.source.text() == "16 pasted prompts"
     assert not page.export_csv_button.isEnabled()
     page.max_tokens.setValue(8)
-    page.use_seed.setChecked(False)   # one seed for all would give this random model's rows one output
+    page.use_seed.setChecked(False)  # one seed for all would give this random model's rows one output
     page.show()
     run_and_wait(qtbot, page)
 
@@ -71,7 +79,7 @@ def test_sixteen_pasted_prompts_run_together_to_completion_and_export(qtbot, pag
     sent = [engine_prompts[o.request_id]["prompt"] for o in outputs]
     assert all(s.startswith("<|im_start|>") and f"user\n{p}<|im_end|>" in s for s, p in zip(sent, prompts))
     assert page.mode.text() == "Chat template" and "chat template" in page.input.toolTip()
-    assert max(most_running) > 1   # the rows ran side by side, not one after another
+    assert max(most_running) > 1  # the rows ran side by side, not one after another
     assert page.model.data(page.model.index(3, 2)) == "done" and page.model.data(page.model.index(3, 3)) == 8
 
     page.table.selectRow(2)
@@ -94,12 +102,17 @@ def test_sixteen_pasted_prompts_run_together_to_completion_and_export(qtbot, pag
 def test_file_rows_override_the_shared_setup_and_a_rejected_row_fails_in_words(qtbot, page, tmp_path):
     path = tmp_path / "rows.jsonl"
     chat = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Name a colour."}]
-    path.write_text("\n".join(json.dumps(r) for r in [
-        {"prompt": "short one", "max_tokens": 3},
-        {"messages": chat, "max_tokens": 5},
-        {"prompt": "word " * 600},   # longer than max_model_len (512): the engine refuses it
-        {"prompt": "shared setup"},
-    ]))
+    path.write_text(
+        "\n".join(
+            json.dumps(r)
+            for r in [
+                {"prompt": "short one", "max_tokens": 3},
+                {"messages": chat, "max_tokens": 5},
+                {"prompt": "word " * 600},  # longer than max_model_len (512): the engine refuses it
+                {"prompt": "shared setup"},
+            ]
+        )
+    )
     assert page.import_file(path)
     assert page.source.text() == "4 prompts from rows.jsonl" and page.input.toPlainText() == ""
     page.max_tokens.setValue(4)
@@ -143,7 +156,7 @@ def test_cancel_stops_every_unfinished_row_and_frees_the_pool(qtbot, page, loade
     assert page.run_button.isEnabled() and not page.cancel_button.isEnabled()
     engine = loaded_bridge.engine_thread.engine
     qtbot.waitUntil(lambda: engine.get_stats().num_blocks_used == 0, timeout=10_000)
-    assert [item.status for item in page.model.items] == statuses   # nothing came in after the cancel
+    assert [item.status for item in page.model.items] == statuses  # nothing came in after the cancel
 
 
 def test_cancel_before_every_row_is_submitted_submits_no_more(qtbot, page, loaded_bridge, monkeypatch):
@@ -157,14 +170,15 @@ def test_cancel_before_every_row_is_submitted_submits_no_more(qtbot, page, loade
     monkeypatch.setattr(loaded_bridge, "submit_chat", counting_submit)
     page.input.setPlainText("\n".join(f"Prompt {i}" for i in range(16)))
     page.max_tokens.setValue(400)
-    page.run_button.click()   # the first slice goes in at once, the rest on later turns of the event loop
+    page.run_button.click()  # the first slice goes in at once, the rest on later turns of the event loop
     page.cancel_button.click()
     assert [item.status for item in page.model.items] == [CANCELLED] * 16 and not page.running
-    qtbot.wait(50)            # the next slice's turn comes, and must find the run cancelled
+    qtbot.wait(50)  # the next slice's turn comes, and must find the run cancelled
     assert len(submitted) == 4
     engine = loaded_bridge.engine_thread.engine
-    qtbot.waitUntil(lambda: engine.get_stats().num_blocks_used == 0 and not engine.has_unfinished_requests(),
-                    timeout=10_000)
+    qtbot.waitUntil(
+        lambda: engine.get_stats().num_blocks_used == 0 and not engine.has_unfinished_requests(), timeout=10_000
+    )
 
 
 def test_a_bad_import_is_said_and_changes_no_rows(qtbot, page, tmp_path):
@@ -192,7 +206,7 @@ def test_the_table_model_alone(qtbot):
     model = BatchTableModel()
     model.set_rows([BatchRow("first\nprompt"), BatchRow(messages=[{"role": "user", "content": "chat"}])])
     assert (model.rowCount(), model.columnCount()) == (2, 5)
-    assert model.rowCount(model.index(0, 0)) == 0   # a table: no children
+    assert model.rowCount(model.index(0, 0)) == 0  # a table: no children
     assert [model.headerData(c, Qt.Horizontal) for c in range(5)] == ["#", "Prompt", "Status", "Tokens", "Output"]
     assert [model.data(model.index(0, c)) for c in range(5)] == [1, "first prompt", "queued", "", ""]
     assert model.data(model.index(1, 1)) == "chat" and model.data(QModelIndex()) is None
@@ -227,10 +241,9 @@ def test_the_ui_thread_keeps_turning_through_a_64_prompt_run(qtbot, page):
     qtbot.waitUntil(lambda: len(beats) >= 3)
     run_and_wait(qtbot, page)
     after = len(beats)
-    qtbot.waitUntil(lambda: len(beats) >= after + 3)   # a few beats after the last row, its repaint included
+    qtbot.waitUntil(lambda: len(beats) >= after + 3)  # a few beats after the last row, its repaint included
     heartbeat.stop()
-    gap = max(b - a for a, b in zip(beats, beats[1:]))
-    print(f"\nlargest gap between 10 ms heartbeats over a 64-prompt run: {gap * 1000:.1f} ms "
-          f"({len(beats)} beats)")
+    gap = max(b - a for a, b in itertools.pairwise(beats))
+    print(f"\nlargest gap between 10 ms heartbeats over a 64-prompt run: {gap * 1000:.1f} ms ({len(beats)} beats)")
     assert [item.status for item in page.model.items] == [DONE] * 64
     assert gap < 0.100

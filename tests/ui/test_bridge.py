@@ -1,7 +1,9 @@
 """The bridge from the engine thread to Qt: a model loads on a worker while the UI thread keeps turning,
 requests stream back as signals, failures arrive in words, and snapshots flow to the monitor."""
+
 from __future__ import annotations
 
+import itertools
 import time
 
 import pytest
@@ -34,7 +36,7 @@ def test_loading_keeps_the_ui_thread_turning(qtbot, tiny_chat_model):
         b.load_model(str(tiny_chat_model), OPTIONS)
     timer.stop()
     b.shutdown()
-    gaps = [later - earlier for earlier, later in zip(beats, beats[1:])]
+    gaps = [later - earlier for earlier, later in itertools.pairwise(beats)]
     assert beats and max(gaps, default=0.0) < 0.5
 
 
@@ -77,7 +79,7 @@ def test_snapshots_follow_the_pool(qtbot, bridge):
 
 
 def test_a_model_too_big_for_the_free_memory_is_refused_before_loading(qtbot, tiny_chat_model, monkeypatch):
-    from app import machine
+    from app.library import machine
 
     loads = []
     b = EngineBridge(lambda model, options: loads.append(model))
@@ -94,11 +96,12 @@ def test_the_fit_check_steps_aside_while_a_gpu_engine_holds_the_card(tiny_chat_m
 
     import torch
 
-    from app import machine
+    from app.library import machine
 
     b = EngineBridge()
-    monkeypatch.setattr(machine, "machine_memory",
-                        lambda: machine.MachineMemory("cpu", 2**30, 2**20, 4, machine.CPU_RESERVE))
+    monkeypatch.setattr(
+        machine, "machine_memory", lambda: machine.MachineMemory("cpu", 2**30, 2**20, 4, machine.CPU_RESERVE)
+    )
     assert b.check_fit(str(tiny_chat_model), {}).verdict == "too big"
     b._thread = SimpleNamespace(engine=SimpleNamespace(config=SimpleNamespace(torch_device=torch.device("cuda"))))
     assert b.check_fit(str(tiny_chat_model), {}) is None

@@ -1,5 +1,6 @@
 """The chat page on a tiny model: a reply streams in and is saved as it grows, comes back after a restart,
 stops when asked (freeing its blocks), regenerates, edits the last message, and the list searches."""
+
 from __future__ import annotations
 
 import re
@@ -40,7 +41,7 @@ def test_a_reply_streams_in_and_survives_a_restart(qtbot, page, loaded_bridge, t
     assert reply.finished and reply.content == seen[-1] and len(seen) > 1
     assert reply.stats["tokens"] == 12 and reply.stats["finish_reason"] == "length"
     assert "tokens_per_s" in reply.stats and "ttft_s" in reply.stats
-    word = max(re.findall(r"[A-Za-z]{3,}", reply.content), key=len)   # markdown may restyle the rest
+    word = max(re.findall(r"[A-Za-z]{3,}", reply.content), key=len)  # markdown may restyle the rest
     assert word in page.transcript.toPlainText()
     page.grab().save(str(screenshots / "chat.png"))
 
@@ -104,14 +105,21 @@ def test_code_blocks_in_a_reply_render_with_a_copy_link_each(qtbot, page):
 
     conv = page.history.create_conversation("Code")
     page.history.add_message(conv.id, "user", "Two snippets, please.")
-    reply = page.history.add_message(conv.id, "assistant", "First:\n\n```python\nprint('a')\n```\n\nThen:\n\n"
-                                     "~~~\nls -l\necho ```\n~~~\n", finished=True)
+    reply = page.history.add_message(
+        conv.id,
+        "assistant",
+        "First:\n\n```python\nprint('a')\n```\n\nThen:\n\n~~~\nls -l\necho ```\n~~~\n",
+        finished=True,
+    )
     page.refresh_conversations()
     page.open_conversation(conv.id)
     html = page.transcript.toHtml()
     assert html.count("Copy code") == 2 and f"copy:{reply.id}/1" in html
-    code = [b for b in iter_blocks(page.transcript.document())
-            if b.blockFormat().hasProperty(QTextFormat.Property.BlockCodeFence)]
+    code = [
+        b
+        for b in iter_blocks(page.transcript.document())
+        if b.blockFormat().hasProperty(QTextFormat.Property.BlockCodeFence)
+    ]
     shade = page.palette().color(QPalette.ColorRole.AlternateBase)
     assert [b.text() for b in code] == ["print('a')", "ls -l", "echo ```"]
     assert all(b.blockFormat().background().color() == shade for b in code)

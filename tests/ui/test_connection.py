@@ -1,6 +1,7 @@
 """Chat and Batch on a remote OpenAI-compatible endpoint (kvstudio's own server on loopback, with a key): the
 Connection dialog checks it and says why it cannot connect, replies stream in the same pages, and the window
 reconnects after a restart. Also the window's keyboard shortcuts and the page fields it remembers."""
+
 from __future__ import annotations
 
 import json
@@ -23,7 +24,7 @@ def connected_bridge(qtbot, endpoint) -> EngineBridge:
     bridge = EngineBridge()
     with qtbot.waitSignal(bridge.connection_changed, timeout=10_000) as changed:
         bridge.connect_remote(Endpoint(endpoint.base_url, endpoint.api_key))
-    assert changed.args[0] == Endpoint(endpoint.base_url, endpoint.api_key, "tiny")   # the model filled in
+    assert changed.args[0] == Endpoint(endpoint.base_url, endpoint.api_key, "tiny")  # the model filled in
     return bridge
 
 
@@ -40,14 +41,18 @@ def test_a_chat_reply_streams_from_the_endpoint_and_is_kept(qtbot, tmp_path, ope
     page.input.setPlainText("Say hello")
     page.send_button.click()
     qtbot.waitUntil(lambda: page.reply is None, timeout=30_000)
-    expected = openai.OpenAI(base_url=openai_endpoint.base_url, api_key=openai_endpoint.api_key,
-                             max_retries=0).chat.completions.create(
-        model="tiny", max_tokens=10, temperature=0,
-        messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Say hello"}])
+    expected = openai.OpenAI(
+        base_url=openai_endpoint.base_url, api_key=openai_endpoint.api_key, max_retries=0
+    ).chat.completions.create(
+        model="tiny",
+        max_tokens=10,
+        temperature=0,
+        messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Say hello"}],
+    )
     reply = page.history.messages(page.conversation_id)[-1]
     assert reply.finished and reply.content == expected.choices[0].message.content
     assert reply.stats["tokens"] == 10 and reply.stats["finish_reason"] == "length"
-    assert len(updates) > 2 and not any(u.finished for u in updates[:-1])   # it streamed
+    assert len(updates) > 2 and not any(u.finished for u in updates[:-1])  # it streamed
     bridge.shutdown()
 
 
@@ -79,8 +84,7 @@ def test_an_endpoint_that_stops_answering_fails_the_reply_in_words(qtbot, tmp_pa
     bridge.shutdown()
 
 
-def test_the_dialog_says_why_it_cannot_connect_and_the_window_remembers_the_endpoint(qtbot, tmp_path,
-                                                                                     openai_endpoint):
+def test_the_dialog_says_why_it_cannot_connect_and_the_window_remembers_the_endpoint(qtbot, tmp_path, openai_endpoint):
     settings_path = tmp_path / "settings.json"
     window = MainWindow(EngineBridge(), ChatHistory(tmp_path / "h.sqlite3"), Settings(), settings_path)
     qtbot.addWidget(window)
@@ -111,8 +115,7 @@ def test_the_dialog_says_why_it_cannot_connect_and_the_window_remembers_the_endp
     window.close()
 
     # A restart reconnects (the local model load fails here: there is none, and that is said apart).
-    again = MainWindow(EngineBridge(), ChatHistory(tmp_path / "h.sqlite3"), load_settings(settings_path),
-                       settings_path)
+    again = MainWindow(EngineBridge(), ChatHistory(tmp_path / "h.sqlite3"), load_settings(settings_path), settings_path)
     qtbot.addWidget(again)
     again.settings.last_model = str(tmp_path / "none.gguf")
     with qtbot.waitSignal(again.bridge.connection_changed, timeout=10_000):
@@ -131,11 +134,11 @@ def test_the_dialog_says_why_it_cannot_connect_and_the_window_remembers_the_endp
 def test_every_shortcut_is_unique_and_acts(qtbot, tmp_path):
     window = MainWindow(EngineBridge(), ChatHistory(tmp_path / "h.sqlite3"), Settings(), tmp_path / "s.json")
     qtbot.addWidget(window)
-    with qtbot.waitActive(window):   # window shortcuts reach the active window only
+    with qtbot.waitActive(window):  # window shortcuts reach the active window only
         window.show()
         window.activateWindow()
     keys = [a.shortcut().toString() for a in window.actions]
-    assert all(keys) and len(set(keys)) == len(keys)   # a key bound twice would fire neither action
+    assert all(keys) and len(set(keys)) == len(keys)  # a key bound twice would fire neither action
     qtbot.keyClick(window, Qt.Key_2, Qt.ControlModifier)
     assert window.pages.currentWidget() is window.batch
     qtbot.keyClick(window, Qt.Key_N, Qt.ControlModifier)
@@ -166,7 +169,10 @@ def test_page_fields_and_the_page_come_back_after_a_restart(qtbot, tmp_path):
     qtbot.addWidget(again)
     assert again.pages.currentWidget() is again.server
     assert (again.chat.temperature.value(), again.chat.use_seed.isChecked(), again.chat.seed.value()) == (
-        0.35, True, 1234)
+        0.35,
+        True,
+        1234,
+    )
     assert again.batch.max_tokens.value() == 64 and again.server.port.value() == 8123 and again.server.lan.isChecked()
     again.close()
 
@@ -181,7 +187,7 @@ def test_switching_away_ends_a_reply_in_flight_in_words(qtbot, tmp_path, openai_
     with qtbot.waitSignal(bridge.connection_changed, timeout=5_000) as changed:
         bridge.use_local()
     assert changed.args == [None]
-    qtbot.waitUntil(lambda: page.reply is None, timeout=5_000)   # not left "Generating…"
+    qtbot.waitUntil(lambda: page.reply is None, timeout=5_000)  # not left "Generating…"
     assert page.status.text() == f"Stopped: the connection to {openai_endpoint.base_url} was closed"
     assert page.send_button.isEnabled()
     bridge.shutdown()
@@ -193,7 +199,7 @@ def test_a_check_overtaken_by_another_choice_changes_nothing(qtbot, openai_endpo
     bridge.connection_changed.connect(changes.append)
     bridge.connection_failed.connect(changes.append)
     worker = bridge.connect_remote(Endpoint(openai_endpoint.base_url, openai_endpoint.api_key))
-    bridge.use_local()    # chosen while the check runs
+    bridge.use_local()  # chosen while the check runs
     worker.join(10)
     qtbot.wait(50)
     assert bridge.remote is None and changes == [None]
@@ -206,8 +212,12 @@ def test_a_check_overtaken_by_another_choice_changes_nothing(qtbot, openai_endpo
 
 
 def test_cancel_while_connecting_keeps_this_computer(qtbot, tmp_path, openai_endpoint):
-    window = MainWindow(EngineBridge(), ChatHistory(tmp_path / "h.sqlite3"), Settings(use_remote=True,
-                        remote_url="http://127.0.0.1:9/v1"), tmp_path / "settings.json")
+    window = MainWindow(
+        EngineBridge(),
+        ChatHistory(tmp_path / "h.sqlite3"),
+        Settings(use_remote=True, remote_url="http://127.0.0.1:9/v1"),
+        tmp_path / "settings.json",
+    )
     qtbot.addWidget(window)
     dialog = ConnectionDialog(window.bridge, parent=window)
     dialog.remote.setChecked(True)
@@ -215,7 +225,7 @@ def test_cancel_while_connecting_keeps_this_computer(qtbot, tmp_path, openai_end
     dialog.api_key.setText(openai_endpoint.api_key)
     dialog.apply()
     dialog.reject()
-    qtbot.wait(1500)   # longer than the check takes
+    qtbot.wait(1500)  # longer than the check takes
     assert window.bridge.remote is None
     # Choosing this computer when nothing is connected still saves it: the failed endpoint is not retried.
     again = ConnectionDialog(window.bridge, parent=window)

@@ -1,12 +1,13 @@
 """The first run: with no model chosen yet, the window welcomes the user, says what this computer can run, and
 offers the default model (already fetched, or fetched now) or the Models page."""
+
 from __future__ import annotations
 
 import pytest
 
-from app import model_store
 from app.history import ChatHistory
-from app.machine import GIB, MachineMemory
+from app.library import model_store
+from app.library.machine import GIB, MachineMemory
 from app.settings import Settings
 from ui.bridge import EngineBridge
 from ui.main_window import MainWindow
@@ -74,8 +75,9 @@ def test_find_a_model_opens_the_models_page_and_skip_says_how_to_load_one(qtbot,
 
 
 def test_a_chosen_model_skips_the_welcome(qtbot, store):
-    window = MainWindow(EngineBridge(), ChatHistory(store / "h.sqlite3"), Settings(last_model="/m.gguf"),
-                        store / "settings.json")
+    window = MainWindow(
+        EngineBridge(), ChatHistory(store / "h.sqlite3"), Settings(last_model="/m.gguf"), store / "settings.json"
+    )
     qtbot.addWidget(window)
     loads: list[str] = []
     window.load_model = loads.append

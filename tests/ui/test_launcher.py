@@ -1,8 +1,9 @@
 """`kvstudio`: the window alone on a display; the command line otherwise."""
+
 from __future__ import annotations
 
 import ui.app
-from app import cli
+from app.cli import main as cli
 from ui import launcher
 
 

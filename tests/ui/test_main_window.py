@@ -1,6 +1,7 @@
 """The main window on a tiny model: it appears before the model is ready, loads it in the background, chats
 through the Chat page while the Monitor page follows the KV pool, says in words when a model cannot load, and
 remembers the last model."""
+
 from __future__ import annotations
 
 from app.history import ChatHistory
@@ -12,8 +13,12 @@ OPTIONS = {"max_model_len": 512, "kv_cache_memory": 0.02}
 
 
 def make_window(qtbot, tmp_path, model: str) -> MainWindow:
-    window = MainWindow(EngineBridge(), ChatHistory(tmp_path / "history.sqlite3"),
-                        Settings(last_model=model, engine_options=dict(OPTIONS)), tmp_path / "settings.json")
+    window = MainWindow(
+        EngineBridge(),
+        ChatHistory(tmp_path / "history.sqlite3"),
+        Settings(last_model=model, engine_options=dict(OPTIONS)),
+        tmp_path / "settings.json",
+    )
     qtbot.addWidget(window)
     window.show()
     return window

@@ -2,6 +2,7 @@
 model), delete, search, download with progress, a failing and a cancelled download resumed, a download interrupted
 in an earlier run resumed or discarded, a missing repo and a full disk said in words, offline search, load, a model
 too big for memory and a corrupt one refused in words."""
+
 from __future__ import annotations
 
 import socket
@@ -11,9 +12,9 @@ from PySide6.QtCore import Qt
 from PySide6.QtGui import QColor, QPalette
 from PySide6.QtWidgets import QApplication
 
-from app import hub_files, hub_models, machine, model_store
-from app.hub_models import human_size
-from app.machine import GIB, MachineMemory
+from app.library import hub_files, hub_models, machine, model_store
+from app.library.hub_models import human_size
+from app.library.machine import GIB, MachineMemory
 from ui.bridge import EngineBridge
 from ui.pages.models import ModelsPage
 from ui.widgets.hub_panel import OFFLINE
@@ -25,9 +26,11 @@ HUGE = 70_000_000_000  # parameters: too big for any machine this runs on
 @pytest.fixture
 def hub(serve_hub, tiny_chat_model):
     tiny = {p.name: p.read_bytes() for p in sorted(tiny_chat_model.iterdir()) if p.is_file()}
-    return serve_hub({"org/tiny": tiny, "org/tiny-instruct": tiny, "org/huge": {"config.json": tiny["config.json"]}},
-                     {"org/tiny": 1200, "org/tiny-instruct": 3400, "org/huge": 10},
-                     {"org/tiny": tiny_params(tiny_chat_model), "org/huge": HUGE})
+    return serve_hub(
+        {"org/tiny": tiny, "org/tiny-instruct": tiny, "org/huge": {"config.json": tiny["config.json"]}},
+        {"org/tiny": 1200, "org/tiny-instruct": 3400, "org/huge": 10},
+        {"org/tiny": tiny_params(tiny_chat_model), "org/huge": HUGE},
+    )
 
 
 def tiny_params(tiny_chat_model) -> int:
@@ -107,7 +110,13 @@ def test_the_library_lists_a_pulled_model_and_the_default(qtbot, hub, smollm2_gg
     page = ModelsPage(EngineBridge(make_llm=RecordingLoader()))
     qtbot.addWidget(page)
     assert [page.library.headerData(c, Qt.Horizontal) for c in range(page.library.columnCount())] == [
-        "Name", "Family", "Params", "Context", "Size", "Memory"]
+        "Name",
+        "Family",
+        "Params",
+        "Context",
+        "Size",
+        "Memory",
+    ]
     params = tiny_params(tiny_chat_model)
     assert library(page) == [
         [default.name, "Llama", "135M", "8,192", human_size(model_store.DEFAULT_MODEL.size), "tight"],
@@ -159,9 +168,17 @@ def test_a_search_lists_the_hub_results_most_downloaded_first(qtbot, page, hub, 
     stored = human_size(sum(p.stat().st_size for p in tiny_chat_model.iterdir() if p.is_file()))
     params = f"{tiny_params(tiny_chat_model) / 1e6:.1f}M"
     assert [page.hub.results.headerData(c, Qt.Horizontal) for c in range(page.hub.results.columnCount())] == [
-        "Name", "Params", "Downloads", "Likes", "Size", "Memory"]
-    assert results(page) == [["org/tiny-instruct", "—", "3,400", "17", stored, "—"],  # the Hub gave no count
-                             ["org/tiny", params, "1,200", "8", stored, "fits"]]
+        "Name",
+        "Params",
+        "Downloads",
+        "Likes",
+        "Size",
+        "Memory",
+    ]
+    assert results(page) == [
+        ["org/tiny-instruct", "—", "3,400", "17", stored, "—"],  # the Hub gave no count
+        ["org/tiny", params, "1,200", "8", stored, "fits"],
+    ]
     assert page.status.text() == "2 models on the Hub for 'tiny'."
     search(qtbot, page, "nothing-like-it")
     assert results(page) == [] and "No text-generation model" in page.status.text()
@@ -188,10 +205,16 @@ def test_a_download_completes_and_the_model_joins_the_library(qtbot, page, hub, 
     light = QApplication.palette()
     ok = tone_color("ok")
     dark = QPalette()
-    for role, color in ((QPalette.ColorRole.Window, "#1f2124"), (QPalette.ColorRole.WindowText, "#e6e6e6"),
-                        (QPalette.ColorRole.Base, "#2a2d31"), (QPalette.ColorRole.AlternateBase, "#303338"),
-                        (QPalette.ColorRole.Text, "#e6e6e6"), (QPalette.ColorRole.Button, "#2a2d31"),
-                        (QPalette.ColorRole.ButtonText, "#e6e6e6"), (QPalette.ColorRole.PlaceholderText, "#9aa0a6")):
+    for role, color in (
+        (QPalette.ColorRole.Window, "#1f2124"),
+        (QPalette.ColorRole.WindowText, "#e6e6e6"),
+        (QPalette.ColorRole.Base, "#2a2d31"),
+        (QPalette.ColorRole.AlternateBase, "#303338"),
+        (QPalette.ColorRole.Text, "#e6e6e6"),
+        (QPalette.ColorRole.Button, "#2a2d31"),
+        (QPalette.ColorRole.ButtonText, "#e6e6e6"),
+        (QPalette.ColorRole.PlaceholderText, "#9aa0a6"),
+    ):
         dark.setColor(role, QColor(color))
     QApplication.setPalette(dark)
     try:
@@ -334,8 +357,9 @@ def test_a_download_interrupted_in_an_earlier_run_is_offered_and_resumes(qtbot, 
     page.resize(1200, 640)
     row = page.hub.interrupted_row("org/tiny")
     percent = 100 * pull.done // pull.total
-    assert row.text.text() == (f"org/tiny: interrupted at {percent}% "
-                               f"({human_size(pull.done)} of {human_size(pull.total)})")
+    assert row.text.text() == (
+        f"org/tiny: interrupted at {percent}% ({human_size(pull.done)} of {human_size(pull.total)})"
+    )
     assert library(page) == []  # nothing half-downloaded in the library
     page.show()
     qtbot.waitExposed(page)
@@ -369,7 +393,7 @@ def test_a_failed_download_is_offered_for_resuming_at_once(qtbot, page, hub):
 
 def test_load_hands_the_library_path_to_the_bridge(qtbot, page, hub):
     hub_models.pull("org/tiny")
-    page.engine_options = {"max_model_len": 128}   # the window's settings (setting them reads the library again)
+    page.engine_options = {"max_model_len": 128}  # the window's settings (setting them reads the library again)
     page.select_model("org/tiny")
     path = str(page.selected_model().path)
     with qtbot.waitSignal(page.bridge.model_loading, timeout=5_000) as loading:

@@ -1,4 +1,5 @@
 """The monitor page and its widgets, fed hand-built snapshots: no engine behind them."""
+
 from __future__ import annotations
 
 import math
@@ -21,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def make_stats(**fields) -> EngineStats:
-    values = {name: 0 for name in EngineStats.__dataclass_fields__} | {"block_size": 16}
+    values = dict.fromkeys(EngineStats.__dataclass_fields__, 0) | {"block_size": 16}
     values.update(fields)
     return EngineStats(**values)
 
@@ -75,8 +76,12 @@ def test_cells_shrink_to_fit_then_scroll_at_the_smallest_size(qtbot):
     # 100k blocks cannot fit 400x300 at 3 px: the grid grows taller than the view and scrolls.
     big = bytes(rng.choice((FREE, USED, SHARED, CACHED)) for _ in range(100_000))
     widget.set_block_map(BlockMap(states=big, owners={}))
-    qtbot.waitUntil(lambda: grid.cell_layout()[0] == BlockGrid.MIN_CELL
-                    and grid.height() >= math.ceil(100_000 / (grid.width() // BlockGrid.MIN_CELL)) * BlockGrid.MIN_CELL)
+    qtbot.waitUntil(
+        lambda: (
+            grid.cell_layout()[0] == BlockGrid.MIN_CELL
+            and grid.height() >= math.ceil(100_000 / (grid.width() // BlockGrid.MIN_CELL)) * BlockGrid.MIN_CELL
+        )
+    )
     assert grid.height() > widget.height()
     image = grid.grab().toImage()
     for block in (0, 77_777, 99_999):
@@ -106,7 +111,11 @@ def test_legend_counts_each_state(qtbot):
     states = bytes([USED] * 7 + [SHARED] * 3 + [CACHED] * 2 + [FREE] * 1988)
     widget = shown_map(qtbot, states)
     assert {s: label.text() for s, label in widget.count_labels.items()} == {
-        USED: "Used 7", SHARED: "Shared 3", CACHED: "Cached 2", FREE: "Free 1,988"}
+        USED: "Used 7",
+        SHARED: "Shared 3",
+        CACHED: "Cached 2",
+        FREE: "Free 1,988",
+    }
     assert widget.total_label.text() == "2,000 blocks"
 
 
@@ -119,16 +128,35 @@ def test_page_shows_usage_queues_and_hit_rate(qtbot):
     qtbot.addWidget(page)
     assert page.hit_rate_label.text() == "—"
 
-    page.show_snapshot(snapshot(num_blocks_total=3000, num_blocks_used=1234, num_blocks_free=1766,
-                                num_blocks_shared=56, num_blocks_cached=210, num_running=9, num_waiting=4,
-                                num_swapped=2, num_preemptions=3, states=bytes([USED] * 5 + [FREE] * 5)))
+    page.show_snapshot(
+        snapshot(
+            num_blocks_total=3000,
+            num_blocks_used=1234,
+            num_blocks_free=1766,
+            num_blocks_shared=56,
+            num_blocks_cached=210,
+            num_running=9,
+            num_waiting=4,
+            num_swapped=2,
+            num_preemptions=3,
+            states=bytes([USED] * 5 + [FREE] * 5),
+        )
+    )
     assert page.usage_percent_label.text() == "41.1%"
     assert page.usage_label.text() == "1,234 / 3,000 blocks"
     assert (page.usage_bar.minimum(), page.usage_bar.maximum(), page.usage_bar.value()) == (0, 3000, 1234)
-    assert [label.text() for label in (page.running_label, page.waiting_label, page.swapped_label,
-                                       page.preemptions_label, page.shared_label, page.cached_label)] == \
-        ["9", "4", "2", "3", "56", "210"]
-    assert page.hit_rate_label.text() == "—"       # no prompt looked up yet
+    assert [
+        label.text()
+        for label in (
+            page.running_label,
+            page.waiting_label,
+            page.swapped_label,
+            page.preemptions_label,
+            page.shared_label,
+            page.cached_label,
+        )
+    ] == ["9", "4", "2", "3", "56", "210"]
+    assert page.hit_rate_label.text() == "—"  # no prompt looked up yet
     assert page.block_map.count_labels[USED].text() == "Used 5"
 
     page.show_snapshot(snapshot(t=1.0, num_blocks_total=3000, prefix_cache_queries=4000, prefix_cache_hits=3000))
@@ -147,19 +175,21 @@ def test_chart_keeps_the_last_minute_and_rescales(qtbot):
     points = chart.prompt_series.points()
     assert len(points) == 61 and chart.generation_series.count() == 61
     assert (points[0].x(), points[0].y(), points[-1].x(), points[-1].y()) == (-60.0, 400.0, 0.0, 1000.0)
-    assert (chart.y_axis.min(), chart.y_axis.max()) == (0, 1200)          # 1000 + headroom, in steps of 300
+    assert (chart.y_axis.min(), chart.y_axis.max()) == (0, 1200)  # 1000 + headroom, in steps of 300
 
-    chart.add_point(1200.0, prompt_rate=20.0, gen_rate=30.0)    # a long pause: everything older is gone
+    chart.add_point(1200.0, prompt_rate=20.0, gen_rate=30.0)  # a long pause: everything older is gone
     assert [(p.x(), p.y()) for p in chart.generation_series.points()] == [(0.0, 30.0)]
-    assert chart.y_axis.max() == 32                                    # in steps of 8
+    assert chart.y_axis.max() == 32  # in steps of 8
 
 
 def test_100k_block_update_and_repaint_time(qtbot):
     """Not a timing assertion (machines differ): prints the cost of one update + synchronous repaint."""
     widget = shown_map(qtbot, b"", size=(1200, 700))
     rng = random.Random(1)
-    maps = [BlockMap(states=bytes(rng.choice((FREE, USED, SHARED, CACHED)) for _ in range(100_000)), owners={})
-            for _ in range(2)]
+    maps = [
+        BlockMap(states=bytes(rng.choice((FREE, USED, SHARED, CACHED)) for _ in range(100_000)), owners={})
+        for _ in range(2)
+    ]
     widget.set_block_map(maps[1])
     grid = widget.grid
     # Let the scroll area grow the grid to its full height first, so every frame paints all 100k cells.
@@ -170,8 +200,10 @@ def test_100k_block_update_and_repaint_time(qtbot):
         widget.set_block_map(maps[i % 2])
         grid.repaint()
     per_frame = (time.perf_counter() - start) / frames
-    print(f"\n100k blocks: {per_frame * 1e3:.2f} ms per set_block_map + repaint "
-          f"(cell {grid.cell_layout()[0]} px, grid {grid.width()}x{grid.height()})")
+    print(
+        f"\n100k blocks: {per_frame * 1e3:.2f} ms per set_block_map + repaint "
+        f"(cell {grid.cell_layout()[0]} px, grid {grid.width()}x{grid.height()})"
+    )
 
 
 def realistic_block_map(n: int = 3072, seed: int = 7) -> BlockMap:
@@ -179,15 +211,15 @@ def realistic_block_map(n: int = 3072, seed: int = 7) -> BlockMap:
     requests, and a free tail with holes: roughly what a busy engine's pool looks like."""
     rng = random.Random(seed)
     states, owners = bytearray([FREE] * n), {}
-    for block in range(6):                        # the shared system prompt, first held by chat-0
+    for block in range(6):  # the shared system prompt, first held by chat-0
         states[block], owners[block] = SHARED, "chat-0"
     pos, request = 6, 0
     while pos < int(n * 0.72):
         kind = rng.random()
         length = rng.randint(6, 70)
-        if kind < 0.18:                           # a finished request's blocks, kept as a reusable prefix
+        if kind < 0.18:  # a finished request's blocks, kept as a reusable prefix
             fill, owner = CACHED, None
-        elif kind < 0.26:                         # a hole freed by a finished request
+        elif kind < 0.26:  # a hole freed by a finished request
             fill, owner = FREE, None
         else:
             fill, owner = USED, f"chat-{request}"
@@ -196,11 +228,11 @@ def realistic_block_map(n: int = 3072, seed: int = 7) -> BlockMap:
             states[block] = fill
             if owner:
                 owners[block] = owner
-        if owner and rng.random() < 0.2:          # a forked request: its prompt blocks are shared by the forks
+        if owner and rng.random() < 0.2:  # a forked request: its prompt blocks are shared by the forks
             for block in range(pos, min(pos + rng.randint(2, 8), n)):
                 states[block] = SHARED
         pos += length
-    for _ in range(12):                           # stray cached prefixes in the free tail
+    for _ in range(12):  # stray cached prefixes in the free tail
         start = rng.randrange(pos, n - 20)
         for block in range(start, start + rng.randint(2, 14)):
             states[block] = CACHED
@@ -217,22 +249,35 @@ def test_screenshot_of_a_busy_page(qtbot):
     block_map = realistic_block_map()
     counts = {state: block_map.states.count(state) for state in (FREE, USED, SHARED, CACHED)}
     rng = random.Random(3)
-    for i in range(300):                          # 60 s of history at 5 snapshots a second
+    for i in range(300):  # 60 s of history at 5 snapshots a second
         t = i * 0.2
         prompt = max(0.0, 2400 + 1600 * math.sin(t / 7) + rng.uniform(-500, 500)) if i % 40 < 25 else 0.0
         gen = 780 + 120 * math.sin(t / 11) + rng.uniform(-40, 40)
-        page.show_snapshot(snapshot(
-            t=t, states=block_map.states, owners=block_map.owners,
-            num_blocks_total=len(block_map.states), num_blocks_used=counts[USED] + counts[SHARED],
-            num_blocks_free=counts[FREE] + counts[CACHED], num_blocks_cached=counts[CACHED],
-            num_blocks_shared=counts[SHARED], num_running=24, num_waiting=5, num_swapped=2, num_preemptions=7,
-            prefix_cache_queries=182_400, prefix_cache_hits=121_307,
-            prompt_tokens_per_s=prompt, generation_tokens_per_s=gen))
+        page.show_snapshot(
+            snapshot(
+                t=t,
+                states=block_map.states,
+                owners=block_map.owners,
+                num_blocks_total=len(block_map.states),
+                num_blocks_used=counts[USED] + counts[SHARED],
+                num_blocks_free=counts[FREE] + counts[CACHED],
+                num_blocks_cached=counts[CACHED],
+                num_blocks_shared=counts[SHARED],
+                num_running=24,
+                num_waiting=5,
+                num_swapped=2,
+                num_preemptions=7,
+                prefix_cache_queries=182_400,
+                prefix_cache_hits=121_307,
+                prompt_tokens_per_s=prompt,
+                generation_tokens_per_s=gen,
+            )
+        )
     assert page.chart.prompt_series.count() == 300
 
     out = ROOT / "build" / "screenshots"
     out.mkdir(parents=True, exist_ok=True)
-    QApplication.sendPostedEvents()              # the layout requests the new label texts posted
+    QApplication.sendPostedEvents()  # the layout requests the new label texts posted
     assert page.grab().save(str(out / "monitor.png"))
     # The same page after the desktop switches to dark: free cells, cards, axes follow the application palette.
     light = QApplication.palette()
@@ -247,10 +292,16 @@ def test_screenshot_of_a_busy_page(qtbot):
 
 def dark_palette() -> QPalette:
     palette = QPalette()
-    for role, color in ((QPalette.ColorRole.Window, "#1f2124"), (QPalette.ColorRole.WindowText, "#e6e6e6"),
-                        (QPalette.ColorRole.Base, "#2a2d31"), (QPalette.ColorRole.Text, "#e6e6e6"),
-                        (QPalette.ColorRole.Midlight, "#3a3d42"), (QPalette.ColorRole.Mid, "#50545a"),
-                        (QPalette.ColorRole.PlaceholderText, "#9aa0a6"), (QPalette.ColorRole.Button, "#2a2d31"),
-                        (QPalette.ColorRole.ButtonText, "#e6e6e6")):
+    for role, color in (
+        (QPalette.ColorRole.Window, "#1f2124"),
+        (QPalette.ColorRole.WindowText, "#e6e6e6"),
+        (QPalette.ColorRole.Base, "#2a2d31"),
+        (QPalette.ColorRole.Text, "#e6e6e6"),
+        (QPalette.ColorRole.Midlight, "#3a3d42"),
+        (QPalette.ColorRole.Mid, "#50545a"),
+        (QPalette.ColorRole.PlaceholderText, "#9aa0a6"),
+        (QPalette.ColorRole.Button, "#2a2d31"),
+        (QPalette.ColorRole.ButtonText, "#e6e6e6"),
+    ):
         palette.setColor(role, QColor(color))
     return palette

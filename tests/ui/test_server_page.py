@@ -1,6 +1,7 @@
 """The server page on a tiny model: the switch waits for a model, serves the openai client at the URL the page
 shows (and logs each request), guards with an API key, binds loopback unless LAN is ticked, stops serving when
 switched off, says so when the port is taken, follows a model reload, and its snippets run as written."""
+
 from __future__ import annotations
 
 import contextlib
@@ -32,7 +33,8 @@ def client(page: ServerPage, api_key: str = "unused") -> openai.OpenAI:
 
 def ask(page: ServerPage, api_key: str = "unused"):
     return client(page, api_key).chat.completions.create(
-        model=page.served_model_name(), messages=[{"role": "user", "content": "Hi"}], max_tokens=5)
+        model=page.served_model_name(), messages=[{"role": "user", "content": "Hi"}], max_tokens=5
+    )
 
 
 def log_rows(page: ServerPage) -> list[dict[str, str]]:
@@ -53,7 +55,7 @@ def test_serves_the_openai_client_at_the_shown_url_and_logs_each_request(qtbot, 
     assert (row["Method"], row["Path"], row["Status"], row["Tokens"]) == ("POST", "/v1/chat/completions", "200", "5")
     assert row["Client"] == "127.0.0.1"
     assert url in page.status.text() and "this computer only" in page.status.text()
-    assert not page.port.isEnabled() and not page.api_key.isEnabled()   # settings are fixed while serving
+    assert not page.port.isEnabled() and not page.api_key.isEnabled()  # settings are fixed while serving
     page.show()
     qtbot.waitExposed(page)
     page.grab().save(str(screenshots / "server.png"))
@@ -74,7 +76,7 @@ def test_an_api_key_turns_away_clients_without_it_and_the_snippets_carry_it(qtbo
         exec(page.python_snippet.toPlainText(), {})
     assert out.getvalue().strip()
     qtbot.waitUntil(lambda: page.log.rowCount() == 2, timeout=10_000)
-    assert [r["Status"] for r in log_rows(page)] == ["200", "401"]   # newest first
+    assert [r["Status"] for r in log_rows(page)] == ["200", "401"]  # newest first
     entry = yaml.safe_load(page.ide_snippet.toPlainText())["models"][0]
     assert entry["provider"] == "openai" and entry["apiBase"] == page.url.text()
     assert entry["model"] == page.served_model_name() and entry["apiKey"] == key
@@ -88,9 +90,9 @@ def test_snippets_follow_the_settings_and_quote_odd_names(page):
     assert 'model="my \\"model\\": v2"' in page.python_snippet.toPlainText()
     entry = yaml.safe_load(page.ide_snippet.toPlainText())["models"][0]
     assert entry["model"] == 'my "model": v2' and entry["apiBase"] == "http://127.0.0.1:8123/v1"
-    assert "apiKey" not in entry   # no key set: none to send
+    assert "apiKey" not in entry  # no key set: none to send
     page.port.setValue(0)
-    assert page.url.text() == ""   # not known until the server picks one
+    assert page.url.text() == ""  # not known until the server picks one
 
 
 def test_lan_access_is_opt_in_and_warns(page):
@@ -123,16 +125,26 @@ def test_a_port_in_use_is_said_on_the_page_and_the_switch_returns_to_off(page):
         page.switch.click()
         assert not page.switch.isChecked() and page.server is None
         assert f"Port {port} is already in use" in page.status.text()
-    page.switch.click()   # the port is free again
+    page.switch.click()  # the port is free again
     assert page.switch.isChecked() and page.url.text() == f"http://127.0.0.1:{port}/v1"
 
 
 def test_the_log_keeps_the_newest_rows(qtbot, page):
     for i in range(LOG_ROWS + 3):
-        page.request_logged.emit({"time": 0.0, "method": "GET", "path": f"/v1/models/{i}", "status": 404,
-                                  "seconds": 0.001, "completion_tokens": 0, "remote": "127.0.0.1"})
-    qtbot.waitUntil(lambda: page.log.rowCount() == LOG_ROWS and
-                    page.log.item(0, 2).text() == f"/v1/models/{LOG_ROWS + 2}")
+        page.request_logged.emit(
+            {
+                "time": 0.0,
+                "method": "GET",
+                "path": f"/v1/models/{i}",
+                "status": 404,
+                "seconds": 0.001,
+                "completion_tokens": 0,
+                "remote": "127.0.0.1",
+            }
+        )
+    qtbot.waitUntil(
+        lambda: page.log.rowCount() == LOG_ROWS and page.log.item(0, 2).text() == f"/v1/models/{LOG_ROWS + 2}"
+    )
     assert page.log.item(LOG_ROWS - 1, 2).text() == "/v1/models/3"
 
 

@@ -1,5 +1,6 @@
 """Light and dark: the window follows the system's colour scheme when it changes, and the pages' own colours
 (the block map's free cells) follow the palette."""
+
 from __future__ import annotations
 
 import pytest
@@ -40,7 +41,8 @@ def test_the_app_follows_a_scheme_change_while_it_runs(app: QApplication):
     assert app.style().name().lower() == "fusion"
     app.styleHints().colorSchemeChanged.emit(Qt.ColorScheme.Dark)
     assert app.palette().color(QPalette.ColorRole.Window) == palette_for(Qt.ColorScheme.Dark).color(
-        QPalette.ColorRole.Window)
+        QPalette.ColorRole.Window
+    )
     dark_free = free_color(app.palette())
     app.styleHints().colorSchemeChanged.emit(Qt.ColorScheme.Light)
     assert lightness(app.palette(), QPalette.ColorRole.Window) > 0.75

@@ -6,6 +6,7 @@ Outputs arrive as request_update signals, up to one per running row per engine s
 them; a timer repaints the changed rows a few times a second, so a large batch never floods the UI thread.
 Rows go to the engine in slices of SUBMIT_SLICE per turn of the event loop, for the same reason.
 """
+
 from __future__ import annotations
 
 import html
@@ -42,7 +43,7 @@ from ui.widgets.batch_table import CANCELLED, DONE, FAILED, QUEUED, RUNNING, Bat
 from ui.widgets.cards import muted, spin_box
 
 REPAINT_INTERVAL_MS = 100
-SUBMIT_SLICE = 64          # rows rendered and submitted per turn of the event loop
+SUBMIT_SLICE = 64  # rows rendered and submitted per turn of the event loop
 
 
 class BatchPage(QWidget):
@@ -50,12 +51,12 @@ class BatchPage(QWidget):
         super().__init__(parent)
         self.bridge = bridge
         self.model = BatchTableModel(self)
-        self._run_ids = itertools.count()   # each Run's number: slices of an older run stop submitting
-        self._requests: dict[str, int] = {}   # request id -> row, for the rows still running
-        self._next_row: int | None = None     # the first row not yet submitted; None once all are
-        self._run = -1                        # the current run's number, in its request ids
-        self._shared: dict = {}               # the current run's shared sampling setup
-        self._dirty: set[int] = set()         # rows changed since the last repaint
+        self._run_ids = itertools.count()  # each Run's number: slices of an older run stop submitting
+        self._requests: dict[str, int] = {}  # request id -> row, for the rows still running
+        self._next_row: int | None = None  # the first row not yet submitted; None once all are
+        self._run = -1  # the current run's number, in its request ids
+        self._shared: dict = {}  # the current run's shared sampling setup
+        self._dirty: set[int] = set()  # rows changed since the last repaint
         self._started = 0.0
         self._repaint = QTimer(self, interval=REPAINT_INTERVAL_MS, timeout=self._flush)
         self._build()
@@ -72,8 +73,9 @@ class BatchPage(QWidget):
 
     # ---- layout -------------------------------------------------------------------------------------------
     def _build(self) -> None:
-        self.input = QPlainTextEdit(placeholderText="Paste prompts here, one per line — or import a .txt, .jsonl "
-                                                    "or .csv file")
+        self.input = QPlainTextEdit(
+            placeholderText="Paste prompts here, one per line — or import a .txt, .jsonl or .csv file"
+        )
         self.input.textChanged.connect(self._on_pasted)
         self.import_button = QPushButton("Import…")
         self.import_button.clicked.connect(self._choose_import)
@@ -96,16 +98,22 @@ class BatchPage(QWidget):
         self.seed.setEnabled(False)
         self.use_seed.toggled.connect(self.seed.setEnabled)
         # What the settings file keeps of this page between runs.
-        self.form = {"temperature": self.temperature, "top_p": self.top_p, "max_tokens": self.max_tokens,
-                     "use_seed": self.use_seed, "seed": self.seed}
+        self.form = {
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "max_tokens": self.max_tokens,
+            "use_seed": self.use_seed,
+            "seed": self.seed,
+        }
         sampling = QGroupBox("Sampling")
         form = QFormLayout(sampling)
         form.addRow("Temperature", self.temperature)
         form.addRow("Top p", self.top_p)
         form.addRow("Max tokens", self.max_tokens)
         form.addRow(self.use_seed, self.seed)
-        note = muted("For every row; a .jsonl or .csv row may set its own temperature, top_p, top_k, "
-                      "max_tokens, seed or stop.")
+        note = muted(
+            "For every row; a .jsonl or .csv row may set its own temperature, top_p, top_k, max_tokens, seed or stop."
+        )
         note.setWordWrap(True)
         form.addRow(note)
         sampling.setFixedWidth(260)
@@ -194,7 +202,7 @@ class BatchPage(QWidget):
         except BatchFileError as e:
             self.status.setText(f"Could not import: {e}")
             return False
-        self.input.blockSignals(True)   # the file's rows replace the pasted ones; typing again replaces them back
+        self.input.blockSignals(True)  # the file's rows replace the pasted ones; typing again replaces them back
         self.input.clear()
         self.input.blockSignals(False)
         self.model.set_rows(rows)
@@ -204,8 +212,9 @@ class BatchPage(QWidget):
         return True
 
     def _choose_import(self) -> None:
-        path, _ = QFileDialog.getOpenFileName(self, "Import prompts", "",
-                                              "Prompts (*.txt *.jsonl *.csv);;All files (*)")
+        path, _ = QFileDialog.getOpenFileName(
+            self, "Import prompts", "", "Prompts (*.txt *.jsonl *.csv);;All files (*)"
+        )
         if path:
             self.import_file(path)
 
@@ -223,14 +232,26 @@ class BatchPage(QWidget):
         if not self.bridge.ready():
             text, hint = "", "No model is loaded yet."
         elif remote is not None:
-            text, hint = f"Chat · {remote.model}", (f"Each line is sent to {remote.base_url} as a user message; "
-                                                    ".jsonl rows may give whole conversations as \"messages\".")
+            text, hint = (
+                f"Chat · {remote.model}",
+                (
+                    f"Each line is sent to {remote.base_url} as a user message; "
+                    '.jsonl rows may give whole conversations as "messages".'
+                ),
+            )
         elif self.bridge.chat_templated():
-            text, hint = "Chat template", ("Each line is sent as a user message through the model's chat "
-                                           "template; .jsonl rows may give whole conversations as \"messages\".")
+            text, hint = (
+                "Chat template",
+                (
+                    "Each line is sent as a user message through the model's chat "
+                    'template; .jsonl rows may give whole conversations as "messages".'
+                ),
+            )
         else:
-            text, hint = "Raw text", ("The model has no chat template: each line is sent as raw text, and rows "
-                                      "given as \"messages\" fail.")
+            text, hint = (
+                "Raw text",
+                ('The model has no chat template: each line is sent as raw text, and rows given as "messages" fail.'),
+            )
         self.mode.setText(text)
         for widget in (self.input, self.mode, self.run_button):
             widget.setToolTip(hint)
@@ -238,8 +259,12 @@ class BatchPage(QWidget):
     # ---- running ----------------------------------------------------------------------------------------------
     def sampling(self) -> dict:
         """The shared sampling setup, as SamplingParams keyword arguments."""
-        return {"temperature": self.temperature.value(), "top_p": self.top_p.value(),
-                "max_tokens": self.max_tokens.value(), "seed": self.seed.value() if self.use_seed.isChecked() else None}
+        return {
+            "temperature": self.temperature.value(),
+            "top_p": self.top_p.value(),
+            "max_tokens": self.max_tokens.value(),
+            "seed": self.seed.value() if self.use_seed.isChecked() else None,
+        }
 
     def run(self) -> None:
         """Submit every row: the engine's scheduler batches them, step by step."""
@@ -264,7 +289,7 @@ class BatchPage(QWidget):
         """Render and submit the next SUBMIT_SLICE rows, then let the event loop turn before the next slice: a
         batch of thousands goes in within a few frames without freezing the window, and the engine takes each
         slice into its running batch as it comes."""
-        if run != self._run or self._next_row is None:   # cancelled, or a newer run began
+        if run != self._run or self._next_row is None:  # cancelled, or a newer run began
             return
         # Where rows go is looked up per slice: a model loaded (or an endpoint connected) mid-run takes the rest.
         chats, shared = self.bridge.chat_templated(), self._shared
@@ -278,26 +303,27 @@ class BatchPage(QWidget):
             try:
                 params = SamplingParams(**(shared | row.overrides()))
                 if chats:
-                    ready.append((i, self.bridge.prepare_chat(row.messages or
-                                                              [{"role": "user", "content": row.prompt}]), params))
+                    ready.append(
+                        (i, self.bridge.prepare_chat(row.messages or [{"role": "user", "content": row.prompt}]), params)
+                    )
                 elif row.messages is not None:
                     raise ValueError("the model has no chat template, so a row of chat messages cannot be sent")
                 else:
                     ready.append((i, row.prompt, params))
-            except Exception as e:   # a template error, a bad override: this row fails, in words
+            except Exception as e:  # a template error, a bad override: this row fails, in words
                 items[i].status, items[i].error = FAILED, str(e) or type(e).__name__
         for i, prompt, params in ready:
             try:
                 items[i].submitted = time.perf_counter()
                 submit = self.bridge.submit if isinstance(prompt, str) else self.bridge.submit_chat
-                self._requests[submit(prompt, params)] = i   # the bridge's ids are unique
-            except Exception as e:   # a full queue, an engine that is stopping
+                self._requests[submit(prompt, params)] = i  # the bridge's ids are unique
+            except Exception as e:  # a full queue, an engine that is stopping
                 items[i].status, items[i].error = FAILED, str(e) or type(e).__name__
         self._dirty.update(range(first, end))
         self._next_row = end if end < len(items) else None
         if self._next_row is not None:
             QTimer.singleShot(0, self, lambda: self._submit_slice(run))
-        elif not self._requests:   # every row failed before reaching the engine, or all have finished
+        elif not self._requests:  # every row failed before reaching the engine, or all have finished
             self._end_run()
 
     def cancel(self) -> None:
@@ -350,9 +376,11 @@ class BatchPage(QWidget):
         if self.running:
             elapsed = time.perf_counter() - self._started
             tokens = sum(item.tokens for item in items)
-            self.status.setText(f"Running {len(items)} prompts: {self.model.count(RUNNING)} generating, "
-                                f"{self.model.count(QUEUED)} queued · {tokens:,} tokens, "
-                                f"{tokens / max(elapsed, 1e-3):,.0f} tokens/s")
+            self.status.setText(
+                f"Running {len(items)} prompts: {self.model.count(RUNNING)} generating, "
+                f"{self.model.count(QUEUED)} queued · {tokens:,} tokens, "
+                f"{tokens / max(elapsed, 1e-3):,.0f} tokens/s"
+            )
 
     def _end_run(self) -> None:
         self._repaint.stop()
@@ -362,9 +390,10 @@ class BatchPage(QWidget):
         parts = [f"{n} {what}" for what in (DONE, FAILED, CANCELLED) if (n := self.model.count(what))]
         first_error = next((item.error for item in self.model.items if item.error), None)
         tokens = sum(item.tokens for item in self.model.items)
-        self.status.setText(f"{', '.join(parts)} in {elapsed:.1f} s · {tokens:,} tokens, "
-                            f"{tokens / max(elapsed, 1e-3):,.0f} tokens/s"
-                            + (f" · first error: {first_error}" if first_error else ""))
+        self.status.setText(
+            f"{', '.join(parts)} in {elapsed:.1f} s · {tokens:,} tokens, "
+            f"{tokens / max(elapsed, 1e-3):,.0f} tokens/s" + (f" · first error: {first_error}" if first_error else "")
+        )
         self._sync_buttons()
 
     # ---- export -----------------------------------------------------------------------------------------------
@@ -411,5 +440,7 @@ class BatchPage(QWidget):
 
 def _block(title: str, text: str) -> str:
     """A titled paragraph of the detail pane, the text kept as written (line breaks, spaces)."""
-    return (f"<p style='margin-bottom: 2px'><b>{html.escape(title)}</b></p>"
-            f"<p style='white-space: pre-wrap; margin-top: 0'>{html.escape(text)}</p>")
+    return (
+        f"<p style='margin-bottom: 2px'><b>{html.escape(title)}</b></p>"
+        f"<p style='white-space: pre-wrap; margin-top: 0'>{html.escape(text)}</p>"
+    )

@@ -5,6 +5,7 @@ and tokens/s and time to first token under each reply.
 Every conversation lives in ChatHistory. A reply is written to it while it streams (at most every
 SAVE_INTERVAL seconds, and when it ends), so a crash mid-reply loses nothing that was on screen.
 """
+
 from __future__ import annotations
 
 import re
@@ -55,6 +56,7 @@ ROLE_NAMES = {"user": "You", "assistant": "Assistant", "system": "System"}
 @dataclass
 class _Reply:
     """The reply being streamed."""
+
     request_id: str
     message_id: int
     sent: float
@@ -84,7 +86,8 @@ class ChatPage(QWidget):
         self.conversations.setTextElideMode(Qt.ElideRight)
         self.conversations.setHorizontalScrollBarPolicy(Qt.ScrollBarAlwaysOff)
         self.conversations.currentItemChanged.connect(
-            lambda item, _: item is not None and self.open_conversation(item.data(Qt.UserRole)))
+            lambda item, _: item is not None and self.open_conversation(item.data(Qt.UserRole))
+        )
         self.new_button = QPushButton("New chat")
         self.new_button.clicked.connect(self.new_conversation)
         self.rename_button = QPushButton("Rename")
@@ -153,17 +156,31 @@ class ChatPage(QWidget):
         form = QFormLayout()
         rv.addLayout(form)
         rv.addStretch(1)
-        for label, widget in (("Temperature", self.temperature), ("Top p", self.top_p), ("Top k", self.top_k),
-                              ("Min p", self.min_p), ("Max tokens", self.max_tokens),
-                              ("Presence penalty", self.presence), ("Frequency penalty", self.frequency),
-                              ("Repetition penalty", self.repetition)):
+        for label, widget in (
+            ("Temperature", self.temperature),
+            ("Top p", self.top_p),
+            ("Top k", self.top_k),
+            ("Min p", self.min_p),
+            ("Max tokens", self.max_tokens),
+            ("Presence penalty", self.presence),
+            ("Frequency penalty", self.frequency),
+            ("Repetition penalty", self.repetition),
+        ):
             form.addRow(label, widget)
         form.addRow(self.use_seed, self.seed)
         # What the settings file keeps of this page between runs.
-        self.form = {"temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k, "min_p": self.min_p,
-                     "max_tokens": self.max_tokens, "presence_penalty": self.presence,
-                     "frequency_penalty": self.frequency, "repetition_penalty": self.repetition,
-                     "use_seed": self.use_seed, "seed": self.seed}
+        self.form = {
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "top_k": self.top_k,
+            "min_p": self.min_p,
+            "max_tokens": self.max_tokens,
+            "presence_penalty": self.presence,
+            "frequency_penalty": self.frequency,
+            "repetition_penalty": self.repetition,
+            "use_seed": self.use_seed,
+            "seed": self.seed,
+        }
 
         splitter = QSplitter()
         for w, stretch in ((left, 0), (middle, 1), (right, 0)):
@@ -209,8 +226,9 @@ class ChatPage(QWidget):
     def _ask_rename(self) -> None:
         if self.conversation_id is None:
             return
-        title, ok = QInputDialog.getText(self, "Rename", "Title:",
-                                         text=self.history.conversation(self.conversation_id).title)
+        title, ok = QInputDialog.getText(
+            self, "Rename", "Title:", text=self.history.conversation(self.conversation_id).title
+        )
         if ok:
             self.rename_conversation(title)
 
@@ -228,10 +246,16 @@ class ChatPage(QWidget):
     # ---- sending ----------------------------------------------------------------------------------------------
     def sampling_params(self) -> SamplingParams:
         return SamplingParams(
-            temperature=self.temperature.value(), top_p=self.top_p.value(), top_k=self.top_k.value(),
-            min_p=self.min_p.value(), max_tokens=self.max_tokens.value(), presence_penalty=self.presence.value(),
-            frequency_penalty=self.frequency.value(), repetition_penalty=self.repetition.value(),
-            seed=self.seed.value() if self.use_seed.isChecked() else None)
+            temperature=self.temperature.value(),
+            top_p=self.top_p.value(),
+            top_k=self.top_k.value(),
+            min_p=self.min_p.value(),
+            max_tokens=self.max_tokens.value(),
+            presence_penalty=self.presence.value(),
+            frequency_penalty=self.frequency.value(),
+            repetition_penalty=self.repetition.value(),
+            seed=self.seed.value() if self.use_seed.isChecked() else None,
+        )
 
     def send(self, text: str | None = None) -> None:
         """Send the input box's text (or `text`) as the next user message and stream the reply."""
@@ -255,13 +279,16 @@ class ChatPage(QWidget):
         system = self.system_prompt.toPlainText().strip()
         self.history.set_system_prompt(self.conversation_id, system)
         messages = [{"role": "system", "content": system}] if system else []
-        messages += [{"role": m.role, "content": m.content} for m in self.history.messages(self.conversation_id)
-                     if m.role != "assistant" or m.finished]
+        messages += [
+            {"role": m.role, "content": m.content}
+            for m in self.history.messages(self.conversation_id)
+            if m.role != "assistant" or m.finished
+        ]
         try:
             params = self.sampling_params()
             message = self.history.add_message(self.conversation_id, "assistant", "", finished=False)
             rid = self.bridge.submit_chat(messages, params)
-        except Exception as e:   # a bad parameter, a full queue, a template error: said, not raised
+        except Exception as e:  # a bad parameter, a full queue, a template error: said, not raised
             self.status.setText(f"Could not send: {e}")
             self.render()
             return
@@ -354,12 +381,16 @@ class ChatPage(QWidget):
                 stats = _stats_line(m.stats) if m.role == "assistant" and m.finished else ""
                 if m.role == "assistant" and m.finished:
                     content = with_copy_links(content, m.id)
-                parts.append(f"**{ROLE_NAMES.get(m.role, m.role)}**\n\n{content or '…'}" +
-                             (f"\n\n{stats}" if stats else ""))
+                parts.append(
+                    f"**{ROLE_NAMES.get(m.role, m.role)}**\n\n{content or '…'}" + (f"\n\n{stats}" if stats else "")
+                )
         bar = self.transcript.verticalScrollBar()
         at_bottom = bar.value() >= bar.maximum() - 4
-        self.transcript.setMarkdown("\n\n---\n\n".join(p for p in parts if p) if parts else
-                                    "*Start a conversation: type below and press Ctrl+Enter.*")
+        self.transcript.setMarkdown(
+            "\n\n---\n\n".join(p for p in parts if p)
+            if parts
+            else "*Start a conversation: type below and press Ctrl+Enter.*"
+        )
         self._shade_code()
         if at_bottom:
             bar.setValue(bar.maximum())
@@ -376,7 +407,7 @@ class ChatPage(QWidget):
             block = block.next()
 
     def _on_link(self, url: QUrl) -> None:
-        if url.scheme() == "copy":   # copy:<message id>/<block number>
+        if url.scheme() == "copy":  # copy:<message id>/<block number>
             message_id, block = (int(x) for x in url.path().split("/"))
             message = next(m for m in self.history.messages(self.conversation_id) if m.id == message_id)
             QGuiApplication.clipboard().setText(code_blocks(message.content)[block])
@@ -389,8 +420,7 @@ class ChatPage(QWidget):
         self.send_button.setEnabled(not busy)
         self.stop_button.setEnabled(busy)
         has = self.conversation_id is not None
-        for b in (self.regenerate_button, self.edit_button, self.copy_button, self.rename_button,
-                  self.delete_button):
+        for b in (self.regenerate_button, self.edit_button, self.copy_button, self.rename_button, self.delete_button):
             b.setEnabled(has and not busy)
 
 

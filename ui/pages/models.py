@@ -5,6 +5,7 @@ search, download, and the downloads left unfinished); the library refreshes when
 A load is checked against the memory free first: a model too big for it is refused in words here instead of
 ending in the kernel's out-of-memory killer. Every failure is said in the status line; the page keeps working.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -12,8 +13,8 @@ from pathlib import Path
 from PySide6.QtCore import Qt, Slot
 from PySide6.QtWidgets import QHBoxLayout, QLabel, QPushButton, QVBoxLayout, QWidget
 
-from app import hub_models, machine
-from app.hub_models import HubError, LocalModel, human_size
+from app.library import hub_models, machine
+from app.library.hub_models import HubError, LocalModel, human_size
 from ui.bridge import EngineBridge, ModelLoaded, ModelLoadFailed
 from ui.widgets.cards import card, muted, section
 from ui.widgets.hub_panel import DownloadDone, HubPanel
@@ -34,8 +35,11 @@ class ModelsPage(QWidget):
         self.refresh()
         if self.hub.interrupted:  # left by an earlier run: say so, the rows alone are easy to miss
             n = len(self.hub.interrupted)
-            self._say(f"{'A download' if n == 1 else f'{n} downloads'} did not finish last time: Resume continues "
-                      "where it stopped, Discard deletes what arrived.", "warn")
+            self._say(
+                f"{'A download' if n == 1 else f'{n} downloads'} did not finish last time: Resume continues "
+                "where it stopped, Discard deletes what arrived.",
+                "warn",
+            )
 
     # ---- layout -------------------------------------------------------------------------------------------
     def _build(self, endpoint: str | None) -> None:
@@ -118,9 +122,11 @@ class ModelsPage(QWidget):
         total = sum(m.size for m in models)
         broken = sum(m.problem is not None for m in models)
         self.library_summary.setText(
-            "No models yet: download one from the Hub." if not models else
-            f"{len(models)} model{'s' if len(models) != 1 else ''}, {human_size(total)} on disk"
-            + (f"; {broken} cannot be loaded (hover it for why)" if broken else ""))
+            "No models yet: download one from the Hub."
+            if not models
+            else f"{len(models)} model{'s' if len(models) != 1 else ''}, {human_size(total)} on disk"
+            + (f"; {broken} cannot be loaded (hover it for why)" if broken else "")
+        )
         self._cancel_delete()
         self.hub.refresh_interrupted()
         self._sync()
@@ -171,8 +177,9 @@ class ModelsPage(QWidget):
 
     @Slot(object)
     def _on_model_loaded(self, loaded: ModelLoaded) -> None:
-        self._say(f"Loaded {self._shown_name(loaded.model)} ({loaded.seconds:.1f} s, "
-                  f"context {loaded.max_model_len:,}).", "ok")
+        self._say(
+            f"Loaded {self._shown_name(loaded.model)} ({loaded.seconds:.1f} s, context {loaded.max_model_len:,}).", "ok"
+        )
 
     @Slot(object)
     def _on_model_load_failed(self, failed: ModelLoadFailed) -> None:
@@ -191,8 +198,10 @@ class ModelsPage(QWidget):
             return
         self._pending_delete = model
         if model.is_default:
-            self.confirm_text.setText(f"{model.name} is the default model: kvstudio fetches it again on next use. "
-                                      f"Delete it anyway and free {human_size(model.size)}?")
+            self.confirm_text.setText(
+                f"{model.name} is the default model: kvstudio fetches it again on next use. "
+                f"Delete it anyway and free {human_size(model.size)}?"
+            )
         else:
             self.confirm_text.setText(f"Delete {model.name} and free {human_size(model.size)}?")
         self.confirm_bar.show()

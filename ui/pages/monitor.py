@@ -1,5 +1,6 @@
 """The monitor page: the engine's KV cache and queues, live. It only renders EngineSnapshots handed to
 show_snapshot (queued from the engine thread through the bridge); it never touches the engine."""
+
 from __future__ import annotations
 
 from PySide6.QtCore import QEvent, Slot
@@ -31,8 +32,11 @@ class MonitorPage(QWidget):
 
         requests_card, requests = card("Requests")
         self.running_label, self.waiting_label, self.swapped_label = value_label(), value_label(), value_label()
-        requests.addLayout(self._figures([(self.running_label, "running"), (self.waiting_label, "waiting"),
-                                          (self.swapped_label, "swapped")]))
+        requests.addLayout(
+            self._figures(
+                [(self.running_label, "running"), (self.waiting_label, "waiting"), (self.swapped_label, "swapped")]
+            )
+        )
 
         prefix_card, prefix = card("Prefix cache hit rate")
         self.hit_rate_label = value_label()
@@ -51,9 +55,14 @@ class MonitorPage(QWidget):
 
         cards = QHBoxLayout()
         cards.setSpacing(12)
-        for panel, stretch in ((usage_card, 3), (requests_card, 3), (prefix_card, 3), (sharing_card, 2),
-                               (preempt_card, 2)):
-            panel.layout().addStretch(1)   # cards share a height; their contents line up at the top
+        for panel, stretch in (
+            (usage_card, 3),
+            (requests_card, 3),
+            (prefix_card, 3),
+            (sharing_card, 2),
+            (preempt_card, 2),
+        ):
+            panel.layout().addStretch(1)  # cards share a height; their contents line up at the top
             cards.addWidget(panel, stretch)
 
         self.block_map = BlockMapWidget()
@@ -90,8 +99,12 @@ class MonitorPage(QWidget):
 
     def show_remote(self, where: str | None) -> None:
         """Say that chat and batch requests go to `where` (a remote endpoint), or nothing when they run here."""
-        self.remote_note.setText(f"Chat and Batch are sending their requests to {where}; this page shows this "
-                                 "computer's engine, which serves the Server page." if where else "")
+        self.remote_note.setText(
+            f"Chat and Batch are sending their requests to {where}; this page shows this "
+            "computer's engine, which serves the Server page."
+            if where
+            else ""
+        )
         self.remote_note.setVisible(bool(where))
 
     def _style_usage_bar(self) -> None:
@@ -99,7 +112,8 @@ class MonitorPage(QWidget):
         track = self.palette().color(QPalette.ColorRole.Midlight).name()
         self.usage_bar.setStyleSheet(
             f"QProgressBar {{ background: {track}; border: none; border-radius: 3px; }}"
-            f"QProgressBar::chunk {{ background: {FIXED_COLORS[USED].name()}; border-radius: 3px; }}")
+            f"QProgressBar::chunk {{ background: {FIXED_COLORS[USED].name()}; border-radius: 3px; }}"
+        )
 
     def changeEvent(self, event: QEvent) -> None:
         if event.type() == QEvent.Type.PaletteChange:
@@ -144,5 +158,6 @@ class MonitorPage(QWidget):
     def _show_rates(self, prompt: float | None, generation: float | None) -> None:
         def rate(value: float | None) -> str:
             return "—" if value is None else f"{value:,.0f} tok/s"
+
         self.prompt_rate_label.setText(f"Prompt {rate(prompt)}")
         self.generation_rate_label.setText(f"Generation {rate(generation)}")

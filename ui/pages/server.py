@@ -5,6 +5,7 @@ The endpoint runs on its own event-loop thread (BackgroundServer) over the bridg
 and HTTP clients share one model and one KV cache. Its request log is written on that loop's thread; a signal
 carries each entry to the UI thread.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -51,11 +52,11 @@ LOG_COLUMNS = ("Time", "Method", "Path", "Status", "Seconds", "Tokens", "Client"
 ERROR_COLOR = QColor("#dc2626")
 ON_COLOR = QColor("#16a34a")
 WARNING_COLOR = QColor("#b45309")
-NO_KEY = "not-needed"   # the openai client insists on some key; a server without one ignores it
+NO_KEY = "not-needed"  # the openai client insists on some key; a server without one ignores it
 
 
 class ServerPage(QWidget):
-    request_logged = Signal(object)   # a request-log entry (dict), emitted on the server's thread
+    request_logged = Signal(object)  # a request-log entry (dict), emitted on the server's thread
 
     def __init__(self, bridge: EngineBridge, parent: QWidget | None = None) -> None:
         super().__init__(parent)
@@ -66,7 +67,7 @@ class ServerPage(QWidget):
         self.request_logged.connect(self._append_log, Qt.QueuedConnection)
         bridge.model_loaded.connect(self._on_model_loaded)
         thread = bridge.engine_thread
-        if thread is not None:   # the page came after the model
+        if thread is not None:  # the page came after the model
             self._set_default_name(thread.engine.model_config.model)
         self._say("Off." if thread is not None else "Load a model to serve it.")
         self._sync()
@@ -83,7 +84,8 @@ class ServerPage(QWidget):
             "QPushButton { border-radius: 23px; padding: 0 22px; border: 1px solid palette(mid);"
             " background: palette(button); }"
             f"QPushButton:checked {{ background: {ON_COLOR.name()}; color: white; border-color: {ON_COLOR.name()}; }}"
-            "QPushButton:disabled { color: palette(mid); }")
+            "QPushButton:disabled { color: palette(mid); }"
+        )
         self.switch.clicked.connect(self.set_serving)
         self.status = QLabel(wordWrap=True, textFormat=Qt.RichText, textInteractionFlags=Qt.TextSelectableByMouse)
         heading = QVBoxLayout()
@@ -123,7 +125,7 @@ class ServerPage(QWidget):
         self.settings_hint = muted("Switch the server off to change these.")
         settings.addSpacing(6)
         settings.addLayout(form)
-        settings.addWidget(self.lan_warning)   # outside the form, which gives a wrapped label one line
+        settings.addWidget(self.lan_warning)  # outside the form, which gives a wrapped label one line
         settings.addWidget(self.settings_hint)
         settings.addStretch(1)
 
@@ -179,15 +181,18 @@ class ServerPage(QWidget):
         layout.addLayout(log_header)
         layout.addWidget(self.log, 1)
 
-        for signal in (self.port.valueChanged, self.api_key.textChanged, self.model_name.textChanged,
-                       self.lan.toggled):
+        for signal in (self.port.valueChanged, self.api_key.textChanged, self.model_name.textChanged, self.lan.toggled):
             signal.connect(self._sync)
 
     # ---- settings -------------------------------------------------------------------------------------------
     def settings(self) -> ServerConfig:
         """The server the page's fields describe: loopback only unless LAN access is ticked."""
-        return ServerConfig(host="0.0.0.0" if self.lan.isChecked() else "127.0.0.1", port=self.port.value(),
-                            api_key=self.api_key.text().strip() or None, drain_timeout=DRAIN_S)
+        return ServerConfig(
+            host="0.0.0.0" if self.lan.isChecked() else "127.0.0.1",
+            port=self.port.value(),
+            api_key=self.api_key.text().strip() or None,
+            drain_timeout=DRAIN_S,
+        )
 
     def served_model_name(self) -> str:
         """The name clients pass as `model`: the field, or else the model's file name."""
@@ -228,14 +233,14 @@ class ServerPage(QWidget):
             return
         config = dataclasses.replace(self.settings(), port=port)
         try:
-            self.server = BackgroundServer(thread, model_info(thread.engine, self.served_model_name()), config,
-                                           self.request_logged.emit).start()
-        except Exception as e:   # a port in use, a privileged port: said in words, the switch stays off
+            self.server = BackgroundServer(
+                thread, model_info(thread.engine, self.served_model_name()), config, self.request_logged.emit
+            ).start()
+        except Exception as e:  # a port in use, a privileged port: said in words, the switch stays off
             self._say(context + _start_error(config, e), ERROR_COLOR)
             return
         where = "this computer and your network" if self.lan.isChecked() else "this computer only"
-        self._say(f"Serving <b>{_html(self.served_model_name())}</b> at {_html(self.base_url())} "
-                  f"({where}).", ON_COLOR)
+        self._say(f"Serving <b>{_html(self.served_model_name())}</b> at {_html(self.base_url())} ({where}).", ON_COLOR)
 
     def _stop(self) -> None:
         server, self.server = self.server, None
@@ -258,9 +263,15 @@ class ServerPage(QWidget):
     def _append_log(self, entry: dict) -> None:
         """The newest request on top; only the last LOG_ROWS are kept."""
         self.log.insertRow(0)
-        cells = (time.strftime("%H:%M:%S", time.localtime(entry["time"])), entry["method"], entry["path"],
-                 str(entry["status"]), f"{entry['seconds']:.3f}", str(entry["completion_tokens"]),
-                 entry.get("remote") or "")
+        cells = (
+            time.strftime("%H:%M:%S", time.localtime(entry["time"])),
+            entry["method"],
+            entry["path"],
+            str(entry["status"]),
+            f"{entry['seconds']:.3f}",
+            str(entry["completion_tokens"]),
+            entry.get("remote") or "",
+        )
         for col, text in enumerate(cells):
             item = QTableWidgetItem(text)
             if LOG_COLUMNS[col] in ("Status", "Seconds", "Tokens"):
@@ -274,8 +285,9 @@ class ServerPage(QWidget):
 
     def _count_log(self) -> None:
         n = self.log.rowCount()
-        self.log_count.setText(f"{n} request{'s' if n != 1 else ''}" + (f" (the last {LOG_ROWS})" if n == LOG_ROWS
-                                                                         else ""))
+        self.log_count.setText(
+            f"{n} request{'s' if n != 1 else ''}" + (f" (the last {LOG_ROWS})" if n == LOG_ROWS else "")
+        )
 
     # ---- state ----------------------------------------------------------------------------------------------
     def _say(self, html: str, color: QColor | None = None) -> None:
@@ -305,6 +317,7 @@ class ServerPage(QWidget):
 
 # ---- snippets -----------------------------------------------------------------------------------------------
 
+
 def _quote(text: str) -> str:
     # A JSON string is also a valid Python literal and a YAML double-quoted scalar, with the same escapes.
     return json.dumps(text, ensure_ascii=False)
@@ -312,20 +325,30 @@ def _quote(text: str) -> str:
 
 def python_snippet(base_url: str, api_key: str | None, model: str) -> str:
     """A runnable script for the official `openai` client."""
-    return (f"from openai import OpenAI\n\n"
-            f"client = OpenAI(base_url={_quote(base_url)}, api_key={_quote(api_key or NO_KEY)})\n"
-            f"reply = client.chat.completions.create(\n"
-            f"    model={_quote(model)},\n"
-            f"    messages=[{{\"role\": \"user\", \"content\": \"Hello!\"}}],\n"
-            f")\n"
-            f"print(reply.choices[0].message.content)\n")
+    return (
+        f"from openai import OpenAI\n\n"
+        f"client = OpenAI(base_url={_quote(base_url)}, api_key={_quote(api_key or NO_KEY)})\n"
+        f"reply = client.chat.completions.create(\n"
+        f"    model={_quote(model)},\n"
+        f'    messages=[{{"role": "user", "content": "Hello!"}}],\n'
+        f")\n"
+        f"print(reply.choices[0].message.content)\n"
+    )
 
 
 def continue_snippet(base_url: str, api_key: str | None, model: str) -> str:
     """A model entry for the Continue IDE plugin's ~/.continue/config.yaml (its OpenAI-compatible provider)."""
-    lines = ["# ~/.continue/config.yaml", "name: kvstudio", "version: 0.0.1", "schema: v1", "models:",
-             f"  - name: {_quote(f'{model} (kvstudio)')}", "    provider: openai", f"    model: {_quote(model)}",
-             f"    apiBase: {_quote(base_url)}"]
+    lines = [
+        "# ~/.continue/config.yaml",
+        "name: kvstudio",
+        "version: 0.0.1",
+        "schema: v1",
+        "models:",
+        f"  - name: {_quote(f'{model} (kvstudio)')}",
+        "    provider: openai",
+        f"    model: {_quote(model)}",
+        f"    apiBase: {_quote(base_url)}",
+    ]
     if api_key is not None:
         lines.append(f"    apiKey: {_quote(api_key)}")
     lines += ["    roles:", "      - chat", "      - edit", "      - apply"]
@@ -334,10 +357,10 @@ def continue_snippet(base_url: str, api_key: str | None, model: str) -> str:
 
 # ---- helpers ------------------------------------------------------------------------------------------------
 
+
 def _start_error(config: ServerConfig, e: Exception) -> str:
     if isinstance(e, OSError) and e.errno == errno.EADDRINUSE:
-        return (f"Port {config.port} is already in use by another program: pick another port, or 0 for any "
-                f"free one.")
+        return f"Port {config.port} is already in use by another program: pick another port, or 0 for any free one."
     if isinstance(e, PermissionError) or (isinstance(e, OSError) and e.errno == errno.EACCES):
         return f"Port {config.port} needs administrator rights: pick one above 1023."
     return f"The server could not start: {_html(str(e) or type(e).__name__)}"
@@ -346,8 +369,11 @@ def _start_error(config: ServerConfig, e: Exception) -> str:
 def _lan_warning(port: int, has_key: bool) -> str:
     where = _lan_address()
     reach = f"<br>They reach it at <b>http://{where}:{port}/v1</b>" if where and port else ""
-    advice = ("Switch LAN off on networks you do not trust." if has_key else
-              "<b>Set an API key</b>, and switch LAN off on networks you do not trust.")
+    advice = (
+        "Switch LAN off on networks you do not trust."
+        if has_key
+        else "<b>Set an API key</b>, and switch LAN off on networks you do not trust."
+    )
     return f"⚠ Any device on your network can use the model. {advice}{reach}"
 
 
@@ -356,7 +382,7 @@ def _lan_address() -> str | None:
     nothing), or None when it has no network."""
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         try:
-            s.connect(("192.0.2.1", 9))   # TEST-NET-1: never routed anywhere real
+            s.connect(("192.0.2.1", 9))  # TEST-NET-1: never routed anywhere real
             return s.getsockname()[0]
         except OSError:
             return None

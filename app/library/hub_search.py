@@ -11,7 +11,7 @@ from huggingface_hub.errors import HfHubHTTPError
 from huggingface_hub.hf_api import ModelInfo
 from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
 
-from app.hub_models import HubError
+from app.library.hub_models import HubError
 
 _TIMEOUT_S = 30
 # the fields asked for beside the id; "safetensors" carries the parameter count the Hub read from the headers
@@ -41,11 +41,18 @@ def search_hub(query: str, limit: int = 20, endpoint: str | None = None) -> list
     if not 1 <= limit <= 100:  # the Hub's page size: more would need pagination
         raise ValueError(f"limit must be between 1 and 100, got {limit}")
     endpoint = endpoint or constants.ENDPOINT
-    params = {"search": query.strip(), "pipeline_tag": "text-generation", "filter": "safetensors",
-              "sort": "downloads", "limit": limit, "expand": _EXPAND}
+    params = {
+        "search": query.strip(),
+        "pipeline_tag": "text-generation",
+        "filter": "safetensors",
+        "sort": "downloads",
+        "limit": limit,
+        "expand": _EXPAND,
+    }
     try:
-        response = get_session().get(f"{endpoint}/api/models", params=params, headers=build_hf_headers(),
-                                     timeout=_TIMEOUT_S)
+        response = get_session().get(
+            f"{endpoint}/api/models", params=params, headers=build_hf_headers(), timeout=_TIMEOUT_S
+        )
         hf_raise_for_status(response)
         items = response.json()
     except httpx2.TransportError as e:

@@ -6,6 +6,7 @@ CPU, 16-bit on a GPU, see EngineConfig.model_dtype) plus a reserve for the KV po
 before a download and before a load, so a model that cannot run is said in words instead of ending in the
 kernel's out-of-memory killer.
 """
+
 from __future__ import annotations
 
 import os
@@ -20,17 +21,17 @@ from engine.config import DEFAULT_CPU_KV_CACHE_GIB
 GIB = 2**30
 # What a load needs beyond the weights: the KV pool (the engine's CPU default) and activations for a prefill.
 CPU_RESERVE = int(DEFAULT_CPU_KV_CACHE_GIB * GIB) + GIB // 2
-GPU_RESERVE = GIB            # KV blocks take what is left on a GPU; one GiB keeps a useful pool
+GPU_RESERVE = GIB  # KV blocks take what is left on a GPU; one GiB keeps a useful pool
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 
 
 @dataclass(frozen=True)
 class MachineMemory:
-    device: str                # "cpu", or "cuda (NVIDIA H100 80GB HBM3)"
-    total: int                 # bytes: the GPU's memory on CUDA, RAM otherwise
-    available: int             # bytes free now
-    bytes_per_param: int       # what the engine stores a weight in here, with dtype "auto"
-    reserve: int               # bytes a load needs beyond its weights
+    device: str  # "cpu", or "cuda (NVIDIA H100 80GB HBM3)"
+    total: int  # bytes: the GPU's memory on CUDA, RAM otherwise
+    available: int  # bytes free now
+    bytes_per_param: int  # what the engine stores a weight in here, with dtype "auto"
+    reserve: int  # bytes a load needs beyond its weights
 
     @property
     def is_gpu(self) -> bool:
@@ -39,10 +40,10 @@ class MachineMemory:
 
 @dataclass(frozen=True)
 class ModelFit:
-    verdict: str               # "fits" | "tight" | "too big"
-    needed: int                # bytes: weights in the engine's dtype plus the reserve
+    verdict: str  # "fits" | "tight" | "too big"
+    needed: int  # bytes: weights in the engine's dtype plus the reserve
     available: int
-    message: str               # one sentence for the UI and the CLI
+    message: str  # one sentence for the UI and the CLI
 
     @property
     def fits(self) -> bool:
@@ -82,8 +83,9 @@ def check_fit(num_params: int, memory: MachineMemory, dtype: str = "auto") -> Mo
     if needed <= memory.available * 0.75:
         return ModelFit("fits", needed, memory.available, f"Fits: {amounts}.")
     if needed <= memory.available:
-        return ModelFit("tight", needed, memory.available,
-                        f"Tight: {amounts}; close other programs or lower the KV cache size.")
+        return ModelFit(
+            "tight", needed, memory.available, f"Tight: {amounts}; close other programs or lower the KV cache size."
+        )
     return ModelFit("too big", needed, memory.available, f"Too big for this machine: {amounts}.")
 
 

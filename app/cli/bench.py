@@ -1,11 +1,12 @@
 """`kvstudio bench throughput | serve | sharing`: the command-line side of the benchmarks in bench*.py."""
+
 from __future__ import annotations
 
 import argparse
 import gc
 import sys
 
-from app.cli import engine_kwargs, load_llm
+from app.cli.options import engine_kwargs, load_llm
 from app.conversation import chat_prompt
 
 
@@ -20,7 +21,7 @@ def run(args: argparse.Namespace) -> int:
 def run_bench_throughput(args: argparse.Namespace) -> int:
     import torch
 
-    from app import bench
+    from app.bench import throughput as bench
 
     requests = bench.load_workload(args.prompts or bench.BUILTIN_WORKLOAD, args.num_prompts, args.max_tokens)
     if args.baseline == "hf" and len({r.max_tokens for r in requests}) > 1:
@@ -30,8 +31,10 @@ def run_bench_throughput(args: argparse.Namespace) -> int:
     model = llm.llm_engine.config.model
     tokenizer = llm.get_tokenizer()
     prompt_ids = [chat_prompt(tokenizer, r.messages)["prompt_token_ids"] for r in requests]
-    print(f"{len(requests)} requests, {sum(map(len, prompt_ids))} prompt tokens, "
-          f"{sum(r.max_tokens for r in requests)} tokens to generate; torch threads: {torch.get_num_threads()}")
+    print(
+        f"{len(requests)} requests, {sum(map(len, prompt_ids))} prompt tokens, "
+        f"{sum(r.max_tokens for r in requests)} tokens to generate; torch threads: {torch.get_num_threads()}"
+    )
     ours = bench.run_engine(llm.llm_engine, prompt_ids, params)
     print(ours.summary(), flush=True)
     if args.baseline != "hf":
@@ -50,7 +53,8 @@ def run_bench_serve(args: argparse.Namespace) -> int:
     import json
     import urllib.request
 
-    from app import bench, bench_serve
+    from app.bench import serve as bench_serve
+    from app.bench import throughput as bench
 
     requests = bench.load_workload(args.prompts or bench.BUILTIN_WORKLOAD, args.num_prompts, args.max_tokens)
     if len({r.max_tokens for r in requests}) > 1:
@@ -77,15 +81,22 @@ def run_bench_serve(args: argparse.Namespace) -> int:
             headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
             with urllib.request.urlopen(urllib.request.Request(url + "/models", headers=headers), timeout=30) as r:
                 model = json.load(r)["data"][0]["id"]
-        print(f"{url}, model {model}: {len(requests)} chat requests x {requests[0].max_tokens} tokens per level",
-              flush=True)
+        print(
+            f"{url}, model {model}: {len(requests)} chat requests x {requests[0].max_tokens} tokens per level",
+            flush=True,
+        )
         results = []
         for concurrency in args.concurrency:
-            results.append(asyncio.run(bench_serve.run_level(url, model, args.api_key,
-                                                             [r.messages for r in requests],
-                                                             requests[0].max_tokens, concurrency)))
-            print(f"concurrency {concurrency}: {results[-1].output_tokens_per_s:.1f} tok/s", file=sys.stderr,
-                  flush=True)
+            results.append(
+                asyncio.run(
+                    bench_serve.run_level(
+                        url, model, args.api_key, [r.messages for r in requests], requests[0].max_tokens, concurrency
+                    )
+                )
+            )
+            print(
+                f"concurrency {concurrency}: {results[-1].output_tokens_per_s:.1f} tok/s", file=sys.stderr, flush=True
+            )
         print(bench_serve.table(results))
     finally:
         if stop is not None:
@@ -94,7 +105,7 @@ def run_bench_serve(args: argparse.Namespace) -> int:
 
 
 def run_bench_sharing(args: argparse.Namespace) -> int:
-    from app import bench_sharing as bs
+    from app.bench import sharing as bs
 
     kwargs = engine_kwargs(args)
     llm = load_llm(args.model, {**kwargs, "enable_prefix_caching": False})
@@ -103,8 +114,16 @@ def run_bench_sharing(args: argparse.Namespace) -> int:
     for name in args.workload or list(bs.MIXES):
         for kind in ("parallel sampling", "beam search"):
             for width in bs.WIDTHS:
-                result = bs.measure_sharing(engine, bs.MIXES[name], kind, width, args.num_requests, args.seed,
-                                            args.max_prompt_len, args.max_output_len)
+                result = bs.measure_sharing(
+                    engine,
+                    bs.MIXES[name],
+                    kind,
+                    width,
+                    args.num_requests,
+                    args.seed,
+                    args.max_prompt_len,
+                    args.max_output_len,
+                )
                 print(f"{name} {kind} {width}: {result.saved:.1%} saved", file=sys.stderr, flush=True)
                 results.append(result)
     print(bs.sharing_table(results), flush=True)
@@ -117,8 +136,10 @@ def run_bench_sharing(args: argparse.Namespace) -> int:
     def make_engine(caching: bool):
         return load_llm(model, {**kwargs, "enable_prefix_caching": caching}).llm_engine
 
-    prefix = [bs.measure_prefix_caching(make_engine, name, tokens, args.prefix_requests, args.seed)
-              for name, tokens in bs.SHOT_PREFIXES]
+    prefix = [
+        bs.measure_prefix_caching(make_engine, name, tokens, args.prefix_requests, args.seed)
+        for name, tokens in bs.SHOT_PREFIXES
+    ]
     print()
     print(bs.prefix_table(prefix, args.prefix_requests))
     return 0

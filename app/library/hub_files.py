@@ -25,8 +25,15 @@ from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundErro
 
 # Files the engine reads from a safetensors repo (top level only); everything else (.bin, .onnx, .gguf,
 # README.md, images) stays on the Hub.
-_EXACT_FILES = {"config.json", "generation_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
-                "added_tokens.json", "model.safetensors.index.json"}
+_EXACT_FILES = {
+    "config.json",
+    "generation_config.json",
+    "special_tokens_map.json",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "model.safetensors.index.json",
+}
 _CHUNK = 1 << 20
 _TIMEOUT_S = 30
 
@@ -80,8 +87,15 @@ def remote_files(repo_id: str, revision: str | None, endpoint: str) -> tuple[str
     return info.sha, files
 
 
-def download_file(url: str, file: RemoteFile, blob: Path, done_before: int, total: int,
-              progress: Progress | None, cancel: threading.Event | None) -> None:
+def download_file(
+    url: str,
+    file: RemoteFile,
+    blob: Path,
+    done_before: int,
+    total: int,
+    progress: Progress | None,
+    cancel: threading.Event | None,
+) -> None:
     """Fetch one file to `blob`, resuming `blob`.incomplete from its length; verified before it is renamed."""
     partial = blob.with_name(blob.name + ".incomplete")
     have = partial.stat().st_size if partial.exists() else 0
@@ -112,11 +126,14 @@ def download_file(url: str, file: RemoteFile, blob: Path, done_before: int, tota
             raise HubError(f"the disk holding {blob.parent} is full while downloading {file.name}") from None
         raise HubError(f"downloading {file.name} failed ({e}); run the pull again to resume it") from None
     except http.client.HTTPException as e:  # the connection dropped mid-body
-        raise HubError(f"downloading {file.name} broke off after {have} of {file.size} bytes ({e!r}); "
-                       "run the pull again to resume it") from None
+        raise HubError(
+            f"downloading {file.name} broke off after {have} of {file.size} bytes ({e!r}); "
+            "run the pull again to resume it"
+        ) from None
     if have != file.size:
-        raise HubError(f"downloading {file.name} broke off after {have} of {file.size} bytes; "
-                       "run the pull again to resume it")
+        raise HubError(
+            f"downloading {file.name} broke off after {have} of {file.size} bytes; run the pull again to resume it"
+        )
     if file.sha256 is not None and _sha256(partial) != file.sha256:
         partial.unlink()  # corrupt: resuming it would only keep the corruption
         raise HubError(f"{file.name} arrived corrupted (sha256 mismatch) and was discarded; run the pull again")
@@ -134,5 +151,4 @@ def _sha256(path: Path) -> str:
 def check_space(directory: Path, needed: int) -> None:
     free = shutil.disk_usage(directory).free
     if needed > free:
-        raise HubError(f"not enough disk space in {directory}: the download needs {needed} more bytes, "
-                       f"{free} are free")
+        raise HubError(f"not enough disk space in {directory}: the download needs {needed} more bytes, {free} are free")

@@ -10,6 +10,7 @@ run's steps (a time average, as the paper reports it). Outputs run to their draw
 Prefix caching: requests made of one shared k-shot prefix and their own suffix; the wall time of their prefill
 (one new token each) with the prefix cache on and off, in the same run.
 """
+
 from __future__ import annotations
 
 import math
@@ -24,20 +25,21 @@ from engine import BeamSearchParams, LLMEngine, SamplingParams
 @dataclass(frozen=True)
 class LengthMix:
     """Prompt and output lengths, log-normal around the dataset's means (paper, Figure 11)."""
+
     name: str
     prompt_mean: float
     output_mean: float
     sigma: float
-    paper_parallel: str      # the paper's savings for parallel sampling and beam search on this dataset
+    paper_parallel: str  # the paper's savings for parallel sampling and beam search on this dataset
     paper_beam: str
 
-    def draw(self, count: int, generator: torch.Generator, max_prompt: int,
-             max_output: int) -> list[tuple[int, int]]:
+    def draw(self, count: int, generator: torch.Generator, max_prompt: int, max_output: int) -> list[tuple[int, int]]:
         def lengths(mean: float, cap: int) -> list[int]:
             # A log-normal with this sigma has mean exp(mu + sigma^2 / 2).
-            mu = math.log(mean) - self.sigma ** 2 / 2
+            mu = math.log(mean) - self.sigma**2 / 2
             draws = torch.empty(count).log_normal_(mu, self.sigma, generator=generator)
             return [min(cap, max(4, round(x))) for x in draws.tolist()]
+
         return list(zip(lengths(self.prompt_mean, max_prompt), lengths(self.output_mean, max_output)))
 
 
@@ -53,10 +55,10 @@ SHOT_PREFIXES = (("1-shot", 80), ("5-shot", 341))
 @dataclass(frozen=True)
 class SharingResult:
     mix: str
-    kind: str                # "parallel sampling" or "beam search"
-    width: int               # n or beam width
-    blocks_used: int         # summed over steps
-    blocks_unshared: int     # summed over steps
+    kind: str  # "parallel sampling" or "beam search"
+    width: int  # n or beam width
+    blocks_used: int  # summed over steps
+    blocks_unshared: int  # summed over steps
     peak_used: int
     preemptions: int
 
@@ -71,7 +73,7 @@ class PrefixResult:
     prefix_tokens: int
     seconds_off: float
     seconds_on: float
-    computed_off: int        # prompt tokens run through the model
+    computed_off: int  # prompt tokens run through the model
     computed_on: int
 
     @property
@@ -84,8 +86,16 @@ def random_prompt(length: int, vocab: int, generator: torch.Generator) -> list[i
     return torch.randint(vocab // 2, vocab, (length,), generator=generator).tolist()
 
 
-def measure_sharing(engine: LLMEngine, mix: LengthMix, kind: str, width: int, num_requests: int, seed: int,
-                    max_prompt: int, max_output: int) -> SharingResult:
+def measure_sharing(
+    engine: LLMEngine,
+    mix: LengthMix,
+    kind: str,
+    width: int,
+    num_requests: int,
+    seed: int,
+    max_prompt: int,
+    max_output: int,
+) -> SharingResult:
     """Run num_requests requests of the mix with n=width samples or beam_width=width beams."""
     if engine.config.enable_prefix_caching:
         raise ValueError("measure block sharing with prefix caching off: shared prompts would blur it")
@@ -109,8 +119,7 @@ def measure_sharing(engine: LLMEngine, mix: LengthMix, kind: str, width: int, nu
     return SharingResult(mix.name, kind, width, used, unshared, peak, engine.scheduler.num_preemptions - preempted)
 
 
-def measure_prefix_caching(make_engine, name: str, prefix_tokens: int, num_requests: int,
-                           seed: int) -> PrefixResult:
+def measure_prefix_caching(make_engine, name: str, prefix_tokens: int, num_requests: int, seed: int) -> PrefixResult:
     """Prefill num_requests prompts (shared prefix + 16-48 own tokens) with the prefix cache off, then on.
     make_engine(enable_prefix_caching) builds an engine; each is warmed up first on unrelated prompts."""
     seconds, computed = {}, {}
@@ -119,8 +128,10 @@ def measure_prefix_caching(make_engine, name: str, prefix_tokens: int, num_reque
         gen = torch.Generator().manual_seed(seed)
         vocab = engine.model_config.vocab_size
         prefix = random_prompt(prefix_tokens, vocab, gen)
-        prompts = [prefix + random_prompt(int(torch.randint(16, 49, (), generator=gen)), vocab, gen)
-                   for _ in range(num_requests)]
+        prompts = [
+            prefix + random_prompt(int(torch.randint(16, 49, (), generator=gen)), vocab, gen)
+            for _ in range(num_requests)
+        ]
         _prefill(engine, [random_prompt(len(p), vocab, gen) for p in prompts[:4]], "warmup")
         before = engine.get_stats().prompt_tokens_total
         start = time.perf_counter()
@@ -140,21 +151,29 @@ def _prefill(engine: LLMEngine, prompts: list[list[int]], tag: str) -> None:
 
 
 def sharing_table(results: list[SharingResult]) -> str:
-    lines = ["KV blocks saved by sharing (time average over the steps; prefix caching off)",
-             f"{'workload':<9} {'sharing':<18} {'n/width':>7} {'used':>9} {'unshared':>9} {'saved':>6}  "
-             f"{'paper':<11} {'peak':>5} {'preempt':>7}"]
+    lines = [
+        "KV blocks saved by sharing (time average over the steps; prefix caching off)",
+        f"{'workload':<9} {'sharing':<18} {'n/width':>7} {'used':>9} {'unshared':>9} {'saved':>6}  "
+        f"{'paper':<11} {'peak':>5} {'preempt':>7}",
+    ]
     for r in results:
         mix = MIXES[r.mix]
         paper = mix.paper_beam if r.kind == "beam search" else mix.paper_parallel
-        lines.append(f"{r.mix:<9} {r.kind:<18} {r.width:>7} {r.blocks_used:>9} {r.blocks_unshared:>9} "
-                     f"{r.saved:>6.1%}  {paper:<11} {r.peak_used:>5} {r.preemptions:>7}")
+        lines.append(
+            f"{r.mix:<9} {r.kind:<18} {r.width:>7} {r.blocks_used:>9} {r.blocks_unshared:>9} "
+            f"{r.saved:>6.1%}  {paper:<11} {r.peak_used:>5} {r.preemptions:>7}"
+        )
     return "\n".join(lines)
 
 
 def prefix_table(results: list[PrefixResult], num_requests: int) -> str:
-    lines = [f"Prefill of {num_requests} requests sharing a k-shot prefix: prefix cache off vs on",
-             f"{'prefix':<7} {'tokens':>6} {'off':>8} {'on':>8} {'saved':>6} {'computed off':>12} {'computed on':>11}"]
+    lines = [
+        f"Prefill of {num_requests} requests sharing a k-shot prefix: prefix cache off vs on",
+        f"{'prefix':<7} {'tokens':>6} {'off':>8} {'on':>8} {'saved':>6} {'computed off':>12} {'computed on':>11}",
+    ]
     for r in results:
-        lines.append(f"{r.name:<7} {r.prefix_tokens:>6} {r.seconds_off:>7.2f}s {r.seconds_on:>7.2f}s "
-                     f"{r.saved:>6.1%} {r.computed_off:>12} {r.computed_on:>11}")
+        lines.append(
+            f"{r.name:<7} {r.prefix_tokens:>6} {r.seconds_off:>7.2f}s {r.seconds_on:>7.2f}s "
+            f"{r.saved:>6.1%} {r.computed_off:>12} {r.computed_on:>11}"
+        )
     return "\n".join(lines)

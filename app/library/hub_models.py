@@ -23,9 +23,9 @@ from types import SimpleNamespace
 from huggingface_hub import constants, scan_cache_dir
 from huggingface_hub.errors import CacheNotFound
 
-from app import model_store
-from app.hub_files import HubError, Progress, RemoteFile, check_space, download_file, remote_files
-from app.machine import local_num_params
+from app.library import model_store
+from app.library.hub_files import HubError, Progress, RemoteFile, check_space, download_file, remote_files
+from app.library.machine import local_num_params
 from engine.models.hub import ModelLoadError
 
 
@@ -69,18 +69,20 @@ def _cache_dir() -> Path:
 
 # ---------------------------------------------------------------------------------------------------- listing
 
+
 def _gguf_model(path: Path, name: str, size: int, is_default: bool) -> LocalModel:
     # the engine's own reader: it checks the header and that the file holds every tensor (truncation), and takes
     # milliseconds where gguf.GGUFReader takes seconds (it maps each of the ~50k vocabulary strings)
     from engine.models.gguf import GGUFCheckpoint
 
     try:
-        fields = GGUFCheckpoint(path).config_fields   # no LlamaConfig: that would import transformers' models
+        fields = GGUFCheckpoint(path).config_fields  # no LlamaConfig: that would import transformers' models
         num_params = local_num_params(path)
     except ModelLoadError as e:
         return LocalModel(name, path, size, "?", None, is_default, problem=str(e))
-    return LocalModel(name, path, size, fields["architectures"][0], fields["max_position_embeddings"], is_default,
-                      num_params)
+    return LocalModel(
+        name, path, size, fields["architectures"][0], fields["max_position_embeddings"], is_default, num_params
+    )
 
 
 def _hf_model(snapshot: Path, name: str, size: int) -> LocalModel | None:
@@ -101,8 +103,9 @@ def _hf_model(snapshot: Path, name: str, size: int) -> LocalModel | None:
     except ModelLoadError as e:
         return LocalModel(name, snapshot, size, family, None, problem=str(e))
     context = config.get("max_position_embeddings")
-    return LocalModel(name, snapshot, size, family, context if isinstance(context, int) else None,
-                      num_params=num_params)
+    return LocalModel(
+        name, snapshot, size, family, context if isinstance(context, int) else None, num_params=num_params
+    )
 
 
 def list_local_models() -> list[LocalModel]:
@@ -132,12 +135,18 @@ def list_local_models() -> list[LocalModel]:
 
 # ---------------------------------------------------------------------------------------------------- pulling
 
+
 def _repo_dir(repo_id: str) -> Path:
     return _cache_dir() / ("models--" + repo_id.replace("/", "--"))
 
 
-def pull(model: str, revision: str | None = None, progress: Progress | None = None,
-         endpoint: str | None = None, cancel: threading.Event | None = None) -> Path:
+def pull(
+    model: str,
+    revision: str | None = None,
+    progress: Progress | None = None,
+    endpoint: str | None = None,
+    cancel: threading.Event | None = None,
+) -> Path:
     """Download `model` ("org/name" or "org/name@rev") into the Hugging Face cache; returns the snapshot dir.
 
     Only what the engine reads is fetched. An interrupted pull leaves `.incomplete` blobs that the next pull
@@ -161,8 +170,11 @@ def pull(model: str, revision: str | None = None, progress: Progress | None = No
     files.sort(key=lambda f: f.name != "config.json")
     total = sum(f.size for f in files)
     missing = [f for f in files if not (blobs / f.etag).is_file()]
-    partial_bytes = sum((blobs / (f.etag + ".incomplete")).stat().st_size for f in missing
-                        if (blobs / (f.etag + ".incomplete")).is_file())
+    partial_bytes = sum(
+        (blobs / (f.etag + ".incomplete")).stat().st_size
+        for f in missing
+        if (blobs / (f.etag + ".incomplete")).is_file()
+    )
     check_space(blobs, sum(f.size for f in missing) - partial_bytes)
 
     done = 0
@@ -202,8 +214,10 @@ def _check_architecture(config_file: Path, repo_id: str) -> None:
     except ValueError as e:
         raise HubError(f"{repo_id}'s config.json is not valid JSON: {e}") from None
     if not any(is_supported_architecture(a) for a in architectures):
-        raise HubError(f"{repo_id} is a {', '.join(architectures) or 'model naming no architecture'}, "
-                       "an architecture kvstudio cannot run")
+        raise HubError(
+            f"{repo_id} is a {', '.join(architectures) or 'model naming no architecture'}, "
+            "an architecture kvstudio cannot run"
+        )
 
 
 # ---------------------------------------------------------------------------------------------------- interrupted
@@ -214,6 +228,7 @@ _MANIFEST = "kvstudio-pull.json"  # beside blobs/ while a pull is unfinished; hu
 @dataclass(frozen=True)
 class InterruptedPull:
     """A pull that stopped before its end (it failed, was cancelled, or the app closed) and can be resumed."""
+
     model: str  # what was pulled, "org/name[@revision]": pulling it again continues where it stopped
     repo_id: str
     done: int  # bytes of it on disk
@@ -282,6 +297,7 @@ def discard_interrupted(repo_id: str) -> int:
 
 # ---------------------------------------------------------------------------------------------------- removing
 
+
 def remove(name: str, force: bool = False) -> int:
     """Delete a model from the library: every cached revision of a Hub repo, or (with force) the default
     GGUF file. Returns the bytes freed."""
@@ -290,8 +306,10 @@ def remove(name: str, force: bool = False) -> int:
         if not default.is_file():
             raise HubError(f"the default model {default.name} is not in the library")
         if not force:
-            raise HubError(f"{default.name} is the default model (kvstudio fetches it again on next use); "
-                           "pass --force to remove it anyway")
+            raise HubError(
+                f"{default.name} is the default model (kvstudio fetches it again on next use); "
+                "pass --force to remove it anyway"
+            )
         size = default.stat().st_size
         default.unlink()
         return size

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from engine import LLMEngine, SamplingParams
 
 # W64 (see resources/bench/): 64 chat requests of 128 new tokens each.
-BUILTIN_WORKLOAD = Path(__file__).resolve().parent.parent / "resources" / "bench" / "w64_prompts.jsonl"
+BUILTIN_WORKLOAD = Path(__file__).resolve().parents[2] / "resources" / "bench" / "w64_prompts.jsonl"
 HF_BATCH_SIZE = 16
 
 
@@ -44,8 +44,10 @@ class BenchResult:
         return self.generated_tokens / self.seconds
 
     def summary(self) -> str:
-        return (f"{self.name}: {self.generated_tokens} tokens in {self.seconds:.2f} s = "
-                f"{self.tokens_per_s:.1f} tok/s ({len(self.token_ids)} requests)")
+        return (
+            f"{self.name}: {self.generated_tokens} tokens in {self.seconds:.2f} s = "
+            f"{self.tokens_per_s:.1f} tok/s ({len(self.token_ids)} requests)"
+        )
 
 
 def load_workload(path: Path, num_prompts: int | None = None, max_tokens: int | None = None) -> list[BenchRequest]:
@@ -67,12 +69,15 @@ def load_workload(path: Path, num_prompts: int | None = None, max_tokens: int | 
         except json.JSONDecodeError as e:
             raise ValueError(f"{where}: not JSON ({e.msg})") from e
         messages = item.get("messages") if isinstance(item, dict) else None
-        if not (isinstance(messages, list) and messages
-                and all(isinstance(m, dict) and {"role", "content"} <= m.keys() for m in messages)):
-            raise ValueError(f"{where}: expected \"messages\": a non-empty list of {{\"role\", \"content\"}}")
+        if not (
+            isinstance(messages, list)
+            and messages
+            and all(isinstance(m, dict) and {"role", "content"} <= m.keys() for m in messages)
+        ):
+            raise ValueError(f'{where}: expected "messages": a non-empty list of {{"role", "content"}}')
         tokens = item.get("max_tokens") if max_tokens is None else max_tokens
         if not isinstance(tokens, int) or isinstance(tokens, bool) or tokens < 1:
-            raise ValueError(f"{where}: expected \"max_tokens\": an integer >= 1, got {tokens!r}")
+            raise ValueError(f'{where}: expected "max_tokens": an integer >= 1, got {tokens!r}')
         requests.append(BenchRequest(messages, tokens))
     if not requests:
         raise ValueError(f"the workload {path} has no requests")
@@ -87,8 +92,9 @@ def greedy_params(request: BenchRequest) -> SamplingParams:
     return SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=request.max_tokens)
 
 
-def run_engine(engine: LLMEngine, prompt_token_ids: list[list[int]], params: list[SamplingParams],
-               progress: bool = True) -> BenchResult:
+def run_engine(
+    engine: LLMEngine, prompt_token_ids: list[list[int]], params: list[SamplingParams], progress: bool = True
+) -> BenchResult:
     """Submit every request at once and step the engine until all finish (continuous batching)."""
     counts: dict[str, int] = {}  # tokens generated so far, per request
     finished: dict[str, list[int]] = {}
@@ -125,31 +131,52 @@ def load_hf_model(model: str) -> tuple[torch.nn.Module, int]:
         hf.tie_weights()
         missing = [name for name in missing if name != "lm_head.weight"]
     if missing or unexpected:
-        raise ValueError(f"{model}: weights do not match transformers' model: "
-                         f"missing {missing[:5]}, unexpected {unexpected[:5]}")
+        raise ValueError(
+            f"{model}: weights do not match transformers' model: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
     pad = source.tokenizer.pad_token_id
     return hf.eval(), pad if pad is not None else source.eos_token_ids[0]
 
 
-def run_hf_generate(model: torch.nn.Module, pad_token_id: int, prompt_token_ids: list[list[int]], max_tokens: int,
-                    batch_size: int = HF_BATCH_SIZE, progress: bool = True) -> BenchResult:
+def run_hf_generate(
+    model: torch.nn.Module,
+    pad_token_id: int,
+    prompt_token_ids: list[list[int]],
+    max_tokens: int,
+    batch_size: int = HF_BATCH_SIZE,
+    progress: bool = True,
+) -> BenchResult:
     """Static batches in workload order, left-padded, greedy, exactly max_tokens new tokens per prompt."""
     generated: list[list[int]] = []
-    with torch.inference_mode(), tqdm(total=len(prompt_token_ids) * max_tokens, unit="tok", desc="hf generate",
-                                      disable=not progress, dynamic_ncols=True) as bar:
+    with (
+        torch.inference_mode(),
+        tqdm(
+            total=len(prompt_token_ids) * max_tokens,
+            unit="tok",
+            desc="hf generate",
+            disable=not progress,
+            dynamic_ncols=True,
+        ) as bar,
+    ):
         start = time.perf_counter()
         for first in range(0, len(prompt_token_ids), batch_size):
-            batch = prompt_token_ids[first:first + batch_size]
+            batch = prompt_token_ids[first : first + batch_size]
             width = max(len(ids) for ids in batch)
             # input_ids, attention_mask: [batch, width], prompts aligned to the right
             input_ids = torch.full((len(batch), width), pad_token_id, dtype=torch.long)
             attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
             for row, ids in enumerate(batch):
-                input_ids[row, width - len(ids):] = torch.tensor(ids)
-                attention_mask[row, width - len(ids):] = 1
+                input_ids[row, width - len(ids) :] = torch.tensor(ids)
+                attention_mask[row, width - len(ids) :] = 1
             # out: [batch, width + max_tokens]
-            out = model.generate(input_ids=input_ids, attention_mask=attention_mask, do_sample=False,
-                                 max_new_tokens=max_tokens, min_new_tokens=max_tokens, pad_token_id=pad_token_id)
+            out = model.generate(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                do_sample=False,
+                max_new_tokens=max_tokens,
+                min_new_tokens=max_tokens,
+                pad_token_id=pad_token_id,
+            )
             generated.extend(out[:, width:].tolist())
             bar.update(out[:, width:].numel())
         seconds = time.perf_counter() - start

