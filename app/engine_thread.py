@@ -5,6 +5,11 @@ event loop, the desktop app's UI thread, workers) submit and abort requests thro
 engine thread drains between steps; outputs go back through per-request callbacks, which asyncio callers wrap in
 an async iterator. Every `stats_interval` seconds at most, listeners get a snapshot of the engine's stats and
 block map, taken on the engine thread so it is consistent.
+
+Nothing a caller, a callback or a listener does can end the engine thread: a caller cancelled while its request
+waits for acceptance has it dropped (or aborted once accepted), and callbacks and listeners that raise are logged.
+If the thread dies anyway (a bug in the engine), every waiting request gets EngineDeadError in words, later
+submits are refused with it, and failure listeners (the server's /health, the desktop window) are told.
 """
 
 from __future__ import annotations
@@ -19,13 +24,14 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
-from engine import BeamSearchParams, BlockMap, EngineStats, LLMEngine, RequestOutput, SamplingParams
+from engine import BeamSearchParams, BlockMap, EngineStats, LLMEngine, PromptType, RequestOutput, SamplingParams
 
 logger = logging.getLogger(__name__)
 
 # What a request's callback receives: its outputs as they grow, or the exception that ended it.
 OutputCallback = Callable[[RequestOutput | BaseException], None]
 StatsListener = Callable[["EngineSnapshot"], None]
+FailureListener = Callable[["EngineDeadError"], None]
 
 
 class QueueFullError(RuntimeError):
@@ -34,6 +40,10 @@ class QueueFullError(RuntimeError):
 
 class EngineStoppedError(RuntimeError):
     """The engine thread is stopping or stopped and takes no new requests."""
+
+
+class EngineDeadError(EngineStoppedError):
+    """The engine thread ended on an internal error: no request runs until the model is loaded again."""
 
 
 @dataclass(frozen=True)
@@ -46,7 +56,7 @@ class EngineSnapshot:
 @dataclass
 class _Submit:
     request_id: str
-    prompt: str | dict
+    prompt: PromptType
     params: SamplingParams | BeamSearchParams
     callback: OutputCallback
     accepted: concurrent.futures.Future
@@ -71,6 +81,8 @@ class EngineThread:
         self._num_unfinished = 0  # submitted, not yet finished; guarded by _lock
         self._lock = threading.Lock()
         self._listeners: list[StatsListener] = []
+        self._failure_listeners: list[FailureListener] = []
+        self._failure: EngineDeadError | None = None  # set once, when the thread dies; guarded by _lock
         self._ids = itertools.count()
         self._stopping = False
         self._last_snapshot_at = 0.0
@@ -82,28 +94,41 @@ class EngineThread:
         return self
 
     @property
+    def failure(self) -> EngineDeadError | None:
+        """Why the engine thread died, or None while it serves (or after a clean stop)."""
+        with self._lock:
+            return self._failure
+
+    def new_request_id(self) -> str:
+        return f"req-{next(self._ids)}"
+
+    @property
     def num_unfinished(self) -> int:
         with self._lock:
             return self._num_unfinished
 
     def submit(
         self,
-        prompt: str | dict,
+        prompt: PromptType,
         params: SamplingParams | BeamSearchParams,
         callback: OutputCallback,
         request_id: str | None = None,
     ) -> concurrent.futures.Future:
         """Queue a request. The returned future resolves to its request id once the engine has accepted it, or
         raises the engine's ValueError for a bad request. Raises QueueFullError / EngineStoppedError at once."""
+        accepted: concurrent.futures.Future = concurrent.futures.Future()
+        rid = request_id if request_id is not None else self.new_request_id()
         with self._lock:
+            if self._failure is not None:
+                raise self._failure
             if self._stopping:
                 raise EngineStoppedError("the engine is shutting down")
             if self.max_queue is not None and self._num_unfinished >= self.max_queue:
                 raise QueueFullError(f"{self._num_unfinished} requests are already queued (limit {self.max_queue})")
             self._num_unfinished += 1
-        accepted: concurrent.futures.Future = concurrent.futures.Future()
-        rid = request_id if request_id is not None else f"req-{next(self._ids)}"
-        self._commands.put(_Submit(rid, prompt, params, callback, accepted))
+            # Queued under the lock: a dying engine thread sets _failure under it too, then drains the queue, so
+            # no submit can slip in after the drain and wait forever.
+            self._commands.put(_Submit(rid, prompt, params, callback, accepted))
         return accepted
 
     def abort(self, request_id: str) -> None:
@@ -111,18 +136,20 @@ class EngineThread:
         self._commands.put(_Abort(request_id))
 
     async def generate(
-        self, prompt: str | dict, params: SamplingParams | BeamSearchParams, request_id: str | None = None
+        self, prompt: PromptType, params: SamplingParams | BeamSearchParams, request_id: str | None = None
     ) -> AsyncIterator[RequestOutput]:
         """Outputs of one request as they grow, the last one finished. Leaving the loop early (a client that
-        went away, a cancelled task) aborts the request at once."""
+        went away, a cancelled task) aborts the request at once, also while it still waits to be accepted."""
         loop = asyncio.get_running_loop()
         outputs: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
-        accepted = self.submit(
-            prompt, params, lambda item: loop.call_soon_threadsafe(outputs.put_nowait, item), request_id
-        )
-        rid = await asyncio.wrap_future(accepted)
+        rid = request_id if request_id is not None else self.new_request_id()
+        accepted = self.submit(prompt, params, lambda item: loop.call_soon_threadsafe(outputs.put_nowait, item), rid)
         finished = False
         try:
+            # Cancelled here, the future is cancelled too: the engine thread then drops the request unaccepted,
+            # or, if it accepted it already, the abort below stops it. (A refused request raises here too; the
+            # abort that follows finds nothing to stop.)
+            await asyncio.wrap_future(accepted)
             while not finished:
                 item = await outputs.get()
                 if isinstance(item, BaseException):
@@ -143,6 +170,21 @@ class EngineThread:
         if listener in self._listeners:
             self._listeners.remove(listener)
 
+    def add_failure_listener(self, listener: FailureListener) -> None:
+        """listener(error) is called once, on the dying engine thread, if the thread ends on an internal error;
+        at once if it has already."""
+        with self._lock:
+            failure = self._failure
+            if failure is None:
+                self._failure_listeners.append(listener)
+        if failure is not None:
+            listener(failure)
+
+    def remove_failure_listener(self, listener: FailureListener) -> None:
+        with self._lock:
+            if listener in self._failure_listeners:
+                self._failure_listeners.remove(listener)
+
     def stop(self, drain_timeout: float | None = None) -> None:
         """Take no new requests; wait up to drain_timeout seconds (None: no wait) for the running ones to finish,
         abort the rest, and end the thread."""
@@ -156,6 +198,12 @@ class EngineThread:
 
     # ---- the engine thread ------------------------------------------------------------------------------------
     def _run(self) -> None:
+        try:
+            self._serve()
+        except BaseException as e:  # a bug: say so to everyone waiting instead of leaving them hanging
+            self._die(e)
+
+    def _serve(self) -> None:
         engine = self.engine
         while True:
             # Idle: sleep until a command arrives (waking once a second so listeners see the rates fall to 0).
@@ -191,6 +239,9 @@ class EngineThread:
             if callback is not None:
                 engine.abort_request(command.request_id)
                 self._finished()
+            return
+        if not command.accepted.set_running_or_notify_cancel():
+            self._finished()  # its caller left before the engine saw it: nothing to run, nothing to abort
             return
         try:
             engine.add_request(command.request_id, command.prompt, command.params)
@@ -243,6 +294,38 @@ class EngineThread:
             except Exception:
                 logger.exception("a stats listener failed")
 
+    def _die(self, error: BaseException) -> None:
+        logger.critical("the engine thread died", exc_info=error)
+        dead = EngineDeadError(
+            f"the engine stopped after an internal error ({type(error).__name__}: {error}); load the model again"
+        )
+        dead.__cause__ = error
+        with self._lock:
+            self._failure = dead
+            self._stopping = True
+            listeners, self._failure_listeners = self._failure_listeners, []
+        for rid, callback in list(self._callbacks.items()):
+            try:
+                self.engine.abort_request(rid)
+            except Exception:  # the engine is broken already: its callers must still hear why
+                logger.exception("aborting %s after the engine thread's failure failed", rid)
+            self._deliver(callback, dead)
+            self._finished()
+        self._callbacks.clear()
+        self._refuse_queued(dead)
+        for listener in listeners:
+            try:
+                listener(dead)
+            except Exception:
+                logger.exception("a failure listener failed")
+
+    def _refuse_queued(self, error: EngineStoppedError) -> None:
+        while (command := self._next_command()) is not _EMPTY:
+            if isinstance(command, _Submit):
+                if command.accepted.set_running_or_notify_cancel():
+                    command.accepted.set_exception(error)
+                self._finished()
+
     def _shutdown(self) -> None:
         """Abort whatever is still running; its callers get EngineStoppedError."""
         for rid, callback in list(self._callbacks.items()):
@@ -250,8 +333,5 @@ class EngineThread:
             self._deliver(callback, EngineStoppedError("the engine stopped before the request finished"))
             self._finished()
         self._callbacks.clear()
-        while (command := self._next_command()) is not _EMPTY:
-            if isinstance(command, _Submit):
-                command.accepted.set_exception(EngineStoppedError("the engine stopped"))
-                self._finished()
+        self._refuse_queued(EngineStoppedError("the engine stopped"))
         self._publish(force=True)

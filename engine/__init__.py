@@ -5,6 +5,7 @@ from engine.config import EngineConfig, ModelConfig
 from engine.llm import LLM, BeamSearchOutput, BeamSearchSequence
 from engine.llm_engine import LLMEngine
 from engine.outputs import BlockMap, CompletionOutput, EngineStats, RequestOutput
+from engine.prompts import ChatTemplateError, PromptType, TextPrompt, TokensPrompt, render_chat
 from engine.sampling_params import SamplingParams
 
 __all__ = [
@@ -13,11 +14,16 @@ __all__ = [
     "BeamSearchParams",
     "BeamSearchSequence",
     "BlockMap",
+    "ChatTemplateError",
     "CompletionOutput",
     "EngineConfig",
     "EngineStats",
     "LLMEngine",
     "ModelConfig",
+    "PromptType",
     "RequestOutput",
     "SamplingParams",
+    "TextPrompt",
+    "TokensPrompt",
+    "render_chat",
 ]

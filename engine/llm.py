@@ -13,9 +13,8 @@ from engine.beam_search import BeamSearchParams
 from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
 from engine.outputs import RequestOutput
+from engine.prompts import PromptType, render_chat
 from engine.sampling_params import SamplingParams
-
-PromptType = str | dict
 
 
 @dataclass
@@ -68,15 +67,10 @@ class LLM:
         """Apply the model's chat template to one conversation or a list of them, then generate."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
         tok = self.get_tokenizer()
-        if chat_template is None and not getattr(tok, "chat_template", None):
-            raise ValueError("this model has no chat template; pass chat_template= or use generate()")
-        prompts = []
-        for conv in conversations:
-            text = tok.apply_chat_template(
-                conv, tokenize=False, add_generation_prompt=add_generation_prompt, chat_template=chat_template
-            )
-            # The template already holds the special tokens it wants (BOS and the like).
-            prompts.append({"prompt": text, "prompt_token_ids": tok.encode(text, add_special_tokens=False)})
+        prompts = [
+            render_chat(tok, conv, add_generation_prompt=add_generation_prompt, chat_template=chat_template)
+            for conv in conversations
+        ]
         return self.generate(prompts, sampling_params, use_tqdm)
 
     def beam_search(

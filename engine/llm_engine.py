@@ -19,6 +19,7 @@ from engine.model_runner import ModelRunner
 from engine.models.loader import open_model
 from engine.models.registry import model_class
 from engine.outputs import BlockMap, CompletionOutput, EngineStats, RequestOutput
+from engine.prompts import PromptType
 from engine.sampler import Sampler, SamplingBatch
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
@@ -90,7 +91,7 @@ class LLMEngine:
 
     # ---- requests -----------------------------------------------------------------------------------------
     def add_request(
-        self, request_id: str, prompt: str | dict, params: SamplingParams | BeamSearchParams | None = None
+        self, request_id: str, prompt: PromptType, params: SamplingParams | BeamSearchParams | None = None
     ) -> None:
         """Queue a request. SamplingParams(n=N) gives N samples sharing the prompt's blocks; BeamSearchParams runs
         a beam search whose beams share blocks, and whose output lists the beams best first."""
@@ -146,7 +147,7 @@ class LLMEngine:
         beam = BeamSearchState(params, self.eos_token_ids)
         return SequenceGroup(request_id, text, token_ids, seq_params, [seq], beam=beam)
 
-    def _tokenize(self, prompt: str | dict) -> tuple[str | None, list[int]]:
+    def _tokenize(self, prompt: PromptType) -> tuple[str | None, list[int]]:
         if isinstance(prompt, str):
             return prompt, self.tokenizer.encode(prompt)
         if isinstance(prompt, dict) and "prompt_token_ids" in prompt:

@@ -21,11 +21,10 @@ from dataclasses import dataclass
 
 from PySide6.QtCore import QObject, Signal
 
-from app.conversation import chat_prompt
 from app.engine_thread import EngineThread
 from app.library.machine import ModelFit, check_model_fits
 from app.remote_client import Endpoint, RemoteClient, TextUpdate, list_models
-from engine import LLM, RequestOutput, SamplingParams
+from engine import LLM, PromptType, RequestOutput, SamplingParams, render_chat
 
 
 @dataclass(frozen=True)
@@ -231,7 +230,7 @@ class EngineBridge(QObject):
         when nothing is connected or loaded, and the template's error when it cannot render `messages`."""
         if self.remote is not None:
             return PreparedChat(messages)
-        return PreparedChat(messages, chat_prompt(self._local_thread().engine.tokenizer, messages))
+        return PreparedChat(messages, render_chat(self._local_thread().engine.tokenizer, messages))
 
     def submit_chat(self, chat: list[dict] | PreparedChat, params: SamplingParams) -> str:
         """Queue a chat (OpenAI-style messages, or prepare_chat's result); the reply arrives as request_update,
@@ -250,7 +249,7 @@ class EngineBridge(QObject):
             return self.submit_chat(chat.messages, params)
         return self._submit_local(thread or self._local_thread(), chat.prompt, params)
 
-    def submit(self, prompt: str | dict, params: SamplingParams) -> str:
+    def submit(self, prompt: PromptType, params: SamplingParams) -> str:
         """Queue a raw-text prompt (or, to the local engine, {"prompt_token_ids": [...]}) as a completion.
         Raises RuntimeError when nothing is connected or loaded and QueueFullError when the engine's queue is
         full."""
@@ -281,7 +280,7 @@ class EngineBridge(QObject):
             raise RuntimeError("no model is loaded")
         return thread
 
-    def _submit_local(self, thread: EngineThread, prompt: str | dict, params: SamplingParams) -> str:
+    def _submit_local(self, thread: EngineThread, prompt: PromptType, params: SamplingParams) -> str:
         rid = self._new_id()
 
         def deliver(item: RequestOutput | BaseException) -> None:

@@ -7,7 +7,6 @@ import gc
 import sys
 
 from app.cli.options import engine_kwargs, load_llm
-from app.conversation import chat_prompt
 
 
 def run(args: argparse.Namespace) -> int:
@@ -22,6 +21,7 @@ def run_bench_throughput(args: argparse.Namespace) -> int:
     import torch
 
     from app.bench import throughput as bench
+    from engine import render_chat
 
     requests = bench.load_workload(args.prompts or bench.BUILTIN_WORKLOAD, args.num_prompts, args.max_tokens)
     if args.baseline == "hf" and len({r.max_tokens for r in requests}) > 1:
@@ -30,7 +30,7 @@ def run_bench_throughput(args: argparse.Namespace) -> int:
     llm = load_llm(args.model, engine_kwargs(args))
     model = llm.llm_engine.config.model
     tokenizer = llm.get_tokenizer()
-    prompt_ids = [chat_prompt(tokenizer, r.messages)["prompt_token_ids"] for r in requests]
+    prompt_ids = [render_chat(tokenizer, r.messages)["prompt_token_ids"] for r in requests]
     print(
         f"{len(requests)} requests, {sum(map(len, prompt_ids))} prompt tokens, "
         f"{sum(r.max_tokens for r in requests)} tokens to generate; torch threads: {torch.get_num_threads()}"

@@ -13,11 +13,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
 from app.cli import options
-from app.conversation import chat_prompt
 from app.library import model_store
 
 if TYPE_CHECKING:
-    from engine import LLM, LLMEngine, SamplingParams
+    from engine import LLM, LLMEngine, PromptType, SamplingParams
 
 CHAT_HELP = "Chat with the model: /reset starts a new conversation, /exit or Ctrl-D quits, Ctrl-C stops a reply."
 
@@ -201,7 +200,7 @@ def use_chat_template(wanted: bool | None, tokenizer) -> bool:
 
 
 def stream_completion(
-    engine: LLMEngine, request_id: str, prompt: str | dict, params: SamplingParams, out: TextIO
+    engine: LLMEngine, request_id: str, prompt: PromptType, params: SamplingParams, out: TextIO
 ) -> str:
     """Run one request, writing its text to `out` as it grows; returns the whole text."""
     engine.add_request(request_id, prompt, params)
@@ -223,6 +222,8 @@ def stream_completion(
 
 def chat_loop(llm: LLM, params: SamplingParams, out: TextIO | None = None) -> None:
     """Read user turns from stdin until /exit or end of input; the conversation is kept across turns."""
+    from engine import render_chat
+
     out = out or sys.stdout
     engine, tokenizer = llm.llm_engine, llm.get_tokenizer()
     use_chat_template(True, tokenizer)
@@ -244,7 +245,7 @@ def chat_loop(llm: LLM, params: SamplingParams, out: TextIO | None = None) -> No
             continue
         messages.append({"role": "user", "content": line})
         try:
-            reply = stream_completion(engine, next(request_ids), chat_prompt(tokenizer, messages), params, out)
+            reply = stream_completion(engine, next(request_ids), render_chat(tokenizer, messages), params, out)
         except KeyboardInterrupt:
             messages.pop()
             out.write("\n[reply stopped]\n")
@@ -258,6 +259,8 @@ def chat_loop(llm: LLM, params: SamplingParams, out: TextIO | None = None) -> No
 
 
 def run_generate(args: argparse.Namespace) -> int:
+    from engine import render_chat
+
     params = options.sampling_params(args)  # bad values fail here, before the model loads
     prompt = args.prompt
     if prompt is None and not sys.stdin.isatty():
@@ -273,7 +276,7 @@ def run_generate(args: argparse.Namespace) -> int:
         return 0
     tokenizer = llm.get_tokenizer()
     if use_chat_template(args.chat, tokenizer):
-        request = chat_prompt(tokenizer, [{"role": "user", "content": prompt}])
+        request = render_chat(tokenizer, [{"role": "user", "content": prompt}])
     else:
         request = prompt
     stream_completion(llm.llm_engine, "generate", request, params, sys.stdout)

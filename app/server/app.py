@@ -359,6 +359,11 @@ async def detokenize(request: web.Request) -> web.Response:
 
 
 async def health(request: web.Request) -> web.Response:
+    """200 while the engine serves; 503 with the reason once its thread has died (a load balancer or the desktop
+    window then knows to reload the model)."""
+    failure = request.app[_STATE].engine.failure
+    if failure is not None:
+        return web.json_response({"status": "error", "error": str(failure)}, status=503)
     return web.json_response({"status": "ok"})
 
 

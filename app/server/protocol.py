@@ -12,9 +12,8 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from jinja2 import TemplateError
-
-from engine import SamplingParams
+from engine import ChatTemplateError, SamplingParams, TokensPrompt, render_chat
+from engine.prompts import has_chat_template
 from engine.sampling_params import MAX_LOGPROBS
 
 # More samples than this from a local server is a mistake rather than a use; it would crowd out every other client.
@@ -380,21 +379,17 @@ def _check_response_format(body: dict) -> None:
 
 def _chat_prompt(
     messages: Any, model: ModelInfo, tools: list[dict] | None = None, add_generation_prompt: bool = True
-) -> dict:
+) -> TokensPrompt:
     """messages -> the engine prompt, through the model's chat template (which holds its own special tokens)."""
     if not isinstance(messages, list) or not messages:
         raise _bad("messages", "messages must be a non-empty list")
     conversation = [_message(m, i) for i, m in enumerate(messages)]
-    tok = model.tokenizer
-    if not getattr(tok, "chat_template", None):
+    if not has_chat_template(model.tokenizer):
         raise _bad("messages", f"{model.name} has no chat template: use /v1/completions")
     try:
-        text = tok.apply_chat_template(
-            conversation, tools=tools, tokenize=False, add_generation_prompt=add_generation_prompt
-        )
-    except (TemplateError, TypeError, ValueError, KeyError) as e:  # templates raise on roles they do not take
-        raise _bad("messages", f"the chat template rejected the messages: {e}") from None
-    return {"prompt_token_ids": tok.encode(text, add_special_tokens=False), "prompt": text}
+        return render_chat(model.tokenizer, conversation, tools=tools, add_generation_prompt=add_generation_prompt)
+    except ChatTemplateError as e:
+        raise _bad("messages", str(e)) from None
 
 
 def parse_chat_request(body: Any, model: ModelInfo) -> GenerationRequest:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+import engine
 from app.cli import main as cli
 from app.cli import options
 from engine import LLM, SamplingParams
@@ -170,13 +171,13 @@ def test_generate_reads_the_prompt_from_stdin(monkeypatch, capsys, loaded):
 def test_interactive_chat_keeps_the_conversation(monkeypatch, capsys, loaded):
     monkeypatch.setattr(sys, "stdin", TerminalInput("Hi, I am Ada.\nWhat is my name?\n/exit\n"))
     conversations: list[list[dict]] = []
-    real_chat_prompt = cli.chat_prompt
+    real_render_chat = engine.render_chat
 
-    def chat_prompt(tokenizer, messages):
+    def render_chat(tokenizer, messages):
         conversations.append([dict(m) for m in messages])
-        return real_chat_prompt(tokenizer, messages)
+        return real_render_chat(tokenizer, messages)
 
-    monkeypatch.setattr(cli, "chat_prompt", chat_prompt)
+    monkeypatch.setattr(engine, "render_chat", render_chat)
     assert cli.main(["generate", "--max-tokens", "6", "--temperature", "0"]) == 0
     first, second = conversations
     assert first == [{"role": "user", "content": "Hi, I am Ada."}]

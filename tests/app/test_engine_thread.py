@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from app.engine_thread import EngineStoppedError, EngineThread, QueueFullError
+from app.engine_thread import EngineDeadError, EngineStoppedError, EngineThread, QueueFullError
 from engine import LLM, SamplingParams
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
@@ -131,7 +131,115 @@ def test_listeners_see_the_pool_fill_and_empty(llm, thread):
     asyncio.run(main())
     assert max(s.stats.num_blocks_used for s in snapshots) > 0
     assert any(s.block_map.owners for s in snapshots)
-    assert snapshots[-1].stats.num_blocks_used == 0 and snapshots[-1].stats.num_running == 0
+    # The last outputs reach their callers before the engine thread publishes the idle snapshot that follows.
+    emptied = threading.Event()
+    thread.add_listener(lambda s: s.stats.num_blocks_used == 0 and s.stats.num_running == 0 and emptied.set())
+    assert emptied.wait(timeout=30)
+
+
+def _hold_engine_thread(thread, outputs: list | None = None, max_tokens: int = 2):
+    """Submit a request whose first output blocks the engine thread until the returned event is set, so that
+    commands queued meanwhile wait for acceptance. Its outputs go to `outputs`."""
+    blocked, release = threading.Event(), threading.Event()
+
+    def on_output(out):
+        if outputs is not None:
+            outputs.append(out)
+        if not blocked.is_set():
+            blocked.set()
+            release.wait(timeout=30)
+
+    thread.submit(PROMPTS[3], SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True), on_output)
+    assert blocked.wait(timeout=30)
+    return release
+
+
+def test_a_caller_cancelled_before_acceptance_leaves_the_engine_serving_and_its_request_unrun(llm, thread):
+    engine = llm.llm_engine
+    before = engine.get_stats().generation_tokens_total
+    release = _hold_engine_thread(thread)
+
+    async def main():
+        long = SamplingParams(temperature=0.0, max_tokens=200, ignore_eos=True)
+        task = asyncio.create_task(anext(thread.generate(PROMPTS[0], long, request_id="gone")))
+        await asyncio.sleep(0)  # the task submits, then waits for acceptance
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        release.set()
+        return [out async for out in thread.generate(PROMPTS[1], GREEDY)][-1]
+
+    last = asyncio.run(main())
+    assert last.finished and len(last.outputs[0].token_ids) == 12  # the thread serves on
+    assert thread._thread.is_alive() and thread.failure is None
+    assert not engine.has_request("gone")
+    # Only the holder's 2 tokens and the later request's 12: the cancelled one never ran.
+    assert engine.get_stats().generation_tokens_total - before == 2 + 12
+    assert thread.num_unfinished == 0
+
+
+def test_a_caller_cancelled_right_after_acceptance_has_its_request_aborted(llm, thread):
+    engine = llm.llm_engine
+    before = engine.get_stats().generation_tokens_total
+    long = SamplingParams(temperature=0.0, max_tokens=200, ignore_eos=True)
+    accepted = threading.Event()
+    real_add = engine.add_request
+
+    def add_and_signal(*args, **kwargs):
+        real_add(*args, **kwargs)
+        accepted.set()
+
+    async def main():
+        task = asyncio.create_task(anext(thread.generate(PROMPTS[0], long, request_id="leaves")))
+        await asyncio.get_running_loop().run_in_executor(None, accepted.wait, 30)
+        task.cancel()  # accepted, but its caller has seen nothing yet
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    engine.add_request = add_and_signal
+    try:
+        asyncio.run(main())
+    finally:
+        del engine.add_request
+    emptied = threading.Event()
+    thread.add_listener(lambda s: s.stats.num_running == 0 and s.stats.num_waiting == 0 and emptied.set())
+    assert emptied.wait(timeout=30)
+    assert not engine.has_request("leaves") and thread.num_unfinished == 0
+    assert engine.get_stats().generation_tokens_total - before < 50  # far fewer than the 200 asked for
+
+
+def test_a_dead_engine_thread_tells_every_caller_in_words(llm):
+    engine = llm.llm_engine
+    t = EngineThread(engine, stats_interval=0.0).start()
+    failures, running = [], []
+    t.add_failure_listener(failures.append)
+    release = _hold_engine_thread(t, running, max_tokens=200)  # running when the thread dies
+    queued = t.submit(PROMPTS[0], GREEDY, lambda out: None)  # waiting for acceptance when it dies
+
+    def broken_stats():
+        raise RuntimeError("a bug in the stats")
+
+    t.add_listener(lambda s: None)  # publishing reads the stats: the bug is hit on the engine thread
+    engine.get_stats = broken_stats
+    try:
+        release.set()
+        t._thread.join(timeout=30)
+    finally:
+        del engine.get_stats
+    assert not t._thread.is_alive()
+    assert len(failures) == 1 and "a bug in the stats" in str(failures[0])
+    assert t.failure is failures[0]
+    assert isinstance(running[-1], EngineDeadError)
+    assert "internal error" in str(running[-1]) and "load the model again" in str(running[-1])
+    with pytest.raises(EngineDeadError):
+        queued.result(timeout=5)
+    with pytest.raises(EngineDeadError):
+        t.submit(PROMPTS[1], GREEDY, lambda out: None)
+    late = []
+    t.add_failure_listener(late.append)  # a listener added after the death hears of it at once
+    assert late == failures and t.num_unfinished == 0
+    t.stop()
+    assert engine.get_stats().num_blocks_used == 0
 
 
 def test_stop_without_draining_tells_running_requests_why(llm):
