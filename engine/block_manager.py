@@ -9,8 +9,10 @@ operation before the forward pass. The last holder of a shared block writes into
 Prefix caching: once a block is full and its KV written, it is named by a chain hash
 hash(previous block's hash, its token ids). A later sequence whose prompt starts with the same blocks takes them
 (ref count + 1) instead of recomputing them; the stored token ids are compared on a hit, so a hash collision can
-never serve the wrong KV. A block whose ref count drops to 0 keeps its hash and goes to the end of the free
-queue: it is evicted (its hash forgotten) only when the pool hands it out again, least recently freed first.
+never serve the wrong KV. As in vLLM v1's KV cache manager, the lookup (get_computed_blocks) changes nothing, and
+allocate_slots takes the hits and the new blocks together or, when the pool is short, nothing at all. A block
+whose ref count drops to 0 keeps its hash and goes to the end of the free queue: it is evicted (its hash
+forgotten) only when the pool hands it out again, least recently freed first.
 """
 
 from __future__ import annotations
@@ -33,6 +35,18 @@ class Block:
 
 # Block states in block_states(): what the monitor colours.
 FREE, USED, SHARED, CACHED = 0, 1, 2, 3
+
+
+@dataclass(frozen=True)
+class ComputedBlocks:
+    """A fresh sequence's prefix-cache hits: the cached blocks of its leading full blocks, and the tokens they
+    hold (len(block_ids) * block_size)."""
+
+    block_ids: tuple[int, ...] = ()
+    num_tokens: int = 0
+
+
+NO_COMPUTED_BLOCKS = ComputedBlocks()
 
 
 def blocks_for(num_tokens: int, block_size: int) -> int:
@@ -86,8 +100,13 @@ class BlockManager:
     def num_free_swap_blocks(self) -> int:
         return len(self._swap_free)
 
-    def blocks_needed(self, seq: Sequence, num_new_tokens: int) -> int:
-        """New blocks for num_new_tokens more tokens, counting the private copy of a shared block written into."""
+    def blocks_needed(self, seq: Sequence, num_new_tokens: int, computed: ComputedBlocks = NO_COMPUTED_BLOCKS) -> int:
+        """Free-pool blocks that allocate_slots(seq, num_new_tokens, computed) takes: the new blocks, the private
+        copy of a shared block written into, and the cached hits that sit in the free queue now."""
+        if computed.block_ids:
+            revived = sum(1 for b in computed.block_ids if self.blocks[b].ref_count == 0)
+            total = blocks_for(computed.num_tokens + num_new_tokens, self.block_size)
+            return total - len(computed.block_ids) + revived
         total = blocks_for(seq.num_computed_tokens + num_new_tokens, self.block_size)
         return max(0, total - len(seq.block_table)) + (self._shared_write_block(seq) is not None)
 
@@ -98,47 +117,65 @@ class BlockManager:
             return i
         return None
 
-    def match_prefix(self, seq: Sequence) -> None:
-        """Give a fresh sequence the cached blocks of its longest cached prefix and mark those tokens computed.
-
-        At most num_tokens - 1 tokens come from the cache: the last one must run through the model to give logits.
-        """
+    def get_computed_blocks(self, seq: Sequence) -> ComputedBlocks:
+        """The cached blocks of a fresh sequence's longest cached prefix. A pure lookup: nothing is taken until
+        allocate_slots commits it. At most num_tokens - 1 tokens come from the cache: the last one must run
+        through the model to give logits."""
         assert not seq.block_table and seq.num_computed_tokens == 0
         if not self.enable_prefix_caching:
-            return
+            return NO_COMPUTED_BLOCKS
         bs = self.block_size
-        max_blocks = (seq.num_tokens - 1) // bs
-        self._extend_hashes(seq, max_blocks)
-        hits = 0
-        for i in range(max_blocks):
-            block_id = self._hash_to_block.get(seq.block_hashes[i])
+        hits = []
+        for i, block_hash in enumerate(self.block_hashes(seq, (seq.num_tokens - 1) // bs)):
+            block_id = self._hash_to_block.get(block_hash)
             if block_id is None or self.blocks[block_id].token_ids != tuple(seq.token_ids[i * bs : (i + 1) * bs]):
                 break
-            self._take(block_id)
-            seq.block_table.append(block_id)
-            hits += 1
-        seq.num_computed_tokens = seq.num_cached_tokens = hits * bs
-        seq.num_registered_blocks = hits
+            hits.append(block_id)
+        return ComputedBlocks(tuple(hits), len(hits) * bs) if hits else NO_COMPUTED_BLOCKS
 
-    def count_lookup(self, seq: Sequence) -> None:
-        """Record a newly admitted sequence's prefix lookup in the hit-rate counters; a deferred or preempted
-        sequence's later lookups are not counted again."""
-        if self.enable_prefix_caching and seq.num_output_tokens == 0:
-            self.prefix_queries += seq.num_tokens
-            self.prefix_hits += seq.num_cached_tokens
+    def block_hashes(self, seq: Sequence, num_blocks: int) -> list[bytes]:
+        """The chain hashes of seq's first num_blocks full blocks (memoised on the sequence: its tokens never
+        change)."""
+        bs, hashes = self.block_size, seq.block_hashes
+        for i in range(len(hashes), num_blocks):
+            prev = hashes[-1] if hashes else None
+            hashes.append(chain_hash(prev, tuple(seq.token_ids[i * bs : (i + 1) * bs])))
+        return hashes[:num_blocks]
 
-    def allocate_slots(self, seq: Sequence, num_new_tokens: int) -> bool:
-        """Grow seq's block table to hold num_new_tokens more tokens; False (nothing changed) if the pool is short."""
-        needed = self.blocks_needed(seq, num_new_tokens)
-        if needed > len(self._free):
+    def hashes_computed(self, seq: Sequence, start: int, end: int) -> list[bytes]:
+        """The chain hashes of the blocks that computing seq's tokens [start, end) fills (none without prefix
+        caching): another sequence about to compute the same blocks can wait a step and take them instead."""
+        if not self.enable_prefix_caching:
+            return []
+        return self.block_hashes(seq, end // self.block_size)[start // self.block_size :]
+
+    def record_prefix_lookup(self, num_tokens: int, num_hit_tokens: int) -> None:
+        """Count an admitted prompt's lookup (num_tokens looked up, num_hit_tokens served) in the hit rate."""
+        if self.enable_prefix_caching:
+            self.prefix_queries += num_tokens
+            self.prefix_hits += num_hit_tokens
+
+    def allocate_slots(self, seq: Sequence, num_new_tokens: int, computed: ComputedBlocks = NO_COMPUTED_BLOCKS) -> bool:
+        """Grow seq's block table to hold num_new_tokens more tokens after its computed ones (for a fresh
+        sequence: after `computed`, its prefix hits, which it takes by reference first). All or nothing: False,
+        and nothing changed, when the pool is short."""
+        if self.blocks_needed(seq, num_new_tokens, computed) > len(self._free):
             return False
-        shared = self._shared_write_block(seq)
-        if shared is not None:
-            src, dst = seq.block_table[shared], self._pop_free()
-            self.blocks[src].ref_count -= 1
-            seq.block_table[shared] = dst
-            self.copies.append((src, dst))
-            needed -= 1
+        if computed.block_ids:
+            assert not seq.block_table
+            for block_id in computed.block_ids:
+                self._take(block_id)
+            seq.block_table.extend(computed.block_ids)
+            seq.num_registered_blocks = len(computed.block_ids)
+            needed = blocks_for(computed.num_tokens + num_new_tokens, self.block_size) - len(seq.block_table)
+        else:
+            shared = self._shared_write_block(seq)
+            if shared is not None:
+                src, dst = seq.block_table[shared], self._pop_free()
+                self.blocks[src].ref_count -= 1
+                seq.block_table[shared] = dst
+                self.copies.append((src, dst))
+            needed = blocks_for(seq.num_computed_tokens + num_new_tokens, self.block_size) - len(seq.block_table)
         for _ in range(needed):
             seq.block_table.append(self._pop_free())
         return True
@@ -171,7 +208,7 @@ class BlockManager:
         first, last = seq.num_registered_blocks, seq.num_computed_tokens // bs
         if first >= last:
             return
-        self._extend_hashes(seq, last)
+        self.block_hashes(seq, last)
         seq.num_registered_blocks = last
         for i in range(first, last):
             block = self.blocks[seq.block_table[i]]
@@ -257,10 +294,3 @@ class BlockManager:
         if block.ref_count == 0:
             del self._free[block_id]
         block.ref_count += 1
-
-    def _extend_hashes(self, seq: Sequence, num_blocks: int) -> None:
-        bs = self.block_size
-        hashes = seq.block_hashes
-        for i in range(len(hashes), num_blocks):
-            prev = hashes[-1] if hashes else None
-            hashes.append(chain_hash(prev, tuple(seq.token_ids[i * bs : (i + 1) * bs])))

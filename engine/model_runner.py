@@ -1,5 +1,8 @@
 """SchedulerOutput -> block copies, then one flat batch (tokens, positions, slots, block tables) -> forward ->
-logits to sample (and, for requests that ask for prompt logprobs, logits of their prompt positions)."""
+logits to sample (and, for requests that ask for prompt logprobs, logits of their prompt positions).
+
+The runner also owns what the forward pass needs set up once: the KV pool (sized on CUDA by profiling the
+peak memory of a full-budget prefill) and, on CUDA with the Triton kernels, the decode steps' CUDA graphs."""
 
 from __future__ import annotations
 
@@ -8,8 +11,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from engine import kv_cache
 from engine.attention.backend import AttentionBackend, AttentionInputs
 from engine.block_manager import blocks_for
+from engine.config import DEFAULT_CPU_KV_CACHE_GIB, EngineConfig, ModelConfig
 from engine.models.layers import ForwardContext
 from engine.scheduler import SchedulerOutput
 from engine.sequence import Sequence
@@ -24,23 +29,98 @@ class StepResult:
     prompt_logits: list[tuple[Sequence, int, torch.Tensor]] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class KVCacheSize:
+    num_blocks: int
+    num_swap_blocks: int
+
+
 class ModelRunner:
     def __init__(
         self,
         model: nn.Module,
         backend: AttentionBackend,
-        kv_cache: torch.Tensor,
+        model_config: ModelConfig,
         block_size: int,
         device: torch.device,
-        swap_cache: torch.Tensor | None = None,
     ) -> None:
         self.model = model
         self.backend = backend
-        self.kv_cache = kv_cache  # [2, num_layers, *backend.kv_cache_shape(num_blocks, ...)]
-        self.swap_cache = swap_cache  # the same layout with num_swap_blocks, in host memory
+        self.model_config = model_config
         self.block_size = block_size
         self.device = device
-        self.graphs = None  # a DecodeGraphs once captured (CUDA only): decode-only steps replay it
+        self.kv_cache: torch.Tensor | None = None  # [2, num_layers, *backend.kv_cache_shape(num_blocks, ...)]
+        self.swap_cache: torch.Tensor | None = None  # the same layout with num_swap_blocks, in host memory
+        self.graphs = None  # DecodeGraphs once captured (CUDA only): decode-only steps replay them
+
+    # ---- set-up ----------------------------------------------------------------------------------------------
+    def init_kv_cache(self, config: EngineConfig, max_num_batched_tokens: int) -> KVCacheSize:
+        """Size and allocate the KV pool and the host swap space; returns their sizes in blocks."""
+        m, bs = self.model_config, self.block_size
+        if self.device.type == "cuda" and config.kv_cache_memory is None:
+            budget = self._cuda_kv_budget(config.gpu_memory_utilization, max_num_batched_tokens)
+            what = f"gpu_memory_utilization={config.gpu_memory_utilization}"
+        else:
+            gib = config.kv_cache_memory or DEFAULT_CPU_KV_CACHE_GIB
+            budget, what = int(gib * 2**30), f"kv_cache_memory={gib} GiB"
+        num_blocks = kv_cache.num_kv_blocks(config, m, budget, what)
+        # Zeroed, not empty: attention reads whole blocks and masks the slots past a sequence's end, and a masked
+        # NaN left in reused memory would still poison the weighted sum (0 * NaN).
+        self.kv_cache = torch.zeros(
+            kv_cache.cache_shape(self.backend, m, num_blocks, bs), dtype=m.kv_cache_dtype, device=self.device
+        )
+        # The swap space only ever receives whole blocks copied from the pool, so it needs no zeroing, and pages
+        # never written cost no physical memory.
+        num_swap = kv_cache.num_swap_blocks(config, m)
+        self.swap_cache = torch.empty(
+            kv_cache.cache_shape(self.backend, m, num_swap, bs), dtype=m.kv_cache_dtype, device="cpu"
+        )
+        return KVCacheSize(num_blocks, num_swap)
+
+    def _cuda_kv_budget(self, gpu_memory_utilization: float, max_num_batched_tokens: int) -> int:
+        """Bytes left for KV blocks after weights and the peak activations of a full-budget prefill."""
+        m, bs = self.model_config, self.block_size
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        n = min(max_num_batched_tokens, m.max_model_len)
+        probe_blocks = blocks_for(n, bs)
+        probe = torch.empty(
+            kv_cache.cache_shape(self.backend, m, probe_blocks, bs), dtype=m.kv_cache_dtype, device=self.device
+        )
+        # One prefill of n tokens over blocks 0 .. probe_blocks - 1.
+        positions = torch.arange(n, device=self.device)
+        inputs = AttentionInputs(
+            slot_mapping=positions,
+            num_decodes=0,
+            decode_context_lens=torch.zeros(0, dtype=torch.int64, device=self.device),
+            decode_block_tables=torch.zeros((0, 0), dtype=torch.int64, device=self.device),
+            prefill_query_lens=torch.tensor([n], device=self.device),
+            prefill_context_lens=torch.tensor([n], device=self.device),
+            prefill_block_tables=torch.arange(probe_blocks, device=self.device)[None],
+        )
+        with torch.inference_mode():
+            hidden = self.model(
+                torch.zeros(n, dtype=torch.int64, device=self.device),
+                positions,
+                ForwardContext(self.backend, self.backend.prepare(inputs), probe),
+            )
+            self.model.compute_logits(hidden[-1:])
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - probe.numel() * probe.element_size()
+        del probe, hidden
+        torch.cuda.empty_cache()
+        total = torch.cuda.get_device_properties(self.device).total_memory
+        return int(total * gpu_memory_utilization - peak)
+
+    def capture_cuda_graphs(self, max_batch: int) -> None:
+        """Capture the decode forward pass for each graph batch size up to max_batch (CUDA and the fused Triton
+        kernels only); later decode-only steps replay them."""
+        from engine.cuda_graphs import DecodeGraphs
+
+        assert self.device.type == "cuda" and self.backend.fused_kernels and self.kv_cache is not None
+        max_blocks = blocks_for(self.model_config.max_model_len, self.block_size)
+        self.graphs = DecodeGraphs(self.model, self.backend, self.kv_cache, max_batch, max_blocks)
+        self.graphs.capture()
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> StepResult:

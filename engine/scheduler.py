@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
-from engine.block_manager import BlockManager
+from engine.block_manager import NO_COMPUTED_BLOCKS, BlockManager
 from engine.config import PREEMPTION_MODES
 from engine.sequence import Sequence, SequenceGroup, SequenceStatus
 
@@ -87,6 +87,9 @@ class Scheduler:
         """Sequence slots the running groups claim: with the samples not forked yet and the full beam width."""
         return sum(g.max_num_seqs for g in self.running)
 
+    def running_seqs(self) -> list[Sequence]:
+        return [s for g in self.running for s in g.seqs if s.status is SequenceStatus.RUNNING]
+
     @property
     def num_running_seqs(self) -> int:
         return sum(len([s for s in g.seqs if s.status is SequenceStatus.RUNNING]) for g in self.running)
@@ -120,26 +123,28 @@ class Scheduler:
     ) -> bool:
         bm = self.block_manager
         fresh = seq.num_computed_tokens == 0 and not seq.block_table
+        computed = NO_COMPUTED_BLOCKS
         if fresh and not seq.needs_prompt_logprobs:
-            bm.match_prefix(seq)
-        num_new = min(seq.num_uncomputed_tokens, step.budget)
-        first = seq.num_computed_tokens // bm.block_size
-        computes = seq.block_hashes[first : (seq.num_computed_tokens + num_new) // bm.block_size]
+            computed = bm.get_computed_blocks(seq)
+        start = computed.num_tokens if fresh else seq.num_computed_tokens
+        num_new = min(seq.num_tokens - start, step.budget)
+        computes = bm.hashes_computed(seq, start, start + num_new)
         if computes and computes[0] in step.in_flight:
-            self._unmatch(seq, fresh)
             return False
-        while not bm.allocate_slots(seq, num_new):
+        while not bm.allocate_slots(seq, num_new, computed):
             victim = self._victim(group, step) if may_preempt else None
             if victim is None:
-                self._unmatch(seq, fresh)
                 if may_preempt and id(group) not in step.scheduled:
                     # Swapping out the group that asked for blocks would give it nothing back to run with.
                     self._preempt(group, out, allow_swap=False)
                 return False
+            # Preempting frees blocks but evicts none, so the prefix hits looked up above stay valid.
             self._preempt(victim, out)
-        step.in_flight.update(computes)
         if fresh:
-            bm.count_lookup(seq)
+            seq.num_computed_tokens = seq.num_cached_tokens = computed.num_tokens
+            if seq.num_output_tokens == 0:  # a recomputed sequence's lookups are not counted again
+                bm.record_prefix_lookup(seq.num_tokens, computed.num_tokens)
+        step.in_flight.update(computes)
         step.scheduled.add(id(group))
         step.budget -= num_new
         if num_new == 1 and seq.num_uncomputed_tokens == 1:
@@ -147,13 +152,6 @@ class Scheduler:
         else:
             out.prefills.append((seq, num_new))
         return True
-
-    def _unmatch(self, seq: Sequence, fresh: bool) -> None:
-        """Give back the prefix hits of a fresh sequence that does not run: holding them while it waits could
-        starve the pool."""
-        if fresh:
-            self.block_manager.free(seq)
-            seq.num_computed_tokens = seq.num_cached_tokens = 0
 
     def _victim(self, group: SequenceGroup, step: _StepState) -> SequenceGroup | None:
         return next((g for g in reversed(self.running) if g is not group and id(g) not in step.scheduled), None)

@@ -25,16 +25,17 @@ class ForwardContext:
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float) -> None:
+    def __init__(self, dim: int, eps: float, fused: bool = False) -> None:
+        """fused: the Triton kernel, with the residual add fused in (the GPU path), instead of torch ops."""
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.empty(dim))
-        self.triton = False  # the fused Triton kernel (set by the engine for the triton backend)
+        self.fused = fused
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
         """x: [..., dim] -> norm(x); with residual: (norm(x + residual), x + residual), the sum being the next
         layer's residual. Normalised in float32, cast back, then scaled in the input dtype, as HF does."""
-        if self.triton:
+        if self.fused:
             from kernels.triton_norm import rms_norm
 
             shape = x.shape
@@ -60,11 +61,11 @@ class RopeStep:
     cos_sin_cache: torch.Tensor  # [max_positions, rot_dim]: cos | sin
     cos: torch.Tensor | None  # [T, 1, rot_dim / 2] in the activations' dtype (torch path)
     sin: torch.Tensor | None
-    triton: bool
+    fused: bool
 
     def apply(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """q: [T, heads, dim], k: [T, kv_heads, dim] -> rotated (in place on the Triton path)."""
-        if self.triton:
+        if self.fused:
             from kernels.triton_rotary import rotary_embedding
 
             rotary_embedding(self.positions, q, k, self.cos_sin_cache, True)
@@ -82,12 +83,13 @@ class RopeStep:
 class RotaryEmbedding(nn.Module):
     """Neox-layout rotary embedding with a cos|sin table for every position up to max_positions."""
 
-    def __init__(self, hf_config, max_positions: int) -> None:
+    def __init__(self, hf_config, max_positions: int, fused: bool = False) -> None:
+        """fused: the Triton kernel rotates q and k in place (the GPU path), instead of torch ops."""
         super().__init__()
         self.params = rope_parameters(hf_config)  # an unsupported rope type fails here, before any weight loads
         self.max_positions = max_positions
         self.cos_sin_cache = None  # built by build() once the model sits on its device
-        self.triton = False
+        self.fused = fused
 
     def build(self, device: torch.device) -> None:
         """The table is not a parameter: the model is created on the meta device and materialised with
@@ -95,7 +97,7 @@ class RotaryEmbedding(nn.Module):
         self.cos_sin_cache = cos_sin_cache(self.params, self.max_positions, device)
 
     def step(self, positions: torch.Tensor, dtype: torch.dtype) -> RopeStep:
-        if self.triton:
+        if self.fused:
             return RopeStep(positions, self.cos_sin_cache, None, None, True)
         cos, sin = self.cos_sin_cache[positions].unsqueeze(1).to(dtype).chunk(2, dim=-1)
         return RopeStep(positions, self.cos_sin_cache, cos, sin, False)

@@ -62,7 +62,7 @@ class LlamaArch:
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, a: LlamaArch, layer_idx: int) -> None:
+    def __init__(self, a: LlamaArch, layer_idx: int, fused: bool) -> None:
         super().__init__()
         self.layer_idx = layer_idx
         self.num_heads, self.num_kv_heads, self.head_dim = a.num_heads, a.num_kv_heads, a.head_dim
@@ -70,14 +70,14 @@ class LlamaAttention(nn.Module):
         self.split = (q_size, kv_size, kv_size)
         self.qkv_proj = Linear(a.hidden_size, list(self.split), bias=a.qkv_bias)
         self.o_proj = Linear(q_size, [a.hidden_size], bias=a.o_bias)
-        self.q_norm = RMSNorm(a.head_dim, a.rms_norm_eps) if a.qk_norm else None
-        self.k_norm = RMSNorm(a.head_dim, a.rms_norm_eps) if a.qk_norm else None
+        self.q_norm = RMSNorm(a.head_dim, a.rms_norm_eps, fused) if a.qk_norm else None
+        self.k_norm = RMSNorm(a.head_dim, a.rms_norm_eps, fused) if a.qk_norm else None
 
     def forward(self, rope: RopeStep, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         T, H, KVH, D = x.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
         qkv = self.qkv_proj(x)  # [T, (H + 2 * KVH) * D]
         v = qkv[:, (H + KVH) * D :].view(T, KVH, D)
-        if self.q_norm is None and not rope.triton:
+        if self.q_norm is None and not rope.fused:
             # q and k sit side by side in qkv: rotate them in one pass, [T, H + KVH, D].
             qk = rope.rotate(qkv[:, : (H + KVH) * D].view(T, H + KVH, D))
             q, k = qk[:, :H], qk[:, H:]
@@ -104,12 +104,12 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, a: LlamaArch, layer_idx: int) -> None:
+    def __init__(self, a: LlamaArch, layer_idx: int, fused: bool) -> None:
         super().__init__()
-        self.self_attn = LlamaAttention(a, layer_idx)
+        self.self_attn = LlamaAttention(a, layer_idx, fused)
         self.mlp = LlamaMLP(a)
-        self.input_layernorm = RMSNorm(a.hidden_size, a.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(a.hidden_size, a.rms_norm_eps)
+        self.input_layernorm = RMSNorm(a.hidden_size, a.rms_norm_eps, fused)
+        self.post_attention_layernorm = RMSNorm(a.hidden_size, a.rms_norm_eps, fused)
 
     def forward(
         self, rope: RopeStep, h: torch.Tensor, residual: torch.Tensor | None, ctx: ForwardContext
@@ -134,24 +134,24 @@ class LlamaForCausalLM(nn.Module):
         "up_proj": ("gate_up_proj", 1),
     }
 
-    def __init__(self, hf_config, max_positions: int) -> None:
+    arch_from_hf = LlamaArch.from_hf  # the shapes an attention backend is chosen for, before the model is built
+
+    def __init__(self, hf_config, max_positions: int, fused_kernels: bool = False) -> None:
+        """fused_kernels: norms and rotary embedding run as fused Triton kernels (the GPU path)."""
         super().__init__()
         a = self.arch = LlamaArch.from_hf(hf_config)
-        self.rotary = RotaryEmbedding(hf_config, max_positions)
+        fused = fused_kernels
+        self.rotary = RotaryEmbedding(hf_config, max_positions, fused)
         self.embed_tokens = nn.Embedding(a.vocab_size, a.hidden_size, device="meta")
-        self.layers = nn.ModuleList(LlamaDecoderLayer(a, i) for i in range(a.num_layers))
-        self.norm = RMSNorm(a.hidden_size, a.rms_norm_eps)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(a, i, fused) for i in range(a.num_layers))
+        self.norm = RMSNorm(a.hidden_size, a.rms_norm_eps, fused)
         self.lm_head = None if a.tie_word_embeddings else Linear(a.hidden_size, [a.vocab_size], bias=False)
 
-    def materialize(self, device: torch.device, dtype: torch.dtype, triton_kernels: bool = False) -> None:
-        """Allocate the parameters (uninitialised: load_weights fills them) and the rotary table; with
-        triton_kernels, norms and rotary embedding run as fused Triton kernels (the GPU path)."""
+    def materialize(self, device: torch.device, dtype: torch.dtype) -> None:
+        """Allocate the parameters (uninitialised: load_weights fills them) and the rotary table."""
         self.to_empty(device=device)
         self.to(dtype)
         self.rotary.build(device)
-        for module in self.modules():
-            if isinstance(module, (RMSNorm, RotaryEmbedding)):
-                module.triton = triton_kernels
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         """input_ids, positions: [T] -> hidden states [T, hidden]."""

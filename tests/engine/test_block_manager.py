@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from engine.block_manager import BlockManager, chain_hash
+from engine.block_manager import NO_COMPUTED_BLOCKS, BlockManager, ComputedBlocks, chain_hash
 from engine.sampling_params import SamplingParams
 from engine.sequence import Sequence
 
@@ -16,9 +16,9 @@ def seq(tokens: list[int]) -> Sequence:
 
 
 def run_prefill(bm: BlockManager, s: Sequence) -> None:
-    """What the scheduler and runner do for a whole prompt: match, allocate, compute, register."""
-    bm.match_prefix(s)
-    assert bm.allocate_slots(s, s.num_tokens - s.num_computed_tokens)
+    """What the scheduler and runner do for a whole prompt: look up, allocate, compute, register."""
+    computed = bm.get_computed_blocks(s)
+    assert bm.allocate_slots(s, s.num_tokens - computed.num_tokens, computed)
     s.num_computed_tokens = s.num_tokens
     bm.cache_full_blocks(s)
 
@@ -60,12 +60,31 @@ def test_prefix_hit_shares_blocks_and_leaves_the_last_token_to_compute():
     a = seq(list(range(12)))
     run_prefill(bm, a)
     b = seq(list(range(12)))  # same prompt: 3 full blocks, but only 2 may come from the cache
-    bm.match_prefix(b)
-    assert b.block_table == [0, 1] and b.num_computed_tokens == 8 and b.num_cached_tokens == 8
+    computed = bm.get_computed_blocks(b)
+    assert computed == ComputedBlocks((0, 1), 8)
+    # The lookup is pure: nothing is taken until the allocation commits it.
+    assert b.block_table == [] and bm.blocks[0].ref_count == 1 and bm.num_free_blocks == 7
+    assert bm.allocate_slots(b, 4, computed) and b.block_table == [0, 1, 3]
     assert bm.blocks[0].ref_count == 2 and bm.blocks[1].ref_count == 2
-    assert bm.allocate_slots(b, 4) and b.block_table == [0, 1, 3]
-    bm.count_lookup(b)
+    bm.record_prefix_lookup(b.num_tokens, computed.num_tokens)
     assert bm.prefix_hits == 8 and bm.prefix_queries == 12
+
+
+def test_an_allocation_with_prefix_hits_is_all_or_nothing():
+    bm = BlockManager(num_blocks=4, block_size=4)
+    a = seq(list(range(9)))  # blocks 0, 1 cached, block 2 partial
+    run_prefill(bm, a)
+    bm.free(a)
+    b = seq([*range(8), *range(100, 108)])  # hits blocks 0 and 1, then needs 2 new blocks for 8 tokens
+    computed = bm.get_computed_blocks(b)
+    assert computed.block_ids == (0, 1)
+    # 4 free blocks, but taking the two hits out of the free queue leaves 2 for the new tokens: 12 tokens fit,
+    # 13 do not, and a refusal takes nothing (no references, no table, the hits still cached and free).
+    assert bm.blocks_needed(b, 9, computed) == 5
+    assert not bm.allocate_slots(b, 9, computed)
+    assert b.block_table == [] and bm.num_free_blocks == 4 and bm.blocks[0].ref_count == 0
+    assert bm.get_computed_blocks(b) == computed
+    assert bm.allocate_slots(b, 8, computed) and b.block_table == [0, 1, 2, 3] and bm.num_free_blocks == 0
 
 
 def test_hash_chain_never_matches_a_different_prefix():
@@ -73,8 +92,7 @@ def test_hash_chain_never_matches_a_different_prefix():
     run_prefill(bm, seq([1, 2, 3, 4, 5, 6, 7, 8, 9]))
     # Second block equal, first block different: the chain hash differs, so nothing is served.
     other = seq([9, 9, 9, 9, 5, 6, 7, 8, 9])
-    bm.match_prefix(other)
-    assert other.block_table == [] and other.num_computed_tokens == 0
+    assert bm.get_computed_blocks(other) == NO_COMPUTED_BLOCKS
     assert chain_hash(None, (1, 2, 3, 4)) != chain_hash(chain_hash(None, (1, 2, 3, 4)), (1, 2, 3, 4))
 
 
@@ -83,8 +101,7 @@ def test_a_hash_collision_is_caught_by_comparing_tokens(monkeypatch):
     monkeypatch.setattr("engine.block_manager.chain_hash", lambda prev, tokens: 42)
     run_prefill(bm, seq([1, 2, 3, 4, 0]))
     s = seq([5, 6, 7, 8, 0])  # same (forced) hash, different tokens
-    bm.match_prefix(s)
-    assert s.block_table == [] and s.num_computed_tokens == 0
+    assert bm.get_computed_blocks(s) == NO_COMPUTED_BLOCKS
 
 
 def test_cached_blocks_are_evicted_least_recently_freed_first():
@@ -99,8 +116,7 @@ def test_cached_blocks_are_evicted_least_recently_freed_first():
     assert bm.allocate_slots(c, 7)
     assert c.block_table == [1, 3, 2, 0]
     d = seq([4, 5, 6])
-    bm.match_prefix(d)  # block 2 was evicted: its prefix is gone
-    assert d.num_computed_tokens == 0
+    assert bm.get_computed_blocks(d) == NO_COMPUTED_BLOCKS  # block 2 was evicted: its prefix is gone
 
 
 def test_a_hit_on_a_freed_cached_block_revives_it():
@@ -109,18 +125,17 @@ def test_a_hit_on_a_freed_cached_block_revives_it():
     run_prefill(bm, a)
     bm.free(a)
     b = seq([1, 2, 7])
-    bm.match_prefix(b)
-    assert b.block_table == [0] and bm.blocks[0].ref_count == 1
-    assert bm.num_free_blocks == 3
-    assert bm.allocate_slots(b, 1) and b.block_table == [0, 1]
+    computed = bm.get_computed_blocks(b)
+    assert computed.block_ids == (0,)
+    assert bm.allocate_slots(b, 1, computed) and b.block_table == [0, 1]
+    assert bm.blocks[0].ref_count == 1 and bm.num_free_blocks == 2
 
 
 def test_prefix_caching_off_never_shares():
     bm = BlockManager(num_blocks=10, block_size=4, enable_prefix_caching=False)
     run_prefill(bm, seq(list(range(12))))
     b = seq(list(range(12)))
-    bm.match_prefix(b)
-    assert b.block_table == [] and bm.num_cached_free_blocks == 0
+    assert bm.get_computed_blocks(b) == NO_COMPUTED_BLOCKS and bm.num_cached_free_blocks == 0
 
 
 @pytest.mark.parametrize("block_size", [1, 4, 16])
