@@ -22,6 +22,7 @@ def test_the_gpu_check_script_runs_every_check_at_smoke_scale(capsys):
         "rotary (gpt-j)",
         "greedy agreement with transformers",
         "CUDA graphs on vs off",
+        "prompt logprobs vs transformers (float32)",
     ):
         line = next(line for line in table.splitlines() if line.startswith(check))
         assert "PASS" in line, line
