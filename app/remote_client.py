@@ -87,8 +87,8 @@ def list_models(endpoint: Endpoint, timeout: float = CONNECT_TIMEOUT_S) -> list[
 
 
 def request_body(params: SamplingParams) -> dict:
-    """SamplingParams as an OpenAI request's fields. top_k, min_p and repetition_penalty are vLLM's extensions:
-    they go only when set, since strict servers reject fields they do not know."""
+    """SamplingParams as an OpenAI request's fields. top_k, min_p, repetition_penalty and ignore_eos are vLLM's
+    extensions: they go only when set, since strict servers reject fields they do not know."""
     if params.n != 1:
         raise ValueError("a remote request takes n=1")
     body = {
@@ -108,6 +108,8 @@ def request_body(params: SamplingParams) -> dict:
         body["min_p"] = params.min_p
     if params.repetition_penalty != 1.0:
         body["repetition_penalty"] = params.repetition_penalty
+    if params.ignore_eos:
+        body["ignore_eos"] = True
     return body
 
 
@@ -146,8 +148,10 @@ class RemoteClient:
 
     def close(self) -> None:
         """End the loop thread. Requests still in flight end with a RemoteError saying the connection closed, so
-        no caller waits for a reply that will never come."""
+        no caller waits for a reply that will never come. Closing again does nothing."""
         with self._lock:
+            if self._closed:
+                return
             self._closed = True
             requests, self._requests = list(self._requests.values()), {}
         for request in requests:
@@ -213,7 +217,7 @@ class RemoteClient:
             deliver(RemoteError(f"{self.endpoint.base_url} sent a stream that is not OpenAI's: {e}"))
         except (TimeoutError, aiohttp.ClientError, OSError) as e:
             deliver(RemoteError(f"cannot reach {self.endpoint.base_url}: {e or type(e).__name__}"))
-        except Exception as e:  # anything else (a chunk of the wrong shape): the caller must still hear the end
+        except Exception as e:  # anything else (JSON nested past the parser's depth): the caller must hear the end
             deliver(RemoteError(f"{self.endpoint.base_url} sent something unexpected: {e!r}"))
 
     async def _read_stream(self, route: str, body: dict, callback: UpdateCallback) -> None:
@@ -234,20 +238,63 @@ class RemoteClient:
                 if data == "[DONE]":
                     break
                 chunk = json.loads(data)
-                if "error" in chunk:
+                if isinstance(chunk, dict) and "error" in chunk:
                     raise RemoteError(f"{url} stopped the reply: {_error_message(json.dumps(chunk).encode())}")
-                if chunk.get("usage"):
-                    tokens = chunk["usage"].get("completion_tokens", tokens)
-                for choice in chunk.get("choices") or []:
-                    piece = (choice.get("delta") or {}).get("content") if "delta" in choice else choice.get("text")
+                try:
+                    choices, usage_tokens = _chunk_parts(chunk)
+                except _WrongShape as e:
+                    raise RemoteError(f"{url} sent a chunk of the wrong shape ({e}): {_cut(data)}") from None
+                tokens = tokens if usage_tokens is None else usage_tokens
+                for piece, finish_reason in choices:
+                    reason = finish_reason or reason
                     if piece:
                         text, tokens = text + piece, tokens + 1
-                    reason = choice.get("finish_reason") or reason
-                    if piece:
                         callback(TextUpdate(text, tokens, False))
             if reason is None:
                 raise RemoteError(f"{url} ended the stream before the reply finished")
             callback(TextUpdate(text, tokens, True, reason))
+
+
+class _WrongShape(Exception):
+    """A stream chunk that is JSON but not shaped as OpenAI's; says which part."""
+
+
+def _chunk_parts(chunk) -> tuple[list[tuple[str | None, str | None]], int | None]:
+    """One stream chunk (a chat delta or a completion) -> ([(text piece, finish reason) per choice], completion
+    tokens from its usage or None). Raises _WrongShape for anything of another shape, so that no value of a wrong
+    type reaches a caller's TextUpdate."""
+    if not isinstance(chunk, dict):
+        raise _WrongShape(f"a {type(chunk).__name__}, not an object")
+    choices, usage = chunk.get("choices") or [], chunk.get("usage") or {}
+    if not isinstance(choices, list):
+        raise _WrongShape("choices is not a list")
+    if not isinstance(usage, dict):
+        raise _WrongShape("usage is not an object")
+    tokens = usage.get("completion_tokens")
+    if tokens is not None and (type(tokens) is not int or tokens < 0):
+        raise _WrongShape("usage.completion_tokens is not a count")
+    parts = []
+    for choice in choices:
+        if not isinstance(choice, dict):
+            raise _WrongShape("a choice is not an object")
+        if "delta" in choice:
+            delta = choice["delta"] or {}
+            if not isinstance(delta, dict):
+                raise _WrongShape("a delta is not an object")
+            piece = delta.get("content")
+        else:
+            piece = choice.get("text")
+        reason = choice.get("finish_reason")
+        if not isinstance(piece, str | None):
+            raise _WrongShape("a text piece is not a string")
+        if not isinstance(reason, str | None):
+            raise _WrongShape("finish_reason is not a string")
+        parts.append((piece, reason))
+    return parts, tokens
+
+
+def _cut(text: str, limit: int = 200) -> str:
+    return text if len(text) <= limit else text[:limit] + "…"
 
 
 def _error_message(body: bytes) -> str:

@@ -7,6 +7,11 @@ sequences' blocks with one index_select yields, for every kv head, each sequence
 the grouped query heads of a kv head stacked as rows; prefill chunks use SDPA with a causal mask over the
 cached prefix. Decodes are sorted by context length and split into buckets so that short contexts are not
 padded to the longest one.
+
+Gathering whole blocks also gathers the slots past each sequence's context (the rest of its last block, and the
+padding block 0 of shorter tables): they hold whatever the pool held, NaN or inf included. A masked score gives
+such a slot weight 0, but 0 * NaN is NaN in the weighted sum of V, so those slots are zeroed in the gathered copy
+(never in the cache) before the matmuls.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ class _DecodeBucket:
     block_ids: torch.Tensor  # [seqs * max_blocks] int64: blocks to gather, padded with block 0
     num_keys: int  # max_blocks * block_size
     bias: torch.Tensor  # [seqs, 1, num_keys] additive mask (0 / -inf)
+    unwritten: torch.Tensor  # [1, seqs, num_keys, 1] bool: slots past each context, zeroed after the gather
 
 
 @dataclass
@@ -43,6 +49,7 @@ class _PrefillGroup:
     mask: torch.Tensor  # [seqs, 1, q_len, num_keys] bool, True = attend
     query_index: torch.Tensor  # [seqs, q_len] int64 into the prefill tokens
     query_valid: torch.Tensor  # [seqs, q_len] bool
+    unwritten: torch.Tensor  # [1, seqs, num_keys, 1] bool: slots past each context, zeroed after the gather
 
 
 @dataclass
@@ -97,11 +104,13 @@ class TorchAttentionBackend(AttentionBackend):
         max_blocks = blocks_for(int(context_lens.max()), self.block_size)
         num_keys = max_blocks * self.block_size
         key_pos = torch.arange(num_keys, device=context_lens.device)
-        keep = key_pos[None, :] < context_lens[:, None]  # [seqs, num_keys]
+        written = key_pos[None, :] < context_lens[:, None]  # [seqs, num_keys]
+        keep = written
         if self.sliding_window is not None:
-            keep &= key_pos[None, :] >= context_lens[:, None] - self.sliding_window
+            keep = written & (key_pos[None, :] >= context_lens[:, None] - self.sliding_window)
         bias = torch.zeros(keep.shape, dtype=torch.float32, device=keep.device).masked_fill_(~keep, float("-inf"))
-        return _DecodeBucket(rows, block_tables[:, :max_blocks].reshape(-1), num_keys, bias.unsqueeze(1))
+        unwritten = ~written[None, :, :, None]
+        return _DecodeBucket(rows, block_tables[:, :max_blocks].reshape(-1), num_keys, bias.unsqueeze(1), unwritten)
 
     def _prefill_group(self, block_tables, context_lens, query_lens) -> _PrefillGroup:
         _num_seqs, max_blocks = block_tables.shape
@@ -120,7 +129,8 @@ class TorchAttentionBackend(AttentionBackend):
         query_index = torch.where(query_valid, starts[:, None] + q_off[None, :], 0)
         # A padding query attends to key 0 only, so softmax never sees an all-masked row.
         mask |= (~query_valid[:, :, None]) & (key_pos[None, None, :] == 0)
-        return _PrefillGroup(block_tables.reshape(-1), num_keys, mask.unsqueeze(1), query_index, query_valid)
+        unwritten = (key_pos[None, :] >= context_lens[:, None])[None, :, :, None]
+        return _PrefillGroup(block_tables.reshape(-1), num_keys, mask.unsqueeze(1), query_index, query_valid, unwritten)
 
     def forward(self, q, k, v, k_cache, v_cache, metadata: TorchAttentionMetadata) -> torch.Tensor:
         num_kv_heads, _num_blocks, _block_size, head_dim = k_cache.shape
@@ -139,18 +149,20 @@ class TorchAttentionBackend(AttentionBackend):
         return out
 
     @staticmethod
-    def _gather(cache: torch.Tensor, block_ids: torch.Tensor, num_keys: int, dtype: torch.dtype) -> torch.Tensor:
-        """-> [kv_heads, seqs, num_keys, dim], upcast when the cache holds 16-bit values."""
+    def _gather(
+        cache: torch.Tensor, block_ids: torch.Tensor, num_keys: int, dtype: torch.dtype, unwritten: torch.Tensor
+    ) -> torch.Tensor:
+        """-> [kv_heads, seqs, num_keys, dim], upcast when the cache holds 16-bit values, the unwritten slots 0."""
         num_kv_heads, num_blocks, _block_size, head_dim = cache.shape
-        rows = cache.view(num_kv_heads, num_blocks, -1).index_select(1, block_ids)
-        return rows.view(num_kv_heads, -1, num_keys, head_dim).to(dtype)
+        rows = cache.view(num_kv_heads, num_blocks, -1).index_select(1, block_ids)  # a copy: the cache stays as is
+        return rows.view(num_kv_heads, -1, num_keys, head_dim).to(dtype).masked_fill_(unwritten, 0)
 
     def _decode(self, q: torch.Tensor, k_cache, v_cache, g: _DecodeBucket) -> torch.Tensor:
         """q: [seqs, heads, dim] -> [seqs, heads, dim]."""
         s, h, d = q.shape
         kvh = k_cache.shape[0]
-        k = self._gather(k_cache, g.block_ids, g.num_keys, q.dtype).view(kvh * s, g.num_keys, d)
-        v = self._gather(v_cache, g.block_ids, g.num_keys, q.dtype).view(kvh * s, g.num_keys, d)
+        k = self._gather(k_cache, g.block_ids, g.num_keys, q.dtype, g.unwritten).view(kvh * s, g.num_keys, d)
+        v = self._gather(v_cache, g.block_ids, g.num_keys, q.dtype, g.unwritten).view(kvh * s, g.num_keys, d)
         # The h // kvh query heads that share a kv head become rows of one matmul: [kvh * s, h // kvh, d].
         qg = q.view(s, kvh, h // kvh, d).transpose(0, 1).reshape(kvh * s, h // kvh, d)
         scores = torch.bmm(qg, k.transpose(1, 2)).mul_(self.scale)  # [kvh * s, h // kvh, keys]
@@ -160,8 +172,9 @@ class TorchAttentionBackend(AttentionBackend):
 
     def _prefill(self, q: torch.Tensor, k_cache, v_cache, g: _PrefillGroup) -> torch.Tensor:
         """q: [seqs, q_len, heads, dim] -> [seqs, q_len, heads, dim]."""
-        k = self._gather(k_cache, g.block_ids, g.num_keys, q.dtype).transpose(0, 1)  # [seqs, kv_heads, keys, dim]
-        v = self._gather(v_cache, g.block_ids, g.num_keys, q.dtype).transpose(0, 1)
+        # [seqs, kv_heads, keys, dim]
+        k = self._gather(k_cache, g.block_ids, g.num_keys, q.dtype, g.unwritten).transpose(0, 1)
+        v = self._gather(v_cache, g.block_ids, g.num_keys, q.dtype, g.unwritten).transpose(0, 1)
         o = F.scaled_dot_product_attention(
             q.transpose(1, 2), k, v, attn_mask=g.mask, scale=self.scale, enable_gqa=k.shape[1] != q.shape[2]
         )

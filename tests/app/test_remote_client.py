@@ -1,18 +1,23 @@
 """The remote client against a real OpenAI-compatible endpoint: kvstudio's own server in-process on port 0, with
-an API key, over a tiny model whose greedy replies the `openai` client confirms."""
+an API key, over a tiny model whose greedy replies the `openai` client confirms; and against a scripted endpoint
+whose streams are malformed."""
 
 from __future__ import annotations
 
+import asyncio
 import threading
-import time
+from dataclasses import dataclass, field
 
 import openai
 import pytest
 
+from app.engine_thread import EngineThread
 from app.remote_client import Endpoint, RemoteClient, RemoteError, TextUpdate, list_models, request_body
-from engine import SamplingParams
+from engine import LLMEngine, SamplingParams
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+# A reply that only an abort ends early: no EOS, and most of the tiny model's 256-token context.
+LONG = SamplingParams(temperature=0.0, max_tokens=200, ignore_eos=True)
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +71,9 @@ def test_sampling_params_become_openai_fields_with_vllm_extras_only_when_set():
         "presence_penalty": 0.0,
         "frequency_penalty": 0.0,
     }
-    body = request_body(SamplingParams(top_k=40, min_p=0.1, repetition_penalty=1.2, seed=3, stop=["\n\n"]))
+    body = request_body(
+        SamplingParams(top_k=40, min_p=0.1, repetition_penalty=1.2, seed=3, stop=["\n\n"], ignore_eos=True)
+    )
     assert (body["top_k"], body["min_p"], body["repetition_penalty"], body["seed"], body["stop"]) == (
         40,
         0.1,
@@ -74,6 +81,7 @@ def test_sampling_params_become_openai_fields_with_vllm_extras_only_when_set():
         3,
         ["\n\n"],
     )
+    assert body["ignore_eos"] is True
     with pytest.raises(ValueError, match="n=1"):
         request_body(SamplingParams(n=2))
 
@@ -132,64 +140,178 @@ def test_an_unreachable_endpoint_fails_in_words():
         c.close()
 
 
-def test_abort_closes_the_stream_and_the_server_frees_the_request(served, client):
+@dataclass
+class Gate:
+    """Holds the endpoint's engine after GATE_TOKENS generated tokens until the server aborts a request."""
+
+    engine: LLMEngine
+    tokens_before: int  # the engine's generation_tokens_total when the gate was set up
+    reached: threading.Event = field(default_factory=threading.Event)  # the engine waits at the gate
+    server_aborted: threading.Event = field(default_factory=threading.Event)  # the server told the engine thread
+    engine_aborted: threading.Event = field(default_factory=threading.Event)  # the engine dropped the request
+
+    def generated(self) -> int:
+        return self.engine.stats.generation_tokens_total - self.tokens_before
+
+
+GATE_TOKENS = 4
+
+
+@pytest.fixture
+def gate(served, monkeypatch):
+    """Once the (idle) endpoint engine has generated GATE_TOKENS tokens, its next step waits until the server asks
+    the engine thread to abort a request. The abort is queued before the gate opens, and the engine thread takes
+    its queue before each step: an abort that comes stops the request after exactly GATE_TOKENS + 1 tokens
+    whatever the machine's speed, and without one the reply runs to max_tokens (the gate gives up after 30 s)."""
     _, engine = served
+    assert not engine.has_unfinished_requests()  # the earlier tests' requests have ended
+    g = Gate(engine, engine.stats.generation_tokens_total)
+    step, abort_request, thread_abort = engine.step, engine.abort_request, EngineThread.abort
+
+    def gated_step():
+        if g.generated() >= GATE_TOKENS and not g.server_aborted.is_set():
+            g.reached.set()
+            g.server_aborted.wait(30)
+        return step()
+
+    def server_abort(self, request_id):
+        thread_abort(self, request_id)
+        g.server_aborted.set()
+
+    def engine_abort(request_id):
+        abort_request(request_id)
+        g.engine_aborted.set()
+
+    monkeypatch.setattr(engine, "step", gated_step)
+    monkeypatch.setattr(engine, "abort_request", engine_abort)
+    monkeypatch.setattr(EngineThread, "abort", server_abort)
+    yield g
+    g.server_aborted.set()  # a failed test must not leave the engine thread waiting
+
+
+def assert_the_server_stopped_generating(gate: Gate) -> None:
+    """The server saw the client go away and aborted the request long before max_tokens, and freed its blocks."""
+    assert gate.engine_aborted.wait(30), "the server never aborted the request"
+    assert gate.generated() == GATE_TOKENS + 1, f"{gate.generated()} tokens generated of {LONG.max_tokens} asked"
+    stats = gate.engine.get_stats()  # read on this thread: the engine thread is idle now
+    assert not gate.engine.has_unfinished_requests() and stats.num_blocks_used == 0
+
+
+def test_the_gate_lets_an_unaborted_reply_run_to_max_tokens(gate, client):
+    """The control for the two tests below: without an abort, the reply is all max_tokens tokens long."""
     got = Collector()
-    client.submit_completion("Count", SamplingParams(temperature=0.0, max_tokens=200, ignore_eos=True), got, "r5")
-    deadline = time.monotonic() + 30
-    while not got.items and time.monotonic() < deadline:
-        time.sleep(0.01)
-    client.abort("r5")
+    client.submit_completion("Count", SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True), got, "r5")
+    assert gate.reached.wait(30)
+    gate.server_aborted.set()  # open the gate by hand
+    last = got.wait()
+    assert isinstance(last, TextUpdate) and last.finish_reason == "length" and last.num_tokens == 20
+    assert gate.generated() == 20 and not gate.engine_aborted.is_set()
+
+
+def test_abort_closes_the_stream_and_the_server_stops_generating(gate, client):
+    got = Collector()
+    client.submit_completion("Count", LONG, got, "r6")
+    assert gate.reached.wait(30), "the engine never generated the first tokens"
+    client.abort("r6")
     seen = len(got.items)
-    while engine.has_unfinished_requests() and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert not engine.has_unfinished_requests() and engine.get_stats().num_blocks_used == 0
-    time.sleep(0.2)
+    assert_the_server_stopped_generating(gate)
+    client.close()  # ends the client's loop, so whatever it still had to deliver would have arrived by now
     assert len(got.items) == seen and not got.done.is_set()  # nothing arrives after the abort
 
 
-def test_closing_ends_every_request_in_flight_in_words_and_takes_no_more(openai_endpoint):
+def test_closing_ends_every_request_in_flight_in_words_and_takes_no_more(openai_endpoint, gate):
     c = RemoteClient(Endpoint(openai_endpoint.base_url, openai_endpoint.api_key, "tiny"))
     got = Collector()
-    c.submit_completion("Count", SamplingParams(temperature=0.0, max_tokens=200, ignore_eos=True), got, "r6")
+    c.submit_completion("Count", LONG, got, "r7")
+    assert gate.reached.wait(30), "the engine never generated the first tokens"
     c.close()
     error = got.wait()
     assert isinstance(error, RemoteError) and str(error) == f"the connection to {openai_endpoint.base_url} was closed"
     assert sum(isinstance(item, BaseException) for item in got.items) == 1
+    assert_the_server_stopped_generating(gate)
     with pytest.raises(RemoteError, match="was closed"):
-        c.submit_completion("again", GREEDY, Collector(), "r7")
+        c.submit_completion("again", GREEDY, Collector(), "r8")
+    c.close()  # a second close does nothing
 
 
-def test_a_stream_of_the_wrong_shape_ends_the_request_in_words():
+# ---- a scripted endpoint -------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def scripted():
+    """(url, replies): a server whose POST /v1/completions answers with the raw SSE bytes replies[prompt]."""
     from aiohttp import web
 
-    async def odd_stream(request):
+    replies: dict[str, bytes] = {}
+
+    async def completions(request):
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await response.prepare(request)
-        await response.write(b"data: [1, 2]\n\n")
+        await response.write(replies[(await request.json())["prompt"]])
+        await response.write_eof()
         return response
-
-    import asyncio
-    import threading as th
 
     loop = asyncio.new_event_loop()
     app = web.Application()
-    app.router.add_post("/v1/completions", odd_stream)
+    app.router.add_post("/v1/completions", completions)
     runner = web.AppRunner(app)
     loop.run_until_complete(runner.setup())
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    loop.run_until_complete(site.start())
-    port = runner.addresses[0][1]
-    thread = th.Thread(target=loop.run_forever, daemon=True)
+    loop.run_until_complete(web.TCPSite(runner, "127.0.0.1", 0).start())
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()
-    c = RemoteClient(Endpoint(f"http://127.0.0.1:{port}", model="m"))
+    yield f"http://127.0.0.1:{runner.addresses[0][1]}", replies
+    asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(10)
+    loop.call_soon_threadsafe(loop.stop)
+    thread.join(10)
+    loop.close()
+
+
+def sse(*chunks: str) -> bytes:
+    return b"".join(b"data: " + c.encode() + b"\n\n" for c in chunks)
+
+
+WELL_FORMED = sse('{"choices": [{"text": "fine"}]}', '{"choices": [{"text": "", "finish_reason": "stop"}]}', "[DONE]")
+MALFORMED = {
+    "an array": (sse("[1, 2]"), "wrong shape (a list, not an object)"),
+    "a number": (sse("5"), "wrong shape (a int, not an object)"),
+    "choices not a list": (sse('{"choices": 3}'), "wrong shape (choices is not a list)"),
+    "a null choice": (sse('{"choices": [null]}'), "wrong shape (a choice is not an object)"),
+    "a string delta": (sse('{"choices": [{"delta": "hi"}]}'), "wrong shape (a delta is not an object)"),
+    "a number for text": (sse('{"choices": [{"text": 5}]}'), "wrong shape (a text piece is not a string)"),
+    "a number for finish_reason": (
+        sse('{"choices": [{"text": "a", "finish_reason": 7}]}', "[DONE]"),
+        "wrong shape (finish_reason is not a string)",
+    ),
+    "usage not an object": (sse('{"choices": [], "usage": [3]}'), "wrong shape (usage is not an object)"),
+    "a string token count": (
+        sse('{"choices": [{"text": "a", "finish_reason": "length"}]}', '{"usage": {"completion_tokens": "1"}}'),
+        "wrong shape (usage.completion_tokens is not a count)",
+    ),
+    "not JSON": (sse("{oops"), "sent a stream that is not OpenAI's"),
+    "JSON nested too deep": (sse("[" * 60_000), "sent something unexpected: RecursionError"),
+    "no finish": (sse('{"choices": [{"text": "a"}]}', "[DONE]"), "ended the stream before the reply finished"),
+    "an error chunk": (sse('{"error": {"message": "overloaded"}}'), "stopped the reply: overloaded"),
+}
+
+
+@pytest.mark.parametrize("reply, message", MALFORMED.values(), ids=MALFORMED.keys())
+def test_a_malformed_stream_ends_the_request_in_words_and_the_client_serves_on(scripted, reply, message):
+    """Whatever the endpoint streams, the request ends with one RemoteError, no value of a wrong type reaches
+    the caller, and the client's loop thread lives on: the next request on it completes. (An exception that
+    killed a thread would fail the test: pyproject.toml turns those warnings into errors.)"""
+    url, replies = scripted
+    replies.update(bad=reply, good=WELL_FORMED)
+    c = RemoteClient(Endpoint(url, model="m"))
     try:
         got = Collector()
-        c.submit_completion("hi", GREEDY, got, "r8")
+        c.submit_completion("bad", GREEDY, got, "r9")
         error = got.wait()
-        assert isinstance(error, RemoteError) and "sent something unexpected" in str(error)
+        assert isinstance(error, RemoteError) and message in str(error), str(error)
+        *updates, _ = got.items
+        assert all(type(u) is TextUpdate and not u.finished for u in updates)
+        assert all(type(u.text) is str and type(u.num_tokens) is int for u in updates)
+        again = Collector()
+        c.submit_completion("good", GREEDY, again, "r10")
+        assert again.wait() == TextUpdate("fine", 1, True, "stop")
     finally:
         c.close()
-        asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(10)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(10)

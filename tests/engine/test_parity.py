@@ -1,12 +1,13 @@
 """Greedy decoding through the paged engine is token-identical to transformers' generate, for every supported
 family and for SmolLM2, with a block pool small enough that sequences are preempted and recomputed, block tables
 many blocks long, prefix caching on or off, and chunked prefill. A bfloat16 KV cache stays close, and whatever
-the KV pool held before a slot was written never reaches an output.
+the KV pool held before a slot was written (NaN, inf) never reaches an output, on every attention backend.
 """
 
 from __future__ import annotations
 
 import math
+from collections import Counter
 
 import pytest
 import torch
@@ -155,32 +156,89 @@ def test_bfloat16_kv_cache_stays_close_to_float32(family, tiny_models, prompts, 
     assert_close_to_reference(model, prompts[family], outputs)
 
 
-@pytest.mark.parametrize("kv_cache_dtype", ["auto", "bfloat16"])
-def test_unwritten_kv_slots_never_reach_the_outputs(kv_cache_dtype, tiny_models, prompts, drive, monkeypatch):
-    """torch.empty may return any bits, NaN included. Attention reads whole blocks, so the masked-out slots past
-    a sequence's end are read too; their weight is 0, but 0 * NaN is NaN. Whatever the pool held before a
-    slot was written must not change any output."""
-    real_empty = torch.empty
+def garbage_requests(model) -> tuple[list, list[int]]:
+    """Requests that read the pool every way the engine does, over 4-token blocks: a prompt ending inside a block
+    (decodes read a partly written block), a later prompt sharing its first 3 blocks (a prefix-cache hit: its
+    prefill reads cached blocks and a fresh, partly written one), and n=2 samples of a prompt ending inside a
+    block (the fork shares that block, and copy-on-write copies it whole, unwritten slots included). Contexts
+    reach 21 tokens, past mistral's 16-token sliding window. Returns (requests, add_at)."""
+    shared, tail_a, tail_b, other = token_prompts((12, 2, 3, 6), model.config.vocab_size, seed=31)
+    greedy = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True, logprobs=1)
+    sampled = SamplingParams(n=2, temperature=1.0, seed=5, max_tokens=6, ignore_eos=True, logprobs=1)
+    requests = [
+        ({"prompt_token_ids": shared + tail_a}, greedy),
+        ({"prompt_token_ids": other}, sampled),
+        ({"prompt_token_ids": shared + tail_b}, greedy),
+    ]
+    return requests, [0, 0, 2]
 
-    def nan_empty(*args, **kwargs):
-        t = real_empty(*args, **kwargs)
-        return t.fill_(float("nan")) if t.is_floating_point() else t
 
-    model = tiny_models["mistral"]
-    with monkeypatch.context() as patch:
-        patch.setattr(torch, "empty", nan_empty)
-        engine = model.llm(
-            num_blocks=SMALL_POOL, block_size=BLOCK, max_model_len=MAX_LEN, kv_cache_dtype=kv_cache_dtype
-        ).llm_engine
-    outputs, _ = drive(engine, as_requests(prompts["mistral"], GREEDY_LOGPROBS))
-    for o in outputs:
-        assert all(math.isfinite(lp) for entry in o.outputs[0].logprobs for lp in entry.values())
-    if kv_cache_dtype == "auto":
-        assert_same_tokens(
-            [o.outputs[0].token_ids for o in outputs], model.greedy_reference(prompts["mistral"], NEW_TOKENS)
-        )
-    else:
-        assert_close_to_reference(model, prompts["mistral"], outputs)
+def run_over_pool(model, backend, kv_cache_dtype, fill, drive, monkeypatch):
+    """Build an engine, fill its whole KV pool and swap space (every block, layer, K and V) with `fill` before
+    any request, drive garbage_requests through it, and return every completion's tokens and logprobs. 8 blocks
+    for ~13 blocks' worth of sequences: some group is swapped out and back in (preemption_mode swap)."""
+    engine = model.llm(
+        num_blocks=8,
+        block_size=BLOCK,
+        max_model_len=32,
+        attention_backend=backend,
+        kv_cache_dtype=kv_cache_dtype,
+        preemption_mode="swap",
+    ).llm_engine
+    runner = engine.runner
+    runner.kv_cache.fill_(fill)
+    runner.swap_cache.fill_(fill)
+    moves = Counter()
+
+    def counted(name):
+        real = getattr(runner.backend, name)
+
+        def call(*args):
+            moves[name] += 1
+            return real(*args)
+
+        return call
+
+    for name in ("copy_blocks", "swap_blocks"):
+        monkeypatch.setattr(runner.backend, name, counted(name))
+    requests, add_at = garbage_requests(model)
+    outputs, trace = drive(engine, requests, add_at=add_at)
+    # Every path under test ran: partly written blocks, a prefix-cache hit, copy-on-write, swap out and in.
+    assert all(len(r[0]["prompt_token_ids"]) % BLOCK for r in requests)
+    assert outputs[2].num_cached_tokens == 12 and engine.block_manager.prefix_hits >= 12
+    assert trace.peak_blocks_shared > 0 and moves["copy_blocks"] > 0
+    assert trace.swapped and moves["swap_blocks"] >= 2
+    return [[(c.token_ids, c.logprobs) for c in o.outputs] for o in outputs]
+
+
+POISONS = {"nan": float("nan"), "inf": float("inf")}
+
+
+@pytest.mark.parametrize("poison", POISONS)
+@pytest.mark.parametrize(
+    "family, backend, kv_cache_dtype",
+    [
+        ("llama", "torch", "auto"),
+        ("llama", "cpu", "auto"),
+        ("llama", "triton", "auto"),  # under Triton's interpreter on the CPU
+        ("mistral", "torch", "auto"),  # a sliding window
+        ("mistral", "cpu", "auto"),
+        ("mistral", "triton", "auto"),
+        ("llama", "torch", "bfloat16"),
+        ("llama", "cpu", "bfloat16"),
+    ],
+)
+def test_garbage_in_the_kv_pool_never_reaches_the_outputs(
+    family, backend, kv_cache_dtype, poison, tiny_models, drive, monkeypatch
+):
+    """The engine may allocate the pool with torch.empty: a slot holds whatever was there (NaN, inf) until the
+    engine writes it. Attention reads whole blocks, and a masked slot given weight 0 still poisons the sum
+    (0 * NaN and 0 * inf are NaN), so unwritten slots must be excluded. Outputs over a pool filled with garbage
+    equal those over a zeroed pool, bit for bit."""
+    model = tiny_models[family]
+    clean = run_over_pool(model, backend, kv_cache_dtype, 0.0, drive, monkeypatch)
+    assert all(math.isfinite(lp) for o in clean for _, lps in o for entry in lps for lp in entry.values())
+    assert run_over_pool(model, backend, kv_cache_dtype, POISONS[poison], drive, monkeypatch) == clean
 
 
 def test_smollm2_greedy_matches_transformers_with_preemption(smollm2_llm, smollm2_reference, drive):

@@ -1,7 +1,10 @@
 """Logits processors in the sampler (bans, allowed tokens, bias, penalties), each against an independent
-computation, on Sequence objects built directly: no model."""
+computation, and temperature against softmax(logits / T) by goodness of fit, on Sequence objects built directly:
+no model."""
 
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
@@ -220,3 +223,74 @@ def test_logprobs_stay_those_of_the_raw_distribution():
     assert sampled == raw[4].item()
     top_ids = raw.topk(2).indices.tolist()
     assert top == {t: raw[t].item() for t in [*top_ids, 4]}
+
+
+# ---- temperature ------------------------------------------------------------------------------------------------
+
+TEMPERATURES = (0.5, 1.0, 2.0)
+# Spread enough that the temperatures give clearly different distributions, and every token keeps 50+ expected
+# draws at T=0.5 (the chi-square approximation wants 5+).
+TEMPERATURE_LOGITS = torch.tensor([1.5, 1.0, 0.9, 0.75, 0.5, 0.25, 0.1, 0.0, -0.25, -0.5, -0.75, -1.0])
+TEMPERATURE_ROWS, TEMPERATURE_STEPS = 1200, 50  # 20,000 draws per temperature
+
+
+def softmax_at(temperature: float) -> torch.Tensor:
+    return (TEMPERATURE_LOGITS.double() / temperature).softmax(-1)
+
+
+@pytest.fixture(scope="module")
+def draws_by_temperature() -> dict[float, torch.Tensor]:
+    """Token counts [VOCAB] per temperature, drawn by the sampler from batches that mix the three temperatures
+    (row r at TEMPERATURES[r % 3]; every other row with a seed of its own, the rest on the sampler's generator)."""
+    seqs = [make_seq([1], temperature=TEMPERATURES[r % 3]) for r in range(TEMPERATURE_ROWS)]
+    for r, seq in enumerate(seqs[::2]):
+        seq.generator = torch.Generator().manual_seed(1000 + r)
+    batch = SamplingBatch.from_sequences(seqs, [EOS], VOCAB, CPU)
+    assert sorted(set(batch.temperature.tolist())) == list(TEMPERATURES)
+    sampler = Sampler(torch.Generator().manual_seed(0))
+    logits = TEMPERATURE_LOGITS.expand(TEMPERATURE_ROWS, VOCAB)
+    which = torch.arange(TEMPERATURE_ROWS) % len(TEMPERATURES)
+    counts = torch.zeros(len(TEMPERATURES), VOCAB, dtype=torch.float64)
+    for _ in range(TEMPERATURE_STEPS):
+        tokens = torch.tensor(sampler(logits, batch).token_ids)
+        counts.index_put_((which, tokens), torch.ones(TEMPERATURE_ROWS, dtype=torch.float64), accumulate=True)
+    return dict(zip(TEMPERATURES, counts))
+
+
+def chi_square_p_value(counts: torch.Tensor, probs: torch.Tensor) -> float:
+    """Pearson's goodness-of-fit test: the chance that draws from `probs` fit them this badly or worse."""
+    expected = counts.sum() * probs
+    statistic = ((counts - expected) ** 2 / expected).sum()
+    dof = torch.tensor((counts.numel() - 1) / 2, dtype=torch.float64)
+    return torch.special.gammaincc(dof, statistic / 2).item()  # the chi-square survival function
+
+
+@pytest.mark.parametrize("temperature", TEMPERATURES)
+def test_draws_follow_the_softmax_of_the_logits_over_the_temperature(draws_by_temperature, temperature):
+    counts = draws_by_temperature[temperature]
+    assert counts.sum() == TEMPERATURE_ROWS // len(TEMPERATURES) * TEMPERATURE_STEPS
+    assert (counts.sum() * softmax_at(min(TEMPERATURES))).min() >= 50
+    # The draws are seeded, so this is deterministic; a correct sampler would fail it once in 10^4 seeds.
+    assert chi_square_p_value(counts, softmax_at(temperature)) > 1e-4
+    # ... and the test tells temperatures apart: the other temperatures' distributions do not fit at all.
+    for other in set(TEMPERATURES) - {temperature}:
+        assert chi_square_p_value(counts, softmax_at(other)) < 1e-12
+
+
+def test_a_higher_temperature_flattens_the_distribution(draws_by_temperature):
+    """The empirical entropy rises with the temperature, and each is within its statistical error of the entropy
+    of softmax(logits / T)."""
+    entropies = []
+    for temperature in TEMPERATURES:
+        counts = draws_by_temperature[temperature]
+        n = counts.sum()
+        observed = counts / n
+        estimate = -(observed * observed.log()).nansum()  # a token never drawn adds 0
+        p = softmax_at(temperature)
+        exact = -(p * p.log()).sum()
+        # The plug-in estimate's standard error is sqrt(Var[-log p] / n); its bias is below (vocab - 1) / (2 n).
+        std_error = (((p * p.log() ** 2).sum() - exact**2) / n).sqrt()
+        assert abs(estimate - exact) < 6 * std_error + (VOCAB - 1) / (2 * n)
+        entropies.append(estimate.item())
+    assert entropies == sorted(entropies) and entropies[-1] < math.log(VOCAB)
+    assert entropies[1] - entropies[0] > 0.1 and entropies[2] - entropies[1] > 0.1

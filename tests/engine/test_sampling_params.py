@@ -25,9 +25,25 @@ def test_lists_are_normalised():
     assert p.allowed_token_ids == [4, 2] and p.bad_words == ["a b"]
 
 
-def test_range_edges_are_accepted():
-    SamplingParams(presence_penalty=-2.0, frequency_penalty=2.0, repetition_penalty=0.01, prompt_logprobs=0)
-    SamplingParams(presence_penalty=2, frequency_penalty=-2, repetition_penalty=5, prompt_logprobs=MAX_LOGPROBS)
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("presence_penalty", -2.0),
+        ("presence_penalty", 2),
+        ("frequency_penalty", 2.0),
+        ("frequency_penalty", -2),
+        ("repetition_penalty", 0.01),
+        ("repetition_penalty", 5),
+        ("prompt_logprobs", 0),
+        ("prompt_logprobs", MAX_LOGPROBS),
+        ("logprobs", 0),
+        ("logprobs", MAX_LOGPROBS),
+    ],
+)
+def test_range_edges_are_accepted_and_kept_as_given(field, value):
+    """Each bound is inclusive (the values just past it are refused below) and the value is kept unchanged."""
+    params = SamplingParams(**{field: value})
+    assert getattr(params, field) == value
 
 
 @pytest.mark.parametrize(
@@ -61,6 +77,8 @@ def test_range_edges_are_accepted():
         ("prompt_logprobs", -1),
         ("prompt_logprobs", MAX_LOGPROBS + 1),
         ("prompt_logprobs", 1.5),
+        ("logprobs", -1),
+        ("logprobs", MAX_LOGPROBS + 1),
     ],
 )
 def test_bad_values_raise_naming_the_field(field, value):

@@ -31,21 +31,28 @@ def test_kernel_matches_reference_on_ragged_contexts(num_heads, num_kv_heads, dt
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
 
-def test_kernel_reads_only_each_sequences_own_blocks():
-    q, k, v, tables, ctx = make_case(1, 4, 4, 2, 16, 4, [5, 12, 7, 2], torch.float32)
+@pytest.mark.parametrize("garbage", [float("nan"), float("inf"), float("-inf")], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_kernel_and_twin_read_only_each_sequences_own_slots(garbage, dtype):
+    """Slots no sequence has written hold whatever the pool held (the engine allocates it with torch.empty):
+    they must be left out, not weighted 0 (0 * NaN and 0 * inf are NaN)."""
+    q, k, v, tables, ctx = make_case(1, 4, 4, 2, 16, 4, [5, 12, 7, 2], dtype)
     before = paged_decode_attention(q, k, v, tables, ctx, 0.25)
+    before_ref = paged_decode_attention_ref(q, k, v, tables, ctx, 0.25)
     used = {int(b) for s in range(4) for b in tables[s, : -(-int(ctx[s]) // 4)]}
     unused = [b for b in range(k.shape[1]) if b not in used]
     # Poison every block no sequence owns, and the slots past each context in owned blocks.
-    k[:, unused] = float("nan")
-    v[:, unused] = float("nan")
+    k[:, unused] = garbage
+    v[:, unused] = garbage
     for s in range(4):
         n = int(ctx[s])
         last = int(tables[s, (n - 1) // 4])
-        k[:, last, (n - 1) % 4 + 1 :] = float("nan")
-        v[:, last, (n - 1) % 4 + 1 :] = float("nan")
+        k[:, last, (n - 1) % 4 + 1 :] = garbage
+        v[:, last, (n - 1) % 4 + 1 :] = garbage
+    assert ctx.remainder(4).ne(0).any()  # some sequence ends inside a block: its last block holds garbage
     after = paged_decode_attention(q, k, v, tables, ctx, 0.25)
     torch.testing.assert_close(after, before, rtol=0, atol=0)
+    torch.testing.assert_close(paged_decode_attention_ref(q, k, v, tables, ctx, 0.25), before_ref, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("window", [1, 5, 16])

@@ -68,7 +68,7 @@ def prefill_case(seed, query_lens, context_lens, num_heads, num_kv_heads, head_d
     return q, k, v, cu, ctx, tables
 
 
-def unused_slots_to_nan(k, v, tables, ctx):
+def fill_unused_slots(k, v, tables, ctx, garbage):
     """Poison every cache slot no sequence owns: blocks outside the tables and slots past each context."""
     block_size = k.shape[2]
     owned = torch.zeros(k.shape[0], block_size, dtype=torch.bool)
@@ -76,7 +76,7 @@ def unused_slots_to_nan(k, v, tables, ctx):
         for p in range(n):
             owned[int(tables[s, p // block_size]), p % block_size] = True
     for cache in (k, v):
-        cache.transpose(1, 2)[~owned] = float("nan")  # a [num_blocks, block_size, kv_heads, dim] view
+        cache.transpose(1, 2)[~owned] = garbage  # a [num_blocks, block_size, kv_heads, dim] view
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -135,11 +135,21 @@ def test_decode_reads_fp8_caches_with_their_scales(q_dtype):
     torch.testing.assert_close(out, exact, rtol=0.1, atol=0.1)
 
 
-def test_decode_reads_only_each_sequences_own_slots():
+GARBAGE = [float("nan"), float("inf"), float("-inf")]
+
+
+@pytest.mark.parametrize("garbage", GARBAGE, ids=str)
+@pytest.mark.parametrize("num_splits", [1, 2])
+def test_decode_and_twin_read_only_each_sequences_own_slots(garbage, num_splits):
+    """Slots no sequence has written hold whatever the pool held (the engine allocates it with torch.empty):
+    they must be left out, not weighted 0 (0 * NaN and 0 * inf are NaN)."""
     q, k, v, tables, ctx = decode_case(4, [5, 12, 7, 33], 4, 2, 16, 8, torch.float32)
-    before = paged_decode_attention(q, k, v, tables, ctx, 0.25, num_splits=2)
-    unused_slots_to_nan(k, v, tables, ctx)
-    torch.testing.assert_close(paged_decode_attention(q, k, v, tables, ctx, 0.25, num_splits=2), before, rtol=0, atol=0)
+    before = paged_decode_attention(q, k, v, tables, ctx, 0.25, num_splits=num_splits)
+    before_ref = paged_decode_attention_ref(q, k, v, tables, ctx, 0.25)
+    fill_unused_slots(k, v, tables, ctx, garbage)
+    after = paged_decode_attention(q, k, v, tables, ctx, 0.25, num_splits=num_splits)
+    torch.testing.assert_close(after, before, rtol=0, atol=0)
+    torch.testing.assert_close(paged_decode_attention_ref(q, k, v, tables, ctx, 0.25), before_ref, rtol=0, atol=0)
 
 
 def test_split_heuristic_fills_idle_sms_only_for_long_contexts():
@@ -192,11 +202,18 @@ def test_prefill_reads_fp8_caches_with_their_scales():
     torch.testing.assert_close(out, prefill_attention_ref(q, k, v, cu, ctx, tables, 0.2), rtol=0.1, atol=0.1)
 
 
-def test_prefill_reads_only_each_sequences_own_slots():
+@pytest.mark.parametrize("garbage", GARBAGE, ids=str)
+@pytest.mark.parametrize("window", [None, 5])
+def test_prefill_and_twin_read_only_each_sequences_own_slots(garbage, window):
+    # A chunk over a cached prefix that ends inside a block, and a whole prompt ending inside one.
     q, k, v, cu, ctx, tables = prefill_case(9, [6, 10], [14, 10], 4, 2, 16, 8, torch.float32)
-    before = prefill_attention(q, k, v, cu, ctx, tables, 0.25)
-    unused_slots_to_nan(k, v, tables, ctx)
-    torch.testing.assert_close(prefill_attention(q, k, v, cu, ctx, tables, 0.25), before, rtol=0, atol=0)
+    before = prefill_attention(q, k, v, cu, ctx, tables, 0.25, window)
+    before_ref = prefill_attention_ref(q, k, v, cu, ctx, tables, 0.25, window)
+    fill_unused_slots(k, v, tables, ctx, garbage)
+    torch.testing.assert_close(prefill_attention(q, k, v, cu, ctx, tables, 0.25, window), before, rtol=0, atol=0)
+    torch.testing.assert_close(
+        prefill_attention_ref(q, k, v, cu, ctx, tables, 0.25, window), before_ref, rtol=0, atol=0
+    )
 
 
 def test_one_token_prefill_equals_decode():

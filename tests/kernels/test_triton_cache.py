@@ -155,10 +155,21 @@ def test_reshape_and_cache_with_no_tokens_is_a_no_op():
     assert k.isnan().all() and v.isnan().all()
 
 
+# Bit patterns no write ever produces, for the slots of a block nobody has written: blocks are copied and swapped
+# whole, and what those slots held must arrive bit for bit, not trip anything. NaN with a payload, and +inf
+# (e4m3fn has no inf: its two NaN bytes).
+GARBAGE_BITS = {torch.float32: (0x7FC0_1234, 0x7F80_0000), torch.float16: (0x7E05, 0x7C00), FP8: (0x7F, 0xFF)}
+
+
 def random_pool(seed, shape, dtype):
+    """[2, layers, blocks, heads, block_size, dim], random, the last two slots of every block garbage."""
     g = torch.Generator().manual_seed(seed)
-    pool = torch.rand(shape, generator=g) + 0.5
-    return pool.to(dtype)
+    pool = (torch.rand(shape, generator=g) + 0.5).to(dtype)
+    nan, inf = GARBAGE_BITS[dtype]
+    bits(pool)[..., -1, :] = nan
+    bits(pool)[..., -2, :] = inf
+    assert bits(pool)[..., -2:, :].eq(torch.tensor([inf, nan], dtype=bits(pool).dtype)[:, None]).all()
+    return pool
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, FP8])
@@ -190,7 +201,7 @@ def test_copy_blocks_takes_ids_from_the_columns_of_a_pairs_tensor():
     pairs = torch.tensor([[2, 3], [2, 4], [5, 6]])
     copy_blocks(pool, pairs[:, 0], pairs[:, 1])
     copy_blocks_ref(ref, pairs[:, 0], pairs[:, 1])
-    assert torch.equal(pool, ref)
+    assert torch.equal(bits(pool), bits(ref))
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, FP8])

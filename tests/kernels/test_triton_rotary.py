@@ -87,9 +87,21 @@ def test_reference_turns_each_pair_as_a_complex_number(is_neox):
     torch.testing.assert_close(q[..., rot_dim:], original[..., rot_dim:], rtol=0, atol=0)
 
 
-def test_no_tokens():
-    q, k = torch.randn(0, 4, 16), torch.randn(0, 2, 16)
-    rotary_embedding(torch.zeros(0, dtype=torch.int64), q, k, make_cache(16), True)
+@pytest.mark.parametrize("rotate", [rotary_embedding, rotary_embedding_ref])
+def test_no_tokens_is_a_no_op_and_still_checked(rotate):
+    """A step can carry no token to rotate: kernel and twin accept it (no position to look up, no program to
+    launch) and leave q and k as they are, but refuse bad arguments just as for a full batch."""
+    qkv = torch.randn(0, (4 + 2 * 2) * 16)  # the fused projection of no tokens, q and k views into it
+    q, k = qkv[:, : 4 * 16].view(0, 4, 16), qkv[:, 4 * 16 : 6 * 16].view(0, 2, 16)
+    no_positions = torch.zeros(0, dtype=torch.int64)
+    assert rotate(no_positions, q, k, make_cache(16), True) is None
+    assert q.shape == (0, 4, 16) and k.shape == (0, 2, 16)
+    with pytest.raises(ValueError, match="positions must be"):
+        rotate(no_positions.int(), q, k, make_cache(16), True)
+    with pytest.raises(ValueError, match="k is"):
+        rotate(no_positions, q, k.half(), make_cache(16), True)
+    with pytest.raises(ValueError, match="rot_dim 20"):
+        rotate(no_positions, q, k, torch.zeros(64, 20), True)
 
 
 @pytest.mark.parametrize(
