@@ -64,9 +64,10 @@ class ModelRunner:
             gib = config.kv_cache_memory or DEFAULT_CPU_KV_CACHE_GIB
             budget, what = int(gib * 2**30), f"kv_cache_memory={gib} GiB"
         num_blocks = kv_cache.num_kv_blocks(config, m, budget, what)
-        # Zeroed, not empty: attention reads whole blocks and masks the slots past a sequence's end, and a masked
-        # NaN left in reused memory would still poison the weighted sum (0 * NaN).
-        self.kv_cache = torch.zeros(
+        # Not zeroed: every backend reads a slot only once its KV is written (tests poison the pool with NaN to
+        # prove it), and pages never written cost no physical memory: a 2 GiB pool that holds one chat's blocks
+        # is resident only as far as those blocks.
+        self.kv_cache = torch.empty(
             kv_cache.cache_shape(self.backend, m, num_blocks, bs), dtype=m.kv_cache_dtype, device=self.device
         )
         # The swap space only ever receives whole blocks copied from the pool, so it needs no zeroing, and pages
