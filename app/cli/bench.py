@@ -1,4 +1,5 @@
-"""`kvstudio bench throughput | serve | sharing`: the command-line side of the benchmarks in bench*.py."""
+"""`kvstudio bench throughput | serve | cancel-storm | sharing`: the command-line side of the benchmarks in
+app/bench/."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ from app.cli.options import engine_kwargs, load_llm
 def run(args: argparse.Namespace) -> int:
     if args.bench_command == "serve":
         return run_bench_serve(args)
+    if args.bench_command == "cancel-storm":
+        return run_bench_cancel_storm(args)
     if args.bench_command == "sharing":
         return run_bench_sharing(args)
     return run_bench_throughput(args)
@@ -102,6 +105,31 @@ def run_bench_serve(args: argparse.Namespace) -> int:
         if stop is not None:
             stop()
     return 0
+
+
+def run_bench_cancel_storm(args: argparse.Namespace) -> int:
+    """A subcommand of its own rather than a `bench serve` option: its requests, options and output differ from
+    the latency levels', and its checks read the engine's KV blocks, so it runs only against its own endpoint."""
+    from app.bench import cancel_storm
+    from app.engine_thread import EngineThread
+    from app.server.app import ServerConfig
+    from app.server.run import BackgroundServer, model_info
+
+    engine = load_llm(args.model, engine_kwargs(args)).llm_engine
+    thread = EngineThread(engine).start()
+    info = model_info(engine)
+    server = BackgroundServer(thread, info, ServerConfig(port=0)).start()
+    try:
+        print(f"{server.url}/v1, model {info.name}: the storm is on", file=sys.stderr, flush=True)
+        report = cancel_storm.run(server, thread, info.name, args.requests, args.clients, args.seed)
+    except cancel_storm.StormError as e:
+        print(f"kvstudio: error: {e}", file=sys.stderr)
+        return 1
+    finally:
+        server.stop()
+        thread.stop()
+    print(report.table())
+    return 0 if report.passed else 1
 
 
 def run_bench_sharing(args: argparse.Namespace) -> int:

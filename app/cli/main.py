@@ -47,7 +47,12 @@ def build_parser() -> argparse.ArgumentParser:
         "/v1/models, /tokenize, /detokenize, /metrics, /health). Binds 127.0.0.1 unless told "
         "otherwise; SIGTERM or Ctrl-C drains in-flight requests, then exits.",
     )
-    serve.add_argument("--served-model-name", metavar="NAME", help="the model id clients use (default: --model)")
+    serve.add_argument(
+        "--served-model-name",
+        metavar="NAME",
+        help="the model id clients use (default: a .gguf file's name without .gguf, the Hub repo id, or the "
+        "model folder's name)",
+    )
     serve.add_argument(
         "--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; 0.0.0.0 exposes it to the network)"
     )
@@ -122,6 +127,25 @@ def build_parser() -> argparse.ArgumentParser:
     serving.add_argument("--num-prompts", type=options.positive_int, metavar="N", help="use the first N requests")
     serving.add_argument(
         "--max-tokens", type=options.positive_int, metavar="N", help="new tokens per request, in place of the file's"
+    )
+    storm = bench_commands.add_parser(
+        "cancel-storm",
+        parents=[engine_options],
+        help="what IDE plugins do to the endpoint: requests dropped mid-flight; checks that nothing is left behind",
+        description="Starts kvstudio's endpoint on a free port, then several clients fire streamed code "
+        "completions, most dropped 0-400 ms after sending, some before any byte of the answer, and a few chat "
+        "requests read to the end. Then it checks that the server answers, that no request is left running and "
+        "no KV block held, and reports the tokens generated that no client received and the time to first "
+        "token of the requests that finished. Exit status 0 when every check holds, 1 when one does not.",
+    )
+    storm.add_argument(
+        "--requests", type=options.positive_int, default=300, metavar="N", help="requests in all (default: 300)"
+    )
+    storm.add_argument(
+        "--clients", type=options.positive_int, default=8, metavar="N", help="concurrent clients (default: 8)"
+    )
+    storm.add_argument(
+        "--seed", type=int, default=0, metavar="N", help="which requests, cursors and drop times (default: 0)"
     )
     sharing = bench_commands.add_parser(
         "sharing",

@@ -4,7 +4,8 @@ Routes, request fields, streaming and errors follow ../shared/OPENAI_CONTRACT.md
 live in protocol.py and responses.py, running it in run.py; this module is the HTTP side: routing, server-sent
 events, security middlewares, metrics.
 A client that disconnects cancels its handler (aiohttp's handler_cancellation), which leaves the engine stream
-early and so aborts the request and frees its KV blocks at once.
+early and so aborts the request and frees its KV blocks at once. Request bodies are decoded, rendered and tokenized
+on worker threads: a long prompt takes the event loop from no other stream.
 """
 
 from __future__ import annotations
@@ -16,21 +17,23 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
+from typing import Any, TypeVar
 
-from aiohttp import web
+from aiohttp import hdrs, web
 
-from app.engine_thread import EngineStoppedError, EngineThread, QueueFullError
+from app.engine_thread import EngineDeadError, EngineStoppedError, EngineThread, QueueFullError
 from app.server import protocol, responses
 from app.server.metrics import Metrics
 from app.server.protocol import ApiError, GenerationRequest, ModelInfo
-from engine import RequestOutput
+from engine import PromptType, RequestOutput, SamplingParams
 
 logger = logging.getLogger("kvstudio.server")
 
-LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
+T = TypeVar("T")
+
 # Request bodies above this answer 413: long prompts are a few hundred KiB of JSON at most.
 MAX_BODY_BYTES = 8 * 2**20
 RETRY_AFTER_S = 1
@@ -63,13 +66,27 @@ _LOGGED = web.RequestKey("logged", bool)  # this request's log line is written
 
 
 def _is_loopback(host: str) -> bool:
-    host = host.strip("[]")
+    host = host.strip("[]").lower()
     if host == "localhost":
         return True
     try:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def _host_name(header: str) -> str | None:
+    """The name or address a Host header gives, without its port: "[::1]:8000" and "[::1]" -> "::1",
+    "localhost:8000" -> "localhost". None for a malformed header (an IPv6 address must be bracketed)."""
+    if header.startswith("["):
+        name, bracket, port = header[1:].partition("]")
+        if not bracket or (port and not (port.startswith(":") and port[1:].isdigit())):
+            return None
+        return name
+    name, colon, port = header.partition(":")
+    if colon and not port.isdigit():  # a second colon (a bare IPv6 address) or a port that is not a number
+        return None
+    return name
 
 
 def _error(
@@ -107,6 +124,8 @@ async def _errors(request: web.Request, handler) -> web.StreamResponse:
         return _error(400, str(e), "invalid_request_error")
     except QueueFullError as e:
         return _error(503, str(e), "server_error", headers={"Retry-After": str(RETRY_AFTER_S)})
+    except EngineDeadError as e:  # no Retry-After: only loading the model again helps
+        return _error(503, str(e), "server_error", code="engine_dead")
     except EngineStoppedError as e:
         return _error(503, str(e), "server_error", headers={"Retry-After": str(RETRY_AFTER_S)})
     except web.HTTPRequestEntityTooLarge:
@@ -126,10 +145,7 @@ def _security(config: ServerConfig):
     @web.middleware
     async def security(request: web.Request, handler) -> web.StreamResponse:
         # DNS rebinding: a page on evil.example resolving to 127.0.0.1 sends Host: evil.example.
-        if (
-            config.loopback
-            and (request.host.rsplit(":", 1)[0].strip("[]") if request.host else "") not in LOOPBACK_NAMES
-        ):
+        if config.loopback and not _is_loopback(_host_name(request.headers.get(hdrs.HOST, "")) or ""):
             return _error(
                 403, "the Host header must name this machine (localhost or a loopback address)", "invalid_request_error"
             )
@@ -173,11 +189,15 @@ def _cors_headers(origin: str, preflight: bool) -> dict[str, str]:
 # ---- handlers -----------------------------------------------------------------------------------------------
 
 
-async def _json_body(request: web.Request):
-    try:
-        raw = await request.read()
-    except web.HTTPRequestEntityTooLarge:
-        raise
+async def _parsed(request: web.Request, parse: Callable[[Any, ModelInfo], T]) -> T:
+    """parse(the JSON body, the model) on a worker thread: decoding megabytes of JSON, rendering the chat template
+    and tokenizing take long enough to stall every stream if run on the event loop."""
+    raw = await request.read()
+    model = request.app[_STATE].model
+    return await asyncio.get_running_loop().run_in_executor(None, lambda: parse(_json(raw), model))
+
+
+def _json(raw: bytes) -> Any:
     try:
         return json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -199,15 +219,37 @@ async def model(request: web.Request) -> web.Response:
 
 
 async def completions(request: web.Request) -> web.StreamResponse:
-    state = request.app[_STATE]
-    req = protocol.parse_completion_request(await _json_body(request), state.model)
+    req = await _parsed(request, protocol.parse_completion_request)
     return await _generate(request, req, f"cmpl-{uuid.uuid4().hex}")
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
-    state = request.app[_STATE]
-    req = protocol.parse_chat_request(await _json_body(request), state.model)
+    req = await _parsed(request, protocol.parse_chat_request)
     return await _generate(request, req, f"chatcmpl-{uuid.uuid4().hex}")
+
+
+async def _engine_stream(
+    state: _State, prompt: PromptType, params: SamplingParams, request_id: str
+) -> AsyncIterator[RequestOutput]:
+    """The engine thread's stream of one request, counted in /metrics as waiting until its first output, then
+    running, until it ends (finished, failed or left early, which aborts it)."""
+    stream = state.engine.generate(prompt, params, request_id=request_id)
+    counts = state.metrics.requests
+    counts.waiting += 1
+    running = False
+    try:
+        async for out in stream:
+            if not running:
+                running = True
+                counts.waiting -= 1
+                counts.running += 1
+            yield out
+    finally:
+        await stream.aclose()  # left early: abort the request now, not when the generator is collected
+        if running:
+            counts.running -= 1
+        else:
+            counts.waiting -= 1
 
 
 async def _generate(request: web.Request, req: GenerationRequest, request_id: str) -> web.StreamResponse:
@@ -221,7 +263,7 @@ async def _generate(request: web.Request, req: GenerationRequest, request_id: st
             # A TaskGroup: when one prompt fails, the others are cancelled, which aborts them in the engine.
             async with asyncio.TaskGroup() as group:
                 tasks = [
-                    group.create_task(_run_to_end(state.engine, prompt, req, f"{request_id}-{i}", timing))
+                    group.create_task(_run_to_end(state, prompt, req, f"{request_id}-{i}", timing))
                     for i, prompt in enumerate(req.prompts)
                 ]
         except ExceptionGroup as eg:
@@ -251,11 +293,9 @@ class _Timing:
         self.last = now
 
 
-async def _run_to_end(
-    engine: EngineThread, prompt: dict, req: GenerationRequest, rid: str, timing: _Timing
-) -> RequestOutput:
+async def _run_to_end(state: _State, prompt: dict, req: GenerationRequest, rid: str, timing: _Timing) -> RequestOutput:
     last = None
-    async for out in engine.generate(prompt, req.params, request_id=rid):
+    async for out in _engine_stream(state, prompt, req.params, rid):
         timing.tokens(time.perf_counter())
         last = out
     return last
@@ -264,10 +304,7 @@ async def _run_to_end(
 async def _stream(request: web.Request, req: GenerationRequest, request_id: str, timing: _Timing) -> web.StreamResponse:
     state = request.app[_STATE]
     # Validate up front what can fail, so that errors before the first byte are plain HTTP errors.
-    streams = [
-        state.engine.generate(prompt, req.params, request_id=f"{request_id}-{i}")
-        for i, prompt in enumerate(req.prompts)
-    ]
+    streams = [_engine_stream(state, prompt, req.params, f"{request_id}-{i}") for i, prompt in enumerate(req.prompts)]
     merged: asyncio.Queue[tuple[int, RequestOutput | BaseException | None]] = asyncio.Queue()
 
     async def pump(i: int, stream) -> None:
@@ -285,6 +322,7 @@ async def _stream(request: web.Request, req: GenerationRequest, request_id: str,
         response.headers.update(_cors_headers(origin, preflight=False))
     tasks = []
     finals: dict[int, RequestOutput] = {}
+    client_left = False
     try:
         first = await anext(streams[0])  # raises the engine's ValueError (or a full queue) before any byte
         await response.prepare(request)
@@ -306,6 +344,8 @@ async def _stream(request: web.Request, req: GenerationRequest, request_id: str,
                 await response.write(_sse(chunk))
         if req.include_usage:
             await response.write(_sse(states[0].usage_chunk([finals[i] for i in sorted(finals)])))
+    except ConnectionResetError:  # the client left mid-stream (an editor cancelling a completion): nothing to say
+        client_left = True
     except Exception as e:
         if not response.prepared:  # nothing sent yet: a plain HTTP error (the middleware shapes it)
             if isinstance(e, ValueError):
@@ -321,8 +361,9 @@ async def _stream(request: web.Request, req: GenerationRequest, request_id: str,
         await asyncio.gather(*tasks, return_exceptions=True)
         for s in streams:
             await s.aclose()  # a stream left early aborts its request
-    await response.write(b"data: [DONE]\n\n")
-    await response.write_eof()
+    if not client_left:
+        await response.write(b"data: [DONE]\n\n")
+        await response.write_eof()
     _log(state, request, 200, timing.start, list(finals.values()))
     return response
 
@@ -349,13 +390,11 @@ def _log(state: _State, request: web.Request, status: int, start: float, outputs
 
 
 async def tokenize(request: web.Request) -> web.Response:
-    state = request.app[_STATE]
-    return web.json_response(protocol.tokenize_response(await _json_body(request), state.model))
+    return web.json_response(await _parsed(request, protocol.tokenize_response))
 
 
 async def detokenize(request: web.Request) -> web.Response:
-    state = request.app[_STATE]
-    return web.json_response(protocol.detokenize_response(await _json_body(request), state.model))
+    return web.json_response(await _parsed(request, protocol.detokenize_response))
 
 
 async def health(request: web.Request) -> web.Response:

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
+
+from tokenizers.models import BPE
 
 from engine import ChatTemplateError, SamplingParams, TokensPrompt, render_chat
 from engine.prompts import has_chat_template
@@ -41,6 +43,20 @@ class ApiError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
+def longest_token_chars(tokenizer) -> int | None:
+    """The most characters of text one token can stand for, or None when nothing bounds it.
+
+    A token's vocabulary string is at least as long as the text it covers in a BPE model that keeps every byte:
+    byte-level BPE (GPT-2, Llama 3, Qwen2, SmolLM: one symbol per byte, and a character takes one byte or more)
+    and SentencePiece BPE with byte fallback (Llama 2, Mistral: '▁' for a space, '<0xNN>' for a byte). A model
+    that maps unknown text to an unknown token can fold a run of any length into one token, so it has no bound.
+    """
+    model = getattr(getattr(tokenizer, "backend_tokenizer", None), "model", None)
+    if not isinstance(model, BPE) or (model.unk_token is not None and not model.byte_fallback):
+        return None
+    return max(map(len, tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))))
+
+
 @dataclass(frozen=True)
 class ModelInfo:
     name: str  # the served model name, what "model" must equal
@@ -48,6 +64,12 @@ class ModelInfo:
     max_model_len: int
     vocab_size: int
     created: int
+    # longest_token_chars(tokenizer), computed once: a text longer than max_model_len times this cannot fit the
+    # context, which refuses a huge prompt without tokenizing it.
+    max_token_chars: int | None = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "max_token_chars", longest_token_chars(self.tokenizer))
 
 
 @dataclass
@@ -223,6 +245,40 @@ def _max_tokens(body: dict, names: tuple[str, ...]) -> tuple[int | None, str]:
     return None, names[-1]
 
 
+def _check_text_fits(model: ModelInfo, text: str, param: str) -> None:
+    """Refuse, without tokenizing it, a text too long for the context whatever its tokens: tokenizing megabytes
+    takes seconds of a worker thread only to be refused by _check_context."""
+    bound = model.max_token_chars
+    if bound is None or len(text) <= model.max_model_len * bound:
+        return
+    # The bound holds for the text the tokenizer's model sees, after its normalizer (Unicode composition can
+    # shorten it); normalizing is a cheap pass next to tokenizing.
+    normalizer = model.tokenizer.backend_tokenizer.normalizer
+    chars = len(text) if normalizer is None else len(normalizer.normalize_str(text))
+    if chars > model.max_model_len * bound:
+        raise _bad(
+            param,
+            f"the prompt is {len(text):,} characters long, more than the context of {model.max_model_len} tokens "
+            f"can hold (no token of this model stands for more than {bound} characters)",
+            code="context_length_exceeded",
+        )
+
+
+class _FittingTokenizer:
+    """The model's tokenizer, whose encode refuses a text that cannot fit the context before tokenizing it:
+    render_chat renders the conversation, then tokenizes it through this."""
+
+    def __init__(self, model: ModelInfo, param: str) -> None:
+        self._model, self._param = model, param
+
+    def encode(self, text: str, **kwargs) -> list[int]:
+        _check_text_fits(self._model, text, self._param)
+        return self._model.tokenizer.encode(text, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:  # the chat template and everything else: the model's tokenizer
+        return getattr(self._model.tokenizer, name)
+
+
 def _check_context(model: ModelInfo, prompt_len: int, max_tokens: int, prompt_param: str) -> None:
     if prompt_len >= model.max_model_len:
         raise _bad(
@@ -277,6 +333,7 @@ def _completion_prompts(body: dict, model: ModelInfo, echo: bool) -> list[dict]:
     for p in prompt:
         if isinstance(p, str):
             text = f"{fim[0]}{p}{fim[1]}{suffix}{fim[2]}" if fim else p
+            _check_text_fits(model, text, "prompt")
             ids = model.tokenizer.encode(text, add_special_tokens=True)
             prompts.append({"prompt_token_ids": ids, "prompt": p})
         else:
@@ -378,16 +435,17 @@ def _check_response_format(body: dict) -> None:
 
 
 def _chat_prompt(
-    messages: Any, model: ModelInfo, tools: list[dict] | None = None, add_generation_prompt: bool = True
+    messages: Any, model: ModelInfo, tokenizer, tools: list[dict] | None = None, add_generation_prompt: bool = True
 ) -> TokensPrompt:
-    """messages -> the engine prompt, through the model's chat template (which holds its own special tokens)."""
+    """messages -> the engine prompt, through the model's chat template (which holds its own special tokens),
+    tokenized by `tokenizer` (the model's, or one that refuses what cannot fit)."""
     if not isinstance(messages, list) or not messages:
         raise _bad("messages", "messages must be a non-empty list")
     conversation = [_message(m, i) for i, m in enumerate(messages)]
     if not has_chat_template(model.tokenizer):
         raise _bad("messages", f"{model.name} has no chat template: use /v1/completions")
     try:
-        return render_chat(model.tokenizer, conversation, tools=tools, add_generation_prompt=add_generation_prompt)
+        return render_chat(tokenizer, conversation, tools=tools, add_generation_prompt=add_generation_prompt)
     except ChatTemplateError as e:
         raise _bad("messages", str(e)) from None
 
@@ -398,7 +456,7 @@ def parse_chat_request(body: Any, model: ModelInfo) -> GenerationRequest:
     if body.get("messages") is None:
         raise _bad("messages", "messages is required")
     _check_response_format(body)
-    prompt = _chat_prompt(body["messages"], model, _tools(body))
+    prompt = _chat_prompt(body["messages"], model, _FittingTokenizer(model, "messages"), _tools(body))
     stream, include_usage = _stream_flags(body)
     want_logprobs = _bool(body, "logprobs", False)
     top = _int(body, "top_logprobs", None, 0, MAX_LOGPROBS)
@@ -420,11 +478,14 @@ def parse_chat_request(body: Any, model: ModelInfo) -> GenerationRequest:
 
 def tokenize_response(body: Any, model: ModelInfo) -> dict:
     """vLLM's /tokenize: {"prompt": str} (add_special_tokens defaults to true) or {"messages": [...]} through the
-    chat template (add_generation_prompt defaults to true, add_special_tokens to false: the template has them)."""
+    chat template (add_generation_prompt defaults to true, add_special_tokens to false: the template has them).
+    Texts longer than the context are counted too: telling how long they are is what /tokenize is for."""
     body = _object(body)
     _check_model(body, model)
     if body.get("messages") is not None:
-        prompt = _chat_prompt(body["messages"], model, _tools(body), _bool(body, "add_generation_prompt", True))
+        prompt = _chat_prompt(
+            body["messages"], model, model.tokenizer, _tools(body), _bool(body, "add_generation_prompt", True)
+        )
         ids = prompt["prompt_token_ids"]
         if _bool(body, "add_special_tokens", False):
             ids = model.tokenizer.encode(prompt["prompt"], add_special_tokens=True)

@@ -10,6 +10,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 from aiohttp import web
 
@@ -35,10 +36,26 @@ def bound_port(runner: web.AppRunner) -> int:
     return runner.addresses[0][1]
 
 
+def default_model_id(model: str) -> str:
+    """The id clients name the model by when none is given: short, and free of the user's folders (plugins make
+    users type it). A .gguf file's name without the extension, a Hub repo id without its revision, a folder's
+    name (the repo id for a snapshot in the Hugging Face cache, whose folder is named after a commit)."""
+    path = Path(model).expanduser()
+    if path.is_file():
+        return path.stem
+    if path.is_dir():
+        path = path.resolve()
+        repo = path.parent.parent.name  # <cache>/models--org--name/snapshots/<commit>
+        if path.parent.name == "snapshots" and repo.startswith("models--"):
+            return repo.removeprefix("models--").replace("--", "/", 1)
+        return path.name
+    return model.partition("@")[0]
+
+
 def model_info(engine: LLMEngine, served_model_name: str | None = None) -> ModelInfo:
     m = engine.model_config
     return ModelInfo(
-        name=served_model_name or m.model,
+        name=served_model_name or default_model_id(m.model),
         tokenizer=engine.tokenizer,
         max_model_len=m.max_model_len,
         vocab_size=m.vocab_size,
@@ -61,7 +78,7 @@ def serve(
     async def main() -> None:
         runner = await start_server(create_app(thread, info, config), config)
         host = f"[{config.host}]" if ":" in config.host else config.host
-        logger.warning("serving %s at http://%s:%d/v1", info.name, host, bound_port(runner))
+        logger.warning('serving model "%s" at http://%s:%d/v1', info.name, host, bound_port(runner))
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -109,6 +126,16 @@ class BackgroundServer:
         if host in ("0.0.0.0", "::"):
             host = "127.0.0.1"
         return f"http://{f'[{host}]' if ':' in host else host}:{bound_port(self._runner)}"
+
+    @property
+    def num_connections(self) -> int:
+        """Client connections open now: being read, answered, or kept alive between requests. Once it is 0 and no
+        client is connecting, no handler is left to hand the engine a request (one whose client left is
+        cancelled, and can only abort)."""
+        return asyncio.run_coroutine_threadsafe(self._num_connections(), self._loop).result()
+
+    async def _num_connections(self) -> int:
+        return len(self._runner.server.connections)
 
     def stop(self) -> None:
         """Stop listening; in-flight requests get the drain timeout to finish."""

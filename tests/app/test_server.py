@@ -16,11 +16,12 @@ import pytest
 
 from app.engine_thread import EngineThread
 from app.server.app import ServerConfig
-from app.server.run import BackgroundServer, model_info
+from app.server.run import BackgroundServer, default_model_id, model_info
 from engine import LLM, LLMEngine
 
 MODEL = "tiny"
 MAX_LEN = 256
+GATE_TIMEOUT_S = 60.0  # what a gate below waits at most for an event that should come in milliseconds
 
 
 @dataclass
@@ -83,6 +84,46 @@ def wait_all_free(engine: LLMEngine, timeout: float = 30.0) -> None:
             return
         time.sleep(0.02)
     raise AssertionError(f"blocks still used: {engine.get_stats()}")
+
+
+def generated_tokens(engine: LLMEngine) -> int:
+    """Tokens the engine has generated so far (read while it is idle)."""
+    return engine.get_stats().generation_tokens_total
+
+
+class AbortGate:
+    """Makes "a client that leaves has its request aborted" checkable whatever the machine's speed: before each
+    step, the engine thread waits until the server has asked to abort as many requests as the test said clients
+    would leave (expect()). A request whose client left so generates a step or two more before the abort, where
+    one the server failed to abort runs on to max_tokens once the gate gives up (GATE_TIMEOUT_S, then no more)."""
+
+    def __init__(self, thread: EngineThread, monkeypatch) -> None:
+        self._changed = threading.Condition()
+        self._expected = self._aborted = 0
+        self.gave_up = False
+        abort, step = thread.abort, thread.engine.step
+
+        def counted_abort(request_id: str) -> None:
+            abort(request_id)  # queued first: the step the gate lets through is followed by the abort
+            with self._changed:
+                self._aborted += 1
+                self._changed.notify_all()
+
+        def gated_step():
+            with self._changed:
+                if not self.gave_up and not self._changed.wait_for(
+                    lambda: self._aborted >= self._expected, GATE_TIMEOUT_S
+                ):
+                    self.gave_up = True
+            return step()
+
+        monkeypatch.setattr(thread, "abort", counted_abort)
+        monkeypatch.setattr(thread.engine, "step", gated_step)
+
+    def expect(self) -> None:
+        """A client is about to leave."""
+        with self._changed:
+            self._expected += 1
 
 
 # ---- the happy paths ------------------------------------------------------------------------------------------
@@ -188,6 +229,9 @@ def test_tokenize_detokenize_health_version_metrics(server):
     assert status == 200 and headers["Content-Type"].startswith("text/plain")
     for name in (
         "kvstudio_num_requests_running",
+        "kvstudio_num_requests_waiting",
+        "kvstudio_num_sequences_running",
+        "kvstudio_num_sequences_swapped",
         "kvstudio_kv_cache_usage_perc",
         "kvstudio_prefix_cache_hits",
         "kvstudio_generation_tokens_total",
@@ -196,6 +240,101 @@ def test_tokenize_detokenize_health_version_metrics(server):
         "kvstudio_num_preemptions",
     ):
         assert name in text, name
+
+
+def metric(url: str, name: str) -> float:
+    text = http("GET", url + "/metrics")[2].decode()
+    return next(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + "{"))
+
+
+def wait_for_metric(url: str, name: str, value: float) -> None:
+    deadline = time.monotonic() + GATE_TIMEOUT_S
+    while metric(url, name) != value:
+        assert time.monotonic() < deadline, f"{name} never reached {value}"
+        time.sleep(0.01)
+
+
+def test_metrics_count_requests_running_and_waiting_not_sequences(engine, monkeypatch):
+    srv, stop = run_server(engine, ServerConfig(port=0))
+    gate = AbortGate(srv.thread, monkeypatch)
+    try:
+        client = srv.client()
+        # Three samples of one prompt: three sequences, one request.
+        three = client.completions.create(
+            model=MODEL, prompt="Once", n=3, max_tokens=200, stream=True, extra_body={"ignore_eos": True}
+        )
+        next(c for c in three if c.choices)
+        gate.expect()  # the engine now holds before its next step, until `three` is aborted
+        queued = threading.Thread(target=lambda: client.completions.create(model=MODEL, prompt="x", max_tokens=2))
+        queued.start()
+        wait_for_metric(srv.url, "kvstudio_num_requests_waiting", 1)  # submitted; the held engine cannot take it
+        assert metric(srv.url, "kvstudio_num_requests_running") == 1
+        three.close()
+        queued.join(GATE_TIMEOUT_S)
+        wait_all_free(engine)
+        assert metric(srv.url, "kvstudio_num_requests_running") == metric(srv.url, "kvstudio_num_requests_waiting") == 0
+    finally:
+        stop()
+
+
+# ---- long prompts -------------------------------------------------------------------------------------------------
+
+
+def record_encodes(monkeypatch, tokenizer, before=None) -> list[int]:
+    """The lengths of the texts the tokenizer encodes from now on; before(text) runs ahead of each encode."""
+    lengths, encode = [], tokenizer.encode
+
+    def recording(text, *args, **kwargs):
+        lengths.append(len(text))
+        if before is not None:
+            before(text)
+        return encode(text, *args, **kwargs)
+
+    monkeypatch.setattr(tokenizer, "encode", recording)
+    return lengths
+
+
+def test_a_prompt_of_megabytes_is_refused_without_being_tokenized(server, monkeypatch):
+    lengths = record_encodes(monkeypatch, server.engine.tokenizer)
+    huge = "word " * 1_000_000  # 5 MB, under the 8 MiB body limit
+    for path, body, param in (
+        ("/v1/completions", {"model": MODEL, "prompt": huge}, "prompt"),
+        ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": huge}]}, "messages"),
+    ):
+        status, _, raw = http("POST", server.url + path, body)
+        error = json.loads(raw)["error"]
+        assert status == 400 and error["param"] == param and error["code"] == "context_length_exceeded"
+        assert f"context of {MAX_LEN} tokens" in error["message"] and "5,000," in error["message"]  # characters
+    assert all(n < len(huge) for n in lengths)
+
+
+def test_streams_flow_while_a_long_prompt_is_being_tokenized(server, monkeypatch):
+    """The tokenizer holds the long prompt until a stream started after it has delivered a token: only an event
+    loop left free during tokenization lets that happen."""
+    long_prompt = "lorem ipsum " * 1500  # short enough to be tokenized, too many tokens for the context
+    tokenizing, streamed, held = threading.Event(), threading.Event(), []
+
+    def hold(text: str) -> None:
+        if text == long_prompt:
+            tokenizing.set()
+            held.append(streamed.wait(GATE_TIMEOUT_S))
+
+    record_encodes(monkeypatch, server.engine.tokenizer, hold)
+    answer = {}
+    long_request = threading.Thread(
+        target=lambda: answer.update(status=http("POST", server.url + "/v1/completions", {"prompt": long_prompt})[0])
+    )
+    long_request.start()
+    assert tokenizing.wait(GATE_TIMEOUT_S)
+    stream = server.client().completions.create(model=MODEL, prompt="Hello", max_tokens=8, stream=True)
+    first = next(c for c in stream if c.choices)
+    assert first.choices[0].text or first.choices[0].finish_reason
+    streamed.set()
+    stream.close()
+    long_request.join(GATE_TIMEOUT_S)
+    assert held == [True], "the stream waited for the long prompt's tokenization"
+    assert answer["status"] == 400
+    wait_all_free(server.engine)
 
 
 # ---- errors -----------------------------------------------------------------------------------------------------
@@ -309,9 +448,29 @@ def test_the_default_bind_is_loopback():
     assert ServerConfig().host == "127.0.0.1" and ServerConfig().loopback
 
 
-def test_a_foreign_host_header_is_refused(server):
-    status, _, raw = http("GET", server.url + "/v1/models", headers={"Host": "evil.example"})
-    assert status == 403 and json.loads(raw)["error"]
+@pytest.mark.parametrize(
+    "host, status",
+    [
+        ("[::1]", 200),
+        ("[::1]:8000", 200),
+        ("localhost", 200),
+        ("LocalHost:8000", 200),
+        ("127.0.0.1", 200),
+        ("127.0.0.1:8000", 200),
+        ("evil.example", 403),
+        ("evil.example:8000", 403),
+        ("localhost.evil.example", 403),
+        ("[::1].evil.example", 403),
+        ("::1", 403),  # an IPv6 address must be bracketed: "::1:8000" could be either
+        ("localhost:80:80", 403),
+        ("", 403),
+    ],
+)
+def test_only_a_host_header_naming_this_machine_is_served(server, host, status):
+    got, _, raw = http("GET", server.url + "/v1/models", headers={"Host": host})
+    assert got == status, raw
+    if status == 403:
+        assert json.loads(raw)["error"]["message"]
 
 
 def test_a_foreign_origin_is_not_echoed(server):
@@ -359,9 +518,12 @@ def test_an_api_key_guards_every_route_but_health(engine):
 # ---- disconnects and load ---------------------------------------------------------------------------------------
 
 
-def test_32_streaming_clients_half_of_them_leaving_mid_stream(server):
-    params = dict(model=MODEL, max_tokens=40, temperature=0, extra_body={"ignore_eos": True})
+def test_32_streaming_clients_half_of_them_leaving_mid_stream(server, monkeypatch):
+    max_tokens = MAX_LEN - 16  # close to the context: a request that is not aborted shows
+    params = dict(model=MODEL, max_tokens=max_tokens, temperature=0, extra_body={"ignore_eos": True})
     expected = server.client().completions.create(prompt="Tell me a story", **params).choices[0].text
+    gate = AbortGate(server.thread, monkeypatch)
+    before = generated_tokens(server.engine)
 
     async def client(i: int, api: openai.AsyncOpenAI):
         stream = await api.completions.create(prompt="Tell me a story", stream=True, **params)
@@ -371,6 +533,7 @@ def test_32_streaming_clients_half_of_them_leaving_mid_stream(server):
                 text += chunk.choices[0].text
                 pieces += 1
             if i % 2 and pieces == 3:
+                gate.expect()
                 await stream.close()  # leave mid-stream: the server must abort the request
                 return None
         return text
@@ -382,30 +545,37 @@ def test_32_streaming_clients_half_of_them_leaving_mid_stream(server):
     texts = asyncio.run(main())
     assert [t for i, t in enumerate(texts) if i % 2 == 0] == [expected] * 16
     wait_all_free(server.engine)
+    for_leavers = generated_tokens(server.engine) - before - 16 * max_tokens
+    assert not gate.gave_up and for_leavers < 16 * max_tokens // 10, "the leavers' requests ran on"
 
 
-def test_a_client_that_disconnects_before_the_answer_frees_its_blocks_at_once(server):
+def test_a_client_that_disconnects_before_the_answer_frees_its_blocks_at_once(server, monkeypatch):
     import socket
 
-    body = json.dumps({"model": MODEL, "prompt": "Tell me everything", "max_tokens": 200, "ignore_eos": True}).encode()
+    max_tokens = MAX_LEN - 16
+    body = {"model": MODEL, "prompt": "Tell me everything", "max_tokens": max_tokens, "ignore_eos": True}
+    gate = AbortGate(server.thread, monkeypatch)
+    gate.expect()  # the engine holds from its first step until the server has aborted the request
+    before = generated_tokens(server.engine)
+    payload = json.dumps(body).encode()
     host, port = server.url.removeprefix("http://").split(":")
     sock = socket.create_connection((host, int(port)))
     sock.sendall(
         b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-        b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
+        b"Content-Length: " + str(len(payload)).encode() + b"\r\n\r\n" + payload
     )
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + GATE_TIMEOUT_S
     while not server.engine.has_unfinished_requests() and time.monotonic() < deadline:
         time.sleep(0.005)
     assert server.engine.has_unfinished_requests()
     sock.close()
-    started = time.monotonic()
-    wait_all_free(server.engine, timeout=10)
-    # 200 tokens take the tiny model well over this; an abort on disconnect frees the blocks within a few steps.
-    assert time.monotonic() - started < 2.0
+    wait_all_free(server.engine)
+    assert not gate.gave_up and generated_tokens(server.engine) - before < max_tokens // 10
 
 
-def test_sigterm_drains_in_flight_requests_and_exits_0(tiny_chat_model, tmp_path):
+def test_sigterm_drains_in_flight_requests_and_exits_0(tiny_chat_model):
+    """SIGTERM comes after the stream's first chunk; the log shows the server began shutting down before the
+    request ended, and the client still gets all of it."""
     import re
     import signal
     import subprocess
@@ -425,36 +595,51 @@ def test_sigterm_drains_in_flight_requests_and_exits_0(tiny_chat_model, tmp_path
             "256",
             "--kv-cache-memory",
             "0.02",
-            "--served-model-name",
-            MODEL,
             "--drain-timeout",
             "30",
         ],
         stderr=subprocess.PIPE,
         text=True,
     )
-    try:
-        url = None
+    log: list[str] = []
+    listening = threading.Event()
+
+    def read_log() -> None:
         for line in proc.stderr:
-            if m := re.search(r"serving tiny at (http://\S+)/v1", line):
-                url = m.group(1)
-                break
-        assert url, "the server never said where it listens"
-        result: dict = {}
+            log.append(line)
+            if "serving model" in line:
+                listening.set()
 
-        def slow_request():
-            client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
-            result["text"] = client.completions.create(
-                model=MODEL, prompt="Go on", max_tokens=150, temperature=0, extra_body={"ignore_eos": True}
-            )
-
-        t = threading.Thread(target=slow_request)
-        t.start()
-        time.sleep(0.5)
+    reader = threading.Thread(target=read_log, daemon=True)
+    reader.start()
+    try:
+        assert listening.wait(120), "the server never said where it listens: " + "".join(log)
+        started = next(line for line in log if "serving model" in line)
+        # The start-up line names the model by its folder, not its path: what clients type in a plugin.
+        model_id, url = re.search(r'serving model "(.+)" at (http://\S+)/v1', started).groups()
+        assert model_id == tiny_chat_model.name
+        client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
+        stream = client.completions.create(
+            model=model_id,
+            prompt="Go on",
+            max_tokens=240,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+            extra_body={"ignore_eos": True},
+        )
+        chunks = iter(stream)
+        first = next(chunks)
         proc.send_signal(signal.SIGTERM)
-        t.join(timeout=60)
+        rest = list(chunks)
         assert proc.wait(timeout=60) == 0
-        assert result["text"].usage.completion_tokens == 150
+        reader.join(10)
+        assert rest[-1].usage.completion_tokens == 240
+        assert [c.choices[0].finish_reason for c in [first, *rest] if c.choices][-1] == "length"
+        assert any(c.choices and c.choices[0].text for c in rest), "nothing came after the signal"
+        shutdown = next(i for i, line in enumerate(log) if "shutting down" in line)
+        answered = next(i for i, line in enumerate(log) if "POST /v1/completions 200" in line)
+        assert shutdown < answered, "the request had ended before the signal came"
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -549,3 +734,42 @@ def test_a_server_that_cannot_bind_or_has_stopped_leaves_nothing_behind(engine):
         assert len(thread._listeners) == listeners  # the metrics listener went with it
     finally:
         thread.stop()
+
+
+def test_a_dead_engine_thread_is_said_by_health_and_by_a_503_in_words(tiny_chat_model, monkeypatch):
+    engine = LLM(str(tiny_chat_model), max_model_len=MAX_LEN, kv_cache_memory=0.02).llm_engine
+    srv, stop = run_server(engine, ServerConfig(port=0))  # its metrics listener has the engine thread take stats
+    died = threading.Event()
+    srv.thread.add_failure_listener(lambda _: died.set())
+    try:
+        assert http("GET", srv.url + "/health")[0] == 200
+
+        def broken_stats():
+            raise RuntimeError("the stats broke")
+
+        monkeypatch.setattr(engine, "get_stats", broken_stats)  # the next snapshot kills the engine thread
+        assert died.wait(GATE_TIMEOUT_S)
+        monkeypatch.undo()
+        status, _, raw = http("GET", srv.url + "/health")
+        assert status == 503 and "the stats broke" in json.loads(raw)["error"]
+        status, headers, raw = http(
+            "POST", srv.url + "/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}
+        )
+        error = json.loads(raw)["error"]
+        assert status == 503 and error["type"] == "server_error" and "load the model again" in error["message"]
+        assert "Retry-After" not in headers  # retrying cannot help a dead engine
+    finally:
+        stop()
+
+
+def test_the_served_model_id_defaults_to_a_short_name(tmp_path, engine, tiny_chat_model):
+    gguf = tmp_path / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    gguf.write_bytes(b"GGUF")
+    snapshot = tmp_path / "hub" / "models--HuggingFaceTB--SmolLM2-135M-Instruct" / "snapshots" / "0123abcd"
+    snapshot.mkdir(parents=True)
+    assert default_model_id(str(gguf)) == "SmolLM2-135M-Instruct.Q4_1"
+    assert default_model_id(str(snapshot)) == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert default_model_id(str(tmp_path / "hub")) == "hub"
+    assert default_model_id("Qwen/Qwen2.5-Coder-0.5B@main") == "Qwen/Qwen2.5-Coder-0.5B"
+    assert model_info(engine).name == tiny_chat_model.name
+    assert model_info(engine, "mine").name == "mine"
