@@ -36,7 +36,9 @@ class ModelSource:
     hf_config: PretrainedConfig  # architectures set, e.g. ["LlamaForCausalLM"]
     tokenizer: PreTrainedTokenizerBase  # fast; .chat_template set when the model has one
     eos_token_ids: list[int]  # every id that ends generation: config, generation_config.json, tokenizer
-    checkpoint: WeightSource = field(repr=False)  # the validated files weights() reads
+    # the validated files weights() reads; for gguf a GGUFCheckpoint, whose raw_tensors(), tensor_types() and
+    # file_type give the weights still quantized (engine/models/gguf.py)
+    checkpoint: WeightSource = field(repr=False)
 
     def weights(self, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
         """(Hugging Face parameter name, CPU tensor in dtype), one tensor at a time."""

@@ -132,6 +132,61 @@ def _llama3(p: RopeParameters, inv_freq: torch.Tensor) -> torch.Tensor:
     return torch.where(wavelen < p.original_max_positions / p.high_freq_factor, inv_freq, scaled)
 
 
+def llama3_from_freq_factors(
+    freq_factors: torch.Tensor, base: float, rot_dim: int, original_max_positions: int | None = None
+) -> dict | None:
+    """The HF llama3 rope parameters (factor, low/high_freq_factor, original_max_position_embeddings) whose
+    table divides frequency i by freq_factors[i], as a GGUF's rope_freqs tensor does; None when every factor
+    is 1 (no scaling). ValueError when no llama3 curve gives these factors.
+
+    _llama3 divides by 1 below wavelength context / high_freq_factor, by `factor` above context /
+    low_freq_factor, and between them by 1 / ((1 - s) / factor + s), s linear in 1 / wavelength: the factors
+    fix `factor` and the two wavelength bounds. The context is `original_max_positions` when known, else the
+    longer bound (so low_freq_factor is 1, as in every Llama 3.x).
+    """
+    inv_freq = 1.0 / base ** (torch.arange(0, rot_dim, 2, dtype=torch.float32) / rot_dim)
+    if freq_factors.shape != inv_freq.shape:
+        raise ValueError(f"{freq_factors.numel()} frequency factors for {inv_freq.numel()} rotary frequencies")
+    f = freq_factors.double()
+    x = inv_freq.double() / (2 * math.pi)  # 1 / wavelength
+    factor = f.max().item()
+    if not f.min().item() >= 1.0:  # llama3 only ever divides by 1 or more (and NaN is no factor)
+        raise ValueError("the rope frequency factors do not follow Llama 3's scaling curve")
+    if factor == 1.0:
+        return None
+    kept, scaled = f == 1.0, f == factor
+    blend = ~kept & ~scaled
+    s = (1 / f[blend] - 1 / factor) / (1 - 1 / factor)  # each in-between frequency's blend weight
+    # s = (x - x_low) / (x_high - x_low): 0 at the long-wavelength bound, 1 at the short one
+    if len(s) >= 2:
+        slope, intercept = torch.linalg.lstsq(torch.stack([x[blend], torch.ones_like(s)], 1), s[:, None]).solution
+        x_low, x_high = (-intercept / slope).item(), ((1 - intercept) / slope).item()
+    else:  # the bounds are free within the gaps between the classes: any choice there gives the same factors
+        lo, hi = x[scaled].max().item(), x[kept].min().item() if kept.any() else math.inf
+        if len(s) == 1:
+            x0, s0 = x[blend].item(), s.item()
+            t = min((x0 - lo) / s0, (hi - x0) / (1 - s0)) / 2
+            x_low, x_high = x0 - s0 * t, x0 + (1 - s0) * t
+        else:
+            x_low, x_high = (lo + (hi - lo) / 3, lo + 2 * (hi - lo) / 3) if kept.any() else (2 * lo, 3 * lo)
+    if 0 < x_low < x_high:
+        context = original_max_positions or round(1 / x_low)
+        exact = (factor, context * x_low, context * x_high)
+        target = inv_freq / freq_factors.float()
+        # rounded first, for the values a config states (8.0, 1.0, 4.0); the fit is only as exact as float32
+        for scale, low, high in ([round(v, 4) for v in exact], exact):
+            params = RopeParameters("llama3", base, rot_dim, scale, context, low, high)
+            if torch.allclose(_llama3(params, inv_freq), target, rtol=1e-5, atol=0):
+                return dict(
+                    rope_type="llama3",
+                    factor=scale,
+                    low_freq_factor=low,
+                    high_freq_factor=high,
+                    original_max_position_embeddings=context,
+                )
+    raise ValueError("the rope frequency factors do not follow Llama 3's scaling curve")
+
+
 def inv_freq_and_scale(p: RopeParameters) -> tuple[torch.Tensor, float]:
     """-> (inv_freq [rot_dim / 2] float32 on the CPU, the factor HF multiplies cos and sin by)."""
     base = p.base

@@ -65,6 +65,12 @@ def test_tokenizer_round_trips_and_has_the_chat_template(smol: ModelSource) -> N
     assert prompt.endswith("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n")
 
 
+def test_tokenizer_splits_digits_off_first(smol: ModelSource) -> None:
+    # SmolLM2's pre-tokenizer (tokenizer.ggml.pre "smollm"): digits one by one, then GPT-2's regex, so the spaces
+    # before a number stay one token ("ĠĠ"); GPT-2's regex alone, as transformers' GGUF tokenizer has it, gives "Ġ Ġ1"
+    assert smol.tokenizer.convert_ids_to_tokens(smol.tokenizer.encode("  12  34")) == ["ĠĠ", "1", "2", "ĠĠ", "3", "4"]
+
+
 def test_weights_have_hf_names_and_shapes(smol_weights: dict[str, torch.Tensor]) -> None:
     expected = {"model.embed_tokens.weight", "model.norm.weight"} | {
         f"model.layers.{layer}.{part}.weight" for layer in range(30) for part in HF_LAYER_PARAMETERS
@@ -137,16 +143,23 @@ def _write_gguf(path: Path, architecture: str, tensor_names: list[str]) -> None:
     writer.close()
 
 
-def test_other_architectures_are_refused(tmp_path: Path) -> None:
-    path = tmp_path / "qwen.gguf"
-    _write_gguf(path, "qwen2", ["token_embd.weight"])
-    with pytest.raises(ModelLoadError, match="'qwen2'") as error:
+def test_tensors_without_a_place_in_the_model_are_refused(tmp_path: Path) -> None:
+    path = tmp_path / "moe.gguf"
+    _write_gguf(path, "llama", ["token_embd.weight", "blk.0.ffn_gate_exps.weight"])
+    with pytest.raises(ModelLoadError, match=r"no place in a 'llama' model: blk.0.ffn_gate_exps.weight"):
         open_model(str(path))
-    assert str(path) in str(error.value)
 
 
-def test_tensors_without_a_llama_parameter_are_refused(tmp_path: Path) -> None:
-    path = tmp_path / "llama3.gguf"
-    _write_gguf(path, "llama", ["token_embd.weight", "rope_freqs.weight"])
-    with pytest.raises(ModelLoadError, match=r"rope_freqs.weight"):
-        open_model(str(path))
+def test_raw_tensors_are_the_files_blocks(smol: ModelSource, smol_weights: dict[str, torch.Tensor]) -> None:
+    checkpoint = smol.checkpoint
+    assert checkpoint.file_type == "Q4_1"
+    types = checkpoint.tensor_types()
+    assert types["model.embed_tokens.weight"] == "Q8_0"
+    assert types["model.layers.0.self_attn.q_proj.weight"] == "Q4_1"
+    assert types["model.norm.weight"] == "F32"
+    raw = dict(checkpoint.raw_tensors())
+    assert raw.keys() == smol_weights.keys()
+    q = raw["model.layers.0.self_attn.q_proj.weight"]
+    assert (q.ggml_type, q.shape, q.data.shape) == (gguf.GGMLQuantizationType.Q4_1, (576, 576), (576, 576 // 32 * 20))
+    for name in ("model.layers.0.self_attn.q_proj.weight", "model.layers.0.self_attn.k_proj.weight"):
+        assert torch.equal(raw[name].dequantize(), smol_weights[name])  # un-permuted as whole rows of blocks
