@@ -6,6 +6,8 @@
 # make package: the desktop app as one folder, dist/kvstudio/ (PyInstaller, packaging/kvstudio.spec).
 # make package-check: package, then start the bundle offscreen until its main window shows and run its command
 #             line; prints the bundle's size and start-up time.
+# make baseline: llama-cpp-python built from source into .venv (about 10 minutes on two cores), the baseline of
+#             `kvstudio bench latency --baseline llama.cpp`.
 # make wheel-check: build the wheel into dist/, install it in a fresh venv (build/wheel-check/venv) and run
 #             kvstudio --help, doctor and generate on the default model from outside the repository.
 
@@ -36,7 +38,7 @@ QT_SYSTEM_LIBS := libEGL.so.1:libegl1 libGL.so.1:libgl1 libOpenGL.so.0:libopengl
 	libxcb-shm.so.0:libxcb-shm0 libxcb-sync.so.1:libxcb-sync1 libxcb-util.so.1:libxcb-util1 \
 	libxcb-xfixes.so.0:libxcb-xfixes0 libxcb-xkb.so.1:libxcb-xkb1
 
-.PHONY: setup test run gpu-check package package-check wheel-check
+.PHONY: setup test run gpu-check baseline package package-check wheel-check
 
 setup: $(STAMP)
 	$(PY) -m app.library.model_store fetch-default
@@ -67,6 +69,15 @@ test: setup
 
 run: setup
 	$(VENV)/bin/kvstudio
+
+BASELINE_TOOLS := $(VENV)/.kvstudio-baseline
+baseline: $(BASELINE_TOOLS)
+
+# GGML_NATIVE: compiled for this machine's CPU (AVX2 and the like), as the desktop apps built on it ship it.
+$(BASELINE_TOOLS): $(STAMP) requirements/baseline.txt requirements/constraints.txt
+	CMAKE_ARGS="-DGGML_NATIVE=ON" $(PY) -m pip install -q $(CONSTRAINTS) --no-binary llama-cpp-python \
+		-r requirements/baseline.txt
+	touch $@
 
 GPU_PYTHON ?= python3
 gpu-check:

@@ -1,5 +1,5 @@
-"""`kvstudio bench throughput | serve | cancel-storm | sharing`: the command-line side of the benchmarks in
-app/bench/."""
+"""`kvstudio bench throughput | serve | cancel-storm | latency | sharing`: the command-line side of the benchmarks
+in app/bench/."""
 
 from __future__ import annotations
 
@@ -15,6 +15,8 @@ def run(args: argparse.Namespace) -> int:
         return run_bench_serve(args)
     if args.bench_command == "cancel-storm":
         return run_bench_cancel_storm(args)
+    if args.bench_command == "latency":
+        return run_bench_latency(args)
     if args.bench_command == "sharing":
         return run_bench_sharing(args)
     return run_bench_throughput(args)
@@ -48,6 +50,39 @@ def run_bench_throughput(args: argparse.Namespace) -> int:
     theirs = bench.run_hf_generate(hf_model, pad_token_id, prompt_ids, requests[0].max_tokens)
     print(theirs.summary())
     print(f"kvstudio / hf: {ours.tokens_per_s / theirs.tokens_per_s:.2f}x")
+    return 0
+
+
+def run_bench_latency(args: argparse.Namespace) -> int:
+    import os
+
+    from app.bench import latency
+    from app.library import model_store
+
+    model = args.model or str(model_store.ensure_default_model())
+    if args.baseline and not model.endswith(".gguf"):
+        raise ValueError("--baseline llama.cpp reads GGUF files: give --model FILE.gguf")
+    threads = args.threads or os.cpu_count() or 1
+    chat = latency.chat_text(model)
+    engines = ["kvstudio"] + (["llama.cpp"] if args.baseline else [])
+    python = {"kvstudio": sys.executable, "llama.cpp": args.baseline_python or sys.executable}
+    runs: dict[str, list] = {e: [] for e in engines}
+    print(f"{model}: {threads} threads, {args.max_tokens} tokens decoded, {args.repeat} runs of each engine")
+    for i in range(args.repeat):  # alternating, so a busy moment of the machine hits both engines alike
+        for engine in engines:
+            result = latency.run_child(
+                engine,
+                model,
+                threads,
+                args.max_tokens,
+                args.long_prompt_tokens,
+                python[engine],
+                engine_kwargs(args),
+                chat,
+            )
+            runs[engine].append(result)
+            print(f"run {i + 1} {engine}: {result.decode_tok_s:.1f} tok/s, TTFT {result.ttft_s:.3f} s", flush=True)
+    print(latency.format_table([latency.median_result(runs[e]) for e in engines]))
     return 0
 
 

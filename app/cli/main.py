@@ -147,6 +147,34 @@ def build_parser() -> argparse.ArgumentParser:
     storm.add_argument(
         "--seed", type=int, default=0, metavar="N", help="which requests, cursors and drop times (default: 0)"
     )
+    latency = bench_commands.add_parser(
+        "latency",
+        parents=[engine_options],
+        help="one chat stream: time to first token, decode tokens/s, resident memory",
+        description="One prompt at a time, greedy, EOS ignored: time to first token for a chat prompt and for a "
+        "long one, decode tokens per second, resident memory. Each engine runs in a process of its own, "
+        "alternating --repeat times; the table gives medians. --baseline llama.cpp runs llama-cpp-python on the "
+        "same GGUF file with the same threads (`make baseline` installs it).",
+    )
+    latency.add_argument(
+        "--max-tokens", type=options.positive_int, default=128, metavar="N", help="tokens to decode (default: 128)"
+    )
+    latency.add_argument(
+        "--long-prompt-tokens",
+        type=options.positive_int,
+        default=2000,
+        metavar="N",
+        help="the long prompt's length (default: 2000)",
+    )
+    latency.add_argument(
+        "--repeat", type=options.positive_int, default=3, metavar="N", help="runs of each engine (default: 3)"
+    )
+    latency.add_argument("--baseline", choices=["llama.cpp"], help="also run llama.cpp on the same GGUF file")
+    latency.add_argument(
+        "--baseline-python",
+        metavar="PYTHON",
+        help="an interpreter with llama-cpp-python installed (default: this one)",
+    )
     sharing = bench_commands.add_parser(
         "sharing",
         parents=[engine_options],
