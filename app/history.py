@@ -1,8 +1,9 @@
 """Chat history: conversations and their messages in one SQLite file under kvstudio's data folder.
 
 Every write commits at once, so a reply that is streaming when the app dies keeps what was already shown
-(marked unfinished). One ChatHistory may be created on one thread and used from another; a lock serialises
-its calls.
+(marked unfinished). A write SQLite refuses (the disk is full, the file turned read-only) rolls back whole and is
+raised as SaveError in words: the file keeps what it held before. One ChatHistory may be created on one thread and
+used from another; a lock serialises its calls.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ import json
 import sqlite3
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -54,6 +57,10 @@ class HistoryError(RuntimeError):
 
 class NotFoundError(HistoryError, LookupError):
     """A conversation or message id that is not (or no longer) in the history."""
+
+
+class SaveError(HistoryError):
+    """A write failed (the disk is full, the file is read-only) and was rolled back: the file is as it was."""
 
 
 @dataclass(frozen=True)
@@ -151,7 +158,7 @@ class ChatHistory:
         self, title: str = DEFAULT_TITLE, system_prompt: str = "", params: dict[str, Any] | None = None
     ) -> Conversation:
         params = dict(params or {})
-        with self._lock, self._db:
+        with self._writing():
             now = self._now()
             cur = self._db.execute(
                 "INSERT INTO conversations (title, system_prompt, params, created, updated) VALUES (?, ?, ?, ?, ?)",
@@ -174,7 +181,7 @@ class ChatHistory:
 
     def delete(self, conversation_id: int) -> None:
         """Delete a conversation; its messages go with it (ON DELETE CASCADE)."""
-        with self._lock, self._db:
+        with self._writing():
             cur = self._db.execute("DELETE FROM conversations WHERE id = ?", (conversation_id,))
             if cur.rowcount == 0:
                 raise NotFoundError(f"no conversation with id {conversation_id}")
@@ -202,7 +209,7 @@ class ChatHistory:
     ) -> Message:
         if role not in ROLES:
             raise ValueError(f"role must be one of {', '.join(ROLES)}, got {role!r}")
-        with self._lock, self._db:
+        with self._writing():
             self._conversation(conversation_id)  # raises NotFoundError for an unknown id
             now = self._now()
             cur = self._db.execute(
@@ -216,8 +223,8 @@ class ChatHistory:
     def update_message(
         self, message_id: int, content: str, finished: bool, stats: dict[str, Any] | None = None
     ) -> None:
-        """Replace a message's content (called as a reply streams in); `stats` None keeps the stored stats."""
-        with self._lock, self._db:
+        """Replace a message's content, its finished flag and (unless `stats` is None) its stats."""
+        with self._writing():
             conversation_id = self._message(message_id).conversation_id
             self._db.execute(
                 "UPDATE messages SET content = ?, finished = ?, stats = COALESCE(?, stats) WHERE id = ?",
@@ -225,9 +232,18 @@ class ChatHistory:
             )
             self._touch(conversation_id, self._now())
 
+    def save_streaming_text(self, message_id: int, content: str) -> None:
+        """Store the text of a reply that is streaming, before it is drawn (the chat page redraws up to 20 times a
+        second). One UPDATE, which in WAL mode appends a page to the log without an fsync; the conversation's
+        `updated` moves when the reply ends (update_message)."""
+        with self._writing():
+            cur = self._db.execute("UPDATE messages SET content = ? WHERE id = ?", (content, message_id))
+            if cur.rowcount == 0:
+                raise NotFoundError(f"no message with id {message_id}")
+
     def delete_messages_after(self, message_id: int) -> None:
         """Delete this message and every later one of its conversation (regenerate, edit and resend)."""
-        with self._lock, self._db:
+        with self._writing():
             conversation_id = self._message(message_id).conversation_id
             self._db.execute(
                 "DELETE FROM messages WHERE conversation_id = ? AND id >= ?", (conversation_id, message_id)
@@ -243,6 +259,22 @@ class ChatHistory:
 
     # --- internals (callers hold the lock) -----------------------------------------------------------------
 
+    @contextmanager
+    def _writing(self) -> Iterator[None]:
+        """One transaction under the lock. SQLite rolls a failed write back whole, so the file keeps what it held;
+        the failure is raised as SaveError saying why in words."""
+        with self._lock:
+            try:
+                with self._db:
+                    yield
+            except sqlite3.DatabaseError as e:
+                # SQLite reports a full disk (ENOSPC on the file or its log) as SQLITE_FULL
+                full = (getattr(e, "sqlite_errorcode", 0) & 0xFF) == sqlite3.SQLITE_FULL
+                reason = "the disk is full" if full else str(e)
+                raise SaveError(
+                    f"cannot save to the chat history {self.path}: {reason}; it keeps what it held before"
+                ) from e
+
     def _now(self) -> float:
         # Strictly after every stored `updated`: with a coarse clock (about 16 ms on Windows) two writes could
         # otherwise tie, and "most recently updated first" would depend on ids instead of on the writes.
@@ -251,7 +283,7 @@ class ChatHistory:
         return now if latest is None or now > latest else latest + 1e-6
 
     def _set(self, conversation_id: int, column: str, value: str) -> None:
-        with self._lock, self._db:
+        with self._writing():
             cur = self._db.execute(
                 f"UPDATE conversations SET {column} = ?, updated = ? WHERE id = ?",
                 (value, self._now(), conversation_id),

@@ -1,11 +1,13 @@
 """The desktop app's settings: a small JSON file in the platform's config folder, written atomically.
 
 A missing or unreadable file gives the defaults (the app must start whatever the disk holds); writes go to a
-temporary file in the same folder and replace the old one in one step, so a crash never leaves half a file.
+temporary file in the same folder and replace the old one in one step, so a crash never leaves half a file and a
+write that fails (a full disk) leaves the old file as it was, raising SettingsError in words.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -17,6 +19,10 @@ import platformdirs
 
 CONFIG_DIR_ENV = "KVSTUDIO_CONFIG_DIR"
 logger = logging.getLogger(__name__)
+
+
+class SettingsError(RuntimeError):
+    """The settings could not be saved; the file on disk still holds the settings saved before."""
 
 
 @dataclass
@@ -70,12 +76,21 @@ def load_settings(path: Path | None = None) -> Settings:
 
 
 def save_settings(settings: Settings, path: Path | None = None) -> None:
+    """Write `settings` to `path` whole or not at all; raises SettingsError saying why it could not."""
     path = path or default_path()
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _write_atomically(json.dumps(asdict(settings), indent=2), path)
+    except OSError as e:
+        reason = "the disk is full" if e.errno == errno.ENOSPC else (e.strerror or str(e))
+        raise SettingsError(f"cannot save the settings to {path}: {reason}; it keeps the settings saved before") from e
+
+
+def _write_atomically(text: str, path: Path) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as out:
-            json.dump(asdict(settings), out, indent=2)
+            out.write(text)
             out.flush()
             os.fsync(out.fileno())
         os.replace(tmp, path)

@@ -80,8 +80,8 @@ class FakeHub:
     """The Hub routes huggingface_hub and app/hub_models.py call, over repos given as {repo_id: {filename: bytes}}.
 
     Every request is logged as (method, path, Range header). "repo/file" keys in drop_halfway break their next
-    GET off mid-body; in stall_halfway they send half, then wait for `release`. A search answers only the fields
-    its `expand` asks for, as the Hub does."""
+    GET off mid-body, exactly half of it delivered; in stall_halfway they send half, then wait for `release`. A
+    search answers only the fields its `expand` asks for, as the Hub does."""
 
     repos: dict[str, dict[str, bytes]]
     downloads: dict[str, int] = field(default_factory=dict)  # for search ordering
@@ -166,10 +166,14 @@ class FakeHub:
             await response.write(body[: len(body) // 2])
             if key in self.drop_halfway:
                 self.drop_halfway.discard(key)
-                request.transport.abort()  # the connection dies with half of the promised bytes sent
+                # The connection ends with half of the promised bytes sent. close(), not abort(): abort() threw
+                # away what still sat in the send buffer, so a client that read slowly got less than half and
+                # resumed from an offset no test could predict.
+                request.transport.close()
                 return response
             self.stall_halfway.discard(key)
-            await asyncio.get_running_loop().run_in_executor(None, self.release.wait, 10)
+            # No deadline: a test releases it when it is ready, however slow the machine (teardown does too).
+            await asyncio.get_running_loop().run_in_executor(None, self.release.wait)
             body = body[len(body) // 2 :]
         await response.write(body)
         await response.write_eof()

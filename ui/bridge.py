@@ -4,6 +4,11 @@ Loading a model runs on a worker thread (it takes seconds), requests run on the 
 their own threads, and Qt queues each emission to the receivers' thread, so slots run on the UI thread and
 nothing the UI thread does ever waits for the engine.
 
+The model chosen last is the one loaded: a load_model call supersedes the loads still running, whose engines are
+dropped (never installed, their memory released) without a signal. A load that fails leaves the engine loaded
+before serving. If the engine thread dies (a bug in the engine), engine_died says so with the model and options to
+load again; the requests it was running fail in words.
+
 Chat and batch requests go to the in-process engine, or, once the user connects one, to a remote
 OpenAI-compatible endpoint (app/remote_client.py); either way their replies arrive as the same RequestUpdate.
 The model store, the monitor and the server page always work on the in-process engine.
@@ -21,7 +26,7 @@ from dataclasses import dataclass
 
 from PySide6.QtCore import QObject, Signal
 
-from app.engine_thread import EngineThread
+from app.engine_thread import EngineDeadError, EngineThread
 from app.library.machine import ModelFit, check_model_fits
 from app.remote_client import Endpoint, RemoteClient, TextUpdate, list_models
 from engine import LLM, PromptType, RequestOutput, SamplingParams, render_chat
@@ -37,6 +42,15 @@ class ModelLoaded:
 @dataclass(frozen=True)
 class ModelLoadFailed:
     model: str
+    message: str
+
+
+@dataclass(frozen=True)
+class EngineDied:
+    """The engine thread ended on an internal error; load_model(model, options) brings the model back."""
+
+    model: str
+    options: dict
     message: str
 
 
@@ -69,12 +83,14 @@ class ConnectionFailed:
 class RequestFailed:
     request_id: str
     message: str
+    refused: bool = False  # the engine turned the request down before running it: it produced nothing
 
 
 class EngineBridge(QObject):
     model_loading = Signal(str)  # the model being loaded
     model_loaded = Signal(object)  # ModelLoaded
     model_load_failed = Signal(object)  # ModelLoadFailed
+    engine_died = Signal(object)  # EngineDied
     request_update = Signal(object)  # RequestUpdate
     request_failed = Signal(object)  # RequestFailed
     snapshot = Signal(object)  # app.engine_thread.EngineSnapshot, at most every stats_interval seconds
@@ -92,10 +108,13 @@ class EngineBridge(QObject):
         self._make_llm = make_llm
         self._stats_interval = stats_interval
         self._thread: EngineThread | None = None
+        self._loaded: tuple[str, dict] | None = None  # the model and options _thread runs
         self._ids = itertools.count()
         self._remote: RemoteClient | None = None
         self._generation = 0  # bumped by every change of target: a slower, older check then loses
-        self._lock = threading.Lock()  # guards _thread and _remote between the workers and the UI thread
+        self._load_generation = 0  # bumped by every load_model (and shutdown): an older load still running loses
+        # guards _thread, _loaded, _remote and the generations between the workers and the UI thread
+        self._lock = threading.Lock()
 
     @property
     def engine_thread(self) -> EngineThread | None:
@@ -103,12 +122,23 @@ class EngineBridge(QObject):
         with self._lock:
             return self._thread
 
+    @property
+    def loaded_model(self) -> str | None:
+        """The model the in-process engine serves, or None (nothing loaded, or its engine thread died)."""
+        with self._lock:
+            if self._thread is None or self._thread.failure is not None:
+                return None
+            return self._loaded[0]
+
     def load_model(self, model: str, options: dict | None = None) -> threading.Thread:
         """Load `model` on a worker thread, replacing the current one once it is ready; emits model_loading,
-        then model_loaded or model_load_failed."""
+        then model_loaded or model_load_failed. Supersedes every load still running: those emit nothing more."""
+        with self._lock:
+            self._load_generation += 1
+            generation = self._load_generation
         self.model_loading.emit(model)
         worker = threading.Thread(
-            target=self._load, args=(model, dict(options or {})), name="kvstudio-loader", daemon=True
+            target=self._load, args=(model, dict(options or {}), generation), name="kvstudio-loader", daemon=True
         )
         worker.start()
         return worker
@@ -124,32 +154,46 @@ class EngineBridge(QObject):
             return None
         return check_model_fits(model, options)
 
-    def _load(self, model: str, options: dict) -> None:
+    def _load(self, model: str, options: dict, generation: int) -> None:
         start = time.perf_counter()
         try:
             if (fit := self.check_fit(model, options)) is not None and not fit.fits:
                 raise MemoryError(fit.message)
             llm = self._make_llm(model, options)
         except Exception as e:  # a bad path, a corrupt file, too little memory: said in words, never a crash
-            self.model_load_failed.emit(ModelLoadFailed(model, str(e) or type(e).__name__))
+            with self._lock:
+                current = generation == self._load_generation
+            if current:  # the engine loaded before serves on; a superseded load's failure is no news
+                self.model_load_failed.emit(ModelLoadFailed(model, str(e) or type(e).__name__))
             return
+        max_model_len = llm.llm_engine.model_config.max_model_len
         thread = EngineThread(llm.llm_engine, stats_interval=self._stats_interval)
-        thread.add_listener(self.snapshot.emit)
-        thread.start()
+        del llm  # from here the thread holds the engine: dropping the thread drops the model
         with self._lock:
-            old, self._thread = self._thread, thread
+            current = generation == self._load_generation
+            if current:
+                old, self._thread, self._loaded = self._thread, thread, (model, options)
+        if not current:  # a later choice is loading or loaded: this engine never serves
+            del thread
+            _release_and_freeze()
+            return
+        thread.add_listener(self.snapshot.emit)
+        thread.add_failure_listener(self._on_engine_dead)
+        thread.start()
         if old is not None:
             old.stop()
-        # Everything loaded lives as long as the model. Moved out of the cyclic collector's reach, a full
-        # collection no longer walks the millions of objects torch and transformers bring: on the UI thread that
-        # walk was a 250 ms freeze in the middle of a batch run. The old model's objects are released first.
         del old
-        gc.unfreeze()
-        gc.collect()
-        gc.freeze()
-        self.model_loaded.emit(
-            ModelLoaded(model, llm.llm_engine.model_config.max_model_len, time.perf_counter() - start)
-        )
+        _release_and_freeze()
+        self.model_loaded.emit(ModelLoaded(model, max_model_len, time.perf_counter() - start))
+
+    def _on_engine_dead(self, error: EngineDeadError) -> None:
+        """On the dying engine thread: say so, unless that engine was replaced meanwhile (then it is no news)."""
+        with self._lock:
+            current = self._thread is not None and self._thread.failure is error
+            loaded = self._loaded
+        if current and loaded is not None:
+            model, options = loaded
+            self.engine_died.emit(EngineDied(model, dict(options), str(error)))
 
     @property
     def remote(self) -> Endpoint | None:
@@ -294,7 +338,7 @@ class EngineBridge(QObject):
 
         def rejected(accepted) -> None:  # the engine refused the request (a ValueError naming what is wrong)
             if accepted.exception() is not None:
-                self.request_failed.emit(RequestFailed(rid, str(accepted.exception())))
+                self.request_failed.emit(RequestFailed(rid, str(accepted.exception()), refused=True))
 
         thread.submit(prompt, params, deliver, rid).add_done_callback(rejected)
         return rid
@@ -315,9 +359,20 @@ class EngineBridge(QObject):
         aborted."""
         with self._lock:
             self._generation += 1
-            thread, self._thread = self._thread, None
+            self._load_generation += 1  # a load still running is dropped, not started after the window closed
+            thread, self._thread, self._loaded = self._thread, None, None
             remote, self._remote = self._remote, None
         if thread is not None:
             thread.stop()
         if remote is not None:
             remote.close()
+
+
+def _release_and_freeze() -> None:
+    """Free a dropped model, then freeze what lives on. Everything loaded lives as long as the model: moved out of
+    the cyclic collector's reach, a full collection no longer walks the millions of objects torch and
+    transformers bring (on the UI thread that walk was a 250 ms freeze in the middle of a batch run). Unfrozen
+    first, so the dropped model's cycles are collected too."""
+    gc.unfreeze()
+    gc.collect()
+    gc.freeze()

@@ -2,13 +2,16 @@
 chat and batch requests go in the status bar, menus with a shortcut for each common action (ui/menus.py).
 
 The window appears at once; the last used model (or the default one) loads in the background through the
-bridge, with a busy indicator, and a failure is said in the status bar; a remote endpoint chosen last time is
-reconnected beside it. The pages' fields, the page shown and the connection come back from the settings file;
-closing the window stops the engine and saves them.
+bridge, with a busy indicator, and a failure is said in the status bar (the model loaded before serves on); a
+remote endpoint chosen last time is reconnected beside it. If the engine thread dies, a banner says so and offers
+to load the same model again. The pages' fields, the page shown and the connection come back from the settings
+file; closing the window stops the engine and saves them. A settings file that cannot be written (a full disk) is
+said in the status bar, the old file kept.
 """
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from PySide6.QtCore import Qt
@@ -21,14 +24,15 @@ from PySide6.QtWidgets import (
     QMainWindow,
     QProgressBar,
     QStackedWidget,
+    QVBoxLayout,
     QWidget,
 )
 
 from app.history import ChatHistory
 from app.library import model_store
 from app.remote_client import Endpoint
-from app.settings import Settings, save_settings
-from ui.bridge import ConnectionFailed, EngineBridge, ModelLoaded, ModelLoadFailed
+from app.settings import Settings, SettingsError, save_settings
+from ui.bridge import ConnectionFailed, EngineBridge, EngineDied, ModelLoaded, ModelLoadFailed
 from ui.menus import install_menus
 from ui.pages.batch import BatchPage
 from ui.pages.chat import ChatPage
@@ -36,8 +40,11 @@ from ui.pages.models import ModelsPage
 from ui.pages.monitor import MonitorPage
 from ui.pages.server import ServerPage
 from ui.widgets.connection_dialog import ConnectionDialog
+from ui.widgets.engine_banner import EngineBanner
 from ui.widgets.first_run import FIND_MODEL, START_DEFAULT, FirstRunDialog
 from ui.widgets.form_state import form_values, restore_form
+
+logger = logging.getLogger(__name__)
 
 
 class MainWindow(QMainWindow):
@@ -72,10 +79,15 @@ class MainWindow(QMainWindow):
             state = settings.pages.get(name)
             if isinstance(state, dict):
                 restore_form(form, state)
+        self.banner = EngineBanner()
+        self.banner.reload_requested.connect(lambda died: self.bridge.load_model(died.model, died.options))
         central = QWidget()
-        layout = QHBoxLayout(central)
+        column = QVBoxLayout(central)
+        column.addWidget(self.banner)
+        layout = QHBoxLayout()
         layout.addWidget(self.nav)
         layout.addWidget(self.pages, 1)
+        column.addLayout(layout, 1)
         self.setCentralWidget(central)
 
         self.model_status = QLabel("No model")
@@ -94,6 +106,7 @@ class MainWindow(QMainWindow):
         bridge.model_loading.connect(self._on_loading)
         bridge.model_loaded.connect(self._on_loaded)
         bridge.model_load_failed.connect(self._on_failed)
+        bridge.engine_died.connect(self._on_engine_died)
         bridge.snapshot.connect(self.monitor.show_snapshot, Qt.QueuedConnection)
         bridge.connection_changed.connect(self._on_connection_changed)
         bridge.connection_failed.connect(self._on_connection_failed)
@@ -143,6 +156,7 @@ class MainWindow(QMainWindow):
             f"Downloading and loading {Path(model).name}…" if fetch else f"Loading {Path(model).name}…"
         )
         self.busy.show()
+        self.banner.hide()
 
     def _on_loaded(self, loaded: ModelLoaded) -> None:
         self.busy.hide()
@@ -150,18 +164,36 @@ class MainWindow(QMainWindow):
             f"{Path(loaded.model).name} · context {loaded.max_model_len} tokens · loaded in {loaded.seconds:.1f} s"
         )
         self.settings.last_model = loaded.model
-        save_settings(self.settings, self.settings_path)
+        self._save_settings()
 
     def _on_failed(self, failure: ModelLoadFailed) -> None:
         self.busy.hide()
-        self.model_status.setText(f"Could not load {Path(failure.model).name}: {failure.message}")
+        serving = self.bridge.loaded_model
+        self.model_status.setText(
+            f"Could not load {Path(failure.model).name}: {failure.message}"
+            + (f" · still running {Path(serving).name}" if serving is not None else "")
+        )
+
+    def _on_engine_died(self, died: EngineDied) -> None:
+        self.busy.hide()
+        self.model_status.setText(f"{Path(died.model).name}: {died.message}")
+        self.banner.show_death(died)
+
+    def _save_settings(self) -> None:
+        """Save the settings; a failure (a full disk, the old file kept) is said in the status bar, and logged:
+        on closing, the window is gone before anyone could read it."""
+        try:
+            save_settings(self.settings, self.settings_path)
+        except SettingsError as e:
+            logger.error("%s", e)
+            self.statusBar().showMessage(f"Could not save the settings: {e}")
 
     def _on_connection_changed(self, endpoint: Endpoint | None) -> None:
         s = self.settings
         s.use_remote = endpoint is not None
         if endpoint is not None:
             s.remote_url, s.remote_api_key, s.remote_model = endpoint.base_url, endpoint.api_key, endpoint.model
-        save_settings(s, self.settings_path)
+        self._save_settings()
         self._show_connection(endpoint)
 
     def _on_connection_failed(self, failure: ConnectionFailed) -> None:
@@ -186,5 +218,5 @@ class MainWindow(QMainWindow):
         self.bridge.shutdown()
         self.settings.last_page = self.nav.currentRow()
         self.settings.pages = {name: form_values(form) for name, form in self.forms.items()}
-        save_settings(self.settings, self.settings_path)
+        self._save_settings()
         super().closeEvent(event)

@@ -4,9 +4,10 @@ Models live in the standard Hugging Face cache (so other tools share them), besi
 kvstudio's data dir. A pull writes the cache layout itself instead of calling hf_hub_download: huggingface_hub
 deletes a partial file when a download fails, while here `blobs/<etag>.incomplete` survives so the next pull
 resumes it with a Range request (app/hub_files.py fetches one file). A snapshot's links are made only once every
-file is complete, so the library never shows a half-downloaded model; until then a small record beside the blobs
-says what the pull fetches, so after a restart the app can offer to resume or discard it. A corrupt model file is
-listed with the problem said, not dropped. No printing here: the CLI and the desktop app report through callbacks.
+file is complete, in a staging folder renamed into place in one step, so the library never shows a half-downloaded
+model, even after kill -9; until then a small record beside the blobs says what the pull fetches, so after a
+restart the app can offer to resume or discard it. A corrupt model file is listed with the problem said, not
+dropped. No printing here: the CLI and the desktop app report through callbacks.
 """
 
 from __future__ import annotations
@@ -193,18 +194,32 @@ def pull(
             # from here on an interruption leaves a pull worth resuming (after a restart too): say what it fetches
             _write_manifest(repo_dir, f"{repo_id}@{revision}" if revision else repo_id, files)
 
-    snapshot = repo_dir / "snapshots" / commit
-    snapshot.mkdir(parents=True, exist_ok=True)
-    for file in files:
-        link = snapshot / file.name
-        if not link.exists():
-            link.unlink(missing_ok=True)  # a dangling link left by an earlier removal
-            link.symlink_to(os.path.relpath(blobs / file.etag, snapshot))
+    snapshot = _publish_snapshot(repo_dir, commit, files)
     refs = repo_dir / "refs"
     refs.mkdir(exist_ok=True)
     if revision != commit:
         (refs / (revision or "main")).write_text(commit)
     (repo_dir / _MANIFEST).unlink(missing_ok=True)  # complete: nothing left to resume
+    return snapshot
+
+
+def _publish_snapshot(repo_dir: Path, commit: str, files: list[RemoteFile]) -> Path:
+    """snapshots/<commit> linking every file, appearing whole or not at all: the links are made in a staging folder
+    beside snapshots/ (huggingface_hub's cache scan reads only snapshots/, refs/ and blobs/) and renamed into place.
+    Made one by one in place, a pull killed among them left a snapshot the library listed with files missing."""
+    snapshot = repo_dir / "snapshots" / commit
+    if snapshot.is_dir() and all((snapshot / f.name).exists() for f in files):
+        return snapshot
+    staging = repo_dir / _STAGING / commit  # as deep as the snapshot: the same relative links work in both
+    shutil.rmtree(staging.parent, ignore_errors=True)  # left by a pull that died while linking
+    staging.mkdir(parents=True)
+    for file in files:
+        (staging / file.name).symlink_to(os.path.relpath(repo_dir / "blobs" / file.etag, snapshot))
+    snapshot.parent.mkdir(exist_ok=True)
+    if snapshot.is_dir():  # links missing or dangling (an earlier removal): replaced by the whole set
+        shutil.rmtree(snapshot)
+    os.replace(staging, snapshot)
+    staging.parent.rmdir()
     return snapshot
 
 
@@ -223,6 +238,7 @@ def _check_architecture(config_file: Path, repo_id: str) -> None:
 # ---------------------------------------------------------------------------------------------------- interrupted
 
 _MANIFEST = "kvstudio-pull.json"  # beside blobs/ while a pull is unfinished; huggingface_hub's cache scan ignores it
+_STAGING = "kvstudio-snapshot.tmp"  # beside snapshots/ while a finished pull's links are made; ignored likewise
 
 
 @dataclass(frozen=True)
@@ -291,6 +307,7 @@ def discard_interrupted(repo_id: str) -> int:
         if blob.resolve() not in linked:
             freed += blob.stat().st_size
             blob.unlink()
+    shutil.rmtree(repo_dir / _STAGING, ignore_errors=True)  # links only: no bytes to count
     (repo_dir / _MANIFEST).unlink()
     return freed
 

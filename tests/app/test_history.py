@@ -5,7 +5,7 @@ import threading
 
 import pytest
 
-from app.history import ChatHistory, Conversation, HistoryError, Message, NotFoundError, title_from
+from app.history import ChatHistory, Conversation, HistoryError, Message, NotFoundError, SaveError, title_from
 
 
 @pytest.fixture
@@ -151,6 +151,58 @@ def test_a_reply_streamed_before_a_crash_survives_unfinished(tmp_path):
     reopened.close()
 
 
+def test_a_streaming_reply_is_saved_with_one_update_another_connection_sees(tmp_path):
+    path = tmp_path / "history.sqlite3"
+    live = ChatHistory(path)
+    conv = live.create_conversation()
+    reply = live.add_message(conv.id, "assistant", "", finished=False)
+    statements = []
+    live._db.set_trace_callback(statements.append)
+    live.save_streaming_text(reply.id, "Once upon")
+    live._db.set_trace_callback(None)
+    # the chat page saves before every redraw (20 a second): one statement, nothing read back
+    assert [s for s in statements if s not in ("BEGIN ", "COMMIT")] == [
+        "UPDATE messages SET content = 'Once upon' WHERE id = 1"
+    ]
+    with ChatHistory(path) as reopened:  # what a restart after kill -9 reads
+        partial = reopened.messages(conv.id)[-1]
+        assert (partial.content, partial.finished) == ("Once upon", False)
+    with pytest.raises(NotFoundError, match=f"no message with id {reply.id + 1}"):
+        live.save_streaming_text(reply.id + 1, "x")
+    live.close()
+
+
+def test_a_full_disk_fails_each_write_in_words_and_keeps_what_was_saved(tmp_path):
+    path = tmp_path / "history.sqlite3"
+    history = ChatHistory(path)
+    conv = history.create_conversation("Kept")
+    reply = history.add_message(conv.id, "assistant", "saved before", finished=False)
+    # SQLite's own full-disk error (SQLITE_FULL): the file may not grow by a single page
+    pages = history._db.execute("PRAGMA page_count").fetchone()[0]
+    history._db.execute(f"PRAGMA max_page_count = {pages}")
+    big = "x" * 20_000  # more than a page: the write must grow the file
+    writes = [
+        lambda: history.add_message(conv.id, "user", big),
+        lambda: history.update_message(reply.id, big, finished=True),
+        lambda: history.save_streaming_text(reply.id, big),
+        lambda: history.create_conversation(big),
+        lambda: history.rename(conv.id, big),
+    ]
+    said = f"cannot save to the chat history {path}: the disk is full; it keeps what it held before"
+    for write in writes:
+        with pytest.raises(SaveError) as err:
+            write()
+        assert str(err.value) == said and isinstance(err.value, HistoryError)
+    with ChatHistory(path) as reopened:
+        assert [c.title for c in reopened.list_conversations()] == ["Kept"]
+        [kept] = reopened.messages(conv.id)
+        assert (kept.content, kept.finished) == ("saved before", False)
+    history._db.execute("PRAGMA max_page_count = 1073741823")  # space again: the same history writes on
+    history.save_streaming_text(reply.id, big)
+    assert history.messages(conv.id)[-1].content == big
+    history.close()
+
+
 def test_delete_messages_after_drops_that_message_and_later_ones_of_its_conversation(history):
     conv = history.create_conversation()
     other = history.create_conversation()
@@ -192,6 +244,7 @@ def test_unknown_ids_raise_a_typed_error_naming_the_id(history):
         lambda: history.messages(missing),
         lambda: history.add_message(missing, "user", "x"),
         lambda: history.update_message(missing, "x", True),
+        lambda: history.save_streaming_text(missing, "x"),
         lambda: history.delete_messages_after(missing),
     ]
     for call in calls:

@@ -1,9 +1,14 @@
-"""`kvstudio models list | pull | rm`, searching, and interrupted pulls found again after a restart, against a fake
-Hugging Face Hub served on loopback."""
+"""`kvstudio models list | pull | rm`, searching, and interrupted pulls found again after a restart (also after
+kill -9, mid-download or mid-linking), against a fake Hugging Face Hub served on loopback."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -262,3 +267,76 @@ def test_a_corrupt_model_is_listed_with_the_problem_and_the_rest_still_show(fake
     config.write_text("{not json")
     [_, tiny] = hub_models.list_local_models()
     assert tiny.name == "org/tiny" and tiny.problem.startswith(f"{config} cannot be read as JSON")
+
+
+class Killed(BaseException):
+    """kill -9 at this point: nothing after it runs, no handler or finally of the pull's catches it."""
+
+
+def test_a_pull_killed_while_linking_lists_nothing_and_the_next_one_completes(fake_hub, tiny_chat_model, monkeypatch):
+    real_symlink_to = Path.symlink_to
+
+    def dies_at_the_tokenizer(link, target, *args, **kwargs):
+        if link.name.startswith("tokenizer"):  # after config.json and the weights: enough for a listing
+            raise Killed
+        return real_symlink_to(link, target, *args, **kwargs)
+
+    with monkeypatch.context() as patch, pytest.raises(Killed):
+        patch.setattr(Path, "symlink_to", dies_at_the_tokenizer)
+        hub_models.pull("org/tiny")
+    assert hub_models.list_local_models() == []  # no model listed without its tokenizer
+    [pull] = hub_models.list_interrupted()
+    assert pull.done == pull.total  # every byte arrived; only the links were missing
+
+    fake_hub.requests.clear()
+    snapshot = hub_models.pull("org/tiny")
+    assert [path for _, path, _ in fake_hub.requests if "/resolve/" in path] == []  # nothing fetched again
+    assert {p.name for p in snapshot.iterdir()} == expected_files(tiny_chat_model)
+    assert [m.name for m in hub_models.list_local_models()] == ["org/tiny"] and hub_models.list_interrupted() == []
+    assert sorted(p.name for p in snapshot.parent.parent.iterdir()) == ["blobs", "refs", "snapshots"]
+
+
+def wait_for_file(path: Path, child: subprocess.Popen, errors: Path) -> int:
+    """Poll (another process writes it) until `path` holds bytes; returns how many."""
+    while not (path.is_file() and path.stat().st_size):
+        assert child.poll() is None, errors.read_text()
+        time.sleep(0.01)
+    return path.stat().st_size
+
+
+@pytest.mark.timeout(600)  # the poll above has no deadline of its own: a loaded machine only makes it slower
+def test_a_pull_killed_with_sigkill_lists_nothing_and_the_next_pull_resumes(fake_hub, tiny_chat_model, tmp_path):
+    weights = (tiny_chat_model / "model.safetensors").read_bytes()
+    fake_hub.stall_halfway.add("org/tiny/model.safetensors")  # half is sent, the rest never comes
+    errors = tmp_path / "pull.err"
+    child = subprocess.Popen(
+        [str(Path(sys.executable).with_name("kvstudio")), "models", "pull", "org/tiny"],
+        env={
+            **os.environ,
+            "HF_ENDPOINT": fake_hub.url,
+            "HF_HUB_CACHE": str(tmp_path / "hf-cache"),
+            model_store.DATA_DIR_ENV: str(tmp_path / "kvstudio"),
+        },
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=errors.open("w"),
+    )
+    blobs = tmp_path / "hf-cache" / "models--org--tiny" / "blobs"
+    partial = blobs / (hashlib.sha256(weights).hexdigest() + ".incomplete")
+    try:
+        wait_for_file(partial, child, errors)
+    finally:
+        child.kill()  # SIGKILL mid-download: no handler runs, nothing is cleaned up
+        child.wait()
+    fake_hub.release.set()
+    kept = partial.stat().st_size
+    assert 0 < kept < len(weights)
+    assert hub_models.list_local_models() == []  # nothing half-written in the library
+    [pull] = hub_models.list_interrupted()
+    assert (pull.model, pull.total) == ("org/tiny", tiny_files(tiny_chat_model))
+
+    fake_hub.requests.clear()
+    snapshot = hub_models.pull(pull.model)
+    assert fake_hub.ranges == [f"bytes={kept}-"]  # resumed where the killed pull stopped
+    assert (snapshot / "model.safetensors").read_bytes() == weights
+    assert [m.name for m in hub_models.list_local_models()] == ["org/tiny"] and hub_models.list_interrupted() == []

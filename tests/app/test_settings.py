@@ -1,8 +1,15 @@
-"""Settings: round trip, defaults when the file is missing or unreadable, and atomic writes."""
+"""Settings: round trip, defaults when the file is missing or unreadable, atomic writes, and a full disk said in
+words with the old file kept."""
 
 from __future__ import annotations
 
-from app.settings import Settings, default_path, load_settings, save_settings
+import errno
+import os
+
+import pytest
+
+from app import settings as settings_module
+from app.settings import Settings, SettingsError, default_path, load_settings, save_settings
 
 
 def test_round_trip(tmp_path):
@@ -45,3 +52,26 @@ def test_the_file_holding_an_api_key_is_private_to_its_owner(tmp_path):
 def test_the_default_path_follows_the_config_dir_variable(tmp_path, monkeypatch):
     monkeypatch.setenv("KVSTUDIO_CONFIG_DIR", str(tmp_path))
     assert default_path() == tmp_path / "settings.json"
+
+
+def test_a_full_disk_is_said_in_words_and_the_old_file_is_kept(tmp_path, monkeypatch):
+    path = tmp_path / "settings.json"
+    save_settings(Settings(last_model="/models/old.gguf"), path)
+    before = path.read_bytes()
+    real_fdopen = os.fdopen
+
+    def full_disk(fd, *args, **kwargs):  # the file opens; writing to it fails as on a full disk
+        file = real_fdopen(fd, *args, **kwargs)
+
+        def write(text):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        file.write = write
+        return file
+
+    monkeypatch.setattr(settings_module.os, "fdopen", full_disk)
+    with pytest.raises(SettingsError) as err:
+        save_settings(Settings(last_model="/models/new.gguf"), path)
+    assert str(err.value) == f"cannot save the settings to {path}: the disk is full; it keeps the settings saved before"
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["settings.json"]  # the temporary file went too

@@ -4,13 +4,16 @@ requests stream back as signals, failures arrive in words, and snapshots flow to
 from __future__ import annotations
 
 import itertools
+import threading
 import time
+import weakref
 
 import pytest
 from PySide6.QtCore import QTimer
+from PySide6.QtWidgets import QApplication
 
 from engine import LLM, SamplingParams
-from ui.bridge import EngineBridge, ModelLoaded, ModelLoadFailed, RequestFailed
+from ui.bridge import EngineBridge, EngineDied, ModelLoaded, ModelLoadFailed, RequestFailed
 
 OPTIONS = {"max_model_len": 256, "kv_cache_memory": 0.01}
 GREEDY = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
@@ -56,7 +59,7 @@ def test_a_request_streams_back_as_signals(qtbot, bridge, tiny_chat_model):
 def test_a_rejected_request_fails_in_words(qtbot, bridge):
     with qtbot.waitSignal(bridge.request_failed, timeout=10_000) as failed:
         rid = bridge.submit({"prompt_token_ids": []}, GREEDY)
-    assert failed.args[0] == RequestFailed(rid, "the prompt is empty")
+    assert failed.args[0] == RequestFailed(rid, "the prompt is empty", refused=True)
 
 
 def test_a_model_that_cannot_load_fails_in_words(qtbot, tmp_path):
@@ -114,3 +117,74 @@ def test_a_loaded_model_is_kept_out_of_the_cyclic_collectors_walks(bridge):
 
     # torch, transformers and the model's own objects: a full collection over them froze the UI thread for 250 ms.
     assert gc.get_freeze_count() > 100_000
+
+
+def wait_reply(qtbot, bridge: EngineBridge, rid: str) -> list:
+    updates = []
+    bridge.request_update.connect(lambda u: u.request_id == rid and updates.append(u))
+    qtbot.waitUntil(lambda: bool(updates) and updates[-1].finished, timeout=60_000)
+    return updates
+
+
+def test_the_model_chosen_last_is_loaded_even_when_an_earlier_load_ends_later(qtbot, tiny_chat_model):
+    first_may_finish = threading.Event()
+    engines: dict[str, weakref.ref] = {}
+
+    def make_llm(model: str, options: dict) -> LLM:
+        llm = LLM(str(tiny_chat_model), **options)
+        engines[model] = weakref.ref(llm.llm_engine)
+        if model == "first":
+            first_may_finish.wait()  # the first choice takes longer: it ends after the second has loaded
+        return llm
+
+    b = EngineBridge(make_llm)
+    loaded, failed = [], []
+    b.model_loaded.connect(loaded.append)
+    b.model_load_failed.connect(failed.append)
+    first = b.load_model("first", OPTIONS)
+    with qtbot.waitSignal(b.model_loaded, timeout=None):
+        b.load_model("second", OPTIONS)
+    first_may_finish.set()
+    first.join()
+    QApplication.processEvents()  # whatever the first load emitted would be delivered now
+    assert [m.model for m in loaded] == ["second"] and failed == []
+    assert b.loaded_model == "second" and b.engine_thread.engine is engines["second"]()
+    assert engines["first"]() is None  # dropped: never installed, its memory released
+    rid = b.submit("Hello there", GREEDY)
+    assert wait_reply(qtbot, b, rid)[-1].num_tokens == 10
+    b.shutdown()
+
+
+def test_a_truncated_model_is_refused_in_words_and_the_model_loaded_before_serves_on(
+    qtbot, bridge, tiny_chat_model, smollm2_gguf, tmp_path
+):
+    cut = tmp_path / "cut.gguf"
+    with smollm2_gguf.open("rb") as f:
+        cut.write_bytes(f.read(5_000_000))  # its header is whole, its tensors are not
+    serving = bridge.engine_thread
+    with qtbot.waitSignal(bridge.model_load_failed, timeout=None) as failed:
+        bridge.load_model(str(cut), OPTIONS)
+    assert failed.args[0].model == str(cut) and failed.args[0].message.startswith(f"{cut} is truncated")
+    assert bridge.engine_thread is serving and bridge.loaded_model == str(tiny_chat_model)
+    rid = bridge.submit_chat([{"role": "user", "content": "Still there?"}], GREEDY)
+    assert wait_reply(qtbot, bridge, rid)[-1].num_tokens == 10
+
+
+def test_an_engine_thread_that_dies_is_said_with_the_model_to_load_again(qtbot, bridge, tiny_chat_model, break_engine):
+    failures = []
+    bridge.request_failed.connect(failures.append)
+    break_engine(bridge.engine_thread.engine)
+    with qtbot.waitSignal(bridge.engine_died, timeout=None) as died:
+        rid = bridge.submit("Hello there", SamplingParams(max_tokens=200, ignore_eos=True))
+    message = "the engine stopped after an internal error (RuntimeError: stats broke); load the model again"
+    assert died.args[0] == EngineDied(str(tiny_chat_model), OPTIONS, message)
+    assert failures == [RequestFailed(rid, message)]  # the running request ended with it (delivered first)
+    assert bridge.loaded_model is None
+    with pytest.raises(RuntimeError, match="internal error"):
+        bridge.submit("Anyone?", GREEDY)
+
+    with qtbot.waitSignal(bridge.model_loaded, timeout=None):
+        bridge.load_model(died.args[0].model, died.args[0].options)
+    assert bridge.loaded_model == str(tiny_chat_model)
+    rid = bridge.submit("Hello again", GREEDY)
+    assert wait_reply(qtbot, bridge, rid)[-1].num_tokens == 10

@@ -1,14 +1,31 @@
-"""The chat page on a tiny model: a reply streams in and is saved as it grows, comes back after a restart,
-stops when asked (freeing its blocks), regenerates, edits the last message, and the list searches."""
+"""The chat page on a tiny model: a reply streams in and is saved as it grows (each redraw shows what the history
+file holds, and a kill -9 mid-reply loses nothing drawn), comes back after a restart, stops when asked (freeing its
+blocks), regenerates, edits the last message, and the list searches. A refused send leaves no empty reply, and a
+full disk is said in words with the saved conversation intact.
+
+Waits end on what they wait for, never on the clock: a loaded machine only makes them slower. A hang is caught by
+the module's pytest-timeout mark."""
 
 from __future__ import annotations
 
+import json
+import math
 import re
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
+from PySide6.QtWidgets import QApplication
 
+from app.engine_thread import QueueFullError
 from app.history import ChatHistory
+from ui.bridge import RequestUpdate
 from ui.pages.chat import ChatPage
+
+pytestmark = pytest.mark.timeout(600)
+UNTIL_DONE = math.inf  # qtbot.waitUntil's timeout: none
 
 
 @pytest.fixture
@@ -25,16 +42,32 @@ def page(qtbot, loaded_bridge, tmp_path):
 def send_and_wait(qtbot, page, text: str) -> None:
     page.input.setPlainText(text)
     page.send_button.click()
-    qtbot.waitUntil(lambda: page.reply is None, timeout=30_000)
+    qtbot.waitUntil(lambda: page.reply is None, timeout=UNTIL_DONE)
+
+
+def stored_rows(path: Path) -> list[tuple]:
+    """Every conversation and message in the history file, read through a connection of its own."""
+    raw = sqlite3.connect(path)
+    try:
+        return raw.execute("SELECT * FROM conversations").fetchall() + raw.execute("SELECT * FROM messages").fetchall()
+    finally:
+        raw.close()
 
 
 def test_a_reply_streams_in_and_survives_a_restart(qtbot, page, loaded_bridge, tmp_path, screenshots):
-    seen: list[str] = []
-    loaded_bridge.request_update.connect(lambda u: seen.append(u.text))
+    updates: list[RequestUpdate] = []
+    loaded_bridge.request_update.connect(updates.append)
     # Sampled, seeded: a random model's greedy choice is often a run of newlines, which shows nothing.
     page.temperature.setValue(1.0)
     page.use_seed.setChecked(True)
-    send_and_wait(qtbot, page, "Write a haiku about the sea.")
+    page.input.setPlainText("Write a haiku about the sea.")
+    page.send_button.click()
+    rid = page.reply.request_id
+    # The page and this list each get every update as a queued call of their own: wait for both to have the last.
+    qtbot.waitUntil(
+        lambda: page.reply is None and any(u.finished for u in updates if u.request_id == rid), timeout=UNTIL_DONE
+    )
+    seen = [u.text for u in updates if u.request_id == rid]
     messages = page.history.messages(page.conversation_id)
     assert [m.role for m in messages] == ["user", "assistant"]
     reply = messages[1]
@@ -57,12 +90,12 @@ def test_stop_ends_the_reply_and_frees_its_blocks(qtbot, page, loaded_bridge):
     page.max_tokens.setValue(400)
     page.input.setPlainText("Tell me a long story.")
     page.send_button.click()
-    qtbot.waitUntil(lambda: page.reply is not None and page.reply.tokens >= 3, timeout=30_000)
+    qtbot.waitUntil(lambda: page.reply is not None and page.reply.tokens >= 3, timeout=UNTIL_DONE)
     page.stop_button.click()
     reply = page.history.messages(page.conversation_id)[-1]
     assert reply.finished and reply.stats["finish_reason"] == "abort" and reply.stats["tokens"] < 400
     engine = loaded_bridge.engine_thread.engine
-    qtbot.waitUntil(lambda: engine.get_stats().num_blocks_used == 0, timeout=10_000)
+    qtbot.waitUntil(lambda: engine.get_stats().num_blocks_used == 0, timeout=UNTIL_DONE)
 
 
 def test_regenerate_replaces_the_last_reply_and_edit_last_takes_the_message_back(qtbot, page):
@@ -72,7 +105,7 @@ def test_regenerate_replaces_the_last_reply_and_edit_last_takes_the_message_back
     first = page.history.messages(page.conversation_id)[-1]
     page.seed.setValue(page.seed.value() + 1)
     page.regenerate_button.click()
-    qtbot.waitUntil(lambda: page.reply is None, timeout=30_000)
+    qtbot.waitUntil(lambda: page.reply is None, timeout=UNTIL_DONE)
     messages = page.history.messages(page.conversation_id)
     assert [m.role for m in messages] == ["user", "assistant"] and messages[1].id != first.id
     page.edit_button.click()
@@ -127,3 +160,127 @@ def test_code_blocks_in_a_reply_render_with_a_copy_link_each(qtbot, page):
     assert QGuiApplication.clipboard().text() == "ls -l\necho ```\n" and page.status.text() == "Code copied."
     page.transcript.anchorClicked.emit(QUrl(f"copy:{reply.id}/0"))
     assert QGuiApplication.clipboard().text() == "print('a')\n"
+
+
+def test_each_redraw_of_a_streaming_reply_shows_what_the_history_file_holds(qtbot, page, tmp_path):
+    raw = sqlite3.connect(tmp_path / "history.sqlite3")  # a connection of its own, as a restart reads the file
+    draws: list[tuple[str, str]] = []  # (the reply in the file, the transcript drawn) at each streaming redraw
+    draw = page.transcript.setMarkdown
+
+    def checked(markdown: str) -> None:
+        if page.reply is not None:
+            [(stored,)] = raw.execute("SELECT content FROM messages WHERE id = ?", (page.reply.message_id,))
+            draws.append((stored, markdown))
+        draw(markdown)
+
+    page.transcript.setMarkdown = checked
+    page.temperature.setValue(1.0)
+    page.use_seed.setChecked(True)
+    page.max_tokens.setValue(60)
+    send_and_wait(qtbot, page, "Tell me about lighthouses.")
+    raw.close()
+    assert len([stored for stored, _ in draws if stored]) > 1  # it streamed: several redraws with text
+    for stored, markdown in draws:
+        assert markdown.endswith(f"**Assistant**\n\n{stored} ▍")  # the streaming reply, exactly as stored
+
+
+def test_kill_9_mid_reply_loses_nothing_that_was_drawn(qtbot, loaded_bridge, tiny_chat_model, tmp_path):
+    history_file = tmp_path / "history.sqlite3"
+    child = subprocess.Popen(
+        [sys.executable, str(Path(__file__).with_name("chat_child.py")), str(tiny_chat_model), str(history_file)],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=(tmp_path / "child.err").open("w"),
+        text=True,
+    )
+    drawn: list[str] = []
+    try:
+        # Killed as soon as some text is on screen: the engine goes on meanwhile, the page saving and drawing
+        # more, so the kill lands wherever it lands (how far it got depends on the machine's load, not the test).
+        for line in child.stdout:
+            drawn.append(json.loads(line.removeprefix("drawn ")))
+            if drawn[-1]:
+                break
+    finally:
+        child.kill()  # SIGKILL: no handler, no flush, no clean close of the history
+        child.wait()
+    drawn += [json.loads(line.removeprefix("drawn ")) for line in child.stdout]  # reported before it died
+    child.stdout.close()
+    assert drawn and drawn[-1], (tmp_path / "child.err").read_text()
+
+    again = ChatPage(loaded_bridge, ChatHistory(history_file))  # the restart
+    qtbot.addWidget(again)
+    assert again.conversations.count() == 1
+    again.open_conversation(again.conversations.item(0).data(0x0100))
+    user, reply = again.history.messages(again.conversation_id)
+    assert user.content == "Tell me a long story." and not reply.finished
+    # Everything drawn is kept: the last text reported, or a later one saved just before the kill.
+    assert reply.content.startswith(drawn[-1])
+    word = max(re.findall(r"[A-Za-z]{3,}", reply.content), key=len)  # markdown may restyle the rest
+    assert word in again.transcript.toPlainText()
+
+
+def test_a_refused_send_leaves_no_empty_reply_behind(qtbot, page, loaded_bridge, monkeypatch):
+    # refused by the engine, after the send: a prompt longer than the model's 512-token context
+    page.send("word " * 600)
+    qtbot.waitUntil(lambda: page.reply is None, timeout=UNTIL_DONE)
+    assert page.status.text().startswith("Could not send: the prompt has ")
+    assert [m.role for m in page.history.messages(page.conversation_id)] == ["user"]
+    assert "Assistant" not in page.transcript.toPlainText()
+
+    # refused at once: a full queue
+    def full(chat, params):
+        raise QueueFullError("4 requests are already queued (limit 4)")
+
+    page.new_conversation()
+    with monkeypatch.context() as patch:
+        patch.setattr(loaded_bridge, "submit_chat", full)
+        page.send("Hello?")
+    assert page.status.text() == "Could not send: 4 requests are already queued (limit 4)"
+    assert [m.role for m in page.history.messages(page.conversation_id)] == ["user"]
+    assert "Assistant" not in page.transcript.toPlainText()
+    # Regenerate asks again for the message left without a reply, once the engine takes requests
+    page.regenerate_button.click()
+    qtbot.waitUntil(lambda: page.reply is None, timeout=UNTIL_DONE)
+    messages = page.history.messages(page.conversation_id)
+    assert [(m.role, m.finished) for m in messages] == [("user", True), ("assistant", True)]
+    assert messages[1].stats["finish_reason"] in ("stop", "length") and page.status.text() == ""
+
+
+def fill_the_disk(history: ChatHistory) -> None:
+    """SQLite's own full-disk error from here on for any write that grows the file by a page."""
+    pages = history._db.execute("PRAGMA page_count").fetchone()[0]
+    history._db.execute(f"PRAGMA max_page_count = {pages}")
+
+
+def test_a_full_disk_is_said_in_words_and_the_saved_conversation_stays(
+    qtbot, page, loaded_bridge, monkeypatch, screenshots
+):
+    send_and_wait(qtbot, page, "Hello")
+    path = page.history.path
+    before = stored_rows(path)
+    full = f"cannot save to the chat history {path}: the disk is full; it keeps what it held before"
+
+    fill_the_disk(page.history)
+    long_message = "many words " * 10_000  # far more than a page
+    page.input.setPlainText(long_message)
+    page.send_button.click()
+    assert page.status.text() == f"Could not save your message: {full}"
+    assert page.input.toPlainText() == long_message and page.reply is None  # kept, to send again later
+    assert stored_rows(path) == before
+
+    # The disk fills while a reply streams: it stops, says why, and only what was saved is shown.
+    page.history._db.execute("PRAGMA max_page_count = 1073741823")
+    monkeypatch.setattr(loaded_bridge, "submit_chat", lambda chat, params: "ui-streams-onto-a-full-disk")
+    page.send("Go on")
+    saved = stored_rows(path)
+    fill_the_disk(page.history)
+    loaded_bridge.request_update.emit(RequestUpdate("ui-streams-onto-a-full-disk", "lost " * 20_000, 5, False))
+    qtbot.waitUntil(lambda: page.reply is None, timeout=UNTIL_DONE)
+    assert page.status.text() == f"Could not save the reply: {full}"
+    assert "lost" not in page.transcript.toPlainText()
+    assert stored_rows(path) == saved
+    user, reply = page.history.messages(page.conversation_id)[-2:]
+    assert (user.content, reply.content, reply.finished) == ("Go on", "", False)
+    QApplication.sendPostedEvents()  # the layout follows the status text in posted events
+    page.grab().save(str(screenshots / "chat-disk-full.png"))

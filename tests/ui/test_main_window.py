@@ -1,11 +1,19 @@
 """The main window on a tiny model: it appears before the model is ready, loads it in the background, chats
-through the Chat page while the Monitor page follows the KV pool, says in words when a model cannot load, and
-remembers the last model."""
+through the Chat page while the Monitor page follows the KV pool, says in words when a model cannot load (the one
+loaded before serving on), remembers the last model, says when the engine thread dies and loads the model again on
+Reload, and says when the settings cannot be saved."""
 
 from __future__ import annotations
 
+import errno
+import logging
+import os
+
+from PySide6.QtWidgets import QApplication
+
+from app import settings as settings_module
 from app.history import ChatHistory
-from app.settings import Settings, load_settings
+from app.settings import Settings, load_settings, save_settings
 from ui.bridge import EngineBridge
 from ui.main_window import MainWindow
 
@@ -67,3 +75,99 @@ def test_a_model_that_cannot_load_is_said_in_the_status_bar(qtbot, tmp_path):
     window.chat.send_button.click()
     assert window.chat.status.text() == "No model is loaded yet."
     window.close()
+
+
+def start(qtbot, window: MainWindow) -> None:
+    with qtbot.waitSignal(window.bridge.model_loaded, timeout=None):
+        window.start()
+
+
+def chat_and_wait(qtbot, window: MainWindow, text: str) -> None:
+    window.chat.send(text)
+    qtbot.waitUntil(lambda: window.chat.reply is None, timeout=60_000)
+
+
+def test_a_truncated_model_is_refused_and_the_one_loaded_before_keeps_chatting(
+    qtbot, tmp_path, tiny_chat_model, smollm2_gguf
+):
+    window = make_window(qtbot, tmp_path, str(tiny_chat_model))
+    start(qtbot, window)
+    cut = tmp_path / "cut.gguf"
+    with smollm2_gguf.open("rb") as f:
+        cut.write_bytes(f.read(5_000_000))
+    with qtbot.waitSignal(window.bridge.model_load_failed, timeout=None):
+        window.load_model(str(cut))
+    assert window.model_status.text().startswith(f"Could not load cut.gguf: {cut} is truncated")
+    assert window.model_status.text().endswith(f" · still running {tiny_chat_model.name}")
+    chat_and_wait(qtbot, window, "Still there?")
+    reply = window.chat.history.messages(window.chat.conversation_id)[-1]
+    assert reply.role == "assistant" and reply.finished and "error" not in reply.stats
+    window.close()
+
+
+def test_an_engine_that_dies_is_said_and_reload_brings_the_model_back(
+    qtbot, tmp_path, tiny_chat_model, break_engine, screenshots
+):
+    window = make_window(qtbot, tmp_path, str(tiny_chat_model))
+    start(qtbot, window)
+    chat = window.chat
+    chat.max_tokens.setValue(200)
+    break_engine(window.bridge.engine_thread.engine)
+    with qtbot.waitSignal(window.bridge.engine_died, timeout=None):
+        chat.send("Describe the ocean.")
+    said = "the engine stopped after an internal error (RuntimeError: stats broke); load the model again"
+    assert window.banner.isVisible()
+    assert window.banner.text.text() == f"{said[0].upper()}{said[1:]}. Replies being written ended with this error."
+    assert window.banner.reload_button.text() == f"Reload {tiny_chat_model.name}"
+    assert window.model_status.text() == f"{tiny_chat_model.name}: {said}"
+    reply = chat.history.messages(chat.conversation_id)[-1]  # the running reply ended with the error
+    assert (reply.role, reply.finished, reply.stats["finish_reason"], reply.stats["error"]) == (
+        "assistant",
+        True,
+        "error",
+        said,
+    )
+    assert f"error: {said}" in chat.transcript.toPlainText() and chat.status.text() == f"Stopped: {said}"
+    chat.send("Are you there?")  # refused in words, no empty reply left
+    assert chat.status.text() == f"Could not send: {said}"
+    assert chat.history.messages(chat.conversation_id)[-1].content == "Are you there?"
+    QApplication.sendPostedEvents()  # the layout follows the new texts in posted events
+    window.grab().save(str(screenshots / "window-engine-died.png"))
+
+    with qtbot.waitSignal(window.bridge.model_loaded, timeout=None):
+        window.banner.reload_button.click()
+    assert not window.banner.isVisible() and window.bridge.loaded_model == str(tiny_chat_model)
+    chat.regenerate_button.click()  # asks again for the message the dead engine refused
+    qtbot.waitUntil(lambda: chat.reply is None, timeout=60_000)
+    messages = chat.history.messages(chat.conversation_id)
+    assert [m.role for m in messages[-2:]] == ["user", "assistant"] and messages[-1].finished
+    assert "error" not in messages[-1].stats and messages[-1].stats["tokens"] > 0
+    window.close()
+
+
+def test_settings_that_cannot_be_saved_are_said_and_the_old_file_is_kept(qtbot, tmp_path, monkeypatch, caplog):
+    path = tmp_path / "settings.json"
+    save_settings(Settings(last_model="/models/old.gguf"), path)
+    before = path.read_bytes()
+    window = make_window(qtbot, tmp_path, str(tmp_path / "never-loaded.gguf"))
+    real_fdopen = os.fdopen
+
+    def full_disk(fd, *args, **kwargs):
+        file = real_fdopen(fd, *args, **kwargs)
+
+        def write(text):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        file.write = write
+        return file
+
+    monkeypatch.setattr(settings_module.os, "fdopen", full_disk)
+    window.bridge.use_local()  # the connection choice is saved at once
+    said = f"cannot save the settings to {path}: the disk is full; it keeps the settings saved before"
+    assert window.statusBar().currentMessage() == f"Could not save the settings: {said}"
+    assert path.read_bytes() == before
+    caplog.clear()
+    with caplog.at_level(logging.ERROR, logger="ui.main_window"):
+        window.close()  # saving on close fails too: the log says so, and the window still closes
+    assert caplog.messages == [said] and not window.isVisible()
+    assert path.read_bytes() == before

@@ -1,11 +1,20 @@
 """The models page against a fake Hub on loopback and a tmp Hugging Face cache: the library (with the default
 model), delete, search, download with progress, a failing and a cancelled download resumed, a download interrupted
-in an earlier run resumed or discarded, a missing repo and a full disk said in words, offline search, load, a model
-too big for memory and a corrupt one refused in words."""
+in an earlier run resumed or discarded (also one whose app was killed with SIGKILL), a missing repo and a full disk
+said in words, offline search, load, a model too big for memory and a corrupt one refused in words.
+
+Waits end on what they wait for, never on the clock: a loaded machine only makes them slower. A hang is caught by
+the module's pytest-timeout mark."""
 
 from __future__ import annotations
 
+import hashlib
+import math
+import os
 import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from PySide6.QtCore import Qt
@@ -20,6 +29,8 @@ from ui.pages.models import ModelsPage
 from ui.widgets.hub_panel import OFFLINE
 from ui.widgets.rows_table import tone_color
 
+pytestmark = pytest.mark.timeout(600)
+UNTIL_DONE = math.inf  # qtbot.waitUntil's timeout: none
 HUGE = 70_000_000_000  # parameters: too big for any machine this runs on
 
 
@@ -81,13 +92,13 @@ def results(page: ModelsPage) -> list[list[str]]:
 def search(qtbot, page: ModelsPage, query: str) -> None:
     page.hub.query.setText(query)
     page.hub.search_button.click()  # disabled until the worker's answer arrives
-    qtbot.waitUntil(page.hub.search_button.isEnabled, timeout=10_000)
+    qtbot.waitUntil(page.hub.search_button.isEnabled, timeout=UNTIL_DONE)
 
 
 def download(qtbot, page: ModelsPage, name: str, signal: str) -> None:
     row = [r[0] for r in results(page)].index(name)
     page.hub.results_view.selectRow(row)
-    with qtbot.waitSignal(getattr(page.hub, signal), timeout=20_000):
+    with qtbot.waitSignal(getattr(page.hub, signal), timeout=None):
         page.hub.download_button.click()
 
 
@@ -245,9 +256,9 @@ def test_cancel_stops_between_chunks_and_downloading_again_resumes(qtbot, page, 
     row = [r[0] for r in results(page)].index("org/tiny")
     page.hub.results_view.selectRow(row)
     page.hub.download_button.click()
-    qtbot.waitUntil(lambda: hub.ranges == [None], timeout=10_000)  # the weights' GET has begun
+    qtbot.waitUntil(lambda: hub.ranges == [None], timeout=UNTIL_DONE)  # the weights' GET has begun
     assert page.hub.cancel_button.isEnabled() and not page.hub.download_button.isEnabled()
-    with qtbot.waitSignal(page.hub.download_failed, timeout=10_000) as blocker:
+    with qtbot.waitSignal(page.hub.download_failed, timeout=None) as blocker:
         page.hub.cancel_button.click()
         hub.release.set()
     assert blocker.args[0].cancelled and "cancelled" in page.status.text()
@@ -262,7 +273,7 @@ def test_cancel_stops_between_chunks_and_downloading_again_resumes(qtbot, page, 
 
 
 def test_a_missing_repo_fails_in_words(qtbot, page, hub):
-    with qtbot.waitSignal(page.hub.download_failed, timeout=10_000):
+    with qtbot.waitSignal(page.hub.download_failed, timeout=None):
         page.hub.download("org/missing")
     assert page.status.text() == "Download of org/missing failed: no model org/missing on the Hub"
 
@@ -271,7 +282,7 @@ def test_an_offline_search_says_offline_and_the_library_still_works(qtbot, page,
     with socket.socket() as s:  # a port nothing listens on
         s.bind(("127.0.0.1", 0))
         page.hub.endpoint = f"http://127.0.0.1:{s.getsockname()[1]}"
-    with qtbot.waitSignal(page.hub.search_failed, timeout=10_000):
+    with qtbot.waitSignal(page.hub.search_failed, timeout=None):
         page.hub.search()
     assert page.status.text() == OFFLINE and results(page) == []
     hub_models.pull("org/tiny", endpoint=hub.url)
@@ -341,7 +352,7 @@ def test_a_corrupt_file_loaded_elsewhere_fails_in_words_naming_it(qtbot, hub, tm
     cut = tmp_path / "cut.gguf"
     with smollm2_gguf.open("rb") as f:
         cut.write_bytes(f.read(5_000_000))
-    with qtbot.waitSignal(page.bridge.model_load_failed, timeout=20_000):
+    with qtbot.waitSignal(page.bridge.model_load_failed, timeout=None):
         page.bridge.load_model(str(cut))
     assert page.status.text().startswith(f"Could not load cut.gguf: {cut} is truncated: tensor ")
     assert page.status.text().endswith(".")
@@ -365,10 +376,55 @@ def test_a_download_interrupted_in_an_earlier_run_is_offered_and_resumes(qtbot, 
     qtbot.waitExposed(page)
     page.grab().save(str(screenshots / "models-interrupted.png"))
 
-    with qtbot.waitSignal(page.hub.download_done, timeout=20_000):
+    with qtbot.waitSignal(page.hub.download_done, timeout=None):
         row.resume_button.click()
     assert hub.ranges == [None, f"bytes={weights_size(tiny_chat_model) // 2}-"]
     assert names(page) == ["org/tiny"] and page.hub.interrupted == []
+
+
+def test_a_download_whose_app_was_killed_lists_nothing_and_resumes_on_the_next_start(
+    qtbot, hub, tiny_chat_model, tmp_path
+):
+    weights = (tiny_chat_model / "model.safetensors").read_bytes()
+    hub.stall_halfway.add("org/tiny/model.safetensors")  # half is sent, the rest never comes
+    errors = tmp_path / "child.err"
+    child = subprocess.Popen(
+        [sys.executable, str(Path(__file__).with_name("models_child.py")), "org/tiny"],
+        env={
+            **os.environ,
+            "HF_ENDPOINT": hub.url,
+            "HF_HUB_CACHE": str(hub_models._cache_dir()),
+            model_store.DATA_DIR_ENV: str(model_store.data_dir()),
+        },
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=errors.open("w"),
+    )
+    blobs = hub_models._cache_dir() / "models--org--tiny" / "blobs"
+    partial = blobs / (hashlib.sha256(weights).hexdigest() + ".incomplete")
+
+    def arriving() -> bool:
+        assert child.poll() is None, errors.read_text()
+        return partial.is_file() and partial.stat().st_size > 0
+
+    try:
+        qtbot.waitUntil(arriving, timeout=UNTIL_DONE)
+    finally:
+        child.kill()  # SIGKILL mid-download: no handler runs, nothing is cleaned up
+        child.wait()
+    hub.release.set()
+    kept = partial.stat().st_size
+    assert 0 < kept < len(weights)
+
+    page = ModelsPage(EngineBridge(make_llm=RecordingLoader()))  # the app starts again
+    qtbot.addWidget(page)
+    assert library(page) == []  # nothing half-written in the library
+    hub.requests.clear()
+    with qtbot.waitSignal(page.hub.download_done, timeout=None):
+        page.hub.interrupted_row("org/tiny").resume_button.click()
+    assert hub.ranges == [f"bytes={kept}-"]  # resumed where the killed download stopped
+    assert names(page) == ["org/tiny"] and page.hub.interrupted == []
+    assert (page.selected_model().path / "model.safetensors").read_bytes() == weights
 
 
 def test_discarding_an_interrupted_download_leaves_no_partial_file(qtbot, hub, tmp_path):
@@ -396,16 +452,16 @@ def test_load_hands_the_library_path_to_the_bridge(qtbot, page, hub):
     page.engine_options = {"max_model_len": 128}  # the window's settings (setting them reads the library again)
     page.select_model("org/tiny")
     path = str(page.selected_model().path)
-    with qtbot.waitSignal(page.bridge.model_loading, timeout=5_000) as loading:
+    with qtbot.waitSignal(page.bridge.model_loading, timeout=None) as loading:
         page.load_button.click()
     assert loading.args == [path]
-    qtbot.waitUntil(lambda: page.status.text().startswith("Could not load"), timeout=5_000)
+    qtbot.waitUntil(lambda: page.status.text().startswith("Could not load"), timeout=UNTIL_DONE)
     assert page.bridge._make_llm.loaded == [path] and page.bridge._make_llm.options == [{"max_model_len": 128}]
     assert "no engine in this test" in page.status.text()
 
 
 def test_a_download_that_does_not_fit_on_disk_fails_in_words(qtbot, page, hub, monkeypatch):
     monkeypatch.setattr(hub_files.shutil, "disk_usage", lambda path: type("Usage", (), {"free": 10})())
-    with qtbot.waitSignal(page.hub.download_failed, timeout=10_000):
+    with qtbot.waitSignal(page.hub.download_failed, timeout=None):
         page.hub.download("org/tiny")
     assert "not enough disk space" in page.status.text() and library(page) == []

@@ -2,13 +2,14 @@
 regenerate, edit-and-resend of the last message, a system prompt and sampling parameters, markdown rendering,
 and tokens/s and time to first token under each reply.
 
-Every conversation lives in ChatHistory. A reply is written to it while it streams (at most every
-SAVE_INTERVAL seconds, and when it ends), so a crash mid-reply loses nothing that was on screen.
+Every conversation lives in ChatHistory. A streaming reply is drawn only after the same text is saved (each
+redraw writes it first, one UPDATE), so a crash mid-reply, kill -9 included, loses nothing that was on screen. A
+save that fails (a full disk) stops the reply and says so; the transcript then shows what the history holds.
 """
 
 from __future__ import annotations
 
-import re
+import contextlib
 import time
 from dataclasses import dataclass
 
@@ -19,8 +20,6 @@ from PySide6.QtGui import (
     QKeySequence,
     QPalette,
     QShortcut,
-    QTextCursor,
-    QTextFormat,
 )
 from PySide6.QtWidgets import (
     QCheckBox,
@@ -41,16 +40,15 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from app.history import ChatHistory, Message, title_from
+from app.history import ChatHistory, HistoryError, Message, title_from
 from engine import SamplingParams
 from ui.bridge import EngineBridge, RequestFailed, RequestUpdate
 from ui.widgets.cards import spin_box
+from ui.widgets.transcript import code_blocks, shade_code, transcript_markdown
 
-SAVE_INTERVAL = 0.5
-# A streaming reply is redrawn at most this often: the transcript is re-rendered whole, and doing that for every
-# token would take the UI thread (and the GIL) from the engine thread.
+# A streaming reply is redrawn (and saved) at most this often: the transcript is re-rendered whole, and doing that
+# for every token would take the UI thread (and the GIL) from the engine thread.
 RENDER_INTERVAL_MS = 50
-ROLE_NAMES = {"user": "You", "assistant": "Assistant", "system": "System"}
 
 
 @dataclass
@@ -61,8 +59,8 @@ class _Reply:
     message_id: int
     sent: float
     first_token: float | None = None
-    saved: float = 0.0
-    text: str = ""
+    text: str = ""  # as the engine sent it last
+    saved: str = ""  # as the history holds it (what is drawn)
     tokens: int = 0
 
 
@@ -205,7 +203,11 @@ class ChatPage(QWidget):
         self.conversations.blockSignals(False)
 
     def new_conversation(self) -> None:
-        conv = self.history.create_conversation(system_prompt=self.system_prompt.toPlainText())
+        try:
+            conv = self.history.create_conversation(system_prompt=self.system_prompt.toPlainText())
+        except HistoryError as e:
+            self.status.setText(f"Could not start a new chat: {e}")
+            return
         self.refresh_conversations()
         self.open_conversation(conv.id)
 
@@ -219,9 +221,14 @@ class ChatPage(QWidget):
         self._sync_buttons()
 
     def rename_conversation(self, title: str) -> None:
-        if self.conversation_id is not None and title.strip():
+        if self.conversation_id is None or not title.strip():
+            return
+        try:
             self.history.rename(self.conversation_id, title.strip())
-            self.refresh_conversations()
+        except HistoryError as e:
+            self.status.setText(f"Could not rename the chat: {e}")
+            return
+        self.refresh_conversations()
 
     def _ask_rename(self) -> None:
         if self.conversation_id is None:
@@ -237,7 +244,11 @@ class ChatPage(QWidget):
             return
         if self.reply is not None:
             self.stop()
-        self.history.delete(self.conversation_id)
+        try:
+            self.history.delete(self.conversation_id)
+        except HistoryError as e:
+            self.status.setText(f"Could not delete the chat: {e}")
+            return
         self.conversation_id = None
         self.refresh_conversations()
         self.render()
@@ -258,37 +269,50 @@ class ChatPage(QWidget):
         )
 
     def send(self, text: str | None = None) -> None:
-        """Send the input box's text (or `text`) as the next user message and stream the reply."""
+        """Send the input box's text (or `text`) as the next user message and stream the reply. A message the
+        history cannot save stays in the input box, the reason said."""
         text = (self.input.toPlainText() if text is None else text).strip()
         if not text or self.reply is not None:
             return
-        if self.conversation_id is None:
-            self.conversation_id = self.history.create_conversation(title_from(text)).id
-        elif not self.history.messages(self.conversation_id):
-            self.history.rename(self.conversation_id, title_from(text))
-        self.history.add_message(self.conversation_id, "user", text)
+        try:
+            if self.conversation_id is None:
+                self.conversation_id = self.history.create_conversation(title_from(text)).id
+            elif not self.history.messages(self.conversation_id):
+                self.history.rename(self.conversation_id, title_from(text))
+            self.history.add_message(self.conversation_id, "user", text)
+        except HistoryError as e:
+            self.status.setText(f"Could not save your message: {e}")
+            self.refresh_conversations()
+            return
         self.input.clear()
         self.refresh_conversations()
         self._start_reply()
 
     def _start_reply(self) -> None:
+        """Ask for a reply to the conversation as it stands. Its message is added only once the request is
+        submitted, so a send refused at once (nothing loaded, a full queue, a dead engine) leaves none behind."""
         if not self.bridge.ready():
             self.status.setText("No model is loaded yet.")
             self.render()
             return
         system = self.system_prompt.toPlainText().strip()
-        self.history.set_system_prompt(self.conversation_id, system)
-        messages = [{"role": "system", "content": system}] if system else []
-        messages += [
-            {"role": m.role, "content": m.content}
-            for m in self.history.messages(self.conversation_id)
-            if m.role != "assistant" or m.finished
-        ]
         try:
-            params = self.sampling_params()
+            self.history.set_system_prompt(self.conversation_id, system)
+            messages = [{"role": "system", "content": system}] if system else []
+            messages += [
+                {"role": m.role, "content": m.content}
+                for m in self.history.messages(self.conversation_id)
+                if m.role != "assistant" or m.finished
+            ]
+            rid = self.bridge.submit_chat(messages, self.sampling_params())
+        except Exception as e:  # a bad parameter, a full queue, a template error, a full disk: said, not raised
+            self.status.setText(f"Could not send: {e}")
+            self.render()
+            return
+        try:
             message = self.history.add_message(self.conversation_id, "assistant", "", finished=False)
-            rid = self.bridge.submit_chat(messages, params)
-        except Exception as e:  # a bad parameter, a full queue, a template error: said, not raised
+        except HistoryError as e:  # nowhere to keep the reply: do not generate it
+            self.bridge.abort(rid)
             self.status.setText(f"Could not send: {e}")
             self.render()
             return
@@ -301,21 +325,27 @@ class ChatPage(QWidget):
         reply = self.reply
         if reply is None or update.request_id != reply.request_id:
             return
-        now = time.perf_counter()
         if reply.first_token is None:
-            reply.first_token = now
+            reply.first_token = time.perf_counter()
         reply.text, reply.tokens = update.text, update.num_tokens
         if update.finished:
             self._finish(update.finish_reason or "stop")
-            return
-        if now - reply.saved >= SAVE_INTERVAL:
-            self.history.update_message(reply.message_id, reply.text, finished=False)
-            reply.saved = now
-        if not self._render_soon.isActive():
+        elif not self._render_soon.isActive():
             self._render_soon.start()
 
     def _on_failed(self, failure: RequestFailed) -> None:
-        if self.reply is not None and failure.request_id == self.reply.request_id:
+        reply = self.reply
+        if reply is None or failure.request_id != reply.request_id:
+            return
+        if failure.refused:  # it never ran: its empty reply goes, the reason is said
+            self.reply = None
+            # if even the delete fails, the message stays empty and unfinished: harmless, the refusal is said
+            with contextlib.suppress(HistoryError):
+                self.history.delete_messages_after(reply.message_id)
+            self.status.setText(f"Could not send: {failure.message}")
+            self.render()
+            self._sync_buttons()
+        else:
             self._finish("error", failure.message)
 
     def _finish(self, reason: str, error: str | None = None) -> None:
@@ -329,8 +359,12 @@ class ChatPage(QWidget):
                 stats["tokens_per_s"] = round((reply.tokens - 1) / decode, 1)
         if error:
             stats["error"] = error
-        self.history.update_message(reply.message_id, reply.text, finished=True, stats=stats)
-        self.status.setText(f"Stopped: {error}" if error else "")
+        try:
+            self.history.update_message(reply.message_id, reply.text, finished=True, stats=stats)
+        except HistoryError as e:  # the transcript shows what was saved before; the reason is said
+            self.status.setText(f"Could not save the reply: {e}")
+        else:
+            self.status.setText(f"Stopped: {error}" if error else "")
         self.refresh_conversations()
         self.render()
         self._sync_buttons()
@@ -341,11 +375,19 @@ class ChatPage(QWidget):
             self._finish("abort")
 
     def regenerate(self) -> None:
-        """Drop the last reply and ask again."""
-        last = self._last("assistant")
-        if self.reply is not None or last is None:
+        """Drop the last reply and ask again. After a send that was refused (no model, an engine that stopped),
+        the last message is the user's: it is asked again as it is."""
+        if self.reply is not None or self.conversation_id is None:
             return
-        self.history.delete_messages_after(last.id)
+        messages = self.history.messages(self.conversation_id)
+        if not messages:
+            return
+        if messages[-1].role == "assistant":
+            try:
+                self.history.delete_messages_after(messages[-1].id)
+            except HistoryError as e:
+                self.status.setText(f"Could not regenerate: {e}")
+                return
         self._start_reply()
 
     def edit_last(self) -> None:
@@ -353,7 +395,11 @@ class ChatPage(QWidget):
         last = self._last("user")
         if self.reply is not None or last is None:
             return
-        self.history.delete_messages_after(last.id)
+        try:
+            self.history.delete_messages_after(last.id)
+        except HistoryError as e:
+            self.status.setText(f"Could not take the message back: {e}")
+            return
         self.input.setPlainText(last.content)
         self.render()
         self._sync_buttons()
@@ -370,41 +416,34 @@ class ChatPage(QWidget):
 
     # ---- rendering --------------------------------------------------------------------------------------------
     def render(self) -> None:
-        """The transcript as markdown: the model's replies often are markdown (lists, code blocks)."""
+        """The transcript as markdown: the model's replies often are markdown (lists, code blocks). A streaming
+        reply's new text is saved first, so only what the history holds is ever drawn."""
         self._render_soon.stop()
-        parts = []
-        if self.conversation_id is not None:
-            for m in self.history.messages(self.conversation_id):
-                content = m.content
-                if self.reply is not None and m.id == self.reply.message_id:
-                    content = self.reply.text + " ▍"
-                stats = _stats_line(m.stats) if m.role == "assistant" and m.finished else ""
-                if m.role == "assistant" and m.finished:
-                    content = with_copy_links(content, m.id)
-                parts.append(
-                    f"**{ROLE_NAMES.get(m.role, m.role)}**\n\n{content or '…'}" + (f"\n\n{stats}" if stats else "")
-                )
+        if self.reply is not None and not self._save_streaming():
+            return  # the reply stopped; _finish drew the transcript from what is saved
+        messages = [] if self.conversation_id is None else self.history.messages(self.conversation_id)
         bar = self.transcript.verticalScrollBar()
         at_bottom = bar.value() >= bar.maximum() - 4
         self.transcript.setMarkdown(
-            "\n\n---\n\n".join(p for p in parts if p)
-            if parts
-            else "*Start a conversation: type below and press Ctrl+Enter.*"
+            transcript_markdown(messages, None if self.reply is None else self.reply.message_id)
         )
-        self._shade_code()
+        shade_code(self.transcript.document(), self.palette().color(QPalette.ColorRole.AlternateBase))
         if at_bottom:
             bar.setValue(bar.maximum())
 
-    def _shade_code(self) -> None:
-        """Code blocks on the palette's alternate base, so they stand apart from the prose around them."""
-        shade = self.palette().color(QPalette.ColorRole.AlternateBase)
-        block = self.transcript.document().begin()
-        while block.isValid():
-            fmt = block.blockFormat()
-            if fmt.hasProperty(QTextFormat.Property.BlockCodeFence):
-                fmt.setBackground(shade)
-                QTextCursor(block).setBlockFormat(fmt)
-            block = block.next()
+    def _save_streaming(self) -> bool:
+        """Save the streaming reply's new text; on a failure (a full disk) stop the reply and return False."""
+        reply = self.reply
+        if reply.text == reply.saved:
+            return True
+        try:
+            self.history.save_streaming_text(reply.message_id, reply.text)
+        except HistoryError as e:
+            self.bridge.abort(reply.request_id)
+            self._finish("error", str(e))  # which tries once more to save the reply, then says why in words
+            return False
+        reply.saved = reply.text
+        return True
 
     def _on_link(self, url: QUrl) -> None:
         if url.scheme() == "copy":  # copy:<message id>/<block number>
@@ -422,33 +461,3 @@ class ChatPage(QWidget):
         has = self.conversation_id is not None
         for b in (self.regenerate_button, self.edit_button, self.copy_button, self.rename_button, self.delete_button):
             b.setEnabled(has and not busy)
-
-
-# A fenced code block: its opening fence (``` or ~~~, an optional language), its text, its closing fence.
-_FENCE = re.compile(r"^(?P<fence>```|~~~)[^\n]*\n(?P<code>.*?)^(?P=fence)[ \t]*$", re.MULTILINE | re.DOTALL)
-
-
-def code_blocks(markdown: str) -> list[str]:
-    """The text of each fenced code block, in order."""
-    return [m.group("code") for m in _FENCE.finditer(markdown)]
-
-
-def with_copy_links(markdown: str, message_id: int) -> str:
-    """The reply with a "Copy code" link under each fenced code block."""
-    count = iter(range(1 << 30))
-    return _FENCE.sub(lambda m: f"{m.group(0)}\n\n[Copy code](copy:{message_id}/{next(count)})\n", markdown)
-
-
-def _stats_line(stats: dict) -> str:
-    bits = []
-    if "tokens" in stats:
-        bits.append(f"{stats['tokens']} tokens")
-    if "tokens_per_s" in stats:
-        bits.append(f"{stats['tokens_per_s']} tok/s")
-    if "ttft_s" in stats:
-        bits.append(f"first token {stats['ttft_s'] * 1000:.0f} ms")
-    if stats.get("finish_reason") == "abort":
-        bits.append("stopped")
-    if stats.get("error"):
-        bits.append(f"error: {stats['error']}")
-    return f"*{' · '.join(bits)}*" if bits else ""
