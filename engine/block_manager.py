@@ -22,6 +22,7 @@ from array import array
 from collections import OrderedDict
 from dataclasses import dataclass
 
+from engine.outputs import BlockState
 from engine.sequence import Sequence
 
 
@@ -31,10 +32,6 @@ class Block:
     ref_count: int = 0
     hash: bytes | None = None
     token_ids: tuple[int, ...] | None = None
-
-
-# Block states in block_states(): what the monitor colours.
-FREE, USED, SHARED, CACHED = 0, 1, 2, 3
 
 
 @dataclass(frozen=True)
@@ -47,6 +44,12 @@ class ComputedBlocks:
 
 
 NO_COMPUTED_BLOCKS = ComputedBlocks()
+
+
+def _state(block: Block) -> BlockState:
+    if block.ref_count:
+        return BlockState.USED if block.ref_count == 1 else BlockState.SHARED
+    return BlockState.FREE if block.hash is None else BlockState.CACHED
 
 
 def blocks_for(num_tokens: int, block_size: int) -> int:
@@ -283,11 +286,8 @@ class BlockManager:
 
     # ---- the block map ----------------------------------------------------------------------------------------
     def block_states(self) -> bytes:
-        """One byte per block: FREE, USED, SHARED (more than one holder) or CACHED (free, keeps a prefix)."""
-        return bytes(
-            USED if b.ref_count == 1 else SHARED if b.ref_count > 1 else CACHED if b.hash is not None else FREE
-            for b in self.blocks
-        )
+        """One BlockState byte per block: USED, SHARED (more than one holder), CACHED (free, keeps a prefix), FREE."""
+        return bytes(_state(b) for b in self.blocks)
 
     def _take(self, block_id: int) -> None:
         block = self.blocks[block_id]

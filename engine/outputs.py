@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass
 
 
@@ -60,9 +61,18 @@ class EngineStats:
         return self.num_blocks_used / self.num_blocks_total if self.num_blocks_total else 0.0
 
 
+class BlockState(enum.IntEnum):
+    """A KV block's state in BlockMap.states (one byte each)."""
+
+    FREE = 0
+    USED = 1  # held by one sequence
+    SHARED = 2  # held by several (forks, beams, prefix hits)
+    CACHED = 3  # free, but still holding a reusable prefix
+
+
 @dataclass(frozen=True)
 class BlockMap:
-    """Every KV block's state (block_manager.FREE / USED / SHARED / CACHED, one byte per block) and the request
+    """Every KV block's state (a BlockState, one byte per block) and the request
     holding each used block (the first holder, for shared ones)."""
 
     states: bytes

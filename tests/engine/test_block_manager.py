@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from engine.block_manager import NO_COMPUTED_BLOCKS, BlockManager, ComputedBlocks, chain_hash
+from engine.outputs import BlockState
 from engine.sampling_params import SamplingParams
 from engine.sequence import Sequence
 
@@ -267,7 +268,7 @@ def test_a_swapped_sequence_freed_gives_its_swap_blocks_back():
 
 
 def test_block_states_show_free_used_shared_and_cached():
-    from engine.block_manager import CACHED, FREE, SHARED, USED
+    FREE, USED, SHARED, CACHED = BlockState.FREE, BlockState.USED, BlockState.SHARED, BlockState.CACHED
 
     bm = BlockManager(num_blocks=6, block_size=4)
     a = seq(list(range(10)))

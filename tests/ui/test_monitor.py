@@ -12,8 +12,7 @@ from PySide6.QtGui import QColor, QHelpEvent, QPalette
 from PySide6.QtWidgets import QApplication, QToolTip
 
 from app.engine_thread import EngineSnapshot
-from engine import BlockMap, EngineStats
-from engine.block_manager import CACHED, FREE, SHARED, USED
+from engine import BlockMap, BlockState, EngineStats
 from ui.pages.monitor import MonitorPage
 from ui.widgets.block_map import BlockGrid, BlockMapWidget
 from ui.widgets.throughput_chart import ThroughputChart
@@ -44,10 +43,16 @@ def cell_center(grid: BlockGrid, block: int, cell: int) -> QPoint:
 
 
 def test_each_block_is_painted_in_its_states_colour(qtbot):
-    states = bytes([FREE, USED, SHARED, CACHED] * 5 + [USED, CACHED])
+    states = bytes(
+        [BlockState.FREE, BlockState.USED, BlockState.SHARED, BlockState.CACHED] * 5
+        + [BlockState.USED, BlockState.CACHED]
+    )
     widget = shown_map(qtbot, states)
     grid = widget.grid
-    colors = {state: grid.state_color(state).name() for state in (FREE, USED, SHARED, CACHED)}
+    colors = {
+        state: grid.state_color(state).name()
+        for state in (BlockState.FREE, BlockState.USED, BlockState.SHARED, BlockState.CACHED)
+    }
     assert len(set(colors.values())) == 4
 
     # 22 blocks fit easily: cells take their largest size.
@@ -62,7 +67,9 @@ def test_each_block_is_painted_in_its_states_colour(qtbot):
 
 def test_cells_shrink_to_fit_then_scroll_at_the_smallest_size(qtbot):
     rng = random.Random(0)
-    states = bytes(rng.choice((FREE, USED, SHARED, CACHED)) for _ in range(3000))
+    states = bytes(
+        rng.choice((BlockState.FREE, BlockState.USED, BlockState.SHARED, BlockState.CACHED)) for _ in range(3000)
+    )
     widget = shown_map(qtbot, states)
     grid = widget.grid
     cell, cols = grid.cell_layout()
@@ -74,7 +81,9 @@ def test_cells_shrink_to_fit_then_scroll_at_the_smallest_size(qtbot):
         assert image.pixelColor(cell_center(grid, block, cell)).name() == grid.state_color(states[block]).name(), block
 
     # 100k blocks cannot fit 400x300 at 3 px: the grid grows taller than the view and scrolls.
-    big = bytes(rng.choice((FREE, USED, SHARED, CACHED)) for _ in range(100_000))
+    big = bytes(
+        rng.choice((BlockState.FREE, BlockState.USED, BlockState.SHARED, BlockState.CACHED)) for _ in range(100_000)
+    )
     widget.set_block_map(BlockMap(states=big, owners={}))
     qtbot.waitUntil(
         lambda: (
@@ -90,7 +99,7 @@ def test_cells_shrink_to_fit_then_scroll_at_the_smallest_size(qtbot):
 
 
 def test_tooltip_names_the_block_its_state_and_owner(qtbot):
-    states = bytes([FREE, USED, SHARED, CACHED])
+    states = bytes([BlockState.FREE, BlockState.USED, BlockState.SHARED, BlockState.CACHED])
     widget = shown_map(qtbot, states, owners={1: "req-a", 2: "req-b"})
     grid = widget.grid
 
@@ -108,13 +117,13 @@ def test_tooltip_names_the_block_its_state_and_owner(qtbot):
 
 
 def test_legend_counts_each_state(qtbot):
-    states = bytes([USED] * 7 + [SHARED] * 3 + [CACHED] * 2 + [FREE] * 1988)
+    states = bytes([BlockState.USED] * 7 + [BlockState.SHARED] * 3 + [BlockState.CACHED] * 2 + [BlockState.FREE] * 1988)
     widget = shown_map(qtbot, states)
     assert {s: label.text() for s, label in widget.count_labels.items()} == {
-        USED: "Used 7",
-        SHARED: "Shared 3",
-        CACHED: "Cached 2",
-        FREE: "Free 1,988",
+        BlockState.USED: "Used 7",
+        BlockState.SHARED: "Shared 3",
+        BlockState.CACHED: "Cached 2",
+        BlockState.FREE: "Free 1,988",
     }
     assert widget.total_label.text() == "2,000 blocks"
 
@@ -139,7 +148,7 @@ def test_page_shows_usage_queues_and_hit_rate(qtbot):
             num_waiting=4,
             num_swapped=2,
             num_preemptions=3,
-            states=bytes([USED] * 5 + [FREE] * 5),
+            states=bytes([BlockState.USED] * 5 + [BlockState.FREE] * 5),
         )
     )
     assert page.usage_percent_label.text() == "41.1%"
@@ -157,7 +166,7 @@ def test_page_shows_usage_queues_and_hit_rate(qtbot):
         )
     ] == ["9", "4", "2", "3", "56", "210"]
     assert page.hit_rate_label.text() == "—"  # no prompt looked up yet
-    assert page.block_map.count_labels[USED].text() == "Used 5"
+    assert page.block_map.count_labels[BlockState.USED].text() == "Used 5"
 
     page.show_snapshot(snapshot(t=1.0, num_blocks_total=3000, prefix_cache_queries=4000, prefix_cache_hits=3000))
     assert page.hit_rate_label.text() == "75.0%"
@@ -187,7 +196,13 @@ def test_100k_block_update_and_repaint_time(qtbot):
     widget = shown_map(qtbot, b"", size=(1200, 700))
     rng = random.Random(1)
     maps = [
-        BlockMap(states=bytes(rng.choice((FREE, USED, SHARED, CACHED)) for _ in range(100_000)), owners={})
+        BlockMap(
+            states=bytes(
+                rng.choice((BlockState.FREE, BlockState.USED, BlockState.SHARED, BlockState.CACHED))
+                for _ in range(100_000)
+            ),
+            owners={},
+        )
         for _ in range(2)
     ]
     widget.set_block_map(maps[1])
@@ -210,19 +225,19 @@ def realistic_block_map(n: int = 3072, seed: int = 7) -> BlockMap:
     """Chats sharing a system-prompt prefix, a couple of forked (n > 1) requests, cached prefixes left by finished
     requests, and a free tail with holes: roughly what a busy engine's pool looks like."""
     rng = random.Random(seed)
-    states, owners = bytearray([FREE] * n), {}
+    states, owners = bytearray([BlockState.FREE] * n), {}
     for block in range(6):  # the shared system prompt, first held by chat-0
-        states[block], owners[block] = SHARED, "chat-0"
+        states[block], owners[block] = BlockState.SHARED, "chat-0"
     pos, request = 6, 0
     while pos < int(n * 0.72):
         kind = rng.random()
         length = rng.randint(6, 70)
         if kind < 0.18:  # a finished request's blocks, kept as a reusable prefix
-            fill, owner = CACHED, None
+            fill, owner = BlockState.CACHED, None
         elif kind < 0.26:  # a hole freed by a finished request
-            fill, owner = FREE, None
+            fill, owner = BlockState.FREE, None
         else:
-            fill, owner = USED, f"chat-{request}"
+            fill, owner = BlockState.USED, f"chat-{request}"
             request += 1
         for block in range(pos, min(pos + length, n)):
             states[block] = fill
@@ -230,13 +245,16 @@ def realistic_block_map(n: int = 3072, seed: int = 7) -> BlockMap:
                 owners[block] = owner
         if owner and rng.random() < 0.2:  # a forked request: its prompt blocks are shared by the forks
             for block in range(pos, min(pos + rng.randint(2, 8), n)):
-                states[block] = SHARED
+                states[block] = BlockState.SHARED
         pos += length
     for _ in range(12):  # stray cached prefixes in the free tail
         start = rng.randrange(pos, n - 20)
         for block in range(start, start + rng.randint(2, 14)):
-            states[block] = CACHED
-    return BlockMap(states=bytes(states), owners={b: o for b, o in owners.items() if states[b] in (USED, SHARED)})
+            states[block] = BlockState.CACHED
+    return BlockMap(
+        states=bytes(states),
+        owners={b: o for b, o in owners.items() if states[b] in (BlockState.USED, BlockState.SHARED)},
+    )
 
 
 def test_screenshot_of_a_busy_page(qtbot):
@@ -247,7 +265,10 @@ def test_screenshot_of_a_busy_page(qtbot):
     qtbot.waitExposed(page)
 
     block_map = realistic_block_map()
-    counts = {state: block_map.states.count(state) for state in (FREE, USED, SHARED, CACHED)}
+    counts = {
+        state: block_map.states.count(state)
+        for state in (BlockState.FREE, BlockState.USED, BlockState.SHARED, BlockState.CACHED)
+    }
     rng = random.Random(3)
     for i in range(300):  # 60 s of history at 5 snapshots a second
         t = i * 0.2
@@ -259,10 +280,10 @@ def test_screenshot_of_a_busy_page(qtbot):
                 states=block_map.states,
                 owners=block_map.owners,
                 num_blocks_total=len(block_map.states),
-                num_blocks_used=counts[USED] + counts[SHARED],
-                num_blocks_free=counts[FREE] + counts[CACHED],
-                num_blocks_cached=counts[CACHED],
-                num_blocks_shared=counts[SHARED],
+                num_blocks_used=counts[BlockState.USED] + counts[BlockState.SHARED],
+                num_blocks_free=counts[BlockState.FREE] + counts[BlockState.CACHED],
+                num_blocks_cached=counts[BlockState.CACHED],
+                num_blocks_shared=counts[BlockState.SHARED],
                 num_running=24,
                 num_waiting=5,
                 num_swapped=2,

@@ -8,7 +8,7 @@ from PySide6.QtGui import QPalette
 from PySide6.QtWidgets import QGridLayout, QHBoxLayout, QLabel, QProgressBar, QVBoxLayout, QWidget
 
 from app.engine_thread import EngineSnapshot
-from engine.block_manager import USED
+from engine import BlockState
 from ui.widgets.block_map import FIXED_COLORS, BlockMapWidget, Swatch
 from ui.widgets.cards import card, muted, section, value_label
 from ui.widgets.throughput_chart import GENERATION_COLOR, PROMPT_COLOR, ThroughputChart
@@ -112,7 +112,7 @@ class MonitorPage(QWidget):
         track = self.palette().color(QPalette.ColorRole.Midlight).name()
         self.usage_bar.setStyleSheet(
             f"QProgressBar {{ background: {track}; border: none; border-radius: 3px; }}"
-            f"QProgressBar::chunk {{ background: {FIXED_COLORS[USED].name()}; border-radius: 3px; }}"
+            f"QProgressBar::chunk {{ background: {FIXED_COLORS[BlockState.USED].name()}; border-radius: 3px; }}"
         )
 
     def changeEvent(self, event: QEvent) -> None:

@@ -13,13 +13,21 @@ from PySide6.QtCore import QEvent, QLine, QPoint, QRect, QSize, Qt
 from PySide6.QtGui import QColor, QImage, QPainter, QPalette
 from PySide6.QtWidgets import QFrame, QHBoxLayout, QLabel, QScrollArea, QSizePolicy, QToolTip, QVBoxLayout, QWidget
 
-from engine import BlockMap
-from engine.block_manager import CACHED, FREE, SHARED, USED
+from engine import BlockMap, BlockState
 
-STATE_NAMES = {FREE: "free", USED: "used", SHARED: "shared", CACHED: "cached"}
+STATE_NAMES = {
+    BlockState.FREE: "free",
+    BlockState.USED: "used",
+    BlockState.SHARED: "shared",
+    BlockState.CACHED: "cached",
+}
 # Hues that stay distinct on light and dark backgrounds (and for red-green colour blindness: blue vs orange).
 # Free cells take their colour from the palette instead, so an empty pool looks calm in either theme.
-FIXED_COLORS = {USED: QColor("#3b82f6"), SHARED: QColor("#f59e0b"), CACHED: QColor("#14b8a6")}
+FIXED_COLORS = {
+    BlockState.USED: QColor("#3b82f6"),
+    BlockState.SHARED: QColor("#f59e0b"),
+    BlockState.CACHED: QColor("#14b8a6"),
+}
 _PAD = 4  # colour index of the cells after the last block, on the last row: transparent
 
 
@@ -61,7 +69,7 @@ class BlockGrid(QWidget):
         self.update()
 
     def state_color(self, state: int) -> QColor:
-        return free_color(self.palette()) if state == FREE else FIXED_COLORS[state]
+        return free_color(self.palette()) if state == BlockState.FREE else FIXED_COLORS[state]
 
     # ---- geometry ---------------------------------------------------------------------------------------------
     def cell_layout(self) -> tuple[int, int]:
@@ -87,7 +95,7 @@ class BlockGrid(QWidget):
 
     def describe(self, block: int) -> str:
         state = self._states[block]
-        owner = self._owners.get(block) if state in (USED, SHARED) else None
+        owner = self._owners.get(block) if state in (BlockState.USED, BlockState.SHARED) else None
         return f"block {block}: {STATE_NAMES[state]}" + (f", request {owner}" if owner is not None else "")
 
     def hasHeightForWidth(self) -> bool:
@@ -186,7 +194,7 @@ class BlockMapWidget(QWidget):
 
         legend = QHBoxLayout()
         legend.setSpacing(6)
-        for state in (USED, SHARED, CACHED, FREE):
+        for state in (BlockState.USED, BlockState.SHARED, BlockState.CACHED, BlockState.FREE):
             label = QLabel()
             self.count_labels[state] = label
             legend.addWidget(Swatch(lambda state=state: self.grid.state_color(state)))

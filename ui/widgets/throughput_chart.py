@@ -9,7 +9,7 @@ from PySide6.QtCharts import QChart, QChartView, QLineSeries, QValueAxis
 from PySide6.QtCore import QEvent, QMargins, QPointF, Qt
 from PySide6.QtGui import QColor, QPainter, QPalette, QPen
 
-from engine.block_manager import SHARED, USED
+from engine import BlockState
 from ui.widgets.block_map import FIXED_COLORS
 
 
@@ -22,7 +22,7 @@ def nice_ceiling(value: float, intervals: int) -> float:
 
 
 # Two of the block map's hues, so the page reads as one palette.
-PROMPT_COLOR, GENERATION_COLOR = FIXED_COLORS[USED], FIXED_COLORS[SHARED]
+PROMPT_COLOR, GENERATION_COLOR = FIXED_COLORS[BlockState.USED], FIXED_COLORS[BlockState.SHARED]
 
 
 class ThroughputChart(QChartView):
