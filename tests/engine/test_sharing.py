@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from engine import BeamSearchParams, SamplingParams
-from engine.block_manager import CACHED, FREE, SHARED, USED
+from engine.outputs import BlockState
 
 
 def token_prompts(lengths, vocab: int, seed: int) -> list[list[int]]:
@@ -248,17 +248,17 @@ def test_block_map_and_stats_show_sharing_while_it_happens(tiny_llama):
     stats, block_map = engine.get_stats(), engine.get_block_map()
     assert stats.num_running == 3 and stats.num_blocks_used == 3 and stats.num_blocks_shared == 3
     assert stats.num_blocks_without_sharing == 9
-    assert block_map.states[:3] == bytes([SHARED] * 3) and set(block_map.states[3:]) == {FREE}
+    assert block_map.states[:3] == bytes([BlockState.SHARED] * 3) and set(block_map.states[3:]) == {BlockState.FREE}
     assert block_map.owners == {0: "shared", 1: "shared", 2: "shared"}
     engine.step()  # two forks copy the partial block; the third writes in place
     stats, block_map = engine.get_stats(), engine.get_block_map()
     assert stats.num_blocks_used == 5 and stats.num_blocks_shared == 2
-    assert sorted(block_map.states) == sorted([SHARED] * 2 + [USED] * 3 + [FREE] * 27)
+    assert sorted(block_map.states) == sorted([BlockState.SHARED] * 2 + [BlockState.USED] * 3 + [BlockState.FREE] * 27)
     while engine.has_unfinished_requests():
         engine.step()
     stats, block_map = engine.get_stats(), engine.get_block_map()
     assert stats.num_blocks_used == 0 and stats.num_blocks_cached > 0
-    assert set(block_map.states) == {FREE, CACHED} and block_map.owners == {}
+    assert set(block_map.states) == {BlockState.FREE, BlockState.CACHED} and block_map.owners == {}
 
 
 def test_aborting_a_swapped_out_group_frees_its_swap_blocks(tiny_llama):
