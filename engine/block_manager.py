@@ -193,6 +193,13 @@ class BlockManager:
         block.ref_count = 1
         return block_id
 
+    def trim(self, seq: Sequence, num_tokens: int) -> None:
+        """Give back seq's blocks past the first blocks_for(num_tokens) (slots of drafts that were rejected)."""
+        keep = blocks_for(num_tokens, self.block_size)
+        for block_id in reversed(seq.block_table[keep:]):
+            self._release(block_id)
+        del seq.block_table[keep:]
+
     def fork(self, parent: Sequence, child: Sequence) -> None:
         """child (a fork of parent, with a copy of its block table) now holds every block by reference too."""
         assert child.block_table == parent.block_table

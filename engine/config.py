@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -13,6 +13,44 @@ ATTENTION_BACKENDS = ("auto", "torch", "cpu", "triton")
 # KV pool size on the CPU when kv_cache_memory is not given, in GiB.
 DEFAULT_CPU_KV_CACHE_GIB = 2.0
 PREEMPTION_MODES = ("swap", "recompute")
+
+
+SPECULATIVE_METHODS = ("ngram",)
+
+
+@dataclass(frozen=True)
+class SpeculativeConfig:
+    """Speculative decoding by prompt lookup (vLLM's "ngram" method): the last n tokens of a sequence (n from
+    prompt_lookup_max down to prompt_lookup_min) are looked for earlier in it, and the num_speculative_tokens
+    tokens that followed them there are proposed; one forward pass verifies them all."""
+
+    method: str = "ngram"
+    num_speculative_tokens: int = 4
+    prompt_lookup_max: int = 4
+    prompt_lookup_min: int = 1
+
+    @classmethod
+    def from_dict(cls, options: dict) -> SpeculativeConfig:
+        if not isinstance(options, dict):
+            raise ValueError(f"speculative_config must be a dict, got {type(options).__name__}")
+        unknown = set(options) - {"method", "num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min"}
+        if unknown:
+            raise ValueError(f"speculative_config has unknown keys: {', '.join(sorted(unknown))}")
+        config = cls(**options)
+        if config.method not in SPECULATIVE_METHODS:
+            raise ValueError(
+                f"speculative_config method must be one of {', '.join(SPECULATIVE_METHODS)}, got {config.method!r}"
+            )
+        for name in ("num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min"):
+            value = getattr(config, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"speculative_config {name} must be an integer >= 1, got {value!r}")
+        if config.prompt_lookup_min > config.prompt_lookup_max:
+            raise ValueError(
+                f"speculative_config prompt_lookup_min ({config.prompt_lookup_min}) must be <= prompt_lookup_max "
+                f"({config.prompt_lookup_max})"
+            )
+        return config
 
 
 @dataclass(frozen=True)
@@ -35,6 +73,10 @@ class EngineConfig:
     cuda_graphs: bool = True  # replay captured CUDA graphs for decode steps (CUDA + triton only)
     seed: int = 0
     device: str | None = None  # None = cuda when available, else cpu
+    # vLLM's speculative_config: {"method": "ngram", "num_speculative_tokens": k, "prompt_lookup_max": n,
+    # "prompt_lookup_min": m}; validated into `speculative` (a SpeculativeConfig) by __post_init__.
+    speculative_config: dict | None = None
+    speculative: SpeculativeConfig | None = field(init=False, default=None, repr=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, str) or not self.model:
@@ -70,6 +112,8 @@ class EngineConfig:
             )
         if self.device not in (None, "cpu", "cuda"):
             raise ValueError(f"device must be cpu or cuda, got {self.device!r}")
+        if self.speculative_config is not None:
+            object.__setattr__(self, "speculative", SpeculativeConfig.from_dict(self.speculative_config))
         if self.device == "cuda" and not torch.cuda.is_available():
             raise ValueError("device cuda was asked for but torch sees no CUDA device")
 

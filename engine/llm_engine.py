@@ -16,16 +16,18 @@ from engine.beam_search import BeamSearchParams
 from engine.block_manager import BlockManager
 from engine.config import EngineConfig, ModelConfig
 from engine.input_processor import InputProcessor
-from engine.model_runner import ModelRunner
+from engine.model_runner import ModelRunner, StepResult
 from engine.models.loader import open_model
 from engine.models.registry import model_class
 from engine.output_processor import OutputProcessor, SamplingPlan, StepSamples
 from engine.outputs import BlockMap, EngineStats, RequestOutput
 from engine.prompts import PromptType
+from engine.rejection_sampler import verify
 from engine.sampler import Sampler, SamplingBatch
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler, SchedulerOutput
-from engine.sequence import SequenceGroup
+from engine.sequence import SequenceGroup, SequenceStatus
+from engine.spec_decode import NgramProposer, can_speculate
 from engine.stats import StatsCollector
 
 # Tokens per step when max_num_batched_tokens is not given: large enough that prefill matmuls are efficient.
@@ -95,6 +97,7 @@ class LLMEngine:
             seq_ids,
         )
         self.stats = StatsCollector(self.block_manager, self.scheduler)
+        self.proposer = NgramProposer(config.speculative, max_model_len) if config.speculative is not None else None
 
     # ---- requests -----------------------------------------------------------------------------------------
     def add_request(
@@ -132,6 +135,8 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """schedule -> execute -> sample -> process: one forward pass over the scheduled tokens; returns the
         outputs of the requests that moved."""
+        if self.proposer is not None:
+            self._propose_drafts()
         out = self.scheduler.schedule()
         if out.is_empty and not (out.swap_out or out.swap_in):
             # Capacity was checked at start-up (one max_model_len sequence always fits), so an empty step with
@@ -143,7 +148,7 @@ class LLMEngine:
             result = self.runner.execute(out)
             self.scheduler.on_step_done(out)
             plan = self.output_processor.plan_sampling(result.sample_seqs)
-            samples = self._sample(result.logits, plan)
+            samples = self._sample(result, plan)
             outputs = self.output_processor.process(result.prompt_logits, plan, samples)
         except Exception:
             self._abort_scheduled(out)
@@ -151,12 +156,25 @@ class LLMEngine:
         for output in outputs:
             if output.finished:
                 self.scheduler.remove(self._requests.pop(output.request_id))
-        self.stats.record_step(out.num_batched_tokens - len(out.decodes), plan.num_tokens)
+        self.stats.record_step(out.num_prefill_tokens, samples.num_tokens)
+        if out.spec_decodes:
+            self.stats.record_speculation(
+                sum(n - 1 for _, n in out.spec_decodes), sum(v.num_accepted for _, v in samples.verified)
+            )
         return outputs
 
-    def _sample(self, logits: torch.Tensor, plan: SamplingPlan) -> StepSamples:
-        """logits: [len(result.sample_seqs), vocab] float32 -> tokens for the plan's samples and log-softmax rows
-        for its beams."""
+    def _propose_drafts(self) -> None:
+        """Draft tokens for every running sequence about to decode one token that may speculate."""
+        for group in self.scheduler.running:
+            for seq in group.seqs:
+                decoding = seq.status is SequenceStatus.RUNNING and seq.num_uncomputed_tokens == 1
+                eligible = decoding and group.beam is None and can_speculate(seq)
+                seq.spec_token_ids = self.proposer.propose(seq) if eligible else []
+
+    def _sample(self, result: StepResult, plan: SamplingPlan) -> StepSamples:
+        """result.logits: [len(result.sample_seqs), vocab] float32 -> tokens for the plan's samples and log-softmax
+        rows for its beams; the speculative decodes' drafts verified."""
+        logits = result.logits
         samples = StepSamples()
         if plan.samples:
             seqs = [seq for seq, _ in plan.samples]
@@ -166,6 +184,11 @@ class LLMEngine:
             samples.sampled = self.sampler(logits[[row for _, row in plan.samples]], batch)
         if plan.beams:
             samples.beam_logprobs = torch.log_softmax(logits[[row for _, row in plan.beams]], dim=-1)
+        if result.spec_logits:
+            verified = verify(
+                self.sampler, result.spec_logits, list(self.eos_token_ids), self.model_config.vocab_size, self.device
+            )
+            samples.verified = [(seq, v) for (seq, _), v in zip(result.spec_logits, verified)]
         return samples
 
     def _abort_scheduled(self, out: SchedulerOutput) -> None:

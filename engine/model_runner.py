@@ -27,6 +27,8 @@ class StepResult:
     # (sequence, position of the chunk's first token, logits [chunk tokens, vocab] float32) for every prefill
     # chunk of a sequence that owes prompt logprobs; row i predicts the token at position + i + 1.
     prompt_logits: list[tuple[Sequence, int, torch.Tensor]] = field(default_factory=list)
+    # (sequence, logits [1 + drafts, vocab] float32) for every speculative decode: row i follows its i-th draft.
+    spec_logits: list[tuple[Sequence, torch.Tensor]] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -131,20 +133,24 @@ class ModelRunner:
             return StepResult([], torch.empty((0, 0)))
         input_ids, positions, inputs, sample_rows, sample_seqs = self._prepare(out)
         hidden = None  # [num_tokens, hidden]
-        if self.graphs is not None and not out.prefills:
+        if self.graphs is not None and not out.prefills and not out.spec_decodes:
             hidden = self.graphs.run(input_ids, positions, inputs)
         if hidden is None:
             ctx = ForwardContext(self.backend, self.backend.prepare(inputs), self.kv_cache)
             hidden = self.model(input_ids, positions, ctx)
-        prompt_logits = []
+        result = StepResult(sample_seqs, hidden.new_empty((0, 0), dtype=torch.float32))
         row = len(out.decodes)
+        for seq, n in out.spec_decodes:
+            result.spec_logits.append((seq, self.model.compute_logits(hidden[row : row + n])))
+            row += n
         for seq, n in out.prefills:
             if seq.needs_prompt_logprobs:
-                prompt_logits.append((seq, seq.num_computed_tokens, self.model.compute_logits(hidden[row : row + n])))
+                logits = self.model.compute_logits(hidden[row : row + n])
+                result.prompt_logits.append((seq, seq.num_computed_tokens, logits))
             row += n
-        if not sample_seqs:
-            return StepResult([], hidden.new_empty((0, 0), dtype=torch.float32), prompt_logits)
-        return StepResult(sample_seqs, self.model.compute_logits(hidden[sample_rows]), prompt_logits)
+        if sample_seqs:
+            result.logits = self.model.compute_logits(hidden[sample_rows])
+        return result
 
     def _move_blocks(self, out: SchedulerOutput) -> None:
         """Swap out, swap in, then copy-on-write, each batched over every layer's K and V. Order matters: blocks
@@ -169,11 +175,13 @@ class ModelRunner:
         sample_rows.extend(range(len(out.decodes)))
         sample_seqs.extend(out.decodes)
         pos_chunks.append(torch.tensor(dec_pos, dtype=torch.int64))
-        # Prefill chunks: tokens [start, start + n) of each sequence.
+        # Speculative decodes: the last token and the drafts, laid out as a chunk whose rows all give logits.
+        # Prefill chunks: tokens [start, start + n) of each sequence. Both attend like a chunk with a cached prefix.
         q_lens, p_ctx = [], []
-        for seq, n in out.prefills:
+        for seq, n in out.spec_decodes + out.prefills:
             start = seq.num_computed_tokens
-            tokens.extend(seq.token_ids[start : start + n])
+            chunk = seq.token_ids[start : start + n]
+            tokens.extend(chunk + seq.spec_token_ids if len(chunk) < n else chunk)
             pos_chunks.append(torch.arange(start, start + n, dtype=torch.int64))
             q_lens.append(n)
             p_ctx.append(start + n)
@@ -181,7 +189,7 @@ class ModelRunner:
                 sample_rows.append(len(tokens) - 1)
                 sample_seqs.append(seq)
         positions = torch.cat(pos_chunks)
-        seqs = out.decodes + [s for s, _ in out.prefills]
+        seqs = out.decodes + [s for s, _ in out.spec_decodes + out.prefills]
         # Slot of every token: its sequence's block at position // bs, offset position % bs.
         tables = _padded([s.block_table for s in seqs])  # [num_seqs, max_blocks]
         seq_of_token = torch.repeat_interleave(torch.arange(len(seqs)), torch.tensor([1] * len(out.decodes) + q_lens))

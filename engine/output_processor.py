@@ -11,6 +11,7 @@ import torch
 
 from engine.block_manager import BlockManager
 from engine.outputs import CompletionOutput, RequestOutput
+from engine.rejection_sampler import Verified
 from engine.sampler import SamplerOutput
 from engine.scheduler import Scheduler
 from engine.sequence import Sequence, SequenceGroup
@@ -24,18 +25,22 @@ class SamplingPlan:
     samples: list[tuple[Sequence, int]] = field(default_factory=list)  # (sequence, logits row), sampler order
     beams: list[tuple[Sequence, int]] = field(default_factory=list)  # (beam, logits row)
 
-    @property
-    def num_tokens(self) -> int:
-        """Tokens this step generates: one per sampling sequence and one per beam."""
-        return len(self.samples) + len(self.beams)
-
 
 @dataclass
 class StepSamples:
-    """What the sampler drew for a plan: tokens for plan.samples (in order) and log-softmax rows for plan.beams."""
+    """What the sampler drew for a plan: tokens for plan.samples (in order), log-softmax rows for plan.beams, and
+    the verified tokens of each speculative decode."""
 
     sampled: SamplerOutput | None = None
     beam_logprobs: torch.Tensor | None = None  # [len(plan.beams), vocab] float32
+    verified: list[tuple[Sequence, Verified]] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens this step generated: one per sampling sequence and beam, and each speculative decode's."""
+        sampled = len(self.sampled.token_ids) if self.sampled is not None else 0
+        beams = 0 if self.beam_logprobs is None else self.beam_logprobs.shape[0]
+        return sampled + beams + sum(len(v.token_ids) for _, v in self.verified)
 
 
 class OutputProcessor:
@@ -88,8 +93,13 @@ class OutputProcessor:
         touched = self._record_prompt_logprobs(prompt_logits)
         if samples.sampled is not None:
             for (seq, _), token, lp in zip(plan.samples, samples.sampled.token_ids, samples.sampled.logprobs):
-                self._append_token(seq, token, lp)
+                reason = self._append(seq, token, lp)
+                if reason is not None:
+                    self._finish(seq, reason)
                 touched[seq.request_id] = self.requests[seq.request_id]
+        for seq, verified in samples.verified:
+            self._append_verified(seq, verified)
+            touched[seq.request_id] = self.requests[seq.request_id]
         if samples.beam_logprobs is not None:
             for (seq, _), logprobs in zip(plan.beams, samples.beam_logprobs):
                 group = self.requests[seq.request_id]
@@ -121,7 +131,22 @@ class OutputProcessor:
             touched[seq.request_id] = self.requests[seq.request_id]
         return touched
 
-    def _append_token(self, seq: Sequence, token: int, lp: tuple[float, dict[int, float]] | None) -> None:
+    def _append_verified(self, seq: Sequence, verified: Verified) -> None:
+        """A speculative decode's accepted drafts and the token after them, up to a stop; the scheduler then
+        advances it past the drafts kept (before a finished sequence gives its blocks back, so the blocks it filled
+        enter the prefix cache)."""
+        reason, appended = None, 0
+        for token, lp in zip(verified.token_ids, verified.logprobs):
+            reason = self._append(seq, token, lp)
+            appended += 1
+            if reason is not None:
+                break
+        self.scheduler.on_spec_verified(seq, min(appended, verified.num_accepted))
+        if reason is not None:
+            self._finish(seq, reason)
+
+    def _append(self, seq: Sequence, token: int, lp: tuple[float, dict[int, float]] | None) -> str | None:
+        """Append one token; returns why the sequence ends with it ("stop", "length"), or None."""
         seq.token_ids.append(token)
         if lp is not None:
             seq.cumulative_logprob += lp[0]
@@ -141,10 +166,12 @@ class OutputProcessor:
                 seq.num_tokens >= self.max_model_len
             ):
                 reason = "length"
-        if reason is not None:
-            seq.detokenizer.finish()
-            seq.finish_reason = reason
-            self.scheduler.free_seq(seq)
+        return reason
+
+    def _finish(self, seq: Sequence, reason: str) -> None:
+        seq.detokenizer.finish()
+        seq.finish_reason = reason
+        self.scheduler.free_seq(seq)
 
     def _beam_step(self, group: SequenceGroup) -> None:
         """Advance a beam search by one token: the kept continuations reuse their parent's sequence (the first)

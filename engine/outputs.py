@@ -55,6 +55,13 @@ class EngineStats:
     generation_tokens_total: int
     prompt_tokens_per_s: float
     generation_tokens_per_s: float
+    spec_draft_tokens: int = 0  # speculative decoding: drafts verified so far
+    spec_accepted_tokens: int = 0  # of those, accepted
+
+    @property
+    def spec_acceptance_rate(self) -> float | None:
+        """Share of verified drafts accepted; None before any (speculation off, or nothing to draft yet)."""
+        return self.spec_accepted_tokens / self.spec_draft_tokens if self.spec_draft_tokens else None
 
     @property
     def kv_usage(self) -> float:

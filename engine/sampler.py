@@ -66,20 +66,30 @@ class Sampler:
         want_logprobs = any(n is not None for n in batch.num_logprobs)
         # Logprobs are reported for the model's distribution, before any sampling transform (vLLM's default).
         raw_logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs else None
-        if batch.processors:
-            logits = logits.clone()
-            for processor in batch.processors:
-                processor.apply(logits)
+        logits = self.processed(logits, batch)
         if batch.all_greedy:
             tokens = logits.argmax(dim=-1)
         else:
             tokens = torch.where(batch.greedy, logits.argmax(dim=-1), self._sample(logits, batch))
         token_list = tokens.tolist()
         return SamplerOutput(
-            token_list, self._logprobs(raw_logprobs, tokens, batch) if want_logprobs else [None] * len(token_list)
+            token_list,
+            self.logprobs(raw_logprobs, tokens, batch.num_logprobs) if want_logprobs else [None] * len(token_list),
         )
 
-    def _sample(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    @staticmethod
+    def processed(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+        """logits [B, vocab] after the batch's logits processors (a copy when there are any)."""
+        if batch.processors:
+            logits = logits.clone()
+            for processor in batch.processors:
+                processor.apply(logits)
+        return logits
+
+    @staticmethod
+    def distribution(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+        """What a non-greedy row samples from: processed logits [B, vocab] through temperature, min-p, top-k and
+        top-p -> probabilities [B, vocab]."""
         x = logits / batch.temperature[:, None]
         if batch.min_p is not None:
             probs = x.softmax(dim=-1)
@@ -95,7 +105,10 @@ class Sampler:
                 # Drop a token once the tokens ranked above it already cover top_p (the first always stays).
                 vals.masked_fill_(p.cumsum(dim=-1) - p >= batch.top_p[:, None], float("-inf"))
             x = torch.full_like(x, float("-inf")).scatter_(1, idx, vals)
-        probs = x.softmax(dim=-1)
+        return x.softmax(dim=-1)
+
+    def _sample(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+        probs = self.distribution(logits, batch)
         # Gumbel-style sampling without a host sync per row: argmax(p / q), q ~ Exp(1), samples from p.
         q = torch.empty_like(probs)
         seeded_rows = {row for row, _ in batch.seeded}
@@ -108,13 +121,15 @@ class Sampler:
         return (probs / q).argmax(dim=-1)
 
     @staticmethod
-    def _logprobs(raw: torch.Tensor, tokens: torch.Tensor, batch: SamplingBatch):
-        n_max = max(n for n in batch.num_logprobs if n is not None)
+    def logprobs(raw: torch.Tensor, tokens: torch.Tensor, num_logprobs: list[int | None]):
+        """raw: log-softmax rows [B, vocab]; tokens: [B] -> per row None (logprobs not asked for) or (the token's
+        logprob, {token id: logprob} of the top num_logprobs plus the token)."""
+        n_max = max(n for n in num_logprobs if n is not None)
         top_vals, top_ids = raw.topk(max(n_max, 1), dim=-1)
         sampled = raw.gather(1, tokens[:, None]).squeeze(1).tolist()
         top_vals, top_ids, tokens = top_vals.tolist(), top_ids.tolist(), tokens.tolist()
         out = []
-        for row, n in enumerate(batch.num_logprobs):
+        for row, n in enumerate(num_logprobs):
             if n is None:
                 out.append(None)
                 continue

@@ -27,9 +27,12 @@ from engine.sequence import Sequence, SequenceGroup, SequenceStatus
 @dataclass
 class SchedulerOutput:
     """What the runner executes this step: block copies first (swap out, swap in, copy-on-write), then one flat
-    batch with the decodes first and the prefill chunks after them."""
+    batch with the decodes first, then the speculative decodes (a sequence's last token and its drafts), then the
+    prefill chunks."""
 
     decodes: list[Sequence] = field(default_factory=list)
+    # (sequence, 1 + its drafts): seq.spec_token_ids hold the drafts, trimmed to what the budget allowed.
+    spec_decodes: list[tuple[Sequence, int]] = field(default_factory=list)
     prefills: list[tuple[Sequence, int]] = field(default_factory=list)  # (sequence, tokens in this chunk)
     preempted: list[SequenceGroup] = field(default_factory=list)
     swap_out: list[tuple[int, int]] = field(default_factory=list)  # (device block, swap block)
@@ -38,14 +41,18 @@ class SchedulerOutput:
 
     @property
     def is_empty(self) -> bool:
-        return not self.decodes and not self.prefills
+        return not self.decodes and not self.spec_decodes and not self.prefills
 
     @property
     def num_batched_tokens(self) -> int:
-        return len(self.decodes) + sum(n for _, n in self.prefills)
+        return len(self.decodes) + sum(n for _, n in self.spec_decodes) + sum(n for _, n in self.prefills)
+
+    @property
+    def num_prefill_tokens(self) -> int:
+        return sum(n for _, n in self.prefills)
 
     def scheduled(self) -> list[tuple[Sequence, int]]:
-        return [(s, 1) for s in self.decodes] + self.prefills
+        return [(s, 1) for s in self.decodes] + self.spec_decodes + self.prefills
 
 
 @dataclass
@@ -128,10 +135,17 @@ class Scheduler:
             computed = bm.get_computed_blocks(seq)
         start = computed.num_tokens if fresh else seq.num_computed_tokens
         num_new = min(seq.num_tokens - start, step.budget)
-        computes = bm.hashes_computed(seq, start, start + num_new)
+        if seq.spec_token_ids:  # a decode with drafts: they ride along as far as the budget allows
+            seq.spec_token_ids = seq.spec_token_ids[: step.budget - 1]
+            num_new += len(seq.spec_token_ids)
+        computes = bm.hashes_computed(seq, start, min(start + num_new, seq.num_tokens))
         if computes and computes[0] in step.in_flight:
             return False
         while not bm.allocate_slots(seq, num_new, computed):
+            if seq.spec_token_ids:  # drafts are an option: a pool too short for them decodes one token first
+                num_new -= len(seq.spec_token_ids)
+                seq.spec_token_ids = []
+                continue
             victim = self._victim(group, step) if may_preempt else None
             if victim is None:
                 if may_preempt and id(group) not in step.scheduled:
@@ -147,7 +161,9 @@ class Scheduler:
         step.in_flight.update(computes)
         step.scheduled.add(id(group))
         step.budget -= num_new
-        if num_new == 1 and seq.num_uncomputed_tokens == 1:
+        if seq.spec_token_ids:
+            out.spec_decodes.append((seq, num_new))
+        elif num_new == 1 and seq.num_uncomputed_tokens == 1:
             out.decodes.append(seq)
         else:
             out.prefills.append((seq, num_new))
@@ -198,6 +214,8 @@ class Scheduler:
 
     def _preempt(self, group: SequenceGroup, out: SchedulerOutput, allow_swap: bool = True) -> None:
         seqs = [s for s in group.seqs if s.status is SequenceStatus.RUNNING]
+        for seq in seqs:  # drafts were proposed for a step it will not take part in
+            seq.spec_token_ids = []
         self.running.remove(group)
         out.preempted.append(group)
         self.num_preemptions += 1
@@ -223,10 +241,19 @@ class Scheduler:
         self.waiting.appendleft(group)
 
     def on_step_done(self, out: SchedulerOutput) -> None:
-        """Advance each scheduled sequence past the tokens whose KV the step wrote; cache blocks that filled."""
-        for seq, num_new in out.scheduled():
+        """Advance each scheduled sequence past the tokens whose KV the step wrote; cache blocks that filled.
+        Speculative decodes advance once their drafts are verified (on_spec_verified)."""
+        for seq, num_new in [(s, 1) for s in out.decodes] + out.prefills:
             seq.num_computed_tokens += num_new
             self.block_manager.cache_full_blocks(seq)
+
+    def on_spec_verified(self, seq: Sequence, num_kept: int) -> None:
+        """A speculative decode kept its last token and num_kept drafts (their KV is valid; the rejected drafts'
+        slots are not): advance past them, cache blocks that filled, give back the blocks past its tokens."""
+        seq.num_computed_tokens += 1 + num_kept
+        seq.spec_token_ids = []
+        self.block_manager.cache_full_blocks(seq)
+        self.block_manager.trim(seq, seq.num_tokens)
 
     def free_seq(self, seq: Sequence) -> None:
         """A finished, aborted or dropped sequence gives its blocks back at once."""

@@ -50,6 +50,7 @@ class Sequence:
     logprobs: list[dict[int, float]] | None = None
     cumulative_logprob: float | None = None
     bad_words_token_ids: list[list[int]] = field(default_factory=list)
+    spec_token_ids: list[int] = field(default_factory=list)  # draft tokens proposed for the next step
     # prompt_logprobs: [None, then per prompt token from the second: {token_id: logprob}], filled chunk by chunk.
     prompt_logprobs: list[dict[int, float] | None] | None = None
 

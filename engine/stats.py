@@ -20,6 +20,8 @@ class StatsCollector:
         self.scheduler = scheduler
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
+        self.spec_draft_tokens = 0  # drafts proposed and verified (speculative decoding)
+        self.spec_accepted_tokens = 0  # of those, kept
         self._recent: deque[tuple[float, int, int]] = deque()  # (time, prompt tokens, generated tokens)
 
     def record_step(self, num_prompt: int, num_generated: int) -> None:
@@ -29,6 +31,10 @@ class StatsCollector:
         self._recent.append((now, num_prompt, num_generated))
         while self._recent and now - self._recent[0][0] > RATE_WINDOW_S:
             self._recent.popleft()
+
+    def record_speculation(self, num_drafts: int, num_accepted: int) -> None:
+        self.spec_draft_tokens += num_drafts
+        self.spec_accepted_tokens += num_accepted
 
     def _rates(self) -> tuple[float, float]:
         """Prompt and generated tokens per second over the recent window; 0 for an engine idle a whole window."""
@@ -65,6 +71,8 @@ class StatsCollector:
             generation_tokens_total=self.generation_tokens_total,
             prompt_tokens_per_s=rate_p,
             generation_tokens_per_s=rate_g,
+            spec_draft_tokens=self.spec_draft_tokens,
+            spec_accepted_tokens=self.spec_accepted_tokens,
         )
 
     def block_map(self) -> BlockMap:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -109,7 +110,25 @@ def engine_options() -> argparse.ArgumentParser:
     group.add_argument(
         "--threads", type=positive_int, metavar="N", help="torch CPU threads (default: torch's, one per core)"
     )
+    group.add_argument(
+        "--speculative-config",
+        type=json_object,
+        metavar="JSON",
+        help='speculative decoding, vLLM\'s names: \'{"method": "ngram", "num_speculative_tokens": 4, '
+        '"prompt_lookup_max": 4, "prompt_lookup_min": 1}\' (prompt lookup: drafts from earlier text of the '
+        "prompt or reply, verified in one pass; outputs unchanged)",
+    )
     return parent
+
+
+def json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"must be a JSON object: {e}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"must be a JSON object, got {text}")
+    return value
 
 
 def sampling_options() -> argparse.ArgumentParser:
@@ -160,6 +179,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
         "kv_cache_memory",
         "swap_space",
         "preemption_mode",
+        "speculative_config",
     ):
         if getattr(args, name) is not None:
             kwargs[name] = getattr(args, name)

@@ -193,3 +193,12 @@ def test_kvstudio_alone_without_a_display_says_why_then_chats(monkeypatch, capsy
     reason = "the desktop window needs a display (neither DISPLAY nor WAYLAND_DISPLAY is set)"
     assert f"kvstudio: {reason}; starting a chat in the terminal instead." in capsys.readouterr().err
     assert loaded == [None]  # the default model
+
+
+def test_speculative_config_is_a_json_object(capsys):
+    args = cli.build_parser().parse_args(["generate", "--speculative-config", '{"method": "ngram"}', "hi"])
+    assert options.engine_kwargs(args)["speculative_config"] == {"method": "ngram"}
+    for bad in ("ngram", "[1]"):
+        with pytest.raises(SystemExit):
+            cli.build_parser().parse_args(["generate", "--speculative-config", bad, "hi"])
+        assert "--speculative-config: must be a JSON object" in capsys.readouterr().err
