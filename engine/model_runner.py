@@ -133,7 +133,7 @@ class ModelRunner:
             return StepResult([], torch.empty((0, 0)))
         input_ids, positions, inputs, sample_rows, sample_seqs = self._prepare(out)
         hidden = None  # [num_tokens, hidden]
-        if self.graphs is not None and not out.prefills and not out.spec_decodes:
+        if self.graphs is not None and not out.prefills:
             hidden = self.graphs.run(input_ids, positions, inputs)
         if hidden is None:
             ctx = ForwardContext(self.backend, self.backend.prepare(inputs), self.kv_cache)
@@ -165,23 +165,23 @@ class ModelRunner:
 
     def _prepare(self, out: SchedulerOutput):
         bs = self.block_size
-        tokens: list[int] = []
-        pos_chunks: list[torch.Tensor] = []
-        sample_rows: list[int] = []
-        sample_seqs: list[Sequence] = []
-        # Decodes: one token each at position num_computed_tokens.
-        dec_pos = [s.num_computed_tokens for s in out.decodes]
-        tokens.extend(s.token_ids[p] for s, p in zip(out.decodes, dec_pos))
-        sample_rows.extend(range(len(out.decodes)))
-        sample_seqs.extend(out.decodes)
-        pos_chunks.append(torch.tensor(dec_pos, dtype=torch.int64))
-        # Speculative decodes: the last token and the drafts, laid out as a chunk whose rows all give logits.
-        # Prefill chunks: tokens [start, start + n) of each sequence. Both attend like a chunk with a cached prefix.
-        q_lens, p_ctx = [], []
-        for seq, n in out.spec_decodes + out.prefills:
+        # Decode rows, one query token each: a decode's token at position num_computed_tokens; a speculative
+        # decode's last token and drafts, one row per position, each attending to the keys up to its own (the
+        # drafts' KV is written first), so the backends' decode kernels verify drafts as they decode.
+        rows: list[tuple[Sequence, int, int]] = [(s, s.num_computed_tokens, s.token_ids[-1]) for s in out.decodes]
+        for seq, _ in out.spec_decodes:
             start = seq.num_computed_tokens
-            chunk = seq.token_ids[start : start + n]
-            tokens.extend(chunk + seq.spec_token_ids if len(chunk) < n else chunk)
+            rows += [(seq, start + i, tok) for i, tok in enumerate([seq.token_ids[start], *seq.spec_token_ids])]
+        tokens = [tok for _, _, tok in rows]
+        dec_pos = [pos for _, pos, _ in rows]
+        pos_chunks = [torch.tensor(dec_pos, dtype=torch.int64)]
+        sample_rows = list(range(len(out.decodes)))
+        sample_seqs = list(out.decodes)
+        # Prefill chunks: tokens [start, start + n) of each sequence, attending to its cached prefix too.
+        q_lens, p_ctx = [], []
+        for seq, n in out.prefills:
+            start = seq.num_computed_tokens
+            tokens.extend(seq.token_ids[start : start + n])
             pos_chunks.append(torch.arange(start, start + n, dtype=torch.int64))
             q_lens.append(n)
             p_ctx.append(start + n)
@@ -189,12 +189,11 @@ class ModelRunner:
                 sample_rows.append(len(tokens) - 1)
                 sample_seqs.append(seq)
         positions = torch.cat(pos_chunks)
-        seqs = out.decodes + [s for s, _ in out.spec_decodes + out.prefills]
         # Slot of every token: its sequence's block at position // bs, offset position % bs.
-        tables = _padded([s.block_table for s in seqs])  # [num_seqs, max_blocks]
-        seq_of_token = torch.repeat_interleave(torch.arange(len(seqs)), torch.tensor([1] * len(out.decodes) + q_lens))
+        tables = _padded([s.block_table for s, _, _ in rows] + [s.block_table for s, _ in out.prefills])
+        seq_of_token = torch.repeat_interleave(torch.arange(tables.shape[0]), torch.tensor([1] * len(rows) + q_lens))
         slots = tables[seq_of_token, positions // bs] * bs + positions % bs  # [num_tokens]
-        nd = len(out.decodes)
+        nd = len(rows)
         dev = self.device
         inputs = AttentionInputs(
             slot_mapping=slots.to(dev),
