@@ -13,11 +13,13 @@ The engine turns each step's continuations into sequence forks that share their 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
 
 from engine.sequence import Sequence
+from engine.structured_output import StructuredOutputsParams
 
 
 @dataclass
@@ -27,8 +29,11 @@ class BeamSearchParams:
     ignore_eos: bool = False
     length_penalty: float = 1.0
     early_stopping: bool | str = False  # True | False | "never", as in transformers
+    structured_outputs: StructuredOutputsParams | None = None  # every beam kept to the grammar
 
     def __post_init__(self) -> None:
+        if isinstance(self.structured_outputs, dict):
+            self.structured_outputs = StructuredOutputsParams(**self.structured_outputs)
         if not isinstance(self.beam_width, int) or self.beam_width < 1:
             raise ValueError(f"beam_width must be an integer >= 1, got {self.beam_width!r}")
         if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
@@ -82,7 +87,10 @@ class BeamSearchState:
         gen_len = live[0].num_output_tokens + 1  # every live beam has the same length
         max_len = min(p.max_tokens, gen_len if at_limit else p.max_tokens)
         ends_on_length = gen_len >= max_len
-        candidates = [(live[i // vocab], i % vocab, v) for i, v in zip(top_idx.tolist(), top_vals.tolist())]
+        # A continuation at -inf is one a grammar forbids (structured outputs): it is no candidate at all.
+        candidates = [
+            (live[i // vocab], i % vocab, v) for i, v in zip(top_idx.tolist(), top_vals.tolist()) if v != -math.inf
+        ]
         ends = [ends_on_length or tok in eos for _, tok, _ in candidates]
         running = [c for c, e in zip(candidates, ends) if not e][:width]
 

@@ -14,6 +14,7 @@ from engine.logits_processors import bad_words_token_ids
 from engine.prompts import PromptType
 from engine.sampling_params import SamplingParams
 from engine.sequence import Sequence, SequenceGroup
+from engine.structured_output import StructuredOutputManager
 
 
 class InputProcessor:
@@ -25,6 +26,7 @@ class InputProcessor:
         eos_token_ids: frozenset[int],
         device: torch.device,
         seq_ids: Iterator[int],
+        structured: StructuredOutputManager,
     ) -> None:
         self.tokenizer = tokenizer
         self.model_config = model_config
@@ -32,6 +34,7 @@ class InputProcessor:
         self.eos_token_ids = eos_token_ids
         self.device = device
         self.seq_ids = seq_ids  # shared with the output processor, whose beam forks take ids from it too
+        self.structured = structured
 
     def process(self, request_id: str, prompt: PromptType, params: SamplingParams | BeamSearchParams) -> SequenceGroup:
         """Raises ValueError, naming what is wrong, for a prompt or parameters this model cannot run."""
@@ -97,6 +100,8 @@ class InputProcessor:
             )
             seq = Sequence(next(self.seq_ids), request_id, i, token_ids, params, detok, gen)
             seq.bad_words_token_ids = bad_words
+            if params.structured_outputs is not None:  # a bad grammar fails here, before anything is queued
+                seq.matcher = self.structured.matcher(params.structured_outputs)
             seqs.append(seq)
         return SequenceGroup(request_id, text, token_ids, params, seqs[:1], pending_forks=seqs[1:])
 
@@ -106,5 +111,7 @@ class InputProcessor:
         # Beams never reach the sampler or the stop checks: the beam search picks their tokens and ends them.
         seq_params = SamplingParams(temperature=0.0, max_tokens=params.max_tokens)
         seq = Sequence(next(self.seq_ids), request_id, 0, token_ids, seq_params, None)
+        if params.structured_outputs is not None:
+            seq.matcher = self.structured.matcher(params.structured_outputs)
         beam = BeamSearchState(params, self.eos_token_ids)
         return SequenceGroup(request_id, text, token_ids, seq_params, [seq], beam=beam)

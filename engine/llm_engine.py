@@ -29,6 +29,7 @@ from engine.scheduler import Scheduler, SchedulerOutput
 from engine.sequence import SequenceGroup, SequenceStatus
 from engine.spec_decode import NgramProposer, can_speculate
 from engine.stats import StatsCollector
+from engine.structured_output import StructuredOutputManager
 
 # Tokens per step when max_num_batched_tokens is not given: large enough that prefill matmuls are efficient.
 DEFAULT_MAX_NUM_BATCHED_TOKENS = 2048
@@ -84,8 +85,15 @@ class LLMEngine:
         self.sampler = Sampler(torch.Generator(device).manual_seed(config.seed))
         self._requests: dict[str, SequenceGroup] = {}
         seq_ids = itertools.count()
+        self.structured = StructuredOutputManager(self.tokenizer, self.model_config.vocab_size)
         self.input_processor = InputProcessor(
-            self.tokenizer, self.model_config, config.max_num_seqs, self.eos_token_ids, device, seq_ids
+            self.tokenizer,
+            self.model_config,
+            config.max_num_seqs,
+            self.eos_token_ids,
+            device,
+            seq_ids,
+            self.structured,
         )
         self.output_processor = OutputProcessor(
             self._requests,
@@ -179,11 +187,15 @@ class LLMEngine:
         if plan.samples:
             seqs = [seq for seq, _ in plan.samples]
             batch = SamplingBatch.from_sequences(
-                seqs, list(self.eos_token_ids), self.model_config.vocab_size, self.device
+                seqs, list(self.eos_token_ids), self.model_config.vocab_size, self.device, self.structured
             )
             samples.sampled = self.sampler(logits[[row for _, row in plan.samples]], batch)
         if plan.beams:
-            samples.beam_logprobs = torch.log_softmax(logits[[row for _, row in plan.beams]], dim=-1)
+            beam_logits = logits[[row for _, row in plan.beams]]
+            constrained = [(i, seq.matcher) for i, (seq, _) in enumerate(plan.beams) if seq.matcher is not None]
+            if constrained:  # beams kept to a grammar rank only the continuations it allows
+                self.structured.mask(beam_logits, constrained)
+            samples.beam_logprobs = torch.log_softmax(beam_logits, dim=-1)
         if result.spec_logits:
             verified = verify(
                 self.sampler, result.spec_logits, list(self.eos_token_ids), self.model_config.vocab_size, self.device

@@ -13,6 +13,7 @@ from typing import Protocol
 import torch
 
 from engine.sequence import Sequence
+from engine.structured_output import GrammarMask, StructuredOutputManager
 
 
 class LogitsProcessor(Protocol):
@@ -154,10 +155,20 @@ class Penalties:
 
 
 def build_processors(
-    seqs: list[Sequence], eos_token_ids: list[int], vocab_size: int, device: torch.device
+    seqs: list[Sequence],
+    eos_token_ids: list[int],
+    vocab_size: int,
+    device: torch.device,
+    structured: StructuredOutputManager | None = None,
 ) -> list[LogitsProcessor]:
     """The processors this step's rows ask for, in the order they apply (vLLM's: bans and the allowed mask, then
-    bias, then penalties; the -inf masks commute with each other, so min_tokens and bad words share one)."""
+    bias, then penalties; the -inf masks commute with each other, so min_tokens and bad words share one); the
+    grammar mask of constrained rows (structured outputs) first."""
+    processors: list[LogitsProcessor] = []
+    grammar_rows = [(row, s.matcher) for row, s in enumerate(seqs) if s.matcher is not None]
+    if grammar_rows:
+        assert structured is not None, "constrained sequences need the structured output manager"
+        processors.append(GrammarMask(structured, grammar_rows))
     banned, allowed, bias = [], [], []
     for row, s in enumerate(seqs):
         p = s.params
@@ -170,7 +181,6 @@ def build_processors(
             allowed.append((row, p.allowed_token_ids))
         if p.logit_bias:
             bias.append((row, p.logit_bias))
-    processors: list[LogitsProcessor] = []
     if banned:
         processors.append(BannedTokens(*_pairs(banned, device)))
     if allowed:

@@ -148,6 +148,8 @@ class OutputProcessor:
     def _append(self, seq: Sequence, token: int, lp: tuple[float, dict[int, float]] | None) -> str | None:
         """Append one token; returns why the sequence ends with it ("stop", "length"), or None."""
         seq.token_ids.append(token)
+        if seq.matcher is not None:
+            seq.matcher.consume_token(token)
         if lp is not None:
             seq.cumulative_logprob += lp[0]
             seq.logprobs.append(lp[1])
@@ -162,6 +164,8 @@ class OutputProcessor:
             seq.detokenizer.append([token])
             if seq.detokenizer.stop_reason is not None:
                 reason, seq.stop_reason = "stop", seq.detokenizer.stop_reason
+            elif seq.matcher is not None and seq.matcher.is_stopped():  # the grammar is complete: nothing follows
+                reason = "stop"
             elif (p.max_tokens is not None and seq.num_output_tokens >= p.max_tokens) or (
                 seq.num_tokens >= self.max_model_len
             ):
@@ -199,6 +203,8 @@ class OutputProcessor:
                 self.scheduler.free_seq(seq)
         for seq, token, score in new_seqs:
             seq.token_ids.append(token)
+            if seq.matcher is not None:
+                seq.matcher.consume_token(token)
             beam.scores[seq.seq_id] = score
         group.seqs = [s for s, _, _ in new_seqs]
 

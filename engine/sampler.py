@@ -8,6 +8,7 @@ import torch
 
 from engine.logits_processors import LogitsProcessor, build_processors
 from engine.sequence import Sequence
+from engine.structured_output import StructuredOutputManager
 
 
 @dataclass
@@ -26,7 +27,12 @@ class SamplingBatch:
 
     @classmethod
     def from_sequences(
-        cls, seqs: list[Sequence], eos_token_ids: list[int], vocab_size: int, device: torch.device
+        cls,
+        seqs: list[Sequence],
+        eos_token_ids: list[int],
+        vocab_size: int,
+        device: torch.device,
+        structured: StructuredOutputManager | None = None,
     ) -> SamplingBatch:
         params = [s.params for s in seqs]
         greedy = [p.is_greedy for p in params]
@@ -45,7 +51,7 @@ class SamplingBatch:
             top_p=tensor([p.top_p for p in params], torch.float32) if use_top_p else None,
             min_p=tensor([p.min_p for p in params], torch.float32) if use_min_p else None,
             seeded=[(row, s.generator) for row, s in enumerate(seqs) if s.generator is not None],
-            processors=build_processors(seqs, eos_token_ids, vocab_size, device),
+            processors=build_processors(seqs, eos_token_ids, vocab_size, device, structured),
             num_logprobs=[p.logprobs for p in params],
         )
 

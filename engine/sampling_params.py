@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from engine.structured_output import StructuredOutputsParams
+
 # vLLM's default cap on top-N logprobs per token.
 MAX_LOGPROBS = 20
 # Temperatures below this are treated as greedy (as vLLM does) rather than dividing by ~0.
@@ -36,6 +38,8 @@ class SamplingParams:
     # The engine tokenizes these (logits_processors.bad_words_token_ids) into each Sequence.bad_words_token_ids.
     bad_words: list[str] | None = None
     prompt_logprobs: int | None = None
+    # The reply kept to a JSON schema, regex, choice or grammar (a StructuredOutputsParams, or a dict of its fields).
+    structured_outputs: StructuredOutputsParams | None = None
     # Normalised forms, filled in by __post_init__.
     stop_strings: tuple[str, ...] = field(init=False, repr=False)
 
@@ -53,6 +57,12 @@ class SamplingParams:
             self.allowed_token_ids = _token_id_list("allowed_token_ids", self.allowed_token_ids)
             if not self.allowed_token_ids:
                 raise ValueError("allowed_token_ids must not be empty (leave it None to allow every token)")
+        if isinstance(self.structured_outputs, dict):
+            self.structured_outputs = StructuredOutputsParams(**self.structured_outputs)
+        elif self.structured_outputs is not None and not isinstance(self.structured_outputs, StructuredOutputsParams):
+            raise ValueError(
+                f"structured_outputs must be a StructuredOutputsParams or a dict, got {self.structured_outputs!r}"
+            )
         if self.bad_words is not None:
             if not isinstance(self.bad_words, (list, tuple)) or not all(isinstance(w, str) for w in self.bad_words):
                 raise ValueError(f"bad_words must be a list of strings, got {self.bad_words!r}")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -51,6 +51,8 @@ class Sequence:
     cumulative_logprob: float | None = None
     bad_words_token_ids: list[list[int]] = field(default_factory=list)
     spec_token_ids: list[int] = field(default_factory=list)  # draft tokens proposed for the next step
+    # The grammar's state after this sequence's output so far (structured outputs); None when unconstrained.
+    matcher: Any = None
     # prompt_logprobs: [None, then per prompt token from the second: {token_id: logprob}], filled chunk by chunk.
     prompt_logprobs: list[dict[int, float] | None] | None = None
 
@@ -101,6 +103,8 @@ class Sequence:
         child = Sequence(seq_id, self.request_id, index, self.prompt_token_ids, self.params, None, self.generator)
         child.token_ids = list(self.token_ids)
         child.take_state_of(self)
+        if self.matcher is not None:
+            child.matcher = self.matcher.deep_copy()
         return child
 
     def take_state_of(self, parent: Sequence) -> None:

@@ -20,7 +20,7 @@ from engine.sequence import Sequence
 def can_speculate(seq: Sequence) -> bool:
     """Whether a sequence's sampling settings let one forward pass verify several of its tokens: every verified
     position must see the same logits processing, so settings that depend on the tokens generated so far
-    (penalties, bad words, min_tokens not yet reached) decode one token at a time."""
+    (penalties, bad words, min_tokens not yet reached, a grammar's state) decode one token at a time."""
     p = seq.params
     return (
         p.repetition_penalty == 1.0
@@ -28,6 +28,7 @@ def can_speculate(seq: Sequence) -> bool:
         and p.frequency_penalty == 0.0
         and not p.bad_words
         and seq.num_output_tokens >= p.min_tokens
+        and seq.matcher is None
     )
 
 
