@@ -193,6 +193,15 @@ class BlockManager:
         block.ref_count = 1
         return block_id
 
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached prefix (blocks in use keep theirs: their holders may still register them)."""
+        for block_id in self._free:
+            block = self.blocks[block_id]
+            if block.hash is not None and self._hash_to_block.get(block.hash) == block_id:
+                del self._hash_to_block[block.hash]
+            block.hash = block.token_ids = None
+        self._free = OrderedDict.fromkeys(self._free)  # order kept; nothing cached left to prefer
+
     def trim(self, seq: Sequence, num_tokens: int) -> None:
         """Give back seq's blocks past the first blocks_for(num_tokens) (slots of drafts that were rejected)."""
         keep = blocks_for(num_tokens, self.block_size)

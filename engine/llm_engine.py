@@ -132,6 +132,11 @@ class LLMEngine:
             group.beam.done = True
         self.scheduler.remove(group)
 
+    def reset_prefix_cache(self) -> None:
+        """Forget the cached prefixes of the blocks no request holds (vLLM's reset_prefix_cache): what runs next
+        computes its prompts afresh, e.g. a benchmark's second run."""
+        self.block_manager.reset_prefix_cache()
+
     def has_unfinished_requests(self) -> bool:
         return bool(self._requests)
 

@@ -15,6 +15,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 # Grammars kept compiled, least recently used dropped first.
@@ -124,20 +125,16 @@ class StructuredOutputManager:
 
     def mask(self, logits: torch.Tensor, rows: list[tuple[int, Any]]) -> None:
         """Set logits[row, t] = -inf for every token t the row's matcher forbids next. logits: [B, vocab]."""
-        import llguidance.torch as lt
-
         ll_vocab = self._ll().vocab_size
-        bitmask = lt.allocate_token_bitmask(len(rows), ll_vocab)  # [rows, ceil(ll_vocab / 32)] int32
-        for i, (_, matcher) in enumerate(rows):
-            lt.fill_next_token_bitmask(matcher, bitmask, i)
-        index = torch.tensor([row for row, _ in rows], device=logits.device)
-        # Unpacked: allowed[i, t] for t < ll_vocab; ids past the tokenizer's vocabulary (padding rows of the
-        # embedding) are never allowed.
-        bits = torch.arange(32, dtype=torch.int32)
-        allowed = ((bitmask[:, :, None] >> bits) & 1).bool().view(len(rows), -1)[:, :ll_vocab]
+        words = (ll_vocab + 31) // 32
+        # Each matcher's bitmask: bit t of little-endian uint32 word t // 32 allows token t. [rows, words]
+        packed = np.stack([np.frombuffer(m.compute_bitmask(), dtype=np.uint32)[:words] for _, m in rows])
+        allowed = np.unpackbits(packed.view(np.uint8), axis=1, bitorder="little")[:, :ll_vocab]  # [rows, ll_vocab]
+        # Ids past the tokenizer's vocabulary (padding rows of the embedding) are never allowed.
         mask = torch.zeros((len(rows), logits.shape[1]), dtype=torch.bool)
         width = min(ll_vocab, logits.shape[1])
-        mask[:, :width] = allowed[:, :width]
+        mask[:, :width] = torch.from_numpy(allowed[:, :width].astype(bool))
+        index = torch.tensor([row for row, _ in rows], device=logits.device)
         logits[index] = logits[index].masked_fill(~mask.to(logits.device), float("-inf"))
 
 

@@ -17,9 +17,12 @@ import torch
 from tqdm.auto import tqdm
 
 from engine import LLMEngine, SamplingParams
+from engine.structured_output import StructuredOutputsParams
 
 # W64 (see resources/bench/): 64 chat requests of 128 new tokens each.
 BUILTIN_WORKLOAD = Path(__file__).resolve().parents[2] / "resources" / "bench" / "w64_prompts.jsonl"
+# An answer, a confidence and keywords: what a script asks for with response_format (the --json-schema example).
+EXAMPLE_SCHEMA = BUILTIN_WORKLOAD.with_name("w64_schema.json")
 HF_BATCH_SIZE = 16
 
 
@@ -88,8 +91,23 @@ def load_workload(path: Path, num_prompts: int | None = None, max_tokens: int | 
     return requests
 
 
-def greedy_params(request: BenchRequest) -> SamplingParams:
-    return SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=request.max_tokens)
+def greedy_params(request: BenchRequest, json_schema: dict | None = None) -> SamplingParams:
+    """Greedy, EOS ignored; with json_schema every reply is kept to it (it may then end before max_tokens, when
+    the JSON is complete)."""
+    structured = StructuredOutputsParams(json=json_schema) if json_schema is not None else None
+    return SamplingParams(
+        temperature=0.0, ignore_eos=True, max_tokens=request.max_tokens, structured_outputs=structured
+    )
+
+
+def load_json_schema(path: Path) -> dict:
+    try:
+        schema = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"cannot read the JSON schema {path}: {e}") from e
+    if not isinstance(schema, dict):
+        raise ValueError(f"{path} does not hold a JSON schema object")
+    return schema
 
 
 def run_engine(

@@ -42,6 +42,12 @@ def run_bench_throughput(args: argparse.Namespace) -> int:
     )
     ours = bench.run_engine(llm.llm_engine, prompt_ids, params)
     print(ours.summary(), flush=True)
+    if args.json_schema is not None:
+        schema = bench.load_json_schema(args.json_schema)
+        llm.reset_prefix_cache()  # the constrained run computes its prompts afresh too
+        constrained = bench.run_engine(llm.llm_engine, prompt_ids, [bench.greedy_params(r, schema) for r in requests])
+        print(f"{constrained.summary().replace('kvstudio', 'kvstudio + JSON schema', 1)}")
+        print(f"constrained / free: {constrained.tokens_per_s / ours.tokens_per_s:.1%}")
     if args.baseline != "hf":
         return 0
     del llm  # free the engine's weights and KV pool before the baseline's model loads

@@ -102,6 +102,13 @@ def build_parser() -> argparse.ArgumentParser:
     throughput.add_argument(
         "--baseline", choices=["hf"], help="also run transformers' generate on the same weights and prompts"
     )
+    throughput.add_argument(
+        "--json-schema",
+        type=Path,
+        metavar="FILE.json",
+        help="also run the workload with every reply kept to this JSON schema (structured outputs) and report the "
+        "constrained rate beside the free one (example: resources/bench/w64_schema.json)",
+    )
     serving = bench_commands.add_parser(
         "serve",
         parents=[engine_options],

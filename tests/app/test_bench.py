@@ -7,6 +7,7 @@ import pytest
 
 from app.bench import throughput as bench
 from app.cli import main as cli
+from engine.models.loader import open_model
 
 
 def write_workload(path, lines: list) -> None:
@@ -91,3 +92,26 @@ def test_throughput_against_hf_generate(monkeypatch, capsys, smollm2_gguf):
     ours, theirs = results
     assert [len(ids) for ids in ours.token_ids] == [8] * 4
     assert ours.token_ids == theirs.token_ids
+
+
+def test_throughput_with_a_json_schema_reports_both_rates(monkeypatch, capsys, smollm2_gguf):
+    results: list[bench.BenchResult] = []
+    real = bench.run_engine
+    monkeypatch.setattr(bench, "run_engine", lambda *a, **k: results.append(real(*a, **k)) or results[-1])
+    argv = ["bench", "throughput", "--model", str(smollm2_gguf), "--num-prompts", "2", "--max-tokens", "40"]
+    assert cli.main([*argv, "--json-schema", str(bench.EXAMPLE_SCHEMA)]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"^kvstudio \+ JSON schema: \d+ tokens in [\d.]+ s = [\d.]+ tok/s \(2 requests\)$", out, re.M)
+    assert re.search(r"^constrained / free: [\d.]+%$", out, re.M)
+    free, constrained = results
+    tokenizer = open_model(str(smollm2_gguf)).tokenizer
+    for ids in constrained.token_ids:  # each reply is (a prefix of) the schema's JSON object
+        assert tokenizer.decode(ids).lstrip().startswith("{") and len(ids) <= 40
+    assert free.token_ids != constrained.token_ids
+
+
+def test_a_json_schema_file_that_is_not_one_is_refused(tmp_path, capsys):
+    bad = tmp_path / "schema.json"
+    bad.write_text("[1, 2]")
+    with pytest.raises(ValueError, match="does not hold a JSON schema object"):
+        bench.load_json_schema(bad)

@@ -283,3 +283,15 @@ def test_block_states_show_free_used_shared_and_cached():
     d = forked(bm, a)
     assert bm.block_states() == bytes([SHARED, SHARED, SHARED, CACHED, FREE, FREE])
     assert d.block_table == [0, 1, 2]
+
+
+def test_reset_prefix_cache_forgets_free_blocks_prefixes_only():
+    bm = BlockManager(num_blocks=8, block_size=4)
+    a, b = seq(list(range(9))), seq(list(range(100, 109)))
+    run_prefill(bm, a)
+    run_prefill(bm, b)
+    bm.free(a)
+    bm.reset_prefix_cache()
+    assert bm.get_computed_blocks(seq(list(range(9)))) == NO_COMPUTED_BLOCKS  # a's blocks were free: forgotten
+    assert bm.get_computed_blocks(seq(list(range(100, 109)))).block_ids == (b.block_table[0], b.block_table[1])
+    assert bm.num_cached_free_blocks == 0 and bm.num_free_blocks == 8 - len(b.block_table)
