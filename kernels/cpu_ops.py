@@ -2,7 +2,11 @@
 
 Why C++ on the CPU at all: attention over a paged cache in torch ops must first gather every sequence's blocks
 into a padded copy, and on two cores that copy (written, then read again by the matmul) costs as much as the
-model's own matmuls at batch 64. The kernel reads K/V in place through the block table instead.
+model's own matmuls at batch 64. The kernel reads K/V in place through the block table instead. Quantized
+weights (kernels/quant.py) need kernels of their own too: torch has no int8 x int8 matmul with per-32 scales.
+
+Two extensions, each built on first use: an edit to one source rebuilds only its own, and a source that fails
+to compile here takes only its own kernels away.
 """
 
 from __future__ import annotations
@@ -11,16 +15,17 @@ import functools
 from pathlib import Path
 from types import ModuleType
 
-_SOURCES = [Path(__file__).parent / "csrc" / "paged_decode_attention.cpp"]
+_CSRC = Path(__file__).parent / "csrc"
+_ATTENTION_SOURCES = [_CSRC / "paged_decode_attention.cpp"]
+_QUANT_SOURCES = [_CSRC / "quant_gemm.cpp"]
+_SOURCES = _ATTENTION_SOURCES + _QUANT_SOURCES
 
 
 class KernelBuildError(RuntimeError):
     pass
 
 
-@functools.cache
-def load() -> ModuleType:
-    """The compiled module; the first call on a machine builds it (about a minute), later ones load it."""
+def _build(name: str, sources: list[Path]) -> ModuleType:
     from torch.utils import cpp_extension
 
     # Without torch's C++ headers (the PyInstaller bundle leaves them out) the compiler could only fail, noisily.
@@ -32,8 +37,8 @@ def load() -> ModuleType:
         )
     try:
         return cpp_extension.load(
-            name="kvstudio_cpu_ops",
-            sources=[str(p) for p in _SOURCES],
+            name=name,
+            sources=[str(p) for p in sources],
             # Built where it runs, so it may use every instruction this CPU has.
             extra_cflags=["-O3", "-march=native", "-fno-math-errno", "-fopenmp"],
             extra_ldflags=["-fopenmp"],
@@ -41,3 +46,15 @@ def load() -> ModuleType:
         )
     except (RuntimeError, OSError, ImportError) as e:
         raise KernelBuildError(f"could not build kvstudio's CPU kernels (needs g++ and ninja): {e}") from e
+
+
+@functools.cache
+def load() -> ModuleType:
+    """The paged-attention module; the first call on a machine builds it (about a minute), later ones load it."""
+    return _build("kvstudio_cpu_ops", _ATTENTION_SOURCES)
+
+
+@functools.cache
+def load_quant() -> ModuleType:
+    """The quantized-matmul module (kernels/quant.py calls it), built on first use like load()'s."""
+    return _build("kvstudio_quant_ops", _QUANT_SOURCES)

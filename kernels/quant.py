@@ -1,0 +1,409 @@
+"""Weight-only quantized linear layers: the two kept formats, GGUF import, the matmul ops, and their torch twins.
+
+Formats (w is one weight, 32 consecutive weights of a row share d and m):
+  q8g32  w = d * q,      q int8         (GGUF Q8_0's grid)      8.5 bits/weight (fp16 d)
+  q4g32  w = d * q + m,  q in 0..15     (GGUF Q4_1's grid)      5.0 bits/weight (fp16 d and m)
+
+In memory the columns (output features) go in panels of 8, each panel a run of 32-weight blocks, laid out for the
+CPU kernel's int8 dot products (kernels/csrc/quant_gemm.cpp says why):
+  codes   q8g32: int8  [N/8, K/32, 256]  byte 32t + 4c + j       = code of column c, k = 4t + j
+          q4g32: uint8 [N/8, K/32, 128]  byte 32p + 4c + j holds   code(c, k = 8p + j) | code(c, 8p + 4 + j) << 4
+  scales  float16 [N/8, K/32, 8]  (d of column c in the block)
+  mins    float16 [N/8, K/32, 8]  (m; q4g32 only)
+N and K are padded up to multiples of 8 and 32 with zero weights; x's columns past K never meet them.
+
+The matmul runs the compiled C++ kernel on the CPU (activations quantized to int8 per 32, llama.cpp's way), the
+Triton kernel on CUDA (integer codes times x as given, each block's scale applied to the partial sums), and this
+module's twin (dequantize, then a float32 matmul) where neither applies (or the C++ kernels cannot be built).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from kernels import cpu_ops
+
+logger = logging.getLogger(__name__)
+
+FORMATS = ("q8g32", "q4g32")
+GROUP = 32  # weights per scale
+PANEL = 8  # columns per panel
+_CODE_BYTES = {"q8g32": 256, "q4g32": 128}  # per panel and block
+_ROWS_PER_PASS = 4096  # rows quantized or decoded at a time (a multiple of PANEL)
+
+# GGUF block types this module imports: ggml type id -> (name, weights per block, bytes per block, kept format)
+GGUF_TYPES = {
+    2: ("Q4_0", 32, 18, "q4g32"),
+    3: ("Q4_1", 32, 20, "q4g32"),
+    6: ("Q5_0", 32, 22, "q8g32"),
+    7: ("Q5_1", 32, 24, "q8g32"),
+    8: ("Q8_0", 32, 34, "q8g32"),
+    12: ("Q4_K", 256, 144, "q4g32"),
+    13: ("Q5_K", 256, 176, "q8g32"),
+    14: ("Q6_K", 256, 210, "q8g32"),
+}
+
+
+@dataclass(frozen=True, eq=False)
+class QuantizedWeight:
+    """A [N, K] weight (out_features, in_features) kept quantized; the tensors are in the panel layout above."""
+
+    format: str
+    shape: tuple[int, int]
+    codes: torch.Tensor
+    scales: torch.Tensor
+    mins: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        n, k = self.shape
+        panels, blocks = -(-n // PANEL), -(-k // GROUP)
+        assert self.format in FORMATS, self.format
+        assert self.codes.shape == (panels, blocks, _CODE_BYTES[self.format]), (self.codes.shape, self.shape)
+        assert self.scales.shape == (panels, blocks, PANEL) and self.scales.dtype == torch.float16
+        assert (self.mins is not None) == (self.format == "q4g32")
+
+    @property
+    def device(self) -> torch.device:
+        return self.codes.device
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes resident for this weight (codes, scales and mins, padding included)."""
+        return sum(t.numel() * t.element_size() for t in (self.codes, self.scales, self.mins) if t is not None)
+
+    def to(self, device: torch.device | str) -> QuantizedWeight:
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return QuantizedWeight(self.format, self.shape, move(self.codes), move(self.scales), move(self.mins))
+
+
+def format_nbytes(fmt: str, shape: tuple[int, int]) -> int:
+    """Bytes a [N, K] weight holds in format fmt (what QuantizedWeight.nbytes will say), for memory estimates."""
+    _check_format(fmt)
+    n, k = shape
+    per_block = _CODE_BYTES[fmt] + PANEL * 2 * (2 if fmt == "q4g32" else 1)
+    return -(-n // PANEL) * -(-k // GROUP) * per_block
+
+
+def _check_format(fmt: str) -> None:
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown quantized format {fmt!r}: expected one of {FORMATS}")
+
+
+# ---- packing: per-row codes [N, K] + per-block d, m [N, K/32] <-> the panel layout ------------------------------
+
+
+def _pack(fmt: str, shape: tuple[int, int], codes: torch.Tensor, d: torch.Tensor, m: torch.Tensor | None):
+    """codes: [N, K] integer (K a multiple of 32), d and m: [N, K/32] float -> QuantizedWeight."""
+    n, k = codes.shape
+    panels = -(-n // PANEL)
+    if panels * PANEL != n:  # zero columns up to a whole panel
+        codes = torch.cat([codes, codes.new_zeros(panels * PANEL - n, k)])
+        d = torch.cat([d, d.new_zeros(panels * PANEL - n, d.shape[1])])
+        m = None if m is None else torch.cat([m, m.new_zeros(panels * PANEL - n, m.shape[1])])
+    blocks = k // GROUP
+
+    def per_block(t: torch.Tensor) -> torch.Tensor:
+        # t: [N, K/32] -> [N/8, K/32, 8]
+        return t.reshape(panels, PANEL, blocks).transpose(1, 2).to(torch.float16).contiguous()
+
+    if fmt == "q8g32":
+        # codes: [panel, c, block, t, j] -> [panel, block, t, c, j]
+        c = codes.to(torch.int8).reshape(panels, PANEL, blocks, 8, 4).permute(0, 2, 3, 1, 4)
+        packed = c.reshape(panels, blocks, 256).contiguous()
+    else:
+        # codes: [panel, c, block, p, h, j] -> [panel, block, p, c, h, j]; h = 0 the low nibble, 1 the high one
+        c = codes.to(torch.uint8).reshape(panels, PANEL, blocks, 4, 2, 4).permute(0, 2, 3, 1, 4, 5)
+        packed = (c[..., 0, :] | (c[..., 1, :] << 4)).reshape(panels, blocks, 128).contiguous()
+    return QuantizedWeight(fmt, shape, packed, per_block(d), None if m is None else per_block(m))
+
+
+def _unpack_codes(qw: QuantizedWeight, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """Codes as int16 [len(rows) or padded N, padded K]: the weight's rows `rows` (all when None)."""
+    panels, blocks, size = qw.codes.shape
+    groups = 8 if qw.format == "q8g32" else 4  # q8g32: t (4 codes of a column each); q4g32: p (8 codes)
+    if rows is None:
+        c = qw.codes.view(panels, blocks, groups, PANEL, 4).permute(0, 3, 1, 2, 4)  # [panel, column, block, ., j]
+    else:
+        # One gather of only those rows' bytes (torch's multi-dimensional indexing is ~5x slower here).
+        arange = functools.partial(torch.arange, device=qw.device)
+        within = arange(blocks)[:, None, None] * size + arange(groups)[:, None] * 32 + arange(4)  # [block, ., j]
+        start = rows // PANEL * (blocks * size) + rows % PANEL * 4
+        c = qw.codes.view(-1).take(start[:, None, None, None] + within)  # [row, block, t or p, j]
+    c = c.reshape(-1, blocks, groups, 1, 4).to(torch.int16)
+    if qw.format == "q4g32":
+        c = torch.cat([c & 0x0F, c >> 4], dim=3)  # [row, block, p, h, j]: k = 8p + 4h + j
+    return c.reshape(c.shape[0], blocks * GROUP)
+
+
+def _per_row(t: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """[N/8, K/32, 8] -> float32 [padded N or len(rows), K/32]."""
+    blocks = t.shape[1]
+    if rows is None:
+        return t.transpose(1, 2).reshape(-1, blocks).float()
+    start = rows // PANEL * (blocks * PANEL) + rows % PANEL
+    return t.view(-1).take(start[:, None] + torch.arange(blocks, device=t.device) * PANEL).float()
+
+
+def _dequantize_rows(qw: QuantizedWeight, rows: torch.Tensor | None) -> torch.Tensor:
+    """float32 [len(rows), K] (or [N, K] for all rows): d * q (+ m) per 32-weight block."""
+    n, k = qw.shape
+    q = _unpack_codes(qw, rows).float()
+    q = q.view(q.shape[0], -1, GROUP)  # [rows, blocks, 32]
+    w = q * _per_row(qw.scales, rows)[..., None]
+    if qw.mins is not None:
+        w = w + _per_row(qw.mins, rows)[..., None]
+    w = w.flatten(1)[:, :k]
+    return w if rows is not None else w[:n]
+
+
+def dequantize(qw: QuantizedWeight) -> torch.Tensor:
+    """The float32 [N, K] weight (the torch twin of every kernel here): d * q, or d * q + m, in float32."""
+    return _dequantize_rows(qw, None)
+
+
+# ---- making quantized weights ---------------------------------------------------------------------------------
+
+
+def _fp16_scales(t: torch.Tensor, what: str) -> torch.Tensor:
+    """float32 scales or mins, one per block -> rounded to float16 (as float32). A NaN or inf among a block's
+    weights shows here (amax and amin propagate it), on 1/32 of the data."""
+    if not torch.isfinite(t).all():
+        raise ValueError("the weight holds inf or NaN: it cannot be kept quantized")
+    h = t.to(torch.float16)
+    if not torch.isfinite(h).all():
+        raise ValueError(f"weights too large for float16 {what} (|w| up to {t.abs().max().item():.3g})")
+    return h.float()
+
+
+def _q8_codes(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """blocks: float32 [..., 32] -> (int8 codes [..., 32], d [...]) by round-to-nearest, d = amax / 127."""
+    d = _fp16_scales(blocks.abs().amax(-1) / 127, "scales")
+    inv = torch.where(d > 0, 1 / d, torch.zeros_like(d))
+    q = torch.round(blocks * inv[..., None]).clamp_(-127, 127)
+    return q.to(torch.int8), d
+
+
+def _q4_codes(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """blocks: float32 [..., 32] -> (codes 0..15, d, m) with m = min and d = (max - min) / 15, round-to-nearest."""
+    lo, hi = blocks.amin(-1), blocks.amax(-1)
+    d = _fp16_scales((hi - lo) / 15, "scales")
+    m = _fp16_scales(lo, "mins")
+    inv = torch.where(d > 0, 1 / d, torch.zeros_like(d))
+    q = torch.round((blocks - m[..., None]) * inv[..., None]).clamp_(0, 15)
+    return q.to(torch.uint8), d, m
+
+
+def _quantize_rows(w: torch.Tensor, fmt: str) -> QuantizedWeight:
+    """float32 [rows, K] on the CPU -> QuantizedWeight, round-to-nearest per 32."""
+    n, k = w.shape
+    if k % GROUP:
+        w = torch.nn.functional.pad(w, (0, GROUP - k % GROUP))  # zero weights, never multiplied by x
+    blocks = w.view(n, -1, GROUP)
+    if fmt == "q8g32":
+        q, d = _q8_codes(blocks)
+        return _pack(fmt, (n, k), q.view(n, -1), d, None)
+    q, d, m = _q4_codes(blocks)
+    return _pack(fmt, (n, k), q.view(n, -1), d, m)
+
+
+def _by_rows(fmt: str, shape: tuple[int, int], make) -> QuantizedWeight:
+    """make(r0, r1) -> QuantizedWeight of rows r0..r1, a few thousand rows at a time, so that the float
+    temporaries stay small for a vocab-sized matrix (a 128k x 2048 head is 1 GB in float32); joined by panels."""
+    n = shape[0]
+    parts = [make(r0, min(r0 + _ROWS_PER_PASS, n)) for r0 in range(0, max(n, 1), _ROWS_PER_PASS)]
+    if len(parts) == 1:
+        return parts[0]
+    mins = None if parts[0].mins is None else torch.cat([p.mins for p in parts])
+    return QuantizedWeight(fmt, shape, torch.cat([p.codes for p in parts]), torch.cat([p.scales for p in parts]), mins)
+
+
+def quantize(w: torch.Tensor, fmt: str) -> QuantizedWeight:
+    """A float [N, K] weight quantized per 32 weights of a row, round-to-nearest: q8g32 with d = amax/127,
+    q4g32 with m = min, d = (max - min)/15 (llama.cpp's Q8_0 and Q4_1). K needn't be a multiple of 32.
+    The result is on the CPU (QuantizedWeight.to moves it)."""
+    _check_format(fmt)
+    if w.dim() != 2:
+        raise ValueError(f"a weight to quantize must be [out_features, in_features], got shape {tuple(w.shape)}")
+    if not w.is_floating_point():
+        raise ValueError(f"a weight to quantize must be floating point, got {w.dtype}")
+    w = w.detach()
+    return _by_rows(fmt, tuple(w.shape), lambda r0, r1: _quantize_rows(w[r0:r1].to("cpu", torch.float32), fmt))
+
+
+def _as_bytes(raw) -> torch.Tensor:
+    if isinstance(raw, torch.Tensor):
+        return raw.detach().cpu().contiguous().view(torch.uint8).reshape(-1)
+    if isinstance(raw, bytes | bytearray | memoryview):
+        return torch.frombuffer(bytearray(raw), dtype=torch.uint8)
+    # A numpy array (gguf's reader hands out read-only memory maps): copied, as the layout changes anyway.
+    return torch.tensor(raw).view(torch.uint8).reshape(-1)
+
+
+def _f16(b: torch.Tensor) -> torch.Tensor:
+    """[n, 2] bytes -> float32 [n] (little-endian float16)."""
+    return b.contiguous().view(torch.float16).float().reshape(-1)
+
+
+def _nibbles(qs: torch.Tensor) -> torch.Tensor:
+    """[n, 16] bytes -> [n, 32]: low nibbles are elements 0..15, high nibbles 16..31 (GGUF's legacy blocks)."""
+    return torch.cat([qs & 0x0F, qs >> 4], dim=-1)
+
+
+def _high_bits(qh: torch.Tensor) -> torch.Tensor:
+    """[n, 4] bytes of a little-endian uint32 -> [n, 32] bits, bit j for element j."""
+    bits = torch.arange(8, dtype=torch.int16)
+    return ((qh.to(torch.int16)[..., None] >> bits) & 1).reshape(qh.shape[0], 32)
+
+
+def _k_scales(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q4_K/Q5_K's 12 bytes of 6-bit sub-block scales and mins -> ([n, 8], [n, 8]) (ggml's get_scale_min_k4)."""
+    s = s.to(torch.int16)
+    sc = torch.cat([s[:, 0:4] & 63, (s[:, 8:12] & 15) | ((s[:, 0:4] >> 6) << 4)], dim=1)
+    mn = torch.cat([s[:, 4:8] & 63, (s[:, 8:12] >> 4) | ((s[:, 4:8] >> 6) << 4)], dim=1)
+    return sc, mn
+
+
+def _decode(b: torch.Tensor, name: str):
+    """GGUF blocks [n, bytes] -> (codes [n, W], d [n, W/32], m [n, W/32] or None), exact for the types kept as
+    codes (Q8_0, Q5_0 -> q8g32; Q4_0, Q4_1 -> q4g32), or float32 weights [n, W] for the rest, computed as
+    ggml (and gguf-py) dequantizes them. Q4_K gives codes with its products d*sc, -dmin*m in float32."""
+    n = b.shape[0]
+    if name == "Q8_0":
+        return b[:, 2:].contiguous().view(torch.int8), _f16(b[:, :2])[:, None], None
+    if name == "Q4_0":
+        d = _f16(b[:, :2])[:, None]
+        return _nibbles(b[:, 2:18]), d, -8 * d
+    if name == "Q4_1":
+        return _nibbles(b[:, 4:20]), _f16(b[:, :2])[:, None], _f16(b[:, 2:4])[:, None]
+    if name == "Q5_0":
+        q = _nibbles(b[:, 6:22]).to(torch.int16) | (_high_bits(b[:, 2:6]) << 4)
+        return (q - 16).to(torch.int8), _f16(b[:, :2])[:, None], None
+    if name == "Q5_1":
+        q = _nibbles(b[:, 8:24]).to(torch.int16) | (_high_bits(b[:, 4:8]) << 4)
+        return q.float() * _f16(b[:, :2])[:, None] + _f16(b[:, 2:4])[:, None]
+    if name in ("Q4_K", "Q5_K"):
+        d, dmin = _f16(b[:, 0:2])[:, None], _f16(b[:, 2:4])[:, None]
+        sc, mn = _k_scales(b[:, 4:16])
+        qs = b[:, -128:].reshape(n, 4, 1, 32)  # 4 chunks of 64 weights: low nibbles, then high nibbles
+        q = torch.cat([qs & 0x0F, qs >> 4], dim=2).reshape(n, 8, 32).to(torch.int16)
+        if name == "Q5_K":
+            qh = b[:, 16:48].to(torch.int16)  # bit s of byte l: the fifth bit of sub-block s's weight l
+            q = q | (((qh[:, None, :] >> torch.arange(8, dtype=torch.int16)[:, None]) & 1) << 4)
+        scale, offset = d * sc.float(), dmin * mn.float()  # [n, 8], as ggml: float32 products
+        if name == "Q4_K":
+            return q.reshape(n, 256), scale, -offset
+        return (scale[..., None] * q.float() - offset[..., None]).reshape(n, 256)
+    assert name == "Q6_K", name
+    ql, qh = b[:, 0:128].reshape(n, 2, 1, 2, 32), b[:, 128:192].reshape(n, 2, 1, 32).to(torch.int16)
+    sc = b[:, 192:208].contiguous().view(torch.int8).float()  # [n, 16]: one per 16 weights
+    d = _f16(b[:, 208:210])[:, None]
+    # Each 128-weight half: groups g = 0..3 of 32 take ql[l] low, ql[l+32] low, ql[l] high, ql[l+32] high nibbles
+    # and bits 2g, 2g+1 of qh[l].
+    low = torch.cat([ql & 0x0F, ql >> 4], dim=2).reshape(n, 2, 4, 32).to(torch.int16)
+    high = (qh >> (2 * torch.arange(4, dtype=torch.int16))[:, None]) & 3
+    q = ((low | (high << 4)) - 32).reshape(n, 16, 16).float()
+    return ((d * sc)[..., None] * q).reshape(n, 256)
+
+
+def from_gguf_blocks(raw, ggml_type: int, shape: tuple[int, int]) -> QuantizedWeight:
+    """A GGUF tensor's raw blocks -> QuantizedWeight. shape is (N, K) = (out_features, in_features), K the
+    innermost dimension (GGUF's ne[0]); raw the N * K / block_weights * block_bytes bytes (numpy array, bytes or
+    uint8 tensor). Q4_0, Q4_1, Q4_K -> q4g32 as a copy of the codes (Q4_0's m = -8d; Q4_K's sub-block d*sc and
+    -dmin*m rounded to float16); Q8_0, Q5_0 -> q8g32 exactly; Q5_1, Q5_K, Q6_K -> q8g32 requantized."""
+    ggml_type = int(ggml_type)
+    if ggml_type not in GGUF_TYPES:
+        kept = ", ".join(t[0] for t in GGUF_TYPES.values())
+        raise ValueError(f"GGUF type {ggml_type} cannot be kept quantized (supported: {kept})")
+    name, per_block, block_bytes, fmt = GGUF_TYPES[ggml_type]
+    n, k = shape
+    if k % per_block:
+        raise ValueError(f"{name} needs rows of a multiple of {per_block} weights, got {k}")
+    b = _as_bytes(raw)
+    if b.numel() != n * k // per_block * block_bytes:
+        raise ValueError(f"{name} [{n}, {k}] takes {n * k // per_block * block_bytes} bytes, got {b.numel()}")
+    b = b.view(n, -1)  # [N, bytes of a row]
+
+    def part(r0: int, r1: int) -> QuantizedWeight:
+        rows = r1 - r0
+        decoded = _decode(b[r0:r1].reshape(-1, block_bytes), name)
+        if isinstance(decoded, torch.Tensor):  # float weights of a grid neither format holds: requantize
+            return _quantize_rows(decoded.view(rows, k), fmt)
+        q, d, m = decoded
+        d = _fp16_scales(d, "scales").reshape(rows, -1)
+        m = None if m is None else _fp16_scales(m, "mins").reshape(rows, -1)
+        return _pack(fmt, (rows, k), q.reshape(rows, k), d, m)
+
+    return _by_rows(fmt, (n, k), part)
+
+
+# ---- ops ------------------------------------------------------------------------------------------------------
+
+
+@functools.cache
+def _cpu_kernels():
+    """The compiled module, or None (after one warning) where it cannot be built: the twin runs instead."""
+    try:
+        return cpu_ops.load_quant()
+    except cpu_ops.KernelBuildError as e:
+        logger.warning("%s; quantized matmuls fall back to the slower torch ops", e)
+        return None
+
+
+def _check_matmul(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None) -> None:
+    # Cheap checks only (is_cuda rather than .device, ~0.1 us each): decode makes ~100 of these calls a token.
+    if x.shape[-1] != qw.shape[1]:
+        raise ValueError(f"x has {x.shape[-1]} features, the weight [{qw.shape[0]}, {qw.shape[1]}] takes {qw.shape[1]}")
+    if not x.is_floating_point():
+        raise ValueError(f"x must be floating point, got {x.dtype}")
+    if x.is_cuda != qw.codes.is_cuda:
+        raise ValueError(f"x is on {x.device}, the weight on {qw.device}")
+    if bias is not None and bias.shape != (qw.shape[0],):
+        raise ValueError(f"bias has shape {tuple(bias.shape)}, expected ({qw.shape[0]},)")
+
+
+def qmatmul(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [..., K] @ W^T (+ bias) -> [..., N] in x's dtype. CPU: the C++ kernel (int8 activations per 32, float32
+    accumulation); CUDA: the Triton kernel; elsewhere, or without a compiler, qmatmul_ref."""
+    _check_matmul(x, qw, bias)
+    n, k = qw.shape
+    flat = x.dim() == 2
+    x2 = x if flat else x.reshape(-1, k)  # x2: [M, K]
+    if x.is_cuda:
+        from kernels.triton_quant import triton_qmatmul
+
+        y = triton_qmatmul(x2, qw, bias)
+    else:
+        ops = _cpu_kernels() if x.is_cpu else None
+        if ops is None:
+            return qmatmul_ref(x, qw, bias)
+        same = x.dtype == torch.float32
+        if bias is not None:
+            bias = bias.float().contiguous()
+        y = ops.qlinear((x2 if same else x2.float()).contiguous(), qw.codes, qw.scales, qw.mins, n, bias)
+        if not same:
+            y = y.to(x.dtype)
+    return y if flat else y.view(*x.shape[:-1], n)
+
+
+def qmatmul_ref(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """The twin: dequantize, then x @ W^T (+ bias) in float32; the result in x's dtype."""
+    _check_matmul(x, qw, bias)
+    y = x.float() @ dequantize(qw).t()
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype)
+
+
+def qembedding(ids: torch.Tensor, qw: QuantizedWeight) -> torch.Tensor:
+    """Rows ids of W ([N, K], e.g. a quantized or tied embedding table), dequantized -> float32 [*ids.shape, K].
+    Only the gathered rows are dequantized."""
+    if ids.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"ids must be int32 or int64, got {ids.dtype}")
+    flat = ids.reshape(-1).to(qw.device, torch.int64)
+    if flat.numel() and (flat.min() < 0 or flat.max() >= qw.shape[0]):
+        raise ValueError(f"ids must be in [0, {qw.shape[0]})")
+    return _dequantize_rows(qw, flat).view(*ids.shape, qw.shape[1])
