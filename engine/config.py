@@ -13,6 +13,7 @@ ATTENTION_BACKENDS = ("auto", "torch", "cpu", "triton")
 # KV pool size on the CPU when kv_cache_memory is not given, in GiB.
 DEFAULT_CPU_KV_CACHE_GIB = 2.0
 PREEMPTION_MODES = ("swap", "recompute")
+QUANTIZATION_MODES = ("auto", "none", "int8", "int4")
 
 
 SPECULATIVE_METHODS = ("ngram",)
@@ -71,6 +72,8 @@ class EngineConfig:
     preemption_mode: str | None = None  # None: vLLM's policy (swap groups of several sequences); swap | recompute
     attention_backend: str = "auto"  # auto | torch | cpu (the compiled CPU kernels) | triton (the GPU's)
     cuda_graphs: bool = True  # replay captured CUDA graphs for decode steps (CUDA + triton only)
+    # auto: a GGUF's quantized weights stay quantized; none: all in dtype; int8 / int4: quantized at load
+    quantization: str = "auto"
     seed: int = 0
     device: str | None = None  # None = cuda when available, else cpu
     # vLLM's speculative_config: {"method": "ngram", "num_speculative_tokens": k, "prompt_lookup_max": n,
@@ -106,6 +109,10 @@ class EngineConfig:
             raise ValueError("preemption_mode swap needs swap_space > 0")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        if self.quantization not in QUANTIZATION_MODES:
+            raise ValueError(
+                f"quantization must be one of {', '.join(QUANTIZATION_MODES)}; got {self.quantization!r}"
+            )
         if self.attention_backend not in ATTENTION_BACKENDS:
             raise ValueError(
                 f"attention_backend must be one of {', '.join(ATTENTION_BACKENDS)}; got {self.attention_backend!r}"

@@ -17,6 +17,7 @@ from engine.block_manager import BlockManager
 from engine.config import EngineConfig, ModelConfig
 from engine.input_processor import InputProcessor
 from engine.model_runner import ModelRunner, StepResult
+from engine.models import quantization
 from engine.models.loader import open_model
 from engine.models.registry import model_class
 from engine.output_processor import OutputProcessor, SamplingPlan, StepSamples
@@ -69,9 +70,11 @@ class LLMEngine:
             config.attention_backend, device, bs, a.head_dim, a.sliding_window, self.model_config.kv_cache_dtype
         )
         model = cls(hf, max_positions=max_model_len, fused_kernels=backend.fused_kernels)
+        quantized = model.keep_quantized(quantization.candidates(source, config.quantization))
         model.materialize(device, dtype)
-        model.load_weights(source.weights(dtype))
+        model.load_weights(quantization.weight_stream(source, dtype, config.quantization, quantized))
         model.eval()
+        self.weight_bytes = model.weight_bytes()  # resident, quantized weights at their kept size
 
         self.max_num_batched_tokens = config.max_num_batched_tokens or DEFAULT_MAX_NUM_BATCHED_TOKENS
         self.runner = ModelRunner(model, backend, self.model_config, bs, device)

@@ -80,6 +80,24 @@ class QuantizedWeight:
         return QuantizedWeight(self.format, self.shape, move(self.codes), move(self.scales), move(self.mins))
 
 
+def concat(weights: list[QuantizedWeight]) -> QuantizedWeight:
+    """Weights of one format and K stacked along N (a fused q/k/v or gate/up projection): each weight but the last
+    must have N a multiple of PANEL, so that its panels end where the next one's begin."""
+    first = weights[0]
+    if any(w.format != first.format or w.shape[1] != first.shape[1] for w in weights):
+        raise ValueError("only weights of one format and in_features can be stacked")
+    if any(w.shape[0] % PANEL for w in weights[:-1]):
+        raise ValueError(f"stacked weights but the last need out_features a multiple of {PANEL}")
+    cat = lambda ts: None if ts[0] is None else torch.cat(ts)  # noqa: E731
+    return QuantizedWeight(
+        first.format,
+        (sum(w.shape[0] for w in weights), first.shape[1]),
+        torch.cat([w.codes for w in weights]),
+        torch.cat([w.scales for w in weights]),
+        cat([w.mins for w in weights]),
+    )
+
+
 def format_nbytes(fmt: str, shape: tuple[int, int]) -> int:
     """Bytes a [N, K] weight holds in format fmt (what QuantizedWeight.nbytes will say), for memory estimates."""
     _check_format(fmt)

@@ -108,6 +108,13 @@ def engine_options() -> argparse.ArgumentParser:
         help="run every decode step eagerly on a GPU instead of replaying captured CUDA graphs",
     )
     group.add_argument(
+        "--quantization",
+        default="auto",
+        choices=["auto", "none", "int8", "int4"],
+        help="weights kept quantized: auto keeps a GGUF file's quantization (Q4_* as 4-bit, Q5_*/Q6_K/Q8_0 as 8-bit "
+        "per 32 weights); none: every weight in --dtype; int8 / int4: quantize every linear layer at load",
+    )
+    group.add_argument(
         "--threads", type=positive_int, metavar="N", help="torch CPU threads (default: torch's, one per core)"
     )
     group.add_argument(
@@ -167,6 +174,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
         "dtype": args.dtype,
         "kv_cache_dtype": args.kv_cache_dtype,
         "enable_prefix_caching": not args.no_prefix_caching,
+        "quantization": args.quantization,
         "attention_backend": args.attention_backend,
     }
     if args.no_cuda_graphs:

@@ -10,6 +10,7 @@ from torch import nn
 
 from engine.attention.backend import AttentionBackend
 from engine.models.rope import cos_sin_cache, rope_parameters
+from kernels.quant import PANEL, QuantizedWeight, concat, qembedding, qmatmul
 
 # The fused Triton kernels are imported where they run (a dictionary lookup once loaded): triton is needed on the
 # GPU path only, and the CPU app bundle leaves it out.
@@ -106,17 +107,35 @@ class RotaryEmbedding(nn.Module):
 class Linear(nn.Module):
     """y = x @ weight + bias with the weight stored transposed, [in, out]: BLAS multiplies a small batch of rows
     by a row-major [in, out] matrix faster than by the checkpoint's [out, in] layout (about 15% on the CPU at
-    decode batch sizes). Several projections of one input (q/k/v, gate/up) can share it as column shards."""
+    decode batch sizes). Several projections of one input (q/k/v, gate/up) can share it as column shards.
+
+    Or kept quantized (keep_quantized, before the model is materialised): one QuantizedWeight per shard instead,
+    stacked into as few matmuls as their formats allow, and the float weight never allocated."""
 
     def __init__(self, in_features: int, shard_sizes: list[int], bias: bool) -> None:
         super().__init__()
         out_features = sum(shard_sizes)
+        self.in_features = in_features
         self.weight = nn.Parameter(torch.empty(in_features, out_features, device="meta"))
         self.bias = nn.Parameter(torch.empty(out_features, device="meta")) if bias else None
         self.shard_offsets = [sum(shard_sizes[:i]) for i in range(len(shard_sizes))]
         self.shard_sizes = shard_sizes
+        self.qshards: list[QuantizedWeight | None] | None = None  # per shard, while loading
+        self.qweights: list[QuantizedWeight] = []  # the matmuls' weights once loaded, in output order
+
+    @property
+    def quantized(self) -> bool:
+        return self.qshards is not None
+
+    def keep_quantized(self) -> None:
+        self.register_parameter("weight", None)
+        self.qshards = [None] * len(self.shard_sizes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.qweights:
+            outs = [qmatmul(x, qw) for qw in self.qweights]
+            y = outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
+            return y if self.bias is None else y.add_(self.bias)
         if self.bias is None:
             return x @ self.weight
         return torch.addmm(self.bias, x, self.weight)
@@ -131,3 +150,37 @@ class Linear(nn.Module):
             param.data[:, start : start + size].copy_(loaded.t())
         else:
             param.data[start : start + size].copy_(loaded)
+
+    def load_quantized(self, qw: QuantizedWeight, shard: int, device: torch.device) -> None:
+        expected = (self.shard_sizes[shard], self.in_features)
+        if qw.shape != expected:
+            raise ValueError(f"weight shard {shard} has shape {qw.shape}, expected {expected}")
+        self.qshards[shard] = qw.to(device)
+        if all(q is not None for q in self.qshards):
+            self.qweights = _stack(self.qshards)
+
+
+def _stack(shards: list[QuantizedWeight]) -> list[QuantizedWeight]:
+    """Consecutive shards of one format stacked into one weight (one matmul) where the layout allows."""
+    groups: list[list[QuantizedWeight]] = []
+    for qw in shards:
+        last = groups[-1] if groups else None
+        if last and last[-1].format == qw.format and last[-1].shape[0] % PANEL == 0:
+            last.append(qw)
+        else:
+            groups.append([qw])
+    return [g[0] if len(g) == 1 else concat(g) for g in groups]
+
+
+class QuantizedEmbedding(nn.Module):
+    """An embedding table kept quantized: a step dequantizes only the rows of its tokens. Tied to the output
+    layer, the same weight serves the logits' matmul."""
+
+    def __init__(self, num_embeddings: int, dim: int) -> None:
+        super().__init__()
+        self.shape = (num_embeddings, dim)
+        self.qweight: QuantizedWeight | None = None
+        self.dtype = torch.float32  # of the rows it returns (the model's activations)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return qembedding(ids, self.qweight).to(self.dtype)

@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.models.layers import ForwardContext, Linear, RMSNorm, RopeStep, RotaryEmbedding
+from engine.models.layers import ForwardContext, Linear, QuantizedEmbedding, RMSNorm, RopeStep, RotaryEmbedding
+from kernels.quant import QuantizedWeight, qmatmul
 
 
 @dataclass(frozen=True)
@@ -147,11 +148,46 @@ class LlamaForCausalLM(nn.Module):
         self.norm = RMSNorm(a.hidden_size, a.rms_norm_eps, fused)
         self.lm_head = None if a.tie_word_embeddings else Linear(a.hidden_size, [a.vocab_size], bias=False)
 
+    def keep_quantized(self, candidates: set[str] | None) -> set[str]:
+        """Before materialize: hold quantized every weight module whose checkpoint tensors are all candidates (HF
+        names; None: every linear layer and the embedding). Returns the HF names it will take quantized."""
+        kept: set[str] = set()
+        modules: list[tuple[str, nn.Module]] = [(n, m) for n, m in self.named_modules() if isinstance(m, Linear)]
+        for path, module in modules:
+            names = self._hf_names(path, len(module.shard_sizes))
+            if candidates is None or all(n in candidates for n in names):
+                module.keep_quantized()
+                kept.update(names)
+        embed = "model.embed_tokens.weight"
+        if candidates is None or embed in candidates:
+            self.embed_tokens = QuantizedEmbedding(self.arch.vocab_size, self.arch.hidden_size)
+            kept.add(embed)
+        return kept
+
+    def _hf_names(self, path: str, num_shards: int) -> list[str]:
+        """The checkpoint names of a Linear's shards, e.g. layers.0.self_attn.qkv_proj -> q/k/v_proj weights."""
+        if path == "lm_head":
+            return ["lm_head.weight"]
+        parent, ours = path.rsplit(".", 1)
+        hf = [name for name, (merged, _) in sorted(self._merged.items(), key=lambda kv: kv[1]) if merged == ours]
+        return [f"model.{parent}.{name}.weight" for name in hf] if hf else [f"model.{path}.weight"]
+
     def materialize(self, device: torch.device, dtype: torch.dtype) -> None:
         """Allocate the parameters (uninitialised: load_weights fills them) and the rotary table."""
         self.to_empty(device=device)
         self.to(dtype)
         self.rotary.build(device)
+        self.device = device
+        if isinstance(self.embed_tokens, QuantizedEmbedding):
+            self.embed_tokens.dtype = dtype
+
+    def weight_bytes(self) -> int:
+        """Bytes the weights hold resident: float parameters and quantized weights alike."""
+        floats = sum(p.numel() * p.element_size() for p in self.parameters())
+        quantized = [qw for m in self.modules() if isinstance(m, Linear) for qw in m.qweights]
+        if isinstance(self.embed_tokens, QuantizedEmbedding) and self.embed_tokens.qweight is not None:
+            quantized.append(self.embed_tokens.qweight)
+        return floats + sum(qw.nbytes for qw in quantized)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         """input_ids, positions: [T] -> hidden states [T, hidden]."""
@@ -165,18 +201,28 @@ class LlamaForCausalLM(nn.Module):
     def compute_logits(self, h: torch.Tensor) -> torch.Tensor:
         """h: [N, hidden] (only the rows that sample) -> logits [N, vocab] in float32."""
         h = self.norm(h)
-        # Tied: the embedding matrix itself, [vocab, hidden], rather than a transposed copy of it.
-        logits = F.linear(h, self.embed_tokens.weight) if self.lm_head is None else self.lm_head(h)
+        if self.lm_head is not None:
+            logits = self.lm_head(h)
+        elif isinstance(self.embed_tokens, QuantizedEmbedding):
+            logits = qmatmul(h, self.embed_tokens.qweight)
+        else:  # tied: the embedding matrix itself, [vocab, hidden], rather than a transposed copy of it
+            logits = F.linear(h, self.embed_tokens.weight)
         return logits.float()
 
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Copy HF-named tensors into our parameters; every parameter (every shard of one) must be filled."""
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor | QuantizedWeight]]) -> None:
+        """Copy HF-named tensors into our parameters, and quantized weights into the modules kept quantized;
+        every parameter (every shard of one) must be filled."""
         params = dict(self.named_parameters())
         missing = set()
         for pname in params:
             module = self.get_submodule(pname.rsplit(".", 1)[0])
             shards = len(module.shard_sizes) if isinstance(module, Linear) else 1
             missing |= {(pname, i) for i in range(shards)}
+        for path, module in self.named_modules():
+            if isinstance(module, Linear) and module.quantized:
+                missing |= {(f"{path}.weight", i) for i in range(len(module.shard_sizes))}
+        if isinstance(self.embed_tokens, QuantizedEmbedding):
+            missing.add(("embed_tokens.weight", 0))
         for name, tensor in weights:
             if "rotary_emb.inv_freq" in name or (self.lm_head is None and name == "lm_head.weight"):
                 continue
@@ -186,6 +232,10 @@ class LlamaForCausalLM(nn.Module):
                 if f".{hf}." in name:
                     target, shard = name.replace(f".{hf}.", f".{ours}."), idx
                     break
+            if isinstance(tensor, QuantizedWeight):
+                self._load_quantized(name, target, shard, tensor)
+                missing.discard((target, shard))
+                continue
             param = params.get(target)
             if param is None:
                 raise ValueError(f"checkpoint has a weight this model does not use: {name}")
@@ -200,3 +250,14 @@ class LlamaForCausalLM(nn.Module):
         if missing:
             names = sorted(f"{n}[{s}]" for n, s in missing)
             raise ValueError(f"checkpoint lacks weights: {names[:8]}")
+
+    def _load_quantized(self, name: str, target: str, shard: int, qw: QuantizedWeight) -> None:
+        module = self.get_submodule(target.rsplit(".", 1)[0]) if "." in target else None
+        if target == "embed_tokens.weight" and isinstance(self.embed_tokens, QuantizedEmbedding):
+            if qw.shape != self.embed_tokens.shape:
+                raise ValueError(f"weight {name} has shape {qw.shape}, expected {self.embed_tokens.shape}")
+            self.embed_tokens.qweight = qw.to(self.device)
+        elif isinstance(module, Linear) and module.quantized:
+            module.load_quantized(qw, shard, self.device)
+        else:
+            raise ValueError(f"checkpoint weight {name} arrives quantized, but this model holds it in floats")

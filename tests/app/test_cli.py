@@ -106,6 +106,7 @@ def test_engine_options_pass_only_what_was_given():
         "dtype": "auto",
         "kv_cache_dtype": "auto",
         "enable_prefix_caching": False,
+        "quantization": "auto",
         "attention_backend": "torch",
         "block_size": 32,
         "kv_cache_memory": 0.5,
@@ -117,6 +118,7 @@ def test_engine_options_pass_only_what_was_given():
         "dtype": "auto",
         "kv_cache_dtype": "fp8",
         "enable_prefix_caching": True,
+        "quantization": "auto",
         "attention_backend": "auto",
         "cuda_graphs": False,
     }
@@ -134,7 +136,7 @@ def test_generate_through_the_console_script(smollm2_gguf):
             "8",
             "--temperature",
             "0",
-            "What is the capital of France?",
+            "Which city is the capital of France?",
         ],
         stdin=subprocess.DEVNULL,
         capture_output=True,
@@ -163,7 +165,7 @@ def test_stream_completion_writes_the_text_as_it_grows(llm):
 
 
 def test_generate_reads_the_prompt_from_stdin(monkeypatch, capsys, loaded):
-    monkeypatch.setattr(sys, "stdin", io.StringIO("What is the capital of France?\n"))
+    monkeypatch.setattr(sys, "stdin", io.StringIO("Which city is the capital of France?\n"))
     assert cli.main(["generate", "--max-tokens", "8", "--temperature", "0"]) == 0
     assert "Paris" in capsys.readouterr().out
 

@@ -85,6 +85,8 @@ class ReferenceModel:
         kv_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(
             options.get("kv_cache_dtype", "auto"), torch.float32
         )
+        # The twin holds the checkpoint's weights in float32: so does the engine, unless a test asks otherwise.
+        options.setdefault("quantization", "none")
         llm = LLM(
             str(self.path),
             block_size=block_size,

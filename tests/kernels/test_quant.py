@@ -337,3 +337,16 @@ def test_embedding_rows_are_the_dequantized_rows(fmt):
     torch.testing.assert_close(rows, quant.dequantize(qw)[ids], rtol=0, atol=0)
     with pytest.raises(ValueError, match=r"ids must be in \[0, 49\)"):
         quant.qembedding(torch.tensor([49]), qw)
+
+
+@pytest.mark.parametrize("fmt", ["q8g32", "q4g32"])
+def test_concat_stacks_weights_along_out_features(fmt):
+    g = torch.Generator().manual_seed(11)
+    parts = [torch.randn(n, 64, generator=g) for n in (16, 8, 5)]
+    stacked = quant.concat([quant.quantize(w, fmt) for w in parts])
+    assert stacked.shape == (29, 64)
+    assert torch.equal(quant.dequantize(stacked), torch.cat([quant.dequantize(quant.quantize(w, fmt)) for w in parts]))
+    with pytest.raises(ValueError, match="a multiple of 8"):
+        quant.concat([quant.quantize(parts[2], fmt), quant.quantize(parts[0], fmt)])
+    with pytest.raises(ValueError, match="one format"):
+        quant.concat([quant.quantize(parts[0], "q8g32"), quant.quantize(parts[1], "q4g32")])
