@@ -12,6 +12,7 @@ to compile here takes only its own kernels away.
 from __future__ import annotations
 
 import functools
+import hashlib
 from pathlib import Path
 from types import ModuleType
 
@@ -25,7 +26,27 @@ class KernelBuildError(RuntimeError):
     pass
 
 
-def _build(name: str, sources: list[Path]) -> ModuleType:
+# Built where it runs, so it may use every instruction this CPU has.
+_CFLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fopenmp"]
+
+
+def build_name(stem: str, sources: list[Path]) -> str:
+    """The extension's name: stem and a digest of what the build depends on (the sources, the flags, torch's and
+    Python's versions). torch caches builds by name, so two checkouts, or one checkout before and after an
+    upgrade, never take each other's build (and never rebuild over each other), while the same code on the same
+    torch builds once."""
+    import sys
+
+    import torch
+
+    digest = hashlib.sha256()
+    for source in sources:
+        digest.update(source.read_bytes())
+    digest.update(" ".join([*_CFLAGS, torch.__version__, sys.version]).encode())
+    return f"{stem}_{digest.hexdigest()[:12]}"
+
+
+def _build(stem: str, sources: list[Path]) -> ModuleType:
     from torch.utils import cpp_extension
 
     # Without torch's C++ headers (the PyInstaller bundle leaves them out) the compiler could only fail, noisily.
@@ -37,10 +58,9 @@ def _build(name: str, sources: list[Path]) -> ModuleType:
         )
     try:
         return cpp_extension.load(
-            name=name,
+            name=build_name(stem, sources),
             sources=[str(p) for p in sources],
-            # Built where it runs, so it may use every instruction this CPU has.
-            extra_cflags=["-O3", "-march=native", "-fno-math-errno", "-fopenmp"],
+            extra_cflags=_CFLAGS,
             extra_ldflags=["-fopenmp"],
             verbose=False,
         )

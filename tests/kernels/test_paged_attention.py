@@ -97,3 +97,16 @@ def test_a_torch_without_its_cpp_headers_fails_the_build_at_once_in_words(monkey
             cpu_ops.load()
     finally:
         cpu_ops.load.cache_clear()  # the next caller loads the real build again
+
+
+def test_builds_are_named_by_what_they_are_built_from(tmp_path):
+    """Two checkouts, or one before and after an edit or a torch upgrade, never share a build name."""
+    from kernels import cpu_ops
+
+    source = tmp_path / "k.cpp"
+    source.write_text("int x;")
+    first = cpu_ops.build_name("kvstudio_cpu_ops", [source])
+    assert first == cpu_ops.build_name("kvstudio_cpu_ops", [source])  # the same code builds once
+    assert first.startswith("kvstudio_cpu_ops_") and first.isidentifier()
+    source.write_text("int y;")
+    assert cpu_ops.build_name("kvstudio_cpu_ops", [source]) != first
