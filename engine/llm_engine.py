@@ -70,7 +70,7 @@ class LLMEngine:
             config.attention_backend, device, bs, a.head_dim, a.sliding_window, self.model_config.kv_cache_dtype
         )
         model = cls(hf, max_positions=max_model_len, fused_kernels=backend.fused_kernels)
-        quantized = model.keep_quantized(quantization.candidates(source, config.quantization))
+        quantized = model.keep_quantized(quantization.candidates(source, config.quantization, device))
         model.materialize(device, dtype)
         model.load_weights(quantization.weight_stream(source, dtype, config.quantization, quantized))
         model.eval()

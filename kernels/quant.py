@@ -371,6 +371,11 @@ def _cpu_kernels():
         return None
 
 
+def cpu_kernels_available() -> bool:
+    """Whether qmatmul runs the compiled kernel on the CPU (else the twin, which dequantizes at every call)."""
+    return _cpu_kernels() is not None
+
+
 def _check_matmul(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None) -> None:
     # Cheap checks only (is_cuda rather than .device, ~0.1 us each): decode makes ~100 of these calls a token.
     if x.shape[-1] != qw.shape[1]:

@@ -12,6 +12,7 @@ v arrives in F16 stays float as a whole); LlamaForCausalLM.keep_quantized decide
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 
 import torch
@@ -20,11 +21,18 @@ from engine.models.loader import ModelSource
 from kernels import quant
 
 _FORMAT = {"int8": "q8g32", "int4": "q4g32"}
+logger = logging.getLogger(__name__)
 
 
-def candidates(source: ModelSource, mode: str) -> set[str] | None:
+def candidates(source: ModelSource, mode: str, device: torch.device) -> set[str] | None:
     """HF names of the tensors that may stay quantized: a set (empty: none), or None for every weight the model
-    can hold quantized (int8 / int4)."""
+    can hold quantized (int8 / int4). On a CPU where the quantized kernels cannot be built (no compiler), a GGUF
+    loads in floats (a quantized matmul in torch ops would dequantize its weight at every call)."""
+    if mode != "none" and device.type == "cpu" and not quant.cpu_kernels_available():
+        if mode in _FORMAT:
+            raise ValueError(f"quantization {mode} needs kvstudio's compiled CPU kernels, which cannot be built here")
+        logger.warning("the quantized CPU kernels cannot be built here: the model loads in floats")
+        return set()
     if mode in _FORMAT:
         return None
     if mode == "none" or source.format != "gguf":

@@ -112,3 +112,14 @@ def test_a_quantized_tensor_for_a_float_module_is_refused_in_words(tiny_llama):
 def test_the_quantization_option_is_checked():
     with pytest.raises(ValueError, match="quantization must be one of auto, none, int8, int4; got 'fp4'"):
         EngineConfig(model="m", quantization="fp4")
+
+
+def test_without_the_compiled_kernels_a_gguf_loads_in_floats(smollm2_gguf, monkeypatch, caplog):
+    from kernels import quant
+
+    monkeypatch.setattr(quant, "cpu_kernels_available", lambda: False)
+    llm = LLM(str(smollm2_gguf), max_model_len=128, kv_cache_memory=0.02)
+    assert not any(isinstance(m, Linear) and m.quantized for m in llm.llm_engine.runner.model.modules())
+    assert "the quantized CPU kernels cannot be built here" in caplog.text
+    with pytest.raises(ValueError, match="quantization int8 needs kvstudio's compiled CPU kernels"):
+        LLM(str(smollm2_gguf), max_model_len=128, kv_cache_memory=0.02, quantization="int8")
