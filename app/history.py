@@ -3,7 +3,8 @@
 Every write commits at once, so a reply that is streaming when the app dies keeps what was already shown
 (marked unfinished). A write SQLite refuses (the disk is full, the file turned read-only) rolls back whole and is
 raised as SaveError in words: the file keeps what it held before. One ChatHistory may be created on one thread and
-used from another; a lock serialises its calls.
+used from another; a lock serialises its calls. A file written by an earlier version is brought up to this one's
+schema when it is opened (_MIGRATIONS), in one transaction.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import Any
 
 from app.library.model_store import data_dir
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 ROLES = ("system", "user", "assistant")
 DEFAULT_TITLE = "New chat"
 TITLE_LIMIT = 48
@@ -32,7 +33,6 @@ CREATE TABLE conversations (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     title TEXT NOT NULL,
     system_prompt TEXT NOT NULL,
-    params TEXT NOT NULL,
     created REAL NOT NULL,
     updated REAL NOT NULL
 );
@@ -49,6 +49,12 @@ CREATE TABLE messages (
 CREATE INDEX messages_by_conversation ON messages(conversation_id, id);
 PRAGMA user_version = {SCHEMA_VERSION};
 """
+# The statements that bring a file from version v to v + 1, by v.
+_MIGRATIONS = {
+    1: "ALTER TABLE conversations DROP COLUMN params",  # sampling settings per conversation, never read
+}
+_CONVERSATION_COLUMNS = "id, title, system_prompt, created, updated"
+_MESSAGE_COLUMNS = "id, conversation_id, role, content, created, finished, stats"
 
 
 class HistoryError(RuntimeError):
@@ -68,7 +74,6 @@ class Conversation:
     id: int
     title: str
     system_prompt: str
-    params: dict[str, Any]  # sampling settings as the chat page keeps them (JSON-serialisable)
     created: float  # seconds since the epoch
     updated: float  # seconds since the epoch; bumped by every write to the conversation or its messages
 
@@ -141,6 +146,22 @@ class ChatHistory:
         self._db.create_function("casefold", 1, _casefold, deterministic=True)
         if version == 0:
             self._db.executescript(_SCHEMA)
+        elif version < SCHEMA_VERSION:
+            self._migrate(version)
+
+    def _migrate(self, version: int) -> None:
+        """Bring a file of an earlier schema `version` up to SCHEMA_VERSION, all or nothing: a failure (a full disk,
+        a read-only file) leaves it as it was and says why."""
+        try:
+            with self._db:
+                self._db.execute("BEGIN")  # sqlite3 opens no transaction before DDL by itself
+                for step in range(version, SCHEMA_VERSION):
+                    self._db.execute(_MIGRATIONS[step])
+                self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        except sqlite3.DatabaseError as e:
+            raise HistoryError(
+                f"cannot update the chat history {self.path} from schema version {version} to {SCHEMA_VERSION}: {e}"
+            ) from e
 
     def close(self) -> None:
         with self._lock:
@@ -154,15 +175,12 @@ class ChatHistory:
 
     # --- conversations -------------------------------------------------------------------------------------
 
-    def create_conversation(
-        self, title: str = DEFAULT_TITLE, system_prompt: str = "", params: dict[str, Any] | None = None
-    ) -> Conversation:
-        params = dict(params or {})
+    def create_conversation(self, title: str = DEFAULT_TITLE, system_prompt: str = "") -> Conversation:
         with self._writing():
             now = self._now()
             cur = self._db.execute(
-                "INSERT INTO conversations (title, system_prompt, params, created, updated) VALUES (?, ?, ?, ?, ?)",
-                (title, system_prompt, json.dumps(params), now, now),
+                "INSERT INTO conversations (title, system_prompt, created, updated) VALUES (?, ?, ?, ?)",
+                (title, system_prompt, now, now),
             )
             return self._conversation(cur.lastrowid)
 
@@ -176,9 +194,6 @@ class ChatHistory:
     def set_system_prompt(self, conversation_id: int, text: str) -> None:
         self._set(conversation_id, "system_prompt", text)
 
-    def set_params(self, conversation_id: int, params: dict[str, Any]) -> None:
-        self._set(conversation_id, "params", json.dumps(params))
-
     def delete(self, conversation_id: int) -> None:
         """Delete a conversation; its messages go with it (ON DELETE CASCADE)."""
         with self._writing():
@@ -189,7 +204,7 @@ class ChatHistory:
     def list_conversations(self, search: str | None = None) -> list[Conversation]:
         """Conversations, most recently updated first; `search` keeps those whose title or any message contains
         it, ignoring case, with % and _ taken literally."""
-        sql = "SELECT * FROM conversations"
+        sql = f"SELECT {_CONVERSATION_COLUMNS} FROM conversations"
         args: tuple[str, ...] = ()
         if search is not None:
             pattern = "%" + _escape_like(_casefold(search)) + "%"
@@ -254,7 +269,9 @@ class ChatHistory:
         """A conversation's messages in the order they were added."""
         with self._lock:
             self._conversation(conversation_id)
-            rows = self._db.execute("SELECT * FROM messages WHERE conversation_id = ? ORDER BY id", (conversation_id,))
+            rows = self._db.execute(
+                f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE conversation_id = ? ORDER BY id", (conversation_id,)
+            )
             return [_to_message(row) for row in rows]
 
     # --- internals (callers hold the lock) -----------------------------------------------------------------
@@ -295,21 +312,22 @@ class ChatHistory:
         self._db.execute("UPDATE conversations SET updated = ? WHERE id = ?", (now, conversation_id))
 
     def _conversation(self, conversation_id: int) -> Conversation:
-        row = self._db.execute("SELECT * FROM conversations WHERE id = ?", (conversation_id,)).fetchone()
+        row = self._db.execute(
+            f"SELECT {_CONVERSATION_COLUMNS} FROM conversations WHERE id = ?", (conversation_id,)
+        ).fetchone()
         if row is None:
             raise NotFoundError(f"no conversation with id {conversation_id}")
         return _to_conversation(row)
 
     def _message(self, message_id: int) -> Message:
-        row = self._db.execute("SELECT * FROM messages WHERE id = ?", (message_id,)).fetchone()
+        row = self._db.execute(f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE id = ?", (message_id,)).fetchone()
         if row is None:
             raise NotFoundError(f"no message with id {message_id}")
         return _to_message(row)
 
 
 def _to_conversation(row: tuple) -> Conversation:
-    id_, title, system_prompt, params, created, updated = row
-    return Conversation(id_, title, system_prompt, json.loads(params), created, updated)
+    return Conversation(*row)
 
 
 def _to_message(row: tuple) -> Message:

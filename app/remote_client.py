@@ -3,9 +3,10 @@ a hosted API) instead of the in-process engine, so the desktop app's chat and ba
 workstation without changing.
 
 One event-loop thread owns an aiohttp session; requests are coroutines on it. Callers on other threads submit
-and abort through thread-safe calls and get each request's text as it grows through a callback, the same shape
-the engine thread gives (app/engine_thread.py). Aborting cancels the coroutine, which closes its connection:
-an OpenAI-compatible server stops generating for a client that went away.
+and abort through thread-safe calls and get each request's text as it grows through a callback. RemoteClient is a
+request target for the desktop app's pages, beside the in-process engine (ui/request_target.py): the same calls,
+the same TextUpdates. Aborting cancels the coroutine, which closes its connection: an OpenAI-compatible server
+stops generating for a client that went away.
 """
 
 from __future__ import annotations
@@ -130,12 +131,27 @@ class RemoteClient:
         self._thread = threading.Thread(target=self._loop.run_forever, name="kvstudio-remote", daemon=True)
         self._thread.start()
 
+    def chat_templated(self) -> bool:
+        """Always: the endpoint applies its model's chat template itself."""
+        return True
+
+    def chat_route(self) -> tuple[str, str]:
+        """How a chat reaches the model: (a short label, the end of a sentence saying where it goes)."""
+        return f"Chat · {self.endpoint.model}", f"to {self.endpoint.base_url}"
+
+    def prepare_chat(self, messages: list[dict]) -> list[dict]:
+        """The messages as submit_chat sends them: as they are (the endpoint renders them)."""
+        return list(messages)
+
     def submit_chat(
         self, messages: list[dict], params: SamplingParams, callback: UpdateCallback, request_id: str
     ) -> None:
         self._submit("chat/completions", {"messages": messages}, params, callback, request_id)
 
     def submit_completion(self, prompt: str, params: SamplingParams, callback: UpdateCallback, request_id: str) -> None:
+        """Raises ValueError for a prompt that is not text (token ids stay with the in-process engine)."""
+        if not isinstance(prompt, str):
+            raise ValueError("a remote endpoint takes text prompts")
         self._submit("completions", {"prompt": prompt}, params, callback, request_id)
 
     def abort(self, request_id: str) -> None:

@@ -9,9 +9,10 @@ dropped (never installed, their memory released) without a signal. A load that f
 before serving. If the engine thread dies (a bug in the engine), engine_died says so with the model and options to
 load again; the requests it was running fail in words.
 
-Chat and batch requests go to the in-process engine, or, once the user connects one, to a remote
-OpenAI-compatible endpoint (app/remote_client.py); either way their replies arrive as the same RequestUpdate.
-The model store, the monitor and the server page always work on the in-process engine.
+Chat and batch requests go to the current request target (ui/request_target.py): the in-process engine, or, once
+the user connects one, a remote OpenAI-compatible endpoint (app/remote_client.py). The bridge holds the target and
+forwards to it; either way replies arrive as the same RequestUpdate. The model store, the monitor and the server
+page always work on the in-process engine.
 """
 
 from __future__ import annotations
@@ -23,13 +24,15 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from PySide6.QtCore import QObject, Signal
 
 from app.engine_thread import EngineDeadError, EngineThread
 from app.library.machine import ModelFit, check_model_fits
-from app.remote_client import Endpoint, RemoteClient, TextUpdate, list_models
-from engine import LLM, PromptType, RequestOutput, SamplingParams, render_chat
+from app.remote_client import Endpoint, RemoteClient, TextUpdate, UpdateCallback, list_models
+from engine import LLM, PromptType, SamplingParams
+from ui.request_target import LocalTarget, RequestRefused, RequestTarget
 
 
 @dataclass(frozen=True)
@@ -67,10 +70,12 @@ class RequestUpdate:
 
 @dataclass(frozen=True)
 class PreparedChat:
-    """A chat ready to submit: for the in-process engine, its chat template already rendered."""
+    """A chat ready to submit to the target it was prepared for (for the in-process engine, its chat template
+    already rendered). Submitted after the target changed, it is prepared again for the new one."""
 
     messages: list[dict]
-    prompt: dict | None = None  # the engine prompt (text and token ids); None for a remote endpoint
+    target: RequestTarget
+    prepared: Any  # target.prepare_chat(messages)
 
 
 @dataclass(frozen=True)
@@ -108,12 +113,14 @@ class EngineBridge(QObject):
         self._make_llm = make_llm
         self._stats_interval = stats_interval
         self._thread: EngineThread | None = None
+        self._local: LocalTarget | None = None  # requests to _thread
         self._loaded: tuple[str, dict] | None = None  # the model and options _thread runs
         self._ids = itertools.count()
         self._remote: RemoteClient | None = None
+        self._requests: dict[str, RequestTarget] = {}  # the requests in flight, by id: the target running each
         self._generation = 0  # bumped by every change of target: a slower, older check then loses
         self._load_generation = 0  # bumped by every load_model (and shutdown): an older load still running loses
-        # guards _thread, _loaded, _remote and the generations between the workers and the UI thread
+        # guards the engine thread, the targets, the requests and the generations between the workers and the UI
         self._lock = threading.Lock()
 
     @property
@@ -173,6 +180,7 @@ class EngineBridge(QObject):
             current = generation == self._load_generation
             if current:
                 old, self._thread, self._loaded = self._thread, thread, (model, options)
+                self._local = LocalTarget(thread)
         if not current:  # a later choice is loading or loaded: this engine never serves
             del thread
             _release_and_freeze()
@@ -257,96 +265,87 @@ class EngineBridge(QObject):
             old.close()
         self.connection_changed.emit(None)
 
+    @property
+    def target(self) -> RequestTarget | None:
+        """Where chat and batch requests go now: the remote endpoint when one is connected, else the model loaded
+        here, else None."""
+        with self._lock:
+            return self._remote if self._remote is not None else self._local
+
     def ready(self) -> bool:
         """Whether a request can go anywhere: a remote endpoint is connected or a model is loaded."""
-        return self.remote is not None or self.engine_thread is not None
+        return self.target is not None
 
     def chat_templated(self) -> bool:
-        """Whether chats can be sent: a remote endpoint applies its own template; a local model needs one."""
-        if self.remote is not None:
-            return True
-        thread = self.engine_thread
-        return thread is not None and bool(getattr(thread.engine.tokenizer, "chat_template", None))
+        """Whether chats can be sent where requests go now (RequestTarget.chat_templated)."""
+        target = self.target
+        return target is not None and target.chat_templated()
 
     def prepare_chat(self, messages: list[dict]) -> PreparedChat:
-        """Render `messages` through the local model's chat template, on the caller's thread: a batch renders
-        its rows before submitting any, since a busy engine thread competes for the GIL. Raises RuntimeError
-        when nothing is connected or loaded, and the template's error when it cannot render `messages`."""
-        if self.remote is not None:
-            return PreparedChat(messages)
-        return PreparedChat(messages, render_chat(self._local_thread().engine.tokenizer, messages))
+        """Prepare `messages` for the current target on the caller's thread: a batch renders its rows' templates
+        before submitting any, since a busy engine thread competes for the GIL. Raises RuntimeError when nothing
+        is connected or loaded, and the template's error when it cannot render `messages`."""
+        target = self._current_target()
+        return PreparedChat(messages, target, target.prepare_chat(messages))
 
     def submit_chat(self, chat: list[dict] | PreparedChat, params: SamplingParams) -> str:
         """Queue a chat (OpenAI-style messages, or prepare_chat's result); the reply arrives as request_update,
-        a failure as request_failed. Raises as prepare_chat does."""
+        a failure as request_failed. Raises as prepare_chat does, and as the target's submit_chat does."""
+        target = self._current_target()
         if not isinstance(chat, PreparedChat):
-            chat = self.prepare_chat(chat)
-        with self._lock:
-            remote, thread = self._remote, self._thread
-        if chat.prompt is None:
-            if remote is None:  # the endpoint was disconnected since: render for the local model
-                return self.submit_chat(chat.messages, params)
-            rid = self._new_id()
-            remote.submit_chat(chat.messages, params, self._remote_callback(rid), rid)
-            return rid
-        if remote is not None:  # an endpoint was connected since: it takes the messages
-            return self.submit_chat(chat.messages, params)
-        return self._submit_local(thread or self._local_thread(), chat.prompt, params)
+            chat = PreparedChat(chat, target, target.prepare_chat(chat))
+        elif chat.target is not target:  # an endpoint connected or left, or a model loaded, since it was prepared
+            chat = PreparedChat(chat.messages, target, target.prepare_chat(chat.messages))
+        return self._submit(target, target.submit_chat, chat.prepared, params)
 
     def submit(self, prompt: PromptType, params: SamplingParams) -> str:
         """Queue a raw-text prompt (or, to the local engine, {"prompt_token_ids": [...]}) as a completion.
         Raises RuntimeError when nothing is connected or loaded and QueueFullError when the engine's queue is
         full."""
-        with self._lock:
-            remote = self._remote
-        if remote is not None:
-            if not isinstance(prompt, str):
-                raise ValueError("a remote endpoint takes text prompts")
-            rid = self._new_id()
-            remote.submit_completion(prompt, params, self._remote_callback(rid), rid)
-            return rid
-        return self._submit_local(self._local_thread(), prompt, params)
+        target = self._current_target()
+        return self._submit(target, target.submit_completion, prompt, params)
 
     def abort(self, request_id: str) -> None:
+        """Stop a request on the target that runs it; its reply gets nothing more. Unknown ids are ignored."""
         with self._lock:
-            thread, remote = self._thread, self._remote
-        if remote is not None:
-            remote.abort(request_id)
-        if thread is not None:
-            thread.abort(request_id)
+            target = self._requests.pop(request_id, None)
+        if target is not None:
+            target.abort(request_id)
 
-    def _new_id(self) -> str:
-        return f"ui-{next(self._ids)}"
-
-    def _local_thread(self) -> EngineThread:
-        thread = self.engine_thread
-        if thread is None:
+    def _current_target(self) -> RequestTarget:
+        target = self.target
+        if target is None:
             raise RuntimeError("no model is loaded")
-        return thread
+        return target
 
-    def _submit_local(self, thread: EngineThread, prompt: PromptType, params: SamplingParams) -> str:
-        rid = self._new_id()
-
-        def deliver(item: RequestOutput | BaseException) -> None:
-            if isinstance(item, BaseException):
-                self.request_failed.emit(RequestFailed(rid, str(item)))
-                return
-            completion = item.outputs[0]
-            self.request_update.emit(
-                RequestUpdate(rid, completion.text, len(completion.token_ids), item.finished, completion.finish_reason)
-            )
-
-        def rejected(accepted) -> None:  # the engine refused the request (a ValueError naming what is wrong)
-            if accepted.exception() is not None:
-                self.request_failed.emit(RequestFailed(rid, str(accepted.exception()), refused=True))
-
-        thread.submit(prompt, params, deliver, rid).add_done_callback(rejected)
+    def _submit(
+        self,
+        target: RequestTarget,
+        submit: Callable[[Any, SamplingParams, UpdateCallback, str], None],
+        prompt: Any,
+        params: SamplingParams,
+    ) -> str:
+        rid = f"ui-{next(self._ids)}"
+        with self._lock:  # before submitting: the first update may arrive before submit returns
+            self._requests[rid] = target
+        try:
+            submit(prompt, params, self._deliverer(rid), rid)
+        except BaseException:
+            with self._lock:
+                del self._requests[rid]
+            raise
         return rid
 
-    def _remote_callback(self, rid: str):
+    def _deliverer(self, rid: str) -> UpdateCallback:
+        """The callback a target answers request `rid` through, on its own thread: each item becomes a signal."""
+
         def deliver(item: TextUpdate | BaseException) -> None:
-            if isinstance(item, BaseException):
-                self.request_failed.emit(RequestFailed(rid, str(item)))
+            failed = isinstance(item, BaseException)
+            if failed or item.finished:
+                with self._lock:
+                    self._requests.pop(rid, None)
+            if failed:
+                self.request_failed.emit(RequestFailed(rid, str(item), refused=isinstance(item, RequestRefused)))
             else:
                 self.request_update.emit(
                     RequestUpdate(rid, item.text, item.num_tokens, item.finished, item.finish_reason)
@@ -360,8 +359,9 @@ class EngineBridge(QObject):
         with self._lock:
             self._generation += 1
             self._load_generation += 1  # a load still running is dropped, not started after the window closed
-            thread, self._thread, self._loaded = self._thread, None, None
+            thread, self._thread, self._local, self._loaded = self._thread, None, None, None
             remote, self._remote = self._remote, None
+            self._requests.clear()
         if thread is not None:
             thread.stop()
         if remote is not None:

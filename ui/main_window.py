@@ -68,13 +68,20 @@ class MainWindow(QMainWindow):
         font = self.nav.font()
         font.setPointSizeF(font.pointSizeF() * 1.15)
         self.nav.setFont(font)
-        self.page_names = ("Chat", "Batch", "Models", "Monitor", "Server")
-        for page in (self.chat, self.batch, self.models, self.monitor, self.server):
+        # The list on the left, in its order; the settings file keeps the row of the page shown.
+        self.named_pages = (
+            ("Chat", self.chat),
+            ("Batch", self.batch),
+            ("Models", self.models),
+            ("Monitor", self.monitor),
+            ("Server", self.server),
+        )
+        for name, page in self.named_pages:
             self.pages.addWidget(page)
-        self.nav.addItems(self.page_names)
+            self.nav.addItem(name)
         self.nav.currentRowChanged.connect(self.pages.setCurrentIndex)
-        self.nav.setCurrentRow(min(max(settings.last_page, 0), len(self.page_names) - 1))
-        self.forms = {"chat": self.chat.form, "batch": self.batch.form, "server": self.server.form}
+        self.nav.setCurrentRow(min(max(settings.last_page, 0), len(self.named_pages) - 1))
+        self.forms = {"chat": self.chat.sampling.form, "batch": self.batch.sampling.form, "server": self.server.form}
         for name, form in self.forms.items():
             state = settings.pages.get(name)
             if isinstance(state, dict):
@@ -134,10 +141,14 @@ class MainWindow(QMainWindow):
         if choice == START_DEFAULT:  # fetched into the store first when setup has not (ui/app.py make_llm)
             self.load_model(str(model_store.default_model_path()))
         elif choice == FIND_MODEL:
-            self.nav.setCurrentRow(self.page_names.index("Models"))
+            self.show_page(self.models)
             self.models.hub.query.setFocus()
         else:
             self.model_status.setText("No model: load one with File › Load model… or from the Models page")
+
+    def show_page(self, page: QWidget) -> None:
+        """Show `page` (one of the window's pages), selecting it in the list on the left."""
+        self.nav.setCurrentRow(self.pages.indexOf(page))
 
     def choose_connection(self) -> None:
         s = self.settings

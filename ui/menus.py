@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 from PySide6.QtCore import Qt
 from PySide6.QtGui import QAction, QKeySequence
-from PySide6.QtWidgets import QAbstractButton, QMessageBox
+from PySide6.QtWidgets import QAbstractButton, QMessageBox, QWidget
 
 if TYPE_CHECKING:
     from ui.main_window import MainWindow
@@ -22,10 +22,10 @@ def install_menus(window: MainWindow) -> list[QAction]:
     chat, batch, server = window.chat, window.batch, window.server
     actions: list[QAction] = []
 
-    def add(menu, text: str, shortcut: str, run: Callable[[], None], page: int | None = None) -> None:
+    def add(menu, text: str, shortcut: str, run: Callable[[], None], page: QWidget | None = None) -> None:
         def trigger() -> None:
             if page is not None:
-                window.nav.setCurrentRow(page)
+                window.show_page(page)
             run()
 
         action = QAction(text, window, shortcut=QKeySequence(shortcut), triggered=trigger)
@@ -43,28 +43,28 @@ def install_menus(window: MainWindow) -> list[QAction]:
     add(file_menu, "&Quit", "Ctrl+Q", window.close)
 
     chat_menu = bar.addMenu("&Chat")
-    add(chat_menu, "&New chat", "Ctrl+N", chat.new_conversation, page=0)
-    add(chat_menu, "&Send", "Ctrl+Return", press(chat.send_button), page=0)
-    add(chat_menu, "S&top", "Ctrl+.", press(chat.stop_button), page=0)
-    add(chat_menu, "&Regenerate", "Ctrl+R", press(chat.regenerate_button), page=0)
-    add(chat_menu, "&Edit last message", "Ctrl+E", press(chat.edit_button), page=0)
-    add(chat_menu, "&Copy reply", "Ctrl+Shift+C", press(chat.copy_button), page=0)
-    add(chat_menu, "Search &conversations", "Ctrl+F", chat.search.setFocus, page=0)
+    add(chat_menu, "&New chat", "Ctrl+N", chat.new_conversation, page=chat)
+    add(chat_menu, "&Send", "Ctrl+Return", press(chat.send_button), page=chat)
+    add(chat_menu, "S&top", "Ctrl+.", press(chat.stop_button), page=chat)
+    add(chat_menu, "&Regenerate", "Ctrl+R", press(chat.regenerate_button), page=chat)
+    add(chat_menu, "&Edit last message", "Ctrl+E", press(chat.edit_button), page=chat)
+    add(chat_menu, "&Copy reply", "Ctrl+Shift+C", press(chat.copy_button), page=chat)
+    add(chat_menu, "Search &conversations", "Ctrl+F", chat.search.setFocus, page=chat)
 
     batch_menu = bar.addMenu("&Batch")
-    add(batch_menu, "&Import prompts…", "Ctrl+I", press(batch.import_button), page=1)
-    add(batch_menu, "&Run all", "Ctrl+Shift+Return", press(batch.run_button), page=1)
-    add(batch_menu, "&Cancel run", "Ctrl+Shift+X", press(batch.cancel_button), page=1)
-    add(batch_menu, "Export &JSONL…", "Ctrl+Shift+J", press(batch.export_jsonl_button), page=1)
-    add(batch_menu, "Export C&SV…", "Ctrl+Shift+V", press(batch.export_csv_button), page=1)
+    add(batch_menu, "&Import prompts…", "Ctrl+I", press(batch.import_button), page=batch)
+    add(batch_menu, "&Run all", "Ctrl+Shift+Return", press(batch.run_button), page=batch)
+    add(batch_menu, "&Cancel run", "Ctrl+Shift+X", press(batch.cancel_button), page=batch)
+    add(batch_menu, "Export &JSONL…", "Ctrl+Shift+J", press(batch.export_jsonl_button), page=batch)
+    add(batch_menu, "Export C&SV…", "Ctrl+Shift+V", press(batch.export_csv_button), page=batch)
 
     server_menu = bar.addMenu("&Server")
-    add(server_menu, "&Switch the server on or off", "Ctrl+Shift+S", press(server.switch), page=4)
-    add(server_menu, "&Copy the base URL", "Ctrl+Shift+U", press(server.copy_url), page=4)
+    add(server_menu, "&Switch the server on or off", "Ctrl+Shift+S", press(server.switch), page=server)
+    add(server_menu, "&Copy the base URL", "Ctrl+Shift+U", press(server.copy_url), page=server)
 
     view = bar.addMenu("&View")
-    for row, name in enumerate(window.page_names):
-        add(view, name, f"Ctrl+{row + 1}", lambda: None, page=row)
+    for number, (name, page) in enumerate(window.named_pages, start=1):
+        add(view, name, f"Ctrl+{number}", lambda: None, page=page)
 
     help_menu = bar.addMenu("&Help")
     add(help_menu, "&Keyboard shortcuts", "F1", lambda: show_shortcuts(window, actions))

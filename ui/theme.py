@@ -1,16 +1,35 @@
-"""Light or dark, as the system says: the Fusion style with a palette for the system's colour scheme, redone
-when the scheme changes while the app runs.
+"""Every colour the window uses: light or dark as the system says (the Fusion style with a palette for the
+system's colour scheme, redone when the scheme changes while the app runs), and the few fixed hues on top of it
+(KV block states, the throughput chart's lines, status tones).
 
 Qt follows the scheme by itself only where its platform theme does (Windows, macOS, some Linux desktops); the
-Fusion style with an explicit palette looks the same everywhere. Widgets take every colour from the palette
+Fusion style with an explicit palette looks the same everywhere. Widgets take every other colour from the palette
 (ui/widgets/cards.py, block_map.py, throughput_chart.py), so they follow a switch without a restart.
 """
 
 from __future__ import annotations
 
 from PySide6.QtCore import Qt
-from PySide6.QtGui import QColor, QPalette
+from PySide6.QtGui import QColor, QGuiApplication, QPalette
 from PySide6.QtWidgets import QApplication, QStyleFactory
+
+from engine import BlockState
+
+# KV block states: hues that stay distinct on light and dark backgrounds (and for red-green colour blindness:
+# blue vs orange). Free blocks take their colour from the palette instead (free_color), so an empty pool looks
+# calm in either theme.
+BLOCK_COLORS = {
+    BlockState.USED: QColor("#3b82f6"),
+    BlockState.SHARED: QColor("#f59e0b"),
+    BlockState.CACHED: QColor("#14b8a6"),
+}
+# The throughput chart's lines: two of the block map's hues, so the monitor page reads as one palette.
+PROMPT_COLOR, GENERATION_COLOR = BLOCK_COLORS[BlockState.USED], BLOCK_COLORS[BlockState.SHARED]
+# Status tones (a sentence, a verdict) as (on a light base, on a dark base): lighter where the base is dark.
+TONES = {"ok": ("#16a34a", "#4ade80"), "warn": ("#b45309", "#fbbf24"), "error": ("#dc2626", "#f87171")}
+# The batch table's row states (fixed: the table's model looks them up per cell, and a palette look-up there
+# would cost a large batch's repaints dearly).
+BATCH_STATUS_COLORS = {"running": QColor("#2d7ff9"), "done": QColor("#2e9d57"), "failed": QColor("#d64541")}
 
 # (role, colour) for the dark palette. Fields and cards (Base) sit lighter than the window: Fusion draws outlines
 # darker than the window, which would vanish against a darker field. The disabled group dims text so greyed-out
@@ -49,6 +68,24 @@ def palette_for(scheme: Qt.ColorScheme) -> QPalette:
     for role in (QPalette.ColorRole.WindowText, QPalette.ColorRole.Text, QPalette.ColorRole.ButtonText):
         palette.setColor(QPalette.ColorGroup.Disabled, role, QColor(_DARK_DISABLED))
     return palette
+
+
+def free_color(palette: QPalette) -> QColor:
+    """A free KV block: the window colour nudged towards the text colour, a faint grey on light palettes, a lifted
+    one on dark."""
+    bg, fg = palette.color(QPalette.ColorRole.Window), palette.color(QPalette.ColorRole.WindowText)
+    t = 0.16
+    return QColor.fromRgbF(
+        bg.redF() + (fg.redF() - bg.redF()) * t,
+        bg.greenF() + (fg.greenF() - bg.greenF()) * t,
+        bg.blueF() + (fg.blueF() - bg.blueF()) * t,
+    )
+
+
+def tone_color(tone: str) -> QColor:
+    """The colour of a tone ("ok", "warn", "error") readable on the application palette's base."""
+    light, dark = TONES[tone]
+    return QColor(dark if QGuiApplication.palette().color(QPalette.ColorRole.Base).lightness() < 128 else light)
 
 
 def follow_system_scheme(app: QApplication) -> None:

@@ -12,12 +12,9 @@ Once every connection has closed and the engine thread has no request left, the 
 - no KV block is held (free blocks that keep a cached prefix for reuse are free);
 - every request is accounted for: it finished, with as many tokens as its usage says, or its client dropped it.
 
-It also reports the tokens never delivered: the tokens the engine generated during the storm minus the tokens
-its clients received (counted from each chunk's logprobs). That is what the engine generated for clients that
-had left, plus what was still on its way to a client when it left; and the time to first token of the requests
-that finished.
-
-It runs against an in-process server (app.server.run.BackgroundServer), whose engine thread it reads.
+It also reports the tokens never delivered (generated during the storm minus received, counted from each chunk's
+logprobs) and the time to first token of the requests that finished. It runs against an in-process server
+(app.server.run.BackgroundServer), whose engine thread it reads.
 """
 
 from __future__ import annotations
@@ -26,9 +23,11 @@ import asyncio
 import enum
 import json
 import random
+import re
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -47,54 +46,9 @@ CHAT_MAX_TOKENS = 48
 CHAT_TIMEOUT_S = 600.0  # a chat request read to the end that takes longer than this has failed
 SETTLE_TIMEOUT_S = 60.0  # after the storm, the time connections and requests get to end before it fails
 
-# The files being edited: the cursor falls somewhere in their middle half.
-CODE = (
-    '''import json
-from pathlib import Path
-
-
-def load_settings(path: Path) -> dict:
-    """The settings saved at path, or the defaults when there are none yet."""
-    defaults = {"theme": "light", "font_size": 12, "recent": []}
-    if not path.exists():
-        return defaults
-    return {**defaults, **json.loads(path.read_text())}
-
-
-def remember(path: Path, settings: dict, opened: str, keep: int = 10) -> None:
-    settings["recent"] = ([opened] + [p for p in settings["recent"] if p != opened])[:keep]
-    path.write_text(json.dumps(settings, indent=2))
-''',
-    """from dataclasses import dataclass
-
-
-@dataclass
-class Account:
-    owner: str
-    balance: float = 0.0
-
-    def withdraw(self, amount: float) -> None:
-        if amount > self.balance:
-            raise ValueError(f"{self.owner} has {self.balance:.2f}, cannot withdraw {amount:.2f}")
-        self.balance -= amount
-
-
-def total(accounts: list[Account]) -> float:
-    return sum(a.balance for a in accounts)
-""",
-    '''def merge_sorted(left: list[int], right: list[int]) -> list[int]:
-    """One sorted list from two sorted lists."""
-    merged, i, j = [], 0, 0
-    while i < len(left) and j < len(right):
-        if left[i] <= right[j]:
-            merged.append(left[i])
-            i += 1
-        else:
-            merged.append(right[j])
-            j += 1
-    return merged + left[i:] + right[j:]
-''',
-)
+# The files being edited, each after a line "### <name>": the cursor falls somewhere in their middle half.
+EDITOR_FILES = Path(__file__).resolve().parents[2] / "resources" / "bench" / "editor_files.txt"
+CODE = tuple(re.split(r"^### .*\n", EDITOR_FILES.read_text(encoding="utf-8"), flags=re.MULTILINE)[1:])
 
 
 class StormError(RuntimeError):
@@ -151,13 +105,8 @@ def body(shot: Shot, model: str, fim: bool) -> dict:
     common = {"model": model, "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
     code = CODE[shot.code]
     if shot.kind is Kind.CHAT:
-        question = f"What does this code do?\n\n```python\n{code}```"
-        return {
-            **common,
-            "messages": [{"role": "user", "content": question}],
-            "max_tokens": CHAT_MAX_TOKENS,
-            "logprobs": True,
-        }
+        messages = [{"role": "user", "content": f"What does this code do?\n\n```python\n{code}```"}]
+        return {**common, "messages": messages, "max_tokens": CHAT_MAX_TOKENS, "logprobs": True}
     request = {**common, "prompt": code[: shot.cursor], "max_tokens": FIM_MAX_TOKENS, "logprobs": 0}
     if fim:
         request["suffix"] = code[shot.cursor :]
@@ -444,15 +393,8 @@ def run(
         after = watch.settled(server)
     finally:
         thread.remove_listener(watch.update)
+    after_stats = None if after is None else after.stats
+    check = asyncio.run(check_server(url, model))
     return StormReport(
-        requests,
-        clients,
-        seed,
-        fim,
-        seconds,
-        outcomes,
-        before.stats,
-        None if after is None else after.stats,
-        thread.num_unfinished,
-        asyncio.run(check_server(url, model)),
+        requests, clients, seed, fim, seconds, outcomes, before.stats, after_stats, thread.num_unfinished, check
     )

@@ -1,5 +1,6 @@
-"""One Hub repo's files as a pull fetches them: which files the engine needs, their sizes and hashes, and one
-file's download into the Hugging Face cache's blobs folder, resumable and verified.
+"""One Hub repo's files as a pull fetches them: the ones the engine needs (engine.models.hub.is_model_file, the
+rule the engine's own downloads follow), their sizes and hashes, and one file's download into the Hugging Face
+cache's blobs folder, resumable and verified.
 
 A file arrives as `blobs/<etag>.incomplete` and is renamed to its blob only once complete and its sha256 checked,
 so a failure leaves a prefix that the next download continues with a Range request.
@@ -23,17 +24,8 @@ import httpx2
 from huggingface_hub import HfApi
 from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
 
-# Files the engine reads from a safetensors repo (top level only); everything else (.bin, .onnx, .gguf,
-# README.md, images) stays on the Hub.
-_EXACT_FILES = {
-    "config.json",
-    "generation_config.json",
-    "special_tokens_map.json",
-    "vocab.json",
-    "merges.txt",
-    "added_tokens.json",
-    "model.safetensors.index.json",
-}
+from engine.models.hub import is_model_file
+
 _CHUNK = 1 << 20
 _TIMEOUT_S = 30
 
@@ -42,13 +34,6 @@ Progress = Callable[[int, int], None]  # (bytes done, bytes in all) over the who
 
 class HubError(RuntimeError):
     """A pull or a removal failed; the message says why in words meant for the user."""
-
-
-def wanted_file(name: str) -> bool:
-    """Whether a pull downloads this repo file: config, tokenizer, chat template and safetensors weights."""
-    if "/" in name:
-        return False
-    return name in _EXACT_FILES or name.endswith((".safetensors", ".jinja")) or name.startswith("tokenizer")
 
 
 @dataclass(frozen=True)
@@ -72,7 +57,7 @@ def remote_files(repo_id: str, revision: str | None, endpoint: str) -> tuple[str
         raise HubError(f"cannot reach the Hugging Face Hub at {endpoint} to look up {shown}: {e}") from None
     files = []
     for sibling in info.siblings or []:
-        if not wanted_file(sibling.rfilename):
+        if not is_model_file(sibling.rfilename):
             continue
         lfs = sibling.lfs
         etag = lfs.sha256 if lfs is not None else sibling.blob_id

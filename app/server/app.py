@@ -1,8 +1,9 @@
 """The OpenAI-compatible HTTP endpoint (aiohttp) on the in-process engine thread.
 
-Routes, request fields, streaming and errors follow ../shared/OPENAI_CONTRACT.md. The request and response shapes
-live in protocol.py and responses.py, running it in run.py; this module is the HTTP side: routing, server-sent
-events, security middlewares, metrics.
+Routes, request fields, streaming, errors and the safety defaults follow the endpoint's contract (README.md, "The
+endpoint's contract"): what the `openai` client and IDE plugins rely on, OpenAI's behaviour where vLLM's differs.
+The request and response shapes live in protocol.py and responses.py, running it in run.py; this module is the
+HTTP side: routing, server-sent events, security middlewares, metrics.
 A client that disconnects cancels its handler (aiohttp's handler_cancellation), which leaves the engine stream
 early and so aborts the request and frees its KV blocks at once. Request bodies are decoded, rendered and tokenized
 on worker threads: a long prompt takes the event loop from no other stream.

@@ -1,12 +1,14 @@
 """Turning a model name into a local path: a directory, a .gguf file, or a Hugging Face repo id.
 
 Repo ids resolve through huggingface_hub's standard cache: a cached snapshot is used as is, and only
-when there is none does this download one (the files a safetensors model needs, nothing else).
+when there is none does this download one: the files a safetensors model needs (is_model_file), nothing else.
+That rule is kvstudio's one answer to "which of a repo's files does a model need", also for the app's pulls.
 """
 
 from __future__ import annotations
 
 import re
+from fnmatch import fnmatchcase
 from pathlib import Path
 
 from huggingface_hub import constants, snapshot_download
@@ -27,8 +29,27 @@ class ModelLoadError(ValueError):
 # `org/name`, optionally `@revision` (a branch, tag or commit hash; branches may hold slashes)
 _REPO_ID = re.compile(r"(?P<repo_id>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:@(?P<revision>[\w./-]+))?")
 
-# What a safetensors model needs: config, generation config, index, tokenizer files, chat template
-_DOWNLOAD_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "tokenizer*", "merges.txt"]
+# The repo files the engine reads from a safetensors model, at the repo's top level: config, generation config,
+# weights and their index, tokenizer files, chat template. Everything else (.bin, .onnx, .gguf, README.md, images,
+# subfolders) stays on the Hub. Glob patterns, matched case-sensitively as huggingface_hub matches them.
+MODEL_FILE_PATTERNS = (
+    "config.json",
+    "generation_config.json",
+    "*.safetensors",
+    "model.safetensors.index.json",
+    "tokenizer*",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "*.jinja",
+)
+_SUBFOLDERS = "*/*"  # huggingface_hub's "*" matches across "/": this keeps the patterns to the top level
+
+
+def is_model_file(name: str) -> bool:
+    """Whether the engine reads this repo file (`name` relative to the repo root), so a download fetches it."""
+    return not fnmatchcase(name, _SUBFOLDERS) and any(fnmatchcase(name, p) for p in MODEL_FILE_PATTERNS)
 
 
 def resolve_model_path(model: str, *, revision: str | None = None, cache_dir: str | None = None) -> Path:
@@ -53,7 +74,8 @@ def resolve_model_path(model: str, *, revision: str | None = None, cache_dir: st
                 repo_id,
                 revision=revision,
                 cache_dir=cache_dir,
-                allow_patterns=_DOWNLOAD_PATTERNS,
+                allow_patterns=list(MODEL_FILE_PATTERNS),
+                ignore_patterns=_SUBFOLDERS,
                 local_files_only=True,
             )
         )
@@ -62,7 +84,13 @@ def resolve_model_path(model: str, *, revision: str | None = None, cache_dir: st
 
     try:
         return Path(
-            snapshot_download(repo_id, revision=revision, cache_dir=cache_dir, allow_patterns=_DOWNLOAD_PATTERNS)
+            snapshot_download(
+                repo_id,
+                revision=revision,
+                cache_dir=cache_dir,
+                allow_patterns=list(MODEL_FILE_PATTERNS),
+                ignore_patterns=_SUBFOLDERS,
+            )
         )
     except RevisionNotFoundError as error:
         raise ModelLoadError(f"{shown}: the Hugging Face repo has no revision {revision!r}") from error

@@ -39,6 +39,13 @@ def test_the_plan_is_the_same_for_a_seed_and_mixes_the_three_kinds():
     assert all(len(cs.CODE[s.code]) // 4 <= s.cursor < 3 * len(cs.CODE[s.code]) // 4 for s in shots)
 
 
+def test_the_files_being_edited_come_whole_from_the_resources():
+    assert cs.EDITOR_FILES.is_file() and len(cs.CODE) == 3
+    for code in cs.CODE:
+        compile(code, "<an editor's file>", "exec")  # whole Python files, not cut at a separator or run together
+        assert code.endswith("\n") and "###" not in code
+
+
 def test_a_completion_is_the_code_around_the_cursor():
     shot = next(s for s in cs.plan(50, seed=1) if s.kind is cs.Kind.DROP)
     code = cs.CODE[shot.code]

@@ -5,7 +5,17 @@ import threading
 
 import pytest
 
-from app.history import ChatHistory, Conversation, HistoryError, Message, NotFoundError, SaveError, title_from
+from app import history as history_module
+from app.history import (
+    SCHEMA_VERSION,
+    ChatHistory,
+    Conversation,
+    HistoryError,
+    Message,
+    NotFoundError,
+    SaveError,
+    title_from,
+)
 
 
 @pytest.fixture
@@ -21,7 +31,7 @@ def ids(conversations: list[Conversation]) -> list[int]:
 def test_conversation_and_messages_round_trip_through_the_file(tmp_path):
     path = tmp_path / "history.sqlite3"
     with ChatHistory(path) as h:
-        conv = h.create_conversation("Paging", "Be brief.", {"temperature": 0.7, "max_tokens": 256})
+        conv = h.create_conversation("Paging", "Be brief.")
         user = h.add_message(conv.id, "user", "What is a KV block?")
         reply = h.add_message(
             conv.id,
@@ -30,11 +40,7 @@ def test_conversation_and_messages_round_trip_through_the_file(tmp_path):
             stats={"tokens": 9, "tokens_per_s": 41.5, "ttft_s": 0.12, "finish_reason": "stop"},
         )
         stored = h.conversation(conv.id)
-    assert (conv.title, conv.system_prompt, conv.params) == (
-        "Paging",
-        "Be brief.",
-        {"temperature": 0.7, "max_tokens": 256},
-    )
+    assert (conv.title, conv.system_prompt) == ("Paging", "Be brief.")
     assert user == Message(user.id, conv.id, "user", "What is a KV block?", user.created, True, {})
     with ChatHistory(path) as h:
         assert h.conversation(conv.id) == stored
@@ -44,12 +50,12 @@ def test_conversation_and_messages_round_trip_through_the_file(tmp_path):
 
 def test_setters_change_only_their_field(history):
     conv = history.create_conversation()
-    assert (conv.title, conv.system_prompt, conv.params) == ("New chat", "", {})
+    assert (conv.title, conv.system_prompt) == ("New chat", "")
     history.rename(conv.id, "Renamed")
+    assert (history.conversation(conv.id).title, history.conversation(conv.id).system_prompt) == ("Renamed", "")
     history.set_system_prompt(conv.id, "You are terse.")
-    history.set_params(conv.id, {"top_p": 0.9, "stop": ["\n\n"]})
     got = history.conversation(conv.id)
-    assert (got.title, got.system_prompt, got.params) == ("Renamed", "You are terse.", {"top_p": 0.9, "stop": ["\n\n"]})
+    assert (got.title, got.system_prompt) == ("Renamed", "You are terse.")
     assert got.created == conv.created
 
 
@@ -64,7 +70,7 @@ def test_every_write_moves_its_conversation_to_the_front(history):
     assert ids(history.list_conversations()) == [c.id, b.id, a.id]
     history.update_message(msg.id, "hello", True)
     assert ids(history.list_conversations()) == [a.id, c.id, b.id]
-    history.set_params(b.id, {"seed": 1})
+    history.rename(b.id, "b3")
     assert ids(history.list_conversations()) == [b.id, a.id, c.id]
     history.delete_messages_after(msg.id)
     assert ids(history.list_conversations()) == [a.id, b.id, c.id]
@@ -239,7 +245,6 @@ def test_unknown_ids_raise_a_typed_error_naming_the_id(history):
         lambda: history.conversation(missing),
         lambda: history.rename(missing, "t"),
         lambda: history.set_system_prompt(missing, "s"),
-        lambda: history.set_params(missing, {}),
         lambda: history.delete(missing),
         lambda: history.messages(missing),
         lambda: history.add_message(missing, "user", "x"),
@@ -257,11 +262,84 @@ def test_a_file_from_a_newer_version_is_refused(tmp_path):
     path = tmp_path / "history.sqlite3"
     ChatHistory(path).close()
     raw = sqlite3.connect(path)
-    raw.execute("PRAGMA user_version = 2")
+    raw.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
     raw.close()
     with pytest.raises(HistoryError, match="newer") as err:
         ChatHistory(path)
     assert str(path) in str(err.value)
+
+
+# A history file as version 1 wrote it: conversations kept a `params` column (sampling settings nobody read).
+VERSION_1 = """
+CREATE TABLE conversations (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    title TEXT NOT NULL,
+    system_prompt TEXT NOT NULL,
+    params TEXT NOT NULL,
+    created REAL NOT NULL,
+    updated REAL NOT NULL
+);
+CREATE INDEX conversations_by_updated ON conversations(updated);
+CREATE TABLE messages (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    conversation_id INTEGER NOT NULL REFERENCES conversations(id) ON DELETE CASCADE,
+    role TEXT NOT NULL CHECK (role IN ('system', 'user', 'assistant')),
+    content TEXT NOT NULL,
+    created REAL NOT NULL,
+    finished INTEGER NOT NULL,
+    stats TEXT NOT NULL
+);
+CREATE INDEX messages_by_conversation ON messages(conversation_id, id);
+INSERT INTO conversations VALUES (1, 'Old chat', 'Be brief.', '{"temperature": 0.7}', 100.0, 200.0);
+INSERT INTO messages VALUES (1, 1, 'user', 'Hello', 150.0, 1, '{}');
+INSERT INTO messages VALUES (2, 1, 'assistant', 'Hi there', 160.0, 1, '{"tokens": 3, "finish_reason": "stop"}');
+PRAGMA user_version = 1;
+"""
+
+
+def test_a_file_from_version_1_opens_with_its_chats_and_is_brought_up_to_date(tmp_path):
+    path = tmp_path / "history.sqlite3"
+    raw = sqlite3.connect(path)
+    raw.executescript(VERSION_1)
+    raw.close()
+    with ChatHistory(path) as h:
+        [old] = h.list_conversations()
+        assert old == Conversation(1, "Old chat", "Be brief.", 100.0, 200.0)
+        assert [(m.role, m.content, m.stats) for m in h.messages(1)] == [
+            ("user", "Hello", {}),
+            ("assistant", "Hi there", {"tokens": 3, "finish_reason": "stop"}),
+        ]
+        h.add_message(1, "user", "Still here?")  # and it writes on
+        new = h.create_conversation("New")
+        assert ids(h.list_conversations()) == [new.id, 1] and new.id == 2
+    raw = sqlite3.connect(path)
+    assert raw.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
+    assert [row[1] for row in raw.execute("PRAGMA table_info(conversations)")] == [
+        "id",
+        "title",
+        "system_prompt",
+        "created",
+        "updated",
+    ]
+    raw.close()
+    with ChatHistory(path) as again:  # opened once more: nothing left to bring up to date
+        assert [m.content for m in again.messages(1)] == ["Hello", "Hi there", "Still here?"]
+
+
+def test_an_update_that_fails_halfway_is_refused_in_words_and_leaves_the_file_as_it_was(tmp_path, monkeypatch):
+    path = tmp_path / "history.sqlite3"
+    raw = sqlite3.connect(path)
+    raw.executescript(VERSION_1)
+    raw.close()
+    # a later version whose second step fails: the first one (dropping params) must not stay done
+    monkeypatch.setattr(history_module, "SCHEMA_VERSION", 3)
+    monkeypatch.setitem(history_module._MIGRATIONS, 2, "ALTER TABLE conversations DROP COLUMN no_such_column")
+    with pytest.raises(HistoryError, match=f"cannot update the chat history {path} from schema version 1 to 3"):
+        ChatHistory(path)
+    raw = sqlite3.connect(path)
+    assert raw.execute("PRAGMA user_version").fetchone() == (1,)
+    assert "params" in [row[1] for row in raw.execute("PRAGMA table_info(conversations)")]
+    raw.close()
 
 
 def test_a_file_that_is_not_sqlite_is_refused_by_name(tmp_path):
@@ -289,7 +367,7 @@ def test_another_apps_sqlite_database_is_refused_and_left_alone(tmp_path):
 def test_new_files_use_wal_and_enforce_foreign_keys(history, tmp_path):
     raw = sqlite3.connect(tmp_path / "history.sqlite3")
     assert raw.execute("PRAGMA journal_mode").fetchone() == ("wal",)
-    assert raw.execute("PRAGMA user_version").fetchone() == (1,)
+    assert raw.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
     raw.close()
     assert history._db.execute("PRAGMA foreign_keys").fetchone() == (1,)
 

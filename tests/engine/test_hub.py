@@ -12,7 +12,8 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from engine.models.hub import ModelLoadError, resolve_model_path
+from engine.models import hub
+from engine.models.hub import ModelLoadError, is_model_file, resolve_model_path
 from engine.models.loader import open_model
 
 MAIN_COMMIT = "a" * 40
@@ -130,3 +131,56 @@ def test_open_model_loads_a_cached_repo(tmp_path: Path, smollm2_tokenizer) -> No
     expected = model.state_dict()
     assert set(loaded) == set(expected)
     assert all(torch.equal(loaded[name], weight) for name, weight in expected.items())
+
+
+# A repo's files: what a safetensors model needs, and what stays on the Hub.
+NEEDED = [
+    "config.json",
+    "generation_config.json",
+    "model.safetensors",
+    "model-00001-of-00002.safetensors",
+    "model.safetensors.index.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.jinja",
+]
+NOT_NEEDED = [
+    "pytorch_model.bin",
+    "README.md",
+    "model.Q4_0.gguf",
+    "onnx/model.onnx",
+    "original/config.json",
+    "subfolder/model.safetensors",
+    "adapter_config.json",
+    "preprocessor_config.json",
+    "image.png",
+    "CONFIG.JSON",
+]
+
+
+def test_one_rule_says_which_repo_files_a_model_needs() -> None:
+    assert [name for name in NEEDED if not is_model_file(name)] == []
+    assert [name for name in NOT_NEEDED if is_model_file(name)] == []
+
+
+def test_a_download_fetches_what_the_rule_names(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """resolve_model_path's downloads go through huggingface_hub's file filter: given the patterns it is handed,
+    that filter keeps exactly the files is_model_file names (the rule app/library's pulls follow too)."""
+    calls = []
+
+    def snapshot_download(repo_id, **kwargs):
+        calls.append(kwargs)
+        return str(tmp_path)
+
+    monkeypatch.setattr(hub, "snapshot_download", snapshot_download)
+    assert resolve_model_path("org/anything") == tmp_path
+    [kwargs] = calls
+    kept = huggingface_hub.utils.filter_repo_objects(
+        NEEDED + NOT_NEEDED, allow_patterns=kwargs["allow_patterns"], ignore_patterns=kwargs["ignore_patterns"]
+    )
+    assert sorted(kept) == sorted(NEEDED)

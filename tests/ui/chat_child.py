@@ -55,9 +55,9 @@ def main(model: str, history_file: str) -> int:
     hold_after(bridge.engine_thread.engine, STEPS)
     page = ChatPage(bridge, ChatHistory(history_file))
     report_draws(page)
-    page.temperature.setValue(1.0)  # sampled, seeded: a random model's greedy choice is often newlines alone
-    page.use_seed.setChecked(True)
-    page.max_tokens.setValue(400)
+    page.sampling.temperature.setValue(1.0)  # sampled, seeded: a random model's greedy choice is often newlines alone
+    page.sampling.use_seed.setChecked(True)
+    page.sampling.max_tokens.setValue(400)
     page.send("Tell me a long story.")
     return app.exec()
 

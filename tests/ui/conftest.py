@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 from pathlib import Path
 
 import pytest
@@ -57,3 +58,14 @@ def break_engine():
     yield breaking
     for engine in broken:
         del engine.get_stats
+
+
+@pytest.fixture(autouse=True)
+def collect_qt_garbage_on_the_ui_thread():
+    """Collect cyclic garbage here, on the UI thread, before and after each test. A Qt object a test leaves in a
+    reference cycle (a monkeypatched bound method kept in a bridge's __dict__, a wrapper that captures its widget)
+    is otherwise collected by whichever thread next triggers a collection: often a model loader or the engine
+    thread, and deleting a widget there crashes the process."""
+    gc.collect()
+    yield
+    gc.collect()

@@ -32,8 +32,8 @@ UNTIL_DONE = math.inf  # qtbot.waitUntil's timeout: none
 def page(qtbot, loaded_bridge, tmp_path):
     history = ChatHistory(tmp_path / "history.sqlite3")
     p = ChatPage(loaded_bridge, history)
-    p.temperature.setValue(0.0)
-    p.max_tokens.setValue(12)
+    p.sampling.temperature.setValue(0.0)
+    p.sampling.max_tokens.setValue(12)
     qtbot.addWidget(p)
     p.resize(1200, 700)
     return p
@@ -58,8 +58,8 @@ def test_a_reply_streams_in_and_survives_a_restart(qtbot, page, loaded_bridge, t
     updates: list[RequestUpdate] = []
     loaded_bridge.request_update.connect(updates.append)
     # Sampled, seeded: a random model's greedy choice is often a run of newlines, which shows nothing.
-    page.temperature.setValue(1.0)
-    page.use_seed.setChecked(True)
+    page.sampling.temperature.setValue(1.0)
+    page.sampling.use_seed.setChecked(True)
     page.input.setPlainText("Write a haiku about the sea.")
     page.send_button.click()
     rid = page.reply.request_id
@@ -87,7 +87,7 @@ def test_a_reply_streams_in_and_survives_a_restart(qtbot, page, loaded_bridge, t
 
 
 def test_stop_ends_the_reply_and_frees_its_blocks(qtbot, page, loaded_bridge):
-    page.max_tokens.setValue(400)
+    page.sampling.max_tokens.setValue(400)
     page.input.setPlainText("Tell me a long story.")
     page.send_button.click()
     qtbot.waitUntil(lambda: page.reply is not None and page.reply.tokens >= 3, timeout=UNTIL_DONE)
@@ -99,11 +99,11 @@ def test_stop_ends_the_reply_and_frees_its_blocks(qtbot, page, loaded_bridge):
 
 
 def test_regenerate_replaces_the_last_reply_and_edit_last_takes_the_message_back(qtbot, page):
-    page.use_seed.setChecked(True)
-    page.temperature.setValue(1.0)
+    page.sampling.use_seed.setChecked(True)
+    page.sampling.temperature.setValue(1.0)
     send_and_wait(qtbot, page, "Pick a number.")
     first = page.history.messages(page.conversation_id)[-1]
-    page.seed.setValue(page.seed.value() + 1)
+    page.sampling.seed.setValue(page.sampling.seed.value() + 1)
     page.regenerate_button.click()
     qtbot.waitUntil(lambda: page.reply is None, timeout=UNTIL_DONE)
     messages = page.history.messages(page.conversation_id)
@@ -174,11 +174,14 @@ def test_each_redraw_of_a_streaming_reply_shows_what_the_history_file_holds(qtbo
         draw(markdown)
 
     page.transcript.setMarkdown = checked
-    page.temperature.setValue(1.0)
-    page.use_seed.setChecked(True)
-    page.max_tokens.setValue(60)
-    send_and_wait(qtbot, page, "Tell me about lighthouses.")
-    raw.close()
+    try:
+        page.sampling.temperature.setValue(1.0)
+        page.sampling.use_seed.setChecked(True)
+        page.sampling.max_tokens.setValue(60)
+        send_and_wait(qtbot, page, "Tell me about lighthouses.")
+    finally:
+        del page.transcript.setMarkdown  # `checked` holds the page: left in place, the two would form a cycle
+        raw.close()
     assert len([stored for stored, _ in draws if stored]) > 1  # it streamed: several redraws with text
     for stored, markdown in draws:
         assert markdown.endswith(f"**Assistant**\n\n{stored} ▍")  # the streaming reply, exactly as stored

@@ -98,8 +98,14 @@ def search(qtbot, page: ModelsPage, query: str) -> None:
 def download(qtbot, page: ModelsPage, name: str, signal: str) -> None:
     row = [r[0] for r in results(page)].index(name)
     page.hub.results_view.selectRow(row)
-    with qtbot.waitSignal(getattr(page.hub, signal), timeout=None):
+    with qtbot.waitSignal(getattr(page.hub.bridge, signal), timeout=None):
         page.hub.download_button.click()
+
+
+def interrupted_row(page: ModelsPage, repo_id: str):
+    """The Hub card's row offering to resume or discard `repo_id`'s unfinished download."""
+    [row] = [row for row in page.hub.interrupted if row.pull.repo_id == repo_id]
+    return row
 
 
 def small_machine(available: int) -> MachineMemory:
@@ -202,7 +208,7 @@ def test_a_download_completes_and_the_model_joins_the_library(qtbot, page, hub, 
     page.refresh()
     search(qtbot, page, "org")
     values = []
-    page.hub.download_progress.connect(lambda p: values.append(page.hub.progress.value()))
+    page.hub.bridge.download_progress.connect(lambda p: values.append(page.hub.progress.value()))
     download(qtbot, page, "org/tiny", "download_done")
     assert page.hub.progress.value() == 100 and values[-1] == 100
     assert names(page) == [default.name, "org/tiny"]
@@ -258,7 +264,7 @@ def test_cancel_stops_between_chunks_and_downloading_again_resumes(qtbot, page, 
     page.hub.download_button.click()
     qtbot.waitUntil(lambda: hub.ranges == [None], timeout=UNTIL_DONE)  # the weights' GET has begun
     assert page.hub.cancel_button.isEnabled() and not page.hub.download_button.isEnabled()
-    with qtbot.waitSignal(page.hub.download_failed, timeout=None) as blocker:
+    with qtbot.waitSignal(page.hub.bridge.download_failed, timeout=None) as blocker:
         page.hub.cancel_button.click()
         hub.release.set()
     assert blocker.args[0].cancelled and "cancelled" in page.status.text()
@@ -273,7 +279,7 @@ def test_cancel_stops_between_chunks_and_downloading_again_resumes(qtbot, page, 
 
 
 def test_a_missing_repo_fails_in_words(qtbot, page, hub):
-    with qtbot.waitSignal(page.hub.download_failed, timeout=None):
+    with qtbot.waitSignal(page.hub.bridge.download_failed, timeout=None):
         page.hub.download("org/missing")
     assert page.status.text() == "Download of org/missing failed: no model org/missing on the Hub"
 
@@ -281,8 +287,8 @@ def test_a_missing_repo_fails_in_words(qtbot, page, hub):
 def test_an_offline_search_says_offline_and_the_library_still_works(qtbot, page, hub, monkeypatch):
     with socket.socket() as s:  # a port nothing listens on
         s.bind(("127.0.0.1", 0))
-        page.hub.endpoint = f"http://127.0.0.1:{s.getsockname()[1]}"
-    with qtbot.waitSignal(page.hub.search_failed, timeout=None):
+        page.hub.bridge.endpoint = f"http://127.0.0.1:{s.getsockname()[1]}"
+    with qtbot.waitSignal(page.hub.bridge.search_failed, timeout=None):
         page.hub.search()
     assert page.status.text() == OFFLINE and results(page) == []
     hub_models.pull("org/tiny", endpoint=hub.url)
@@ -366,7 +372,7 @@ def test_a_download_interrupted_in_an_earlier_run_is_offered_and_resumes(qtbot, 
     page = ModelsPage(EngineBridge(make_llm=RecordingLoader()))  # the app starts again
     qtbot.addWidget(page)
     page.resize(1200, 640)
-    row = page.hub.interrupted_row("org/tiny")
+    row = interrupted_row(page, "org/tiny")
     percent = 100 * pull.done // pull.total
     assert row.text.text() == (
         f"org/tiny: interrupted at {percent}% ({human_size(pull.done)} of {human_size(pull.total)})"
@@ -376,7 +382,7 @@ def test_a_download_interrupted_in_an_earlier_run_is_offered_and_resumes(qtbot, 
     qtbot.waitExposed(page)
     page.grab().save(str(screenshots / "models-interrupted.png"))
 
-    with qtbot.waitSignal(page.hub.download_done, timeout=None):
+    with qtbot.waitSignal(page.hub.bridge.download_done, timeout=None):
         row.resume_button.click()
     assert hub.ranges == [None, f"bytes={weights_size(tiny_chat_model) // 2}-"]
     assert names(page) == ["org/tiny"] and page.hub.interrupted == []
@@ -420,8 +426,8 @@ def test_a_download_whose_app_was_killed_lists_nothing_and_resumes_on_the_next_s
     qtbot.addWidget(page)
     assert library(page) == []  # nothing half-written in the library
     hub.requests.clear()
-    with qtbot.waitSignal(page.hub.download_done, timeout=None):
-        page.hub.interrupted_row("org/tiny").resume_button.click()
+    with qtbot.waitSignal(page.hub.bridge.download_done, timeout=None):
+        interrupted_row(page, "org/tiny").resume_button.click()
     assert hub.ranges == [f"bytes={kept}-"]  # resumed where the killed download stopped
     assert names(page) == ["org/tiny"] and page.hub.interrupted == []
     assert (page.selected_model().path / "model.safetensors").read_bytes() == weights
@@ -435,7 +441,7 @@ def test_discarding_an_interrupted_download_leaves_no_partial_file(qtbot, hub, t
     on_disk = sum(f.stat().st_size for f in repo_dir.rglob("*") if f.is_file())
     page = ModelsPage(EngineBridge(make_llm=RecordingLoader()))
     qtbot.addWidget(page)
-    page.hub.interrupted_row("org/tiny").discard_button.click()
+    interrupted_row(page, "org/tiny").discard_button.click()
     assert page.status.text() == f"Discarded the unfinished download of org/tiny, freed {human_size(on_disk)}."
     assert not repo_dir.exists() and page.hub.interrupted == [] and library(page) == []
 
@@ -444,7 +450,7 @@ def test_a_failed_download_is_offered_for_resuming_at_once(qtbot, page, hub):
     hub.drop_halfway.add("org/tiny/model.safetensors")
     search(qtbot, page, "tiny")
     download(qtbot, page, "org/tiny", "download_failed")
-    assert page.hub.interrupted_row("org/tiny").resume_button.isEnabled()
+    assert interrupted_row(page, "org/tiny").resume_button.isEnabled()
 
 
 def test_load_hands_the_library_path_to_the_bridge(qtbot, page, hub):
@@ -462,6 +468,6 @@ def test_load_hands_the_library_path_to_the_bridge(qtbot, page, hub):
 
 def test_a_download_that_does_not_fit_on_disk_fails_in_words(qtbot, page, hub, monkeypatch):
     monkeypatch.setattr(hub_files.shutil, "disk_usage", lambda path: type("Usage", (), {"free": 10})())
-    with qtbot.waitSignal(page.hub.download_failed, timeout=None):
+    with qtbot.waitSignal(page.hub.bridge.download_failed, timeout=None):
         page.hub.download("org/tiny")
     assert "not enough disk space" in page.status.text() and library(page) == []

@@ -1,4 +1,6 @@
-"""The monitor page and its widgets, fed hand-built snapshots: no engine behind them."""
+"""The monitor page and its widgets, fed hand-built snapshots: no engine behind them. Waits end on what they wait
+for, never on the clock (a hang is caught by the module's pytest-timeout mark); the repaint cost is printed, not
+asserted."""
 
 from __future__ import annotations
 
@@ -7,6 +9,7 @@ import random
 import time
 from pathlib import Path
 
+import pytest
 from PySide6.QtCore import QEvent, QPoint
 from PySide6.QtGui import QColor, QHelpEvent, QPalette
 from PySide6.QtWidgets import QApplication, QToolTip
@@ -17,6 +20,8 @@ from ui.pages.monitor import MonitorPage
 from ui.widgets.block_map import BlockGrid, BlockMapWidget
 from ui.widgets.throughput_chart import ThroughputChart
 
+pytestmark = pytest.mark.timeout(600)
+UNTIL_DONE = math.inf  # qtbot.waitUntil's timeout: none
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -89,7 +94,8 @@ def test_cells_shrink_to_fit_then_scroll_at_the_smallest_size(qtbot):
         lambda: (
             grid.cell_layout()[0] == BlockGrid.MIN_CELL
             and grid.height() >= math.ceil(100_000 / (grid.width() // BlockGrid.MIN_CELL)) * BlockGrid.MIN_CELL
-        )
+        ),
+        timeout=UNTIL_DONE,
     )
     assert grid.height() > widget.height()
     image = grid.grab().toImage()
@@ -208,7 +214,7 @@ def test_100k_block_update_and_repaint_time(qtbot):
     widget.set_block_map(maps[1])
     grid = widget.grid
     # Let the scroll area grow the grid to its full height first, so every frame paints all 100k cells.
-    qtbot.waitUntil(lambda: grid.height() >= grid.heightForWidth(grid.width()) > widget.height())
+    qtbot.waitUntil(lambda: grid.height() >= grid.heightForWidth(grid.width()) > widget.height(), timeout=UNTIL_DONE)
     frames = 20
     start = time.perf_counter()
     for i in range(frames):

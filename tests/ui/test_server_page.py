@@ -1,11 +1,15 @@
 """The server page on a tiny model: the switch waits for a model, serves the openai client at the URL the page
 shows (and logs each request), guards with an API key, binds loopback unless LAN is ticked, stops serving when
-switched off, says so when the port is taken, follows a model reload, and its snippets run as written."""
+switched off, says so when the port is taken, follows a model reload, and its snippets run as written.
+
+Waits end on what they wait for, never on the clock: a loaded machine only makes them slower. A hang is caught by
+the module's pytest-timeout mark."""
 
 from __future__ import annotations
 
 import contextlib
 import io
+import math
 import socket
 from pathlib import Path
 
@@ -13,8 +17,12 @@ import openai
 import pytest
 import yaml
 
-from ui.bridge import EngineBridge
+from app.server.run import default_model_id
+from ui.bridge import EngineBridge, ModelLoaded
 from ui.pages.server import LOG_ROWS, ServerPage
+
+pytestmark = pytest.mark.timeout(600)
+UNTIL_DONE = math.inf  # qtbot.waitUntil's timeout: none
 
 
 @pytest.fixture
@@ -28,7 +36,7 @@ def page(qtbot, loaded_bridge):
 
 
 def client(page: ServerPage, api_key: str = "unused") -> openai.OpenAI:
-    return openai.OpenAI(base_url=page.url.text(), api_key=api_key, max_retries=0, timeout=60)
+    return openai.OpenAI(base_url=page.url.text(), api_key=api_key, max_retries=0, timeout=None)
 
 
 def ask(page: ServerPage, api_key: str = "unused"):
@@ -43,14 +51,14 @@ def log_rows(page: ServerPage) -> list[dict[str, str]]:
 
 
 def test_serves_the_openai_client_at_the_shown_url_and_logs_each_request(qtbot, page, tiny_chat_model, screenshots):
-    assert page.served_model_name() == Path(tiny_chat_model).name
+    assert page.served_model_name() == Path(tiny_chat_model).name == default_model_id(str(tiny_chat_model))
     page.switch.click()
     assert page.switch.isChecked() and page.server is not None
     url = page.url.text()
     assert url.startswith("http://127.0.0.1:") and url.endswith("/v1") and not url.startswith("http://127.0.0.1:0/")
     reply = ask(page)
     assert reply.model == page.served_model_name() and reply.usage.completion_tokens == 5
-    qtbot.waitUntil(lambda: page.log.rowCount() == 1, timeout=10_000)
+    qtbot.waitUntil(lambda: page.log.rowCount() == 1, timeout=UNTIL_DONE)
     row = log_rows(page)[0]
     assert (row["Method"], row["Path"], row["Status"], row["Tokens"]) == ("POST", "/v1/chat/completions", "200", "5")
     assert row["Client"] == "127.0.0.1"
@@ -75,7 +83,7 @@ def test_an_api_key_turns_away_clients_without_it_and_the_snippets_carry_it(qtbo
     with contextlib.redirect_stdout(out):
         exec(page.python_snippet.toPlainText(), {})
     assert out.getvalue().strip()
-    qtbot.waitUntil(lambda: page.log.rowCount() == 2, timeout=10_000)
+    qtbot.waitUntil(lambda: page.log.rowCount() == 2, timeout=UNTIL_DONE)
     assert [r["Status"] for r in log_rows(page)] == ["200", "401"]  # newest first
     entry = yaml.safe_load(page.ide_snippet.toPlainText())["models"][0]
     assert entry["provider"] == "openai" and entry["apiBase"] == page.url.text()
@@ -143,7 +151,8 @@ def test_the_log_keeps_the_newest_rows(qtbot, page):
             }
         )
     qtbot.waitUntil(
-        lambda: page.log.rowCount() == LOG_ROWS and page.log.item(0, 2).text() == f"/v1/models/{LOG_ROWS + 2}"
+        lambda: page.log.rowCount() == LOG_ROWS and page.log.item(0, 2).text() == f"/v1/models/{LOG_ROWS + 2}",
+        timeout=UNTIL_DONE,
     )
     assert page.log.item(LOG_ROWS - 1, 2).text() == "/v1/models/3"
 
@@ -155,13 +164,13 @@ def test_the_switch_waits_for_a_model_and_follows_a_reload(qtbot, tiny_chat_mode
     try:
         assert not page.switch.isEnabled() and "Load a model" in page.status.text()
         page.port.setValue(0)
-        with qtbot.waitSignal(bridge.model_loaded, timeout=60_000):
+        with qtbot.waitSignal(bridge.model_loaded, timeout=None):
             bridge.load_model(str(tiny_chat_model), load_options)
         assert page.switch.isEnabled()
         page.switch.click()
         first_thread, url = bridge.engine_thread, page.url.text()
         ask(page)
-        with qtbot.waitSignal(bridge.model_loaded, timeout=60_000):
+        with qtbot.waitSignal(bridge.model_loaded, timeout=None):
             bridge.load_model(str(tiny_chat_model), load_options)
         # Served from the new engine thread (the old one is stopped and would answer 503), at the same URL.
         assert bridge.engine_thread is not first_thread
@@ -170,3 +179,14 @@ def test_the_switch_waits_for_a_model_and_follows_a_reload(qtbot, tiny_chat_mode
     finally:
         page.shutdown()
         bridge.shutdown()
+
+
+def test_the_default_model_name_is_the_one_kvstudio_serve_gives(qtbot, tmp_path):
+    page = ServerPage(EngineBridge())
+    qtbot.addWidget(page)
+    gguf = tmp_path / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    gguf.write_bytes(b"GGUF")
+    page.bridge.model_loaded.emit(ModelLoaded(str(gguf), 512, 0.1))
+    assert page.served_model_name() == default_model_id(str(gguf)) == "SmolLM2-135M-Instruct.Q4_1"
+    assert page.model_name.placeholderText() == "SmolLM2-135M-Instruct.Q4_1"
+    assert 'model="SmolLM2-135M-Instruct.Q4_1"' in page.python_snippet.toPlainText()

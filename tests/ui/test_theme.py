@@ -8,8 +8,7 @@ from PySide6.QtCore import Qt
 from PySide6.QtGui import QPalette
 from PySide6.QtWidgets import QApplication
 
-from ui.theme import follow_system_scheme, palette_for
-from ui.widgets.block_map import free_color
+from ui.theme import follow_system_scheme, free_color, palette_for
 
 
 @pytest.fixture

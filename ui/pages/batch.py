@@ -17,18 +17,13 @@ from pathlib import Path
 from PySide6.QtCore import Qt, QTimer
 from PySide6.QtWidgets import (
     QAbstractItemView,
-    QCheckBox,
-    QDoubleSpinBox,
     QFileDialog,
-    QFormLayout,
     QGroupBox,
     QHBoxLayout,
     QHeaderView,
-    QLabel,
     QPlainTextEdit,
     QProgressBar,
     QPushButton,
-    QSpinBox,
     QSplitter,
     QTableView,
     QTextBrowser,
@@ -40,7 +35,9 @@ from app.batch_io import BatchFileError, export_results, load_rows, parse_text
 from engine import SamplingParams
 from ui.bridge import EngineBridge, RequestFailed, RequestUpdate
 from ui.widgets.batch_table import CANCELLED, DONE, FAILED, QUEUED, RUNNING, BatchTableModel
-from ui.widgets.cards import muted, spin_box
+from ui.widgets.cards import muted
+from ui.widgets.sampling_form import SamplingForm
+from ui.widgets.status_line import StatusLine
 
 REPAINT_INTERVAL_MS = 100
 SUBMIT_SLICE = 64  # rows rendered and submitted per turn of the event loop
@@ -90,32 +87,16 @@ class BatchPage(QWidget):
         row.addWidget(self.mode)
         pv.addLayout(row)
 
-        self.temperature = spin_box(QDoubleSpinBox(), 0.0, 2.0, 0.7, 0.05)
-        self.top_p = spin_box(QDoubleSpinBox(), 0.01, 1.0, 1.0, 0.05)
-        self.max_tokens = spin_box(QSpinBox(), 1, 32768, 256, 16)
-        self.use_seed = QCheckBox("Seed")
-        self.seed = spin_box(QSpinBox(), 0, 2**31 - 1, 0, 1)
-        self.seed.setEnabled(False)
-        self.use_seed.toggled.connect(self.seed.setEnabled)
-        # What the settings file keeps of this page between runs.
-        self.form = {
-            "temperature": self.temperature,
-            "top_p": self.top_p,
-            "max_tokens": self.max_tokens,
-            "use_seed": self.use_seed,
-            "seed": self.seed,
-        }
-        sampling = QGroupBox("Sampling")
-        form = QFormLayout(sampling)
-        form.addRow("Temperature", self.temperature)
-        form.addRow("Top p", self.top_p)
-        form.addRow("Max tokens", self.max_tokens)
-        form.addRow(self.use_seed, self.seed)
+        self.sampling = SamplingForm(("temperature", "top_p", "max_tokens"), max_tokens=256)
         note = muted(
             "For every row; a .jsonl or .csv row may set its own temperature, top_p, top_k, max_tokens, seed or stop."
         )
         note.setWordWrap(True)
-        form.addRow(note)
+        sampling = QGroupBox("Sampling")
+        sv = QVBoxLayout(sampling)
+        sv.addWidget(self.sampling)
+        sv.addWidget(note)
+        sv.addStretch(1)
         sampling.setFixedWidth(260)
 
         top = QWidget()
@@ -178,8 +159,7 @@ class BatchPage(QWidget):
         splitter.addWidget(bottom)
         splitter.setStretchFactor(1, 1)
         splitter.setSizes([200, 500])
-        self.status = QLabel()
-        self.status.setWordWrap(True)
+        self.status = StatusLine()
         layout = QVBoxLayout(self)
         layout.setContentsMargins(12, 12, 12, 12)
         layout.addWidget(splitter, 1)
@@ -200,7 +180,7 @@ class BatchPage(QWidget):
         try:
             rows = load_rows(path)
         except BatchFileError as e:
-            self.status.setText(f"Could not import: {e}")
+            self.status.say(f"Could not import: {e}")
             return False
         self.input.blockSignals(True)  # the file's rows replace the pasted ones; typing again replaces them back
         self.input.clear()
@@ -208,7 +188,7 @@ class BatchPage(QWidget):
         self.model.set_rows(rows)
         self.source.setText(f"{len(rows)} prompt{'s' * (len(rows) != 1)} from {Path(path).name}")
         self._after_new_rows()
-        self.status.setText(f"Imported {len(rows)} prompts from {Path(path).name}.")
+        self.status.say(f"Imported {len(rows)} prompts from {Path(path).name}.")
         return True
 
     def _choose_import(self) -> None:
@@ -221,63 +201,43 @@ class BatchPage(QWidget):
     def _after_new_rows(self) -> None:
         self.progress.setRange(0, max(len(self.model.items), 1))
         self.progress.setValue(0)
-        self.status.clear()
+        self.status.say("")
         self._show_detail()
         self._sync_buttons()
 
     def _describe_prompts(self, *_) -> None:
-        """Say (in a tooltip) whether prompts go through the chat template: the same text means different things
+        """Say (in a tooltip) whether prompts go through a chat template: the same text means different things
         to the model either way."""
-        remote = self.bridge.remote
-        if not self.bridge.ready():
+        target = self.bridge.target
+        if target is None:
             text, hint = "", "No model is loaded yet."
-        elif remote is not None:
-            text, hint = (
-                f"Chat · {remote.model}",
-                (
-                    f"Each line is sent to {remote.base_url} as a user message; "
-                    '.jsonl rows may give whole conversations as "messages".'
-                ),
-            )
-        elif self.bridge.chat_templated():
-            text, hint = (
-                "Chat template",
-                (
-                    "Each line is sent as a user message through the model's chat "
-                    'template; .jsonl rows may give whole conversations as "messages".'
-                ),
+        elif target.chat_templated():
+            text, route = target.chat_route()
+            hint = (
+                f'Each line is sent as a user message {route}; .jsonl rows may give whole conversations as "messages".'
             )
         else:
             text, hint = (
                 "Raw text",
-                ('The model has no chat template: each line is sent as raw text, and rows given as "messages" fail.'),
+                'The model has no chat template: each line is sent as raw text, and rows given as "messages" fail.',
             )
         self.mode.setText(text)
         for widget in (self.input, self.mode, self.run_button):
             widget.setToolTip(hint)
 
     # ---- running ----------------------------------------------------------------------------------------------
-    def sampling(self) -> dict:
-        """The shared sampling setup, as SamplingParams keyword arguments."""
-        return {
-            "temperature": self.temperature.value(),
-            "top_p": self.top_p.value(),
-            "max_tokens": self.max_tokens.value(),
-            "seed": self.seed.value() if self.use_seed.isChecked() else None,
-        }
-
     def run(self) -> None:
         """Submit every row: the engine's scheduler batches them, step by step."""
         if self.running:
             return
         if not self.model.items:
-            self.status.setText("Nothing to run: paste prompts (one per line) or import a file.")
+            self.status.say("Nothing to run: paste prompts (one per line) or import a file.")
             return
         if not self.bridge.ready():
-            self.status.setText("No model is loaded yet.")
+            self.status.say("No model is loaded yet.")
             return
         self._run = next(self._run_ids)
-        self._shared = self.sampling()
+        self._shared = self.sampling.params()
         self._next_row = 0
         self.model.reset_results()
         self._started = time.perf_counter()
@@ -376,7 +336,7 @@ class BatchPage(QWidget):
         if self.running:
             elapsed = time.perf_counter() - self._started
             tokens = sum(item.tokens for item in items)
-            self.status.setText(
+            self.status.say(
                 f"Running {len(items)} prompts: {self.model.count(RUNNING)} generating, "
                 f"{self.model.count(QUEUED)} queued · {tokens:,} tokens, "
                 f"{tokens / max(elapsed, 1e-3):,.0f} tokens/s"
@@ -390,7 +350,7 @@ class BatchPage(QWidget):
         parts = [f"{n} {what}" for what in (DONE, FAILED, CANCELLED) if (n := self.model.count(what))]
         first_error = next((item.error for item in self.model.items if item.error), None)
         tokens = sum(item.tokens for item in self.model.items)
-        self.status.setText(
+        self.status.say(
             f"{', '.join(parts)} in {elapsed:.1f} s · {tokens:,} tokens, "
             f"{tokens / max(elapsed, 1e-3):,.0f} tokens/s" + (f" · first error: {first_error}" if first_error else "")
         )
@@ -402,9 +362,9 @@ class BatchPage(QWidget):
         try:
             export_results(self.model.results(), path)
         except BatchFileError as e:
-            self.status.setText(f"Could not export: {e}")
+            self.status.say(f"Could not export: {e}")
             return False
-        self.status.setText(f"Exported {len(self.model.items)} results to {path}.")
+        self.status.say(f"Exported {len(self.model.items)} results to {path}.")
         return True
 
     def _choose_export(self, suffix: str, file_filter: str) -> None:

@@ -22,9 +22,6 @@ from PySide6.QtGui import (
     QShortcut,
 )
 from PySide6.QtWidgets import (
-    QCheckBox,
-    QDoubleSpinBox,
-    QFormLayout,
     QHBoxLayout,
     QInputDialog,
     QLabel,
@@ -33,7 +30,6 @@ from PySide6.QtWidgets import (
     QListWidgetItem,
     QPlainTextEdit,
     QPushButton,
-    QSpinBox,
     QSplitter,
     QTextBrowser,
     QVBoxLayout,
@@ -43,7 +39,8 @@ from PySide6.QtWidgets import (
 from app.history import ChatHistory, HistoryError, Message, title_from
 from engine import SamplingParams
 from ui.bridge import EngineBridge, RequestFailed, RequestUpdate
-from ui.widgets.cards import spin_box
+from ui.widgets.sampling_form import FIELDS, SamplingForm
+from ui.widgets.status_line import StatusLine
 from ui.widgets.transcript import code_blocks, shade_code, transcript_markdown
 
 # A streaming reply is redrawn (and saved) at most this often: the transcript is re-rendered whole, and doing that
@@ -117,8 +114,7 @@ class ChatPage(QWidget):
         self.edit_button.clicked.connect(self.edit_last)
         self.copy_button = QPushButton("Copy reply")
         self.copy_button.clicked.connect(self.copy_last_reply)
-        self.status = QLabel()
-        self.status.setWordWrap(True)
+        self.status = StatusLine()
         middle = QWidget()
         mv = QVBoxLayout(middle)
         mv.addWidget(self.transcript, 1)
@@ -135,50 +131,15 @@ class ChatPage(QWidget):
 
         self.system_prompt = QPlainTextEdit(placeholderText="System prompt (optional)")
         self.system_prompt.setMaximumHeight(120)
-        self.temperature = spin_box(QDoubleSpinBox(), 0.0, 2.0, 0.7, 0.05)
-        self.top_p = spin_box(QDoubleSpinBox(), 0.01, 1.0, 1.0, 0.05)
-        self.top_k = spin_box(QSpinBox(), -1, 1000, -1, 1)
-        self.min_p = spin_box(QDoubleSpinBox(), 0.0, 1.0, 0.0, 0.01)
-        self.max_tokens = spin_box(QSpinBox(), 1, 32768, 512, 16)
-        self.presence = spin_box(QDoubleSpinBox(), -2.0, 2.0, 0.0, 0.1)
-        self.frequency = spin_box(QDoubleSpinBox(), -2.0, 2.0, 0.0, 0.1)
-        self.repetition = spin_box(QDoubleSpinBox(), 0.1, 3.0, 1.0, 0.05)
-        self.use_seed = QCheckBox("Seed")
-        self.seed = spin_box(QSpinBox(), 0, 2**31 - 1, 0, 1)
+        self.sampling = SamplingForm(FIELDS)  # every field there is
         right = QWidget()
         rv = QVBoxLayout(right)
         rv.addWidget(QLabel("<b>System prompt</b>"))
         rv.addWidget(self.system_prompt)
         rv.addSpacing(8)
         rv.addWidget(QLabel("<b>Sampling</b>"))
-        form = QFormLayout()
-        rv.addLayout(form)
+        rv.addWidget(self.sampling)
         rv.addStretch(1)
-        for label, widget in (
-            ("Temperature", self.temperature),
-            ("Top p", self.top_p),
-            ("Top k", self.top_k),
-            ("Min p", self.min_p),
-            ("Max tokens", self.max_tokens),
-            ("Presence penalty", self.presence),
-            ("Frequency penalty", self.frequency),
-            ("Repetition penalty", self.repetition),
-        ):
-            form.addRow(label, widget)
-        form.addRow(self.use_seed, self.seed)
-        # What the settings file keeps of this page between runs.
-        self.form = {
-            "temperature": self.temperature,
-            "top_p": self.top_p,
-            "top_k": self.top_k,
-            "min_p": self.min_p,
-            "max_tokens": self.max_tokens,
-            "presence_penalty": self.presence,
-            "frequency_penalty": self.frequency,
-            "repetition_penalty": self.repetition,
-            "use_seed": self.use_seed,
-            "seed": self.seed,
-        }
 
         splitter = QSplitter()
         for w, stretch in ((left, 0), (middle, 1), (right, 0)):
@@ -206,7 +167,7 @@ class ChatPage(QWidget):
         try:
             conv = self.history.create_conversation(system_prompt=self.system_prompt.toPlainText())
         except HistoryError as e:
-            self.status.setText(f"Could not start a new chat: {e}")
+            self.status.say(f"Could not start a new chat: {e}")
             return
         self.refresh_conversations()
         self.open_conversation(conv.id)
@@ -226,7 +187,7 @@ class ChatPage(QWidget):
         try:
             self.history.rename(self.conversation_id, title.strip())
         except HistoryError as e:
-            self.status.setText(f"Could not rename the chat: {e}")
+            self.status.say(f"Could not rename the chat: {e}")
             return
         self.refresh_conversations()
 
@@ -247,7 +208,7 @@ class ChatPage(QWidget):
         try:
             self.history.delete(self.conversation_id)
         except HistoryError as e:
-            self.status.setText(f"Could not delete the chat: {e}")
+            self.status.say(f"Could not delete the chat: {e}")
             return
         self.conversation_id = None
         self.refresh_conversations()
@@ -255,19 +216,6 @@ class ChatPage(QWidget):
         self._sync_buttons()
 
     # ---- sending ----------------------------------------------------------------------------------------------
-    def sampling_params(self) -> SamplingParams:
-        return SamplingParams(
-            temperature=self.temperature.value(),
-            top_p=self.top_p.value(),
-            top_k=self.top_k.value(),
-            min_p=self.min_p.value(),
-            max_tokens=self.max_tokens.value(),
-            presence_penalty=self.presence.value(),
-            frequency_penalty=self.frequency.value(),
-            repetition_penalty=self.repetition.value(),
-            seed=self.seed.value() if self.use_seed.isChecked() else None,
-        )
-
     def send(self, text: str | None = None) -> None:
         """Send the input box's text (or `text`) as the next user message and stream the reply. A message the
         history cannot save stays in the input box, the reason said."""
@@ -281,7 +229,7 @@ class ChatPage(QWidget):
                 self.history.rename(self.conversation_id, title_from(text))
             self.history.add_message(self.conversation_id, "user", text)
         except HistoryError as e:
-            self.status.setText(f"Could not save your message: {e}")
+            self.status.say(f"Could not save your message: {e}")
             self.refresh_conversations()
             return
         self.input.clear()
@@ -292,7 +240,7 @@ class ChatPage(QWidget):
         """Ask for a reply to the conversation as it stands. Its message is added only once the request is
         submitted, so a send refused at once (nothing loaded, a full queue, a dead engine) leaves none behind."""
         if not self.bridge.ready():
-            self.status.setText("No model is loaded yet.")
+            self.status.say("No model is loaded yet.")
             self.render()
             return
         system = self.system_prompt.toPlainText().strip()
@@ -304,20 +252,20 @@ class ChatPage(QWidget):
                 for m in self.history.messages(self.conversation_id)
                 if m.role != "assistant" or m.finished
             ]
-            rid = self.bridge.submit_chat(messages, self.sampling_params())
+            rid = self.bridge.submit_chat(messages, SamplingParams(**self.sampling.params()))
         except Exception as e:  # a bad parameter, a full queue, a template error, a full disk: said, not raised
-            self.status.setText(f"Could not send: {e}")
+            self.status.say(f"Could not send: {e}")
             self.render()
             return
         try:
             message = self.history.add_message(self.conversation_id, "assistant", "", finished=False)
         except HistoryError as e:  # nowhere to keep the reply: do not generate it
             self.bridge.abort(rid)
-            self.status.setText(f"Could not send: {e}")
+            self.status.say(f"Could not send: {e}")
             self.render()
             return
         self.reply = _Reply(rid, message.id, time.perf_counter())
-        self.status.setText("Generating…")
+        self.status.say("Generating…")
         self.render()
         self._sync_buttons()
 
@@ -342,7 +290,7 @@ class ChatPage(QWidget):
             # if even the delete fails, the message stays empty and unfinished: harmless, the refusal is said
             with contextlib.suppress(HistoryError):
                 self.history.delete_messages_after(reply.message_id)
-            self.status.setText(f"Could not send: {failure.message}")
+            self.status.say(f"Could not send: {failure.message}")
             self.render()
             self._sync_buttons()
         else:
@@ -362,9 +310,9 @@ class ChatPage(QWidget):
         try:
             self.history.update_message(reply.message_id, reply.text, finished=True, stats=stats)
         except HistoryError as e:  # the transcript shows what was saved before; the reason is said
-            self.status.setText(f"Could not save the reply: {e}")
+            self.status.say(f"Could not save the reply: {e}")
         else:
-            self.status.setText(f"Stopped: {error}" if error else "")
+            self.status.say(f"Stopped: {error}" if error else "")
         self.refresh_conversations()
         self.render()
         self._sync_buttons()
@@ -386,7 +334,7 @@ class ChatPage(QWidget):
             try:
                 self.history.delete_messages_after(messages[-1].id)
             except HistoryError as e:
-                self.status.setText(f"Could not regenerate: {e}")
+                self.status.say(f"Could not regenerate: {e}")
                 return
         self._start_reply()
 
@@ -398,7 +346,7 @@ class ChatPage(QWidget):
         try:
             self.history.delete_messages_after(last.id)
         except HistoryError as e:
-            self.status.setText(f"Could not take the message back: {e}")
+            self.status.say(f"Could not take the message back: {e}")
             return
         self.input.setPlainText(last.content)
         self.render()
@@ -450,7 +398,7 @@ class ChatPage(QWidget):
             message_id, block = (int(x) for x in url.path().split("/"))
             message = next(m for m in self.history.messages(self.conversation_id) if m.id == message_id)
             QGuiApplication.clipboard().setText(code_blocks(message.content)[block])
-            self.status.setText("Code copied.")
+            self.status.say("Code copied.")
         else:
             QDesktopServices.openUrl(url)
 

@@ -1,6 +1,7 @@
 """The models page: the local library (load, delete with the space freed, refresh; whether each model fits this
-machine's memory, and a corrupt one said as such) beside the Hugging Face Hub card (ui/widgets/hub_panel.py:
-search, download, and the downloads left unfinished); the library refreshes when a download completes.
+machine's memory, and a corrupt one said as such) beside the Hugging Face Hub card (ui/widgets/hub_panel.py
+over ui/hub_bridge.py: search, download, and the downloads left unfinished); the library refreshes when a
+download completes.
 
 A load is checked against the memory free first: a model too big for it is refused in words here instead of
 ending in the kernel's out-of-memory killer. Every failure is said in the status line; the page keeps working.
@@ -10,15 +11,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from PySide6.QtCore import Qt, Slot
+from PySide6.QtCore import Slot
 from PySide6.QtWidgets import QHBoxLayout, QLabel, QPushButton, QVBoxLayout, QWidget
 
 from app.library import hub_models, machine
 from app.library.hub_models import HubError, LocalModel, human_size
 from ui.bridge import EngineBridge, ModelLoaded, ModelLoadFailed
+from ui.hub_bridge import DownloadDone, HubBridge
 from ui.widgets.cards import card, muted, section
-from ui.widgets.hub_panel import DownloadDone, HubPanel
-from ui.widgets.rows_table import library_model, rows_table, tone_color
+from ui.widgets.hub_panel import HubPanel
+from ui.widgets.rows_table import library_model, rows_table
+from ui.widgets.status_line import StatusLine
 
 
 class ModelsPage(QWidget):
@@ -29,13 +32,13 @@ class ModelsPage(QWidget):
         self._pending_delete: LocalModel | None = None
         self._memory: machine.MachineMemory  # what the library's verdicts are against: taken by each refresh()
         self._build(endpoint)
-        self.hub.download_done.connect(self._on_download_done)
+        self.hub.bridge.download_done.connect(self._on_download_done)
         bridge.model_loaded.connect(self._on_model_loaded)
         bridge.model_load_failed.connect(self._on_model_load_failed)
         self.refresh()
         if self.hub.interrupted:  # left by an earlier run: say so, the rows alone are easy to miss
             n = len(self.hub.interrupted)
-            self._say(
+            self.status.say(
                 f"{'A download' if n == 1 else f'{n} downloads'} did not finish last time: Resume continues "
                 "where it stopped, Discard deletes what arrived.",
                 "warn",
@@ -43,7 +46,7 @@ class ModelsPage(QWidget):
 
     # ---- layout -------------------------------------------------------------------------------------------
     def _build(self, endpoint: str | None) -> None:
-        self.status = QLabel(wordWrap=True, textInteractionFlags=Qt.TextSelectableByMouse)
+        self.status = StatusLine()
 
         library_card, library = card("Library")
         self.library = library_model(self._fit, self)
@@ -82,7 +85,7 @@ class ModelsPage(QWidget):
         library.addWidget(self.confirm_bar)
         library.addLayout(library_buttons)
 
-        self.hub = HubPanel(self._say, endpoint)
+        self.hub = HubPanel(HubBridge(endpoint, self), self.status.say)
 
         cards = QHBoxLayout()
         cards.setSpacing(12)
@@ -156,18 +159,18 @@ class ModelsPage(QWidget):
         for the memory free now, is refused in words instead; returns whether the load started."""
         model = self.library.row(self._library_row(name))
         if model.problem is not None:
-            self._say(f"Could not load {model.name}: {_sentence(model.problem)}", "error")
+            self.status.say(f"Could not load {model.name}: {_sentence(model.problem)}", "error")
             return False
         try:
             fit = self.bridge.check_fit(str(model.path), self.engine_options)
         except ValueError as e:  # a weights file went bad since the listing
-            self._say(f"Could not load {model.name}: {_sentence(str(e))}", "error")
+            self.status.say(f"Could not load {model.name}: {_sentence(str(e))}", "error")
             return False
         if fit is not None and not fit.fits:
-            self._say(f"Not loading {model.name}: {fit.message}", "error")
+            self.status.say(f"Not loading {model.name}: {fit.message}", "error")
             return False
         tight = fit is not None and fit.verdict == "tight"
-        self._say(f"Loading {model.name}…" + (f" {fit.message}" if tight else ""), "warn" if tight else None)
+        self.status.say(f"Loading {model.name}…" + (f" {fit.message}" if tight else ""), "warn" if tight else None)
         self.bridge.load_model(str(model.path), self.engine_options)
         return True
 
@@ -177,13 +180,13 @@ class ModelsPage(QWidget):
 
     @Slot(object)
     def _on_model_loaded(self, loaded: ModelLoaded) -> None:
-        self._say(
+        self.status.say(
             f"Loaded {self._shown_name(loaded.model)} ({loaded.seconds:.1f} s, context {loaded.max_model_len:,}).", "ok"
         )
 
     @Slot(object)
     def _on_model_load_failed(self, failed: ModelLoadFailed) -> None:
-        self._say(f"Could not load {self._shown_name(failed.model)}: {_sentence(failed.message)}", "error")
+        self.status.say(f"Could not load {self._shown_name(failed.model)}: {_sentence(failed.message)}", "error")
 
     @Slot(object)
     def _on_download_done(self, done: DownloadDone) -> None:
@@ -223,23 +226,18 @@ class ModelsPage(QWidget):
         self._cancel_delete()
         model = next((m for m in self.library.rows() if m.name == name), None)
         if model is not None and model.is_default and not force:
-            self._say(f"{name} is the default model; it is kept unless you confirm deleting it anyway.", "error")
+            self.status.say(f"{name} is the default model; it is kept unless you confirm deleting it anyway.", "error")
             return None
         try:
             freed = hub_models.remove(name, force=force)
         except (HubError, OSError) as e:
-            self._say(f"Could not delete {name}: {e}", "error")
+            self.status.say(f"Could not delete {name}: {e}", "error")
             return None
         self.refresh()
-        self._say(f"Deleted {name}, freed {human_size(freed)}.", "ok")
+        self.status.say(f"Deleted {name}, freed {human_size(freed)}.", "ok")
         return freed
 
     # ---- state --------------------------------------------------------------------------------------------
-    def _say(self, text: str, tone: str | None = None) -> None:
-        """The status line: `tone` ("ok", "warn", "error") colours it, None leaves the palette's text colour."""
-        self.status.setStyleSheet(f"color: {tone_color(tone).name()};" if tone is not None else "")
-        self.status.setText(text)
-
     def shutdown(self) -> None:
         """The window is closing: stop a running download (it can be resumed on the next start)."""
         self.hub.shutdown()

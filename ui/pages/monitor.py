@@ -9,9 +9,10 @@ from PySide6.QtWidgets import QGridLayout, QHBoxLayout, QLabel, QProgressBar, QV
 
 from app.engine_thread import EngineSnapshot
 from engine import BlockState
-from ui.widgets.block_map import FIXED_COLORS, BlockMapWidget, Swatch
+from ui.theme import BLOCK_COLORS, GENERATION_COLOR, PROMPT_COLOR
+from ui.widgets.block_map import BlockMapWidget, Swatch
 from ui.widgets.cards import card, muted, section, value_label
-from ui.widgets.throughput_chart import GENERATION_COLOR, PROMPT_COLOR, ThroughputChart
+from ui.widgets.throughput_chart import ThroughputChart
 
 
 class MonitorPage(QWidget):
@@ -112,7 +113,7 @@ class MonitorPage(QWidget):
         track = self.palette().color(QPalette.ColorRole.Midlight).name()
         self.usage_bar.setStyleSheet(
             f"QProgressBar {{ background: {track}; border: none; border-radius: 3px; }}"
-            f"QProgressBar::chunk {{ background: {FIXED_COLORS[BlockState.USED].name()}; border-radius: 3px; }}"
+            f"QProgressBar::chunk {{ background: {BLOCK_COLORS[BlockState.USED].name()}; border-radius: 3px; }}"
         )
 
     def changeEvent(self, event: QEvent) -> None:

@@ -15,11 +15,10 @@ import secrets
 import socket
 import time
 from collections.abc import Callable
-from pathlib import Path
 from urllib.parse import urlsplit
 
 from PySide6.QtCore import Qt, QTimer, Signal, Slot
-from PySide6.QtGui import QColor, QFont, QFontDatabase, QGuiApplication
+from PySide6.QtGui import QFont, QFontDatabase, QGuiApplication
 from PySide6.QtWidgets import (
     QAbstractItemView,
     QCheckBox,
@@ -39,9 +38,11 @@ from PySide6.QtWidgets import (
 )
 
 from app.server.app import ServerConfig
-from app.server.run import BackgroundServer, model_info
+from app.server.run import BackgroundServer, default_model_id, model_info
 from ui.bridge import EngineBridge, ModelLoaded
+from ui.theme import TONES, tone_color
 from ui.widgets.cards import card, muted, section
+from ui.widgets.status_line import StatusLine
 
 DEFAULT_PORT = 8000
 LOG_ROWS = 500
@@ -49,9 +50,7 @@ LOG_ROWS = 500
 # engine), so the UI thread never waits long on a slow client.
 DRAIN_S = 1.0
 LOG_COLUMNS = ("Time", "Method", "Path", "Status", "Seconds", "Tokens", "Client")
-ERROR_COLOR = QColor("#dc2626")
-ON_COLOR = QColor("#16a34a")
-WARNING_COLOR = QColor("#b45309")
+ON_COLOR = TONES["ok"][0]  # the switch's fill when on, under white text in light and dark alike
 NO_KEY = "not-needed"  # the openai client insists on some key; a server without one ignores it
 
 
@@ -69,7 +68,7 @@ class ServerPage(QWidget):
         thread = bridge.engine_thread
         if thread is not None:  # the page came after the model
             self._set_default_name(thread.engine.model_config.model)
-        self._say("Off." if thread is not None else "Load a model to serve it.")
+        self.status.say("Off." if thread is not None else "Load a model to serve it.")
         self._sync()
 
     # ---- layout -------------------------------------------------------------------------------------------
@@ -83,11 +82,11 @@ class ServerPage(QWidget):
         self.switch.setStyleSheet(
             "QPushButton { border-radius: 23px; padding: 0 22px; border: 1px solid palette(mid);"
             " background: palette(button); }"
-            f"QPushButton:checked {{ background: {ON_COLOR.name()}; color: white; border-color: {ON_COLOR.name()}; }}"
+            f"QPushButton:checked {{ background: {ON_COLOR}; color: white; border-color: {ON_COLOR}; }}"
             "QPushButton:disabled { color: palette(mid); }"
         )
         self.switch.clicked.connect(self.set_serving)
-        self.status = QLabel(wordWrap=True, textFormat=Qt.RichText, textInteractionFlags=Qt.TextSelectableByMouse)
+        self.status = StatusLine(rich=True)
         heading = QVBoxLayout()
         heading.setSpacing(2)
         heading.addWidget(section("OpenAI-compatible server"))
@@ -109,10 +108,9 @@ class ServerPage(QWidget):
         key_row.addWidget(self.api_key, 1)
         key_row.addWidget(self.generate_key)
         self._default_name = ""
-        self.model_name = QLineEdit(placeholderText="the model's file name")
+        self.model_name = QLineEdit(placeholderText="the model's name")
         self.lan = QCheckBox("Allow other devices on the network (LAN)")
-        self.lan_warning = QLabel(wordWrap=True)
-        self.lan_warning.setStyleSheet(f"color: {WARNING_COLOR.name()};")
+        self.lan_warning = StatusLine(rich=True)
         self.lan_warning.hide()
         form = QFormLayout()
         form.setHorizontalSpacing(12)
@@ -195,11 +193,11 @@ class ServerPage(QWidget):
         )
 
     def served_model_name(self) -> str:
-        """The name clients pass as `model`: the field, or else the model's file name."""
+        """The name clients pass as `model`: the field, or else the id `kvstudio serve` gives the model."""
         return self.model_name.text().strip() or self._default_name
 
     def _set_default_name(self, model: str) -> None:
-        self._default_name = Path(model).name
+        self._default_name = default_model_id(model)
         self.model_name.setPlaceholderText(self._default_name)
 
     def base_url(self) -> str:
@@ -218,7 +216,7 @@ class ServerPage(QWidget):
             self._start(self.port.value())
         elif not on and self.server is not None:
             self._stop()
-            self._say("Off.")
+            self.status.say("Off.")
         self._sync()
         return self.server is not None
 
@@ -229,7 +227,7 @@ class ServerPage(QWidget):
     def _start(self, port: int, context: str = "") -> None:
         thread = self.bridge.engine_thread
         if thread is None:
-            self._say("Load a model to serve it.", ERROR_COLOR)
+            self.status.say("Load a model to serve it.", "error")
             return
         config = dataclasses.replace(self.settings(), port=port)
         try:
@@ -237,10 +235,12 @@ class ServerPage(QWidget):
                 thread, model_info(thread.engine, self.served_model_name()), config, self.request_logged.emit
             ).start()
         except Exception as e:  # a port in use, a privileged port: said in words, the switch stays off
-            self._say(context + _start_error(config, e), ERROR_COLOR)
+            self.status.say(context + _start_error(config, e), "error")
             return
         where = "this computer and your network" if self.lan.isChecked() else "this computer only"
-        self._say(f"Serving <b>{_html(self.served_model_name())}</b> at {_html(self.base_url())} ({where}).", ON_COLOR)
+        self.status.say(
+            f"Serving <b>{_html(self.served_model_name())}</b> at {_html(self.base_url())} ({where}).", "ok"
+        )
 
     def _stop(self) -> None:
         server, self.server = self.server, None
@@ -250,7 +250,7 @@ class ServerPage(QWidget):
     def _on_model_loaded(self, loaded: ModelLoaded) -> None:
         self._set_default_name(loaded.model)
         if self.server is None:
-            self._say("Off.")
+            self.status.say("Off.")
         else:
             # The old engine thread is gone: serve the new one on the same port, so clients keep their URL.
             port = urlsplit(self.server.url).port
@@ -277,7 +277,7 @@ class ServerPage(QWidget):
             if LOG_COLUMNS[col] in ("Status", "Seconds", "Tokens"):
                 item.setTextAlignment(Qt.AlignRight | Qt.AlignVCenter)
             if entry["status"] >= 400:
-                item.setForeground(ERROR_COLOR)
+                item.setForeground(tone_color("error"))
             self.log.setItem(0, col, item)
         if self.log.rowCount() > LOG_ROWS:
             self.log.removeRow(LOG_ROWS)
@@ -290,10 +290,6 @@ class ServerPage(QWidget):
         )
 
     # ---- state ----------------------------------------------------------------------------------------------
-    def _say(self, html: str, color: QColor | None = None) -> None:
-        self.status.setStyleSheet(f"color: {color.name()};" if color is not None else "")
-        self.status.setText(html)
-
     def _sync(self) -> None:
         serving = self.server is not None
         loaded = self.bridge.engine_thread is not None
@@ -306,7 +302,7 @@ class ServerPage(QWidget):
         self.lan_warning.setVisible(self.lan.isChecked())
         if self.lan.isChecked():
             port = urlsplit(self.server.url).port if serving else self.port.value()
-            self.lan_warning.setText(_lan_warning(port, self.settings().api_key is not None))
+            self.lan_warning.say(_lan_warning(port, self.settings().api_key is not None), "warn")
         url = self.base_url()
         self.url.setText(url)
         shown_url = url or "http://127.0.0.1:PORT/v1"

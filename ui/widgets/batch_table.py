@@ -7,13 +7,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from PySide6.QtCore import QAbstractTableModel, QModelIndex, QPersistentModelIndex, Qt
-from PySide6.QtGui import QColor
 
 from app.batch_io import BatchResult, BatchRow
+from ui.theme import BATCH_STATUS_COLORS
 
 QUEUED, RUNNING, DONE, FAILED, CANCELLED = "queued", "running", "done", "failed", "cancelled"
 SHOWN_CHARS = 300  # of a prompt or output in a table cell (the tooltip and detail pane show it all)
-STATUS_COLORS = {RUNNING: QColor("#2d7ff9"), DONE: QColor("#2e9d57"), FAILED: QColor("#d64541")}
 DISPLAY, TOOLTIP, FOREGROUND, ALIGNMENT = (
     int(r)
     for r in (
@@ -129,7 +128,7 @@ class BatchTableModel(QAbstractTableModel):
             return None
         if role == FOREGROUND:
             if column == 2 or (column == 4 and item.error):
-                return STATUS_COLORS.get(FAILED if item.error else item.status)
+                return BATCH_STATUS_COLORS.get(FAILED if item.error else item.status)
             return None
         return _RIGHT if column in (0, 3) else None
 

@@ -14,6 +14,7 @@ from PySide6.QtGui import QColor, QImage, QPainter, QPalette
 from PySide6.QtWidgets import QFrame, QHBoxLayout, QLabel, QScrollArea, QSizePolicy, QToolTip, QVBoxLayout, QWidget
 
 from engine import BlockMap, BlockState
+from ui.theme import BLOCK_COLORS, free_color
 
 STATE_NAMES = {
     BlockState.FREE: "free",
@@ -21,25 +22,7 @@ STATE_NAMES = {
     BlockState.SHARED: "shared",
     BlockState.CACHED: "cached",
 }
-# Hues that stay distinct on light and dark backgrounds (and for red-green colour blindness: blue vs orange).
-# Free cells take their colour from the palette instead, so an empty pool looks calm in either theme.
-FIXED_COLORS = {
-    BlockState.USED: QColor("#3b82f6"),
-    BlockState.SHARED: QColor("#f59e0b"),
-    BlockState.CACHED: QColor("#14b8a6"),
-}
 _PAD = 4  # colour index of the cells after the last block, on the last row: transparent
-
-
-def free_color(palette: QPalette) -> QColor:
-    """The window colour nudged towards the text colour: a faint grey on light palettes, a lifted one on dark."""
-    bg, fg = palette.color(QPalette.ColorRole.Window), palette.color(QPalette.ColorRole.WindowText)
-    t = 0.16
-    return QColor.fromRgbF(
-        bg.redF() + (fg.redF() - bg.redF()) * t,
-        bg.greenF() + (fg.greenF() - bg.greenF()) * t,
-        bg.blueF() + (fg.blueF() - bg.blueF()) * t,
-    )
 
 
 class BlockGrid(QWidget):
@@ -69,7 +52,7 @@ class BlockGrid(QWidget):
         self.update()
 
     def state_color(self, state: int) -> QColor:
-        return free_color(self.palette()) if state == BlockState.FREE else FIXED_COLORS[state]
+        return free_color(self.palette()) if state == BlockState.FREE else BLOCK_COLORS[state]
 
     # ---- geometry ---------------------------------------------------------------------------------------------
     def cell_layout(self) -> tuple[int, int]:

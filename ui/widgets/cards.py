@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from PySide6.QtCore import QRectF
 from PySide6.QtGui import QFont, QPainter, QPalette
-from PySide6.QtWidgets import QAbstractSpinBox, QDoubleSpinBox, QLabel, QVBoxLayout, QWidget
+from PySide6.QtWidgets import QLabel, QVBoxLayout, QWidget
 
 
 class Card(QWidget):
@@ -50,13 +50,3 @@ def card(title: str) -> tuple[Card, QVBoxLayout]:
     layout.setSpacing(4)
     layout.addWidget(emphasised(muted(title.upper()), -1))
     return card, layout
-
-
-def spin_box(box: QAbstractSpinBox, low: float, high: float, value: float, step: float) -> QAbstractSpinBox:
-    """A sampling-parameter field: range, step, starting value (two decimals for float fields)."""
-    box.setRange(low, high)
-    if isinstance(box, QDoubleSpinBox):
-        box.setDecimals(2)
-    box.setSingleStep(step)
-    box.setValue(value)
-    return box

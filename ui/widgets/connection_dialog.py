@@ -22,8 +22,7 @@ from PySide6.QtWidgets import (
 from app.remote_client import Endpoint
 from ui.bridge import ConnectionFailed, EngineBridge
 from ui.widgets.cards import muted
-
-ERROR_STYLE = "color: #dc2626;"
+from ui.widgets.status_line import StatusLine
 
 
 class ConnectionDialog(QDialog):
@@ -54,7 +53,7 @@ class ConnectionDialog(QDialog):
         form.addRow("Model", self.model)
         self.endpoint_fields = QWidget()
         self.endpoint_fields.setLayout(form)
-        self.message = QLabel(wordWrap=True, textInteractionFlags=Qt.TextSelectableByMouse)
+        self.message = StatusLine()
         self.buttons = QDialogButtonBox(QDialogButtonBox.Ok | QDialogButtonBox.Cancel)
         self.buttons.accepted.connect(self.apply)
         self.buttons.rejected.connect(self.reject)
@@ -83,10 +82,10 @@ class ConnectionDialog(QDialog):
         try:
             endpoint = Endpoint(self.url.text(), self.api_key.text().strip(), self.model.currentText().strip())
         except ValueError as e:
-            self._say(str(e)[0].upper() + str(e)[1:] + ".", error=True)
+            self.message.say(str(e)[0].upper() + str(e)[1:] + ".", "error")
             return
         self._asked = endpoint
-        self._say(f"Connecting to {endpoint.base_url}…")
+        self.message.say(f"Connecting to {endpoint.base_url}…")
         self.buttons.button(QDialogButtonBox.Ok).setEnabled(False)
         self.bridge.connect_remote(endpoint)
 
@@ -117,11 +116,7 @@ class ConnectionDialog(QDialog):
             return
         self._asked = None
         self.buttons.button(QDialogButtonBox.Ok).setEnabled(True)
-        self._say(f"Could not connect: {failure.message}", error=True)
-
-    def _say(self, text: str, error: bool = False) -> None:
-        self.message.setText(text)
-        self.message.setStyleSheet(ERROR_STYLE if error else "")
+        self.message.say(f"Could not connect: {failure.message}", "error")
 
     def _sync(self) -> None:
         self.endpoint_fields.setEnabled(self.remote.isChecked())

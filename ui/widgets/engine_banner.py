@@ -11,7 +11,7 @@ from PySide6.QtGui import QPalette
 from PySide6.QtWidgets import QHBoxLayout, QLabel, QPushButton, QWidget
 
 from ui.bridge import EngineDied
-from ui.widgets.rows_table import tone_color
+from ui.theme import tone_color
 
 
 class EngineBanner(QWidget):

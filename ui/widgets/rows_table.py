@@ -8,14 +8,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from PySide6.QtCore import QAbstractTableModel, QModelIndex, QObject, QSize, Qt
-from PySide6.QtGui import QColor, QFont, QGuiApplication, QPalette
+from PySide6.QtGui import QFont
 from PySide6.QtWidgets import QAbstractItemView, QHeaderView, QStyledItemDelegate, QTableView
 
 from app.library.hub_models import human_size
 from app.library.machine import ModelFit
+from ui.theme import tone_color
 
-# (on a light base, on a dark base): the same hues as the other pages' status colours, lighter where the base is dark
-TONES = {"ok": ("#16a34a", "#4ade80"), "warn": ("#b45309", "#fbbf24"), "error": ("#dc2626", "#f87171")}
 FIT_TONES = {"fits": "ok", "tight": "warn", "too big": "error"}
 ROW_HEIGHT = 28
 CELL_GAP = 6  # px added on each side of a cell's content when columns are sized to it
@@ -28,12 +27,6 @@ ALIGN = {
     )
 }
 _ROOT = QModelIndex()  # the invisible parent of every row
-
-
-def tone_color(tone: str) -> QColor:
-    """The colour of a tone ("ok", "warn", "error") readable on the application palette's base."""
-    light, dark = TONES[tone]
-    return QColor(dark if QGuiApplication.palette().color(QPalette.ColorRole.Base).lightness() < 128 else light)
 
 
 def human_count(n: int) -> str:
@@ -51,7 +44,9 @@ class Column:
     text: Callable[[Any], str]
     align: str = "left"  # an ALIGN key: "right" for figures, the heading too
     tooltip: Callable[[Any], str | None] | None = None
-    tone: Callable[[Any], str | None] | None = None  # a TONES key colouring the text, or None for the palette's
+    tone: Callable[[Any], str | None] | None = (
+        None  # a ui.theme.TONES key colouring the text, or None for the palette's
+    )
     bold: Callable[[Any], bool] | None = None
 
 

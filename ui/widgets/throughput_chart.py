@@ -9,8 +9,7 @@ from PySide6.QtCharts import QChart, QChartView, QLineSeries, QValueAxis
 from PySide6.QtCore import QEvent, QMargins, QPointF, Qt
 from PySide6.QtGui import QColor, QPainter, QPalette, QPen
 
-from engine import BlockState
-from ui.widgets.block_map import FIXED_COLORS
+from ui.theme import GENERATION_COLOR, PROMPT_COLOR
 
 
 def nice_ceiling(value: float, intervals: int) -> float:
@@ -19,10 +18,6 @@ def nice_ceiling(value: float, intervals: int) -> float:
     magnitude = 10 ** math.floor(math.log10(raw))
     step = next(m * magnitude for m in (1, 1.5, 2, 2.5, 3, 4, 5, 6, 8, 10) if m * magnitude >= raw)
     return step * intervals
-
-
-# Two of the block map's hues, so the page reads as one palette.
-PROMPT_COLOR, GENERATION_COLOR = FIXED_COLORS[BlockState.USED], FIXED_COLORS[BlockState.SHARED]
 
 
 class ThroughputChart(QChartView):

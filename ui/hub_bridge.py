@@ -1,0 +1,142 @@
+"""The Hugging Face Hub's work for the window: search and download on worker threads, reported as Qt signals with
+dataclass payloads; the models page's Hub card only reacts to them.
+
+Both touch the network, so they never run on the UI thread. Each worker emits from its own thread, and Qt queues
+the emission to the receivers' thread. Every failure (no network, no such repo, a download breaking off, a full
+disk) arrives as a payload that says why in words.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+
+from PySide6.QtCore import QObject, Signal, Slot
+
+from app.library import hub_models
+from app.library.hub_models import HubError
+from app.library.hub_search import HubModel, HubOffline, search_hub
+
+SEARCH_LIMIT = 30
+PROGRESS_INTERVAL_S = 0.1  # at most this often a download's progress crosses to the UI thread (and at its end)
+
+
+@dataclass(frozen=True)
+class SearchDone:
+    query: str
+    results: list[HubModel]
+
+
+@dataclass(frozen=True)
+class SearchFailed:
+    query: str
+    message: str
+    offline: bool
+
+
+@dataclass(frozen=True)
+class DownloadProgress:
+    model: str
+    done: int  # bytes
+    total: int
+    bytes_per_s: float
+
+
+@dataclass(frozen=True)
+class DownloadDone:
+    model: str
+    path: str  # the snapshot directory
+
+
+@dataclass(frozen=True)
+class DownloadFailed:
+    model: str
+    message: str
+    cancelled: bool
+
+
+class HubBridge(QObject):
+    # emitted on worker threads, received on the receivers' (the UI) thread
+    search_done = Signal(object)  # SearchDone
+    search_failed = Signal(object)  # SearchFailed
+    download_progress = Signal(object)  # DownloadProgress
+    download_done = Signal(object)  # DownloadDone
+    download_failed = Signal(object)  # DownloadFailed
+
+    def __init__(self, endpoint: str | None = None, parent: QObject | None = None) -> None:
+        super().__init__(parent)
+        self.endpoint = endpoint  # None: huggingface_hub's (HF_ENDPOINT or the public Hub)
+        self._cancel: threading.Event | None = None  # set while a download runs
+        self._downloading: str | None = None
+        # Connected first, so the download is over for every later receiver of the same signals.
+        self.download_done.connect(self._download_ended)
+        self.download_failed.connect(self._download_ended)
+
+    @property
+    def downloading(self) -> str | None:
+        """The model being downloaded (as download() was given it), or None."""
+        return self._downloading
+
+    def search(self, query: str) -> threading.Thread:
+        """Search the Hub's text-generation models for `query` ("" lists the most downloaded); the answer arrives
+        as search_done or search_failed."""
+        worker = threading.Thread(target=self._search, args=(query,), name="kvstudio-hub-search", daemon=True)
+        worker.start()
+        return worker
+
+    def _search(self, query: str) -> None:
+        try:
+            self.search_done.emit(SearchDone(query, search_hub(query, SEARCH_LIMIT, self.endpoint)))
+        except HubOffline as e:
+            self.search_failed.emit(SearchFailed(query, str(e), offline=True))
+        except Exception as e:
+            self.search_failed.emit(SearchFailed(query, str(e) or type(e).__name__, offline=False))
+
+    def download(self, model: str) -> threading.Thread | None:
+        """Pull `model` (one at a time; None while another runs); an interrupted earlier pull of it resumes.
+        Progress arrives as download_progress, the end as download_done or download_failed."""
+        if self._cancel is not None:
+            return None
+        self._cancel = threading.Event()
+        self._downloading = model
+        worker = threading.Thread(
+            target=self._download, args=(model, self._cancel), name="kvstudio-hub-pull", daemon=True
+        )
+        worker.start()
+        return worker
+
+    def cancel_download(self) -> None:
+        """Stop the running download between two chunks; what arrived is kept, and it can be resumed."""
+        if self._cancel is not None:
+            self._cancel.set()
+
+    def _download(self, model: str, cancel: threading.Event) -> None:
+        start = time.monotonic()
+        last = 0.0
+        first_done: int | None = None  # bytes already there (a resumed pull): not counted in the speed
+
+        def progress(done: int, total: int) -> None:
+            nonlocal last, first_done
+            now = time.monotonic()
+            if first_done is None:
+                first_done = done
+            if now - last < PROGRESS_INTERVAL_S and done < total:
+                return
+            last = now
+            speed = (done - first_done) / max(now - start, 1e-6)
+            self.download_progress.emit(DownloadProgress(model, done, total, speed))
+
+        try:
+            path = hub_models.pull(model, progress=progress, endpoint=self.endpoint, cancel=cancel)
+        except HubError as e:
+            self.download_failed.emit(DownloadFailed(model, str(e), cancelled=cancel.is_set()))
+        except Exception as e:
+            self.download_failed.emit(DownloadFailed(model, str(e) or type(e).__name__, cancelled=False))
+        else:
+            self.download_done.emit(DownloadDone(model, str(path)))
+
+    @Slot(object)
+    def _download_ended(self, _: DownloadDone | DownloadFailed) -> None:
+        self._cancel = None
+        self._downloading = None
