@@ -180,11 +180,6 @@ class EngineThread:
         if failure is not None:
             listener(failure)
 
-    def remove_failure_listener(self, listener: FailureListener) -> None:
-        with self._lock:
-            if listener in self._failure_listeners:
-                self._failure_listeners.remove(listener)
-
     def stop(self, drain_timeout: float | None = None) -> None:
         """Take no new requests; wait up to drain_timeout seconds (None: no wait) for the running ones to finish,
         abort the rest, and end the thread."""

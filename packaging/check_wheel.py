@@ -19,7 +19,10 @@ from pathlib import Path
 
 MUST_CARRY = (
     "kernels/csrc/paged_decode_attention.cpp",
+    "kernels/csrc/quant_gemm.cpp",
     "resources/bench/w64_prompts.jsonl",
+    "resources/bench/w64_schema.json",
+    "resources/bench/editor_files.txt",
     "resources/icons/kvstudio.svg",
     "app/cli/main.py",
     "engine/llm.py",

@@ -2,7 +2,7 @@
 SamplingParams) out (responses.py turns the engine's outputs back into OpenAI's JSON shapes).
 
 Every bad request raises ApiError(400, param=<the field at fault>), as OpenAI does; the fields, ranges and shapes
-follow ../shared/OPENAI_CONTRACT.md (where OpenAI and vLLM differ, OpenAI).
+follow the README's "The endpoint's contract" (where OpenAI and vLLM differ, OpenAI).
 """
 
 from __future__ import annotations
