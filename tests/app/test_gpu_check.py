@@ -23,10 +23,19 @@ def test_the_gpu_check_script_runs_every_check_at_smoke_scale(capsys):
         "greedy agreement with transformers",
         "CUDA graphs on vs off",
         "prompt logprobs vs transformers (float32)",
+        "prompt logprobs, weights kept int8",
+        "ngram speculation vs none",
     ):
         line = next(line for line in table.splitlines() if line.startswith(check))
         assert "PASS" in line, line
-    for check in ("decode attention bandwidth", "kvstudio tok/s", "hf generate tok/s", "fp8 KV cache vs 16-bit"):
+    for check in (
+        "decode attention bandwidth",
+        "kvstudio tok/s",
+        "hf generate tok/s",
+        "fp8 KV cache vs 16-bit",
+        "weights kept int8",
+        "weights kept int4",
+    ):
         assert any(line.startswith(check) for line in table.splitlines()), check
 
 
