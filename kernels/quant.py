@@ -427,6 +427,8 @@ def qembedding(ids: torch.Tensor, qw: QuantizedWeight) -> torch.Tensor:
     if ids.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"ids must be int32 or int64, got {ids.dtype}")
     flat = ids.reshape(-1).to(qw.device, torch.int64)
-    if flat.numel() and (flat.min() < 0 or flat.max() >= qw.shape[0]):
+    # Checked on the CPU only: on CUDA the check would read the ids back to the host, which a captured CUDA graph
+    # cannot do (the engine checks every prompt token id on input, and sampled ids are in range by construction).
+    if not flat.is_cuda and flat.numel() and (flat.min() < 0 or flat.max() >= qw.shape[0]):
         raise ValueError(f"ids must be in [0, {qw.shape[0]})")
     return _dequantize_rows(qw, flat).view(*ids.shape, qw.shape[1])

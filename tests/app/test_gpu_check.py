@@ -24,7 +24,7 @@ def test_the_gpu_check_script_runs_every_check_at_smoke_scale(capsys):
         "CUDA graphs on vs off",
         "prompt logprobs vs transformers (float32)",
         "prompt logprobs, weights kept int8",
-        "ngram speculation vs none",
+        "ngram speculation vs none (W64 greedy, float32)",
     ):
         line = next(line for line in table.splitlines() if line.startswith(check))
         assert "PASS" in line, line
