@@ -126,6 +126,7 @@ def test_without_the_compiled_kernels_a_gguf_loads_in_floats(smollm2_gguf, monke
 
 
 @pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("mode", ["int8", "int4"])
 def test_quantized_weights_run_under_cuda_graphs(tiny_llama, mode):
     """Every step of a quantized model, its embedding lookup included, is capturable: nothing reads back to
