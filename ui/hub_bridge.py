@@ -1,7 +1,7 @@
-"""The Hugging Face Hub's work for the window: search and download on worker threads, reported as Qt signals with
-dataclass payloads; the models page's Hub card only reacts to them.
+"""The Hugging Face Hub's work for the window: search, a repo's files and download on worker threads, reported as Qt
+signals with dataclass payloads; the models page's Hub card only reacts to them.
 
-Both touch the network, so they never run on the UI thread. Each worker emits from its own thread, and Qt queues
+All touch the network, so they never run on the UI thread. Each worker emits from its own thread, and Qt queues
 the emission to the receivers' thread. Every failure (no network, no such repo, a download breaking off, a full
 disk) arrives as a payload that says why in words.
 """
@@ -14,9 +14,9 @@ from dataclasses import dataclass
 
 from PySide6.QtCore import QObject, Signal, Slot
 
-from app.library import hub_models
-from app.library.hub_models import HubError
-from app.library.hub_search import HubModel, HubOffline, search_hub
+from app.library import pulls
+from app.library.hub_files import HubError, HubOffline
+from app.library.hub_search import HubModel, search_hub
 
 SEARCH_LIMIT = 30
 PROGRESS_INTERVAL_S = 0.1  # at most this often a download's progress crosses to the UI thread (and at its end)
@@ -36,6 +36,19 @@ class SearchFailed:
 
 
 @dataclass(frozen=True)
+class FilesDone:
+    repo: str  # as list_files() was given it
+    files: pulls.RepoFiles
+
+
+@dataclass(frozen=True)
+class FilesFailed:
+    repo: str
+    message: str
+    offline: bool
+
+
+@dataclass(frozen=True)
 class DownloadProgress:
     model: str
     done: int  # bytes
@@ -46,7 +59,7 @@ class DownloadProgress:
 @dataclass(frozen=True)
 class DownloadDone:
     model: str
-    path: str  # the snapshot directory
+    path: str  # the snapshot directory, or the GGUF file in it
 
 
 @dataclass(frozen=True)
@@ -60,6 +73,8 @@ class HubBridge(QObject):
     # emitted on worker threads, received on the receivers' (the UI) thread
     search_done = Signal(object)  # SearchDone
     search_failed = Signal(object)  # SearchFailed
+    files_done = Signal(object)  # FilesDone
+    files_failed = Signal(object)  # FilesFailed
     download_progress = Signal(object)  # DownloadProgress
     download_done = Signal(object)  # DownloadDone
     download_failed = Signal(object)  # DownloadFailed
@@ -93,8 +108,24 @@ class HubBridge(QObject):
         except Exception as e:
             self.search_failed.emit(SearchFailed(query, str(e) or type(e).__name__, offline=False))
 
+    def list_files(self, repo: str) -> threading.Thread:
+        """Ask the Hub what `repo` offers (its GGUF files, or the files a pull fetches); the answer arrives as
+        files_done or files_failed."""
+        worker = threading.Thread(target=self._list_files, args=(repo,), name="kvstudio-hub-files", daemon=True)
+        worker.start()
+        return worker
+
+    def _list_files(self, repo: str) -> None:
+        try:
+            self.files_done.emit(FilesDone(repo, pulls.list_files(repo, self.endpoint)))
+        except HubOffline as e:
+            self.files_failed.emit(FilesFailed(repo, str(e), offline=True))
+        except Exception as e:
+            self.files_failed.emit(FilesFailed(repo, str(e) or type(e).__name__, offline=False))
+
     def download(self, model: str) -> threading.Thread | None:
-        """Pull `model` (one at a time; None while another runs); an interrupted earlier pull of it resumes.
+        """Pull `model` (ORG/NAME[@REV][:QUANT], see pulls.pull; one at a time, None while another runs); an
+        interrupted earlier pull of it resumes.
         Progress arrives as download_progress, the end as download_done or download_failed."""
         if self._cancel is not None:
             return None
@@ -128,7 +159,7 @@ class HubBridge(QObject):
             self.download_progress.emit(DownloadProgress(model, done, total, speed))
 
         try:
-            path = hub_models.pull(model, progress=progress, endpoint=self.endpoint, cancel=cancel)
+            path = pulls.pull(model, progress=progress, endpoint=self.endpoint, cancel=cancel)
         except HubError as e:
             self.download_failed.emit(DownloadFailed(model, str(e), cancelled=cancel.is_set()))
         except Exception as e:

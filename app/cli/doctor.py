@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 
 GIB = 2**30
 LOW_DISK = 2 * GIB  # below this, pulling any real model fails: said as a warning
-DEFAULT_MODEL_PARAMS = 135_000_000  # SmolLM2-135M-Instruct, the model kvstudio opens first
+DEFAULT_MODEL_QUANT = "Q4_1"  # SmolLM2-135M-Instruct's GGUF, the model kvstudio opens first: it stays quantized
 QT_PROBE_TIMEOUT = 60  # seconds; Qt's first start reads the font cache
 
 
@@ -211,7 +211,7 @@ def largest_model(memory: MachineMemory, verdict: str) -> int:
 
 def findings(env: Environment) -> list[Finding]:
     """What is missing, worst first. Fatal: kvstudio cannot run its default model here at all."""
-    from app.library.machine import check_fit
+    from app.library.machine import check_gguf_file
 
     out: list[Finding] = []
     if env.torch_version is None:
@@ -231,7 +231,7 @@ def findings(env: Environment) -> list[Finding]:
             )
         )
     if env.memory is not None:
-        fit = check_fit(DEFAULT_MODEL_PARAMS, env.memory)
+        fit = check_gguf_file(model_store.DEFAULT_MODEL.size, DEFAULT_MODEL_QUANT, env.memory)
         if not fit.fits:
             out.append(Finding(True, f"not enough memory for the default model: {fit.message}"))
     if not env.default_model_present and env.disk_free < 2 * model_store.DEFAULT_MODEL.size:

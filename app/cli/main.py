@@ -222,20 +222,36 @@ def build_parser() -> argparse.ArgumentParser:
 
     models = commands.add_parser(
         "models",
-        help="the local model library: list, pull from the Hugging Face Hub, remove",
+        help="the local model library: list, look at a Hub repo's files, pull from the Hugging Face Hub, remove",
         description="Models pulled from the Hugging Face Hub go to the standard Hugging Face cache "
         "(HF_HUB_CACHE), where other tools find them too; the default GGUF model lives in "
         "kvstudio's data dir.",
     )
     models_commands = models.add_subparsers(dest="models_command", title="actions", metavar="ACTION", required=True)
-    models_commands.add_parser("list", help="models kvstudio can run: name, size, family, context length")
+    models_commands.add_parser(
+        "list", help="models kvstudio can run: name, size, family, quantization, context length, memory"
+    )
+    files = models_commands.add_parser(
+        "files",
+        help="what a Hub repo offers: each GGUF file with its size, quantization, sha256 and whether it fits here",
+        description="List a Hub repo's GGUF files (a K-quant mix, Q8_0, F16...) with their sizes, the "
+        "quantization each file's name says, how the engine holds it, its sha256, and the memory it would occupy "
+        "here with the default engine options; for a transformers repo, the files a pull fetches.",
+    )
+    files.add_argument("repo", metavar="ORG/NAME[@REV]")
     pull = models_commands.add_parser(
         "pull",
         help="download a model from the Hub (an interrupted pull resumes when run again)",
-        description="Download what the engine needs (config, tokenizer, safetensors weights) of a Hub model.",
+        description="Download what the engine needs (config, tokenizer, safetensors weights) of a Hub model, or "
+        "one GGUF file of a repo of quantizations: ORG/NAME:Q4_K_M, or --file NAME.gguf.",
     )
-    pull.add_argument("repo", metavar="ORG/NAME[@REV]")
-    rm = models_commands.add_parser("rm", help="delete a model (every cached revision) and say the space freed")
+    pull.add_argument("repo", metavar="ORG/NAME[@REV][:QUANT]")
+    pull.add_argument(
+        "--file", metavar="NAME.gguf", help="the GGUF file to download (kvstudio models files lists them)"
+    )
+    rm = models_commands.add_parser(
+        "rm", help="delete a model (every cached revision, or one GGUF file) and say the space freed"
+    )
     rm.add_argument("name", metavar="NAME", help="as `kvstudio models list` shows it")
     rm.add_argument("--force", action="store_true", help="also remove the default model")
 
@@ -381,23 +397,13 @@ def run_serve(args: argparse.Namespace) -> int:
 
 
 def run_models(args: argparse.Namespace) -> int:
-    from app.library import hub_models
+    from app.library import hub_models, pulls
 
     try:
         if args.models_command == "list":
-            models = hub_models.list_local_models()
-            if not models:
-                print("The library is empty: `kvstudio models pull ORG/NAME` downloads a model.")
-                return 0
-            width = max(len(m.name) for m in models)
-            for m in models:
-                context = "?" if m.context_length is None else str(m.context_length)
-                print(
-                    f"{m.name:<{width}}  {hub_models.human_size(m.size):>9}  {m.family:<20}  context {context}"
-                    + ("  (default)" if m.is_default else "")
-                    + (f"  cannot load: {m.problem}" if m.problem else "")
-                )
-            return 0
+            return list_models()
+        if args.models_command == "files":
+            return list_repo_files(args.repo)
         if args.models_command == "pull":
             from tqdm import tqdm
 
@@ -407,7 +413,7 @@ def run_models(args: argparse.Namespace) -> int:
                     bar.total = total
                     bar.update(done - bar.n)
 
-                path = hub_models.pull(args.repo, progress=progress)
+                path = pulls.pull(args.repo, progress=progress, file=args.file)
             print(path)
             return 0
         print(f"Removed {args.name}, freed {hub_models.human_size(hub_models.remove(args.name, force=args.force))}.")
@@ -415,6 +421,78 @@ def run_models(args: argparse.Namespace) -> int:
     except hub_models.HubError as e:
         print(f"kvstudio: error: {e}", file=sys.stderr)
         return 1
+
+
+def list_models() -> int:
+    """`kvstudio models list`: each model with its size, family, quantization, context and memory verdict."""
+    from app.library import hub_models, machine
+
+    models = hub_models.list_local_models()
+    if not models:
+        print("The library is empty: `kvstudio models pull ORG/NAME` downloads a model.")
+        return 0
+    memory = machine.machine_memory()
+    width = max(len(m.name) for m in models)
+    for m in models:
+        context = "?" if m.context_length is None else str(m.context_length)
+        fit = None if m.weights is None else machine.check_weights(m.weights, memory)
+        print(
+            f"{m.name:<{width}}  {hub_models.human_size(m.size):>9}  {m.family:<20}  {m.quant or '?':<7}  "
+            f"context {context:<7}"
+            + (f"  {fit.verdict} ({machine.memory_size(fit.needed)})" if fit else "")
+            + ("  (default)" if m.is_default else "")
+            + (f"  cannot load: {m.problem}" if m.problem else "")
+        )
+    return 0
+
+
+def list_repo_files(repo: str) -> int:
+    """`kvstudio models files`: what a Hub repo offers to pull, and what each choice would need here."""
+    from app.library import machine, pulls
+    from app.library.hub_models import human_size
+    from app.library.quant_types import quant_type
+
+    found = pulls.list_files(repo)
+    memory = machine.machine_memory()
+    dtype_bytes, _ = machine.load_format(memory, {})
+    shown = found.ref.shown
+    if found.model_files:
+        total = sum(f.size for f in found.model_files)
+        fit = None if found.num_params is None else machine.check_fit(found.num_params, memory)
+        print(
+            f"{shown}: a safetensors model; `kvstudio models pull {shown}` downloads these "
+            f"{len(found.model_files)} files, {human_size(total)}." + (f" {fit.message}" if fit else "")
+        )
+        for file in found.model_files:
+            print(f"  {human_size(file.size):>9}  {file.name}  {file.sha256 or ''}")
+    if found.choices:
+        print(
+            f"{shown}: {len(found.choices)} GGUF model{'s' if len(found.choices) != 1 else ''}; "
+            f"`kvstudio models pull {shown}:QUANT` downloads one. Memory: what it would occupy here with its KV "
+            f"cache, {machine.memory_size(memory.available)} free."
+        )
+        rows = []
+        notes = []
+        for choice in found.choices:
+            kind = None if choice.label is None else quant_type(choice.label)
+            if choice.problem is not None:
+                memory_text, loads_as = "can't load", "-"
+                notes.append(f"{choice.name} {choice.problem}.")
+            else:
+                fit = machine.check_gguf_file(choice.size, choice.label, memory)
+                memory_text = f"{fit.verdict} ({machine.memory_size(fit.needed)})"
+                loads_as = "?" if kind is None or kind.ggml is None else kind.loads_as(dtype_bytes)
+                if kind is not None and kind.kept is None:
+                    notes.append(kind.note(dtype_bytes) + ".")
+            size = human_size(choice.size)
+            rows.append((choice.label or "?", size, memory_text, loads_as, choice.name, choice.sha256 or ""))
+        header = ("QUANT", "SIZE", "MEMORY", "LOADS AS", "FILE", "SHA256")
+        widths = [max(len(r[i]) for r in (header, *rows)) for i in range(len(header) - 1)]
+        for row in (header, *rows):
+            print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=False)) + "  " + row[-1])
+        for note in dict.fromkeys(notes):
+            print(f"  {note}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

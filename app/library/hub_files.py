@@ -1,6 +1,6 @@
-"""One Hub repo's files as a pull fetches them: the ones the engine needs (engine.models.hub.is_model_file, the
-rule the engine's own downloads follow), their sizes and hashes, and one file's download into the Hugging Face
-cache's blobs folder, resumable and verified.
+"""One Hub repo's files as a pull fetches them: their sizes and hashes, the ones the engine needs of a transformers
+repo (engine.models.hub.is_model_file, the rule the engine's own downloads follow), and one file's download into
+the Hugging Face cache's blobs folder, resumable and verified.
 
 A file arrives as `blobs/<etag>.incomplete` and is renamed to its blob only once complete and its sha256 checked,
 so a failure leaves a prefix that the next download continues with a Range request.
@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx2
-from huggingface_hub import HfApi
+from huggingface_hub import HfApi, constants
 from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
 
 from engine.models.hub import is_model_file
@@ -36,6 +36,20 @@ class HubError(RuntimeError):
     """A pull or a removal failed; the message says why in words meant for the user."""
 
 
+class HubOffline(HubError):
+    """The Hub could not be reached at all (no network, refused, timed out), as opposed to answering with an error."""
+
+
+def cache_dir() -> Path:
+    """The Hugging Face cache models are pulled into (read at call time, so HF_HUB_CACHE set by a test or the user
+    counts)."""
+    return Path(constants.HF_HUB_CACHE)
+
+
+def repo_dir(repo_id: str) -> Path:
+    return cache_dir() / ("models--" + repo_id.replace("/", "--"))
+
+
 @dataclass(frozen=True)
 class RemoteFile:
     name: str
@@ -44,8 +58,15 @@ class RemoteFile:
     sha256: str | None  # LFS files only
 
 
-def remote_files(repo_id: str, revision: str | None, endpoint: str) -> tuple[str, list[RemoteFile]]:
-    """(commit hash, the files a pull downloads) for the repo at `revision`."""
+@dataclass(frozen=True)
+class RepoListing:
+    commit: str  # the hash `revision` resolved to
+    files: list[RemoteFile]  # every file of the repo
+    num_params: int | None  # weights in its safetensors files, as the Hub counts them; None: not said
+
+
+def repo_files(repo_id: str, revision: str | None, endpoint: str) -> RepoListing:
+    """Every file of the repo at `revision`, with sizes and hashes."""
     shown = f"{repo_id}@{revision}" if revision else repo_id
     try:
         info = HfApi(endpoint=endpoint).model_info(repo_id, revision=revision, files_metadata=True)
@@ -53,23 +74,48 @@ def remote_files(repo_id: str, revision: str | None, endpoint: str) -> tuple[str
         raise HubError(f"the model {repo_id} on the Hub has no revision {revision!r}") from None
     except RepositoryNotFoundError:  # also private and gated repos without a token
         raise HubError(f"no model {repo_id} on the Hub") from None
-    except (httpx2.HTTPError, OSError) as e:
-        raise HubError(f"cannot reach the Hugging Face Hub at {endpoint} to look up {shown}: {e}") from None
+    except (httpx2.TransportError, OSError) as e:
+        raise HubOffline(f"cannot reach the Hugging Face Hub at {endpoint} to look up {shown}: {e}") from None
+    except httpx2.HTTPError as e:
+        raise HubError(f"the Hub answered the look-up of {shown} with an error: {e}") from None
     files = []
     for sibling in info.siblings or []:
-        if not is_model_file(sibling.rfilename):
-            continue
         lfs = sibling.lfs
         etag = lfs.sha256 if lfs is not None else sibling.blob_id
         if etag is None or sibling.size is None:
             raise HubError(f"the Hub gave no size or hash for {shown}/{sibling.rfilename}")
         files.append(RemoteFile(sibling.rfilename, sibling.size, etag, lfs.sha256 if lfs is not None else None))
+    return RepoListing(info.sha, files, info.safetensors.total if info.safetensors is not None else None)
+
+
+def is_transformers_model(files: list[RemoteFile]) -> bool:
+    """Whether a repo holding `files` is a model a plain pull fetches: config.json beside safetensors weights."""
     names = {f.name for f in files}
+    return "config.json" in names and any(n.endswith(".safetensors") and is_model_file(n) for n in names)
+
+
+def model_files(shown: str, files: list[RemoteFile]) -> list[RemoteFile]:
+    """The files of a transformers repo a pull downloads (what the engine reads), or HubError saying why the repo
+    is not one kvstudio can run."""
+    wanted = [f for f in files if is_model_file(f.name)]
+    names = {f.name for f in wanted}
     if "config.json" not in names:
-        raise HubError(f"{shown} has no config.json, so it is not a transformers model kvstudio can run")
+        raise HubError(f"{shown} has no config.json and no GGUF file, so it is not a model kvstudio can run")
     if not any(n.endswith(".safetensors") for n in names):
         raise HubError(f"{shown} has no .safetensors weights; kvstudio reads only safetensors (or a local .gguf)")
-    return info.sha, files
+    return wanted
+
+
+def read_head(url: str, length: int) -> bytes:
+    """The first `length` bytes of a Hub file (fewer when it is shorter), by a Range request."""
+    request = urllib.request.Request(url, headers={"Accept-Encoding": "identity", "Range": f"bytes=0-{length - 1}"})
+    try:
+        with urllib.request.urlopen(request, timeout=_TIMEOUT_S) as response:
+            return response.read(length)
+    except urllib.error.HTTPError as e:
+        raise HubError(f"reading the start of {url} failed: HTTP {e.code} {e.reason}") from None
+    except (OSError, http.client.HTTPException) as e:
+        raise HubError(f"reading the start of {url} failed ({e}); run the pull again") from None
 
 
 def download_file(

@@ -1,22 +1,23 @@
 """What this machine can hold: the memory a model runs in (the GPU's on CUDA, RAM otherwise) and whether a model
 of a given size fits there with room left for its KV cache.
 
-The estimate is the engine's own arithmetic: weights in the dtype the engine picks on this device (float32 on the
-CPU, 16-bit on a GPU, see EngineConfig.model_dtype) plus a reserve for the KV pool and activations. It is asked
-before a download and before a load, so a model that cannot run is said in words instead of ending in the
-kernel's out-of-memory killer.
+The estimate is the engine's own arithmetic: the weights as they will sit resident (app/library/footprint.py: a
+GGUF's quantized matrices at their kept size, floats in the dtype the engine picks on this device, float32 on the
+CPU and 16-bit on a GPU, see EngineConfig.model_dtype, or int8/int4 with --quantization) plus a reserve for the
+KV pool and activations. It is asked before a download and before a load, so a model that cannot run is said in
+words instead of ending in the kernel's out-of-memory killer.
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass, replace
-from math import prod
 from pathlib import Path
 
 import torch
 
-from engine.config import DEFAULT_CPU_KV_CACHE_GIB
+from app.library.footprint import Resident, Weights, estimate_gguf_file, params_resident, read_weights
+from engine.config import DEFAULT_CPU_KV_CACHE_GIB, QUANTIZATION_MODES
 
 GIB = 2**30
 # What a load needs beyond the weights: the KV pool (the engine's CPU default) and activations for a prefill.
@@ -41,9 +42,10 @@ class MachineMemory:
 @dataclass(frozen=True)
 class ModelFit:
     verdict: str  # "fits" | "tight" | "too big"
-    needed: int  # bytes: weights in the engine's dtype plus the reserve
+    needed: int  # bytes: the weights as they will sit resident plus the reserve
     available: int
-    message: str  # one sentence for the UI and the CLI
+    message: str  # a sentence or two for the UI and the CLI: the verdict, the amounts, what the weights are
+    weights: int  # bytes of the weights alone
 
     @property
     def fits(self) -> bool:
@@ -69,51 +71,58 @@ def machine_memory() -> MachineMemory:
     return MachineMemory("cpu", total, available, 4, CPU_RESERVE)
 
 
-def check_fit(num_params: int, memory: MachineMemory, dtype: str = "auto") -> ModelFit:
-    """Whether a model of `num_params` weights loads here in `dtype` (an EngineConfig dtype): "fits" with a
-    quarter of the free memory to spare, "tight" within it, "too big" past it."""
-    if num_params < 0:
-        raise ValueError(f"num_params must be >= 0, got {num_params}")
+def memory_size(n: float) -> str:
+    """Bytes of memory in binary units, as the verdicts say them: '92 MiB', '2.5 GiB'."""
+    return f"{n / 2**20:.0f} MiB" if n < GIB else f"{n / GIB:.1f} GiB"
+
+
+def load_format(memory: MachineMemory, options: dict | None) -> tuple[int, str]:
+    """(bytes a float weight takes, the quantization mode) for a load with `options` (LLM keyword arguments:
+    dtype, quantization) on `memory`'s device."""
+    options = options or {}
+    dtype, quantization = options.get("dtype", "auto"), options.get("quantization", "auto")
     if dtype != "auto" and dtype not in DTYPE_BYTES:
         raise ValueError(f"dtype must be one of auto, {', '.join(DTYPE_BYTES)}; got {dtype!r}")
-    per_param = memory.bytes_per_param if dtype == "auto" else DTYPE_BYTES[dtype]
-    needed = num_params * per_param + memory.reserve
+    if quantization not in QUANTIZATION_MODES:
+        raise ValueError(f"quantization must be one of {', '.join(QUANTIZATION_MODES)}; got {quantization!r}")
+    return (memory.bytes_per_param if dtype == "auto" else DTYPE_BYTES[dtype]), quantization
+
+
+def fit(resident: Resident, memory: MachineMemory) -> ModelFit:
+    """Whether weights occupying `resident` load on `memory` with its reserve beside them: "fits" with a quarter
+    of the free memory to spare, "tight" within it, "too big" past it."""
+    needed = resident.bytes + memory.reserve
     where = "GPU memory" if memory.is_gpu else "RAM"
     amounts = f"needs about {needed / GIB:.1f} GiB, {memory.available / GIB:.1f} GiB of {where} is free"
+    parts = (
+        f"weights {memory_size(resident.bytes)} ({resident.how}) + {memory_size(memory.reserve)} for the KV cache "
+        "and activations"
+    )
     if needed <= memory.available * 0.75:
-        return ModelFit("fits", needed, memory.available, f"Fits: {amounts}.")
-    if needed <= memory.available:
-        return ModelFit(
-            "tight", needed, memory.available, f"Tight: {amounts}; close other programs or lower the KV cache size."
-        )
-    return ModelFit("too big", needed, memory.available, f"Too big for this machine: {amounts}.")
+        verdict, message = "fits", f"Fits: {amounts}; {parts}."
+    elif needed <= memory.available:
+        verdict = "tight"
+        message = f"Tight: {amounts}; {parts}. Close other programs or lower the KV cache size."
+    else:
+        verdict, message = "too big", f"Too big for this machine: {amounts}; {parts}."
+    return ModelFit(verdict, needed, memory.available, message, resident.bytes)
 
 
-def local_num_params(path: str | Path) -> int | None:
-    """The number of weights in a local model, read from headers only (milliseconds, no tensor data): the
-    *.safetensors files of a Hugging Face model directory (the shards its index names, when it has one) or the
-    tensor table of a .gguf file. None when `path` holds no weights in either form; ModelLoadError (a ValueError)
-    naming the file when one is truncated or not what its name says."""
-    # imported here: the loaders pull in transformers, which asking about memory alone does not need
-    from safetensors import safe_open
+def check_fit(num_params: int, memory: MachineMemory, options: dict | None = None) -> ModelFit:
+    """fit() for a float model known by its parameter count (a Hub search result) loaded with `options`."""
+    if num_params < 0:
+        raise ValueError(f"num_params must be >= 0, got {num_params}")
+    return fit(params_resident(num_params, *load_format(memory, options)), memory)
 
-    from engine.models.loader import SafetensorsCheckpoint
 
-    path = Path(path)
-    if path.is_dir():
-        if not any(path.glob("*.safetensors")) and not (path / "model.safetensors.index.json").is_file():
-            return None
-        total = 0
-        for file in SafetensorsCheckpoint(path).files:  # validated: headers readable, sizes cover the data
-            with safe_open(file, framework="pt") as tensors:
-                # a safe_open handle is not iterable: keys() is the way to its names
-                total += sum(prod(tensors.get_slice(name).get_shape()) for name in tensors.keys())  # noqa: SIM118
-        return total
-    if path.is_file() and path.suffix.lower() == ".gguf":
-        from engine.models.gguf import GGUFCheckpoint
+def check_weights(weights: Weights, memory: MachineMemory, options: dict | None = None) -> ModelFit:
+    """fit() for a local model, from its headers, loaded with `options`."""
+    return fit(weights.resident(*load_format(memory, options)), memory)
 
-        return sum(prod(tensor.shape) for tensor in GGUFCheckpoint(path).tensors)
-    return None
+
+def check_gguf_file(size: int, label: str | None, memory: MachineMemory, options: dict | None = None) -> ModelFit:
+    """fit() for a GGUF file not downloaded yet, from its size and the quantization its name says."""
+    return fit(estimate_gguf_file(size, label, *load_format(memory, options)), memory)
 
 
 def memory_for(engine_options: dict) -> MachineMemory:
@@ -131,12 +140,11 @@ def memory_for(engine_options: dict) -> MachineMemory:
 
 
 def check_model_fits(path: str | Path, engine_options: dict) -> ModelFit | None:
-    """check_fit for the model at `path` (a model directory or a .gguf file) loaded with `engine_options` (LLM
-    keyword arguments: dtype, device and the CPU's kv_cache_memory count), against the memory free now. None when
-    its size is unknown (a repo id rather than a path, no weights there); ModelLoadError naming the file when a
-    weights file is corrupt."""
-    num_params = local_num_params(path) if Path(path).exists() else None
-    if num_params is None:
+    """fit() for the model at `path` (a model directory or a .gguf file) loaded with `engine_options` (LLM
+    keyword arguments: dtype, quantization, device and the CPU's kv_cache_memory count), against the memory free
+    now. None when its size is unknown (a repo id rather than a path, no weights there); ModelLoadError naming the
+    file when a weights file is corrupt."""
+    weights = read_weights(path) if Path(path).exists() else None
+    if weights is None:
         return None
-    memory = memory_for(engine_options)
-    return check_fit(num_params, memory, engine_options.get("dtype", "auto"))
+    return check_weights(weights, memory_for(engine_options), engine_options)

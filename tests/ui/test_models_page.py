@@ -21,7 +21,7 @@ from PySide6.QtCore import Qt
 from PySide6.QtGui import QColor, QPalette
 from PySide6.QtWidgets import QApplication
 
-from app.library import hub_files, hub_models, machine, model_store
+from app.library import gguf_files, hub_files, hub_models, machine, model_store, pulls
 from app.library.hub_models import human_size
 from app.library.machine import GIB, MachineMemory
 from ui.bridge import EngineBridge
@@ -120,15 +120,17 @@ def test_the_library_lists_a_pulled_model_and_the_default(qtbot, hub, smollm2_gg
     default = model_store.default_model_path()
     default.parent.mkdir(parents=True)
     default.symlink_to(smollm2_gguf)  # removing the link leaves the suite's copy alone
-    hub_models.pull("org/tiny")
+    pulls.pull("org/tiny")
     size = sum(p.stat().st_size for p in tiny_chat_model.iterdir() if p.is_file())
-    # room for the tiny model with a quarter to spare, not for SmolLM2's 135M float32 weights
-    monkeypatch.setattr(machine, "machine_memory", lambda: small_machine(GIB * 5 // 4))
+    # room for the tiny float32 model with a quarter to spare, and for SmolLM2's Q4_1 weights kept quantized
+    # (92 MiB) beside the reserve, which its 135M parameters at 4 bytes each (513 MiB) would not have
+    monkeypatch.setattr(machine, "machine_memory", lambda: small_machine(GIB * 3 // 4))
     page = ModelsPage(EngineBridge(make_llm=RecordingLoader()))
     qtbot.addWidget(page)
     assert [page.library.headerData(c, Qt.Horizontal) for c in range(page.library.columnCount())] == [
         "Name",
         "Family",
+        "Quant",
         "Params",
         "Context",
         "Size",
@@ -136,31 +138,35 @@ def test_the_library_lists_a_pulled_model_and_the_default(qtbot, hub, smollm2_gg
     ]
     params = tiny_params(tiny_chat_model)
     assert library(page) == [
-        [default.name, "Llama", "135M", "8,192", human_size(model_store.DEFAULT_MODEL.size), "tight"],
-        ["org/tiny", "Llama", f"{params / 1e6:.1f}M", "512", human_size(size), "fits"],
+        [default.name, "Llama", "Q4_1", "135M", "8,192", human_size(model_store.DEFAULT_MODEL.size), "tight"],
+        ["org/tiny", "Llama", "F32", f"{params / 1e6:.1f}M", "512", human_size(size), "fits"],
     ]
     tips = cells(page.library, Qt.ToolTipRole)
     assert tips[0][0] == f"kvstudio's default model: {default}" and tips[1][0] == str(page.library.row(1).path)
-    assert tips[0][2] == "134,515,008 parameters"
+    assert tips[0][3] == "134,515,008 parameters"
     assert page.library.data(page.library.index(0, 0), Qt.FontRole).bold()
     assert page.library.data(page.library.index(1, 0), Qt.FontRole) is None
-    assert tips[0][5].startswith("Tight: needs about 1.0 GiB, 1.2 GiB of RAM is free")
+    assert tips[0][6] == (
+        "Tight: needs about 0.6 GiB, 0.8 GiB of RAM is free; weights 92 MiB (Q4_1 kept quantized) + 512 MiB for the "
+        "KV cache and activations. Close other programs or lower the KV cache size."
+    )
     colours = cells(page.library, Qt.ForegroundRole)
-    assert (colours[0][5], colours[1][5], colours[1][0]) == (tone_color("warn"), tone_color("ok"), None)
+    assert (colours[0][6], colours[1][6], colours[1][0]) == (tone_color("warn"), tone_color("ok"), None)
     assert page.library_summary.text() == f"2 models, {human_size(size + model_store.DEFAULT_MODEL.size)} on disk"
-    # The window's engine options count as they will at load time: 16-bit weights halve SmolLM2's need, a 1 GiB
-    # KV pool leaves room for neither model.
-    page.engine_options = {"dtype": "float16"}
-    assert [row[5] for row in library(page)] == ["fits", "fits"] and page.hub.engine_options == {"dtype": "float16"}
+    # The window's engine options count as they will at load time: SmolLM2 dequantized to float32 no longer fits,
+    # a 1 GiB KV pool leaves room for neither model.
+    page.engine_options = {"quantization": "none"}
+    assert [row[6] for row in library(page)] == ["too big", "fits"]
+    assert page.hub.engine_options == {"quantization": "none"}
     page.engine_options = {"kv_cache_memory": 1.0}
-    assert [row[5] for row in library(page)] == ["too big", "too big"]
+    assert [row[6] for row in library(page)] == ["too big", "too big"]
 
 
 def test_delete_frees_the_model_and_refuses_the_default_unless_forced(page, hub, smollm2_gguf):
     default = model_store.default_model_path()
     default.parent.mkdir(parents=True)
     default.symlink_to(smollm2_gguf)
-    hub_models.pull("org/tiny")
+    pulls.pull("org/tiny")
     page.refresh()
     [tiny] = [m for m in page.library.rows() if m.name == "org/tiny"]
 
@@ -171,7 +177,7 @@ def test_delete_frees_the_model_and_refuses_the_default_unless_forced(page, hub,
     page.confirm_button.click()
     assert names(page) == [default.name]
     assert page.status.text() == f"Deleted org/tiny, freed {human_size(tiny.size)}."
-    assert not (hub_models._cache_dir() / "models--org--tiny").exists()
+    assert not (hub_files.cache_dir() / "models--org--tiny").exists()
 
     assert page.delete(default.name) is None
     assert "default model" in page.status.text() and default.exists()
@@ -186,6 +192,7 @@ def test_a_search_lists_the_hub_results_most_downloaded_first(qtbot, page, hub, 
     params = f"{tiny_params(tiny_chat_model) / 1e6:.1f}M"
     assert [page.hub.results.headerData(c, Qt.Horizontal) for c in range(page.hub.results.columnCount())] == [
         "Name",
+        "Format",
         "Params",
         "Downloads",
         "Likes",
@@ -193,8 +200,8 @@ def test_a_search_lists_the_hub_results_most_downloaded_first(qtbot, page, hub, 
         "Memory",
     ]
     assert results(page) == [
-        ["org/tiny-instruct", "—", "3,400", "17", stored, "—"],  # the Hub gave no count
-        ["org/tiny", params, "1,200", "8", stored, "fits"],
+        ["org/tiny-instruct", "safetensors", "—", "3,400", "17", stored, "—"],  # the Hub gave no count
+        ["org/tiny", "safetensors", params, "1,200", "8", stored, "fits"],
     ]
     assert page.status.text() == "2 models on the Hub for 'tiny'."
     search(qtbot, page, "nothing-like-it")
@@ -269,7 +276,7 @@ def test_cancel_stops_between_chunks_and_downloading_again_resumes(qtbot, page, 
         hub.release.set()
     assert blocker.args[0].cancelled and "cancelled" in page.status.text()
     assert library(page) == []
-    partial = next((hub_models._cache_dir() / "models--org--tiny" / "blobs").glob("*.incomplete"))
+    partial = next((hub_files.cache_dir() / "models--org--tiny" / "blobs").glob("*.incomplete"))
     kept = partial.stat().st_size
     assert 0 < kept < weights_size(tiny_chat_model)  # the stall holds back the rest until after the cancel
 
@@ -291,7 +298,7 @@ def test_an_offline_search_says_offline_and_the_library_still_works(qtbot, page,
     with qtbot.waitSignal(page.hub.bridge.search_failed, timeout=None):
         page.hub.search()
     assert page.status.text() == OFFLINE and results(page) == []
-    hub_models.pull("org/tiny", endpoint=hub.url)
+    pulls.pull("org/tiny", endpoint=hub.url)
     page.refresh()
     assert names(page) == ["org/tiny"]
 
@@ -301,17 +308,20 @@ def test_the_hub_results_say_which_models_fit_this_machine(qtbot, page, hub, mon
     search(qtbot, page, "org")
     names = [r[0] for r in results(page)]
     huge = names.index("org/huge")
-    assert [r[5] for r in results(page)][huge] == "too big" and results(page)[huge][1] == "70B"
-    tip = cells(page.hub.results, Qt.ToolTipRole)[huge][5]
-    assert tip == "Too big for this machine: needs about 261.3 GiB, 1.0 GiB of RAM is free."
-    assert cells(page.hub.results, Qt.ForegroundRole)[huge][5] == tone_color("error")
+    assert [r[6] for r in results(page)][huge] == "too big" and results(page)[huge][2] == "70B"
+    tip = cells(page.hub.results, Qt.ToolTipRole)[huge][6]
+    assert tip == (
+        "Too big for this machine: needs about 261.3 GiB, 1.0 GiB of RAM is free; weights 260.8 GiB (in float32) "
+        "+ 512 MiB for the KV cache and activations."
+    )
+    assert cells(page.hub.results, Qt.ForegroundRole)[huge][6] == tone_color("error")
 
 
 def test_a_model_too_big_for_the_memory_is_refused_before_loading(qtbot, page, hub, monkeypatch):
-    hub_models.pull("org/tiny")
+    pulls.pull("org/tiny")
     monkeypatch.setattr(machine, "machine_memory", lambda: small_machine(GIB // 4))  # less than the reserve alone
     page.refresh()
-    assert library(page)[0][5] == "too big"
+    assert library(page)[0][6] == "too big"
     loads = []
     page.bridge.model_loading.connect(loads.append)
     page.select_model("org/tiny")
@@ -326,7 +336,7 @@ def test_a_corrupt_model_is_listed_as_such_and_load_says_why(qtbot, page, hub, s
     default.parent.mkdir(parents=True)
     with smollm2_gguf.open("rb") as f:
         default.write_bytes(f.read(5_000_000))  # cut short: its header is whole, its tensors are not
-    tiny_dir = hub_models.pull("org/tiny")
+    tiny_dir = pulls.pull("org/tiny")
     (tiny_dir / "config.json").unlink()  # the link into blobs; garbage in its place
     (tiny_dir / "config.json").write_text("{not json")
     page.refresh()
@@ -367,8 +377,8 @@ def test_a_corrupt_file_loaded_elsewhere_fails_in_words_naming_it(qtbot, hub, tm
 def test_a_download_interrupted_in_an_earlier_run_is_offered_and_resumes(qtbot, hub, tiny_chat_model, screenshots):
     hub.drop_halfway.add("org/tiny/model.safetensors")
     with pytest.raises(hub_models.HubError):
-        hub_models.pull("org/tiny")  # the earlier run: it broke off, then the app closed
-    [pull] = hub_models.list_interrupted()
+        pulls.pull("org/tiny")  # the earlier run: it broke off, then the app closed
+    [pull] = pulls.list_interrupted()
     page = ModelsPage(EngineBridge(make_llm=RecordingLoader()))  # the app starts again
     qtbot.addWidget(page)
     page.resize(1200, 640)
@@ -399,14 +409,14 @@ def test_a_download_whose_app_was_killed_lists_nothing_and_resumes_on_the_next_s
         env={
             **os.environ,
             "HF_ENDPOINT": hub.url,
-            "HF_HUB_CACHE": str(hub_models._cache_dir()),
+            "HF_HUB_CACHE": str(hub_files.cache_dir()),
             model_store.DATA_DIR_ENV: str(model_store.data_dir()),
         },
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
         stderr=errors.open("w"),
     )
-    blobs = hub_models._cache_dir() / "models--org--tiny" / "blobs"
+    blobs = hub_files.cache_dir() / "models--org--tiny" / "blobs"
     partial = blobs / (hashlib.sha256(weights).hexdigest() + ".incomplete")
 
     def arriving() -> bool:
@@ -436,7 +446,7 @@ def test_a_download_whose_app_was_killed_lists_nothing_and_resumes_on_the_next_s
 def test_discarding_an_interrupted_download_leaves_no_partial_file(qtbot, hub, tmp_path):
     hub.drop_halfway.add("org/tiny/model.safetensors")
     with pytest.raises(hub_models.HubError):
-        hub_models.pull("org/tiny")
+        pulls.pull("org/tiny")
     repo_dir = tmp_path / "hf-cache" / "models--org--tiny"
     on_disk = sum(f.stat().st_size for f in repo_dir.rglob("*") if f.is_file())
     page = ModelsPage(EngineBridge(make_llm=RecordingLoader()))
@@ -454,7 +464,7 @@ def test_a_failed_download_is_offered_for_resuming_at_once(qtbot, page, hub):
 
 
 def test_load_hands_the_library_path_to_the_bridge(qtbot, page, hub):
-    hub_models.pull("org/tiny")
+    pulls.pull("org/tiny")
     page.engine_options = {"max_model_len": 128}  # the window's settings (setting them reads the library again)
     page.select_model("org/tiny")
     path = str(page.selected_model().path)
@@ -471,3 +481,122 @@ def test_a_download_that_does_not_fit_on_disk_fails_in_words(qtbot, page, hub, m
     with qtbot.waitSignal(page.hub.bridge.download_failed, timeout=None):
         page.hub.download("org/tiny")
     assert "not enough disk space" in page.status.text() and library(page) == []
+
+
+# ---- a repo of GGUF files ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def gguf_page(qtbot, serve_hub, gguf_repo, tiny_chat_model, monkeypatch):
+    tiny = {p.name: p.read_bytes() for p in sorted(tiny_chat_model.iterdir()) if p.is_file()}
+    hub = serve_hub(
+        {"org/tiny-GGUF": gguf_repo, "org/tiny": tiny},
+        {"org/tiny-GGUF": 900, "org/tiny": 500},
+        {"org/tiny-GGUF": 606_976},  # the Hub reads a GGUF's parameter count from its header
+    )
+    # room beside the reserve for the quantized files' weights (under 1 MB), not for the float32 ones (2.4 MB)
+    monkeypatch.setattr(machine, "machine_memory", lambda: small_machine(GIB // 2 + 1_000_000))
+    page = ModelsPage(EngineBridge(make_llm=RecordingLoader()))
+    qtbot.addWidget(page)
+    page.resize(1280, 720)
+    yield page, hub
+    page.shutdown()
+
+
+def files(page: ModelsPage) -> list[list[str]]:
+    return cells(page.hub.files)
+
+
+def select_file(page: ModelsPage, label: str) -> None:
+    [row] = [i for i, choice in enumerate(page.hub.files.rows()) if choice.label == label]
+    page.hub.files_view.selectRow(row)
+
+
+def show_files(qtbot, page: ModelsPage, repo: str) -> None:
+    with qtbot.waitSignal(page.hub.bridge.files_done, timeout=None):
+        page.hub.results_view.selectRow([r[0] for r in results(page)].index(repo))
+
+
+def test_a_gguf_repo_shows_its_files_and_downloads_the_one_chosen(qtbot, gguf_page, gguf_repo, screenshots):
+    page, hub = gguf_page
+    search(qtbot, page, "tiny")
+    assert [r[:3] for r in results(page)] == [["org/tiny-GGUF", "GGUF", "607K"], ["org/tiny", "safetensors", "—"]]
+    assert results(page)[0][6] == "—"  # each file says its own
+    assert not page.hub.files_box.isVisibleTo(page)
+    show_files(qtbot, page, "org/tiny-GGUF")
+    assert page.hub.files_box.isVisibleTo(page)
+    assert [page.hub.files.headerData(c, Qt.Horizontal) for c in range(page.hub.files.columnCount())] == [
+        "File",
+        "Quant",
+        "Loads as",
+        "Size",
+        "Memory",
+    ]
+    size = {name: human_size(len(data)) for name, data in gguf_repo.items()}
+    split = human_size(2 * len(gguf_repo["tiny-Q2_K-00001-of-00002.gguf"]))
+    assert files(page) == [
+        ["tiny-Q2_K-00001-of-00002.gguf (+1 part)", "Q2_K", "—", split, "can't load"],
+        ["tiny-IQ4_XS.gguf", "IQ4_XS", "float32", size["tiny-IQ4_XS.gguf"], "too big"],
+        ["tiny-Q4_K_M.gguf", "Q4_K_M", "5-bit (q4g32)", size["tiny-Q4_K_M.gguf"], "tight"],
+        ["tiny-Q8_0.gguf", "Q8_0", "8.5-bit (q8g32)", size["tiny-Q8_0.gguf"], "tight"],
+        ["tiny-F16.gguf", "F16", "float32", size["tiny-F16.gguf"], "too big"],
+    ]
+    tips = cells(page.hub.files, Qt.ToolTipRole)
+    assert tips[0][4].startswith("tiny-Q2_K-00001-of-00002.gguf is split into 2 files, and kvstudio loads a model")
+    assert tips[1][2].startswith("kvstudio cannot keep IQ4_XS quantized: this file loads in float32")
+    assert "(IQ4_XS loaded in float32, estimated from the file size)" in tips[1][4]
+    assert tips[3][0] == f"tiny-Q8_0.gguf\nsha256 {hashlib.sha256(gguf_repo['tiny-Q8_0.gguf']).hexdigest()}"
+    colours = cells(page.hub.files, Qt.ForegroundRole)
+    assert (colours[1][2], colours[4][2], colours[0][4]) == (tone_color("warn"), None, tone_color("error"))
+
+    assert not page.hub.download_button.isEnabled()  # a repo of GGUF files: nothing to download until one is chosen
+    select_file(page, "Q2_K")
+    assert not page.hub.download_button.isEnabled()
+    page.hub.download_selected()  # as a double-click does
+    assert page.status.text().startswith("Cannot download tiny-Q2_K-00001-of-00002.gguf: it is split into 2 files")
+    assert page.hub.bridge.downloading is None
+    select_file(page, "Q4_K_M")
+    with qtbot.waitSignal(page.hub.bridge.download_done, timeout=None):
+        page.hub.download_button.click()
+    path = hub_files.repo_dir("org/tiny-GGUF") / "snapshots" / hub.commit / "tiny-Q4_K_M.gguf"
+    assert page.status.text() == "Downloaded org/tiny-GGUF:Q4_K_M; it is in the library."
+    assert page.hub.progress.value() == 100 and page.hub.progress_text.text() == "org/tiny-GGUF:Q4_K_M: done."
+    assert library(page) == [
+        ["org/tiny-GGUF:Q4_K_M", "Llama", "Q4_K_M", "607K", "2,048", size["tiny-Q4_K_M.gguf"], "tight"]
+    ]
+    assert page.selected_model().path == path
+    page.show()
+    qtbot.waitExposed(page)
+    page.grab().save(str(screenshots / "models-gguf.png"))
+    with qtbot.waitSignal(page.bridge.model_loading, timeout=None) as loading:
+        page.load_button.click()  # the engine loads it by its path
+    assert loading.args == [str(path)]
+
+
+def test_a_cancelled_gguf_download_is_offered_and_resumes(qtbot, gguf_page, gguf_repo, monkeypatch):
+    page, hub = gguf_page
+    q8 = gguf_repo["tiny-Q8_0.gguf"]
+    monkeypatch.setattr(hub_files, "_CHUNK", 1024)  # several chunks, so there is a "between"
+    search(qtbot, page, "tiny")
+    show_files(qtbot, page, "org/tiny-GGUF")
+    select_file(page, "Q8_0")
+    hub.stall_halfway.add("org/tiny-GGUF/tiny-Q8_0.gguf")
+    page.hub.download_button.click()
+    blob = hub_files.repo_dir("org/tiny-GGUF") / "blobs" / (hashlib.sha256(q8).hexdigest() + ".incomplete")
+    # the head was read apart first, then more than the head's bytes of the file arrived (half of it is sent, the
+    # rest waits for the release), so a resumed pull reads the architecture from what is on disk
+    qtbot.waitUntil(lambda: blob.is_file() and blob.stat().st_size >= gguf_files.HEAD_BYTES, timeout=UNTIL_DONE)
+    assert hub.ranges == [f"bytes=0-{gguf_files.HEAD_BYTES - 1}", None]
+    with qtbot.waitSignal(page.hub.bridge.download_failed, timeout=None) as blocker:
+        page.hub.cancel_button.click()
+        hub.release.set()
+    assert blocker.args[0].cancelled and library(page) == []
+    row = interrupted_row(page, "org/tiny-GGUF")
+    assert row.pull.model == "org/tiny-GGUF:Q8_0" and row.text.text().startswith("org/tiny-GGUF:Q8_0: interrupted at")
+    kept = row.pull.done
+    assert gguf_files.HEAD_BYTES <= kept < len(q8)
+    hub.requests.clear()
+    with qtbot.waitSignal(page.hub.bridge.download_done, timeout=None):
+        row.resume_button.click()
+    assert hub.ranges == [f"bytes={kept}-"]
+    assert names(page) == ["org/tiny-GGUF:Q8_0"] and page.hub.interrupted == []

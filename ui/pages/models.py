@@ -1,7 +1,7 @@
-"""The models page: the local library (load, delete with the space freed, refresh; whether each model fits this
-machine's memory, and a corrupt one said as such) beside the Hugging Face Hub card (ui/widgets/hub_panel.py
-over ui/hub_bridge.py: search, download, and the downloads left unfinished); the library refreshes when a
-download completes.
+"""The models page: the local library (load, delete with the space freed, refresh; each model's quantization,
+whether it fits this machine's memory, and a corrupt one said as such) beside the Hugging Face Hub card
+(ui/widgets/hub_panel.py over ui/hub_bridge.py: search, a GGUF repo's files, download, and the downloads left
+unfinished); the library refreshes when a download completes.
 
 A load is checked against the memory free first: a model too big for it is refused in words here instead of
 ending in the kernel's out-of-memory killer. Every failure is said in the status line; the page keeps working.
@@ -100,9 +100,9 @@ class ModelsPage(QWidget):
         layout.addLayout(cards, 1)
 
     def _fit(self, model: LocalModel) -> machine.ModelFit | None:
-        if model.num_params is None:
+        if model.weights is None:
             return None
-        return machine.check_fit(model.num_params, self._memory, self.engine_options.get("dtype", "auto"))
+        return machine.check_weights(model.weights, self._memory, self.engine_options)
 
     @property
     def engine_options(self) -> dict:
@@ -191,7 +191,9 @@ class ModelsPage(QWidget):
     @Slot(object)
     def _on_download_done(self, done: DownloadDone) -> None:
         self.refresh()
-        self.select_model(done.model.partition("@")[0])  # a completed pull is always listed
+        # a completed pull is always listed: the snapshot of a transformers model, a GGUF file in one
+        [name] = [m.name for m in self.library.rows() if m.path.resolve() == Path(done.path).resolve()]
+        self.select_model(name)
 
     @Slot()
     def ask_delete(self) -> None:

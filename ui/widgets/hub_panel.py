@@ -1,5 +1,7 @@
-"""The models page's Hugging Face Hub card: search (with whether each result fits this machine's memory), download
-with progress, speed and cancel, and the downloads an earlier run or a failure left unfinished, to resume or discard.
+"""The models page's Hugging Face Hub card: search (safetensors models and repos of GGUF files, with whether each
+fits this machine's memory), a GGUF repo's files (size, quantization, how the engine holds it, whether it fits),
+download with progress, speed and cancel, and the downloads an earlier run or a failure left unfinished, to resume
+or discard.
 
 The card only reacts: searching and downloading run in its HubBridge (ui/hub_bridge.py), whose signals it shows.
 Every failure (no network, no such repo, a download breaking off, a full disk) is said through `say`.
@@ -13,12 +15,26 @@ from collections.abc import Callable
 from PySide6.QtCore import Qt, Slot
 from PySide6.QtWidgets import QHBoxLayout, QLabel, QLineEdit, QProgressBar, QPushButton, QVBoxLayout, QWidget
 
-from app.library import hub_models, machine
-from app.library.hub_models import HubError, InterruptedPull, human_size
+from app.library import machine, pulls
+from app.library.footprint import QUANTIZED_AT_LOAD
+from app.library.gguf_files import GGUFChoice
+from app.library.hub_files import HubError
+from app.library.hub_models import human_size
 from app.library.hub_search import HubModel
-from ui.hub_bridge import DownloadDone, DownloadFailed, DownloadProgress, HubBridge, SearchDone, SearchFailed
+from app.library.pulls import InterruptedPull
+from app.library.quant_types import dtype_name, kept_bits, quant_type
+from ui.hub_bridge import (
+    DownloadDone,
+    DownloadFailed,
+    DownloadProgress,
+    FilesDone,
+    FilesFailed,
+    HubBridge,
+    SearchDone,
+    SearchFailed,
+)
 from ui.widgets.cards import card, muted
-from ui.widgets.rows_table import results_model, rows_table
+from ui.widgets.rows_table import files_model, results_model, rows_table
 
 OFFLINE = "Offline: the Hub cannot be reached. The library still works."
 
@@ -54,12 +70,15 @@ class HubPanel(QWidget):
         self.bridge = bridge
         self.say = say
         self._searching = False
+        self._files_repo: str | None = None  # the GGUF repo whose files the files table shows (or is asking for)
         self.engine_options: dict = {}  # LLM keyword arguments loads will use: the fit verdicts count them
         self._memory = machine.memory_for(self.engine_options)  # taken again with each search's results
         self.interrupted: list[InterruptedRow] = []
         self._build()
         bridge.search_done.connect(self._on_search_done)
         bridge.search_failed.connect(self._on_search_failed)
+        bridge.files_done.connect(self._on_files_done)
+        bridge.files_failed.connect(self._on_files_failed)
         bridge.download_progress.connect(self._on_progress)
         bridge.download_done.connect(self._on_download_done)
         bridge.download_failed.connect(self._on_download_failed)
@@ -67,7 +86,7 @@ class HubPanel(QWidget):
 
     def _build(self) -> None:
         hub_card, box = card("Hugging Face Hub")
-        self.query = QLineEdit(placeholderText="Search text-generation models, e.g. SmolLM2")
+        self.query = QLineEdit(placeholderText="Search text-generation models and GGUF files, e.g. SmolLM2")
         self.query.setClearButtonEnabled(True)
         self.query.returnPressed.connect(self.search)
         self.search_button = QPushButton("Search")
@@ -77,8 +96,21 @@ class HubPanel(QWidget):
         search_row.addWidget(self.search_button)
         self.results = results_model(self._fit, self)
         self.results_view = rows_table(self.results)
-        self.results_view.selectionModel().selectionChanged.connect(self.sync)
+        self.results_view.selectionModel().selectionChanged.connect(self._on_result_selected)
         self.results_view.doubleClicked.connect(lambda _: self.download_selected())
+        # a GGUF repo's files, under the results while one is selected
+        self.files = files_model(self._file_fit, self._file_kind, self)
+        self.files_view = rows_table(self.files)
+        self.files_view.selectionModel().selectionChanged.connect(self.sync)
+        self.files_view.doubleClicked.connect(lambda _: self.download_selected())
+        self.files_text = muted()
+        self.files_text.setWordWrap(True)
+        self.files_box = QWidget()
+        files_layout = QVBoxLayout(self.files_box)
+        files_layout.setContentsMargins(0, 0, 0, 0)
+        files_layout.addWidget(self.files_text)
+        files_layout.addWidget(self.files_view, 1)
+        self.files_box.hide()
         self.progress = QProgressBar()
         self.progress.setRange(0, 100)
         self.progress.setValue(0)
@@ -100,6 +132,7 @@ class HubPanel(QWidget):
         box.addLayout(search_row)
         box.addSpacing(4)
         box.addWidget(self.results_view, 1)
+        box.addWidget(self.files_box, 1)
         box.addSpacing(4)
         box.addLayout(download_row)
         box.addWidget(self.progress_text)
@@ -109,9 +142,28 @@ class HubPanel(QWidget):
         layout.addWidget(hub_card)
 
     def _fit(self, model: HubModel) -> machine.ModelFit | None:
-        if model.num_params is None:
+        if model.num_params is None or "safetensors" not in model.formats:
+            return None  # a repo of GGUF files: its files table says what each one needs
+        return machine.check_fit(model.num_params, self._memory, self.engine_options)
+
+    def _file_fit(self, choice: GGUFChoice) -> machine.ModelFit | None:
+        if choice.problem is not None:
             return None
-        return machine.check_fit(model.num_params, self._memory, self.engine_options.get("dtype", "auto"))
+        return machine.check_gguf_file(choice.size, choice.label, self._memory, self.engine_options)
+
+    def _file_kind(self, choice: GGUFChoice) -> tuple[str, str | None, bool]:
+        """How the engine will hold a file's weights with the loads' options: (a few words, a sentence, whether
+        kvstudio cannot keep its quantized type quantized)."""
+        dtype_bytes, quantization = machine.load_format(self._memory, self.engine_options)
+        if quantization in QUANTIZED_AT_LOAD:
+            fmt = QUANTIZED_AT_LOAD[quantization]
+            return f"{kept_bits(fmt):g}-bit ({fmt})", f"Quantized to {quantization} at load", False
+        kind = None if choice.label is None else quant_type(choice.label)
+        if kind is None or kind.ggml is None:
+            return "?", "Its name says no quantization kvstudio knows", False
+        if quantization == "none":
+            return dtype_name(dtype_bytes), f"{kind.label} dequantized (quantization none)", False
+        return kind.loads_as(dtype_bytes), kind.note(dtype_bytes), kind.kept is None and not kind.is_float
 
     # ---- search -------------------------------------------------------------------------------------------
     @Slot()
@@ -128,6 +180,7 @@ class HubPanel(QWidget):
         self._searching = False
         self._memory = machine.memory_for(self.engine_options)
         self.results.set_rows(done.results)
+        self._show_files(None)
         n = len(done.results)
         self.say(
             f"{n} model{'s' if n != 1 else ''} on the Hub" + (f" for {done.query!r}." if done.query else ".")
@@ -143,16 +196,71 @@ class HubPanel(QWidget):
         self.say(OFFLINE if failed.offline else f"Search failed: {failed.message}", "error")
         self.sync()
 
+    # ---- a GGUF repo's files ------------------------------------------------------------------------------
+    @Slot()
+    def _on_result_selected(self) -> None:
+        result = self.selected_result()
+        self._show_files(result.name if result is not None and result.is_gguf else None)
+        self.sync()
+
+    def _show_files(self, repo: str | None) -> threading.Thread | None:
+        """Show `repo`'s GGUF files under the results (asking the Hub for them), or hide the table (None)."""
+        self._files_repo = repo
+        self.files.set_rows([])
+        self.files_box.setVisible(repo is not None)
+        if repo is None:
+            return None
+        self.files_text.setText(f"Listing the GGUF files of {repo}…")
+        return self.bridge.list_files(repo)
+
+    @Slot(object)
+    def _on_files_done(self, done: FilesDone) -> None:
+        if done.repo != self._files_repo:  # another repo was chosen meanwhile
+            return
+        self._memory = machine.memory_for(self.engine_options)
+        choices = done.files.choices
+        self.files.set_rows(choices)
+        text = f"{len(choices)} GGUF file{'s' if len(choices) != 1 else ''} in {done.repo}: choose one to download"
+        if done.files.model_files:
+            text += ", or none for its safetensors model"
+        self.files_text.setText(text + ". Memory is what it would occupy here, with its KV cache.")
+        self.sync()
+
+    @Slot(object)
+    def _on_files_failed(self, failed: FilesFailed) -> None:
+        if failed.repo != self._files_repo:
+            return
+        self.files_text.setText(f"The files of {failed.repo} could not be listed.")
+        self.say(OFFLINE if failed.offline else f"Could not list the files of {failed.repo}: {failed.message}", "error")
+
+    def selected_file(self) -> GGUFChoice | None:
+        rows = self.files_view.selectionModel().selectedRows()
+        return self.files.row(rows[0].row()) if rows and self.files_box.isVisibleTo(self) else None
+
     # ---- download -----------------------------------------------------------------------------------------
     def selected_result(self) -> HubModel | None:
         rows = self.results_view.selectionModel().selectedRows()
         return self.results.row(rows[0].row()) if rows else None
 
+    def _selected_download(self) -> str | None:
+        """What Download fetches now: the GGUF file chosen, else a safetensors model chosen; None: nothing yet."""
+        result = self.selected_result()
+        if result is None:
+            return None
+        choice = self.selected_file()
+        if choice is not None:
+            return None if choice.problem is not None else f"{result.name}:{choice.ref}"
+        return result.name if "safetensors" in result.formats else None
+
     @Slot()
     def download_selected(self) -> None:
-        result = self.selected_result()
-        if result is not None:
-            self.download(result.name)
+        choice = self.selected_file()
+        if choice is not None and choice.problem is not None:
+            self.say(f"Cannot download {choice.name}: it {choice.problem}.", "error")
+            return
+        model = self._selected_download()
+        if model is not None:
+            self.download(model)
 
     def download(self, model: str) -> threading.Thread | None:
         """Pull `model` (one at a time; None while another runs); an interrupted earlier pull of it resumes.
@@ -207,24 +315,25 @@ class HubPanel(QWidget):
             self.interrupted_box.removeWidget(row)
             row.hide()  # deleteLater waits for the event loop; until then it would still paint where it was
             row.deleteLater()
-        running = (self.bridge.downloading or "").partition("@")[0]
-        self.interrupted = [InterruptedRow(p) for p in hub_models.list_interrupted() if p.repo_id != running]
+        running = self.bridge.downloading
+        self.interrupted = [InterruptedRow(p) for p in pulls.list_interrupted() if p.model != running]
         for row in self.interrupted:
             row.resume_button.clicked.connect(lambda _=False, p=row.pull: self.download(p.model))
-            row.discard_button.clicked.connect(lambda _=False, p=row.pull: self.discard(p.repo_id))
+            row.discard_button.clicked.connect(lambda _=False, p=row.pull: self.discard(p.model))
             self.interrupted_box.addWidget(row)
         self.sync()
 
-    def discard(self, repo_id: str) -> int | None:
-        """Delete what an unfinished download left; returns the bytes freed, or None when it failed (said)."""
+    def discard(self, model: str) -> int | None:
+        """Delete what the unfinished download of `model` left; returns the bytes freed, or None when it failed
+        (said)."""
         try:
-            freed = hub_models.discard_interrupted(repo_id)
+            freed = pulls.discard_interrupted(model)
         except (HubError, OSError) as e:
-            self.say(f"Could not discard the download of {repo_id}: {e}", "error")
+            self.say(f"Could not discard the download of {model}: {e}", "error")
             return None
         finally:
             self.refresh_interrupted()
-        self.say(f"Discarded the unfinished download of {repo_id}, freed {human_size(freed)}.", "ok")
+        self.say(f"Discarded the unfinished download of {model}, freed {human_size(freed)}.", "ok")
         return freed
 
     # ---- state --------------------------------------------------------------------------------------------
@@ -235,7 +344,7 @@ class HubPanel(QWidget):
     @Slot()
     def sync(self) -> None:
         downloading = self.bridge.downloading is not None
-        self.download_button.setEnabled(not downloading and self.selected_result() is not None)
+        self.download_button.setEnabled(not downloading and self._selected_download() is not None)
         self.cancel_button.setEnabled(downloading)
         self.search_button.setEnabled(not self._searching)
         for row in self.interrupted:

@@ -1,5 +1,6 @@
-"""Read-only tables of dataclass rows (the models page's library and Hub results): a QAbstractTableModel over
-columns that say how to show each row, testable without a window, and the view that shows one."""
+"""Read-only tables of dataclass rows (the models page's library, Hub results and a repo's GGUF files): a
+QAbstractTableModel over columns that say how to show each row, testable without a window, and the view that shows
+one."""
 
 from __future__ import annotations
 
@@ -104,13 +105,14 @@ class RowsModel(QAbstractTableModel):
         return None
 
 
-def fit_column(fit_of: Callable[[Any], ModelFit | None]) -> Column:
-    """Whether a row's model fits this machine's memory: the verdict, coloured, with the sentence as tooltip."""
+def fit_column(fit_of: Callable[[Any], ModelFit | None], unknown: Callable[[Any], str | None] | None = None) -> Column:
+    """Whether a row's model fits this machine's memory: the verdict, coloured, with the sentences as tooltip;
+    unknown(row) says why there is none, where fit_of gives None."""
     return Column(
         "Memory",
         lambda r: "—" if (fit := fit_of(r)) is None else fit.verdict,
         align="center",
-        tooltip=lambda r: None if (fit := fit_of(r)) is None else fit.message,
+        tooltip=lambda r: (unknown(r) if unknown else None) if (fit := fit_of(r)) is None else fit.message,
         tone=lambda r: None if (fit := fit_of(r)) is None else FIT_TONES[fit.verdict],
     )
 
@@ -138,6 +140,11 @@ def library_model(fit_of: Callable[[Any], ModelFit | None], parent: QObject | No
             ),
             Column("Family", _family, tooltip=problem, tone=lambda m: None if m.problem is None else "error"),
             Column(
+                "Quant",
+                lambda m: m.quant or "—",
+                tooltip=lambda m: None if m.quant is None else f"Its weights are stored as {m.quant}",
+            ),
+            Column(
                 "Params",
                 lambda m: "—" if m.num_params is None else human_count(m.num_params),
                 align="right",
@@ -151,11 +158,26 @@ def library_model(fit_of: Callable[[Any], ModelFit | None], parent: QObject | No
     )
 
 
+FORMAT_NAMES = {"safetensors": "safetensors", "gguf": "GGUF"}
+
+
+def _unknown_fit(model) -> str | None:
+    if model.is_gguf:
+        return "Select it to see its GGUF files: each quantization needs memory of its own"
+    return None
+
+
 def results_model(fit_of: Callable[[Any], ModelFit | None], parent: QObject | None = None) -> RowsModel:
-    """Rows of HubModel; fit_of(model) is its memory verdict (None: the Hub does not say its size)."""
+    """Rows of HubModel; fit_of(model) is its memory verdict (None: the Hub does not say its size, or a repo of GGUF
+    files, whose verdicts its files table gives)."""
     return RowsModel(
         [
             Column("Name", lambda m: m.name, tooltip=lambda m: m.name),
+            Column(
+                "Format",
+                lambda m: " + ".join(FORMAT_NAMES[f] for f in m.formats),
+                tooltip=lambda m: "GGUF files: choose one to download" if m.is_gguf else "A model to download whole",
+            ),
             Column(
                 "Params",
                 lambda m: "—" if m.num_params is None else human_count(m.num_params),
@@ -170,7 +192,48 @@ def results_model(fit_of: Callable[[Any], ModelFit | None], parent: QObject | No
                 align="right",
                 tooltip=lambda m: "Everything the repo stores on the Hub; a download fetches only what kvstudio runs",
             ),
-            fit_column(fit_of),
+            fit_column(fit_of, _unknown_fit),
+        ],
+        parent,
+    )
+
+
+def files_model(
+    fit_of: Callable[[Any], ModelFit | None],
+    kind_of: Callable[[Any], tuple[str, str | None, bool]],
+    parent: QObject | None = None,
+) -> RowsModel:
+    """Rows of GGUFChoice (app/library/gguf_files.py); fit_of(choice) is its memory verdict (None: it cannot be
+    loaded), kind_of(choice) how the engine holds its weights: (in a few words, the sentence, whether that costs
+    memory a quantized type would not: a type kvstudio cannot keep quantized)."""
+
+    def name(c) -> str:
+        more = len(c.parts) - 1
+        return c.name if not more else f"{c.name} (+{more} part{'s' if more > 1 else ''})"
+
+    def tip(c) -> str:
+        if c.problem is not None:
+            return f"{c.name} {c.problem}."
+        return f"{c.name}\nsha256 {c.sha256}" if c.sha256 else c.name
+
+    return RowsModel(
+        [
+            Column("File", name, tooltip=tip, tone=lambda c: None if c.problem is None else "error"),
+            Column("Quant", lambda c: c.label or "?", tooltip=lambda c: kind_of(c)[1]),
+            Column(
+                "Loads as",
+                lambda c: "—" if c.problem is not None else kind_of(c)[0],
+                tooltip=lambda c: kind_of(c)[1] if c.problem is None else tip(c),
+                tone=lambda c: "warn" if c.problem is None and kind_of(c)[2] else None,
+            ),
+            Column("Size", lambda c: human_size(c.size), align="right", tooltip=lambda c: f"{c.size:,} bytes"),
+            Column(
+                "Memory",
+                lambda c: "can't load" if (fit := fit_of(c)) is None else fit.verdict,
+                align="center",
+                tooltip=lambda c: f"{c.name} {c.problem}." if (fit := fit_of(c)) is None else fit.message,
+                tone=lambda c: "error" if (fit := fit_of(c)) is None else FIT_TONES[fit.verdict],
+            ),
         ],
         parent,
     )
