@@ -1,5 +1,6 @@
 """Batch inputs and outputs, without Qt: prompts from pasted text or .txt / .jsonl / .csv files, each with optional
-per-row sampling overrides, and results written to JSONL or CSV atomically.
+per-row sampling overrides (and a response_format its reply keeps to), and results written to JSONL or CSV
+atomically.
 
 Every problem in an input file is a BatchFileError naming the file and the line (or CSV row) at fault, so the
 batch page can say what to fix instead of failing somewhere inside a run.
@@ -19,8 +20,10 @@ from pathlib import Path
 from typing import Any
 
 from engine import SamplingParams
+from engine.structured_output import StructuredOutputsParams, grammar_error
 
 ROLES = ("system", "user", "assistant")
+_ROW_FIELDS = ("messages", "response_format")  # a row's fields beside its prompt and sampling overrides
 # Columns of an exported file. A results file may be imported again to re-run it, so these are accepted (and
 # ignored) in inputs too.
 RESULT_FIELDS = ("prompt", "output", "finish_reason", "tokens", "seconds", "error")
@@ -44,10 +47,15 @@ class BatchRow:
     max_tokens: int | None = None
     seed: int | None = None
     stop: list[str] | None = None
+    # What the reply keeps to: any JSON object (json_object) or a JSON schema; None for free text.
+    response_format: StructuredOutputsParams | None = None
 
     def overrides(self) -> dict[str, Any]:
         """The sampling fields this row sets, as SamplingParams keyword arguments."""
-        return {name: getattr(self, name) for name in OVERRIDES if getattr(self, name) is not None}
+        fields = {name: getattr(self, name) for name in OVERRIDES if getattr(self, name) is not None}
+        if self.response_format is not None:
+            fields["structured_outputs"] = self.response_format
+        return fields
 
     @property
     def text(self) -> str:
@@ -91,6 +99,30 @@ def _stop(value: Any) -> list[str]:
     if not isinstance(value, list) or not value or not all(isinstance(s, str) and s for s in value):
         raise ValueError("must be a non-empty string or a list of non-empty strings")
     return value
+
+
+def response_format(value: Any) -> StructuredOutputsParams:
+    """A row's response_format: "json_object" (any JSON object), a JSON schema, or OpenAI's own forms of both
+    ({"type": "json_object"}, {"type": "json_schema", "json_schema": {"schema": {...}}}). In a CSV cell, the
+    schema is written as JSON text."""
+    if isinstance(value, str):
+        if value.strip() == "json_object":
+            return StructuredOutputsParams(json_object=True)
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            raise ValueError('must be "json_object" or a JSON schema (an object)') from None
+    if isinstance(value, dict) and value.get("type") == "json_object":
+        return StructuredOutputsParams(json_object=True)
+    if isinstance(value, dict) and value.get("type") == "json_schema":
+        value = (value.get("json_schema") or {}).get("schema")
+    if not isinstance(value, dict):
+        raise ValueError('must be "json_object" or a JSON schema (an object)')
+    params = StructuredOutputsParams(json=value)
+    error = grammar_error(params)
+    if error is not None:
+        raise ValueError(f"is not a JSON schema the grammar engine can use: {error}")
+    return params
 
 
 # Each override field and the check that turns a JSON value into it (raising ValueError saying what is wrong).
@@ -185,7 +217,8 @@ def _read_csv(path: Path, text: str) -> list[BatchRow]:
 
 
 def _csv_value(name: str, cell: str | None, place: str) -> Any:
-    """A CSV cell as the JSON value its field expects: numbers parsed, a stop cell is one stop string."""
+    """A CSV cell as the JSON value its field expects: numbers parsed, a stop cell is one stop string, a
+    response_format cell "json_object" or a schema's JSON text (read by response_format())."""
     if name not in OVERRIDES or name == "stop":
         return cell
     try:
@@ -196,10 +229,10 @@ def _csv_value(name: str, cell: str | None, place: str) -> Any:
 
 
 def _row(record: dict[str, Any], place: str, what: str) -> BatchRow:
-    unknown = [k for k in record if k not in OVERRIDES and k not in RESULT_FIELDS and k != "messages"]
+    unknown = [k for k in record if k not in OVERRIDES and k not in RESULT_FIELDS and k not in _ROW_FIELDS]
     if unknown:
         raise BatchFileError(
-            f"{place}: unknown {what} {unknown[0]!r} (known: prompt, messages, {', '.join(OVERRIDES)})"
+            f"{place}: unknown {what} {unknown[0]!r} (known: prompt, messages, {', '.join(OVERRIDES)}, response_format)"
         )
     prompt, messages = record.get("prompt"), record.get("messages")
     if (prompt is None) == (messages is None):
@@ -217,6 +250,11 @@ def _row(record: dict[str, Any], place: str, what: str) -> BatchRow:
                 setattr(row, name, check(record[name]))
             except ValueError as e:
                 raise BatchFileError(f"{place}: {name} {e}, got {record[name]!r}") from None
+    if record.get("response_format") is not None:
+        try:
+            row.response_format = response_format(record["response_format"])
+        except ValueError as e:
+            raise BatchFileError(f"{place}: response_format {e}") from None
     try:  # ranges (top_p in (0, 1], max_tokens >= 1, ...) as the engine would judge them
         SamplingParams(**row.overrides())
     except ValueError as e:

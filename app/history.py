@@ -21,11 +21,18 @@ from typing import Any
 
 from app.library.model_store import data_dir
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 ROLES = ("system", "user", "assistant")
 DEFAULT_TITLE = "New chat"
 TITLE_LIMIT = 48
 
+# The JSON schema a conversation's replies keep to, for the conversations that have one (a table of its own, so a
+# file without any keeps its conversations table as it was).
+_JSON_SCHEMAS = """
+CREATE TABLE json_schemas (
+    conversation_id INTEGER PRIMARY KEY REFERENCES conversations(id) ON DELETE CASCADE,
+    schema TEXT NOT NULL
+);"""
 # AUTOINCREMENT so an id is never handed out twice: a stale id held by the UI (say, of a reply being
 # streamed into a message that a regenerate just deleted) fails loudly instead of writing into a newer row.
 _SCHEMA = f"""
@@ -47,13 +54,17 @@ CREATE TABLE messages (
     stats TEXT NOT NULL
 );
 CREATE INDEX messages_by_conversation ON messages(conversation_id, id);
+{_JSON_SCHEMAS}
 PRAGMA user_version = {SCHEMA_VERSION};
 """
 # The statements that bring a file from version v to v + 1, by v.
 _MIGRATIONS = {
     1: "ALTER TABLE conversations DROP COLUMN params",  # sampling settings per conversation, never read
+    2: _JSON_SCHEMAS,
 }
-_CONVERSATION_COLUMNS = "id, title, system_prompt, created, updated"
+# A conversation and its JSON schema ("" for none), from `conversations c LEFT JOIN json_schemas s`.
+_CONVERSATION_COLUMNS = "c.id, c.title, c.system_prompt, c.created, c.updated, COALESCE(s.schema, '')"
+_CONVERSATIONS = "conversations c LEFT JOIN json_schemas s ON s.conversation_id = c.id"
 _MESSAGE_COLUMNS = "id, conversation_id, role, content, created, finished, stats"
 
 
@@ -76,6 +87,7 @@ class Conversation:
     system_prompt: str
     created: float  # seconds since the epoch
     updated: float  # seconds since the epoch; bumped by every write to the conversation or its messages
+    json_schema: str = ""  # the JSON schema (its text) the replies keep to; "" for free text
 
 
 @dataclass(frozen=True)
@@ -194,6 +206,19 @@ class ChatHistory:
     def set_system_prompt(self, conversation_id: int, text: str) -> None:
         self._set(conversation_id, "system_prompt", text)
 
+    def set_json_schema(self, conversation_id: int, schema: str) -> None:
+        """The JSON schema (its text) the conversation's replies keep to from now on; "" for free text again."""
+        with self._writing():
+            self._conversation(conversation_id)  # raises NotFoundError for an unknown id
+            if schema:
+                self._db.execute(
+                    "INSERT OR REPLACE INTO json_schemas (conversation_id, schema) VALUES (?, ?)",
+                    (conversation_id, schema),
+                )
+            else:
+                self._db.execute("DELETE FROM json_schemas WHERE conversation_id = ?", (conversation_id,))
+            self._touch(conversation_id, self._now())
+
     def delete(self, conversation_id: int) -> None:
         """Delete a conversation; its messages go with it (ON DELETE CASCADE)."""
         with self._writing():
@@ -204,16 +229,16 @@ class ChatHistory:
     def list_conversations(self, search: str | None = None) -> list[Conversation]:
         """Conversations, most recently updated first; `search` keeps those whose title or any message contains
         it, ignoring case, with % and _ taken literally."""
-        sql = f"SELECT {_CONVERSATION_COLUMNS} FROM conversations"
+        sql = f"SELECT {_CONVERSATION_COLUMNS} FROM {_CONVERSATIONS}"
         args: tuple[str, ...] = ()
         if search is not None:
             pattern = "%" + _escape_like(_casefold(search)) + "%"
             sql += (
-                " WHERE casefold(title) LIKE ?1 ESCAPE '\\' OR EXISTS (SELECT 1 FROM messages m"
-                " WHERE m.conversation_id = conversations.id AND casefold(m.content) LIKE ?1 ESCAPE '\\')"
+                " WHERE casefold(c.title) LIKE ?1 ESCAPE '\\' OR EXISTS (SELECT 1 FROM messages m"
+                " WHERE m.conversation_id = c.id AND casefold(m.content) LIKE ?1 ESCAPE '\\')"
             )
             args = (pattern,)
-        sql += " ORDER BY updated DESC, id DESC"
+        sql += " ORDER BY c.updated DESC, c.id DESC"
         with self._lock:
             return [_to_conversation(row) for row in self._db.execute(sql, args)]
 
@@ -313,7 +338,7 @@ class ChatHistory:
 
     def _conversation(self, conversation_id: int) -> Conversation:
         row = self._db.execute(
-            f"SELECT {_CONVERSATION_COLUMNS} FROM conversations WHERE id = ?", (conversation_id,)
+            f"SELECT {_CONVERSATION_COLUMNS} FROM {_CONVERSATIONS} WHERE c.id = ?", (conversation_id,)
         ).fetchone()
         if row is None:
             raise NotFoundError(f"no conversation with id {conversation_id}")

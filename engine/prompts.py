@@ -32,6 +32,34 @@ def has_chat_template(tokenizer) -> bool:
     return bool(getattr(tokenizer, "chat_template", None))
 
 
+def render_chat_text(
+    tokenizer,
+    messages: list[dict[str, Any]],
+    *,
+    tools: list[dict] | None = None,
+    add_generation_prompt: bool = True,
+    continue_final_message: bool = False,
+    chat_template: str | None = None,
+    chat_template_kwargs: dict[str, Any] | None = None,
+) -> str:
+    """The conversation as the chat template writes it, special tokens included, not yet tokenized: a caller can
+    look at (or refuse) the text before paying for its tokenization."""
+    if chat_template is None and not has_chat_template(tokenizer):
+        raise ChatTemplateError("this model has no chat template: send the prompt as plain text instead")
+    try:
+        return tokenizer.apply_chat_template(
+            messages,
+            tools=tools,
+            tokenize=False,
+            add_generation_prompt=add_generation_prompt,
+            continue_final_message=continue_final_message,
+            chat_template=chat_template,
+            **(chat_template_kwargs or {}),
+        )
+    except (TemplateError, TypeError, ValueError, KeyError) as e:  # templates raise on roles they do not take
+        raise ChatTemplateError(f"the chat template rejected the messages: {e}") from None
+
+
 def render_chat(
     tokenizer,
     messages: list[dict[str, Any]],
@@ -46,18 +74,13 @@ def render_chat(
 
     The template writes the special tokens it wants (BOS and the like) itself, so the tokenizer adds none.
     """
-    if chat_template is None and not has_chat_template(tokenizer):
-        raise ChatTemplateError("this model has no chat template: send the prompt as plain text instead")
-    try:
-        text = tokenizer.apply_chat_template(
-            messages,
-            tools=tools,
-            tokenize=False,
-            add_generation_prompt=add_generation_prompt,
-            continue_final_message=continue_final_message,
-            chat_template=chat_template,
-            **(chat_template_kwargs or {}),
-        )
-    except (TemplateError, TypeError, ValueError, KeyError) as e:  # templates raise on roles they do not take
-        raise ChatTemplateError(f"the chat template rejected the messages: {e}") from None
+    text = render_chat_text(
+        tokenizer,
+        messages,
+        tools=tools,
+        add_generation_prompt=add_generation_prompt,
+        continue_final_message=continue_final_message,
+        chat_template=chat_template,
+        chat_template_kwargs=chat_template_kwargs,
+    )
     return TokensPrompt(prompt_token_ids=tokenizer.encode(text, add_special_tokens=False), prompt=text)

@@ -51,6 +51,8 @@ class SamplingParams:
         self.stop_token_ids = list(self.stop_token_ids or [])
         if self.top_k == 0:  # vLLM accepts 0 as "off" too
             self.top_k = -1
+        if self.seed == -1:  # vLLM's "no seed"
+            self.seed = None
         if self.logit_bias is not None:
             self.logit_bias = _normalise_logit_bias(self.logit_bias)
         if self.allowed_token_ids is not None:

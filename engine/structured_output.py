@@ -57,7 +57,8 @@ class StructuredOutputsParams:
         if self.json is not None and not isinstance(self.json, dict):
             raise ValueError(f"structured_outputs json must be a JSON schema object, got {self.json!r}")
         if self.json is not None:
-            object.__setattr__(self, "json", json.dumps(self.json, sort_keys=True))
+            # Not sorted: the grammar engine has properties written in the order the schema lists them.
+            object.__setattr__(self, "json", json.dumps(self.json))
         if self.choice is not None:
             object.__setattr__(self, "choice", tuple(self.choice))
 
@@ -72,12 +73,25 @@ class StructuredOutputsParams:
                 else {"whitespace_pattern": _JSON_WHITESPACE}
             )
             schema.setdefault("x-guidance", whitespace)  # a schema that sets its own options keeps them
-            return "json_schema", json.dumps(schema, sort_keys=True)
+            return "json_schema", json.dumps(schema)
         if self.regex is not None:
             return "regex", self.regex
         if self.choice is not None:
             return "choice", json.dumps(list(self.choice))
         return "grammar", self.grammar
+
+
+def grammar_error(params: StructuredOutputsParams) -> str | None:
+    """What is wrong with params' schema or grammar, in the grammar engine's words, or None when it compiles:
+    the check StructuredOutputManager.compile makes, without a tokenizer (a schema can be checked where no
+    model is loaded, as it is typed)."""
+    import llguidance
+
+    kind, text = params.source
+    try:
+        return llguidance.LLMatcher.validate_grammar(llguidance.grammar_from(kind, text)) or None
+    except (ValueError, RuntimeError) as e:
+        return str(e)
 
 
 class StructuredOutputManager:

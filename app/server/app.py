@@ -27,8 +27,9 @@ from aiohttp import hdrs, web
 
 from app.engine_thread import EngineDeadError, EngineStoppedError, EngineThread, QueueFullError
 from app.server import protocol, responses
+from app.server.fields import ApiError
 from app.server.metrics import Metrics
-from app.server.protocol import ApiError, GenerationRequest, ModelInfo
+from app.server.protocol import GenerationRequest, ModelInfo
 from engine import PromptType, RequestOutput, SamplingParams
 
 logger = logging.getLogger("kvstudio.server")
@@ -221,12 +222,19 @@ async def model(request: web.Request) -> web.Response:
 
 async def completions(request: web.Request) -> web.StreamResponse:
     req = await _parsed(request, protocol.parse_completion_request)
-    return await _generate(request, req, f"cmpl-{uuid.uuid4().hex}")
+    return await _generate(request, req, f"cmpl-{req.request_id or uuid.uuid4().hex}")
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     req = await _parsed(request, protocol.parse_chat_request)
-    return await _generate(request, req, f"chatcmpl-{uuid.uuid4().hex}")
+    return await _generate(request, req, f"chatcmpl-{req.request_id or uuid.uuid4().hex}")
+
+
+def _refusal(req: GenerationRequest, e: ValueError) -> ApiError:
+    """The engine's refusal of a request the protocol layer let through, as a 400: a grammar it cannot compile
+    names the request field the grammar came from (response_format, tools, ...)."""
+    param = req.constraint_param if str(e).startswith("structured_outputs") else None
+    return ApiError(400, str(e), param=param)
 
 
 async def _engine_stream(
@@ -254,21 +262,25 @@ async def _engine_stream(
 
 
 async def _generate(request: web.Request, req: GenerationRequest, request_id: str) -> web.StreamResponse:
+    """request_id names the response; the engine's requests get ids of their own (a client's request_id need not
+    be unique)."""
     state = request.app[_STATE]
     start = time.perf_counter()
     timing = _Timing(state.metrics, start)
+    engine_id = uuid.uuid4().hex
     if req.stream:
-        response = await _stream(request, req, request_id, timing)
+        response = await _stream(request, req, request_id, engine_id, timing)
     else:
         try:
             # A TaskGroup: when one prompt fails, the others are cancelled, which aborts them in the engine.
             async with asyncio.TaskGroup() as group:
                 tasks = [
-                    group.create_task(_run_to_end(state, prompt, req, f"{request_id}-{i}", timing))
+                    group.create_task(_run_to_end(state, prompt, req, f"{engine_id}-{i}", timing))
                     for i, prompt in enumerate(req.prompts)
                 ]
         except ExceptionGroup as eg:
-            raise eg.exceptions[0] from None
+            error = eg.exceptions[0]
+            raise (_refusal(req, error) if isinstance(error, ValueError) else error) from None
         outputs = [t.result() for t in tasks]
         build = responses.chat_response if req.kind == "chat" else responses.completion_response
         response = web.json_response(build(req, request_id, outputs, state.model))
@@ -302,10 +314,12 @@ async def _run_to_end(state: _State, prompt: dict, req: GenerationRequest, rid: 
     return last
 
 
-async def _stream(request: web.Request, req: GenerationRequest, request_id: str, timing: _Timing) -> web.StreamResponse:
+async def _stream(
+    request: web.Request, req: GenerationRequest, request_id: str, engine_id: str, timing: _Timing
+) -> web.StreamResponse:
     state = request.app[_STATE]
     # Validate up front what can fail, so that errors before the first byte are plain HTTP errors.
-    streams = [_engine_stream(state, prompt, req.params, f"{request_id}-{i}") for i, prompt in enumerate(req.prompts)]
+    streams = [_engine_stream(state, prompt, req.params, f"{engine_id}-{i}") for i, prompt in enumerate(req.prompts)]
     merged: asyncio.Queue[tuple[int, RequestOutput | BaseException | None]] = asyncio.Queue()
 
     async def pump(i: int, stream) -> None:
@@ -350,7 +364,7 @@ async def _stream(request: web.Request, req: GenerationRequest, request_id: str,
     except Exception as e:
         if not response.prepared:  # nothing sent yet: a plain HTTP error (the middleware shapes it)
             if isinstance(e, ValueError):
-                raise ApiError(400, str(e)) from None
+                raise _refusal(req, e) from None
             raise
         # The stream has started: the error becomes an event, then [DONE] as usual.
         logger.warning("stream %s failed: %s", request_id, e)

@@ -2,45 +2,59 @@
 SamplingParams) out (responses.py turns the engine's outputs back into OpenAI's JSON shapes).
 
 Every bad request raises ApiError(400, param=<the field at fault>), as OpenAI does; the fields, ranges and shapes
-follow the README's "The endpoint's contract" (where OpenAI and vLLM differ, OpenAI).
+follow the README's "The endpoint's contract" (where OpenAI and vLLM differ, OpenAI). Every field an endpoint
+reads is in its *_FIELDS set below; fields.py refuses the ones this server does not implement.
 """
 
 from __future__ import annotations
 
-import math
-import re
 from dataclasses import dataclass, field
 from typing import Any
 
 from tokenizers.models import BPE
 
-from engine import ChatTemplateError, SamplingParams, TokensPrompt, render_chat
-from engine.prompts import has_chat_template
+from app.server import chat
+from app.server.chat import ReplyFormat
+from app.server.fields import (
+    ApiError,
+    bad,
+    boolean,
+    integer,
+    is_int,
+    log_ignored,
+    obj,
+    refuse_unsupported,
+    short,
+    token_ids,
+)
+from app.server.reasoning import think_state
+from app.server.sampling import max_tokens_field, sampling_params, stream_flags
+from app.server.structured import after_reasoning, read_constraint
+from app.server.tool_parsers import tool_format
+from engine import ChatTemplateError, SamplingParams, TokensPrompt
+from engine.prompts import has_chat_template, render_chat_text
 from engine.sampling_params import MAX_LOGPROBS
 
-# More samples than this from a local server is a mistake rather than a use; it would crowd out every other client.
-MAX_N = 16
 # Fill-in-the-middle token names (StarCoder/SantaCoder style, then Qwen2.5-Coder style): prefix, suffix, middle.
 _FIM_TOKENS = (("<fim_prefix>", "<fim_suffix>", "<fim_middle>"), ("<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>"))
-_CHAT_ROLES = ("system", "user", "assistant", "tool")
 
-
-class ApiError(Exception):
-    """An error the client sees as OpenAI's {"error": {...}} body with this HTTP status."""
-
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        type: str = "invalid_request_error",
-        param: str | None = None,
-        code: str | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
-
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+# The fields each endpoint reads (anything else is refused by fields.refuse_unsupported, accepted as bookkeeping,
+# or logged as unknown).
+_COMMON_FIELDS = frozenset(
+    {"model", "n", "best_of", "temperature", "top_p", "presence_penalty", "frequency_penalty", "seed", "stop",
+     "logit_bias", "top_k", "min_p", "repetition_penalty", "min_tokens", "ignore_eos", "stop_token_ids",
+     "skip_special_tokens", "spaces_between_special_tokens", "include_stop_str_in_output", "bad_words",
+     "allowed_token_ids", "prompt_logprobs", "truncate_prompt_tokens", "stream", "stream_options", "logprobs",
+     "max_tokens", "echo", "add_special_tokens", "return_tokens_as_token_ids", "request_id", "response_format",
+     "structured_outputs", "guided_json", "guided_regex", "guided_choice", "guided_grammar",
+     "guided_whitespace_pattern"}
+)  # fmt: skip
+COMPLETION_FIELDS = _COMMON_FIELDS | {"prompt", "suffix"}
+CHAT_FIELDS = _COMMON_FIELDS | {
+    "messages", "max_completion_tokens", "top_logprobs", "tools", "tool_choice", "parallel_tool_calls",
+    "chat_template", "chat_template_kwargs", "add_generation_prompt", "continue_final_message", "documents",
+    "reasoning_effort",
+}  # fmt: skip
 
 
 def longest_token_chars(tokenizer) -> int | None:
@@ -82,71 +96,13 @@ class GenerationRequest:
     echo: bool  # completions: the prompt's text (and logprobs) go before each choice's
     logprobs: int | None  # top-N per token (completions' int, chat's top_logprobs), None when not asked
     model: str
-
-
-# ---- field readers: each checks one field's type (and range) and names it in the error ----------------------------
-
-
-def _bad(param: str, message: str, code: str | None = None) -> ApiError:
-    return ApiError(400, message, param=param, code=code)
-
-
-def _short(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 80 else text[:77] + "..."
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return (_is_int(value) or isinstance(value, float)) and not math.isnan(value)
-
-
-def _number(
-    body: dict,
-    name: str,
-    default: float | None,
-    lo: float | None = None,
-    hi: float | None = None,
-    lo_open: bool = False,
-) -> float | None:
-    value = body.get(name)
-    if value is None:
-        return default
-    if not (
-        _is_number(value) and (lo is None or (value > lo if lo_open else value >= lo)) and (hi is None or value <= hi)
-    ):
-        span = f"{'(' if lo_open else '['}{lo}, {hi}]" if lo is not None and hi is not None else "a number"
-        raise _bad(name, f"{name} must be a number in {span}, got {_short(value)}")
-    return float(value)
-
-
-def _int(body: dict, name: str, default: int | None, lo: int | None = None, hi: int | None = None) -> int | None:
-    value = body.get(name)
-    if value is None:
-        return default
-    if not _is_int(value) or (lo is not None and value < lo) or (hi is not None and value > hi):
-        span = f" in [{lo}, {hi}]" if hi is not None else f" >= {lo}" if lo is not None else ""
-        raise _bad(name, f"{name} must be an integer{span}, got {_short(value)}")
-    return value
-
-
-def _bool(body: dict, name: str, default: bool) -> bool:
-    value = body.get(name)
-    if value is None:
-        return default
-    if not isinstance(value, bool):
-        raise _bad(name, f"{name} must be true or false, got {_short(value)}")
-    return value
-
-
-def _object(body: Any, name: str | None = None) -> dict:
-    if not isinstance(body, dict):
-        what = f"{name} must be" if name else "the request body must be"
-        raise _bad(name, f"{what} a JSON object, got {type(body).__name__}")
-    return body
+    n: int = 1  # choices per prompt; params.n samples more with best_of, the n best of them are returned
+    continuous_usage: bool = False  # stream_options.continuous_usage_stats: usage so far in every chunk
+    prompt_logprobs: int | None = None  # vLLM's prompt_logprobs: reported in their own field
+    tokens_as_ids: bool = False  # return_tokens_as_token_ids: logprobs name tokens "token_id:<id>"
+    request_id: str | None = None  # the client's own id for the response (vLLM's request_id)
+    reply: ReplyFormat = field(default_factory=ReplyFormat)  # chat: reasoning, tool calls, echo
+    constraint_param: str | None = None  # the field a grammar the engine cannot compile is blamed on
 
 
 def _check_model(body: dict, model: ModelInfo) -> None:
@@ -154,95 +110,10 @@ def _check_model(body: dict, model: ModelInfo) -> None:
     if name is not None and name != model.name:
         raise ApiError(
             404,
-            f"the model {_short(name)} does not exist; this server serves {model.name!r}",
+            f"the model {short(name)} does not exist; this server serves {model.name!r}",
             param="model",
             code="model_not_found",
         )
-
-
-def _stream_flags(body: dict) -> tuple[bool, bool]:
-    stream = _bool(body, "stream", False)
-    options = body.get("stream_options")
-    if options is None:
-        return stream, False
-    if not stream:
-        raise _bad("stream_options", "stream_options is only allowed when stream is true")
-    return stream, _bool(_object(options, "stream_options"), "include_usage", False)
-
-
-def _stop(body: dict) -> list[str] | None:
-    stop = body.get("stop")
-    if stop is None:
-        return None
-    stops = [stop] if isinstance(stop, str) else stop
-    if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops):
-        raise _bad("stop", f"stop must be a non-empty string or a list of them, got {_short(stop)}")
-    return stops
-
-
-def _token_ids(value: Any, vocab_size: int) -> bool:
-    return isinstance(value, list) and all(_is_int(t) and 0 <= t < vocab_size for t in value)
-
-
-# ---- sampling parameters ------------------------------------------------------------------------------------------
-
-# SamplingParams' messages start with the field at fault; these are named differently in a request.
-_PARAM_OF_FIELD = {"prompt_logprobs": "logprobs"}
-
-
-def _sampling_params(
-    body: dict,
-    model: ModelInfo,
-    max_tokens: int,
-    logprobs: int | None,
-    prompt_logprobs: int | None,
-    logprobs_param: str,
-    max_tokens_param: str,
-) -> SamplingParams:
-    """The fields both endpoints share (OpenAI's plus vLLM's extras); SamplingParams checks the ranges it owns."""
-    bias = body.get("logit_bias")
-    if bias is not None:
-        _object(bias, "logit_bias")
-    stop_token_ids = body.get("stop_token_ids")
-    if stop_token_ids is not None and not _token_ids(stop_token_ids, model.vocab_size):
-        raise _bad("stop_token_ids", f"stop_token_ids must be a list of token ids in [0, {model.vocab_size})")
-    kwargs = dict(
-        n=_int(body, "n", 1, 1, MAX_N),
-        temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
-        top_p=_number(body, "top_p", 1.0, 0.0, 1.0, lo_open=True),
-        presence_penalty=_number(body, "presence_penalty", 0.0, -2.0, 2.0),
-        frequency_penalty=_number(body, "frequency_penalty", 0.0, -2.0, 2.0),
-        seed=_int(body, "seed", None, -(2**63), 2**63 - 1),
-        stop=_stop(body),
-        logit_bias=bias,
-        top_k=_int(body, "top_k", -1),
-        min_p=_number(body, "min_p", 0.0),
-        repetition_penalty=_number(body, "repetition_penalty", 1.0),
-        min_tokens=_int(body, "min_tokens", 0),
-        ignore_eos=_bool(body, "ignore_eos", False),
-        stop_token_ids=stop_token_ids,
-        skip_special_tokens=_bool(body, "skip_special_tokens", True),
-        include_stop_str_in_output=_bool(body, "include_stop_str_in_output", False),
-        max_tokens=max_tokens,
-        logprobs=logprobs,
-        prompt_logprobs=prompt_logprobs,
-    )
-    try:
-        params = SamplingParams(**kwargs)
-        params.check_vocab(model.vocab_size)
-    except ValueError as e:
-        field = re.match(r"[a-z_]*", str(e)).group(0)
-        param = {"logprobs": logprobs_param, "max_tokens": max_tokens_param}.get(field, _PARAM_OF_FIELD.get(field))
-        raise _bad(param or (field if field in kwargs else None), str(e)) from None
-    return params
-
-
-def _max_tokens(body: dict, names: tuple[str, ...]) -> tuple[int | None, str]:
-    """The first of `names` that is set (chat: max_completion_tokens, then the older max_tokens)."""
-    for name in names:
-        if body.get(name) is not None:
-            return _int(body, name, None, 1), name
-    return None, names[-1]
 
 
 def _check_text_fits(model: ModelInfo, text: str, param: str) -> None:
@@ -256,7 +127,7 @@ def _check_text_fits(model: ModelInfo, text: str, param: str) -> None:
     normalizer = model.tokenizer.backend_tokenizer.normalizer
     chars = len(text) if normalizer is None else len(normalizer.normalize_str(text))
     if chars > model.max_model_len * bound:
-        raise _bad(
+        raise bad(
             param,
             f"the prompt is {len(text):,} characters long, more than the context of {model.max_model_len} tokens "
             f"can hold (no token of this model stands for more than {bound} characters)",
@@ -264,36 +135,53 @@ def _check_text_fits(model: ModelInfo, text: str, param: str) -> None:
         )
 
 
-class _FittingTokenizer:
-    """The model's tokenizer, whose encode refuses a text that cannot fit the context before tokenizing it:
-    render_chat renders the conversation, then tokenizes it through this."""
-
-    def __init__(self, model: ModelInfo, param: str) -> None:
-        self._model, self._param = model, param
-
-    def encode(self, text: str, **kwargs) -> list[int]:
-        _check_text_fits(self._model, text, self._param)
-        return self._model.tokenizer.encode(text, **kwargs)
-
-    def __getattr__(self, name: str) -> Any:  # the chat template and everything else: the model's tokenizer
-        return getattr(self._model.tokenizer, name)
-
-
 def _check_context(model: ModelInfo, prompt_len: int, max_tokens: int, prompt_param: str) -> None:
     if prompt_len >= model.max_model_len:
-        raise _bad(
+        raise bad(
             prompt_param,
             f"the prompt has {prompt_len} tokens, which leaves no room to generate within the "
             f"context of {model.max_model_len} tokens",
             code="context_length_exceeded",
         )
     if prompt_len + max_tokens > model.max_model_len:
-        raise _bad(
+        raise bad(
             "max_tokens",
             f"the prompt ({prompt_len} tokens) plus max_tokens ({max_tokens}) is over the "
             f"context of {model.max_model_len} tokens",
             code="context_length_exceeded",
         )
+
+
+def _truncation(body: dict, model: ModelInfo) -> int | None:
+    """truncate_prompt_tokens: keep the prompt's last N tokens (vLLM's; -1 is the model's context length)."""
+    value = body.get("truncate_prompt_tokens")
+    if value is None:
+        return None
+    if not is_int(value) or not (value == -1 or 1 <= value <= model.max_model_len):
+        raise bad(
+            "truncate_prompt_tokens",
+            f"truncate_prompt_tokens must be -1 or an integer in [1, {model.max_model_len}], got {short(value)}",
+        )
+    return model.max_model_len if value == -1 else value
+
+
+def _prompt(ids: list[int], text: str | None, truncate: int | None) -> TokensPrompt:
+    """The engine prompt, its first tokens dropped when truncate keeps fewer (its text is then decoded from what
+    is kept, where needed)."""
+    if truncate is not None and len(ids) > truncate:
+        return TokensPrompt(prompt_token_ids=ids[-truncate:], prompt=None)
+    return TokensPrompt(prompt_token_ids=ids, prompt=text)
+
+
+def _prompt_logprobs(body: dict) -> int | None:
+    return integer(body, "prompt_logprobs", None, 0, MAX_LOGPROBS)
+
+
+def _request_id(body: dict) -> str | None:
+    value = body.get("request_id")
+    if value is not None and not (isinstance(value, str) and value and value.isprintable() and len(value) <= 128):
+        raise bad("request_id", "request_id must be a printable string of at most 128 characters")
+    return value
 
 
 # ---- /v1/completions ----------------------------------------------------------------------------------------------
@@ -308,169 +196,169 @@ def _completion_prompts(body: dict, model: ModelInfo, echo: bool) -> list[dict]:
     """prompt: str | [str] | [int] | [[int]] -> one engine prompt each, with suffix as a PSM fill-in-the-middle."""
     prompt = body.get("prompt")
     if prompt is None:
-        raise _bad("prompt", "prompt is required")
-    if isinstance(prompt, str) or (isinstance(prompt, list) and prompt and all(_is_int(t) for t in prompt)):
+        raise bad("prompt", "prompt is required")
+    if isinstance(prompt, str) or (isinstance(prompt, list) and prompt and all(is_int(t) for t in prompt)):
         prompt = [prompt]
     if (
         not isinstance(prompt, list)
         or not prompt
         or not (all(isinstance(p, str) for p in prompt) or all(isinstance(p, list) for p in prompt))
     ):
-        raise _bad(
+        raise bad(
             "prompt", "prompt must be a non-empty string, list of strings, list of token ids or list of token id lists"
         )
     suffix = body.get("suffix")
     if suffix is not None and not isinstance(suffix, str):
-        raise _bad("suffix", f"suffix must be a string, got {_short(suffix)}")
+        raise bad("suffix", f"suffix must be a string, got {short(suffix)}")
     fim = _fim_tokens(model.tokenizer) if suffix is not None else None
     if suffix and fim is None:
-        raise _bad("suffix", f"{model.name} has no fill-in-the-middle tokens, so suffix is not supported")
+        raise bad("suffix", f"{model.name} has no fill-in-the-middle tokens, so suffix is not supported")
     if fim is not None and not isinstance(prompt[0], str):
-        raise _bad("suffix", "suffix needs the prompt as text, not token ids")
+        raise bad("suffix", "suffix needs the prompt as text, not token ids")
     if fim is not None and echo:
-        raise _bad("echo", "echo cannot be combined with suffix")
+        raise bad("echo", "echo cannot be combined with suffix")
+    truncate = _truncation(body, model)
+    add_special_tokens = boolean(body, "add_special_tokens", True)
     prompts = []
     for p in prompt:
         if isinstance(p, str):
             text = f"{fim[0]}{p}{fim[1]}{suffix}{fim[2]}" if fim else p
-            _check_text_fits(model, text, "prompt")
-            ids = model.tokenizer.encode(text, add_special_tokens=True)
-            prompts.append({"prompt_token_ids": ids, "prompt": p})
+            if truncate is None:
+                _check_text_fits(model, text, "prompt")
+            ids = model.tokenizer.encode(text, add_special_tokens=add_special_tokens)
+            prompts.append(_prompt(ids, p, truncate))
         else:
-            if not _token_ids(p, model.vocab_size):
-                raise _bad("prompt", f"token id prompts must be lists of token ids in [0, {model.vocab_size})")
-            prompts.append({"prompt_token_ids": list(p), "prompt": None})
+            if not token_ids(p, model.vocab_size):
+                raise bad("prompt", f"token id prompts must be lists of token ids in [0, {model.vocab_size})")
+            prompts.append(_prompt(list(p), None, truncate))
         if not prompts[-1]["prompt_token_ids"]:
-            raise _bad("prompt", "the prompt is empty")
+            raise bad("prompt", "the prompt is empty")
     return prompts
 
 
 def parse_completion_request(body: Any, model: ModelInfo) -> GenerationRequest:
-    body = _object(body)
+    body = obj(body)
     _check_model(body, model)
-    echo = _bool(body, "echo", False)
+    refuse_unsupported(body)
+    log_ignored(body, COMPLETION_FIELDS)
+    echo = boolean(body, "echo", False)
     prompts = _completion_prompts(body, model, echo)
-    stream, include_usage = _stream_flags(body)
-    logprobs = _int(body, "logprobs", None, 0, MAX_LOGPROBS)
-    max_tokens, name = _max_tokens(body, ("max_tokens",))
+    stream, include_usage, continuous = stream_flags(body)
+    logprobs = integer(body, "logprobs", None, 0, MAX_LOGPROBS)
+    prompt_logprobs = _prompt_logprobs(body)
+    max_tokens, name = max_tokens_field(body, ("max_tokens",))
     max_tokens = 16 if max_tokens is None else max_tokens
-    params = _sampling_params(body, model, max_tokens, logprobs, logprobs if echo else None, "logprobs", name)
+    constraint = read_constraint(body)
+    # An echo's logprobs are the prompt's: the engine's prompt logprobs, at least as many as the reply's.
+    engine_prompt_logprobs = max(prompt_logprobs or 0, logprobs or 0) if echo and logprobs is not None else None
+    if prompt_logprobs is not None:
+        engine_prompt_logprobs = max(prompt_logprobs, engine_prompt_logprobs or 0)
+    params, n = sampling_params(
+        body, model.vocab_size, max_tokens, logprobs, engine_prompt_logprobs, "logprobs", name, stream, constraint
+    )
     for p in prompts:
         _check_context(model, len(p["prompt_token_ids"]), max_tokens, "prompt")
-    return GenerationRequest("completion", prompts, params, stream, include_usage, echo, logprobs, model.name)
+    return GenerationRequest(
+        "completion",
+        prompts,
+        params,
+        stream,
+        include_usage,
+        echo,
+        logprobs,
+        model.name,
+        n=n,
+        continuous_usage=continuous,
+        prompt_logprobs=prompt_logprobs,
+        tokens_as_ids=boolean(body, "return_tokens_as_token_ids", False),
+        request_id=_request_id(body),
+        constraint_param=None if constraint is None else constraint.param,
+    )
 
 
 # ---- /v1/chat/completions -----------------------------------------------------------------------------------------
 
 
-def _message(m: Any, i: int) -> dict:
-    """One message for the chat template: content as one string (text parts joined by newlines, as vLLM does)."""
-    if not isinstance(m, dict) or m.get("role") not in _CHAT_ROLES:
-        raise _bad("messages", f"messages[{i}] must be an object whose role is one of {', '.join(_CHAT_ROLES)}")
-    content = m.get("content")
-    if isinstance(content, list):
-        if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content):
-            raise _bad(
-                "messages",
-                f'messages[{i}].content parts must be {{"type": "text", "text": ...}}: this server takes text only',
-            )
-        content = "\n".join(p["text"] for p in content)
-    elif content is None and m["role"] == "assistant" and m.get("tool_calls"):
-        content = ""
-    elif not isinstance(content, str):
-        raise _bad("messages", f"messages[{i}].content must be a string or a list of text parts")
-    out = {"role": m["role"], "content": content}
-    out.update({k: m[k] for k in ("name", "tool_calls", "tool_call_id") if m.get(k) is not None})
-    return out
-
-
-def _tools(body: dict) -> list[dict] | None:
-    tools = body.get("tools") or None
-    if tools is not None and not (
-        isinstance(tools, list)
-        and all(
-            isinstance(t, dict)
-            and t.get("type") == "function"
-            and isinstance(t.get("function"), dict)
-            and isinstance(t["function"].get("name"), str)
-            and t["function"]["name"]
-            for t in tools
-        )
-    ):
-        raise _bad("tools", 'tools must be a list of {"type": "function", "function": {"name": ..., ...}}')
-    choice = body.get("tool_choice")
-    if choice is None:
-        return tools
-    if tools is None:
-        raise _bad("tool_choice", "tool_choice is only allowed when tools are given")
-    names = {t["function"]["name"] for t in tools}
-    named = (
-        choice["function"].get("name")
-        if isinstance(choice, dict) and choice.get("type") == "function" and isinstance(choice.get("function"), dict)
-        else None
-    )
-    if choice not in ("none", "auto", "required") and named not in names:
-        raise _bad(
-            "tool_choice",
-            f"tool_choice must be none, auto, required or a function among the tools, got {_short(choice)}",
-        )
-    return tools
-
-
-def _check_response_format(body: dict) -> None:
-    """Accepted but not enforced: there is no constrained decoding yet, so json_object and json_schema only pass
-    the check (the prompt has to ask for JSON, as with OpenAI's json_object)."""
-    fmt = body.get("response_format")
-    if fmt is None:
-        return
-    kind = _object(fmt, "response_format").get("type")
-    if kind == "json_schema":
-        schema = fmt.get("json_schema")
-        if not isinstance(schema, dict) or not isinstance(schema.get("schema"), dict):
-            raise _bad("response_format", "response_format json_schema needs json_schema.schema, a JSON schema object")
-    elif kind not in ("text", "json_object"):
-        raise _bad(
-            "response_format", f"response_format type must be text, json_object or json_schema, got {_short(kind)}"
-        )
-
-
-def _chat_prompt(
-    messages: Any, model: ModelInfo, tokenizer, tools: list[dict] | None = None, add_generation_prompt: bool = True
-) -> TokensPrompt:
-    """messages -> the engine prompt, through the model's chat template (which holds its own special tokens),
-    tokenized by `tokenizer` (the model's, or one that refuses what cannot fit)."""
-    if not isinstance(messages, list) or not messages:
-        raise _bad("messages", "messages must be a non-empty list")
-    conversation = [_message(m, i) for i, m in enumerate(messages)]
-    if not has_chat_template(model.tokenizer):
-        raise _bad("messages", f"{model.name} has no chat template: use /v1/completions")
+def _render(model: ModelInfo, conversation: list[dict], tools: list[dict] | None, options: dict) -> str:
+    if options["chat_template"] is None and not has_chat_template(model.tokenizer):
+        raise bad("messages", f"{model.name} has no chat template: use /v1/completions")
     try:
-        return render_chat(tokenizer, conversation, tools=tools, add_generation_prompt=add_generation_prompt)
+        return render_chat_text(model.tokenizer, conversation, tools=tools, **options)
     except ChatTemplateError as e:
-        raise _bad("messages", str(e)) from None
+        raise bad("messages", str(e)) from None
 
 
 def parse_chat_request(body: Any, model: ModelInfo) -> GenerationRequest:
-    body = _object(body)
+    body = obj(body)
     _check_model(body, model)
+    refuse_unsupported(body)
+    log_ignored(body, CHAT_FIELDS)
     if body.get("messages") is None:
-        raise _bad("messages", "messages is required")
-    _check_response_format(body)
-    prompt = _chat_prompt(body["messages"], model, _FittingTokenizer(model, "messages"), _tools(body))
-    stream, include_usage = _stream_flags(body)
-    want_logprobs = _bool(body, "logprobs", False)
-    top = _int(body, "top_logprobs", None, 0, MAX_LOGPROBS)
+        raise bad("messages", "messages is required")
+    conversation = chat.messages(body["messages"])
+    tools = chat.read_tools(body)
+    options = chat.template_options(body, getattr(model.tokenizer, "chat_template", None))
+    constraint = read_constraint(body)
+    if constraint is not None and tools.choice not in ("none", "auto"):
+        raise bad(constraint.param, f"{constraint.param} cannot be combined with a tool_choice that forces a call")
+    truncate = _truncation(body, model)
+    text = _render(model, conversation, tools.tools, options)
+    if truncate is None:
+        _check_text_fits(model, text, "messages")
+    ids = model.tokenizer.encode(text, add_special_tokens=boolean(body, "add_special_tokens", False))
+    prompt = _prompt(ids, text, truncate)
+    ids = prompt["prompt_token_ids"]
+    think = think_state(model.tokenizer, ids)
+    fmt = tool_format(model.tokenizer) if tools.tools and tools.choice != "none" else None
+    if constraint is not None:
+        constraint = after_reasoning(constraint, think)
+    elif fmt is not None:
+        constraint = chat.tool_grammar(tools, fmt, think)
+    echo = boolean(body, "echo", False) and conversation[-1]["role"] == "assistant"
+    reply = ReplyFormat(think and think.state, fmt, tools.parallel, conversation[-1]["content"] if echo else "")
+    stream, include_usage, continuous = stream_flags(body)
+    want_logprobs = boolean(body, "logprobs", False)
+    top = integer(body, "top_logprobs", None, 0, MAX_LOGPROBS)
     if top is not None and not want_logprobs:
-        raise _bad("top_logprobs", "top_logprobs needs logprobs set to true")
+        raise bad("top_logprobs", "top_logprobs needs logprobs set to true")
     logprobs = (top or 0) if want_logprobs else None
-    prompt_len = len(prompt["prompt_token_ids"])
-    max_tokens, name = _max_tokens(body, ("max_completion_tokens", "max_tokens"))
+    max_tokens, name = max_tokens_field(body, ("max_completion_tokens", "max_tokens"))
     if max_tokens is None:  # unset: whatever the context leaves
-        _check_context(model, prompt_len, 0, "messages")
-        max_tokens = model.max_model_len - prompt_len
-    params = _sampling_params(body, model, max_tokens, logprobs, None, "top_logprobs", name)
-    _check_context(model, prompt_len, max_tokens, "messages")
-    return GenerationRequest("chat", [prompt], params, stream, include_usage, False, logprobs, model.name)
+        _check_context(model, len(ids), 0, "messages")
+        max_tokens = model.max_model_len - len(ids)
+    prompt_logprobs = _prompt_logprobs(body)
+    # The syntax the reply is parsed by must be in its text: special tokens it is written with are decoded.
+    keep_special = (fmt is not None and fmt.keeps_special_tokens) or (think is not None and think.special)
+    params, n = sampling_params(
+        body,
+        model.vocab_size,
+        max_tokens,
+        logprobs,
+        prompt_logprobs,
+        "top_logprobs",
+        name,
+        stream,
+        constraint,
+        False if keep_special else None,
+    )
+    _check_context(model, len(ids), max_tokens, "messages")
+    return GenerationRequest(
+        "chat",
+        [prompt],
+        params,
+        stream,
+        include_usage,
+        False,
+        logprobs,
+        model.name,
+        n=n,
+        continuous_usage=continuous,
+        prompt_logprobs=prompt_logprobs,
+        tokens_as_ids=boolean(body, "return_tokens_as_token_ids", False),
+        request_id=_request_id(body),
+        reply=reply,
+        constraint_param=None if constraint is None else constraint.param,
+    )
 
 
 # ---- /tokenize, /detokenize, /v1/models ---------------------------------------------------------------------------
@@ -480,29 +368,26 @@ def tokenize_response(body: Any, model: ModelInfo) -> dict:
     """vLLM's /tokenize: {"prompt": str} (add_special_tokens defaults to true) or {"messages": [...]} through the
     chat template (add_generation_prompt defaults to true, add_special_tokens to false: the template has them).
     Texts longer than the context are counted too: telling how long they are is what /tokenize is for."""
-    body = _object(body)
+    body = obj(body)
     _check_model(body, model)
     if body.get("messages") is not None:
-        prompt = _chat_prompt(
-            body["messages"], model, model.tokenizer, _tools(body), _bool(body, "add_generation_prompt", True)
-        )
-        ids = prompt["prompt_token_ids"]
-        if _bool(body, "add_special_tokens", False):
-            ids = model.tokenizer.encode(prompt["prompt"], add_special_tokens=True)
+        options = chat.template_options(body, getattr(model.tokenizer, "chat_template", None))
+        text = _render(model, chat.messages(body["messages"]), chat.read_tools(body).tools, options)
+        ids = model.tokenizer.encode(text, add_special_tokens=boolean(body, "add_special_tokens", False))
     else:
         text = body.get("prompt")
         if not isinstance(text, str):
-            raise _bad("prompt", "prompt (a string) or messages is required")
-        ids = model.tokenizer.encode(text, add_special_tokens=_bool(body, "add_special_tokens", True))
+            raise bad("prompt", "prompt (a string) or messages is required")
+        ids = model.tokenizer.encode(text, add_special_tokens=boolean(body, "add_special_tokens", True))
     return {"tokens": ids, "count": len(ids), "max_model_len": model.max_model_len}
 
 
 def detokenize_response(body: Any, model: ModelInfo) -> dict:
-    body = _object(body)
+    body = obj(body)
     _check_model(body, model)
     tokens = body.get("tokens")
-    if not _token_ids(tokens, model.vocab_size):
-        raise _bad("tokens", f"tokens must be a list of token ids in [0, {model.vocab_size})")
+    if not token_ids(tokens, model.vocab_size):
+        raise bad("tokens", f"tokens must be a list of token ids in [0, {model.vocab_size})")
     return {"prompt": model.tokenizer.decode(tokens)}
 
 

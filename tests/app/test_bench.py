@@ -82,6 +82,9 @@ def test_throughput_against_hf_generate(monkeypatch, capsys, smollm2_gguf):
         "8",
         "--baseline",
         "hf",
+        # The same weights on both sides: kept Q4_1 with int8 activations flips a near-tie within 8 tokens.
+        "--quantization",
+        "none",
     ]
     assert cli.main(argv) == 0
 

@@ -33,6 +33,7 @@ from PySide6.QtWidgets import (
 
 from app.batch_io import BatchFileError, export_results, load_rows, parse_text
 from engine import SamplingParams
+from engine.structured_output import StructuredOutputsParams
 from ui.bridge import EngineBridge, RequestFailed, RequestUpdate
 from ui.widgets.batch_table import CANCELLED, DONE, FAILED, QUEUED, RUNNING, BatchTableModel
 from ui.widgets.cards import muted
@@ -89,7 +90,8 @@ class BatchPage(QWidget):
 
         self.sampling = SamplingForm(("temperature", "top_p", "max_tokens"), max_tokens=256)
         note = muted(
-            "For every row; a .jsonl or .csv row may set its own temperature, top_p, top_k, max_tokens, seed or stop."
+            "For every row; a .jsonl or .csv row may set its own temperature, top_p, top_k, max_tokens, seed or "
+            'stop, and a response_format ("json_object" or a JSON schema) its reply keeps to.'
         )
         note.setWordWrap(True)
         sampling = QGroupBox("Sampling")
@@ -252,7 +254,7 @@ class BatchPage(QWidget):
         if run != self._run or self._next_row is None:  # cancelled, or a newer run began
             return
         # Where rows go is looked up per slice: a model loaded (or an endpoint connected) mid-run takes the rest.
-        chats, shared = self.bridge.chat_templated(), self._shared
+        chats, shared, remote = self.bridge.chat_templated(), self._shared, self.bridge.remote
         items = self.model.items
         first, end = self._next_row, min(self._next_row + SUBMIT_SLICE, len(items))
         # The slice's prompts are all rendered before any is submitted: once the engine thread is busy it
@@ -261,6 +263,9 @@ class BatchPage(QWidget):
         for i in range(first, end):
             row = items[i].row
             try:
+                if row.response_format is not None and remote is not None:
+                    # The connected endpoint is sent sampling fields only: the reply would not keep to the format.
+                    raise ValueError("a response_format is kept by this computer's engine: disconnect to run this row")
                 params = SamplingParams(**(shared | row.overrides()))
                 if chats:
                     ready.append(
@@ -381,6 +386,8 @@ class BatchPage(QWidget):
         item = self.model.items[row]
         turns = item.row.messages or [{"role": "prompt", "content": item.row.text}]
         parts = [_block(m["role"].capitalize(), m["content"]) for m in turns]
+        if item.row.response_format is not None:
+            parts.append(_block("Reply keeps to", _format_name(item.row.response_format)))
         if item.error:
             parts.append(_block("Error", item.error))
         else:
@@ -396,6 +403,10 @@ class BatchPage(QWidget):
         self.input.setReadOnly(busy)
         for button in (self.export_jsonl_button, self.export_csv_button):
             button.setEnabled(not busy and ran)
+
+
+def _format_name(fmt: StructuredOutputsParams) -> str:
+    return "any JSON object" if fmt.json_object else f"the JSON schema {fmt.json}"
 
 
 def _block(title: str, text: str) -> str:

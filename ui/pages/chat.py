@@ -1,6 +1,7 @@
 """The chat page: conversations (new, rename, delete, search), replies streamed as they are generated, stop,
-regenerate, edit-and-resend of the last message, a system prompt and sampling parameters, markdown rendering,
-and tokens/s and time to first token under each reply.
+regenerate, edit-and-resend of the last message, a system prompt and sampling parameters, a JSON schema the
+replies keep to (a badge marks the conversations that have one), a reasoning model's thinking folded under its
+reply, markdown rendering, and tokens/s and time to first token under each reply.
 
 Every conversation lives in ChatHistory. A streaming reply is drawn only after the same text is saved (each
 redraw writes it first, one UPDATE), so a crash mid-reply, kill -9 included, loses nothing that was on screen. A
@@ -10,10 +11,11 @@ save that fails (a full disk) stops the reply and says so; the transcript then s
 from __future__ import annotations
 
 import contextlib
+import json
 import time
 from dataclasses import dataclass
 
-from PySide6.QtCore import Qt, QTimer, QUrl
+from PySide6.QtCore import QSize, Qt, QTimer, QUrl
 from PySide6.QtGui import (
     QDesktopServices,
     QGuiApplication,
@@ -38,10 +40,12 @@ from PySide6.QtWidgets import (
 
 from app.history import ChatHistory, HistoryError, Message, title_from
 from engine import SamplingParams
+from engine.structured_output import StructuredOutputsParams
 from ui.bridge import EngineBridge, RequestFailed, RequestUpdate
+from ui.widgets.json_schema_dialog import ReplyFormatBox, badge_icon, schema_summary
 from ui.widgets.sampling_form import FIELDS, SamplingForm
 from ui.widgets.status_line import StatusLine
-from ui.widgets.transcript import code_blocks, shade_code, transcript_markdown
+from ui.widgets.transcript import code_blocks, shade_code, shown_answer, split_think, transcript_markdown
 
 # A streaming reply is redrawn (and saved) at most this often: the transcript is re-rendered whole, and doing that
 # for every token would take the UI thread (and the GIL) from the engine thread.
@@ -67,6 +71,7 @@ class ChatPage(QWidget):
         self.bridge, self.history = bridge, history
         self.conversation_id: int | None = None
         self.reply: _Reply | None = None
+        self.expanded: set[int] = set()  # replies whose reasoning is unfolded
         self._render_soon = QTimer(self, singleShot=True, interval=RENDER_INTERVAL_MS, timeout=self.render)
         self._build()
         bridge.request_update.connect(self._on_update)
@@ -78,6 +83,7 @@ class ChatPage(QWidget):
         self.search = QLineEdit(placeholderText="Search conversations")
         self.search.textChanged.connect(self.refresh_conversations)
         self.conversations = QListWidget()
+        self.conversations.setIconSize(QSize(34, 16))  # the JSON badge
         self.conversations.setTextElideMode(Qt.ElideRight)
         self.conversations.setHorizontalScrollBarPolicy(Qt.ScrollBarAlwaysOff)
         self.conversations.currentItemChanged.connect(
@@ -132,10 +138,15 @@ class ChatPage(QWidget):
         self.system_prompt = QPlainTextEdit(placeholderText="System prompt (optional)")
         self.system_prompt.setMaximumHeight(120)
         self.sampling = SamplingForm(FIELDS)  # every field there is
+        self.reply_format = ReplyFormatBox()
+        self.reply_format.chosen.connect(self.set_json_schema)
         right = QWidget()
         rv = QVBoxLayout(right)
         rv.addWidget(QLabel("<b>System prompt</b>"))
         rv.addWidget(self.system_prompt)
+        rv.addSpacing(8)
+        rv.addWidget(QLabel("<b>Replies</b>"))
+        rv.addWidget(self.reply_format)
         rv.addSpacing(8)
         rv.addWidget(QLabel("<b>Sampling</b>"))
         rv.addWidget(self.sampling)
@@ -155,9 +166,13 @@ class ChatPage(QWidget):
     def refresh_conversations(self) -> None:
         self.conversations.blockSignals(True)
         self.conversations.clear()
+        badge = badge_icon(self.palette())
         for conv in self.history.list_conversations(self.search.text() or None):
             item = QListWidgetItem(conv.title)
             item.setData(Qt.UserRole, conv.id)
+            if conv.json_schema:  # the badge: its replies keep to a JSON schema
+                item.setIcon(badge)
+                item.setToolTip(f"Replies keep to a JSON schema ({schema_summary(conv.json_schema)})")
             self.conversations.addItem(item)
             if conv.id == self.conversation_id:
                 self.conversations.setCurrentItem(item)
@@ -176,6 +191,7 @@ class ChatPage(QWidget):
         if self.reply is not None:
             self.stop()
         self.conversation_id = conversation_id
+        self.expanded.clear()
         conv = self.history.conversation(conversation_id)
         self.system_prompt.setPlainText(conv.system_prompt)
         self.render()
@@ -199,6 +215,23 @@ class ChatPage(QWidget):
         )
         if ok:
             self.rename_conversation(title)
+
+    def set_json_schema(self, schema: str) -> bool:
+        """Keep the open conversation's replies to `schema` (JSON text, checked by the dialog), or to nothing when
+        "" (a new conversation is started when none is open). Says why in the status line when it cannot."""
+        try:
+            if self.conversation_id is None:
+                self.conversation_id = self.history.create_conversation(
+                    system_prompt=self.system_prompt.toPlainText()
+                ).id
+            self.history.set_json_schema(self.conversation_id, schema)
+        except HistoryError as e:
+            self.status.say(f"Could not keep the schema: {e}")
+            return False
+        self.refresh_conversations()
+        self.render()
+        self._sync_buttons()
+        return True
 
     def delete_conversation(self) -> None:
         if self.conversation_id is None:
@@ -244,6 +277,12 @@ class ChatPage(QWidget):
             self.render()
             return
         system = self.system_prompt.toPlainText().strip()
+        schema = self.history.conversation(self.conversation_id).json_schema
+        if schema and self.bridge.remote is not None:
+            # The connected endpoint is sent sampling fields only: its replies would not keep to the schema.
+            self.status.say("A JSON schema is kept by this computer's engine: disconnect, or remove the schema.")
+            self.render()
+            return
         try:
             self.history.set_system_prompt(self.conversation_id, system)
             messages = [{"role": "system", "content": system}] if system else []
@@ -252,7 +291,10 @@ class ChatPage(QWidget):
                 for m in self.history.messages(self.conversation_id)
                 if m.role != "assistant" or m.finished
             ]
-            rid = self.bridge.submit_chat(messages, SamplingParams(**self.sampling.params()))
+            params = self.sampling.params()
+            if schema:
+                params["structured_outputs"] = StructuredOutputsParams(json=json.loads(schema))
+            rid = self.bridge.submit_chat(messages, SamplingParams(**params))
         except Exception as e:  # a bad parameter, a full queue, a template error, a full disk: said, not raised
             self.status.say(f"Could not send: {e}")
             self.render()
@@ -353,9 +395,10 @@ class ChatPage(QWidget):
         self._sync_buttons()
 
     def copy_last_reply(self) -> None:
+        """The last reply's answer to the clipboard (its reasoning left out)."""
         last = self._last("assistant")
         if last is not None:
-            QGuiApplication.clipboard().setText(last.content)
+            QGuiApplication.clipboard().setText(split_think(last.content)[1])
 
     def _last(self, role: str) -> Message | None:
         if self.conversation_id is None:
@@ -370,11 +413,13 @@ class ChatPage(QWidget):
         if self.reply is not None and not self._save_streaming():
             return  # the reply stopped; _finish drew the transcript from what is saved
         messages = [] if self.conversation_id is None else self.history.messages(self.conversation_id)
+        json_replies = self.conversation_id is not None and bool(
+            self.history.conversation(self.conversation_id).json_schema
+        )
         bar = self.transcript.verticalScrollBar()
         at_bottom = bar.value() >= bar.maximum() - 4
-        self.transcript.setMarkdown(
-            transcript_markdown(messages, None if self.reply is None else self.reply.message_id)
-        )
+        streaming = None if self.reply is None else self.reply.message_id
+        self.transcript.setMarkdown(transcript_markdown(messages, streaming, self.expanded, json_replies))
         shade_code(self.transcript.document(), self.palette().color(QPalette.ColorRole.AlternateBase))
         if at_bottom:
             bar.setValue(bar.maximum())
@@ -394,15 +439,21 @@ class ChatPage(QWidget):
         return True
 
     def _on_link(self, url: QUrl) -> None:
-        if url.scheme() == "copy":  # copy:<message id>/<block number>
+        if url.scheme() == "copy":  # copy:<message id>/<block number>, of the reply's answer
             message_id, block = (int(x) for x in url.path().split("/"))
             message = next(m for m in self.history.messages(self.conversation_id) if m.id == message_id)
-            QGuiApplication.clipboard().setText(code_blocks(message.content)[block])
+            json_reply = bool(self.history.conversation(self.conversation_id).json_schema)
+            QGuiApplication.clipboard().setText(code_blocks(shown_answer(message.content, json_reply))[block])
             self.status.say("Code copied.")
+        elif url.scheme() == "think":  # think:<message id>: fold or unfold that reply's reasoning
+            self.expanded ^= {int(url.path())}
+            self.render()
         else:
             QDesktopServices.openUrl(url)
 
     def _sync_buttons(self) -> None:
+        schema = "" if self.conversation_id is None else self.history.conversation(self.conversation_id).json_schema
+        self.reply_format.show_schema(schema)
         busy = self.reply is not None
         self.send_button.setEnabled(not busy)
         self.stop_button.setEnabled(busy)

@@ -110,7 +110,7 @@ class BatchTableModel(QAbstractTableModel):
             if column == 0:
                 return index.row() + 1
             if column == 1:
-                return _one_line(item.row.text)
+                return ("{ } " if item.row.response_format is not None else "") + _one_line(item.row.text)
             if column == 2:
                 return item.status
             if column == 3:
@@ -118,7 +118,8 @@ class BatchTableModel(QAbstractTableModel):
             return _one_line(item.error if item.error else item.output)
         if role == TOOLTIP:
             if column == 1:
-                return _tooltip(item.row.text)
+                keeps = "\n\n(the reply keeps to a JSON format)" if item.row.response_format is not None else ""
+                return _tooltip(item.row.text) + keeps
             if column == 4 and (item.error or item.output):
                 return _tooltip(item.error or item.output)
             if column == 2 and item.finish_reason:

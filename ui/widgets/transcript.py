@@ -1,14 +1,18 @@
-"""The chat transcript as markdown: each message under its role, a finished reply's stats under it, a "Copy code"
-link under each of its code blocks, and code blocks shaded apart from the prose once rendered."""
+"""The chat transcript as markdown: each message under its role, a reply's reasoning (a think block) folded under
+its heading, a finished reply's stats under it, a "Copy code" link under each of its code blocks, and code blocks
+shaded apart from the prose once rendered."""
 
 from __future__ import annotations
 
+import contextlib
+import json
 import re
 from collections.abc import Iterable
 
 from PySide6.QtGui import QColor, QTextCursor, QTextDocument, QTextFormat
 
 from app.history import Message
+from app.server.reasoning import THINK_END, THINK_START, ThinkState, split_reasoning
 
 ROLE_NAMES = {"user": "You", "assistant": "Assistant", "system": "System"}
 EMPTY = "*Start a conversation: type below and press Ctrl+Enter.*"
@@ -18,17 +22,68 @@ CURSOR = " ▍"  # after a reply that is still streaming
 _FENCE = re.compile(r"^(?P<fence>```|~~~)[^\n]*\n(?P<code>.*?)^(?P=fence)[ \t]*$", re.MULTILINE | re.DOTALL)
 
 
-def transcript_markdown(messages: Iterable[Message], streaming_id: int | None) -> str:
-    """The conversation as one markdown text; message `streaming_id` (a reply being written) ends in a cursor."""
+def transcript_markdown(
+    messages: Iterable[Message],
+    streaming_id: int | None,
+    expanded: frozenset[int] | set[int] = frozenset(),
+    json_replies: bool = False,
+) -> str:
+    """The conversation as one markdown text; message `streaming_id` (a reply being written) ends in a cursor. A
+    reply's reasoning shows as a fold link ("think:<id>"), its text under it for the ids in `expanded`. With
+    json_replies (the conversation has a JSON schema) each reply shows as a JSON code block."""
     parts = []
     for m in messages:
-        content = m.content + CURSOR if m.id == streaming_id else m.content
+        reasoning, content = split_think(m.content) if m.role == "assistant" else (None, m.content)
+        if m.role == "assistant" and json_replies and content:
+            content = json_block(content)
+        streaming = m.id == streaming_id
         stats = ""
         if m.role == "assistant" and m.finished:
             content = with_copy_links(content, m.id)
             stats = stats_line(m.stats)
-        parts.append(f"**{ROLE_NAMES.get(m.role, m.role)}**\n\n{content or '…'}" + (f"\n\n{stats}" if stats else ""))
+        if streaming and (content or reasoning is None):
+            content += CURSOR
+        fold = "" if reasoning is None else reasoning_fold(m.id, reasoning, m.id in expanded, streaming and not content)
+        body = fold + (content or ("" if fold else "…"))
+        parts.append(f"**{ROLE_NAMES.get(m.role, m.role)}**\n\n{body}" + (f"\n\n{stats}" if stats else ""))
     return "\n\n---\n\n".join(parts) if parts else EMPTY
+
+
+def split_think(content: str) -> tuple[str | None, str]:
+    """A reply's reasoning (None without a think block) and its answer. A reply that opens with `<think>` reasons
+    until `</think>` (all of it, while that has not come); so does one with a `</think>` alone, whose template
+    opened the block in the prompt."""
+    if content.lstrip().startswith(THINK_START):
+        state = ThinkState.MAYBE
+    elif THINK_END in content:
+        state = ThinkState.OPEN
+    else:
+        return None, content
+    split = split_reasoning(content, state, final=True)
+    return split.reasoning, split.answer
+
+
+def json_block(answer: str) -> str:
+    """A JSON reply as a code block, indented when it parses (a reply still streaming is shown as it is)."""
+    with contextlib.suppress(json.JSONDecodeError):
+        answer = json.dumps(json.loads(answer), indent=2, ensure_ascii=False)
+    return f"```json\n{answer}\n```"
+
+
+def shown_answer(content: str, json_reply: bool) -> str:
+    """A reply's answer as the transcript shows it (the text its Copy code links copy from)."""
+    answer = split_think(content)[1]
+    return json_block(answer) if json_reply and answer else answer
+
+
+def reasoning_fold(message_id: int, reasoning: str, open_: bool, thinking: bool) -> str:
+    """The fold line of a reply's reasoning (a link that opens or closes it), and the reasoning quoted when open."""
+    words = len(reasoning.split())
+    label = f"{'▾' if open_ else '▸'} {'Thinking…' if thinking else 'Reasoning'} ({words} word{'s' * (words != 1)})"
+    fold = f"[{label}](think:{message_id})\n\n"
+    if open_ and reasoning:
+        fold += "\n".join(f"> {line}" if line else ">" for line in reasoning.splitlines()) + "\n\n"
+    return fold
 
 
 def shade_code(document: QTextDocument, shade: QColor) -> None:
