@@ -72,6 +72,8 @@ class EngineConfig:
     preemption_mode: str | None = None  # None: vLLM's policy (swap groups of several sequences); swap | recompute
     attention_backend: str = "auto"  # auto | torch | cpu (the compiled CPU kernels) | triton (the GPU's)
     cuda_graphs: bool = True  # replay captured CUDA graphs for decode steps (CUDA + triton only)
+    # run decode-only steps as one compiled call for all layers (CPU + the cpu attention backend, float32 only)
+    cpu_fused_decode: bool = True
     # auto: a GGUF's quantized weights stay quantized; none: all in dtype; int8 / int4: quantized at load
     quantization: str = "auto"
     seed: int = 0
@@ -110,9 +112,7 @@ class EngineConfig:
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         if self.quantization not in QUANTIZATION_MODES:
-            raise ValueError(
-                f"quantization must be one of {', '.join(QUANTIZATION_MODES)}; got {self.quantization!r}"
-            )
+            raise ValueError(f"quantization must be one of {', '.join(QUANTIZATION_MODES)}; got {self.quantization!r}")
         if self.attention_backend not in ATTENTION_BACKENDS:
             raise ValueError(
                 f"attention_backend must be one of {', '.join(ATTENTION_BACKENDS)}; got {self.attention_backend!r}"

@@ -81,6 +81,8 @@ class LLMEngine:
         size = self.runner.init_kv_cache(config, self.max_num_batched_tokens)
         if device.type == "cuda" and config.cuda_graphs and backend.fused_kernels:
             self.runner.capture_cuda_graphs(min(config.max_num_seqs, MAX_GRAPH_BATCH))
+        if device.type == "cpu" and config.cpu_fused_decode:
+            self.runner.build_fused_decode()
         self.block_manager = BlockManager(size.num_blocks, bs, config.enable_prefix_caching, size.num_swap_blocks)
         self.scheduler = Scheduler(
             self.block_manager, config.max_num_seqs, self.max_num_batched_tokens, config.preemption_mode

@@ -2,7 +2,8 @@
 logits to sample (and, for requests that ask for prompt logprobs, logits of their prompt positions).
 
 The runner also owns what the forward pass needs set up once: the KV pool (sized on CUDA by profiling the
-peak memory of a full-budget prefill) and, on CUDA with the Triton kernels, the decode steps' CUDA graphs."""
+peak memory of a full-budget prefill) and, for decode-only steps, the CUDA graphs on CUDA with the Triton kernels
+or the fused decode step on the CPU (engine/models/cpu_decode.py)."""
 
 from __future__ import annotations
 
@@ -54,6 +55,7 @@ class ModelRunner:
         self.kv_cache: torch.Tensor | None = None  # [2, num_layers, *backend.kv_cache_shape(num_blocks, ...)]
         self.swap_cache: torch.Tensor | None = None  # the same layout with num_swap_blocks, in host memory
         self.graphs = None  # DecodeGraphs once captured (CUDA only): decode-only steps replay them
+        self.fused_decode = None  # CpuDecodeStep once built (CPU only): decode-only steps run it
 
     # ---- set-up ----------------------------------------------------------------------------------------------
     def init_kv_cache(self, config: EngineConfig, max_num_batched_tokens: int) -> KVCacheSize:
@@ -125,6 +127,15 @@ class ModelRunner:
         self.graphs = DecodeGraphs(self.model, self.backend, self.kv_cache, max_batch, max_blocks)
         self.graphs.capture()
 
+    def build_fused_decode(self) -> bool:
+        """Build the CPU's fused decode step over the model's weights and the KV pool; later decode-only steps run
+        it. Returns whether it applies here (the cpu attention backend, float32, kernels that build)."""
+        from engine.models.cpu_decode import CpuDecodeStep
+
+        assert self.kv_cache is not None
+        self.fused_decode = CpuDecodeStep.from_model(self.model, self.backend, self.kv_cache)
+        return self.fused_decode is not None
+
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> StepResult:
         """Run one step: the block copies the scheduler decided, then the forward pass over the flat batch."""
@@ -135,6 +146,8 @@ class ModelRunner:
         hidden = None  # [num_tokens, hidden]
         if self.graphs is not None and not out.prefills:
             hidden = self.graphs.run(input_ids, positions, inputs)
+        elif self.fused_decode is not None and not out.prefills:
+            hidden = self.fused_decode.run(input_ids, positions, inputs)
         if hidden is None:
             ctx = ForwardContext(self.backend, self.backend.prepare(inputs), self.kv_cache)
             hidden = self.model(input_ids, positions, ctx)
@@ -164,7 +177,7 @@ class ModelRunner:
             self.backend.copy_blocks(self.kv_cache, out.copies)
 
     def _prepare(self, out: SchedulerOutput):
-        bs = self.block_size
+        """-> (input_ids, positions, AttentionInputs, the rows of hidden that sample, the sequences they sample)."""
         # Decode rows, one query token each: a decode's token at position num_computed_tokens; a speculative
         # decode's last token and drafts, one row per position, each attending to the keys up to its own (the
         # drafts' KV is written first), so the backends' decode kernels verify drafts as they decode.
@@ -172,6 +185,9 @@ class ModelRunner:
         for seq, _ in out.spec_decodes:
             start = seq.num_computed_tokens
             rows += [(seq, start + i, tok) for i, tok in enumerate([seq.token_ids[start], *seq.spec_token_ids])]
+        if not out.prefills:
+            return self._prepare_decode(out, rows)
+        bs = self.block_size
         tokens = [tok for _, _, tok in rows]
         dec_pos = [pos for _, pos, _ in rows]
         pos_chunks = [torch.tensor(dec_pos, dtype=torch.int64)]
@@ -206,6 +222,36 @@ class ModelRunner:
         )
         input_ids = torch.tensor(tokens, dtype=torch.int64, device=dev)
         return input_ids, positions.to(dev), inputs, torch.tensor(sample_rows, device=dev), sample_seqs
+
+    def _prepare_decode(self, out: SchedulerOutput, rows: list[tuple[Sequence, int, int]]):
+        """_prepare for a step of decode rows only (the common step while a chat streams): the per-row values
+        worked out in Python and made into two tensors, not a dozen small tensor ops."""
+        bs = self.block_size
+        width = blocks_for(max(pos for _, pos, _ in rows) + 1, bs)
+        table_rows = []
+        per_row: list[list[int]] = [[], [], [], []]  # token, position, slot, context length
+        for seq, pos, tok in rows:
+            table = seq.block_table
+            per_row[0].append(tok)
+            per_row[1].append(pos)
+            per_row[2].append(table[pos // bs] * bs + pos % bs)
+            per_row[3].append(pos + 1)
+            row = table[:width]
+            table_rows.append(row if len(row) == width else row + [0] * (width - len(row)))
+        dev = self.device
+        values = torch.tensor(per_row, dtype=torch.int64).to(dev)  # [4, rows]
+        no_prefill = values.new_zeros(0)
+        inputs = AttentionInputs(
+            slot_mapping=values[2],
+            num_decodes=len(rows),
+            decode_context_lens=values[3],
+            decode_block_tables=torch.tensor(table_rows, dtype=torch.int64).view(len(rows), width).to(dev),
+            prefill_query_lens=no_prefill,
+            prefill_context_lens=no_prefill,
+            prefill_block_tables=values.new_zeros((0, 0)),
+        )
+        # The decodes sample from their rows, which come first and in order: a slice, not a gather.
+        return values[0], values[1], inputs, slice(0, len(out.decodes)), list(out.decodes)
 
 
 def _padded(tables: list[list[int]]) -> torch.Tensor:

@@ -9,6 +9,7 @@ import torch
 from engine.logits_processors import LogitsProcessor, build_processors
 from engine.sequence import Sequence
 from engine.structured_output import StructuredOutputManager
+from kernels.fused_decode import argmax
 
 
 @dataclass
@@ -74,9 +75,9 @@ class Sampler:
         raw_logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs else None
         logits = self.processed(logits, batch)
         if batch.all_greedy:
-            tokens = logits.argmax(dim=-1)
+            tokens = argmax(logits)
         else:
-            tokens = torch.where(batch.greedy, logits.argmax(dim=-1), self._sample(logits, batch))
+            tokens = torch.where(batch.greedy, argmax(logits), self._sample(logits, batch))
         token_list = tokens.tolist()
         return SamplerOutput(
             token_list,

@@ -5,8 +5,10 @@ into a padded copy, and on two cores that copy (written, then read again by the 
 model's own matmuls at batch 64. The kernel reads K/V in place through the block table instead. Quantized
 weights (kernels/quant.py) need kernels of their own too: torch has no int8 x int8 matmul with per-32 scales.
 
-Two extensions, each built on first use: an edit to one source rebuilds only its own, and a source that fails
-to compile here takes only its own kernels away.
+Three extensions, each built on first use: an edit to one source rebuilds only the extensions that include it,
+and a source that fails to compile here takes only its own kernels away. The fused decode step (one call for
+every decoder layer of a decode step, engine/models/cpu_decode.py) reuses the other two's inner loops, which live
+in headers for that.
 """
 
 from __future__ import annotations
@@ -17,9 +19,11 @@ from pathlib import Path
 from types import ModuleType
 
 _CSRC = Path(__file__).parent / "csrc"
-_ATTENTION_SOURCES = [_CSRC / "paged_decode_attention.cpp"]
-_QUANT_SOURCES = [_CSRC / "quant_gemm.cpp"]
-_SOURCES = _ATTENTION_SOURCES + _QUANT_SOURCES
+# Each extension's sources: the file compiled first, then the headers it includes (part of its build's name).
+_ATTENTION_SOURCES = [_CSRC / "paged_decode_attention.cpp", _CSRC / "paged_decode_attention.h"]
+_QUANT_SOURCES = [_CSRC / "quant_gemm.cpp", _CSRC / "quant_gemm.h"]
+_FUSED_SOURCES = [_CSRC / "fused_decode.cpp", _CSRC / "paged_decode_attention.h", _CSRC / "quant_gemm.h"]
+_SOURCES = sorted(set(_ATTENTION_SOURCES + _QUANT_SOURCES + _FUSED_SOURCES))
 
 
 class KernelBuildError(RuntimeError):
@@ -47,6 +51,7 @@ def build_name(stem: str, sources: list[Path]) -> str:
 
 
 def _build(stem: str, sources: list[Path]) -> ModuleType:
+    """sources[0] is compiled; the rest are the headers it includes."""
     from torch.utils import cpp_extension
 
     # Without torch's C++ headers (the PyInstaller bundle leaves them out) the compiler could only fail, noisily.
@@ -59,7 +64,7 @@ def _build(stem: str, sources: list[Path]) -> ModuleType:
     try:
         return cpp_extension.load(
             name=build_name(stem, sources),
-            sources=[str(p) for p in sources],
+            sources=[str(sources[0])],
             extra_cflags=_CFLAGS,
             extra_ldflags=["-fopenmp"],
             verbose=False,
@@ -78,3 +83,9 @@ def load() -> ModuleType:
 def load_quant() -> ModuleType:
     """The quantized-matmul module (kernels/quant.py calls it), built on first use like load()'s."""
     return _build("kvstudio_quant_ops", _QUANT_SOURCES)
+
+
+@functools.cache
+def load_fused() -> ModuleType:
+    """The fused decode step's module (kernels/fused_decode.py calls it), built on first use like load()'s."""
+    return _build("kvstudio_fused_decode", _FUSED_SOURCES)

@@ -108,6 +108,11 @@ def engine_options() -> argparse.ArgumentParser:
         help="run every decode step eagerly on a GPU instead of replaying captured CUDA graphs",
     )
     group.add_argument(
+        "--no-fused-decode",
+        action="store_true",
+        help="run every decode step eagerly on the CPU, layer by layer in torch ops, instead of as one compiled call",
+    )
+    group.add_argument(
         "--quantization",
         default="auto",
         choices=["auto", "none", "int8", "int4"],
@@ -179,6 +184,8 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
     }
     if args.no_cuda_graphs:
         kwargs["cuda_graphs"] = False
+    if args.no_fused_decode:
+        kwargs["cpu_fused_decode"] = False
     for name in (
         "max_model_len",
         "block_size",

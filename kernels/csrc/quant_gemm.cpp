@@ -1,280 +1,16 @@
 // Weight-only quantized matmuls on the CPU: y[M, N] = x[M, K] @ W^T (+ bias), W kept quantized per 32 weights.
-//
-// The approach is llama.cpp's: each row of x is quantized to int8 per block of 32 (one float scale per block, and
-// for q4g32 the block's float sum of x for the min term), then weights and activations meet in int8 dot products
-// (vpmaddubsw / vpmaddwd), and each block's integer dot is scaled once in float.
-// q4g32 is computed as d * (q - 8) * x + (m + 8d) * sum(x): centred codes, so the error that quantizing x brings is
-// as small as q8g32's (with q in 0..15 as they are, d * q is about twice as large as w on average).
-//
-// Weight layout (kernels/quant.py writes it): columns in panels of 8, each panel a run of 32-weight blocks.
-//   q8g32 codes  int8  [N/8, K/32, 256]: within a block, for t in 0..7, for column c in 0..7, the 4 codes
-//                                        k = 4t..4t+3 of column c (32 bytes per t).
-//   q4g32 codes  uint8 [N/8, K/32, 128]: for p in 0..3, for column c, for j in 0..3, one byte holding
-//                                        code(k = 8p + j) in its low nibble and code(k = 8p + 4 + j) in its high one.
-//   scales (d), mins (m, q4g32 only) float16 [N/8, K/32, 8]: one per column of the panel and block.
-//   q8g32: w = d * q (q in -128..127);  q4g32: w = d * q + m (q in 0..15).
-// Why this interleave: one 32-byte vector holds 4 consecutive k of 8 columns, so multiplying it with 4 bytes of x
-// broadcast to every lane leaves, after vpmaddubsw + vpmaddwd, one int32 per column: no horizontal sums, and
-// each x block's scale multiplies 8 columns at once. It is the idea of llama.cpp's repacked Q4_0x8 blocks.
+// The formats, the weight layout and the inner loops are in quant_gemm.h; this is the op that drives them.
 //
 // x: [M, K] float32 contiguous, K <= the weight's padded K (the tail of the last block is read as zeros).
-#include <torch/extension.h>
+#include "quant_gemm.h"
+
 #include <ATen/Parallel.h>
 
-#include <algorithm>
-#include <cmath>
-#include <cstring>
 #include <vector>
-
-#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
-#include <immintrin.h>
-#define KVQ_AVX2 1
-#endif
 
 namespace {
 
-constexpr int64_t QK = 32;        // weights per block (one scale)
-constexpr int64_t NC = 8;         // columns per panel
-constexpr int64_t Q8_BYTES = 256;  // one block of a panel: 8 columns x 32 codes
-constexpr int64_t Q4_BYTES = 128;
-constexpr int RM = 4;             // rows of x per pass over a panel: each weight vector is used RM times
-// Software prefetch distance into a thread's weight stream: 10-25% faster on cold weights (measured at 1 thread
-// on the 576->49152 head and 8192->2048) than leaving it to the hardware prefetcher alone.
-constexpr int64_t PREFETCH_BYTES = 4096;
-
-#ifdef KVQ_AVX2
-// Finish v here: without this GCC computes all R rows' products of a block first and sums them later, spilling
-// them to the stack (2x slower at R = 4).
-#define KVQ_SETTLE(v) asm volatile("" : "+x"(v))
-#endif
-
-inline float half_to_float(uint16_t h) { return c10::detail::fp16_ieee_to_fp32_value(h); }
-
-inline int32_t load_i32(const int8_t* p) {
-  int32_t v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-
-// ---- activations --------------------------------------------------------------------------------------------
-
-// One block of 32 floats -> 32 int8 with scale d = amax / 127 (round to nearest even, as llama.cpp's q8_0),
-// the block's float sum s and the sum of its codes qs.
-inline void quantize_block(const float* src, int8_t* q, float* d, float* s, int32_t* qs) {
-#ifdef KVQ_AVX2
-  const __m256 sign = _mm256_set1_ps(-0.0f);
-  __m256 v[4];
-  for (int i = 0; i < 4; ++i) v[i] = _mm256_loadu_ps(src + 8 * i);
-  __m256 a = _mm256_max_ps(_mm256_max_ps(_mm256_andnot_ps(sign, v[0]), _mm256_andnot_ps(sign, v[1])),
-                           _mm256_max_ps(_mm256_andnot_ps(sign, v[2]), _mm256_andnot_ps(sign, v[3])));
-  __m128 h = _mm_max_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
-  h = _mm_max_ps(h, _mm_movehl_ps(h, h));
-  h = _mm_max_ss(h, _mm_movehdup_ps(h));
-  const float amax = _mm_cvtss_f32(h);
-  __m256 t = _mm256_add_ps(_mm256_add_ps(v[0], v[1]), _mm256_add_ps(v[2], v[3]));
-  __m128 u = _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1));
-  u = _mm_add_ps(u, _mm_movehl_ps(u, u));
-  u = _mm_add_ss(u, _mm_movehdup_ps(u));
-  *s = _mm_cvtss_f32(u);
-  *d = amax / 127.f;
-  const __m256 id = _mm256_set1_ps(amax > 0.f ? 127.f / amax : 0.f);
-  __m256i i0 = _mm256_cvtps_epi32(_mm256_mul_ps(v[0], id));
-  __m256i i1 = _mm256_cvtps_epi32(_mm256_mul_ps(v[1], id));
-  __m256i i2 = _mm256_cvtps_epi32(_mm256_mul_ps(v[2], id));
-  __m256i i3 = _mm256_cvtps_epi32(_mm256_mul_ps(v[3], id));
-  // packs work within 128-bit lanes: the int32 groups come out as 0a 1a 2a 3a 0b 1b 2b 3b; put them in order.
-  __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(i0, i1), _mm256_packs_epi32(i2, i3));
-  p = _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(q), p);
-  const __m256i w = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_set1_epi8(1), p), _mm256_set1_epi16(1));
-  __m128i z = _mm_add_epi32(_mm256_castsi256_si128(w), _mm256_extracti128_si256(w, 1));
-  z = _mm_add_epi32(z, _mm_shuffle_epi32(z, 0x4E));
-  z = _mm_add_epi32(z, _mm_shuffle_epi32(z, 0xB1));
-  *qs = _mm_cvtsi128_si32(z);
-#else
-  float amax = 0.f, sum = 0.f;
-  for (int j = 0; j < QK; ++j) {
-    amax = std::max(amax, std::fabs(src[j]));
-    sum += src[j];
-  }
-  *s = sum;
-  *d = amax / 127.f;
-  const float id = amax > 0.f ? 127.f / amax : 0.f;
-  int32_t total = 0;
-  for (int j = 0; j < QK; ++j) {
-    q[j] = static_cast<int8_t>(std::nearbyint(src[j] * id));
-    total += q[j];
-  }
-  *qs = total;
-#endif
-}
-
-// xq: [M, NB*32] int8; xd, xs, xqs: [M, NB]. Columns K..NB*32 of x count as zeros.
-void quantize_rows(const float* x, int64_t M, int64_t K, int64_t NB, int8_t* xq, float* xd, float* xs,
-                   int32_t* xqs) {
-  const int64_t full = K / QK;
-  at::parallel_for(0, M, std::max<int64_t>(1, 65536 / (NB * QK)), [&](int64_t m0, int64_t m1) {
-    for (int64_t m = m0; m < m1; ++m) {
-      const float* row = x + m * K;
-      for (int64_t b = 0; b < NB; ++b) {
-        int8_t* q = xq + (m * NB + b) * QK;
-        if (b < full) {
-          quantize_block(row + b * QK, q, xd + m * NB + b, xs + m * NB + b, xqs + m * NB + b);
-        } else {
-          float tail[QK] = {};
-          for (int64_t k = b * QK; k < K; ++k) tail[k - b * QK] = row[k];
-          quantize_block(tail, q, xd + m * NB + b, xs + m * NB + b, xqs + m * NB + b);
-        }
-      }
-    }
-  });
-}
-
-// ---- one panel (8 columns) against R rows of x: out[r * 8 + c] ---------------------------------------------
-
-struct Rows {
-  const int8_t* q;  // [R, NB*32]
-  const float* d;   // [R, NB]
-  const float* s;   // [R, NB]  float sums of x per block
-  const int32_t* qs;  // [R, NB]  sums of the int8 codes per block
-  int64_t NB;
-};
-
-#ifdef KVQ_AVX2
-
-template <int R>
-void q8_panel(const int8_t* w, const uint16_t* wd, const Rows& x, float* out) {
-  const __m256i ones = _mm256_set1_epi16(1);
-  __m256 acc[R];
-  for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
-  for (int64_t b = 0; b < x.NB; ++b) {
-    const int8_t* wb = w + b * Q8_BYTES;
-    for (int line = 0; line < Q8_BYTES; line += 64)
-      _mm_prefetch(reinterpret_cast<const char*>(wb + PREFETCH_BYTES + line), _MM_HINT_T0);
-    __m256i isum[R];
-    for (int r = 0; r < R; ++r) isum[r] = _mm256_setzero_si256();
-    // Half a block (4 vectors of 8 columns x 4 k) in registers at a time, each used by all R rows.
-    for (int half = 0; half < 2; ++half) {
-      __m256i wv[4], aw[4];
-      for (int t = 0; t < 4; ++t) {
-        wv[t] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + 128 * half + 32 * t));
-        // vpmaddubsw wants one unsigned operand: |w| times x carrying w's sign. |w| <= 128 and |x| <= 127,
-        // so a pair sums to at most 32512 and never saturates.
-        aw[t] = _mm256_sign_epi8(wv[t], wv[t]);
-      }
-      for (int r = 0; r < R; ++r) {
-        const int8_t* xb = x.q + (r * x.NB + b) * QK + 16 * half;
-        __m256i s = isum[r];
-        for (int t = 0; t < 4; ++t) {
-          const __m256i xv = _mm256_set1_epi32(load_i32(xb + 4 * t));
-          const __m256i p = _mm256_maddubs_epi16(aw[t], _mm256_sign_epi8(xv, wv[t]));
-          s = _mm256_add_epi32(s, _mm256_madd_epi16(p, ones));
-        }
-        KVQ_SETTLE(s);
-        isum[r] = s;
-      }
-    }
-    const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wd + b * NC)));
-    for (int r = 0; r < R; ++r) {
-      const __m256 scale = _mm256_mul_ps(dw, _mm256_set1_ps(x.d[r * x.NB + b]));
-      acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[r]), scale, acc[r]);
-    }
-  }
-  for (int r = 0; r < R; ++r) _mm256_storeu_ps(out + r * NC, acc[r]);
-}
-
-template <int R>
-void q4_panel(const uint8_t* w, const uint16_t* wd, const uint16_t* wm, const Rows& x, float* out) {
-  const __m256i ones = _mm256_set1_epi16(1);
-  const __m256i low = _mm256_set1_epi8(0x0F);
-  __m256 acc[R];
-  for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
-  for (int64_t b = 0; b < x.NB; ++b) {
-    const uint8_t* wb = w + b * Q4_BYTES;
-    for (int line = 0; line < Q4_BYTES; line += 64)
-      _mm_prefetch(reinterpret_cast<const char*>(wb + PREFETCH_BYTES + line), _MM_HINT_T0);
-    // Codes are 0..15, so a vpmaddubsw pair is at most 2*15*127 = 3810 and the block's 8 of them add up in
-    // int16 (<= 30480) before one vpmaddwd. Vector t holds k = 4t..4t+3: the low nibbles of bytes 32p.. are
-    // t = 2p, the high ones t = 2p + 1.
-    // The block's 8 code vectors (8 columns x 4 k each) in registers, each used by all R rows.
-    __m256i wv[8];
-    for (int p = 0; p < 4; ++p) {
-      const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + 32 * p));
-      wv[2 * p] = _mm256_and_si256(raw, low);
-      wv[2 * p + 1] = _mm256_and_si256(_mm256_srli_epi16(raw, 4), low);
-    }
-    __m256i s16[R];
-    for (int r = 0; r < R; ++r) {
-      const int8_t* xb = x.q + (r * x.NB + b) * QK;
-      __m256i s = _mm256_maddubs_epi16(wv[0], _mm256_set1_epi32(load_i32(xb)));
-      for (int t = 1; t < 8; ++t)
-        s = _mm256_add_epi16(s, _mm256_maddubs_epi16(wv[t], _mm256_set1_epi32(load_i32(xb + 4 * t))));
-      KVQ_SETTLE(s);
-      s16[r] = s;
-    }
-    const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wd + b * NC)));
-    const __m256 mw = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wm + b * NC)));
-    const __m256 mw8 = _mm256_fmadd_ps(dw, _mm256_set1_ps(8.f), mw);  // m + 8d
-    for (int r = 0; r < R; ++r) {
-      const int64_t i = r * x.NB + b;
-      // sum (q - 8) * x_q, exact in int32
-      const __m256i idot = _mm256_sub_epi32(_mm256_madd_epi16(s16[r], ones), _mm256_set1_epi32(8 * x.qs[i]));
-      acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(idot), _mm256_mul_ps(dw, _mm256_set1_ps(x.d[i])), acc[r]);
-      acc[r] = _mm256_fmadd_ps(mw8, _mm256_set1_ps(x.s[i]), acc[r]);
-    }
-  }
-  for (int r = 0; r < R; ++r) _mm256_storeu_ps(out + r * NC, acc[r]);
-}
-
-#else  // portable scalar path, same arithmetic: integer dots per block, float per block
-
-template <int R>
-void q8_panel(const int8_t* w, const uint16_t* wd, const Rows& x, float* out) {
-  float acc[R][NC] = {};
-  for (int64_t b = 0; b < x.NB; ++b) {
-    const int8_t* wb = w + b * Q8_BYTES;
-    for (int r = 0; r < R; ++r) {
-      const int8_t* xb = x.q + (r * x.NB + b) * QK;
-      for (int c = 0; c < NC; ++c) {
-        int32_t dot = 0;
-        for (int t = 0; t < 8; ++t)
-          for (int j = 0; j < 4; ++j) dot += int32_t(wb[32 * t + 4 * c + j]) * xb[4 * t + j];
-        acc[r][c] += float(dot) * (half_to_float(wd[b * NC + c]) * x.d[r * x.NB + b]);
-      }
-    }
-  }
-  for (int r = 0; r < R; ++r)
-    for (int c = 0; c < NC; ++c) out[r * NC + c] = acc[r][c];
-}
-
-template <int R>
-void q4_panel(const uint8_t* w, const uint16_t* wd, const uint16_t* wm, const Rows& x, float* out) {
-  float acc[R][NC] = {};
-  for (int64_t b = 0; b < x.NB; ++b) {
-    const uint8_t* wb = w + b * Q4_BYTES;
-    for (int r = 0; r < R; ++r) {
-      const int8_t* xb = x.q + (r * x.NB + b) * QK;
-      for (int c = 0; c < NC; ++c) {
-        int32_t dot = 0;
-        for (int p = 0; p < 4; ++p)
-          for (int j = 0; j < 4; ++j) {
-            const uint8_t byte = wb[32 * p + 4 * c + j];
-            dot += int32_t(byte & 0x0F) * xb[8 * p + j] + int32_t(byte >> 4) * xb[8 * p + 4 + j];
-          }
-        const float d = half_to_float(wd[b * NC + c]);
-        dot -= 8 * x.qs[r * x.NB + b];
-        acc[r][c] += float(dot) * (d * x.d[r * x.NB + b]);
-        acc[r][c] += (half_to_float(wm[b * NC + c]) + 8.f * d) * x.s[r * x.NB + b];
-      }
-    }
-  }
-  for (int r = 0; r < R; ++r)
-    for (int c = 0; c < NC; ++c) out[r * NC + c] = acc[r][c];
-}
-
-#endif
-
-// ---- the driver ---------------------------------------------------------------------------------------------
+using namespace kvs;
 
 torch::Tensor qlinear(const torch::Tensor& x, const torch::Tensor& codes, const torch::Tensor& scales,
                       const c10::optional<torch::Tensor>& mins, int64_t N, const c10::optional<torch::Tensor>& bias) {
@@ -305,51 +41,29 @@ torch::Tensor qlinear(const torch::Tensor& x, const torch::Tensor& codes, const 
   thread_local std::vector<int32_t> scratch;
   const size_t need = size_t(M * NB) * (QK / 4 + 3);
   if (scratch.size() < need) scratch.resize(need);
-  int8_t* xqp = reinterpret_cast<int8_t*>(scratch.data());  // [M, NB*32]
   float* xdp = reinterpret_cast<float*>(scratch.data() + M * NB * (QK / 4));
-  float* xsp = xdp + M * NB;
-  int32_t* xqsp = reinterpret_cast<int32_t*>(xsp + M * NB);
-  quantize_rows(x.data_ptr<float>(), M, K, NB, xqp, xdp, xsp, xqsp);
+  const QuantizedRows xr{reinterpret_cast<int8_t*>(scratch.data()), xdp, xdp + M * NB,
+                         reinterpret_cast<int32_t*>(xdp + 2 * M * NB), NB};
+  const float* xp = x.data_ptr<float>();
+  at::parallel_for(0, M, std::max<int64_t>(1, 65536 / (NB * QK)), [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m) xr.quantize_row(xp + m * K, K, m);
+  });
 
   const uint16_t* wd = reinterpret_cast<const uint16_t*>(scales.data_ptr<at::Half>());
   const uint16_t* wm = q4 ? reinterpret_cast<const uint16_t*>(mins->data_ptr<at::Half>()) : nullptr;
   const float* bp = bias.has_value() ? bias->data_ptr<float>() : nullptr;
   float* yp = y.data_ptr<float>();
-  const int8_t* w8 = q4 ? nullptr : codes.data_ptr<int8_t>();
-  const uint8_t* w4 = q4 ? codes.data_ptr<uint8_t>() : nullptr;
+  const void* w = codes.data_ptr();
 
   // Work items: (panel, group of up to MT rows), panel-major so that a thread's consecutive items reuse the
   // panel from cache. Splitting rows too keeps both cores busy when N is only a panel or two.
-  constexpr int64_t MT = 16;
   const int64_t groups = (M + MT - 1) / MT;
   const int64_t per_item = NC * std::min(M, MT) * NB * QK;                // multiply-adds in one item
   const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / per_item);  // ~64k MACs before a fork pays
   at::parallel_for(0, NP * groups, grain, [&](int64_t i0, int64_t i1) {
-    alignas(32) float tile[RM * NC];
     for (int64_t item = i0; item < i1; ++item) {
       const int64_t p = item / groups, g = item % groups;
-      const int64_t n0 = p * NC, nc = std::min(NC, N - n0);
-      for (int64_t m0 = g * MT; m0 < std::min(M, (g + 1) * MT); m0 += RM) {
-        const int64_t rows = std::min<int64_t>(RM, M - m0);
-        const Rows xr{xqp + m0 * NB * QK, xdp + m0 * NB, xsp + m0 * NB, xqsp + m0 * NB, NB};
-        auto run = [&](auto r_constant) {
-          constexpr int R = decltype(r_constant)::value;
-          if (q4)
-            q4_panel<R>(w4 + p * NB * Q4_BYTES, wd + p * NB * NC, wm + p * NB * NC, xr, tile);
-          else
-            q8_panel<R>(w8 + p * NB * Q8_BYTES, wd + p * NB * NC, xr, tile);
-        };
-        switch (rows) {
-          case 1: run(std::integral_constant<int, 1>{}); break;
-          case 2: run(std::integral_constant<int, 2>{}); break;
-          case 3: run(std::integral_constant<int, 3>{}); break;
-          default: run(std::integral_constant<int, 4>{}); break;
-        }
-        for (int64_t r = 0; r < rows; ++r) {
-          float* dst = yp + (m0 + r) * N + n0;
-          for (int64_t c = 0; c < nc; ++c) dst[c] = tile[r * NC + c] + (bp ? bp[n0 + c] : 0.f);
-        }
-      }
+      panel_rows(w, wd, wm, N, p, xr, g * MT, std::min(M, (g + 1) * MT), bp, yp, N, 0);
     }
   });
   return y;
