@@ -4,7 +4,7 @@ The engine is single-threaded and synchronous (engine/llm_engine.py). Callers on
 event loop, the desktop app's UI thread, workers) submit and abort requests through a command queue that the
 engine thread drains between steps; outputs go back through per-request callbacks, which asyncio callers wrap in
 an async iterator. Every `stats_interval` seconds at most, listeners get a snapshot of the engine's stats and
-block map, taken on the engine thread so it is consistent.
+block map, taken on the engine thread so it is consistent, with the memory the process and the engine hold.
 
 Nothing a caller, a callback or a listener does can end the engine thread: a caller cancelled while its request
 waits for acceptance has it dropped (or aborted once accepted), and callbacks and listeners that raise are logged.
@@ -24,6 +24,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
+from app.library.machine import MemoryUse, engine_memory
 from engine import BeamSearchParams, BlockMap, EngineStats, LLMEngine, PromptType, RequestOutput, SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -51,6 +52,8 @@ class EngineSnapshot:
     stats: EngineStats
     block_map: BlockMap
     time: float
+    memory: MemoryUse  # the process's resident RAM, the engine's weights and KV pool
+    speculative: bool  # the engine drafts tokens (a speculative_config was given)
 
 
 @dataclass
@@ -282,7 +285,14 @@ class EngineThread:
         if not self._listeners or (not force and now - self._last_snapshot_at < self.stats_interval):
             return
         self._last_snapshot_at = now
-        snapshot = EngineSnapshot(self.engine.get_stats(), self.engine.get_block_map(), now)
+        engine = self.engine
+        snapshot = EngineSnapshot(
+            engine.get_stats(),
+            engine.get_block_map(),
+            now,
+            engine_memory(engine),
+            engine.config.speculative is not None,
+        )
         for listener in list(self._listeners):  # listeners come and go from other threads
             try:
                 listener(snapshot)

@@ -11,13 +11,18 @@ words instead of ending in the kernel's out-of-memory killer.
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from app.library.footprint import Resident, Weights, estimate_gguf_file, params_resident, read_weights
 from engine.config import DEFAULT_CPU_KV_CACHE_GIB, QUANTIZATION_MODES
+
+if TYPE_CHECKING:
+    from engine import LLMEngine
 
 GIB = 2**30
 # What a load needs beyond the weights: the KV pool (the engine's CPU default) and activations for a prefill.
@@ -74,6 +79,42 @@ def machine_memory() -> MachineMemory:
 def memory_size(n: float) -> str:
     """Bytes of memory in binary units, as the verdicts say them: '92 MiB', '2.5 GiB'."""
     return f"{n / 2**20:.0f} MiB" if n < GIB else f"{n / GIB:.1f} GiB"
+
+
+def process_rss() -> int:
+    """Bytes of RAM this process holds now (its resident set), from /proc/self/statm on Linux. Elsewhere the most
+    it ever held (getrusage's peak: kilobytes on Linux, bytes on macOS) stands in; 0 where neither is there
+    (Windows)."""
+    try:
+        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, IndexError, ValueError, AttributeError):
+        pass
+    try:
+        import resource  # Unix only
+    except ImportError:
+        return 0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
+
+
+@dataclass(frozen=True)
+class MemoryUse:
+    """What a loaded model takes: the process's resident RAM, and within the engine's memory its weights (as held:
+    quantized matrices at their kept size) and its KV pool (allocated; on the CPU its pages count in RAM only as
+    far as blocks were written)."""
+
+    rss: int
+    weights: int
+    kv_pool: int
+
+    def __str__(self) -> str:
+        engine = f"weights {memory_size(self.weights)}, KV {memory_size(self.kv_pool)}"
+        return f"Memory {memory_size(self.rss)} ({engine})" if self.rss else f"Memory: {engine}"
+
+
+def engine_memory(engine: LLMEngine) -> MemoryUse:
+    kv_cache = engine.runner.kv_cache
+    return MemoryUse(process_rss(), engine.weight_bytes, 0 if kv_cache is None else kv_cache.nbytes)
 
 
 def load_format(memory: MachineMemory, options: dict | None) -> tuple[int, str]:

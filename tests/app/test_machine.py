@@ -188,3 +188,25 @@ def test_the_count_from_safetensors_headers_is_what_the_engine_holds(tiny_chat_m
     weights = read_weights(tiny_chat_model)
     assert weights.label == "F32"
     assert weights.resident(4, mode).bytes == _engine_weight_bytes(open_model(str(tiny_chat_model)), mode)
+
+
+def test_the_process_rss_grows_with_memory_it_touches_and_stays_near_its_peak(monkeypatch):
+    import resource
+
+    before = machine.process_rss()
+    block = torch.ones(64 * 2**20 // 4)  # 64 MiB, written: resident
+    after = machine.process_rss()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kilobytes on Linux
+    assert before > 0 and after - before >= 48 * 2**20
+    assert after <= peak + 8 * 2**20  # the kernel's counters of the two lag each other by a few pages
+    del block
+    # Without /proc (macOS), the peak stands in.
+    real_path = machine.Path
+    monkeypatch.setattr(machine, "Path", lambda _: real_path("/nonexistent/statm"))
+    assert machine.process_rss() >= peak
+
+
+def test_memory_use_is_said_in_binary_units():
+    use = machine.MemoryUse(rss=412 * 2**20, weights=97 * 2**20, kv_pool=int(2.5 * GIB))
+    assert str(use) == "Memory 412 MiB (weights 97 MiB, KV 2.5 GiB)"
+    assert str(machine.MemoryUse(0, 97 * 2**20, 2**20)) == "Memory: weights 97 MiB, KV 1 MiB"  # RSS unknown

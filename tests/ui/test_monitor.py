@@ -1,21 +1,24 @@
-"""The monitor page and its widgets, fed hand-built snapshots: no engine behind them. Waits end on what they wait
-for, never on the clock (a hang is caught by the module's pytest-timeout mark); the repaint cost is printed, not
-asserted."""
+"""The monitor page and its widgets, fed hand-built snapshots, and once the snapshots of a tiny model's engine that
+speculates. Waits end on what they wait for, never on the clock (a hang is caught by the module's pytest-timeout
+mark); the repaint cost is printed, not asserted."""
 
 from __future__ import annotations
 
 import math
 import random
+import re
 import time
 from pathlib import Path
 
 import pytest
-from PySide6.QtCore import QEvent, QPoint
+from PySide6.QtCore import QEvent, QPoint, Qt
 from PySide6.QtGui import QColor, QHelpEvent, QPalette
 from PySide6.QtWidgets import QApplication, QToolTip
 
 from app.engine_thread import EngineSnapshot
-from engine import BlockMap, BlockState, EngineStats
+from app.library.machine import MemoryUse, memory_size
+from engine import BlockMap, BlockState, EngineStats, SamplingParams
+from ui.bridge import EngineBridge
 from ui.pages.monitor import MonitorPage
 from ui.widgets.block_map import BlockGrid, BlockMapWidget
 from ui.widgets.throughput_chart import ThroughputChart
@@ -134,8 +137,24 @@ def test_legend_counts_each_state(qtbot):
     assert widget.total_label.text() == "2,000 blocks"
 
 
-def snapshot(t: float = 0.0, states: bytes = b"", owners: dict[int, str] | None = None, **stats) -> EngineSnapshot:
-    return EngineSnapshot(stats=make_stats(**stats), block_map=BlockMap(states=states, owners=owners or {}), time=t)
+MEMORY = MemoryUse(rss=412 * 2**20, weights=97 * 2**20, kv_pool=20 * 2**20)
+
+
+def snapshot(
+    t: float = 0.0,
+    states: bytes = b"",
+    owners: dict[int, str] | None = None,
+    speculative: bool = False,
+    memory: MemoryUse = MEMORY,
+    **stats,
+) -> EngineSnapshot:
+    return EngineSnapshot(
+        stats=make_stats(**stats),
+        block_map=BlockMap(states=states, owners=owners or {}),
+        time=t,
+        memory=memory,
+        speculative=speculative,
+    )
 
 
 def test_page_shows_usage_queues_and_hit_rate(qtbot):
@@ -179,6 +198,68 @@ def test_page_shows_usage_queues_and_hit_rate(qtbot):
     assert page.hit_detail_label.text() == "3,000 / 4,000 prompt tokens"
     assert page.chart.prompt_series.count() == 2
     assert page.prompt_rate_label.text() == "Prompt 0 tok/s"
+
+
+def test_page_shows_speculation_and_memory(qtbot):
+    page = MonitorPage()
+    qtbot.addWidget(page)
+    assert page.speculation_label.text() == "Speculation off"
+
+    page.show_snapshot(snapshot())
+    assert page.speculation_label.text() == "Speculation off"
+    assert page.memory_label.text() == "Memory 412 MiB (weights 97 MiB, KV 20 MiB)"
+    page.show_snapshot(snapshot(speculative=True))
+    assert page.speculation_label.text() == "Speculation: no tokens drafted yet"
+    page.show_snapshot(
+        snapshot(speculative=True, spec_draft_tokens=1200, spec_accepted_tokens=873, memory=MemoryUse(3 * 2**30, 0, 0))
+    )
+    assert page.speculation_label.text() == "Speculation: 73% of drafted tokens accepted (873 of 1,200)"
+    assert page.memory_label.text() == "Memory 3.0 GiB (weights 0 MiB, KV 0 MiB)"
+
+
+def test_a_speculating_engine_shows_its_acceptance_and_memory_live(qtbot, tiny_chat_model, load_options, screenshots):
+    ngram = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 3, "prompt_lookup_min": 1}
+    bridge = EngineBridge()
+    bridge.load_model(str(tiny_chat_model), load_options | {"speculative_config": ngram}).join()
+    thread = bridge.engine_thread
+    assert thread is not None
+    engine = thread.engine
+    page = MonitorPage()
+    qtbot.addWidget(page)
+    page.resize(1280, 860)
+    bridge.snapshot.connect(page.show_snapshot, Qt.QueuedConnection)
+    try:
+        finished = []
+        phrase = [412, 1037, 88, 2051, 77]  # a phrase repeated: prompt lookup drafts from the first decode
+        thread.submit(
+            {"prompt_token_ids": phrase * 4},
+            SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True),
+            lambda out: finished.append(out) if getattr(out, "finished", True) else None,
+        )
+        qtbot.waitUntil(lambda: bool(finished), timeout=UNTIL_DONE)
+        stats = engine.get_stats()  # the engine is idle: its counts stay put
+        assert stats.spec_draft_tokens > 0
+        expected = (
+            f"Speculation: {stats.spec_accepted_tokens / stats.spec_draft_tokens:.0%} of drafted tokens accepted "
+            f"({stats.spec_accepted_tokens:,} of {stats.spec_draft_tokens:,})"
+        )
+        # The idle engine publishes a snapshot at once and every second after; the page follows the last one.
+        qtbot.waitUntil(lambda: page.speculation_label.text() == expected, timeout=UNTIL_DONE)
+
+        memory = page.memory_label.text()
+        kv_pool = engine.runner.kv_cache.nbytes
+        assert 0 < kv_pool <= load_options["kv_cache_memory"] * 2**30
+        said = re.fullmatch(r"Memory ([\d.]+) (MiB|GiB) \(weights (.+), KV (.+)\)", memory)
+        assert said is not None, memory
+        assert said.groups()[2:] == (memory_size(engine.weight_bytes), memory_size(kv_pool))
+        # The resident set holds at least the weights, which every step reads.
+        assert float(said[1]) * {"MiB": 2**20, "GiB": 2**30}[said[2]] >= engine.weight_bytes
+        page.show()
+        qtbot.waitExposed(page)
+        QApplication.sendPostedEvents()
+        assert page.grab().save(str(screenshots / "monitor-speculation.png"))
+    finally:
+        bridge.shutdown()
 
 
 def test_chart_keeps_the_last_minute_and_rescales(qtbot):

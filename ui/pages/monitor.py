@@ -1,5 +1,6 @@
-"""The monitor page: the engine's KV cache and queues, live. It only renders EngineSnapshots handed to
-show_snapshot (queued from the engine thread through the bridge); it never touches the engine."""
+"""The monitor page: the engine's KV cache and queues, speculative decoding and memory, live. It only renders
+EngineSnapshots handed to show_snapshot (queued from the engine thread through the bridge); it never touches the
+engine."""
 
 from __future__ import annotations
 
@@ -66,6 +67,14 @@ class MonitorPage(QWidget):
             panel.layout().addStretch(1)  # cards share a height; their contents line up at the top
             cards.addWidget(panel, stretch)
 
+        # A line under the cards: how many drafted tokens speculation keeps, and the memory the model takes.
+        self.speculation_label, self.memory_label = muted("Speculation off"), muted()
+        engine_line = QHBoxLayout()
+        engine_line.setContentsMargins(4, 0, 4, 0)
+        engine_line.addWidget(self.speculation_label)
+        engine_line.addStretch(1)
+        engine_line.addWidget(self.memory_label)
+
         self.block_map = BlockMapWidget()
         self.chart = ThroughputChart()
         self.chart.setMinimumHeight(180)
@@ -91,6 +100,7 @@ class MonitorPage(QWidget):
         layout.setSpacing(12)
         layout.addWidget(self.remote_note)
         layout.addLayout(cards)
+        layout.addLayout(engine_line)
         layout.addSpacing(8)
         layout.addWidget(section("KV blocks"))
         layout.addWidget(self.block_map, 1)
@@ -152,9 +162,23 @@ class MonitorPage(QWidget):
             self.hit_detail_label.setText("no prompts yet")
         self.shared_label.setText(f"{s.num_blocks_shared:,}")
         self.cached_label.setText(f"{s.num_blocks_cached:,}")
+        self.speculation_label.setText(self._speculation(snapshot))
+        self.memory_label.setText(str(snapshot.memory))
         self.block_map.set_block_map(snapshot.block_map)
         self.chart.add_point(snapshot.time, s.prompt_tokens_per_s, s.generation_tokens_per_s)
         self._show_rates(s.prompt_tokens_per_s, s.generation_tokens_per_s)
+
+    @staticmethod
+    def _speculation(snapshot: EngineSnapshot) -> str:
+        s = snapshot.stats
+        if not snapshot.speculative:
+            return "Speculation off"
+        if s.spec_acceptance_rate is None:
+            return "Speculation: no tokens drafted yet"
+        return (
+            f"Speculation: {s.spec_acceptance_rate:.0%} of drafted tokens accepted "
+            f"({s.spec_accepted_tokens:,} of {s.spec_draft_tokens:,})"
+        )
 
     def _show_rates(self, prompt: float | None, generation: float | None) -> None:
         def rate(value: float | None) -> str:
