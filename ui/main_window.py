@@ -1,5 +1,6 @@
-"""The main window: a page list on the left (Chat, Batch, Models, Monitor, Server), the model's state and where
-chat and batch requests go in the status bar, menus with a shortcut for each common action (ui/menus.py).
+"""The main window: a page list on the left (Chat, Batch, Models, Monitor, Server), the model's state, the memory
+it takes and where chat and batch requests go in the status bar, menus with a shortcut for each common action
+(ui/menus.py).
 
 The window appears at once; the last used model (or the default one) loads in the background through the
 bridge, with a busy indicator, and a failure is said in the status bar (the model loaded before serves on); a
@@ -28,6 +29,7 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
+from app.engine_thread import EngineSnapshot
 from app.history import ChatHistory
 from app.library import model_store
 from app.remote_client import Endpoint
@@ -100,11 +102,17 @@ class MainWindow(QMainWindow):
         self.model_status = QLabel("No model")
         self.welcome: FirstRunDialog | None = None  # shown by start() on the first run
         self.connection_status = QLabel()
+        self.memory_status = QLabel()  # from the engine's snapshots, once a model runs
+        self.memory_status.setContentsMargins(0, 0, 12, 0)  # apart from the connection beside it
+        self.memory_status.setToolTip(
+            "This process's resident memory; of it, the model's weights and KV cache pool (allocated)"
+        )
         self.busy = QProgressBar()
         self.busy.setRange(0, 0)  # indeterminate: a load reports no fraction
         self.busy.setMaximumWidth(120)
         self.busy.hide()
         self.statusBar().addWidget(self.model_status, 1)
+        self.statusBar().addPermanentWidget(self.memory_status)
         self.statusBar().addPermanentWidget(self.connection_status)
         self.statusBar().addPermanentWidget(self.busy)
         self.actions = install_menus(self)
@@ -115,6 +123,7 @@ class MainWindow(QMainWindow):
         bridge.model_load_failed.connect(self._on_failed)
         bridge.engine_died.connect(self._on_engine_died)
         bridge.snapshot.connect(self.monitor.show_snapshot, Qt.QueuedConnection)
+        bridge.snapshot.connect(self._show_memory, Qt.QueuedConnection)
         bridge.connection_changed.connect(self._on_connection_changed)
         bridge.connection_failed.connect(self._on_connection_failed)
 
@@ -189,6 +198,9 @@ class MainWindow(QMainWindow):
         self.busy.hide()
         self.model_status.setText(f"{Path(died.model).name}: {died.message}")
         self.banner.show_death(died)
+
+    def _show_memory(self, snapshot: EngineSnapshot) -> None:
+        self.memory_status.setText(str(snapshot.memory))
 
     def _save_settings(self) -> None:
         """Save the settings; a failure (a full disk, the old file kept) is said in the status bar, and logged:

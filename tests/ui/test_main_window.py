@@ -18,6 +18,7 @@ from PySide6.QtWidgets import QApplication
 
 from app import settings as settings_module
 from app.history import ChatHistory
+from app.library.machine import memory_size
 from app.settings import Settings, load_settings, save_settings
 from ui.bridge import EngineBridge
 from ui.main_window import MainWindow
@@ -58,6 +59,15 @@ def test_the_window_loads_chats_monitors_and_remembers(qtbot, tmp_path, tiny_cha
     qtbot.waitUntil(lambda: chat.reply is None, timeout=UNTIL_DONE)
     qtbot.waitUntil(lambda: bool(snapshots) and snapshots[-1].stats.num_blocks_used == 0, timeout=UNTIL_DONE)
     assert any(s.stats.num_blocks_used for s in snapshots)
+    # The status bar says the memory the last snapshot measured: this process's, and the engine's part of it.
+    engine = window.bridge.engine_thread.engine
+    qtbot.waitUntil(lambda: window.memory_status.text() == str(snapshots[-1].memory), timeout=UNTIL_DONE)
+    memory = snapshots[-1].memory
+    assert (memory.weights, memory.kv_pool) == (engine.weight_bytes, engine.runner.kv_cache.nbytes)
+    assert memory.rss >= engine.weight_bytes > 0
+    assert window.memory_status.text().endswith(f"(weights {memory_size(engine.weight_bytes)}, KV 20 MiB)")
+    assert window.monitor.memory_label.text() == window.memory_status.text()
+    assert window.monitor.speculation_label.text() == "Speculation off"
     window.grab().save(str(screenshots / "window-chat.png"))
     window.nav.setCurrentRow(3)
     assert window.pages.currentWidget() is window.monitor
