@@ -1,4 +1,5 @@
-"""`kvstudio doctor`: what this machine offers kvstudio (torch, CUDA, memory, triton, Qt, model store, disk) and, in
+"""`kvstudio doctor`: what this machine offers kvstudio (torch, CUDA, memory, triton, Qt, model store, disk), the
+memory doctor's own process holds and what the default model's weights will take (doctor loads no model), and, in
 words, what is missing; exit status 0 when kvstudio can run here, 1 when it cannot.
 
 Probing is split from judging: collect() reads the machine into an Environment, findings() turns an Environment
@@ -27,7 +28,7 @@ from app.cli.options import has_display
 from app.library import model_store
 
 if TYPE_CHECKING:
-    from app.library.machine import MachineMemory
+    from app.library.machine import MachineMemory, ModelFit
 
 GIB = 2**30
 LOW_DISK = 2 * GIB  # below this, pulling any real model fails: said as a warning
@@ -53,6 +54,7 @@ class Environment:
     nvidia_driver: bool  # nvidia-smi is on PATH: an NVIDIA driver is installed
     engine_error: str | None  # why `import engine` failed, None when it imports
     memory: MachineMemory | None  # None when torch does not import
+    rss: int  # bytes this process holds resident, torch and the engine imported; 0 when torch does not import
     triton_version: str | None
     display: bool  # DISPLAY or WAYLAND_DISPLAY is set
     qt: QtStatus
@@ -148,13 +150,13 @@ def qt_probe_main() -> int:
 def collect() -> Environment:
     """Read this machine. Slow parts: importing torch and the engine (seconds), starting Qt in a child process."""
     torch_version = torch_error = cuda_version = engine_error = memory = None
-    torch_headers = False
+    torch_headers, rss = False, 0
     try:
         import torch
     except Exception as e:  # a broken install says why instead of a traceback
         torch_error = f"{type(e).__name__}: {e}"
     else:
-        from app.library.machine import machine_memory
+        from app.library.machine import machine_memory, process_rss
 
         torch_version, cuda_version = torch.__version__, torch.version.cuda
         memory = machine_memory()
@@ -163,6 +165,7 @@ def collect() -> Environment:
             importlib.import_module("engine")
         except Exception as e:
             engine_error = f"{type(e).__name__}: {e}"
+        rss = process_rss()
     display = has_display()
     store = model_store.models_dir()
     default_model = model_store.default_model_path()
@@ -176,6 +179,7 @@ def collect() -> Environment:
         nvidia_driver=shutil.which("nvidia-smi") is not None,
         engine_error=engine_error,
         memory=memory,
+        rss=rss,
         triton_version=_triton_version(),
         display=display,
         qt=probe_qt(display),
@@ -209,10 +213,15 @@ def largest_model(memory: MachineMemory, verdict: str) -> int:
     return low
 
 
-def findings(env: Environment) -> list[Finding]:
-    """What is missing, worst first. Fatal: kvstudio cannot run its default model here at all."""
+def default_model_fit(memory: MachineMemory) -> ModelFit:
+    """Whether the default model loads on `memory`, and the bytes its weights will take there."""
     from app.library.machine import check_gguf_file
 
+    return check_gguf_file(model_store.DEFAULT_MODEL.size, DEFAULT_MODEL_QUANT, memory)
+
+
+def findings(env: Environment) -> list[Finding]:
+    """What is missing, worst first. Fatal: kvstudio cannot run its default model here at all."""
     out: list[Finding] = []
     if env.torch_version is None:
         out.append(
@@ -231,7 +240,7 @@ def findings(env: Environment) -> list[Finding]:
             )
         )
     if env.memory is not None:
-        fit = check_gguf_file(model_store.DEFAULT_MODEL.size, DEFAULT_MODEL_QUANT, env.memory)
+        fit = default_model_fit(env.memory)
         if not fit.fits:
             out.append(Finding(True, f"not enough memory for the default model: {fit.message}"))
     if not env.default_model_present and env.disk_free < 2 * model_store.DEFAULT_MODEL.size:
@@ -315,6 +324,15 @@ def report(env: Environment) -> list[tuple[str, str]]:
                 else "no model fits",
             )
         )
+        fit = default_model_fit(m)
+        rows.append(
+            (
+                "Default model memory",
+                f"weights {size(fit.weights)} once loaded, about {size(fit.needed)} with the KV cache and activations",
+            )
+        )
+    if env.rss:
+        rows.append(("Process memory", f"{size(env.rss)} resident (this process, torch and the engine imported)"))
     rows.append(("triton", env.triton_version or "not installed (the Triton kernels run on a CUDA GPU only)"))
     qt = env.qt
     if qt.platform is not None:
