@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from engine.attention.backend import AttentionBackend
@@ -170,6 +171,19 @@ def _stack(shards: list[QuantizedWeight]) -> list[QuantizedWeight]:
         else:
             groups.append([qw])
     return [g[0] if len(g) == 1 else concat(g) for g in groups]
+
+
+class Embedding(nn.Module):
+    """An embedding table [num_embeddings, dim] made on the meta device without initial values: torch's own
+    nn.Embedding draws them with normal_, which on meta imports torch._dynamo (about 150 MB resident) only to be
+    overwritten by the checkpoint."""
+
+    def __init__(self, num_embeddings: int, dim: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num_embeddings, dim, device="meta"))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids, self.weight)
 
 
 class QuantizedEmbedding(nn.Module):

@@ -10,7 +10,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.models.layers import ForwardContext, Linear, QuantizedEmbedding, RMSNorm, RopeStep, RotaryEmbedding
+from engine.models.layers import (
+    Embedding,
+    ForwardContext,
+    Linear,
+    QuantizedEmbedding,
+    RMSNorm,
+    RopeStep,
+    RotaryEmbedding,
+)
 from kernels.quant import QuantizedWeight, qmatmul
 
 
@@ -143,7 +151,7 @@ class LlamaForCausalLM(nn.Module):
         a = self.arch = LlamaArch.from_hf(hf_config)
         fused = fused_kernels
         self.rotary = RotaryEmbedding(hf_config, max_positions, fused)
-        self.embed_tokens = nn.Embedding(a.vocab_size, a.hidden_size, device="meta")
+        self.embed_tokens = Embedding(a.vocab_size, a.hidden_size)
         self.layers = nn.ModuleList(LlamaDecoderLayer(a, i, fused) for i in range(a.num_layers))
         self.norm = RMSNorm(a.hidden_size, a.rms_norm_eps, fused)
         self.lm_head = None if a.tie_word_embeddings else Linear(a.hidden_size, [a.vocab_size], bias=False)
