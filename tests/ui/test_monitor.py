@@ -379,6 +379,10 @@ def test_screenshot_of_a_busy_page(qtbot):
                 prefix_cache_hits=121_307,
                 prompt_tokens_per_s=prompt,
                 generation_tokens_per_s=gen,
+                speculative=True,
+                spec_draft_tokens=48_210,
+                spec_accepted_tokens=31_904,
+                memory=MemoryUse(rss=int(5.3 * 2**30), weights=int(2.4 * 2**30), kv_pool=2**31),
             )
         )
     assert page.chart.prompt_series.count() == 300
