@@ -43,7 +43,7 @@ QT_SYSTEM_LIBS := libEGL.so.1:libegl1 libGL.so.1:libgl1 libOpenGL.so.0:libopengl
 setup: $(STAMP)
 	$(PY) -m app.library.model_store fetch-default
 	@# Builds the C++ CPU kernels for this machine once (cached by torch afterwards).
-	$(PY) -c "from kernels import cpu_ops; cpu_ops.load(); cpu_ops.load_quant()"
+	$(PY) -c "from kernels import cpu_ops; cpu_ops.load(); cpu_ops.load_quant(); cpu_ops.load_fused()"
 
 # The editable install's compat mode puts the repository root on sys.path, so top-level packages added later
 # (ui/, kernels/) import without a reinstall.

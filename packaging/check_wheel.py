@@ -20,6 +20,9 @@ from pathlib import Path
 MUST_CARRY = (
     "kernels/csrc/paged_decode_attention.cpp",
     "kernels/csrc/quant_gemm.cpp",
+    "kernels/csrc/quant_gemm.h",
+    "kernels/csrc/paged_decode_attention.h",
+    "kernels/csrc/fused_decode.cpp",
     "resources/bench/w64_prompts.jsonl",
     "resources/bench/w64_schema.json",
     "resources/bench/editor_files.txt",

@@ -1,5 +1,5 @@
 """Single-stream latency: what a person chatting feels. One prompt, greedy, EOS ignored: time to first token for a
-short chat prompt and for a long one, decode tokens per second, and resident memory.
+short chat prompt (or a code edit) and for a long one, decode tokens per second, and resident memory.
 
 Each engine runs in a child process of its own (`python -m app.bench.latency --child ENGINE ...`), so its
 resident memory is its own and nothing one engine allocated slows the other; the parent alternates the engines
@@ -25,6 +25,34 @@ SHORT_USER = (
     "Explain in a few paragraphs how a key-value cache speeds up autoregressive text generation in transformer "
     "language models."
 )
+# What an IDE plugin asks of a model all day: write back code that is in the prompt with one change. Prompt lookup
+# (speculative decoding method "ngram") finds its drafts in the prompt.
+CODE_EDIT_USER = (
+    "Here is a Python function:\n\n```python\n"
+    "def summarize(orders, tax_rate):\n"
+    "    total = 0.0\n"
+    "    count = 0\n"
+    "    largest = None\n"
+    "    for order in orders:\n"
+    "        if order.cancelled:\n"
+    "            continue\n"
+    "        amount = order.price * order.quantity\n"
+    "        total += amount\n"
+    "        count += 1\n"
+    "        if largest is None or amount > largest:\n"
+    "            largest = amount\n"
+    "    average = total / count if count else 0.0\n"
+    "    return {\n"
+    "        'total': total * (1 + tax_rate),\n"
+    "        'count': count,\n"
+    "        'average': average,\n"
+    "        'largest': largest,\n"
+    "    }\n"
+    "```\n\n"
+    "Write the whole function again with one change: rename the variable `total` to `running_total`. "
+    "Reply with the code only."
+)
+WORKLOADS = {"chat": SHORT_USER, "code-edit": CODE_EDIT_USER}
 # Repeated, then cut to the long prompt's token count: prose, so tokenizers cut it into similar numbers of tokens.
 LONG_TEXT = (
     "The history of computing is a long story of abstraction layered upon abstraction. Early machines were "
@@ -58,29 +86,34 @@ def _status_mib(field: str) -> float:
 # ---- children: one engine each -----------------------------------------------------------------------------
 
 
-def chat_text(model: str) -> str:
-    """The short prompt through the model's chat template (the tokenizer alone is loaded, not the weights)."""
+def chat_text(model: str, workload: str = "chat") -> str:
+    """The workload's prompt through the model's chat template (the tokenizer alone is loaded, not the weights):
+    both engines are given this text."""
     from engine import render_chat
     from engine.models.loader import open_model
 
     tok = open_model(model).tokenizer
-    return render_chat(tok, [{"role": "system", "content": SYSTEM}, {"role": "user", "content": SHORT_USER}])["prompt"]
+    messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": WORKLOADS[workload]}]
+    return render_chat(tok, messages)["prompt"]
 
 
-def _kvstudio_child(model: str, threads: int, max_tokens: int, long_tokens: int, options: dict) -> LatencyResult:
+def _kvstudio_child(
+    model: str, threads: int, max_tokens: int, long_tokens: int, options: dict, chat_text: str
+) -> LatencyResult:
+    """chat_text: the chat prompt as the template renders it (special tokens written in it)."""
     import torch
 
-    from engine import LLM, SamplingParams, render_chat
+    from engine import LLM, SamplingParams
 
     torch.set_num_threads(threads)
     start = time.perf_counter()
     llm = LLM(model, **options)
     load_s = time.perf_counter() - start
     engine, tok = llm.llm_engine, llm.get_tokenizer()
-    short = render_chat(tok, [{"role": "system", "content": SYSTEM}, {"role": "user", "content": SHORT_USER}])
+    short_ids = tok.encode(chat_text, add_special_tokens=False)
     long_ids = tok.encode(LONG_TEXT * (long_tokens // 40 + 1), add_special_tokens=False)[:long_tokens]
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
-    first_prompt = {"prompt_token_ids": short["prompt_token_ids"]}
+    first_prompt = {"prompt_token_ids": short_ids}
 
     def run(prompt: dict, n: int, rid: str) -> tuple[float, float]:
         """(time to the first token, decode tokens per second after it)."""
@@ -107,7 +140,7 @@ def _kvstudio_child(model: str, threads: int, max_tokens: int, long_tokens: int,
     return LatencyResult(
         "kvstudio",
         load_s,
-        len(short["prompt_token_ids"]),
+        len(short_ids),
         ttft,
         rate,
         len(long_ids),
@@ -245,7 +278,8 @@ def _child_main(argv: list[str]) -> int:
     parser.add_argument("--chat-text", default="")
     args = parser.parse_args(argv)
     if args.child == "kvstudio":
-        result = _kvstudio_child(args.model, args.threads, args.max_tokens, args.long_tokens, json.loads(args.options))
+        options = json.loads(args.options)
+        result = _kvstudio_child(args.model, args.threads, args.max_tokens, args.long_tokens, options, args.chat_text)
     else:
         result = _llama_cpp_child(args.model, args.threads, args.max_tokens, args.long_tokens, args.chat_text)
     print(json.dumps(asdict(result)))

@@ -69,11 +69,14 @@ def run_bench_latency(args: argparse.Namespace) -> int:
     if args.baseline and not model.endswith(".gguf"):
         raise ValueError("--baseline llama.cpp reads GGUF files: give --model FILE.gguf")
     threads = args.threads or os.cpu_count() or 1
-    chat = latency.chat_text(model)
+    chat = latency.chat_text(model, args.workload)
     engines = ["kvstudio"] + (["llama.cpp"] if args.baseline else [])
     python = {"kvstudio": sys.executable, "llama.cpp": args.baseline_python or sys.executable}
     runs: dict[str, list] = {e: [] for e in engines}
-    print(f"{model}: {threads} threads, {args.max_tokens} tokens decoded, {args.repeat} runs of each engine")
+    print(
+        f"{model}: {args.workload} prompt, {threads} threads, {args.max_tokens} tokens decoded, "
+        f"{args.repeat} runs of each engine"
+    )
     for i in range(args.repeat):  # alternating, so a busy moment of the machine hits both engines alike
         for engine in engines:
             result = latency.run_child(

@@ -176,6 +176,13 @@ def build_parser() -> argparse.ArgumentParser:
     latency.add_argument(
         "--repeat", type=options.positive_int, default=3, metavar="N", help="runs of each engine (default: 3)"
     )
+    latency.add_argument(
+        "--workload",
+        choices=["chat", "code-edit"],
+        default="chat",
+        help="the decoded prompt: a chat question, or code from the prompt written back with one change, where "
+        "prompt-lookup speculation (--speculative-config) finds its drafts (default: chat)",
+    )
     latency.add_argument("--baseline", choices=["llama.cpp"], help="also run llama.cpp on the same GGUF file")
     latency.add_argument(
         "--baseline-python",

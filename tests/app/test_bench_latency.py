@@ -29,6 +29,24 @@ def test_the_kvstudio_child_measures_one_stream(tiny_chat_model):
     assert result.decode_tok_s > 0 and result.peak_rss_mib >= result.rss_mib > 0
 
 
+def test_the_code_edit_workload_is_the_prompt_both_engines_get(tiny_chat_model):
+    """Both engines decode the same rendered text: the kvstudio child tokenizes the text it is given (its prompt
+    length follows the workload), with prompt-lookup speculation on as the workload is meant to be run."""
+    code = latency.chat_text(str(tiny_chat_model), "code-edit")
+    assert "def summarize(orders, tax_rate):" in code and "running_total" in code
+    assert len(code) > len(latency.chat_text(str(tiny_chat_model))) + 400
+    options = {
+        "max_model_len": 512,
+        "kv_cache_memory": 0.01,
+        "speculative_config": {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 2},
+    }
+    chat = latency.run_child(
+        "kvstudio", str(tiny_chat_model), 1, 8, 20, sys.executable, options, latency.chat_text(str(tiny_chat_model))
+    )
+    edit = latency.run_child("kvstudio", str(tiny_chat_model), 1, 8, 20, sys.executable, options, code)
+    assert edit.short_prompt_tokens > chat.short_prompt_tokens + 100
+
+
 def test_a_failing_child_says_why(tiny_chat_model):
     with pytest.raises(RuntimeError, match="the kvstudio run failed"):
         latency.run_child("kvstudio", str(tiny_chat_model), 1, 4, 10, sys.executable, {"max_model_len": 10**9})
