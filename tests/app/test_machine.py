@@ -191,15 +191,18 @@ def test_the_count_from_safetensors_headers_is_what_the_engine_holds(tiny_chat_m
 
 
 def test_the_process_rss_grows_with_memory_it_touches_and_stays_near_its_peak(monkeypatch):
+    import mmap
     import resource
 
     before = machine.process_rss()
-    block = torch.ones(64 * 2**20 // 4)  # 64 MiB, written: resident
+    # Fresh anonymous pages, every one written: resident. (A tensor could land in memory malloc already held.)
+    block = mmap.mmap(-1, 64 * 2**20)
+    block.write(b"\1" * len(block))
     after = machine.process_rss()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kilobytes on Linux
     assert before > 0 and after - before >= 48 * 2**20
     assert after <= peak + 8 * 2**20  # the kernel's counters of the two lag each other by a few pages
-    del block
+    block.close()
     # Without /proc (macOS), the peak stands in.
     real_path = machine.Path
     monkeypatch.setattr(machine, "Path", lambda _: real_path("/nonexistent/statm"))
