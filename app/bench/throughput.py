@@ -143,7 +143,8 @@ def load_hf_model(model: str) -> tuple[torch.nn.Module, int]:
 
     source = open_model(model)
     # from_config writes the dtype into the config it is given: keep the source's untouched
-    hf = AutoModelForCausalLM.from_config(copy.deepcopy(source.hf_config), dtype=torch.float32)
+    config = source.checkpoint.transformers_config() if source.format == "gguf" else copy.deepcopy(source.hf_config)
+    hf = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     missing, unexpected = hf.load_state_dict(dict(source.weights(torch.float32)), strict=False)
     if source.hf_config.tie_word_embeddings:
         hf.tie_weights()

@@ -102,7 +102,7 @@ def test_unpermute_rows_inverts_llama_cpp_permutation() -> None:
 
 def test_greedy_chat_answer_is_sensible(smol: ModelSource, smol_weights: dict[str, torch.Tensor]) -> None:
     # the end-to-end check of the q/k un-permutation: with it wrong, rotary embeddings scramble attention
-    model = LlamaForCausalLM(smol.hf_config).eval()
+    model = LlamaForCausalLM(smol.checkpoint.transformers_config()).eval()
     missing, unexpected = model.load_state_dict(smol_weights, strict=False)
     assert (missing, unexpected) == (["lm_head.weight"], [])
     assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()  # tied
@@ -163,3 +163,23 @@ def test_raw_tensors_are_the_files_blocks(smol: ModelSource, smol_weights: dict[
     assert (q.ggml_type, q.shape, q.data.shape) == (gguf.GGMLQuantizationType.Q4_1, (576, 576), (576, 576 // 32 * 20))
     for name in ("model.layers.0.self_attn.q_proj.weight", "model.layers.0.self_attn.k_proj.weight"):
         assert torch.equal(raw[name].dequantize(), smol_weights[name])  # un-permuted as whole rows of blocks
+
+
+def test_a_chat_on_a_gguf_never_imports_transformers_modelling(smollm2_gguf: Path) -> None:
+    # The family's config class pulls in transformers' modelling machinery (and sympy through torch.distributed):
+    # 60 MiB resident that a chat never uses. A fresh process, since this suite imports transformers' models.
+    import subprocess
+    import sys
+
+    script = (
+        "import sys\n"
+        "from engine import LLM, SamplingParams\n"
+        f"llm = LLM({str(smollm2_gguf)!r})\n"
+        "out = llm.generate(['Hi'], SamplingParams(max_tokens=4, temperature=0), use_tqdm=False)\n"
+        "assert len(out[0].outputs[0].token_ids) == 4\n"
+        "print(sorted(m for m in ('transformers.activations', 'transformers.modeling_utils', 'sympy')"
+        " if m in sys.modules))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "[]"
