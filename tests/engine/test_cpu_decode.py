@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from engine import LLM, SamplingParams
+from engine.models.cpu_decode import MAX_FLOAT_WEIGHT_ROWS
 from engine.models.layers import ForwardContext
 
 BLOCK = 4
@@ -157,6 +158,31 @@ def test_a_step_with_a_prefill_runs_eagerly(tiny_llama):
     engine.step()  # a decodes beside b's prefill
     engine.step()  # both decode
     assert steps == ["eager", "fused", "eager", "fused"]
+
+
+@pytest.mark.parametrize("quantization", ["none", "int8"])
+def test_float_weights_run_steps_past_the_row_limit_eagerly(tiny_llama, quantization):
+    # Past MAX_FLOAT_WEIGHT_ROWS rows torch's float matmuls beat the fused step; kept-quantized weights stay fused.
+    n = MAX_FLOAT_WEIGHT_ROWS
+    engine = tiny_llama.llm(
+        num_blocks=4 * (n + 1), block_size=BLOCK, max_model_len=32, max_num_seqs=n + 1, quantization=quantization
+    ).llm_engine
+    runner = engine.runner
+    steps = []
+    fused_run, model_forward = runner.fused_decode.run, runner.model.forward
+    runner.fused_decode.run = lambda *a: steps.append("fused") or fused_run(*a)
+    runner.model.forward = lambda *a: steps.append("eager") or model_forward(*a)
+    prompts = prompts_of([5] * (n + 1), tiny_llama.config.vocab_size, 3)
+    for i, p in enumerate(prompts):  # one request fewer decodes after the first decode step
+        engine.add_request(f"r{i}", {"prompt_token_ids": p}, greedy(2 if i == 0 else 3))
+    engine.step()  # every prefill
+    engine.step()  # n + 1 rows
+    engine.step()  # n rows
+    assert not engine.has_unfinished_requests()
+    if quantization == "none":
+        assert steps == ["eager", "fused", "eager", "fused"]  # the fused step declined n + 1 rows
+    else:
+        assert steps == ["eager", "fused", "fused"]
 
 
 def test_off_where_it_does_not_apply(tiny_llama):
