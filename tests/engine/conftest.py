@@ -286,7 +286,7 @@ def smollm2_reference(smollm2_gguf: Path) -> ReferenceModel:
     from engine.models.loader import open_model
 
     source = open_model(str(smollm2_gguf))
-    config = source.hf_config
+    config = source.checkpoint.transformers_config()
     with torch.device("meta"):
         model = LlamaForCausalLM(config)
     model.to_empty(device="cpu")
