@@ -16,6 +16,7 @@ from engine import kv_cache
 from engine.attention.backend import AttentionBackend, AttentionInputs
 from engine.block_manager import blocks_for
 from engine.config import DEFAULT_CPU_KV_CACHE_GIB, EngineConfig, ModelConfig
+from engine.host_memory import HeapTrimmer
 from engine.models.layers import ForwardContext
 from engine.scheduler import SchedulerOutput
 from engine.sequence import Sequence
@@ -56,6 +57,8 @@ class ModelRunner:
         self.swap_cache: torch.Tensor | None = None  # the same layout with num_swap_blocks, in host memory
         self.graphs = None  # DecodeGraphs once captured (CUDA only): decode-only steps replay them
         self.fused_decode = None  # CpuDecodeStep once built (CPU only): decode-only steps run it
+        # On the CPU a long prefill's activations would otherwise stay resident (see engine/host_memory.py).
+        self.heap = HeapTrimmer() if device.type == "cpu" else None
 
     # ---- set-up ----------------------------------------------------------------------------------------------
     def init_kv_cache(self, config: EngineConfig, max_num_batched_tokens: int) -> KVCacheSize:
@@ -163,6 +166,9 @@ class ModelRunner:
             row += n
         if sample_seqs:
             result.logits = self.model.compute_logits(hidden[sample_rows])
+        del hidden
+        if self.heap is not None:
+            self.heap.after_step(out.num_prefill_tokens)
         return result
 
     def _move_blocks(self, out: SchedulerOutput) -> None:
