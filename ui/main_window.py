@@ -147,13 +147,20 @@ class MainWindow(QMainWindow):
         self.bridge.load_model(model, self.settings.engine_options)
 
     def _on_welcome(self, choice: int) -> None:
-        if choice == START_DEFAULT:  # fetched into the store first when setup has not (ui/app.py make_llm)
-            self.load_model(str(model_store.default_model_path()))
-        elif choice == FIND_MODEL:
+        """Act on the welcome's choice. The window is made active again and the field to type in next is given the
+        focus: a closing dialog hands the focus back to no widget on some platforms, and keys typed (or Ctrl+Enter)
+        would then go nowhere."""
+        self.activateWindow()
+        if choice == FIND_MODEL:
             self.show_page(self.models)
             self.models.hub.query.setFocus()
+            return
+        if choice == START_DEFAULT:  # fetched into the store first when setup has not (ui/app.py make_llm)
+            self.load_model(str(model_store.default_model_path()))
         else:
             self.model_status.setText("No model: load one with File › Load model… or from the Models page")
+        self.show_page(self.chat)
+        self.chat.input.setFocus()
 
     def show_page(self, page: QWidget) -> None:
         """Show `page` (one of the window's pages), selecting it in the list on the left."""

@@ -22,13 +22,18 @@ def install_menus(window: MainWindow) -> list[QAction]:
     chat, batch, server = window.chat, window.batch, window.server
     actions: list[QAction] = []
 
-    def add(menu, text: str, shortcut: str, run: Callable[[], None], page: QWidget | None = None) -> None:
+    def add(
+        menu, text: str, shortcut: str, run: Callable[[], None], page: QWidget | None = None, keypad: str = ""
+    ) -> None:
+        """`keypad`: the same shortcut with the keypad's Enter, which Qt tells apart from Return."""
+
         def trigger() -> None:
             if page is not None:
                 window.show_page(page)
             run()
 
-        action = QAction(text, window, shortcut=QKeySequence(shortcut), triggered=trigger)
+        action = QAction(text, window, triggered=trigger)
+        action.setShortcuts([QKeySequence(s) for s in (shortcut, keypad) if s])
         menu.addAction(action)
         actions.append(action)
 
@@ -44,7 +49,7 @@ def install_menus(window: MainWindow) -> list[QAction]:
 
     chat_menu = bar.addMenu("&Chat")
     add(chat_menu, "&New chat", "Ctrl+N", chat.new_conversation, page=chat)
-    add(chat_menu, "&Send", "Ctrl+Return", press(chat.send_button), page=chat)
+    add(chat_menu, "&Send", "Ctrl+Return", press(chat.send_button), page=chat, keypad="Ctrl+Enter")
     add(chat_menu, "S&top", "Ctrl+.", press(chat.stop_button), page=chat)
     add(chat_menu, "&Regenerate", "Ctrl+R", press(chat.regenerate_button), page=chat)
     add(chat_menu, "&Edit last message", "Ctrl+E", press(chat.edit_button), page=chat)

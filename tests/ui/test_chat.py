@@ -1,7 +1,8 @@
 """The chat page on a tiny model: a reply streams in and is saved as it grows (each redraw shows what the history
 file holds, and a kill -9 mid-reply loses nothing drawn), comes back after a restart, stops when asked (freeing its
-blocks), regenerates, edits the last message, and the list searches. A refused send leaves no empty reply, and a
-full disk is said in words with the saved conversation intact.
+blocks), regenerates, edits the last message, and the list searches (and highlights a new chat). A refused send
+leaves no empty reply, a message sent before a model is loaded stays in the box unsaved, the buttons act only on
+what the conversation holds, and a full disk is said in words with the saved conversation intact.
 
 Waits end on what they wait for, never on the clock: a loaded machine only makes them slower. A hang is caught by
 the module's pytest-timeout mark."""
@@ -17,11 +18,12 @@ import sys
 from pathlib import Path
 
 import pytest
+from PySide6.QtCore import Qt
 from PySide6.QtWidgets import QApplication
 
 from app.engine_thread import QueueFullError
 from app.history import ChatHistory
-from ui.bridge import RequestUpdate
+from ui.bridge import EngineBridge, RequestUpdate
 from ui.pages.chat import ChatPage
 
 pytestmark = pytest.mark.timeout(600)
@@ -287,3 +289,49 @@ def test_a_full_disk_is_said_in_words_and_the_saved_conversation_stays(
     assert (user.content, reply.content, reply.finished) == ("Go on", "", False)
     QApplication.sendPostedEvents()  # the layout follows the status text in posted events
     page.grab().save(str(screenshots / "chat-disk-full.png"))
+
+
+def test_a_message_sent_before_a_model_is_loaded_stays_in_the_box_unsaved(qtbot, tmp_path, screenshots):
+    bridge = EngineBridge()  # nothing loaded, nothing connected
+    page = ChatPage(bridge, ChatHistory(tmp_path / "history.sqlite3"))
+    qtbot.addWidget(page)
+    page.resize(1200, 700)
+    for _ in range(2):  # a second try changes nothing either
+        page.input.setPlainText("Hello?")
+        page.send_button.click()
+        assert page.input.toPlainText() == "Hello?"
+        assert page.history.list_conversations() == [] and page.conversation_id is None
+        assert page.status.text().startswith("No model is loaded yet: load one on the Models page")
+        assert page.status.text().endswith("Your message is kept.")
+    page.grab().save(str(screenshots / "chat-no-model.png"))
+    bridge.shutdown()
+
+
+def test_the_list_highlights_a_new_chat_and_buttons_act_only_on_what_is_there(qtbot, tmp_path, screenshots):
+    history = ChatHistory(tmp_path / "history.sqlite3")
+    old = history.create_conversation("Earlier")
+    history.add_message(old.id, "user", "Hello?")
+    history.add_message(old.id, "assistant", "Hi.")
+    bridge = EngineBridge()  # no reply is asked for here
+    page = ChatPage(bridge, history)
+    qtbot.addWidget(page)
+    page.resize(1200, 700)
+    page.conversations.setCurrentRow(0)
+    assert page.conversation_id == old.id
+    buttons = (page.regenerate_button, page.edit_button, page.copy_button)
+    assert all(b.isEnabled() for b in buttons)
+
+    page.new_button.click()
+    assert page.conversation_id != old.id
+    assert page.conversations.currentItem().data(Qt.UserRole) == page.conversation_id
+    assert page.conversations.currentItem().text() == "New chat"
+    assert not any(b.isEnabled() for b in buttons)  # an empty chat: no reply, no message
+    assert page.rename_button.isEnabled() and page.delete_button.isEnabled()
+
+    page.conversations.setCurrentRow(1)
+    assert page.conversation_id == old.id and all(b.isEnabled() for b in buttons)
+    page.edit_button.click()  # the message is back in the box; no reply is left to regenerate or copy
+    assert page.input.toPlainText() == "Hello?" and page.history.messages(old.id) == []
+    assert not any(b.isEnabled() for b in buttons)
+    page.grab().save(str(screenshots / "chat-after-edit-last.png"))
+    bridge.shutdown()

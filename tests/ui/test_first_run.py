@@ -4,6 +4,8 @@ offers the default model (already fetched, or fetched now) or the Models page.""
 from __future__ import annotations
 
 import pytest
+from PySide6.QtCore import Qt
+from PySide6.QtWidgets import QApplication
 
 from app.history import ChatHistory
 from app.library import model_store
@@ -83,4 +85,26 @@ def test_a_chosen_model_skips_the_welcome(qtbot, store):
     window.load_model = loads.append
     window.start()
     assert window.welcome is None and loads == ["/m.gguf"]
+    window.close()
+
+
+@pytest.mark.parametrize("choice", [START_DEFAULT, SKIP])
+def test_after_the_welcome_the_message_box_has_the_focus_and_ctrl_enter_sends(qtbot, store, choice):
+    window = MainWindow(EngineBridge(), ChatHistory(store / "h.sqlite3"), Settings(), store / "settings.json")
+    qtbot.addWidget(window)
+    window.load_model = lambda model: None
+    with qtbot.waitActive(window):  # window shortcuts reach the active window only
+        window.show()
+        window.activateWindow()
+    window.start()
+    window.welcome.done(choice)
+    chat = window.chat
+    qtbot.waitUntil(chat.input.hasFocus)
+    qtbot.keyClicks(QApplication.focusWidget(), "Hello?")
+    assert chat.input.toPlainText() == "Hello?"
+    sends: list[int] = []
+    chat.send_button.clicked.connect(lambda: sends.append(1))
+    qtbot.keyClick(QApplication.focusWidget(), Qt.Key_Return, Qt.ControlModifier)
+    qtbot.keyClick(QApplication.focusWidget(), Qt.Key_Enter, Qt.ControlModifier | Qt.KeypadModifier)  # the keypad's
+    assert len(sends) == 2 and chat.status.text().startswith("No model is loaded yet")  # the load is faked here
     window.close()

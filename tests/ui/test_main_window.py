@@ -90,7 +90,8 @@ def test_a_model_that_cannot_load_is_said_in_the_status_bar(qtbot, tmp_path):
     assert not window.busy.isVisible()
     window.chat.input.setPlainText("hello?")
     window.chat.send_button.click()
-    assert window.chat.status.text() == "No model is loaded yet."
+    assert window.chat.status.text().startswith("No model is loaded yet: load one on the Models page")
+    assert window.chat.input.toPlainText() == "hello?"  # kept, to send once a model is loaded
     window.close()
 
 

@@ -600,3 +600,16 @@ def test_a_cancelled_gguf_download_is_offered_and_resumes(qtbot, gguf_page, gguf
         row.resume_button.click()
     assert hub.ranges == [f"bytes={kept}-"]
     assert names(page) == ["org/tiny-GGUF:Q8_0"] and page.hub.interrupted == []
+
+
+def test_load_and_delete_say_to_choose_a_model_while_none_is_chosen(qtbot, page, hub, screenshots):
+    pulls.pull("org/tiny", endpoint=hub.url)
+    page.refresh()
+    for button, verb in ((page.load_button, "load"), (page.delete_button, "delete")):
+        assert not button.isEnabled() and button.toolTip() == f"Choose a model in the list to {verb} it"
+    with qtbot.waitExposed(page):
+        page.show()
+    page.grab().save(str(screenshots / "models-nothing-chosen.png"))
+    page.select_model("org/tiny")
+    assert page.load_button.isEnabled() and page.load_button.toolTip() == "Load org/tiny (or double-click it)"
+    assert page.delete_button.isEnabled() and page.delete_button.toolTip() == "Delete org/tiny from this computer"

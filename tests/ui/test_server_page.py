@@ -16,6 +16,7 @@ from pathlib import Path
 import openai
 import pytest
 import yaml
+from PySide6.QtWidgets import QApplication
 
 from app.server.run import default_model_id
 from ui.bridge import EngineBridge, ModelLoaded
@@ -190,3 +191,21 @@ def test_the_default_model_name_is_the_one_kvstudio_serve_gives(qtbot, tmp_path)
     assert page.served_model_name() == default_model_id(str(gguf)) == "SmolLM2-135M-Instruct.Q4_1"
     assert page.model_name.placeholderText() == "SmolLM2-135M-Instruct.Q4_1"
     assert 'model="SmolLM2-135M-Instruct.Q4_1"' in page.python_snippet.toPlainText()
+
+
+def test_each_copy_button_says_what_it_copies(qtbot, screenshots):
+    p = ServerPage(EngineBridge())  # no model: only the buttons are looked at
+    qtbot.addWidget(p)
+    p.resize(1100, 760)
+    p.port.setValue(8123)
+    assert p.copy_url.toolTip() == "Copy the base URL"
+    assert p.copy_snippet.text() == "Copy snippet"
+    assert p.copy_snippet.toolTip() == "Copy the Python (openai) snippet"
+    p.copy_snippet.click()
+    assert QApplication.clipboard().text() == p.python_snippet.toPlainText()
+    p.snippets.setCurrentWidget(p.ide_snippet)
+    assert p.copy_snippet.toolTip() == "Copy the IDE plugin (Continue) snippet"
+    with qtbot.waitExposed(p):  # a tab widget lays out its tabs and corner once shown
+        p.show()
+    p.grab().save(str(screenshots / "server-copy-buttons.png"))
+    p.shutdown()

@@ -184,8 +184,8 @@ class ChatPage(QWidget):
         except HistoryError as e:
             self.status.say(f"Could not start a new chat: {e}")
             return
-        self.refresh_conversations()
         self.open_conversation(conv.id)
+        self.refresh_conversations()  # after it is open, so that the list highlights it
 
     def open_conversation(self, conversation_id: int) -> None:
         if self.reply is not None:
@@ -251,9 +251,17 @@ class ChatPage(QWidget):
     # ---- sending ----------------------------------------------------------------------------------------------
     def send(self, text: str | None = None) -> None:
         """Send the input box's text (or `text`) as the next user message and stream the reply. A message the
-        history cannot save stays in the input box, the reason said."""
+        history cannot save stays in the input box, the reason said; so does one sent while nothing could answer it
+        (no model loaded, no endpoint connected), saved nowhere, to send again once a model is loaded."""
         text = (self.input.toPlainText() if text is None else text).strip()
         if not text or self.reply is not None:
+            return
+        if not self.bridge.ready():
+            self.status.say(
+                "No model is loaded yet: load one on the Models page or with File › Load model…, then send again. "
+                "Your message is kept.",
+                "warn",
+            )
             return
         try:
             if self.conversation_id is None:
@@ -273,15 +281,13 @@ class ChatPage(QWidget):
         """Ask for a reply to the conversation as it stands. Its message is added only once the request is
         submitted, so a send refused at once (nothing loaded, a full queue, a dead engine) leaves none behind."""
         if not self.bridge.ready():
-            self.status.say("No model is loaded yet.")
-            self.render()
+            self._refuse("No model is loaded yet.")
             return
         system = self.system_prompt.toPlainText().strip()
         schema = self.history.conversation(self.conversation_id).json_schema
         if schema and self.bridge.remote is not None:
             # The connected endpoint is sent sampling fields only: its replies would not keep to the schema.
-            self.status.say("A JSON schema is kept by this computer's engine: disconnect, or remove the schema.")
-            self.render()
+            self._refuse("A JSON schema is kept by this computer's engine: disconnect, or remove the schema.")
             return
         try:
             self.history.set_system_prompt(self.conversation_id, system)
@@ -296,18 +302,23 @@ class ChatPage(QWidget):
                 params["structured_outputs"] = StructuredOutputsParams(json=json.loads(schema))
             rid = self.bridge.submit_chat(messages, SamplingParams(**params))
         except Exception as e:  # a bad parameter, a full queue, a template error, a full disk: said, not raised
-            self.status.say(f"Could not send: {e}")
-            self.render()
+            self._refuse(f"Could not send: {e}")
             return
         try:
             message = self.history.add_message(self.conversation_id, "assistant", "", finished=False)
         except HistoryError as e:  # nowhere to keep the reply: do not generate it
             self.bridge.abort(rid)
-            self.status.say(f"Could not send: {e}")
-            self.render()
+            self._refuse(f"Could not send: {e}")
             return
         self.reply = _Reply(rid, message.id, time.perf_counter())
         self.status.say("Generating…")
+        self.render()
+        self._sync_buttons()
+
+    def _refuse(self, why: str) -> None:
+        """A reply that could not start: say why, and show the conversation and its buttons as the history holds
+        them (the user's message saved, waiting for Regenerate)."""
+        self.status.say(why)
         self.render()
         self._sync_buttons()
 
@@ -332,9 +343,7 @@ class ChatPage(QWidget):
             # if even the delete fails, the message stays empty and unfinished: harmless, the refusal is said
             with contextlib.suppress(HistoryError):
                 self.history.delete_messages_after(reply.message_id)
-            self.status.say(f"Could not send: {failure.message}")
-            self.render()
-            self._sync_buttons()
+            self._refuse(f"Could not send: {failure.message}")
         else:
             self._finish("error", failure.message)
 
@@ -452,11 +461,17 @@ class ChatPage(QWidget):
             QDesktopServices.openUrl(url)
 
     def _sync_buttons(self) -> None:
-        schema = "" if self.conversation_id is None else self.history.conversation(self.conversation_id).json_schema
-        self.reply_format.show_schema(schema)
-        busy = self.reply is not None
-        self.send_button.setEnabled(not busy)
-        self.stop_button.setEnabled(busy)
+        """Enable what has something to act on: Regenerate a last message (a reply, or the user's left without
+        one), Edit last a user message, Copy reply a reply; none while a reply streams."""
         has = self.conversation_id is not None
-        for b in (self.regenerate_button, self.edit_button, self.copy_button, self.rename_button, self.delete_button):
-            b.setEnabled(has and not busy)
+        schema = self.history.conversation(self.conversation_id).json_schema if has else ""
+        self.reply_format.show_schema(schema)
+        roles = {m.role for m in self.history.messages(self.conversation_id)} if has else set()
+        idle = self.reply is None
+        self.send_button.setEnabled(idle)
+        self.stop_button.setEnabled(not idle)
+        self.regenerate_button.setEnabled(idle and bool(roles))
+        self.edit_button.setEnabled(idle and "user" in roles)
+        self.copy_button.setEnabled(idle and "assistant" in roles)
+        self.rename_button.setEnabled(idle and has)
+        self.delete_button.setEnabled(idle and has)

@@ -246,9 +246,16 @@ class ModelsPage(QWidget):
 
     @Slot()
     def _sync(self) -> None:
-        has_model = self.selected_model() is not None
-        self.load_button.setEnabled(has_model)
-        self.delete_button.setEnabled(has_model)
+        """Load and Delete act on the chosen model; their tooltips say which, or (grey) that one is to be chosen."""
+        model = self.selected_model()
+        self.load_button.setEnabled(model is not None)
+        self.delete_button.setEnabled(model is not None)
+        if model is None:
+            self.load_button.setToolTip("Choose a model in the list to load it")
+            self.delete_button.setToolTip("Choose a model in the list to delete it")
+        else:
+            self.load_button.setToolTip(f"Load {model.name} (or double-click it)")
+            self.delete_button.setToolTip(f"Delete {model.name} from this computer")
 
 
 def _sentence(message: str) -> str:

@@ -132,14 +132,19 @@ class ServerPage(QWidget):
         url_row = QHBoxLayout()
         url_row.addWidget(QLabel("Base URL"))
         url_row.addWidget(self.url, 1)
-        self.copy_url = _copy_button(self.url.text)
+        self.copy_url = _copy_button(self.url.text, "Copy", "Copy the base URL")
         url_row.addWidget(self.copy_url)
         self.python_snippet = _snippet_box()
         self.ide_snippet = _snippet_box()
         self.snippets = QTabWidget(documentMode=True)
+        self.copy_snippet = _copy_button(lambda: self.snippets.currentWidget().toPlainText(), "Copy snippet")
+        # the tooltip names the tab shown: the one button copies either snippet
+        self.snippets.currentChanged.connect(
+            lambda i: self.copy_snippet.setToolTip(f"Copy the {self.snippets.tabText(i)} snippet")
+        )
         self.snippets.addTab(self.python_snippet, "Python (openai)")
         self.snippets.addTab(self.ide_snippet, "IDE plugin (Continue)")
-        self.snippets.setCornerWidget(_copy_button(lambda: self.snippets.currentWidget().toPlainText()))
+        self.snippets.setCornerWidget(self.copy_snippet)
         connect.addSpacing(6)
         connect.addLayout(url_row)
         connect.addWidget(self.snippets, 1)
@@ -395,13 +400,14 @@ def _snippet_box() -> QPlainTextEdit:
     return box
 
 
-def _copy_button(text: Callable[[], str]) -> QPushButton:
-    button = QPushButton("Copy")
+def _copy_button(text: Callable[[], str], label: str, tooltip: str = "") -> QPushButton:
+    """A button that copies text() and says "Copied" for a moment, then its label again."""
+    button = QPushButton(label, toolTip=tooltip)
 
     def copy() -> None:
         QGuiApplication.clipboard().setText(text())
         button.setText("Copied")
-        QTimer.singleShot(1200, button, lambda: button.setText("Copy"))
+        QTimer.singleShot(1200, button, lambda: button.setText(label))
 
     button.clicked.connect(copy)
     return button
