@@ -4,6 +4,7 @@ params), vLLM names."""
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass
 
@@ -31,8 +32,9 @@ class BeamSearchOutput:
 
 
 class LLM:
-    def __init__(self, model: str, **engine_options) -> None:
-        self.llm_engine = LLMEngine(EngineConfig(model=model, **engine_options))
+    def __init__(self, model: str, *, on_load_stage: Callable[[str], None] | None = None, **engine_options) -> None:
+        """on_load_stage: see LLMEngine; engine_options are EngineConfig's fields."""
+        self.llm_engine = LLMEngine(EngineConfig(model=model, **engine_options), on_load_stage=on_load_stage)
         self._ids = itertools.count()
 
     def reset_prefix_cache(self) -> None:

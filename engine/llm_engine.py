@@ -8,6 +8,7 @@ applies them and reports RequestOutputs, and the stats collector keeps the figur
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 
 import torch
 
@@ -39,9 +40,13 @@ MAX_GRAPH_BATCH = 256
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(self, config: EngineConfig, *, on_load_stage: Callable[[str], None] | None = None) -> None:
+        """on_load_stage, when given, is called on this thread with a short sentence as each stage of the load
+        begins (a window shows them: a first load can take a minute while kernels compile)."""
+        stage = on_load_stage or (lambda _: None)
         self.config = config
         device = self.device = config.torch_device
+        stage("Reading the model file")
         source = open_model(config.model, revision=config.revision, cache_dir=config.download_dir)
         hf = source.hf_config
         cls = model_class(hf)
@@ -66,9 +71,12 @@ class LLMEngine:
             head_dim=a.head_dim,
         )
         bs = config.block_size
+        if device.type == "cpu":  # compiled on the first load of an install, found built after that
+            stage("Building the CPU kernels")
         backend = select_backend(
             config.attention_backend, device, bs, a.head_dim, a.sliding_window, self.model_config.kv_cache_dtype
         )
+        stage("Loading the weights")
         model = cls(hf, max_positions=max_model_len, fused_kernels=backend.fused_kernels)
         quantized = model.keep_quantized(quantization.candidates(source, config.quantization, device))
         model.materialize(device, dtype)
@@ -78,10 +86,13 @@ class LLMEngine:
 
         self.max_num_batched_tokens = config.max_num_batched_tokens or DEFAULT_MAX_NUM_BATCHED_TOKENS
         self.runner = ModelRunner(model, backend, self.model_config, bs, device)
+        stage("Allocating the KV pool")
         size = self.runner.init_kv_cache(config, self.max_num_batched_tokens)
         if device.type == "cuda" and config.cuda_graphs and backend.fused_kernels:
+            stage("Warming up: capturing the decode step's CUDA graphs")
             self.runner.capture_cuda_graphs(min(config.max_num_seqs, MAX_GRAPH_BATCH))
         if device.type == "cpu" and config.cpu_fused_decode:
+            stage("Warming up: building the fused decode step")
             self.runner.build_fused_decode()
         self.block_manager = BlockManager(size.num_blocks, bs, config.enable_prefix_caching, size.num_swap_blocks)
         self.scheduler = Scheduler(

@@ -318,3 +318,23 @@ def test_chat_applies_the_template(smollm2_llm, all_blocks_free):
     assert out.prompt_token_ids[-3:] == tok.encode("<|im_start|>assistant\n", add_special_tokens=False)[-3:]
     assert "Paris" in out.outputs[0].text
     all_blocks_free(smollm2_llm.llm_engine)
+
+
+def test_a_load_reports_its_stages_in_order(tiny_llama):
+    """The window shows these sentences while a model loads (a first load can take a minute); a stage that does
+    not run here is not reported."""
+    stages: list[str] = []
+    llm = tiny_llama.llm(num_blocks=POOL, block_size=BLOCK, max_model_len=MAX_LEN, on_load_stage=stages.append)
+    assert stages == [
+        "Reading the model file",
+        "Building the CPU kernels",
+        "Loading the weights",
+        "Allocating the KV pool",
+        "Warming up: building the fused decode step",
+    ]
+    assert llm.generate("Hello", greedy(2), use_tqdm=False)[0].outputs[0].token_ids  # the engine it built works
+    stages.clear()
+    tiny_llama.llm(
+        num_blocks=POOL, block_size=BLOCK, max_model_len=MAX_LEN, on_load_stage=stages.append, cpu_fused_decode=False
+    )
+    assert stages[-1] == "Allocating the KV pool"
