@@ -19,14 +19,17 @@ ICON = Path(__file__).resolve().parent.parent / "resources" / "icons" / "kvstudi
 SPLASH_BACKGROUND, SPLASH_TEXT = "#26282c", "#e8eaed"
 
 
-def make_llm(model: str, options: dict):
-    """The bridge's loader: the default model is fetched into the store first when it is not there yet."""
+def make_llm(model: str, options: dict, on_load_stage):
+    """The bridge's loader (ui/bridge.py MakeLLM): the default model is fetched into the store first when it is not
+    there yet."""
     from app.library import model_store
     from engine import LLM
 
     if Path(model) == model_store.default_model_path():
+        if not Path(model).is_file():
+            on_load_stage("Downloading the default model")
         model = str(model_store.ensure_default_model())
-    return LLM(model, **options)
+    return LLM(model, on_load_stage=on_load_stage, **options)
 
 
 def splash(app: QApplication) -> QSplashScreen:

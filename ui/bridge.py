@@ -34,6 +34,23 @@ from app.remote_client import Endpoint, RemoteClient, TextUpdate, UpdateCallback
 from engine import LLM, PromptType, SamplingParams
 from ui.request_target import LocalTarget, RequestRefused, RequestTarget
 
+# What the bridge loads a model with: make_llm(model, options, on_load_stage) -> LLM, where on_load_stage(sentence)
+# is LLM's (engine/llm_engine.py) and a loader may call it too for stages of its own (a download first).
+StageCallback = Callable[[str], None]
+MakeLLM = Callable[[str, dict, StageCallback], LLM]
+
+
+def _make_llm(model: str, options: dict, on_load_stage: StageCallback) -> LLM:
+    return LLM(model, on_load_stage=on_load_stage, **options)
+
+
+@dataclass(frozen=True)
+class ModelLoadStage:
+    """A stage of the current load has begun (reading the file, building the kernels, ...), in a sentence."""
+
+    model: str
+    stage: str
+
 
 @dataclass(frozen=True)
 class ModelLoaded:
@@ -93,6 +110,7 @@ class RequestFailed:
 
 class EngineBridge(QObject):
     model_loading = Signal(str)  # the model being loaded
+    model_load_stage = Signal(object)  # ModelLoadStage, between model_loading and model_loaded (or _failed)
     model_loaded = Signal(object)  # ModelLoaded
     model_load_failed = Signal(object)  # ModelLoadFailed
     engine_died = Signal(object)  # EngineDied
@@ -105,7 +123,7 @@ class EngineBridge(QObject):
 
     def __init__(
         self,
-        make_llm: Callable[[str, dict], LLM] = lambda model, options: LLM(model, **options),
+        make_llm: MakeLLM = _make_llm,
         stats_interval: float = 0.05,
         parent: QObject | None = None,
     ) -> None:
@@ -138,8 +156,9 @@ class EngineBridge(QObject):
             return self._loaded[0]
 
     def load_model(self, model: str, options: dict | None = None) -> threading.Thread:
-        """Load `model` on a worker thread, replacing the current one once it is ready; emits model_loading,
-        then model_loaded or model_load_failed. Supersedes every load still running: those emit nothing more."""
+        """Load `model` on a worker thread, replacing the current one once it is ready; emits model_loading, a
+        model_load_stage as each stage begins, then model_loaded or model_load_failed. Supersedes every load still
+        running: those emit nothing more."""
         with self._lock:
             self._load_generation += 1
             generation = self._load_generation
@@ -166,7 +185,7 @@ class EngineBridge(QObject):
         try:
             if (fit := self.check_fit(model, options)) is not None and not fit.fits:
                 raise MemoryError(fit.message)
-            llm = self._make_llm(model, options)
+            llm = self._make_llm(model, options, self._stage_reporter(model, generation))
         except Exception as e:  # a bad path, a corrupt file, too little memory: said in words, never a crash
             with self._lock:
                 current = generation == self._load_generation
@@ -193,6 +212,17 @@ class EngineBridge(QObject):
         del old
         _release_and_freeze()
         self.model_loaded.emit(ModelLoaded(model, max_model_len, time.perf_counter() - start))
+
+    def _stage_reporter(self, model: str, generation: int) -> StageCallback:
+        """The on_load_stage callback of one load, called on its worker: a superseded load's stages are no news."""
+
+        def report(stage: str) -> None:
+            with self._lock:
+                current = generation == self._load_generation
+            if current:
+                self.model_load_stage.emit(ModelLoadStage(model, stage))
+
+        return report
 
     def _on_engine_dead(self, error: EngineDeadError) -> None:
         """On the dying engine thread: say so, unless that engine was replaced meanwhile (then it is no news)."""

@@ -15,7 +15,7 @@ from PySide6.QtCore import QTimer
 from PySide6.QtWidgets import QApplication
 
 from engine import LLM, SamplingParams
-from ui.bridge import EngineBridge, EngineDied, ModelLoaded, ModelLoadFailed, RequestFailed
+from ui.bridge import EngineBridge, EngineDied, ModelLoaded, ModelLoadFailed, ModelLoadStage, RequestFailed
 
 pytestmark = pytest.mark.timeout(600)
 UNTIL_DONE = math.inf  # qtbot.waitUntil's timeout: none
@@ -38,7 +38,7 @@ def test_loading_keeps_the_ui_thread_turning(qtbot, tiny_chat_model):
     """The load runs on a worker: held inside it, the loader waits while the UI thread's timer ticks on."""
     inside, release = threading.Event(), threading.Event()
 
-    def make_llm(model: str, options: dict) -> LLM:
+    def make_llm(model: str, options: dict, on_load_stage) -> LLM:
         inside.set()
         release.wait()
         return LLM(model, **options)
@@ -104,7 +104,7 @@ def test_a_model_too_big_for_the_free_memory_is_refused_before_loading(qtbot, ti
     from app.library import machine
 
     loads = []
-    b = EngineBridge(lambda model, options: loads.append(model))
+    b = EngineBridge(lambda model, options, on_load_stage: loads.append(model))
     little = machine.MachineMemory("cpu", 2**30, 2**20, 4, machine.CPU_RESERVE)
     monkeypatch.setattr(machine, "machine_memory", lambda: little)
     with qtbot.waitSignal(b.model_load_failed, timeout=None) as failed:
@@ -145,21 +145,50 @@ def wait_reply(qtbot, bridge: EngineBridge, rid: str) -> list:
     return updates
 
 
+def test_a_load_reports_its_stages_on_the_ui_thread_before_it_is_loaded(qtbot, tiny_chat_model):
+    b = EngineBridge()
+    events: list[tuple[object, bool]] = []  # each signal's payload, and whether it ran on the UI thread
+
+    def record(payload: object) -> None:
+        events.append((payload, threading.current_thread() is threading.main_thread()))
+
+    b.model_load_stage.connect(record)
+    b.model_loaded.connect(record)
+    try:
+        with qtbot.waitSignal(b.model_loaded, timeout=None):
+            b.load_model(str(tiny_chat_model), OPTIONS)
+    finally:
+        b.shutdown()
+    assert all(on_ui_thread for _, on_ui_thread in events)
+    *stages, (loaded, _) = events
+    assert isinstance(loaded, ModelLoaded)
+    assert all(isinstance(s, ModelLoadStage) and s.model == str(tiny_chat_model) for s, _ in stages)
+    assert [s.stage for s, _ in stages] == [
+        "Reading the model file",
+        "Building the CPU kernels",
+        "Loading the weights",
+        "Allocating the KV pool",
+        "Warming up: building the fused decode step",
+    ]
+
+
 def test_the_model_chosen_last_is_loaded_even_when_an_earlier_load_ends_later(qtbot, tiny_chat_model):
     first_may_finish = threading.Event()
     engines: dict[str, weakref.ref] = {}
 
-    def make_llm(model: str, options: dict) -> LLM:
-        llm = LLM(str(tiny_chat_model), **options)
+    def make_llm(model: str, options: dict, on_load_stage) -> LLM:
+        llm = LLM(str(tiny_chat_model), on_load_stage=on_load_stage, **options)
         engines[model] = weakref.ref(llm.llm_engine)
         if model == "first":
             first_may_finish.wait()  # the first choice takes longer: it ends after the second has loaded
+            on_load_stage("The first choice, still loading")  # too late: no news
         return llm
 
     b = EngineBridge(make_llm)
-    loaded, failed = [], []
+    loaded, failed, stages = [], [], []
     b.model_loaded.connect(loaded.append)
     b.model_load_failed.connect(failed.append)
+    b.model_load_stage.connect(stages.append)
     first = b.load_model("first", OPTIONS)
     with qtbot.waitSignal(b.model_loaded, timeout=None):
         b.load_model("second", OPTIONS)
@@ -167,6 +196,7 @@ def test_the_model_chosen_last_is_loaded_even_when_an_earlier_load_ends_later(qt
     first.join()
     QApplication.processEvents()  # whatever the first load emitted would be delivered now
     assert [m.model for m in loaded] == ["second"] and failed == []
+    assert "The first choice, still loading" not in [s.stage for s in stages]
     assert b.loaded_model == "second" and b.engine_thread.engine is engines["second"]()
     assert engines["first"]() is None  # dropped: never installed, its memory released
     rid = b.submit("Hello there", GREEDY)

@@ -15,6 +15,7 @@ import re
 import sqlite3
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -23,6 +24,7 @@ from PySide6.QtWidgets import QApplication
 
 from app.engine_thread import QueueFullError
 from app.history import ChatHistory
+from engine import LLM
 from ui.bridge import EngineBridge, RequestUpdate
 from ui.pages.chat import ChatPage
 
@@ -335,3 +337,48 @@ def test_the_list_highlights_a_new_chat_and_buttons_act_only_on_what_is_there(qt
     assert not any(b.isEnabled() for b in buttons)
     page.grab().save(str(screenshots / "chat-after-edit-last.png"))
     bridge.shutdown()
+
+
+def test_a_model_loading_is_shown_in_the_chat_and_send_waits_for_it(
+    qtbot, tmp_path, tiny_chat_model, load_options, screenshots
+):
+    """While the model loads, the chat area says what is being done and Send waits (the message stays in the box);
+    once it is ready the message box has the focus and the message goes."""
+    held, release = threading.Event(), threading.Event()
+
+    def make_llm(model: str, options: dict, on_load_stage) -> LLM:
+        on_load_stage("Building the CPU kernels")
+        held.set()
+        release.wait()  # as a first load's kernel build holds it
+        return LLM(model, on_load_stage=on_load_stage, **options)
+
+    bridge = EngineBridge(make_llm)
+    page = ChatPage(bridge, ChatHistory(tmp_path / "history.sqlite3"))
+    page.sampling.max_tokens.setValue(4)
+    qtbot.addWidget(page)
+    page.resize(1200, 700)
+    page.show()
+    qtbot.waitActive(page)
+    try:
+        bridge.load_model(str(tiny_chat_model), load_options)
+        qtbot.waitUntil(held.is_set, timeout=UNTIL_DONE)
+        qtbot.waitUntil(lambda: "Building the CPU kernels" in page.load_panel.steps.text(), timeout=UNTIL_DONE)
+        assert page.load_panel.isVisible() and page.load_panel.title.text() == tiny_chat_model.name
+        assert not page.send_button.isEnabled()
+        page.input.setPlainText("Hello?")
+        page.send()  # as Ctrl+Enter does
+        assert page.input.toPlainText() == "Hello?" and page.history.list_conversations() == []
+        assert page.status.text().startswith("The model is still loading: your message is kept")
+        page.grab().save(str(screenshots / "chat-model-loading.png"))
+        page.transcript.setFocus()
+        with qtbot.waitSignal(bridge.model_loaded, timeout=None):
+            release.set()
+        assert not page.load_panel.isVisible() and page.send_button.isEnabled()
+        assert page.load_panel.stages[-1] == "Warming up: building the fused decode step"
+        assert page.input.hasFocus()
+        page.send_button.click()
+        qtbot.waitUntil(lambda: page.reply is None, timeout=UNTIL_DONE)
+        assert [m.role for m in page.history.messages(page.conversation_id)] == ["user", "assistant"]
+    finally:
+        release.set()
+        bridge.shutdown()

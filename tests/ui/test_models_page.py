@@ -58,7 +58,7 @@ class RecordingLoader:
         self.loaded: list[str] = []
         self.options: list[dict] = []
 
-    def __call__(self, model: str, options: dict):
+    def __call__(self, model: str, options: dict, on_load_stage):
         self.loaded.append(model)
         self.options.append(options)
         raise RuntimeError("no engine in this test")

@@ -41,8 +41,9 @@ from PySide6.QtWidgets import (
 from app.history import ChatHistory, HistoryError, Message, title_from
 from engine import SamplingParams
 from engine.structured_output import StructuredOutputsParams
-from ui.bridge import EngineBridge, RequestFailed, RequestUpdate
+from ui.bridge import EngineBridge, ModelLoaded, ModelLoadFailed, ModelLoadStage, RequestFailed, RequestUpdate
 from ui.widgets.json_schema_dialog import ReplyFormatBox, badge_icon, schema_summary
+from ui.widgets.load_panel import LoadPanel
 from ui.widgets.sampling_form import FIELDS, SamplingForm
 from ui.widgets.status_line import StatusLine
 from ui.widgets.transcript import code_blocks, shade_code, shown_answer, split_think, transcript_markdown
@@ -72,10 +73,16 @@ class ChatPage(QWidget):
         self.conversation_id: int | None = None
         self.reply: _Reply | None = None
         self.expanded: set[int] = set()  # replies whose reasoning is unfolded
+        self.loading = False  # a model is loading into the in-process engine
         self._render_soon = QTimer(self, singleShot=True, interval=RENDER_INTERVAL_MS, timeout=self.render)
         self._build()
         bridge.request_update.connect(self._on_update)
         bridge.request_failed.connect(self._on_failed)
+        bridge.model_loading.connect(self._on_model_loading)
+        bridge.model_load_stage.connect(self._on_model_load_stage)
+        bridge.model_loaded.connect(self._on_model_ready)
+        bridge.model_load_failed.connect(self._on_model_ready)
+        bridge.connection_changed.connect(lambda _: self._sync_buttons())
         self.refresh_conversations()
 
     # ---- layout -------------------------------------------------------------------------------------------
@@ -122,7 +129,9 @@ class ChatPage(QWidget):
         self.copy_button.clicked.connect(self.copy_last_reply)
         self.status = StatusLine()
         middle = QWidget()
+        self.load_panel = LoadPanel()
         mv = QVBoxLayout(middle)
+        mv.addWidget(self.load_panel)
         mv.addWidget(self.transcript, 1)
         mv.addWidget(self.input)
         buttons = QHBoxLayout()
@@ -256,6 +265,9 @@ class ChatPage(QWidget):
         text = (self.input.toPlainText() if text is None else text).strip()
         if not text or self.reply is not None:
             return
+        if self._waiting_for_model():
+            self.status.say("The model is still loading: your message is kept, send it once it is ready.", "warn")
+            return
         if not self.bridge.ready():
             self.status.say(
                 "No model is loaded yet: load one on the Models page or with File › Load model…, then send again. "
@@ -322,6 +334,29 @@ class ChatPage(QWidget):
         self.render()
         self._sync_buttons()
 
+    # ---- a model loading ---------------------------------------------------------------------------------------
+    def _waiting_for_model(self) -> bool:
+        """Whether sending must wait for the model loading here: a connected endpoint answers meanwhile."""
+        return self.loading and self.bridge.remote is None
+
+    def _on_model_loading(self, model: str) -> None:
+        self.loading = True
+        self.load_panel.start(model)
+        self._sync_buttons()
+
+    def _on_model_load_stage(self, stage: ModelLoadStage) -> None:
+        self.load_panel.show_stage(stage.stage)
+
+    def _on_model_ready(self, outcome: ModelLoaded | ModelLoadFailed) -> None:
+        """The load ended, loaded or not (a failure is said in the window's status bar, and the model loaded
+        before serves on): the message box is where the user goes next."""
+        self.loading = False
+        self.load_panel.finish()
+        self._sync_buttons()
+        if isinstance(outcome, ModelLoadFailed):
+            self.status.say(f"Could not load the model: {outcome.message}", "error")
+        self.input.setFocus()
+
     def _on_update(self, update: RequestUpdate) -> None:
         reply = self.reply
         if reply is None or update.request_id != reply.request_id:
@@ -376,7 +411,7 @@ class ChatPage(QWidget):
     def regenerate(self) -> None:
         """Drop the last reply and ask again. After a send that was refused (no model, an engine that stopped),
         the last message is the user's: it is asked again as it is."""
-        if self.reply is not None or self.conversation_id is None:
+        if self.reply is not None or self.conversation_id is None or self._waiting_for_model():
             return
         messages = self.history.messages(self.conversation_id)
         if not messages:
@@ -462,15 +497,17 @@ class ChatPage(QWidget):
 
     def _sync_buttons(self) -> None:
         """Enable what has something to act on: Regenerate a last message (a reply, or the user's left without
-        one), Edit last a user message, Copy reply a reply; none while a reply streams."""
+        one), Edit last a user message, Copy reply a reply; none while a reply streams. Send and Regenerate wait
+        for a model loading here."""
         has = self.conversation_id is not None
         schema = self.history.conversation(self.conversation_id).json_schema if has else ""
         self.reply_format.show_schema(schema)
         roles = {m.role for m in self.history.messages(self.conversation_id)} if has else set()
         idle = self.reply is None
-        self.send_button.setEnabled(idle)
+        can_ask = idle and not self._waiting_for_model()
+        self.send_button.setEnabled(can_ask)
         self.stop_button.setEnabled(not idle)
-        self.regenerate_button.setEnabled(idle and bool(roles))
+        self.regenerate_button.setEnabled(can_ask and bool(roles))
         self.edit_button.setEnabled(idle and "user" in roles)
         self.copy_button.setEnabled(idle and "assistant" in roles)
         self.rename_button.setEnabled(idle and has)

@@ -1,0 +1,61 @@
+"""The chat area's card while a model loads: which model, the stages done (ticked), the one under way with the
+seconds it has taken so far, and a busy bar. A first load can take a minute (the CPU kernels compile), and an
+empty chat with an enabled Send looked ready when it was not.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from PySide6.QtCore import Qt, QTimer
+from PySide6.QtWidgets import QLabel, QProgressBar, QVBoxLayout, QWidget
+
+from ui.widgets.cards import card, emphasised, muted
+
+DONE, UNDER_WAY = "✓", "›"
+
+
+class LoadPanel(QWidget):
+    def __init__(self, parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        self.stages: list[str] = []
+        self._stage_started = 0.0
+        frame, column = card("Loading the model")
+        self.title = emphasised(QLabel(wordWrap=True, textFormat=Qt.TextFormat.PlainText), 3)
+        self.steps = QLabel(textFormat=Qt.TextFormat.PlainText, wordWrap=True)
+        self.bar = QProgressBar(textVisible=False)
+        self.bar.setRange(0, 0)  # busy: no stage says how far along it is
+        self.bar.setFixedHeight(6)
+        self.note = muted("You can write your message meanwhile: Send works once the model is ready.")
+        self.note.setWordWrap(True)
+        for w in (self.title, self.steps, self.bar, self.note):
+            column.addWidget(w)
+        layout = QVBoxLayout(self)
+        layout.setContentsMargins(0, 0, 0, 0)
+        layout.addWidget(frame)
+        # The seconds beside the stage under way tick on, so a long kernel build does not look frozen.
+        self._tick = QTimer(self, interval=1000, timeout=self._show_steps)
+        self.hide()
+
+    def start(self, model: str) -> None:
+        self.title.setText(Path(model).name)
+        self.stages = []
+        self.show_stage("Checking that it fits in memory")  # what the bridge does before the engine starts
+        self._tick.start()
+        self.show()
+
+    def show_stage(self, stage: str) -> None:
+        self.stages.append(stage)
+        self._stage_started = time.monotonic()
+        self._show_steps()
+
+    def finish(self) -> None:
+        self._tick.stop()
+        self.hide()
+
+    def _show_steps(self) -> None:
+        *done, current = self.stages
+        seconds = int(time.monotonic() - self._stage_started)
+        lines = [f"{DONE} {s}" for s in done] + [f"{UNDER_WAY} {current}…" + (f" {seconds} s" if seconds else "")]
+        self.steps.setText("\n".join(lines))
