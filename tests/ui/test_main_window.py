@@ -18,8 +18,8 @@ from PySide6.QtWidgets import QApplication
 
 from app import settings as settings_module
 from app.history import ChatHistory
-from app.library.machine import memory_size
 from app.settings import Settings, load_settings, save_settings
+from app.units import byte_size
 from ui.bridge import EngineBridge
 from ui.main_window import MainWindow
 
@@ -65,7 +65,7 @@ def test_the_window_loads_chats_monitors_and_remembers(qtbot, tmp_path, tiny_cha
     memory = snapshots[-1].memory
     assert (memory.weights, memory.kv_pool) == (engine.weight_bytes, engine.runner.kv_cache.nbytes)
     assert memory.rss >= engine.weight_bytes > 0
-    assert window.memory_status.text().endswith(f"(weights {memory_size(engine.weight_bytes)}, KV 20 MiB)")
+    assert window.memory_status.text().endswith(f"(weights {byte_size(engine.weight_bytes)}, KV 20 MiB)")
     assert window.monitor.memory_label.text() == window.memory_status.text()
     assert window.monitor.speculation_label.text() == "Speculation off"
     window.grab().save(str(screenshots / "window-chat.png"))

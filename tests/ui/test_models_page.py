@@ -22,10 +22,11 @@ from PySide6.QtGui import QColor, QPalette
 from PySide6.QtWidgets import QApplication
 
 from app.library import gguf_files, hub_files, hub_models, machine, model_store, pulls
-from app.library.hub_models import human_size
 from app.library.machine import GIB, MachineMemory
+from app.units import byte_size
 from ui.bridge import EngineBridge
 from ui.pages.models import ModelsPage
+from ui.widgets.first_run import FirstRunDialog
 from ui.widgets.hub_panel import OFFLINE
 from ui.widgets.rows_table import tone_color
 
@@ -138,8 +139,8 @@ def test_the_library_lists_a_pulled_model_and_the_default(qtbot, hub, smollm2_gg
     ]
     params = tiny_params(tiny_chat_model)
     assert library(page) == [
-        [default.name, "Llama", "Q4_1", "135M", "8,192", human_size(model_store.DEFAULT_MODEL.size), "tight"],
-        ["org/tiny", "Llama", "F32", f"{params / 1e6:.1f}M", "512", human_size(size), "fits"],
+        [default.name, "Llama", "Q4_1", "135M", "8,192", byte_size(model_store.DEFAULT_MODEL.size), "tight"],
+        ["org/tiny", "Llama", "F32", f"{params / 1e6:.1f}M", "512", byte_size(size), "fits"],
     ]
     tips = cells(page.library, Qt.ToolTipRole)
     assert tips[0][0] == f"kvstudio's default model: {default}" and tips[1][0] == str(page.library.row(1).path)
@@ -152,7 +153,7 @@ def test_the_library_lists_a_pulled_model_and_the_default(qtbot, hub, smollm2_gg
     )
     colours = cells(page.library, Qt.ForegroundRole)
     assert (colours[0][6], colours[1][6], colours[1][0]) == (tone_color("warn"), tone_color("ok"), None)
-    assert page.library_summary.text() == f"2 models, {human_size(size + model_store.DEFAULT_MODEL.size)} on disk"
+    assert page.library_summary.text() == f"2 models, {byte_size(size + model_store.DEFAULT_MODEL.size)} on disk"
     # The window's engine options count as they will at load time: SmolLM2 dequantized to float32 no longer fits,
     # a 1 GiB KV pool leaves room for neither model.
     page.engine_options = {"quantization": "none"}
@@ -160,6 +161,27 @@ def test_the_library_lists_a_pulled_model_and_the_default(qtbot, hub, smollm2_gg
     assert page.hub.engine_options == {"quantization": "none"}
     page.engine_options = {"kv_cache_memory": 1.0}
     assert [row[6] for row in library(page)] == ["too big", "too big"]
+
+
+def test_the_library_shows_names_whole_where_the_page_has_room_and_scrolls_where_not(qtbot, page, hub, smollm2_gguf):
+    default = model_store.default_model_path()
+    default.parent.mkdir(parents=True)
+    default.symlink_to(smollm2_gguf)
+    page.refresh()
+    view = page.library_view
+    page.resize(1150, 700)  # the window's default size, less the page list: room for the library beside the Hub
+    page.show()
+    qtbot.waitExposed(page)
+    assert view.columnWidth(0) >= view.sizeHintForColumn(0) > 0  # "SmolLM2-135M-Instruct.Q4_1.gguf", not elided
+    assert view.horizontalHeader().length() <= view.viewport().width()  # and every other column beside it
+    page.resize(700, 700)  # no room: the name gives way down to a floor, then the table scrolls sideways
+    assert view.width() < view.sizeHint().width()
+
+    def hidden() -> int:  # px of the columns past the view's right edge
+        return view.horizontalHeader().length() - view.viewport().width()
+
+    # every column can be scrolled to (the scroll range follows the layout, which Qt does on the next turn)
+    qtbot.waitUntil(lambda: hidden() > 0 and view.horizontalScrollBar().maximum() == hidden())
 
 
 def test_delete_frees_the_model_and_refuses_the_default_unless_forced(page, hub, smollm2_gguf):
@@ -172,11 +194,11 @@ def test_delete_frees_the_model_and_refuses_the_default_unless_forced(page, hub,
 
     page.select_model("org/tiny")
     page.delete_button.click()  # the confirmation shows under the table; nothing is deleted yet
-    assert page.confirm_bar.isVisibleTo(page) and f"free {human_size(tiny.size)}" in page.confirm_text.text()
+    assert page.confirm_bar.isVisibleTo(page) and f"free {byte_size(tiny.size)}" in page.confirm_text.text()
     assert names(page) == [default.name, "org/tiny"]
     page.confirm_button.click()
     assert names(page) == [default.name]
-    assert page.status.text() == f"Deleted org/tiny, freed {human_size(tiny.size)}."
+    assert page.status.text() == f"Deleted org/tiny, freed {byte_size(tiny.size)}."
     assert not (hub_files.cache_dir() / "models--org--tiny").exists()
 
     assert page.delete(default.name) is None
@@ -188,7 +210,7 @@ def test_delete_frees_the_model_and_refuses_the_default_unless_forced(page, hub,
 
 def test_a_search_lists_the_hub_results_most_downloaded_first(qtbot, page, hub, tiny_chat_model):
     search(qtbot, page, "tiny")
-    stored = human_size(sum(p.stat().st_size for p in tiny_chat_model.iterdir() if p.is_file()))
+    stored = byte_size(sum(p.stat().st_size for p in tiny_chat_model.iterdir() if p.is_file()))
     params = f"{tiny_params(tiny_chat_model) / 1e6:.1f}M"
     assert [page.hub.results.headerData(c, Qt.Horizontal) for c in range(page.hub.results.columnCount())] == [
         "Name",
@@ -292,15 +314,51 @@ def test_a_missing_repo_fails_in_words(qtbot, page, hub):
 
 
 def test_an_offline_search_says_offline_and_the_library_still_works(qtbot, page, hub, monkeypatch):
-    with socket.socket() as s:  # a port nothing listens on
-        s.bind(("127.0.0.1", 0))
-        page.hub.bridge.endpoint = f"http://127.0.0.1:{s.getsockname()[1]}"
+    page.hub.bridge.endpoint = closed_port_url()
     with qtbot.waitSignal(page.hub.bridge.search_failed, timeout=None):
         page.hub.search()
     assert page.status.text() == OFFLINE and results(page) == []
+    assert page.hub.offline_note.isVisibleTo(page)  # the card keeps saying it after the status moves on
     pulls.pull("org/tiny", endpoint=hub.url)
     page.refresh()
     assert names(page) == ["org/tiny"]
+
+
+def closed_port_url() -> str:
+    with socket.socket() as s:  # a port nothing listens on once closed
+        s.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{s.getsockname()[1]}"
+
+
+def test_the_page_says_the_hub_is_offline_when_it_opens_and_clears_it_once_reached(qtbot, page, hub):
+    page.hub.bridge.endpoint = closed_port_url()
+    assert not page.hub.offline_note.isVisibleTo(page)  # nothing said before anyone asked
+    with qtbot.waitSignal(page.hub.bridge.hub_checked, timeout=None) as checked:
+        page.show()  # opening the page asks; no search needed
+    assert not checked.args[0].reachable
+    assert page.hub.offline_note.isVisibleTo(page) and page.hub.offline_note.text() == OFFLINE
+    page.hub.bridge.endpoint = hub.url  # the network is back: a search reaches the Hub and the note goes
+    search(qtbot, page, "tiny")
+    assert not page.hub.offline_note.isVisibleTo(page) and len(results(page)) == 2
+
+
+def test_a_reachable_hub_says_nothing_when_the_page_opens(qtbot, page, hub):
+    with qtbot.waitSignal(page.hub.bridge.hub_checked, timeout=None) as checked:
+        page.show()
+    assert checked.args[0].reachable and not page.hub.offline_note.isVisibleTo(page)
+    assert page.status.text() == ""
+
+
+def test_the_welcome_and_the_library_give_the_default_model_the_same_size(qtbot, page, hub, smollm2_gguf):
+    default = model_store.default_model_path()
+    default.parent.mkdir(parents=True)
+    default.symlink_to(smollm2_gguf)
+    page.refresh()
+    welcome = FirstRunDialog(small_machine(GIB))
+    qtbot.addWidget(welcome)
+    [size] = [row[5] for row in library(page) if row[0] == default.name]
+    assert welcome.availability.text() == f"Already on this computer ({size})."
+    assert size == "94 MiB"
 
 
 def test_the_hub_results_say_which_models_fit_this_machine(qtbot, page, hub, monkeypatch):
@@ -385,7 +443,7 @@ def test_a_download_interrupted_in_an_earlier_run_is_offered_and_resumes(qtbot, 
     row = interrupted_row(page, "org/tiny")
     percent = 100 * pull.done // pull.total
     assert row.text.text() == (
-        f"org/tiny: interrupted at {percent}% ({human_size(pull.done)} of {human_size(pull.total)})"
+        f"org/tiny: interrupted at {percent}% ({byte_size(pull.done)} of {byte_size(pull.total)})"
     )
     assert library(page) == []  # nothing half-downloaded in the library
     page.show()
@@ -452,7 +510,7 @@ def test_discarding_an_interrupted_download_leaves_no_partial_file(qtbot, hub, t
     page = ModelsPage(EngineBridge(make_llm=RecordingLoader()))
     qtbot.addWidget(page)
     interrupted_row(page, "org/tiny").discard_button.click()
-    assert page.status.text() == f"Discarded the unfinished download of org/tiny, freed {human_size(on_disk)}."
+    assert page.status.text() == f"Discarded the unfinished download of org/tiny, freed {byte_size(on_disk)}."
     assert not repo_dir.exists() and page.hub.interrupted == [] and library(page) == []
 
 
@@ -532,8 +590,8 @@ def test_a_gguf_repo_shows_its_files_and_downloads_the_one_chosen(qtbot, gguf_pa
         "Size",
         "Memory",
     ]
-    size = {name: human_size(len(data)) for name, data in gguf_repo.items()}
-    split = human_size(2 * len(gguf_repo["tiny-Q2_K-00001-of-00002.gguf"]))
+    size = {name: byte_size(len(data)) for name, data in gguf_repo.items()}
+    split = byte_size(2 * len(gguf_repo["tiny-Q2_K-00001-of-00002.gguf"]))
     assert files(page) == [
         ["tiny-Q2_K-00001-of-00002.gguf (+1 part)", "Q2_K", "—", split, "can't load"],
         ["tiny-IQ4_XS.gguf", "IQ4_XS", "float32", size["tiny-IQ4_XS.gguf"], "too big"],

@@ -16,7 +16,8 @@ from PySide6.QtGui import QColor, QHelpEvent, QPalette
 from PySide6.QtWidgets import QApplication, QToolTip
 
 from app.engine_thread import EngineSnapshot
-from app.library.machine import MemoryUse, memory_size
+from app.library.machine import MemoryUse
+from app.units import byte_size
 from engine import BlockMap, BlockState, EngineStats, SamplingParams
 from ui.bridge import EngineBridge
 from ui.pages.monitor import MonitorPage
@@ -251,7 +252,7 @@ def test_a_speculating_engine_shows_its_acceptance_and_memory_live(qtbot, tiny_c
         assert 0 < kv_pool <= load_options["kv_cache_memory"] * 2**30
         said = re.fullmatch(r"Memory ([\d.]+) (MiB|GiB) \(weights (.+), KV (.+)\)", memory)
         assert said is not None, memory
-        assert said.groups()[2:] == (memory_size(engine.weight_bytes), memory_size(kv_pool))
+        assert said.groups()[2:] == (byte_size(engine.weight_bytes), byte_size(kv_pool))
         # The resident set holds at least the weights, which every step reads.
         assert float(said[1]) * {"MiB": 2**20, "GiB": 2**30}[said[2]] >= engine.weight_bytes
         page.show()

@@ -15,12 +15,13 @@ from PySide6.QtCore import Slot
 from PySide6.QtWidgets import QHBoxLayout, QLabel, QPushButton, QVBoxLayout, QWidget
 
 from app.library import hub_models, machine
-from app.library.hub_models import HubError, LocalModel, human_size
+from app.library.hub_models import HubError, LocalModel
+from app.units import byte_size
 from ui.bridge import EngineBridge, ModelLoaded, ModelLoadFailed
 from ui.hub_bridge import DownloadDone, HubBridge
 from ui.widgets.cards import card, muted, section
 from ui.widgets.hub_panel import HubPanel
-from ui.widgets.rows_table import library_model, rows_table
+from ui.widgets.rows_table import RowsView, library_model
 from ui.widgets.status_line import StatusLine
 
 
@@ -50,7 +51,7 @@ class ModelsPage(QWidget):
 
         library_card, library = card("Library")
         self.library = library_model(self._fit, self)
-        self.library_view = rows_table(self.library)
+        self.library_view = RowsView(self.library, whole_names=True)
         self.library_view.selectionModel().selectionChanged.connect(self._sync)
         self.library_view.doubleClicked.connect(lambda _: self.load_selected())
         self.library_summary = muted()
@@ -74,8 +75,9 @@ class ModelsPage(QWidget):
         confirm_row.addWidget(self.confirm_button)
         confirm_row.addWidget(keep)
         self.confirm_bar.hide()
+        # The summary on a line of its own: beside the buttons it kept the page wider than an 800 px window allows.
         library_buttons = QHBoxLayout()
-        library_buttons.addWidget(self.library_summary, 1)
+        library_buttons.addStretch(1)
         library_buttons.addWidget(refresh)
         library_buttons.addWidget(self.delete_button)
         library_buttons.addWidget(self.load_button)
@@ -83,13 +85,16 @@ class ModelsPage(QWidget):
         library.addWidget(self.library_view, 1)
         library.addSpacing(4)
         library.addWidget(self.confirm_bar)
+        library.addWidget(self.library_summary)
         library.addLayout(library_buttons)
 
         self.hub = HubPanel(HubBridge(endpoint, self), self.status.say)
 
         cards = QHBoxLayout()
         cards.setSpacing(12)
-        cards.addWidget(library_card, 1)
+        # The library takes the width that shows its names whole (its table's size hint) where the page has it;
+        # the Hub card, empty until a search and eliding long repo ids, takes the rest.
+        cards.addWidget(library_card, 0)
         cards.addWidget(self.hub, 1)
 
         layout = QVBoxLayout(self)
@@ -127,7 +132,7 @@ class ModelsPage(QWidget):
         self.library_summary.setText(
             "No models yet: download one from the Hub."
             if not models
-            else f"{len(models)} model{'s' if len(models) != 1 else ''}, {human_size(total)} on disk"
+            else f"{len(models)} model{'s' if len(models) != 1 else ''}, {byte_size(total)} on disk"
             + (f"; {broken} cannot be loaded (hover it for why)" if broken else "")
         )
         self._cancel_delete()
@@ -205,10 +210,10 @@ class ModelsPage(QWidget):
         if model.is_default:
             self.confirm_text.setText(
                 f"{model.name} is the default model: kvstudio fetches it again on next use. "
-                f"Delete it anyway and free {human_size(model.size)}?"
+                f"Delete it anyway and free {byte_size(model.size)}?"
             )
         else:
-            self.confirm_text.setText(f"Delete {model.name} and free {human_size(model.size)}?")
+            self.confirm_text.setText(f"Delete {model.name} and free {byte_size(model.size)}?")
         self.confirm_bar.show()
 
     @Slot()
@@ -236,7 +241,7 @@ class ModelsPage(QWidget):
             self.status.say(f"Could not delete {name}: {e}", "error")
             return None
         self.refresh()
-        self.status.say(f"Deleted {name}, freed {human_size(freed)}.", "ok")
+        self.status.say(f"Deleted {name}, freed {byte_size(freed)}.", "ok")
         return freed
 
     # ---- state --------------------------------------------------------------------------------------------

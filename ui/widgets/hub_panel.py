@@ -4,7 +4,9 @@ download with progress, speed and cancel, and the downloads an earlier run or a 
 or discard.
 
 The card only reacts: searching and downloading run in its HubBridge (ui/hub_bridge.py), whose signals it shows.
-Every failure (no network, no such repo, a download breaking off, a full disk) is said through `say`.
+Every failure (no network, no such repo, a download breaking off, a full disk) is said through `say`. Whether the
+Hub can be reached is asked when the card is first shown (and on each later showing while it could not be), and
+said on the card until a search or a check reaches it: nobody has to search first to learn the Hub is offline.
 """
 
 from __future__ import annotations
@@ -13,16 +15,17 @@ import threading
 from collections.abc import Callable
 
 from PySide6.QtCore import Qt, Slot
+from PySide6.QtGui import QShowEvent
 from PySide6.QtWidgets import QHBoxLayout, QLabel, QLineEdit, QProgressBar, QPushButton, QVBoxLayout, QWidget
 
 from app.library import machine, pulls
 from app.library.footprint import QUANTIZED_AT_LOAD
 from app.library.gguf_files import GGUFChoice
 from app.library.hub_files import HubError
-from app.library.hub_models import human_size
 from app.library.hub_search import HubModel
 from app.library.pulls import InterruptedPull
 from app.library.quant_types import dtype_name, kept_bits, quant_type
+from app.units import byte_size
 from ui.hub_bridge import (
     DownloadDone,
     DownloadFailed,
@@ -30,11 +33,13 @@ from ui.hub_bridge import (
     FilesDone,
     FilesFailed,
     HubBridge,
+    HubChecked,
     SearchDone,
     SearchFailed,
 )
 from ui.widgets.cards import card, muted
-from ui.widgets.rows_table import files_model, results_model, rows_table
+from ui.widgets.rows_table import RowsView, files_model, results_model
+from ui.widgets.status_line import StatusLine
 
 OFFLINE = "Offline: the Hub cannot be reached. The library still works."
 
@@ -43,9 +48,9 @@ Say = Callable[[str, str | None], None]  # (sentence, tone: "ok" | "warn" | "err
 
 def interrupted_text(pull: InterruptedPull) -> str:
     if pull.total is None:
-        return f"{pull.model}: interrupted, {human_size(pull.done)} downloaded"
+        return f"{pull.model}: interrupted, {byte_size(pull.done)} downloaded"
     percent = 100 * pull.done // max(pull.total, 1)
-    return f"{pull.model}: interrupted at {percent}% ({human_size(pull.done)} of {human_size(pull.total)})"
+    return f"{pull.model}: interrupted at {percent}% ({byte_size(pull.done)} of {byte_size(pull.total)})"
 
 
 class InterruptedRow(QWidget):
@@ -71,10 +76,13 @@ class HubPanel(QWidget):
         self.say = say
         self._searching = False
         self._files_repo: str | None = None  # the GGUF repo whose files the files table shows (or is asking for)
+        self._reachable: bool | None = None  # what the last contact with the Hub found; None: not asked yet
+        self._checking = False
         self.engine_options: dict = {}  # LLM keyword arguments loads will use: the fit verdicts count them
         self._memory = machine.memory_for(self.engine_options)  # taken again with each search's results
         self.interrupted: list[InterruptedRow] = []
         self._build()
+        bridge.hub_checked.connect(self._on_hub_checked)
         bridge.search_done.connect(self._on_search_done)
         bridge.search_failed.connect(self._on_search_failed)
         bridge.files_done.connect(self._on_files_done)
@@ -94,13 +102,15 @@ class HubPanel(QWidget):
         search_row = QHBoxLayout()
         search_row.addWidget(self.query, 1)
         search_row.addWidget(self.search_button)
+        self.offline_note = StatusLine()
+        self.offline_note.hide()  # until a check or a search finds the Hub out of reach
         self.results = results_model(self._fit, self)
-        self.results_view = rows_table(self.results)
+        self.results_view = RowsView(self.results)
         self.results_view.selectionModel().selectionChanged.connect(self._on_result_selected)
         self.results_view.doubleClicked.connect(lambda _: self.download_selected())
         # a GGUF repo's files, under the results while one is selected
         self.files = files_model(self._file_fit, self._file_kind, self)
-        self.files_view = rows_table(self.files)
+        self.files_view = RowsView(self.files)
         self.files_view.selectionModel().selectionChanged.connect(self.sync)
         self.files_view.doubleClicked.connect(lambda _: self.download_selected())
         self.files_text = muted()
@@ -130,6 +140,7 @@ class HubPanel(QWidget):
         self.interrupted_box.setSpacing(4)
         box.addSpacing(6)
         box.addLayout(search_row)
+        box.addWidget(self.offline_note)
         box.addSpacing(4)
         box.addWidget(self.results_view, 1)
         box.addWidget(self.files_box, 1)
@@ -165,6 +176,27 @@ class HubPanel(QWidget):
             return dtype_name(dtype_bytes), f"{kind.label} dequantized (quantization none)", False
         return kind.loads_as(dtype_bytes), kind.note(dtype_bytes), kind.kept is None and not kind.is_float
 
+    # ---- reaching the Hub ---------------------------------------------------------------------------------
+    def showEvent(self, event: QShowEvent) -> None:
+        super().showEvent(event)
+        if self._reachable is not True and not self._checking:  # never asked, or offline last time: ask again
+            self.check_hub()
+
+    def check_hub(self) -> threading.Thread:
+        """Ask whether the Hub can be reached; the answer arrives as the bridge's hub_checked."""
+        self._checking = True
+        return self.bridge.check_hub()
+
+    @Slot(object)
+    def _on_hub_checked(self, checked: HubChecked) -> None:
+        self._checking = False
+        self._set_reachable(checked.reachable)
+
+    def _set_reachable(self, reachable: bool) -> None:
+        self._reachable = reachable
+        self.offline_note.say("" if reachable else OFFLINE, None if reachable else "error")
+        self.offline_note.setVisible(not reachable)
+
     # ---- search -------------------------------------------------------------------------------------------
     @Slot()
     def search(self) -> threading.Thread:
@@ -178,6 +210,7 @@ class HubPanel(QWidget):
     @Slot(object)
     def _on_search_done(self, done: SearchDone) -> None:
         self._searching = False
+        self._set_reachable(True)
         self._memory = machine.memory_for(self.engine_options)
         self.results.set_rows(done.results)
         self._show_files(None)
@@ -193,6 +226,8 @@ class HubPanel(QWidget):
     @Slot(object)
     def _on_search_failed(self, failed: SearchFailed) -> None:
         self._searching = False
+        if failed.offline:
+            self._set_reachable(False)
         self.say(OFFLINE if failed.offline else f"Search failed: {failed.message}", "error")
         self.sync()
 
@@ -287,7 +322,7 @@ class HubPanel(QWidget):
     def _on_progress(self, p: DownloadProgress) -> None:
         self.progress.setValue(100 if p.total == 0 else int(100 * p.done / p.total))
         self.progress_text.setText(
-            f"{p.model}: {human_size(p.done)} of {human_size(p.total)}, {human_size(p.bytes_per_s)}/s"
+            f"{p.model}: {byte_size(p.done)} of {byte_size(p.total)}, {byte_size(p.bytes_per_s)}/s"
         )
 
     @Slot(object)
@@ -333,7 +368,7 @@ class HubPanel(QWidget):
             return None
         finally:
             self.refresh_interrupted()
-        self.say(f"Discarded the unfinished download of {model}, freed {human_size(freed)}.", "ok")
+        self.say(f"Discarded the unfinished download of {model}, freed {byte_size(freed)}.", "ok")
         return freed
 
     # ---- state --------------------------------------------------------------------------------------------

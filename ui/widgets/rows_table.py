@@ -12,8 +12,8 @@ from PySide6.QtCore import QAbstractTableModel, QModelIndex, QObject, QSize, Qt
 from PySide6.QtGui import QFont
 from PySide6.QtWidgets import QAbstractItemView, QHeaderView, QStyledItemDelegate, QTableView
 
-from app.library.hub_models import human_size
 from app.library.machine import ModelFit
+from app.units import byte_size
 from ui.theme import tone_color
 
 FIT_TONES = {"fits": "ok", "tight": "warn", "too big": "error"}
@@ -151,7 +151,7 @@ def library_model(fit_of: Callable[[Any], ModelFit | None], parent: QObject | No
                 tooltip=lambda m: None if m.num_params is None else f"{m.num_params:,} parameters",
             ),
             Column("Context", lambda m: "—" if m.context_length is None else f"{m.context_length:,}", align="right"),
-            Column("Size", lambda m: human_size(m.size), align="right"),
+            Column("Size", lambda m: byte_size(m.size), align="right"),
             fit_column(fit_of),
         ],
         parent,
@@ -188,7 +188,7 @@ def results_model(fit_of: Callable[[Any], ModelFit | None], parent: QObject | No
             Column("Likes", lambda m: f"{m.likes:,}", align="right"),
             Column(
                 "Size",
-                lambda m: "—" if m.size is None else human_size(m.size),
+                lambda m: "—" if m.size is None else byte_size(m.size),
                 align="right",
                 tooltip=lambda m: "Everything the repo stores on the Hub; a download fetches only what kvstudio runs",
             ),
@@ -226,7 +226,7 @@ def files_model(
                 tooltip=lambda c: kind_of(c)[1] if c.problem is None else tip(c),
                 tone=lambda c: "warn" if c.problem is None and kind_of(c)[2] else None,
             ),
-            Column("Size", lambda c: human_size(c.size), align="right", tooltip=lambda c: f"{c.size:,} bytes"),
+            Column("Size", lambda c: byte_size(c.size), align="right", tooltip=lambda c: f"{c.size:,} bytes"),
             Column(
                 "Memory",
                 lambda c: "can't load" if (fit := fit_of(c)) is None else fit.verdict,
@@ -256,28 +256,73 @@ class _SpacedHeader(QHeaderView):
         return QSize(size.width() + 2 * CELL_GAP, size.height())
 
 
-def rows_table(model: RowsModel) -> QTableView:
-    """A read-only table of whole rows, one selected at a time; the name column takes the spare width and elides
-    in the middle, where model ids differ least (an org prefix, a -Instruct or quantisation suffix both stay)."""
-    view = QTableView()
-    view.setHorizontalHeader(_SpacedHeader(Qt.Horizontal, view))
-    view.setItemDelegate(_SpacedCells(view))
-    view.setModel(model)
-    view.verticalHeader().hide()
-    view.verticalHeader().setSectionResizeMode(QHeaderView.Fixed)
-    view.verticalHeader().setDefaultSectionSize(ROW_HEIGHT)
-    view.setEditTriggers(QAbstractItemView.NoEditTriggers)
-    view.setSelectionBehavior(QAbstractItemView.SelectRows)
-    view.setSelectionMode(QAbstractItemView.SingleSelection)
-    view.setAlternatingRowColors(True)
-    view.setShowGrid(False)
-    view.setWordWrap(False)
-    view.setTextElideMode(Qt.ElideMiddle)
-    view.setHorizontalScrollBarPolicy(Qt.ScrollBarAlwaysOff)  # the name column gives way instead
-    header = view.horizontalHeader()
-    header.setSectionResizeMode(QHeaderView.ResizeToContents)
-    header.setMinimumSectionSize(56)
-    header.setFixedHeight(ROW_HEIGHT)
-    header.setHighlightSections(False)
-    header.setSectionResizeMode(0, QHeaderView.Stretch)
-    return view
+NAME_FLOOR = 160  # px: narrower than this the name column stops giving way, and the table scrolls sideways
+
+
+class RowsView(QTableView):
+    """A read-only table of whole rows, one selected at a time. The name column (the first) takes the width the
+    others leave; with too little, it elides in the middle, where model ids differ least (an org prefix, a
+    -Instruct or quantisation suffix both stay), down to NAME_FLOOR, and past that the table scrolls sideways
+    rather than hide a column. With `whole_names` the view asks its layout for the width that shows every name
+    whole (the library: a file name's end is its quantisation); without, for Qt's default (Hub results, which
+    can be long and come and go, take the width their card is given)."""
+
+    def __init__(self, model: RowsModel, whole_names: bool = False) -> None:
+        super().__init__()
+        self.whole_names = whole_names
+        self.setHorizontalHeader(_SpacedHeader(Qt.Horizontal, self))
+        self.setItemDelegate(_SpacedCells(self))
+        self.setModel(model)
+        self.verticalHeader().hide()
+        self.verticalHeader().setSectionResizeMode(QHeaderView.Fixed)
+        self.verticalHeader().setDefaultSectionSize(ROW_HEIGHT)
+        self.setEditTriggers(QAbstractItemView.NoEditTriggers)
+        self.setSelectionBehavior(QAbstractItemView.SelectRows)
+        self.setSelectionMode(QAbstractItemView.SingleSelection)
+        self.setAlternatingRowColors(True)
+        self.setShowGrid(False)
+        self.setWordWrap(False)
+        self.setTextElideMode(Qt.ElideMiddle)
+        self.setHorizontalScrollBarPolicy(Qt.ScrollBarAsNeeded)  # only past NAME_FLOOR
+        self.setHorizontalScrollMode(QAbstractItemView.ScrollPerPixel)  # per column, a short scroll hid nothing
+        header = self.horizontalHeader()
+        header.setSectionResizeMode(QHeaderView.ResizeToContents)
+        header.setSectionResizeMode(0, QHeaderView.Fixed)  # sized by _fit_name_column
+        header.setMinimumSectionSize(56)
+        header.setFixedHeight(ROW_HEIGHT)
+        header.setHighlightSections(False)
+        header.sectionResized.connect(self._on_section_resized)
+        model.modelReset.connect(self._rows_changed)
+
+    def names_width(self) -> int:
+        """The name column's width with every name (and its heading) whole."""
+        return max(self.sizeHintForColumn(0), self.horizontalHeader().sectionSizeHint(0))
+
+    def _others_width(self) -> int:
+        header = self.horizontalHeader()
+        return sum(header.sectionSize(c) for c in range(1, header.count()))
+
+    def _fit_name_column(self) -> None:
+        floor = min(self.names_width(), NAME_FLOOR)
+        self.horizontalHeader().resizeSection(0, max(self.viewport().width() - self._others_width(), floor))
+
+    def _on_section_resized(self, column: int, _old: int, _new: int) -> None:
+        if column != 0:  # another column grew or shrank with its contents: the name column gives or takes it
+            self._fit_name_column()
+
+    def _rows_changed(self) -> None:
+        self.updateGeometry()  # longer names want a wider view: the layout asks sizeHint again
+        self._fit_name_column()
+
+    def resizeEvent(self, event) -> None:
+        super().resizeEvent(event)
+        self._fit_name_column()
+
+    def sizeHint(self) -> QSize:
+        hint = super().sizeHint()
+        if not self.whole_names:
+            return hint
+        header = self.horizontalHeader()
+        columns = sum(max(self.sizeHintForColumn(c), header.sectionSizeHint(c)) for c in range(header.count()))
+        frame = 2 * self.frameWidth() + self.verticalScrollBar().sizeHint().width()
+        return QSize(columns + frame, hint.height())
