@@ -211,6 +211,29 @@ def test_run_without_a_model_or_prompts_says_so(qtbot):
     assert page.status.text() == "No model is loaded yet." and page.model.items[0].status == QUEUED
 
 
+def test_the_selected_rows_whole_output_shows_under_the_table(qtbot):
+    page = BatchPage(EngineBridge())  # the outputs are set here: no engine needed
+    qtbot.addWidget(page)
+    page.input.setPlainText("first\nsecond")
+    long_output = " ".join(f"word{i}" for i in range(400))  # past what the Output column shows on one line
+    page.model.items[0] = BatchItem(page.model.items[0].row, DONE, "short reply", 2, "stop")
+    page.model.items[1] = BatchItem(page.model.items[1].row, DONE, long_output, 400, "length")
+    page.model.rows_changed(0, 1)
+    page.resize(1200, 720)
+    page.show()
+    qtbot.waitExposed(page)
+    assert page.model.data(page.model.index(1, 4)).endswith("…")  # the cell cuts it
+
+    page.table.selectRow(1)
+    assert long_output in page.detail.toPlainText()
+    table, detail = (w.geometry() for w in (page.table, page.detail))
+    assert detail.top() > table.bottom() and detail.width() == table.width()  # below it, as wide as it
+    page.table.selectRow(0)  # it follows the selection
+    assert "short reply" in page.detail.toPlainText() and long_output not in page.detail.toPlainText()
+    page.table.clearSelection()
+    assert page.detail.toPlainText() == ""
+
+
 def test_the_table_model_alone(qtbot):
     model = BatchTableModel()
     model.set_rows([BatchRow("first\nprompt"), BatchRow(messages=[{"role": "user", "content": "chat"}])])

@@ -142,14 +142,16 @@ class BatchPage(QWidget):
             header.setSectionResizeMode(column, QHeaderView.Interactive)
             header.resizeSection(column, width)
         header.setSectionResizeMode(4, QHeaderView.Stretch)
-        self.table.selectionModel().currentRowChanged.connect(lambda *_: self._show_detail())
+        self.table.selectionModel().selectionChanged.connect(lambda *_: self._show_detail())
         self.detail = QTextBrowser(placeholderText="Select a row to read its prompt and output")
 
-        results = QSplitter(Qt.Horizontal)
+        # The selected row's whole prompt and output under the table, as wide as it: the Output column cuts a
+        # reply to one line, and a pane beside the table left both narrow.
+        results = QSplitter(Qt.Vertical)
         results.addWidget(self.table)
         results.addWidget(self.detail)
         results.setStretchFactor(0, 3)
-        results.setStretchFactor(1, 1)
+        results.setStretchFactor(1, 2)
         bottom = QWidget()
         bv = QVBoxLayout(bottom)
         bv.setContentsMargins(0, 0, 0, 0)
@@ -333,7 +335,7 @@ class BatchPage(QWidget):
         """Repaint the rows changed since the last call; show progress and throughput."""
         if self._dirty:
             self.model.rows_changed(min(self._dirty), max(self._dirty))
-            if self.table.currentIndex().row() in self._dirty:
+            if self._selected_row() in self._dirty:  # the pane under the table follows the reply as it grows
                 self._show_detail()
             self._dirty.clear()
         items = self.model.items
@@ -378,9 +380,13 @@ class BatchPage(QWidget):
             self.export(path if Path(path).suffix.lower() == suffix else path + suffix)
 
     # ---- small helpers ----------------------------------------------------------------------------------------
+    def _selected_row(self) -> int | None:
+        selected = self.table.selectionModel().selectedRows()
+        return selected[0].row() if selected else None
+
     def _show_detail(self) -> None:
-        row = self.table.currentIndex().row()
-        if not 0 <= row < len(self.model.items):
+        row = self._selected_row()
+        if row is None:
             self.detail.clear()
             return
         item = self.model.items[row]
