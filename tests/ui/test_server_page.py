@@ -16,6 +16,7 @@ from pathlib import Path
 import openai
 import pytest
 import yaml
+from PySide6.QtGui import QFontInfo
 from PySide6.QtWidgets import QApplication
 
 from app.server.run import default_model_id
@@ -208,4 +209,26 @@ def test_each_copy_button_says_what_it_copies(qtbot, screenshots):
     with qtbot.waitExposed(p):  # a tab widget lays out its tabs and corner once shown
         p.show()
     p.grab().save(str(screenshots / "server-copy-buttons.png"))
+    p.shutdown()
+
+
+def laid_out_lines(box) -> list[int]:
+    """How many lines of the box each line of its text takes (0: not laid out yet)."""
+    document = box.document()
+    return [document.findBlockByNumber(i).layout().lineCount() for i in range(document.blockCount())]
+
+
+def test_a_snippet_keeps_its_lines_in_a_narrow_window_and_scrolls_sideways(qtbot):
+    p = ServerPage(EngineBridge())
+    qtbot.addWidget(p)
+    p.api_key.setText("sk-" + "k" * 60)  # a long line: the key's string in the snippet
+    p.resize(700, 600)
+    with qtbot.waitExposed(p):
+        p.show()
+    for box in (p.python_snippet, p.ide_snippet):
+        p.snippets.setCurrentWidget(box)
+        qtbot.waitUntil(lambda b=box: 0 not in laid_out_lines(b))  # a tab shown first lays its text out on a turn
+        assert laid_out_lines(box) == [1] * box.document().blockCount()  # no line broken inside a string
+        assert box.horizontalScrollBar().maximum() > 0  # the long line is reached by scrolling
+        assert QFontInfo(box.font()).fixedPitch()
     p.shutdown()

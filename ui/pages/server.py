@@ -396,6 +396,9 @@ def _html(text: str) -> str:
 def _snippet_box() -> QPlainTextEdit:
     box = QPlainTextEdit(readOnly=True)
     box.setFont(QFontDatabase.systemFont(QFontDatabase.FixedFont))
+    # Code keeps its lines: a URL or key wrapped inside its string reads as two, and copies as one anyway.
+    # A narrow box scrolls sideways instead.
+    box.setLineWrapMode(QPlainTextEdit.LineWrapMode.NoWrap)
     box.setMinimumHeight(140)
     return box
 
