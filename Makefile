@@ -1,6 +1,8 @@
 # make setup: .venv with the project installed (editable) and pinned, Qt's system libraries, the default model.
 # make test:  setup, then the linter and formatter checks (ruff), then the whole test suite on the CPU.
 # make run:   setup, then kvstudio.
+# make screenshots: setup, then the welcome, a model loading and each page at 800x600 and 1920x1080 into
+#             build/screenshots/ (offscreen, no network: tests/ui/screenshots.py).
 # make gpu-check: on a CUDA machine, the Triton kernels at real sizes and kvstudio against transformers there
 #             (uses the machine's own python with torch, triton and transformers; no setup).
 # make package: the desktop app as one folder, dist/kvstudio/ (PyInstaller, packaging/kvstudio.spec).
@@ -38,7 +40,7 @@ QT_SYSTEM_LIBS := libEGL.so.1:libegl1 libGL.so.1:libgl1 libOpenGL.so.0:libopengl
 	libxcb-shm.so.0:libxcb-shm0 libxcb-sync.so.1:libxcb-sync1 libxcb-util.so.1:libxcb-util1 \
 	libxcb-xfixes.so.0:libxcb-xfixes0 libxcb-xkb.so.1:libxcb-xkb1
 
-.PHONY: setup test run gpu-check baseline package package-check wheel-check
+.PHONY: setup test run screenshots gpu-check baseline package package-check wheel-check
 
 setup: $(STAMP)
 	$(PY) -m app.library.model_store fetch-default
@@ -69,6 +71,9 @@ test: setup
 
 run: setup
 	$(VENV)/bin/kvstudio
+
+screenshots: setup
+	QT_QPA_PLATFORM=offscreen $(PY) -m tests.ui.screenshots build/screenshots
 
 BASELINE_TOOLS := $(VENV)/.kvstudio-baseline
 baseline: $(BASELINE_TOOLS)
