@@ -24,6 +24,7 @@ from PySide6.QtGui import (
     QShortcut,
 )
 from PySide6.QtWidgets import (
+    QFrame,
     QHBoxLayout,
     QInputDialog,
     QLabel,
@@ -32,6 +33,7 @@ from PySide6.QtWidgets import (
     QListWidgetItem,
     QPlainTextEdit,
     QPushButton,
+    QScrollArea,
     QSplitter,
     QTextBrowser,
     QVBoxLayout,
@@ -160,16 +162,41 @@ class ChatPage(QWidget):
         rv.addWidget(QLabel("<b>Sampling</b>"))
         rv.addWidget(self.sampling)
         rv.addStretch(1)
+        # The settings scroll on a low window, and give way to the conversation on a narrow one (_fit_columns).
+        self.settings_panel = QScrollArea(widgetResizable=True, frameShape=QFrame.Shape.NoFrame)
+        self.settings_panel.setWidget(right)
+        self.settings_panel.setMinimumWidth(1)
 
-        splitter = QSplitter()
-        for w, stretch in ((left, 0), (middle, 1), (right, 0)):
+        self.splitter = splitter = QSplitter()
+        for w, stretch in ((left, 0), (middle, 1), (self.settings_panel, 0)):
             splitter.addWidget(w)
             splitter.setStretchFactor(splitter.count() - 1, stretch)
         splitter.setSizes([220, 640, 260])
+        self._settings_folded = False  # folded by _fit_columns, not by the user dragging its handle
         layout = QVBoxLayout(self)
         layout.setContentsMargins(0, 0, 0, 0)
         layout.addWidget(splitter)
         self._sync_buttons()
+
+    def resizeEvent(self, event) -> None:
+        super().resizeEvent(event)
+        self._fit_columns()
+
+    def _fit_columns(self) -> None:
+        """Fold the settings column away while the page is too narrow for all three columns at their least
+        widths (a small screen), and open it again once it is wide enough; dragging its handle opens it too."""
+        left, middle, settings = (self.splitter.widget(i) for i in range(3))
+        handles = 2 * self.splitter.handleWidth()
+        needed = left.minimumSizeHint().width() + middle.minimumSizeHint().width() + handles
+        needed += settings.widget().minimumSizeHint().width() + settings.verticalScrollBar().sizeHint().width()
+        sizes = self.splitter.sizes()
+        if self.width() < needed and sizes[2] > 0:
+            self.splitter.setSizes([sizes[0], sizes[1] + sizes[2], 0])
+            self._settings_folded = True
+        elif self.width() >= needed and self._settings_folded:
+            width = settings.widget().sizeHint().width()
+            self.splitter.setSizes([sizes[0], max(0, sizes[1] - width), width])
+            self._settings_folded = False
 
     # ---- conversations --------------------------------------------------------------------------------------
     def refresh_conversations(self) -> None:

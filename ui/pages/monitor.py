@@ -1,12 +1,16 @@
 """The monitor page: the engine's KV cache and queues, speculative decoding and memory, live. It only renders
 EngineSnapshots handed to show_snapshot (queued from the engine thread through the bridge); it never touches the
-engine."""
+engine.
+
+On a small window the cards wrap onto more rows and the page scrolls, so the block map keeps a height at which its
+cells still read as blocks; on a large one the block map takes the room there is.
+"""
 
 from __future__ import annotations
 
-from PySide6.QtCore import QEvent, Slot
+from PySide6.QtCore import QEvent, Qt, Slot
 from PySide6.QtGui import QPalette
-from PySide6.QtWidgets import QGridLayout, QHBoxLayout, QLabel, QProgressBar, QVBoxLayout, QWidget
+from PySide6.QtWidgets import QFrame, QGridLayout, QHBoxLayout, QLabel, QProgressBar, QScrollArea, QVBoxLayout, QWidget
 
 from app.engine_thread import EngineSnapshot
 from engine import BlockState
@@ -14,6 +18,10 @@ from ui.theme import BLOCK_COLORS, GENERATION_COLOR, PROMPT_COLOR
 from ui.widgets.block_map import BlockMapWidget, Swatch
 from ui.widgets.cards import card, muted, section, value_label
 from ui.widgets.throughput_chart import ThroughputChart
+from ui.widgets.wrap_layout import WrapLayout
+
+# The least height of the block map (legend included): at 800x600 some 3,000 blocks still get cells with gaps.
+BLOCK_MAP_MIN_HEIGHT = 240
 
 
 class MonitorPage(QWidget):
@@ -55,8 +63,7 @@ class MonitorPage(QWidget):
         preempt.addWidget(self.preemptions_label)
         preempt.addWidget(muted("since start"))
 
-        cards = QHBoxLayout()
-        cards.setSpacing(12)
+        cards = WrapLayout(spacing=12)
         for panel, stretch in (
             (usage_card, 3),
             (requests_card, 3),
@@ -65,7 +72,7 @@ class MonitorPage(QWidget):
             (preempt_card, 2),
         ):
             panel.layout().addStretch(1)  # cards share a height; their contents line up at the top
-            cards.addWidget(panel, stretch)
+            cards.add_widget(panel, stretch)
 
         # A line under the cards: how many drafted tokens speculation keeps, and the memory the model takes.
         self.speculation_label, self.memory_label = muted("Speculation off"), muted()
@@ -76,8 +83,9 @@ class MonitorPage(QWidget):
         engine_line.addWidget(self.memory_label)
 
         self.block_map = BlockMapWidget()
+        self.block_map.setMinimumHeight(BLOCK_MAP_MIN_HEIGHT)
         self.chart = ThroughputChart()
-        self.chart.setMinimumHeight(180)
+        self.chart.setMinimumHeight(140)
         self.chart.setMaximumHeight(240)
         # The chart's legend, with the latest rates.
         self.prompt_rate_label, self.generation_rate_label = QLabel(), QLabel()
@@ -95,7 +103,16 @@ class MonitorPage(QWidget):
         self.remote_note = muted()
         self.remote_note.hide()
 
-        layout = QVBoxLayout(self)
+        content = QWidget()
+        scroll = QScrollArea()
+        scroll.setWidget(content)
+        scroll.setWidgetResizable(True)
+        scroll.setFrameShape(QFrame.Shape.NoFrame)
+        scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)  # the cards wrap instead
+        page = QVBoxLayout(self)
+        page.setContentsMargins(0, 0, 0, 0)
+        page.addWidget(scroll)
+        layout = QVBoxLayout(content)
         layout.setContentsMargins(24, 20, 24, 20)
         layout.setSpacing(12)
         layout.addWidget(self.remote_note)

@@ -2,6 +2,8 @@
 
 Cells are painted from a QImage with one pixel per block, scaled up without smoothing, so a repaint costs one
 image draw whatever the block count: 100k blocks repaint in a few milliseconds, cheap enough for 10+ frames a second.
+A cell's size is fractional: whole pixels would leave up to a row per row unused (a band under the map on a large
+window), so neighbouring cells may differ by a pixel.
 """
 
 from __future__ import annotations
@@ -9,7 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
-from PySide6.QtCore import QEvent, QLine, QPoint, QRect, QSize, Qt
+from PySide6.QtCore import QEvent, QLine, QPoint, QRect, QRectF, QSize, Qt
 from PySide6.QtGui import QColor, QImage, QPainter, QPalette
 from PySide6.QtWidgets import QFrame, QHBoxLayout, QLabel, QScrollArea, QSizePolicy, QToolTip, QVBoxLayout, QWidget
 
@@ -30,7 +32,7 @@ class BlockGrid(QWidget):
     MIN_CELL px they stop shrinking and heightForWidth asks the enclosing scroll area for more height instead."""
 
     MIN_CELL = 3
-    MAX_CELL = 14
+    MAX_CELL = 40  # a pool of a few blocks is not drawn as a few huge squares
     GAP_FROM = 6  # cells this large or larger get a 1 px gap, so neighbours of one state still read as blocks
 
     def __init__(self, parent: QWidget | None = None) -> None:
@@ -55,18 +57,14 @@ class BlockGrid(QWidget):
         return free_color(self.palette()) if state == BlockState.FREE else BLOCK_COLORS[state]
 
     # ---- geometry ---------------------------------------------------------------------------------------------
-    def cell_layout(self) -> tuple[int, int]:
-        """(cell size in px, columns) for the current size: the largest cell whose rows all fit the height."""
-        n, width, height = len(self._states), max(1, self.width()), self.height()
-        for cell in range(self.MAX_CELL, self.MIN_CELL, -1):
-            cols = max(1, width // cell)
-            if math.ceil(n / cols) * cell <= height:
-                return cell, cols
-        return self.MIN_CELL, max(1, width // self.MIN_CELL)
+    def cell_layout(self) -> tuple[float, int]:
+        """(cell size in px, columns) for the current size: the largest square cell whose rows all fit the
+        widget, at most MAX_CELL; at least MIN_CELL, rows past the height then scroll."""
+        return fitted_cells(len(self._states), max(1, self.width()), self.height(), self.MIN_CELL, self.MAX_CELL)
 
     def block_at(self, pos: QPoint) -> int | None:
         cell, cols = self.cell_layout()
-        col, row = pos.x() // cell, pos.y() // cell
+        col, row = int(pos.x() // cell), int(pos.y() // cell)
         if pos.x() < 0 or pos.y() < 0 or col >= cols:
             return None
         block = row * cols + col
@@ -74,7 +72,7 @@ class BlockGrid(QWidget):
 
     def cell_rect(self, block: int) -> QRect:
         cell, cols = self.cell_layout()
-        return QRect((block % cols) * cell, (block // cols) * cell, cell, cell)
+        return QRectF((block % cols) * cell, (block // cols) * cell, cell, cell).toAlignedRect()
 
     def describe(self, block: int) -> str:
         state = self._states[block]
@@ -117,16 +115,17 @@ class BlockGrid(QWidget):
             self._image, self._image_cols = self._build_image(cols), cols
         rows = self._image.height()
         painter = QPainter(self)
-        # Without SmoothPixmapTransform the scale is nearest-neighbour: crisp square cells.
+        # Without SmoothPixmapTransform the scale is nearest-neighbour: crisp cells.
         painter.setRenderHint(QPainter.RenderHint.SmoothPixmapTransform, False)
-        painter.drawImage(QRect(0, 0, cols * cell, rows * cell), self._image)
+        painter.drawImage(QRectF(0, 0, cols * cell, rows * cell), self._image)
         if cell >= self.GAP_FROM:
-            # Gaps are background-coloured lines over the cells' last pixel row and column.
+            # Gaps are background-coloured lines over the cells' last pixel row and column, on the same whole
+            # pixels the scaled image puts the cells' edges.
             painter.setPen(self.palette().color(QPalette.ColorRole.Window))
-            w, h = cols * cell, rows * cell
+            w, h = round(cols * cell), round(rows * cell)
             painter.drawLines(
-                [QLine(c * cell - 1, 0, c * cell - 1, h) for c in range(1, cols + 1)]
-                + [QLine(0, r * cell - 1, w, r * cell - 1) for r in range(1, rows + 1)]
+                [QLine(round(c * cell) - 1, 0, round(c * cell) - 1, h) for c in range(1, cols + 1)]
+                + [QLine(0, round(r * cell) - 1, w, round(r * cell) - 1) for r in range(1, rows + 1)]
             )
         painter.end()
 
@@ -146,6 +145,22 @@ class BlockGrid(QWidget):
             self._image = None  # the free colour follows the palette
             self.update()
         super().changeEvent(event)
+
+
+def fitted_cells(n: int, width: int, height: int, min_cell: float, max_cell: float) -> tuple[float, int]:
+    """(cell size, columns) of the largest square cells, at most max_cell, that lay n cells out in rows of
+    `columns` within width x height; at least min_cell (the rows then run past the height)."""
+    if n == 0:
+        return max_cell, max(1, int(width / max_cell))
+    # With r rows the cells are min(width / ceil(n / r), height / r): the first term grows with r, the second
+    # shrinks, so the best r is where they cross, near sqrt(n * height / width).
+    near = math.sqrt(n * height / width)
+    best = 0.0
+    for rows in range(max(1, int(near) - 2), int(near) + 3):
+        best = max(best, min(width / math.ceil(n / rows), height / rows))
+    cell = min(max(best, min_cell), max_cell, width)
+    # A cell of exactly width / k must give k columns: a float quotient may land a hair under k.
+    return cell, max(1, int(width / cell + 1e-9))
 
 
 class Swatch(QWidget):
