@@ -382,7 +382,8 @@ class ChatPage(QWidget):
         self._sync_buttons()
         if isinstance(outcome, ModelLoadFailed):
             self.status.say(f"Could not load the model: {outcome.message}", "error")
-        self.input.setFocus()
+        if self.isVisible():  # a load started from another page leaves the focus where the user is
+            self.input.setFocus()
 
     def _on_update(self, update: RequestUpdate) -> None:
         reply = self.reply
