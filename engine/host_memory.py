@@ -45,6 +45,10 @@ class HeapTrimmer:
         return self._trim is not None
 
     def after_step(self, num_prefill_tokens: int) -> None:
-        if self._trim is not None and num_prefill_tokens >= self.min_prefill_tokens:
+        if num_prefill_tokens >= self.min_prefill_tokens:
+            self.trim()
+
+    def trim(self) -> None:
+        if self._trim is not None:
             self._trim(0)
             self.trims += 1

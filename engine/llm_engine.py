@@ -59,11 +59,15 @@ class LLMEngine:
         checkpoint_dtype = getattr(hf, "dtype", None)
         dtype = config.model_dtype(checkpoint_dtype if isinstance(checkpoint_dtype, torch.dtype) else None)
         a = cls.arch_from_hf(hf)
+        if device.type == "cpu":  # compiled on the first load of an install, found built after that
+            stage("Building the CPU kernels")
+        keep = quantization.candidates(source, config.quantization, device)  # None: every weight it can hold
+        quantized_on_cpu = device.type == "cpu" and (keep is None or bool(keep))
         self.model_config = ModelConfig(
             model=config.model,
             architecture=hf.architectures[0],
             dtype=dtype,
-            kv_cache_dtype=config.cache_dtype(dtype),
+            kv_cache_dtype=config.cache_dtype(dtype, quantized_on_cpu=quantized_on_cpu),
             max_model_len=max_model_len,
             vocab_size=a.vocab_size,
             num_layers=a.num_layers,
@@ -71,14 +75,12 @@ class LLMEngine:
             head_dim=a.head_dim,
         )
         bs = config.block_size
-        if device.type == "cpu":  # compiled on the first load of an install, found built after that
-            stage("Building the CPU kernels")
         backend = select_backend(
             config.attention_backend, device, bs, a.head_dim, a.sliding_window, self.model_config.kv_cache_dtype
         )
         stage("Loading the weights")
         model = cls(hf, max_positions=max_model_len, fused_kernels=backend.fused_kernels)
-        quantized = model.keep_quantized(quantization.candidates(source, config.quantization, device))
+        quantized = model.keep_quantized(keep)
         model.materialize(device, dtype)
         model.load_weights(quantization.weight_stream(source, dtype, config.quantization, quantized))
         model.eval()

@@ -57,8 +57,8 @@ def engine_options() -> argparse.ArgumentParser:
     group.add_argument(
         "--kv-cache-dtype",
         default="auto",
-        choices=["auto", "float16", "bfloat16", "fp8"],
-        help="KV cache elements (auto: as --dtype; fp8: e4m3, GPU only)",
+        choices=["auto", "float32", "float16", "bfloat16", "fp8"],
+        help="KV cache elements (auto: as --dtype, but float16 for quantized weights on the CPU; fp8: e4m3, GPU only)",
     )
     group.add_argument(
         "--max-model-len",

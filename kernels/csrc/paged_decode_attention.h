@@ -22,6 +22,9 @@
 #include <immintrin.h>
 #define KVS_ATTENTION_AVX2 1
 #endif
+#if defined(__F16C__)
+#include <immintrin.h>
+#endif
 
 namespace kvs {
 
@@ -182,8 +185,18 @@ inline const float* block_rows(const cache_t* block, int64_t lo, int64_t hi, std
   if constexpr (std::is_same_v<cache_t, float>) {
     return block + lo * HD;
   } else {
-    if (static_cast<int64_t>(buf.size()) < (hi - lo) * HD) buf.resize((hi - lo) * HD);
-    for (int64_t i = 0; i < (hi - lo) * HD; ++i) buf[i] = static_cast<float>(block[lo * HD + i]);
+    const int64_t n = (hi - lo) * HD;
+    if (static_cast<int64_t>(buf.size()) < n) buf.resize(n);
+    int64_t i = 0;
+#if defined(__F16C__)
+    // float16 (the KV of weights kept quantized on the CPU): eight at a time in hardware. c10::Half's scalar
+    // conversion does not vectorise, and it made a 64-sequence decode step 12% slower than float32 KV.
+    if constexpr (std::is_same_v<cache_t, c10::Half>) {
+      const auto* src = reinterpret_cast<const __m128i*>(block + lo * HD);
+      for (; i + 8 <= n; i += 8) _mm256_storeu_ps(buf.data() + i, _mm256_cvtph_ps(_mm_loadu_si128(src + i / 8)));
+    }
+#endif
+    for (; i < n; ++i) buf[i] = static_cast<float>(block[lo * HD + i]);
     return buf.data();
   }
 }

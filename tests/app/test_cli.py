@@ -136,7 +136,7 @@ def test_generate_through_the_console_script(smollm2_gguf):
             "8",
             "--temperature",
             "0",
-            "Which city is the capital of France?",
+            "Name the capital city of France.",
         ],
         stdin=subprocess.DEVNULL,
         capture_output=True,
@@ -165,7 +165,7 @@ def test_stream_completion_writes_the_text_as_it_grows(llm):
 
 
 def test_generate_reads_the_prompt_from_stdin(monkeypatch, capsys, loaded):
-    monkeypatch.setattr(sys, "stdin", io.StringIO("Which city is the capital of France?\n"))
+    monkeypatch.setattr(sys, "stdin", io.StringIO("Name the capital city of France.\n"))
     assert cli.main(["generate", "--max-tokens", "8", "--temperature", "0"]) == 0
     assert "Paris" in capsys.readouterr().out
 

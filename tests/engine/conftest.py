@@ -82,11 +82,13 @@ class ReferenceModel:
         return num_blocks * block_bytes / 2**30  # exact: a power-of-two division of an integer
 
     def llm(self, *, num_blocks: int, block_size: int, max_model_len: int, **options) -> LLM:
-        kv_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(
-            options.get("kv_cache_dtype", "auto"), torch.float32
-        )
         # The twin holds the checkpoint's weights in float32: so does the engine, unless a test asks otherwise.
         options.setdefault("quantization", "none")
+        # auto: float32, or float16 for weights quantized on the CPU (EngineConfig.cache_dtype)
+        auto = torch.float32 if options["quantization"] == "none" else torch.float16
+        kv_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(
+            options.get("kv_cache_dtype", "auto"), auto
+        )
         llm = LLM(
             str(self.path),
             block_size=block_size,

@@ -33,10 +33,12 @@ def greedy(max_tokens: int) -> SamplingParams:
     return SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
 
 
-def decode_step_both_ways(ref, quantization: str, batch: int):
+def decode_step_both_ways(ref, quantization: str, batch: int, kv_cache_dtype: str = "auto"):
     """Prefill `batch` prompts, schedule the first decode step, and run it fused and eagerly on copies of the
     same KV pool (poisoned with NaN where nothing was written). Returns (fused, eager) hidden states and pools."""
-    llm = ref.llm(num_blocks=96, block_size=BLOCK, max_model_len=128, quantization=quantization)
+    llm = ref.llm(
+        num_blocks=96, block_size=BLOCK, max_model_len=128, quantization=quantization, kv_cache_dtype=kv_cache_dtype
+    )
     engine = llm.llm_engine
     runner = engine.runner
     assert runner.fused_decode is not None
@@ -67,18 +69,33 @@ def test_float_weights_give_the_eager_hidden_states(tiny_models, family, batch):
     torch.testing.assert_close(fused_pool, eager_pool, rtol=1e-5, atol=1e-5, equal_nan=True)
 
 
+@pytest.mark.parametrize("kv_cache_dtype", ["float32", "float16"])
 @pytest.mark.parametrize("batch", [1, 5])
 @pytest.mark.parametrize("quantization", ["int8", "int4"])
 @pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3"])
-def test_quantized_weights_give_the_eager_hidden_states(tiny_models, family, quantization, batch):
+def test_quantized_weights_give_the_eager_hidden_states(tiny_models, family, quantization, batch, kv_cache_dtype):
     """The same int8-activation kernels as the eager qmatmul: only float rounding differs (norms and rotary
     summed in another order), and now and then it moves an activation across an int8 rounding boundary, a
-    step of 1/254 of its block's largest value."""
-    fused, eager, fused_pool, eager_pool = decode_step_both_ways(tiny_models[family], quantization, batch)
+    step of 1/254 of its block's largest value. float16 is the KV of kept-quantized weights by default."""
+    fused, eager, fused_pool, eager_pool = decode_step_both_ways(
+        tiny_models[family], quantization, batch, kv_cache_dtype
+    )
+    assert fused_pool.dtype == getattr(torch, kv_cache_dtype)
     assert torch.isfinite(fused).all()
     scale = eager.abs().max().item()
-    torch.testing.assert_close(fused, eager, rtol=1e-3, atol=1e-3 * scale)
-    torch.testing.assert_close(fused_pool, eager_pool, rtol=1e-3, atol=1e-3, equal_nan=True)
+    if kv_cache_dtype == "float32":
+        torch.testing.assert_close(fused, eager, rtol=1e-3, atol=1e-3 * scale)
+        torch.testing.assert_close(fused_pool, eager_pool, rtol=1e-3, atol=1e-3, equal_nan=True)
+        return
+    # A K rounded to float16 one ulp apart (the two paths sum in another order) moves an activation across an
+    # int8 boundary now and then: from that layer on a row is off by a rounding step's worth (seen: 1.5% of the
+    # largest value, and that row's K/V in the next layer), everything else as close as with float32 KV.
+    torch.testing.assert_close(fused, eager, rtol=1e-3, atol=3e-2 * scale)
+    assert (fused - eager).abs().median() <= 1e-4 * scale
+    torch.testing.assert_close(fused_pool, eager_pool, rtol=1e-3, atol=0.1, equal_nan=True)
+    written = ~eager_pool.isnan()
+    off = ((fused_pool - eager_pool).abs() > 1e-3 + 1e-3 * eager_pool.abs()) & written
+    assert off.sum() <= 0.01 * written.sum()
 
 
 def run_both(ref, requests, **options):
@@ -115,8 +132,16 @@ def run_both(ref, requests, **options):
 def test_greedy_outputs_are_the_same_fused_or_not(tiny_models, family, quantization):
     ref = tiny_models[family]
     requests = [(p, greedy(20)) for p in prompts_of([5, 13, 30, 47], ref.config.vocab_size, seed=7)]
+    # float32 KV: float16 would round a K one ulp apart now and then, and through the int8 activations downstream
+    # that can flip a tiny random model's near-tie; the hidden-state tests above cover float16 KV.
     fused, eager, calls, _ = run_both(
-        ref, requests, num_blocks=96, block_size=BLOCK, max_model_len=128, quantization=quantization
+        ref,
+        requests,
+        num_blocks=96,
+        block_size=BLOCK,
+        max_model_len=128,
+        quantization=quantization,
+        kv_cache_dtype="float32",
     )
     assert fused == eager
     assert calls >= 19  # every decode-only step
@@ -128,7 +153,9 @@ def test_greedy_outputs_are_the_same_fused_or_not(tiny_models, family, quantizat
 def test_speculative_decoding_runs_fused_with_the_same_outputs(tiny_llama, quantization):
     """Speculative decodes are decode rows too: the last token and each draft one row, with its own context."""
     requests = [(p, greedy(24)) for p in repetitive_prompts(tiny_llama.config.vocab_size, seed=3)]
-    options = dict(num_blocks=64, block_size=BLOCK, max_model_len=96, quantization=quantization)
+    options = dict(
+        num_blocks=64, block_size=BLOCK, max_model_len=96, quantization=quantization, kv_cache_dtype="float32"
+    )
     fused, eager, calls, _ = run_both(tiny_llama, requests, speculative_config=NGRAM, **options)
     assert fused == eager
     assert 0 < calls < 24  # accepted drafts save steps: some decode steps verified drafts

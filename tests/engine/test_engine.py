@@ -309,7 +309,7 @@ def test_generate_returns_outputs_in_input_order(llm, engine, all_blocks_free):
 
 def test_chat_applies_the_template(smollm2_llm, all_blocks_free):
     out = smollm2_llm.chat(
-        [{"role": "user", "content": "What is the capital of France?"}],
+        [{"role": "user", "content": "Name the capital city of France."}],
         SamplingParams(temperature=0.0, max_tokens=24),
         use_tqdm=False,
     )[0]

@@ -54,8 +54,10 @@ def test_kept_quantization_stays_near_the_dequantized_model(smol_kept, smollm2_g
     assert exact.llm_engine.weight_bytes > 4 * smol_kept.llm_engine.weight_bytes  # float32 against ~5 bits
     diffs = prompt_logprob_diffs(smol_kept, exact, TEXTS)
     assert diffs.mean() < SMOL_MEAN_BOUND and diffs.max() < SMOL_MAX_BOUND
+    # A question whose first token leads by about a nat: "Which city is the capital of France?" starts "The"
+    # ahead of "Le" by 0.03 nats, below the kept quantization's own noise, and either may come first.
     reply = smol_kept.chat(
-        [{"role": "user", "content": "Which city is the capital of France?"}],
+        [{"role": "user", "content": "Name the capital city of France."}],
         SamplingParams(temperature=0.0, max_tokens=12),
         use_tqdm=False,
     )
@@ -135,3 +137,14 @@ def test_quantized_weights_run_under_cuda_graphs(tiny_llama, mode):
     assert llm.llm_engine.runner.graphs is not None
     out = llm.generate(["The quick brown fox"], SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True))
     assert len(out[0].outputs[0].token_ids) == 8
+
+
+def test_the_kv_cache_is_float16_for_weights_kept_quantized_on_the_cpu(smol_kept, tiny_llama):
+    def kv_dtype(llm: LLM) -> torch.dtype:
+        return llm.llm_engine.runner.kv_cache.dtype
+
+    small = {"num_blocks": 16, "block_size": 8, "max_model_len": 64}
+    assert kv_dtype(smol_kept) == torch.float16  # a GGUF's quantization kept
+    assert kv_dtype(tiny_llama.llm(**small)) == torch.float32  # float weights: the exact path stays exact
+    assert kv_dtype(tiny_llama.llm(**small, quantization="int8")) == torch.float16
+    assert kv_dtype(tiny_llama.llm(**small, quantization="int8", kv_cache_dtype="float32")) == torch.float32
