@@ -16,32 +16,41 @@ PREEMPTION_MODES = ("swap", "recompute")
 QUANTIZATION_MODES = ("auto", "none", "int8", "int4")
 
 
-SPECULATIVE_METHODS = ("ngram",)
+SPECULATIVE_METHODS = ("ngram", "draft_model")
+_SPECULATIVE_KEYS = {
+    "ngram": {"method", "num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min"},
+    "draft_model": {"method", "model", "num_speculative_tokens"},
+}
 
 
 @dataclass(frozen=True)
 class SpeculativeConfig:
-    """Speculative decoding by prompt lookup (vLLM's "ngram" method): the last n tokens of a sequence (n from
-    prompt_lookup_max down to prompt_lookup_min) are looked for earlier in it, and the num_speculative_tokens
-    tokens that followed them there are proposed; one forward pass verifies them all."""
+    """Speculative decoding, with vLLM's speculative_config names. method "ngram" (prompt lookup): the last n
+    tokens of a sequence (n from prompt_lookup_max down to prompt_lookup_min) are looked for earlier in it, and the
+    num_speculative_tokens tokens that followed them there are proposed. method "draft_model" (the default when
+    `model` is given): a smaller model of the same tokenizer proposes them. One forward pass verifies them all."""
 
     method: str = "ngram"
     num_speculative_tokens: int = 4
     prompt_lookup_max: int = 4
     prompt_lookup_min: int = 1
+    model: str | None = None  # the draft model: a path or repo id, as EngineConfig.model
 
     @classmethod
     def from_dict(cls, options: dict) -> SpeculativeConfig:
         if not isinstance(options, dict):
             raise ValueError(f"speculative_config must be a dict, got {type(options).__name__}")
-        unknown = set(options) - {"method", "num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min"}
-        if unknown:
-            raise ValueError(f"speculative_config has unknown keys: {', '.join(sorted(unknown))}")
-        config = cls(**options)
-        if config.method not in SPECULATIVE_METHODS:
+        method = options.get("method", "draft_model" if "model" in options else "ngram")
+        if method not in SPECULATIVE_METHODS:
             raise ValueError(
-                f"speculative_config method must be one of {', '.join(SPECULATIVE_METHODS)}, got {config.method!r}"
+                f"speculative_config method must be one of {', '.join(SPECULATIVE_METHODS)}, got {method!r}"
             )
+        unknown = set(options) - _SPECULATIVE_KEYS[method]
+        if unknown:
+            raise ValueError(f"speculative_config for method {method} has unknown keys: {', '.join(sorted(unknown))}")
+        config = cls(**{**options, "method": method})
+        if method == "draft_model" and not (isinstance(config.model, str) and config.model):
+            raise ValueError("speculative_config method draft_model needs `model`: the draft model's path or repo id")
         for name in ("num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min"):
             value = getattr(config, name)
             if not isinstance(value, int) or value < 1:
@@ -79,7 +88,8 @@ class EngineConfig:
     seed: int = 0
     device: str | None = None  # None = cuda when available, else cpu
     # vLLM's speculative_config: {"method": "ngram", "num_speculative_tokens": k, "prompt_lookup_max": n,
-    # "prompt_lookup_min": m}; validated into `speculative` (a SpeculativeConfig) by __post_init__.
+    # "prompt_lookup_min": m} or {"model": draft, "num_speculative_tokens": k}; validated into `speculative` (a
+    # SpeculativeConfig) by __post_init__.
     speculative_config: dict | None = None
     speculative: SpeculativeConfig | None = field(init=False, default=None, repr=False)
 

@@ -12,15 +12,13 @@ from collections.abc import Callable
 
 import torch
 
-from engine.attention import select_backend
 from engine.beam_search import BeamSearchParams
 from engine.block_manager import BlockManager
-from engine.config import EngineConfig, ModelConfig
+from engine.config import EngineConfig
+from engine.draft_model import DraftModelProposer
 from engine.input_processor import InputProcessor
+from engine.model_builder import build_model
 from engine.model_runner import ModelRunner, StepResult
-from engine.models import quantization
-from engine.models.loader import open_model
-from engine.models.registry import model_class
 from engine.output_processor import OutputProcessor, SamplingPlan, StepSamples
 from engine.outputs import BlockMap, EngineStats, RequestOutput
 from engine.prompts import PromptType
@@ -29,7 +27,7 @@ from engine.sampler import Sampler, SamplingBatch
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler, SchedulerOutput
 from engine.sequence import SequenceGroup, SequenceStatus
-from engine.spec_decode import NgramProposer, can_speculate
+from engine.spec_decode import NgramProposer, Proposer, can_speculate
 from engine.stats import StatsCollector
 from engine.structured_output import StructuredOutputManager
 
@@ -46,51 +44,21 @@ class LLMEngine:
         stage = on_load_stage or (lambda _: None)
         self.config = config
         device = self.device = config.torch_device
-        stage("Reading the model file")
-        source = open_model(config.model, revision=config.revision, cache_dir=config.download_dir)
-        hf = source.hf_config
-        cls = model_class(hf)
-        self.tokenizer = source.tokenizer
-        self.eos_token_ids = frozenset(source.eos_token_ids)
-        max_pos = getattr(hf, "max_position_embeddings", None)
-        max_model_len = config.max_model_len or max_pos
-        if max_pos is not None and max_model_len > max_pos:
-            raise ValueError(f"max_model_len {max_model_len} exceeds the model's context of {max_pos} tokens")
-        checkpoint_dtype = getattr(hf, "dtype", None)
-        dtype = config.model_dtype(checkpoint_dtype if isinstance(checkpoint_dtype, torch.dtype) else None)
-        a = cls.arch_from_hf(hf)
-        if device.type == "cpu":  # compiled on the first load of an install, found built after that
-            stage("Building the CPU kernels")
-        keep = quantization.candidates(source, config.quantization, device)  # None: every weight it can hold
-        quantized_on_cpu = device.type == "cpu" and (keep is None or bool(keep))
-        self.model_config = ModelConfig(
-            model=config.model,
-            architecture=hf.architectures[0],
-            dtype=dtype,
-            kv_cache_dtype=config.cache_dtype(dtype, quantized_on_cpu=quantized_on_cpu),
-            max_model_len=max_model_len,
-            vocab_size=a.vocab_size,
-            num_layers=a.num_layers,
-            num_kv_heads=a.num_kv_heads,
-            head_dim=a.head_dim,
-        )
+        built = build_model(config.model, config, stage)
+        self.tokenizer = built.source.tokenizer
+        self.eos_token_ids = frozenset(built.source.eos_token_ids)
+        self.model_config = built.model_config
+        max_model_len = self.model_config.max_model_len
+        self.weight_bytes = built.weight_bytes
         bs = config.block_size
-        backend = select_backend(
-            config.attention_backend, device, bs, a.head_dim, a.sliding_window, self.model_config.kv_cache_dtype
-        )
-        stage("Loading the weights")
-        model = cls(hf, max_positions=max_model_len, fused_kernels=backend.fused_kernels)
-        quantized = model.keep_quantized(keep)
-        model.materialize(device, dtype)
-        model.load_weights(quantization.weight_stream(source, dtype, config.quantization, quantized))
-        model.eval()
-        self.weight_bytes = model.weight_bytes()  # resident, quantized weights at their kept size
 
         self.max_num_batched_tokens = config.max_num_batched_tokens or DEFAULT_MAX_NUM_BATCHED_TOKENS
-        self.runner = ModelRunner(model, backend, self.model_config, bs, device)
+        # Before the target's KV pool: on a GPU that pool takes the memory the draft leaves.
+        self.proposer = self._proposer(config, stage)
+        self.runner = ModelRunner(built.model, built.backend, self.model_config, bs, device)
         stage("Allocating the KV pool")
         size = self.runner.init_kv_cache(config, self.max_num_batched_tokens)
-        if device.type == "cuda" and config.cuda_graphs and backend.fused_kernels:
+        if device.type == "cuda" and config.cuda_graphs and built.backend.fused_kernels:
             stage("Warming up: capturing the decode step's CUDA graphs")
             self.runner.capture_cuda_graphs(min(config.max_num_seqs, MAX_GRAPH_BATCH))
         if device.type == "cpu" and config.cpu_fused_decode:
@@ -123,7 +91,21 @@ class LLMEngine:
             seq_ids,
         )
         self.stats = StatsCollector(self.block_manager, self.scheduler)
-        self.proposer = NgramProposer(config.speculative, max_model_len) if config.speculative is not None else None
+
+    def _proposer(self, config: EngineConfig, stage: Callable[[str], None]) -> Proposer | None:
+        spec = config.speculative
+        if spec is None:
+            return None
+        if spec.method == "ngram":
+            return NgramProposer(spec, self.model_config.max_model_len)
+        stage(f"Loading the draft model {spec.model}")
+        try:
+            draft = build_model(spec.model, config, lambda _: None, max_model_len=self.model_config.max_model_len)
+        except ValueError as error:
+            raise ValueError(f"the draft model: {error}") from error
+        return DraftModelProposer(
+            draft, config, spec.num_speculative_tokens, self.model_config.vocab_size, self.max_num_batched_tokens
+        )
 
     # ---- requests -----------------------------------------------------------------------------------------
     def add_request(
@@ -196,11 +178,17 @@ class LLMEngine:
 
     def _propose_drafts(self) -> None:
         """Draft tokens for every running sequence about to decode one token that may speculate."""
+        running, eligible = [], []
         for group in self.scheduler.running:
             for seq in group.seqs:
-                decoding = seq.status is SequenceStatus.RUNNING and seq.num_uncomputed_tokens == 1
-                eligible = decoding and group.beam is None and can_speculate(seq)
-                seq.spec_token_ids = self.proposer.propose(seq) if eligible else []
+                seq.spec_token_ids = []
+                if seq.status is not SequenceStatus.RUNNING:
+                    continue
+                running.append(seq)
+                if seq.num_uncomputed_tokens == 1 and group.beam is None and can_speculate(seq):
+                    eligible.append(seq)
+        for seq, drafts in zip(eligible, self.proposer.propose(eligible, running)):
+            seq.spec_token_ids = drafts
 
     def _sample(self, result: StepResult, plan: SamplingPlan) -> StepSamples:
         """result.logits: [len(result.sample_seqs), vocab] float32 -> tokens for the plan's samples and log-softmax

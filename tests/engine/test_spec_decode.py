@@ -1,6 +1,6 @@
-"""Speculative decoding by prompt lookup: proposals, greedy outputs identical to decoding one token at a time (on
-every attention backend, through preemption), sampled outputs from the same distribution, and the settings that
-turn it off for a sequence."""
+"""Speculative decoding by prompt lookup and by a draft model: proposals, greedy outputs identical to decoding one
+token at a time (on every attention backend, through preemption), sampled outputs from the same distribution, and
+the settings that turn it off for a sequence."""
 
 from __future__ import annotations
 
@@ -176,15 +176,20 @@ def test_rejection_sampling_emits_tokens_from_the_target_distribution():
     assert chi_square_p(first, probs[1].numpy() * draws) < 1e-12
 
 
-def test_sampled_outputs_follow_the_same_distribution_with_and_without_speculation(tiny_llama):
+@pytest.mark.parametrize("proposer", ["ngram", "draft_model"])
+def test_sampled_outputs_follow_the_same_distribution_with_and_without_speculation(tiny_models, proposer):
     """A prompt that cycles through four tokens, sampling restricted to them: the marginal distribution of each
-    generated position is the same with speculation (which verifies most positions) as without."""
+    generated position is the same with speculation (which verifies most positions) as without. The draft model
+    is the target itself: its greedy drafts are accepted with the target's probability of that token, so both
+    acceptance and the residual draws after a rejection are exercised."""
+    tiny_llama = tiny_models["llama"]
     allowed = [5, 17, 29, 41]
     prompt = (allowed * 6)[:-1]
     runs = 600
     counts = {}
+    speculative = NGRAM if proposer == "ngram" else draft_model(tiny_models["llama"])
     for spec in (False, True):
-        options = {"speculative_config": NGRAM} if spec else {}
+        options = {"speculative_config": speculative} if spec else {}
         llm = tiny_llama.llm(num_blocks=640, block_size=4, max_model_len=48, max_num_seqs=256, **options)
         params = [
             SamplingParams(
@@ -194,8 +199,87 @@ def test_sampled_outputs_follow_the_same_distribution_with_and_without_speculati
         ]
         outputs = llm.generate([{"prompt_token_ids": prompt}] * runs, params, use_tqdm=False)
         if spec:
-            assert llm.llm_engine.get_stats().spec_accepted_tokens > runs  # speculation did run
+            stats = llm.llm_engine.get_stats()
+            assert stats.spec_accepted_tokens > runs // 4  # speculation did run
+            assert stats.spec_draft_tokens > stats.spec_accepted_tokens  # and some drafts were rejected
         tokens = np.array([o.outputs[0].token_ids for o in outputs])  # [runs, 5]
         counts[spec] = [np.array([(tokens[:, i] == t).sum() for t in allowed]) for i in range(5)]
     for position in range(1, 5):
         assert two_sample_p(counts[False][position], counts[True][position]) > 1e-4, position
+
+
+# ---- a draft model ------------------------------------------------------------------------------------------
+
+
+def draft_model(ref, k: int = 3) -> dict:
+    return {"model": str(ref.path), "num_speculative_tokens": k}
+
+
+def random_prompts(vocab: int, seed: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(2, vocab, (n,), generator=g).tolist() for n in (5, 13, 30, 47)]
+
+
+def test_a_draft_model_config_is_checked_in_words():
+    config = SpeculativeConfig.from_dict({"model": "org/draft", "num_speculative_tokens": 5})
+    assert (config.method, config.model, config.num_speculative_tokens) == ("draft_model", "org/draft", 5)
+    with pytest.raises(ValueError, match="method draft_model needs `model`"):
+        SpeculativeConfig.from_dict({"method": "draft_model"})
+    with pytest.raises(ValueError, match="method draft_model has unknown keys: prompt_lookup_max"):
+        SpeculativeConfig.from_dict({"model": "org/draft", "prompt_lookup_max": 2})
+
+
+@pytest.mark.parametrize("draft", ["llama", "qwen2"])
+def test_greedy_outputs_are_identical_with_a_draft_model(tiny_models, drive, draft):
+    """The target as its own draft: nearly every draft accepted, a step yields up to k + 1 tokens. Another
+    family's random model as the draft: most drafts rejected, and the outputs the same all the same."""
+    target = tiny_models["llama"]
+    prompts = random_prompts(target.config.vocab_size, seed=21)
+    params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+    requests = [({"prompt_token_ids": p}, params) for p in prompts]
+    options = dict(num_blocks=96, block_size=4, max_model_len=96)
+    engine = target.llm(**options, speculative_config=draft_model(tiny_models[draft])).llm_engine
+    spec, trace = drive(engine, requests)
+    assert [o.outputs[0].token_ids for o in spec] == target.greedy_reference(prompts, 24)
+    stats = engine.get_stats()
+    assert stats.spec_draft_tokens > 0
+    if draft == "llama":
+        assert stats.spec_accepted_tokens >= 0.9 * stats.spec_draft_tokens
+        assert trace.steps <= 24 // 2  # 3 drafts a step, nearly all kept
+    else:
+        assert stats.spec_accepted_tokens < 0.5 * stats.spec_draft_tokens
+    # Finished sequences give the draft's blocks back at the next step.
+    engine.step()
+    proposer = engine.proposer
+    assert not proposer.seqs and len(proposer.free_blocks) == proposer.runner.kv_cache.shape[3]
+
+
+def test_a_draft_model_survives_preemption_and_chunked_prefill(tiny_llama, drive):
+    """A target pool too small for every sequence: sequences are preempted and recomputed while the draft keeps
+    its own KV, and the outputs stay those of plain greedy decoding."""
+    prompts = repetitive_prompts(tiny_llama.config.vocab_size, seed=5)
+    params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
+    requests = [({"prompt_token_ids": p}, params) for p in prompts]
+    llm = tiny_llama.llm(
+        num_blocks=18,
+        block_size=4,
+        max_model_len=64,
+        max_num_batched_tokens=10,
+        speculative_config=draft_model(tiny_llama),
+    )
+    outputs, trace = drive(llm.llm_engine, requests)
+    stats = llm.llm_engine.get_stats()
+    assert trace.chunked_prefill and stats.num_preemptions > 0 and stats.spec_accepted_tokens > 0
+    assert [o.outputs[0].token_ids for o in outputs] == tiny_llama.greedy_reference(prompts, 40)
+
+
+def test_a_draft_model_must_cover_the_targets_vocabulary(tiny_llama, make_tiny):
+    options = dict(num_blocks=32, block_size=4, max_model_len=64)
+    small = make_tiny("llama", seed=11, vocab_size=tiny_llama.config.vocab_size - 8)
+    with pytest.raises(
+        ValueError,
+        match=r"has \d+ tokens, fewer than the target's \d+: a draft model must share the target's tokenizer",
+    ):
+        tiny_llama.llm(**options, speculative_config=draft_model(small))
+    with pytest.raises(ValueError, match=r"the draft model: .*/no/such/draft"):
+        tiny_llama.llm(**options, speculative_config={"model": "/no/such/draft"})
