@@ -215,7 +215,7 @@ def test_page_shows_speculation_and_memory(qtbot):
         snapshot(speculative=True, spec_draft_tokens=1200, spec_accepted_tokens=873, memory=MemoryUse(3 * 2**30, 0, 0))
     )
     assert page.speculation_label.text() == "Speculation: 73% of drafted tokens accepted (873 of 1,200)"
-    assert page.memory_label.text() == "Memory 3.0 GiB (weights 0 MiB, KV 0 MiB)"
+    assert page.memory_label.text() == "Memory 3.0 GiB (weights 0 B, KV 0 B)"
 
 
 def test_a_speculating_engine_shows_its_acceptance_and_memory_live(qtbot, tiny_chat_model, load_options, screenshots):
