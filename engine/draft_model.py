@@ -29,6 +29,8 @@ from engine.spec_decode import draft_room
 # The draft's KV pool is sized for max_num_seqs sequences of max_model_len tokens, at most this many GiB; a
 # sequence the pool cannot hold gets no drafts (it decodes one token at a time) until blocks free up.
 MAX_DRAFT_KV_GIB = 1.0
+# A catch-up of at most this many tokens runs as decode rows (the fused CPU step serves those), more as a prefill.
+SHORT_CATCH_UP = 16
 
 
 @dataclass
@@ -40,6 +42,7 @@ class _DraftSeq:
     block_table: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
     needs_prompt_logprobs: bool = False
+    spec_token_ids: list[int] = field(default_factory=list)  # a short catch-up's tokens after its first
     # After a proposal: the real tokens it started from, and the drafts whose KV it wrote after them (all but the
     # last), valid only as far as the sequence's next tokens turn out to be those drafts.
     num_real: int = 0
@@ -122,11 +125,19 @@ class DraftModelProposer:
 
     @torch.inference_mode()
     def _draft(self, drafting: list[tuple[_DraftSeq, int, int]]) -> None:
-        """Append each view's greedy drafts to its token_ids: the catch-up pass, then one token per pass."""
-        catch_up = SchedulerOutput(
-            decodes=[v for v, n, _ in drafting if n - v.num_computed_tokens == 1],
-            prefills=[(v, n - v.num_computed_tokens) for v, n, _ in drafting if n - v.num_computed_tokens > 1],
-        )
+        """Append each view's greedy drafts to its token_ids: the catch-up pass, then one token per pass. A short
+        catch-up (the tokens the last verification kept) runs as decode rows, one per token, as the target
+        verifies drafts, so the fused decode step serves it; a long one (a prompt) as a prefill."""
+        catch_up = SchedulerOutput()
+        for view, n, _ in drafting:
+            behind = n - view.num_computed_tokens
+            if behind == 1:
+                catch_up.decodes.append(view)
+            elif behind <= SHORT_CATCH_UP:
+                view.spec_token_ids = view.token_ids[view.num_computed_tokens + 1 : n]
+                catch_up.spec_decodes.append((view, behind))
+            else:
+                catch_up.prefills.append((view, behind))
         self._pass(catch_up)
         for step in range(1, max(k for _, _, k in drafting)):
             self._pass(SchedulerOutput(decodes=[v for v, _, k in drafting if k > step]))
@@ -134,8 +145,14 @@ class DraftModelProposer:
     def _pass(self, out: SchedulerOutput) -> None:
         """Run the draft over `out` and append each sampled view's argmax (over the target's vocabulary)."""
         result = self.runner.execute(out)
-        picks = result.logits[:, : self.vocab].argmax(dim=-1).tolist()
-        for view, token in zip(result.sample_seqs, picks):
+        views = list(result.sample_seqs)
+        rows = [result.logits[:, : self.vocab]] if views else []
+        for view, logits in result.spec_logits:  # a short catch-up: its last row follows the last token
+            views.append(view)
+            rows.append(logits[-1:, : self.vocab])
+            view.spec_token_ids = []
+        picks = torch.cat(rows).argmax(dim=-1).tolist()
+        for view, token in zip(views, picks):
             view.num_computed_tokens = view.num_tokens
             view.token_ids.append(token)
 
