@@ -225,5 +225,5 @@ class LLMEngine:
         return self.stats.snapshot()
 
     def get_block_map(self) -> BlockMap:
-        """Each KV block's state and owning request, for the monitor's block map."""
+        """Each KV block's state, holding requests and prefix hash, for the monitor's block map."""
         return self.stats.block_map()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass
@@ -79,8 +79,10 @@ class BlockState(enum.IntEnum):
 
 @dataclass(frozen=True)
 class BlockMap:
-    """Every KV block's state (a BlockState, one byte per block) and the request
-    holding each used block (the first holder, for shared ones)."""
+    """Every KV block's state (a BlockState, one byte per block), the requests holding each used block (one entry
+    per holding sequence, so a block its request's forks share names that request once per fork) and the chain
+    hash of each block that has one (full blocks in the prefix cache, held or cached)."""
 
     states: bytes
-    owners: dict[int, str]
+    owners: dict[int, tuple[str, ...]]
+    hashes: dict[int, bytes] = field(default_factory=dict)

@@ -76,9 +76,10 @@ class StatsCollector:
         )
 
     def block_map(self) -> BlockMap:
-        """Each KV block's state and owning request, for the monitor's block map."""
-        owners: dict[int, str] = {}
+        """Each KV block's state, holding requests and prefix hash, for the monitor's block map."""
+        holders: dict[int, list[str]] = {}
         for seq in self.scheduler.running_seqs():
             for block_id in seq.block_table:
-                owners.setdefault(block_id, seq.request_id)
-        return BlockMap(self.block_manager.block_states(), owners)
+                holders.setdefault(block_id, []).append(seq.request_id)
+        hashes = {b.block_id: b.hash for b in self.block_manager.blocks if b.hash is not None}
+        return BlockMap(self.block_manager.block_states(), {b: tuple(ids) for b, ids in holders.items()}, hashes)

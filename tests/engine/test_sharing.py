@@ -249,7 +249,7 @@ def test_block_map_and_stats_show_sharing_while_it_happens(tiny_llama):
     assert stats.num_running == 3 and stats.num_blocks_used == 3 and stats.num_blocks_shared == 3
     assert stats.num_blocks_without_sharing == 9
     assert block_map.states[:3] == bytes([BlockState.SHARED] * 3) and set(block_map.states[3:]) == {BlockState.FREE}
-    assert block_map.owners == {0: "shared", 1: "shared", 2: "shared"}
+    assert block_map.owners == dict.fromkeys(range(3), ("shared",) * 3)
     engine.step()  # two forks copy the partial block; the third writes in place
     stats, block_map = engine.get_stats(), engine.get_block_map()
     assert stats.num_blocks_used == 5 and stats.num_blocks_shared == 2
@@ -259,6 +259,27 @@ def test_block_map_and_stats_show_sharing_while_it_happens(tiny_llama):
     stats, block_map = engine.get_stats(), engine.get_block_map()
     assert stats.num_blocks_used == 0 and stats.num_blocks_cached > 0
     assert set(block_map.states) == {BlockState.FREE, BlockState.CACHED} and block_map.owners == {}
+
+
+def test_block_map_names_every_request_holding_a_prefix_hit_and_its_hash(tiny_llama):
+    llm = tiny_llama.llm(num_blocks=32, block_size=4, max_model_len=64)
+    engine = llm.llm_engine
+    prefix, tail_a, tail_b = token_prompts([8, 3, 3], tiny_llama.config.vocab_size, seed=17)
+    engine.add_request("first", {"prompt_token_ids": prefix + tail_a}, sampled(seed=1))
+    engine.step()  # "first" computes the prefix's two full blocks and caches them
+    engine.add_request("second", {"prompt_token_ids": prefix + tail_b}, sampled(seed=2))
+    engine.step()  # "second" takes them from the prefix cache
+    block_map = engine.get_block_map()
+    first = engine.scheduler.running_seqs()[0]
+    shared = first.block_table[:2]
+    assert [block_map.states[b] for b in shared] == [BlockState.SHARED] * 2
+    assert {b: block_map.owners[b] for b in shared} == dict.fromkeys(shared, ("first", "second"))
+    assert [block_map.hashes[b] for b in shared] == first.block_hashes[:2]
+    assert block_map.owners[first.block_table[2]] == ("first",)
+    while engine.has_unfinished_requests():
+        engine.step()
+    block_map = engine.get_block_map()
+    assert block_map.owners == {} and [block_map.hashes[b] for b in shared] == first.block_hashes[:2]
 
 
 def test_aborting_a_swapped_out_group_frees_its_swap_blocks(tiny_llama):
