@@ -187,7 +187,7 @@ def _read_jsonl(path: Path, text: str) -> list[BatchRow]:
             raise BatchFileError(f"{place}: bad JSON: {e.msg} at column {e.colno}") from e
         if not isinstance(record, dict):
             raise BatchFileError(f"{place}: expected a JSON object, got {type(record).__name__}")
-        rows.append(_row(record, place, "field"))
+        rows.append(row_from_record(record, place, "field"))
     return rows
 
 
@@ -210,7 +210,7 @@ def _read_csv(path: Path, text: str) -> list[BatchRow]:
                 raise BatchFileError(f"{place}: more cells than the header has columns")
             # An empty cell means "not set" (a spreadsheet cannot leave a cell out); only the prompt must be there.
             cells = {k: v for k, v in record.items() if k == "prompt" or v not in ("", None)}
-            rows.append(_row({k: _csv_value(k, v, place) for k, v in cells.items()}, place, "column"))
+            rows.append(row_from_record({k: _csv_value(k, v, place) for k, v in cells.items()}, place, "column"))
         return rows
     except csv.Error as e:
         raise BatchFileError(f"{path.name} line {reader.line_num}: bad CSV: {e}") from e
@@ -228,7 +228,9 @@ def _csv_value(name: str, cell: str | None, place: str) -> Any:
         raise BatchFileError(f"{place}: {name} must be {kind}, got {cell!r}") from None
 
 
-def _row(record: dict[str, Any], place: str, what: str) -> BatchRow:
+def row_from_record(record: dict[str, Any], place: str, what: str) -> BatchRow:
+    """One row from a JSONL object or a CSV record (`what`: "field" or "column", as errors name its keys); a saved
+    run's records are read back the same way."""
     unknown = [k for k in record if k not in OVERRIDES and k not in RESULT_FIELDS and k not in _ROW_FIELDS]
     if unknown:
         raise BatchFileError(
@@ -298,7 +300,7 @@ def export_jsonl(results: Iterable[BatchResult], path: str | Path) -> None:
                 record = {"messages": r.messages, **record}
             out.write(json.dumps(record, ensure_ascii=False) + "\n")
 
-    _write_atomically(Path(path), write)
+    write_atomically(Path(path), write)
 
 
 def export_csv(results: Iterable[BatchResult], path: str | Path) -> None:
@@ -310,10 +312,10 @@ def export_csv(results: Iterable[BatchResult], path: str | Path) -> None:
         for r in results:
             writer.writerow(["" if getattr(r, k) is None else getattr(r, k) for k in RESULT_FIELDS])
 
-    _write_atomically(Path(path), write)
+    write_atomically(Path(path), write)
 
 
-def _write_atomically(path: Path, write: Callable) -> None:
+def write_atomically(path: Path, write: Callable) -> None:
     """Write into a temporary file beside `path` and replace it in one step: a crash never leaves half a file."""
     try:
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
