@@ -19,6 +19,7 @@ from app.engine_thread import EngineSnapshot
 from app.library.machine import MemoryUse
 from app.units import byte_size
 from engine import BlockMap, BlockState, EngineStats, SamplingParams
+from engine.block_manager import chain_hash
 from ui.bridge import EngineBridge
 from ui.pages.monitor import MonitorPage
 from ui.widgets.block_map import BlockGrid, BlockMapWidget
@@ -35,11 +36,13 @@ def make_stats(**fields) -> EngineStats:
     return EngineStats(**values)
 
 
-def shown_map(qtbot, states: bytes, owners: dict[int, str] | None = None, size=(400, 300)) -> BlockMapWidget:
+def shown_map(
+    qtbot, states: bytes, owners: dict[int, tuple[str, ...]] | None = None, hashes=None, size=(400, 300)
+) -> BlockMapWidget:
     widget = BlockMapWidget()
     qtbot.addWidget(widget)
     widget.resize(*size)
-    widget.set_block_map(BlockMap(states=states, owners=owners or {}))
+    widget.set_block_map(BlockMap(states=states, owners=owners or {}, hashes=hashes or {}))
     widget.show()
     qtbot.waitExposed(widget)
     return widget
@@ -108,22 +111,79 @@ def test_cells_shrink_to_fit_then_scroll_at_the_smallest_size(qtbot):
         assert pixel.name() == grid.state_color(big[block]).name()
 
 
-def test_tooltip_names_the_block_its_state_and_owner(qtbot):
-    states = bytes([BlockState.FREE, BlockState.USED, BlockState.SHARED, BlockState.CACHED])
-    widget = shown_map(qtbot, states, owners={1: "req-a", 2: "req-b"})
-    grid = widget.grid
+def tooltip_at(grid: BlockGrid, block: int) -> str:
+    """Hover block `block` (cells of MAX_CELL px, as a few blocks get) and return the tooltip shown."""
+    pos = cell_center(grid, block, BlockGrid.MAX_CELL)
+    QToolTip.hideText()
+    grid.event(QHelpEvent(QEvent.Type.ToolTip, pos, grid.mapToGlobal(pos)))
+    return QToolTip.text()
 
-    def tooltip_at(block: int) -> str:
-        pos = cell_center(grid, block, BlockGrid.MAX_CELL)
-        QToolTip.hideText()
-        grid.event(QHelpEvent(QEvent.Type.ToolTip, pos, grid.mapToGlobal(pos)))
-        return QToolTip.text()
 
-    assert tooltip_at(2) == "block 2: shared, request req-b"
-    assert tooltip_at(1) == "block 1: used, request req-a"
-    assert tooltip_at(0) == "block 0: free"
-    assert tooltip_at(3) == "block 3: cached"
+def test_tooltip_names_the_block_its_state_holders_and_prefix_hash(qtbot):
+    states = bytes([BlockState.FREE, BlockState.USED, BlockState.SHARED, BlockState.CACHED, BlockState.SHARED])
+    hashes = {2: bytes.fromhex("3fa9c1d2") + bytes(12), 3: bytes.fromhex("00b7e5a1") + bytes(12)}
+    owners = {1: ("req-a",), 2: ("req-a", "req-b", "req-c"), 4: ("fork", "fork", "req-d")}
+    grid = shown_map(qtbot, states, owners=owners, hashes=hashes).grid
+
+    assert tooltip_at(grid, 2) == "block 2: shared\nrequests req-a, req-b, req-c\nprefix 3fa9c1d2"
+    assert tooltip_at(grid, 1) == "block 1: used\nrequest req-a"
+    assert tooltip_at(grid, 4) == "block 4: shared\nrequests fork (2 sequences), req-d"
+    assert tooltip_at(grid, 0) == "block 0: free"
+    assert tooltip_at(grid, 3) == "block 3: cached\nprefix 00b7e5a1"
     assert grid.block_at(QPoint(grid.width() - 1, grid.height() - 1)) is None
+
+
+def test_tooltip_of_a_prefix_hit_names_both_requests_and_the_hash(qtbot, loaded_bridge):
+    """Two requests with one prompt prefix, the second sent once the first's prefix blocks are cached: the
+    engine's block map, shown on the page, names both on the shared blocks, with the engine's chain hash."""
+    engine = loaded_bridge.engine_thread.engine
+    snapshots: list[EngineSnapshot] = []
+    loaded_bridge.snapshot.connect(snapshots.append, Qt.QueuedConnection)
+    prefix = [412, 1037, 88, 2051, 77, 5, 913, 640] * 6  # several full blocks
+    params = SamplingParams(temperature=0.0, max_tokens=400, ignore_eos=True)
+    first = loaded_bridge.submit({"prompt_token_ids": [*prefix, 31]}, params)
+    second = None
+    try:
+        # The first request holds a hashed (cached) block: its prefix can be hit.
+        qtbot.waitUntil(
+            lambda: any(first in s.block_map.owners.get(b, ()) for s in snapshots for b in s.block_map.hashes),
+            timeout=UNTIL_DONE,
+        )
+        second = loaded_bridge.submit({"prompt_token_ids": [*prefix, 32]}, params)
+
+        def shared() -> tuple[EngineSnapshot, int] | None:
+            for s in snapshots:
+                for block, holders in s.block_map.owners.items():
+                    if {first, second} <= set(holders):
+                        return s, block
+            return None
+
+        qtbot.waitUntil(lambda: shared() is not None, timeout=UNTIL_DONE)
+    finally:
+        loaded_bridge.snapshot.disconnect(snapshots.append)
+        for rid in (first, second):
+            if rid is not None:
+                loaded_bridge.abort(rid)
+    found, block = shared()
+    page = MonitorPage()
+    qtbot.addWidget(page)
+    page.resize(1280, 860)
+    page.show()
+    qtbot.waitExposed(page)
+    page.show_snapshot(found)
+    # The shared block's hash is one of the chain hashes of the prefix's full blocks.
+    size = engine.block_manager.block_size
+    chain = [None]
+    for i in range(len(prefix) // size):
+        chain.append(chain_hash(chain[-1], tuple(prefix[i * size : (i + 1) * size])))
+    block_hash = found.block_map.hashes[block]
+    assert block_hash in chain[1:]
+
+    grid = page.block_map.grid
+    pos = grid.cell_rect(block).center()
+    QToolTip.hideText()
+    grid.event(QHelpEvent(QEvent.Type.ToolTip, pos, grid.mapToGlobal(pos)))
+    assert QToolTip.text() == f"block {block}: shared\nrequests {first}, {second}\nprefix {block_hash.hex()[:8]}"
 
 
 def test_legend_counts_each_state(qtbot):
@@ -144,7 +204,7 @@ MEMORY = MemoryUse(rss=412 * 2**20, weights=97 * 2**20, kv_pool=20 * 2**20)
 def snapshot(
     t: float = 0.0,
     states: bytes = b"",
-    owners: dict[int, str] | None = None,
+    owners: dict[int, tuple[str, ...]] | None = None,
     speculative: bool = False,
     memory: MemoryUse = MEMORY,
     **stats,
@@ -315,7 +375,7 @@ def realistic_block_map(n: int = 3072, seed: int = 7) -> BlockMap:
     rng = random.Random(seed)
     states, owners = bytearray([BlockState.FREE] * n), {}
     for block in range(6):  # the shared system prompt, first held by chat-0
-        states[block], owners[block] = BlockState.SHARED, "chat-0"
+        states[block], owners[block] = BlockState.SHARED, ("chat-0",)
     pos, request = 6, 0
     while pos < int(n * 0.72):
         kind = rng.random()
@@ -325,7 +385,7 @@ def realistic_block_map(n: int = 3072, seed: int = 7) -> BlockMap:
         elif kind < 0.26:  # a hole freed by a finished request
             fill, owner = BlockState.FREE, None
         else:
-            fill, owner = BlockState.USED, f"chat-{request}"
+            fill, owner = BlockState.USED, (f"chat-{request}",)
             request += 1
         for block in range(pos, min(pos + length, n)):
             states[block] = fill
@@ -333,7 +393,7 @@ def realistic_block_map(n: int = 3072, seed: int = 7) -> BlockMap:
                 owners[block] = owner
         if owner and rng.random() < 0.2:  # a forked request: its prompt blocks are shared by the forks
             for block in range(pos, min(pos + rng.randint(2, 8), n)):
-                states[block] = BlockState.SHARED
+                states[block], owners[block] = BlockState.SHARED, owner * 2
         pos += length
     for _ in range(12):  # stray cached prefixes in the free tail
         start = rng.randrange(pos, n - 20)

@@ -9,6 +9,7 @@ window), so neighbouring cells may differ by a pixel.
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Callable
 
 from PySide6.QtCore import QEvent, QLine, QPoint, QRect, QRectF, QSize, Qt
@@ -38,7 +39,8 @@ class BlockGrid(QWidget):
     def __init__(self, parent: QWidget | None = None) -> None:
         super().__init__(parent)
         self._states = b""
-        self._owners: dict[int, str] = {}
+        self._owners: dict[int, tuple[str, ...]] = {}
+        self._hashes: dict[int, bytes] = {}
         self._image: QImage | None = None  # one pixel per cell, rebuilt lazily when states or columns change
         self._image_cols = 0
         policy = QSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Expanding)
@@ -47,7 +49,7 @@ class BlockGrid(QWidget):
 
     def set_block_map(self, block_map: BlockMap) -> None:
         resized = len(block_map.states) != len(self._states)
-        self._states, self._owners = block_map.states, block_map.owners
+        self._states, self._owners, self._hashes = block_map.states, block_map.owners, block_map.hashes
         self._image = None
         if resized:
             self.updateGeometry()
@@ -75,9 +77,16 @@ class BlockGrid(QWidget):
         return QRectF((block % cols) * cell, (block // cols) * cell, cell, cell).toAlignedRect()
 
     def describe(self, block: int) -> str:
-        state = self._states[block]
-        owner = self._owners.get(block) if state in (BlockState.USED, BlockState.SHARED) else None
-        return f"block {block}: {STATE_NAMES[state]}" + (f", request {owner}" if owner is not None else "")
+        """The tooltip: the block's state, the requests holding it (a request's forks counted, as they share its
+        blocks too) and its prefix hash, shortened as git shortens commits: enough to tell prefixes apart."""
+        lines = [f"block {block}: {STATE_NAMES[self._states[block]]}"]
+        holders = Counter(self._owners.get(block, ()))
+        if holders:
+            names = [rid if n == 1 else f"{rid} ({n} sequences)" for rid, n in holders.items()]
+            lines.append(("request " if len(names) == 1 else "requests ") + ", ".join(names))
+        if (block_hash := self._hashes.get(block)) is not None:
+            lines.append(f"prefix {block_hash.hex()[:8]}")
+        return "\n".join(lines)
 
     def hasHeightForWidth(self) -> bool:
         return True
@@ -182,7 +191,8 @@ class Swatch(QWidget):
 
 class BlockMapWidget(QWidget):
     """The legend (a swatch and a count per state) above the block grid, which scrolls when blocks outnumber
-    what fits at the smallest cell size. Hovering a cell shows "block N: shared, request <id>"."""
+    what fits at the smallest cell size. Hovering a cell shows its state, the requests holding it and its
+    prefix hash."""
 
     def __init__(self, parent: QWidget | None = None) -> None:
         super().__init__(parent)
