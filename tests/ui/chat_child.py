@@ -1,5 +1,5 @@
 """The chat page in a process of its own, for test_chat.py to kill -9 mid-reply: the tiny model loads, one message
-is sent, and each redraw of the streaming reply prints `drawn <the reply's text as JSON>` once it is on screen.
+is sent, and each redraw of the streaming reply's bubble prints `drawn <the reply's text as JSON>` once it is on screen.
 
 Usage: python chat_child.py MODEL_DIR HISTORY_FILE. The engine may take STEPS steps and then waits for good, so
 the reply is unfinished whenever the test kills the process, however slow or loaded the machine.
@@ -37,15 +37,14 @@ def hold_after(engine, steps: int) -> None:
 
 
 def report_draws(page: ChatPage) -> None:
-    """After each redraw of the transcript while the reply streams, print the reply's text as drawn."""
-    draw = page.transcript.setMarkdown
+    """After each redraw of the streaming reply's bubble, print the reply's text as drawn."""
+    draw = page.transcript.stream
 
-    def reported(markdown: str) -> None:
-        draw(markdown)
-        if page.reply is not None:
-            print("drawn", json.dumps(page.reply.text), flush=True)
+    def reported(message_id: int, text: str) -> None:
+        draw(message_id, text)
+        print("drawn", json.dumps(text), flush=True)
 
-    page.transcript.setMarkdown = reported
+    page.transcript.stream = reported
 
 
 def main(model: str, history_file: str) -> int:

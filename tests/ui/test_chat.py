@@ -154,7 +154,7 @@ def test_code_blocks_in_a_reply_render_with_a_copy_link_each(qtbot, page):
     assert html.count("Copy code") == 2 and f"copy:{reply.id}/1" in html
     code = [
         b
-        for b in iter_blocks(page.transcript.document())
+        for b in iter_blocks(page.transcript.bubble(reply.id).view.document())
         if b.blockFormat().hasProperty(QTextFormat.Property.BlockCodeFence)
     ]
     shade = page.palette().color(QPalette.ColorRole.AlternateBase)
@@ -168,27 +168,29 @@ def test_code_blocks_in_a_reply_render_with_a_copy_link_each(qtbot, page):
 
 def test_each_redraw_of_a_streaming_reply_shows_what_the_history_file_holds(qtbot, page, tmp_path):
     raw = sqlite3.connect(tmp_path / "history.sqlite3")  # a connection of its own, as a restart reads the file
-    draws: list[tuple[str, str]] = []  # (the reply in the file, the transcript drawn) at each streaming redraw
-    draw = page.transcript.setMarkdown
+    draws: list[tuple[str, str]] = []  # (the reply in the file, its bubble's markdown) at each streaming redraw
+    draw = page.transcript.stream
+    bubbles = set()  # the bubble of each redraw: the reply's own, kept through the reply (no other is rebuilt)
 
-    def checked(markdown: str) -> None:
-        if page.reply is not None:
-            [(stored,)] = raw.execute("SELECT content FROM messages WHERE id = ?", (page.reply.message_id,))
-            draws.append((stored, markdown))
-        draw(markdown)
+    def checked(message_id: int, text: str) -> None:
+        draw(message_id, text)
+        [(stored,)] = raw.execute("SELECT content FROM messages WHERE id = ?", (message_id,))
+        bubble = page.transcript.bubble(message_id)
+        draws.append((stored, bubble.markdown))
+        bubbles.add(id(bubble))
 
-    page.transcript.setMarkdown = checked
+    page.transcript.stream = checked
     try:
         page.sampling.temperature.setValue(1.0)
         page.sampling.use_seed.setChecked(True)
         page.sampling.max_tokens.setValue(60)
         send_and_wait(qtbot, page, "Tell me about lighthouses.")
     finally:
-        del page.transcript.setMarkdown  # `checked` holds the page: left in place, the two would form a cycle
+        del page.transcript.stream  # `checked` holds the page: left in place, the two would form a cycle
         raw.close()
-    assert len([stored for stored, _ in draws if stored]) > 1  # it streamed: several redraws with text
+    assert len([stored for stored, _ in draws if stored]) > 1 and len(bubbles) == 1  # several redraws with text
     for stored, markdown in draws:
-        assert markdown.endswith(f"**Assistant**\n\n{stored} ▍")  # the streaming reply, exactly as stored
+        assert markdown == f"{stored} ▍"  # the streaming reply, exactly as stored
 
 
 def test_kill_9_mid_reply_loses_nothing_that_was_drawn(qtbot, loaded_bridge, tiny_chat_model, tmp_path):

@@ -1,7 +1,8 @@
 """The chat page: conversations (new, rename, delete, search), replies streamed as they are generated, stop,
 regenerate, edit-and-resend of the last message, a system prompt and sampling parameters, a JSON schema the
 replies keep to (a badge marks the conversations that have one), a reasoning model's thinking folded under its
-reply, markdown rendering, and tokens/s and time to first token under each reply.
+reply, and the messages as bubbles (ui/widgets/transcript.py): markdown with coloured code, Copy on each, tokens/s
+and time to first token under each reply.
 
 Every conversation lives in ChatHistory. A streaming reply is drawn only after the same text is saved (each
 redraw writes it first, one UPDATE), so a crash mid-reply, kill -9 included, loses nothing that was on screen. A
@@ -16,13 +17,7 @@ import time
 from dataclasses import dataclass
 
 from PySide6.QtCore import QSize, Qt, QTimer, QUrl
-from PySide6.QtGui import (
-    QDesktopServices,
-    QGuiApplication,
-    QKeySequence,
-    QPalette,
-    QShortcut,
-)
+from PySide6.QtGui import QDesktopServices, QGuiApplication, QKeySequence, QShortcut
 from PySide6.QtWidgets import (
     QFrame,
     QHBoxLayout,
@@ -35,7 +30,6 @@ from PySide6.QtWidgets import (
     QPushButton,
     QScrollArea,
     QSplitter,
-    QTextBrowser,
     QVBoxLayout,
     QWidget,
 )
@@ -46,12 +40,13 @@ from engine.structured_output import StructuredOutputsParams
 from ui.bridge import EngineBridge, ModelLoaded, ModelLoadFailed, ModelLoadStage, RequestFailed, RequestUpdate
 from ui.widgets.json_schema_dialog import ReplyFormatBox, badge_icon, schema_summary
 from ui.widgets.load_panel import LoadPanel
+from ui.widgets.message_markdown import code_blocks, shown_answer, split_think
 from ui.widgets.sampling_form import FIELDS, SamplingForm
 from ui.widgets.status_line import StatusLine
-from ui.widgets.transcript import code_blocks, shade_code, shown_answer, split_think, transcript_markdown
+from ui.widgets.transcript import Transcript
 
-# A streaming reply is redrawn (and saved) at most this often: the transcript is re-rendered whole, and doing that
-# for every token would take the UI thread (and the GIL) from the engine thread.
+# A streaming reply is redrawn (and saved) at most this often: its bubble is re-rendered whole, and doing that for
+# every token would take the UI thread (and the GIL) from the engine thread.
 RENDER_INTERVAL_MS = 50
 
 
@@ -76,7 +71,7 @@ class ChatPage(QWidget):
         self.reply: _Reply | None = None
         self.expanded: set[int] = set()  # replies whose reasoning is unfolded
         self.loading = False  # a model is loading into the in-process engine
-        self._render_soon = QTimer(self, singleShot=True, interval=RENDER_INTERVAL_MS, timeout=self.render)
+        self._render_soon = QTimer(self, singleShot=True, interval=RENDER_INTERVAL_MS, timeout=self._draw_reply)
         self._build()
         bridge.request_update.connect(self._on_update)
         bridge.request_failed.connect(self._on_failed)
@@ -115,8 +110,9 @@ class ChatPage(QWidget):
         lv.addLayout(row)
 
         # Links are handled here: "copy:" ones copy a code block, the rest open in the browser.
-        self.transcript = QTextBrowser(openLinks=False)
+        self.transcript = Transcript()
         self.transcript.anchorClicked.connect(self._on_link)
+        self.transcript.copied.connect(lambda: self.status.say("Message copied."))
         self.input = QPlainTextEdit(placeholderText="Message (Ctrl+Enter sends)")
         self.input.setMaximumHeight(110)
         self.send_button = QPushButton("Send")
@@ -231,6 +227,7 @@ class ChatPage(QWidget):
         conv = self.history.conversation(conversation_id)
         self.system_prompt.setPlainText(conv.system_prompt)
         self.render()
+        self.transcript.follow_end()
         self._sync_buttons()
 
     def rename_conversation(self, title: str) -> None:
@@ -479,8 +476,8 @@ class ChatPage(QWidget):
 
     # ---- rendering --------------------------------------------------------------------------------------------
     def render(self) -> None:
-        """The transcript as markdown: the model's replies often are markdown (lists, code blocks). A streaming
-        reply's new text is saved first, so only what the history holds is ever drawn."""
+        """The whole transcript, from the history. A streaming reply's new text is saved first, so only what the
+        history holds is ever drawn."""
         self._render_soon.stop()
         if self.reply is not None and not self._save_streaming():
             return  # the reply stopped; _finish drew the transcript from what is saved
@@ -488,13 +485,13 @@ class ChatPage(QWidget):
         json_replies = self.conversation_id is not None and bool(
             self.history.conversation(self.conversation_id).json_schema
         )
-        bar = self.transcript.verticalScrollBar()
-        at_bottom = bar.value() >= bar.maximum() - 4
         streaming = None if self.reply is None else self.reply.message_id
-        self.transcript.setMarkdown(transcript_markdown(messages, streaming, self.expanded, json_replies))
-        shade_code(self.transcript.document(), self.palette().color(QPalette.ColorRole.AlternateBase))
-        if at_bottom:
-            bar.setValue(bar.maximum())
+        self.transcript.set_messages(messages, streaming, self.expanded, json_replies)
+
+    def _draw_reply(self) -> None:
+        """The streaming reply's bubble alone, with its new text saved first (as render does)."""
+        if self._save_streaming():
+            self.transcript.stream(self.reply.message_id, self.reply.saved)
 
     def _save_streaming(self) -> bool:
         """Save the streaming reply's new text; on a failure (a full disk) stop the reply and return False."""

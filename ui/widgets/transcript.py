@@ -1,123 +1,239 @@
-"""The chat transcript as markdown: each message under its role, a reply's reasoning (a think block) folded under
-its heading, a finished reply's stats under it, a "Copy code" link under each of its code blocks, and code blocks
-shaded apart from the prose once rendered."""
+"""The chat transcript as bubbles: the user's messages on the right, the replies on the left, each rendered from
+markdown with its code blocks coloured (ui/widgets/highlight.py), a Copy button under it, and under a finished
+reply its tokens/s and time to first token.
+
+A streaming reply re-renders its own bubble only (stream), so each new piece of text costs the one message, not
+the conversation. Each bubble is as tall as its text at the width the transcript gives it, and the transcript
+scrolls as a whole; it follows the end while it is scrolled to the end."""
 
 from __future__ import annotations
 
-import contextlib
-import json
-import re
+import math
 from collections.abc import Iterable
+from dataclasses import replace
 
-from PySide6.QtGui import QColor, QTextCursor, QTextDocument, QTextFormat
+from PySide6.QtCore import QEvent, QRectF, Qt, QUrl, Signal
+from PySide6.QtGui import QColor, QGuiApplication, QPainter, QPalette
+from PySide6.QtWidgets import (
+    QFrame,
+    QHBoxLayout,
+    QLabel,
+    QScrollArea,
+    QTextBrowser,
+    QToolButton,
+    QVBoxLayout,
+    QWidget,
+)
 
 from app.history import Message
-from app.server.reasoning import THINK_END, THINK_START, ThinkState, split_reasoning
+from ui.widgets.highlight import highlight_code
+from ui.widgets.message_markdown import copy_text, message_markdown, stats_line
 
-ROLE_NAMES = {"user": "You", "assistant": "Assistant", "system": "System"}
 EMPTY = "*Start a conversation: type below and press Ctrl+Enter.*"
-CURSOR = " ▍"  # after a reply that is still streaming
-
-# A fenced code block: its opening fence (``` or ~~~, an optional language), its text, its closing fence.
-_FENCE = re.compile(r"^(?P<fence>```|~~~)[^\n]*\n(?P<code>.*?)^(?P=fence)[ \t]*$", re.MULTILINE | re.DOTALL)
-
-
-def transcript_markdown(
-    messages: Iterable[Message],
-    streaming_id: int | None,
-    expanded: frozenset[int] | set[int] = frozenset(),
-    json_replies: bool = False,
-) -> str:
-    """The conversation as one markdown text; message `streaming_id` (a reply being written) ends in a cursor. A
-    reply's reasoning shows as a fold link ("think:<id>"), its text under it for the ids in `expanded`. With
-    json_replies (the conversation has a JSON schema) each reply shows as a JSON code block."""
-    parts = []
-    for m in messages:
-        reasoning, content = split_think(m.content) if m.role == "assistant" else (None, m.content)
-        if m.role == "assistant" and json_replies and content:
-            content = json_block(content)
-        streaming = m.id == streaming_id
-        stats = ""
-        if m.role == "assistant" and m.finished:
-            content = with_copy_links(content, m.id)
-            stats = stats_line(m.stats)
-        if streaming and (content or reasoning is None):
-            content += CURSOR
-        fold = "" if reasoning is None else reasoning_fold(m.id, reasoning, m.id in expanded, streaming and not content)
-        body = fold + (content or ("" if fold else "…"))
-        parts.append(f"**{ROLE_NAMES.get(m.role, m.role)}**\n\n{body}" + (f"\n\n{stats}" if stats else ""))
-    return "\n\n---\n\n".join(parts) if parts else EMPTY
+PAD = 10  # between a bubble's edge and its text
+# A bubble's widest, as a share of the transcript's width: replies take more room (code, tables) than questions.
+WIDEST = {"user": 0.75, "assistant": 0.9}
+USER_TINT = 0.18  # how far a user's bubble leans from the base colour towards the accent
 
 
-def split_think(content: str) -> tuple[str | None, str]:
-    """A reply's reasoning (None without a think block) and its answer. A reply that opens with `<think>` reasons
-    until `</think>` (all of it, while that has not come); so does one with a `</think>` alone, whose template
-    opened the block in the prompt."""
-    if content.lstrip().startswith(THINK_START):
-        state = ThinkState.MAYBE
-    elif THINK_END in content:
-        state = ThinkState.OPEN
-    else:
-        return None, content
-    split = split_reasoning(content, state, final=True)
-    return split.reasoning, split.answer
+class MessageView(QTextBrowser):
+    """A message's rendered text: transparent on its bubble, no scroll bars, as tall as its text (fit)."""
+
+    def __init__(self) -> None:
+        super().__init__(openLinks=False, frameShape=QFrame.Shape.NoFrame)
+        self.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+        self.setVerticalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+        self.viewport().setAutoFillBackground(False)
+        self.document().setUndoRedoEnabled(False)  # re-rendered, never edited: no history to keep
+
+    def fit(self, widest: int) -> None:
+        """Take the width the text needs, up to `widest`, and the height it then has."""
+        document = self.document()
+        document.setTextWidth(-1)  # unwrapped, to learn the widest line
+        width = max(1, min(math.ceil(document.idealWidth()) + 1, widest))
+        document.setTextWidth(width)
+        self.setFixedSize(width, math.ceil(document.size().height()))
+
+    def wheelEvent(self, event) -> None:
+        event.ignore()  # it never scrolls itself: the transcript around it does
 
 
-def json_block(answer: str) -> str:
-    """A JSON reply as a code block, indented when it parses (a reply still streaming is shown as it is)."""
-    with contextlib.suppress(json.JSONDecodeError):
-        answer = json.dumps(json.loads(answer), indent=2, ensure_ascii=False)
-    return f"```json\n{answer}\n```"
+class Card(QWidget):
+    """A bubble's rounded card: the base colour for a reply, leaning towards the accent for the user's message."""
+
+    def __init__(self, role: str) -> None:
+        super().__init__()
+        self.role = role
+
+    def color(self) -> QColor:
+        palette = self.palette()
+        base = palette.color(QPalette.ColorRole.Base)
+        if self.role != "user":
+            return base
+        accent = palette.color(QPalette.ColorRole.Highlight)
+        return QColor.fromRgbF(*(b + (a - b) * USER_TINT for b, a in zip(base.getRgbF()[:3], accent.getRgbF()[:3])))
+
+    def paintEvent(self, _event) -> None:
+        painter = QPainter(self)
+        painter.setRenderHint(QPainter.RenderHint.Antialiasing)
+        painter.setPen(self.palette().color(QPalette.ColorRole.Mid))
+        painter.setBrush(self.color())
+        painter.drawRoundedRect(QRectF(self.rect()).adjusted(0.5, 0.5, -0.5, -0.5), 10, 10)
 
 
-def shown_answer(content: str, json_reply: bool) -> str:
-    """A reply's answer as the transcript shows it (the text its Copy code links copy from)."""
-    answer = split_think(content)[1]
-    return json_block(answer) if json_reply and answer else answer
+class Bubble(QWidget):
+    """One message: its text on a rounded card, and under it a Copy button and (a finished reply) its stats."""
+
+    link_clicked = Signal(QUrl)
+    copied = Signal()
+
+    def __init__(self, message: Message) -> None:
+        super().__init__()
+        self.message = message
+        self.markdown = ""
+        self.streaming = self.expanded = self.json_reply = False
+        self._widest = 1
+        self.view = MessageView()
+        self.view.anchorClicked.connect(self.link_clicked)
+        self.card = Card(message.role)
+        card_layout = QVBoxLayout(self.card)
+        card_layout.setContentsMargins(PAD, PAD // 2, PAD, PAD // 2)
+        card_layout.addWidget(self.view)
+        self.stats = QLabel()
+        self.stats.setForegroundRole(QPalette.ColorRole.PlaceholderText)
+        self.copy_button = QToolButton(text="Copy", autoRaise=True, toolTip="Copy this message (as markdown)")
+        self.copy_button.clicked.connect(self.copy)
+        footer = QHBoxLayout()
+        footer.setContentsMargins(PAD // 2, 0, PAD // 2, 0)
+        user = message.role == "user"
+        if user:
+            footer.addStretch(1)
+        footer.addWidget(self.stats)
+        footer.addWidget(self.copy_button)
+        if not user:
+            footer.addStretch(1)
+        layout = QVBoxLayout(self)
+        layout.setContentsMargins(0, 0, 0, 0)
+        layout.setSpacing(0)
+        layout.addWidget(self.card, 0, Qt.AlignmentFlag.AlignRight if user else Qt.AlignmentFlag.AlignLeft)
+        layout.addLayout(footer)
+        self.setAccessibleName("You" if user else "Assistant" if message.role == "assistant" else message.role)
+
+    def show_message(self, message: Message, streaming: bool, expanded: bool, json_reply: bool) -> None:
+        """Render `message` (this bubble's, as it stands now)."""
+        self.message, self.streaming, self.expanded, self.json_reply = message, streaming, expanded, json_reply
+        self.markdown = message_markdown(message, streaming, expanded, json_reply)
+        self._render()
+        finished = message.role == "assistant" and message.finished
+        self.stats.setText(stats_line(message.stats) if finished else "")
+        self.stats.setVisible(bool(self.stats.text()))
+        self.copy_button.setVisible(not streaming)
+
+    def fit(self, width: int) -> None:
+        """Size the card for a transcript `width` wide."""
+        self._widest = max(1, int(width * WIDEST.get(self.message.role, WIDEST["assistant"])) - 2 * PAD)
+        self.view.fit(self._widest)
+
+    def copy(self) -> None:
+        QGuiApplication.clipboard().setText(copy_text(self.message))
+        self.copied.emit()
+
+    def plain_text(self) -> str:
+        return "\n".join(t for t in (self.view.toPlainText(), self.stats.text()) if t)
+
+    def changeEvent(self, event: QEvent) -> None:
+        super().changeEvent(event)
+        if event.type() == QEvent.Type.PaletteChange and self.markdown:
+            self._render()  # the code's colours and shade follow the theme
+
+    def _render(self) -> None:
+        view = self.view
+        view.setMarkdown(self.markdown)
+        palette = self.palette()
+        dark = palette.color(QPalette.ColorRole.Base).lightness() < 128
+        highlight_code(view.document(), palette.color(QPalette.ColorRole.AlternateBase), dark)
+        view.fit(self._widest)
 
 
-def reasoning_fold(message_id: int, reasoning: str, open_: bool, thinking: bool) -> str:
-    """The fold line of a reply's reasoning (a link that opens or closes it), and the reasoning quoted when open."""
-    words = len(reasoning.split())
-    label = f"{'▾' if open_ else '▸'} {'Thinking…' if thinking else 'Reasoning'} ({words} word{'s' * (words != 1)})"
-    fold = f"[{label}](think:{message_id})\n\n"
-    if open_ and reasoning:
-        fold += "\n".join(f"> {line}" if line else ">" for line in reasoning.splitlines()) + "\n\n"
-    return fold
+class Transcript(QScrollArea):
+    """The conversation's bubbles in one scrolling column. anchorClicked relays the links clicked in any bubble
+    ("copy:" and "think:" ones, and the web's); copied says a message was copied."""
 
+    anchorClicked = Signal(QUrl)
+    copied = Signal()
 
-def shade_code(document: QTextDocument, shade: QColor) -> None:
-    """Give the rendered code blocks `shade` as background, so they stand apart from the prose around them."""
-    block = document.begin()
-    while block.isValid():
-        fmt = block.blockFormat()
-        if fmt.hasProperty(QTextFormat.Property.BlockCodeFence):
-            fmt.setBackground(shade)
-            QTextCursor(block).setBlockFormat(fmt)
-        block = block.next()
+    def __init__(self, parent: QWidget | None = None) -> None:
+        super().__init__(parent, widgetResizable=True)
+        self.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+        column = QWidget()
+        self._layout = QVBoxLayout(column)
+        self._layout.setSpacing(12)
+        self.empty = QLabel(EMPTY, textFormat=Qt.TextFormat.MarkdownText, alignment=Qt.AlignmentFlag.AlignCenter)
+        self._layout.addWidget(self.empty)
+        self._layout.addStretch(1)
+        self.setWidget(column)
+        self._bubbles: dict[int, Bubble] = {}
+        self._follow = True  # scrolled to the end: stay there as the text grows
+        bar = self.verticalScrollBar()
+        bar.valueChanged.connect(self._on_scrolled)
+        bar.rangeChanged.connect(self._on_grown)
 
+    def set_messages(
+        self,
+        messages: Iterable[Message],
+        streaming_id: int | None,
+        expanded: frozenset[int] | set[int] = frozenset(),
+        json_replies: bool = False,
+    ) -> None:
+        """Show these messages, in new bubbles; message `streaming_id` is a reply being written. A reply's
+        reasoning is unfolded for the ids in `expanded`; with json_replies each reply shows as a JSON block."""
+        for bubble in self._bubbles.values():
+            self._layout.removeWidget(bubble)
+            bubble.deleteLater()
+        self._bubbles.clear()
+        for message in messages:
+            bubble = Bubble(message)
+            bubble.link_clicked.connect(self.anchorClicked)
+            bubble.copied.connect(self.copied)
+            bubble.fit(self.viewport().width())
+            bubble.show_message(message, message.id == streaming_id, message.id in expanded, json_replies)
+            self._layout.insertWidget(self._layout.count() - 1, bubble)
+            self._bubbles[message.id] = bubble
+        self.empty.setVisible(not self._bubbles)
 
-def code_blocks(markdown: str) -> list[str]:
-    """The text of each fenced code block, in order."""
-    return [m.group("code") for m in _FENCE.finditer(markdown)]
+    def stream(self, message_id: int, text: str) -> None:
+        """The streaming reply `message_id` has grown to `text`: re-render its bubble alone."""
+        bubble = self._bubbles[message_id]
+        bubble.show_message(replace(bubble.message, content=text), True, bubble.expanded, bubble.json_reply)
 
+    def follow_end(self) -> None:
+        """Scroll to the end, and stay there as the text grows."""
+        self._follow = True
+        self.verticalScrollBar().setValue(self.verticalScrollBar().maximum())
 
-def with_copy_links(markdown: str, message_id: int) -> str:
-    """The reply with a "Copy code" link under each fenced code block."""
-    count = iter(range(1 << 30))
-    return _FENCE.sub(lambda m: f"{m.group(0)}\n\n[Copy code](copy:{message_id}/{next(count)})\n", markdown)
+    def bubbles(self) -> list[Bubble]:
+        return list(self._bubbles.values())
 
+    def bubble(self, message_id: int) -> Bubble:
+        return self._bubbles[message_id]
 
-def stats_line(stats: dict) -> str:
-    bits = []
-    if "tokens" in stats:
-        bits.append(f"{stats['tokens']} tokens")
-    if "tokens_per_s" in stats:
-        bits.append(f"{stats['tokens_per_s']} tok/s")
-    if "ttft_s" in stats:
-        bits.append(f"first token {stats['ttft_s'] * 1000:.0f} ms")
-    if stats.get("finish_reason") == "abort":
-        bits.append("stopped")
-    if stats.get("error"):
-        bits.append(f"error: {stats['error']}")
-    return f"*{' · '.join(bits)}*" if bits else ""
+    def toPlainText(self) -> str:
+        """Every bubble's text and stats, or the empty transcript's hint."""
+        if not self._bubbles:
+            return self.empty.text()
+        return "\n\n".join(b.plain_text() for b in self._bubbles.values())
+
+    def toHtml(self) -> str:
+        return "\n".join(b.view.toHtml() for b in self._bubbles.values())
+
+    def _on_scrolled(self, value: int) -> None:
+        self._follow = value >= self.verticalScrollBar().maximum() - 4
+
+    def _on_grown(self, _bottom: int, top: int) -> None:
+        if self._follow:
+            self.verticalScrollBar().setValue(top)
+
+    def resizeEvent(self, event) -> None:
+        super().resizeEvent(event)
+        for bubble in self._bubbles.values():
+            bubble.fit(self.viewport().width())
