@@ -16,10 +16,12 @@ import threading
 import time
 
 import pytest
-from PySide6.QtCore import QModelIndex, Qt, QTimer
+from PySide6.QtCore import QEvent, QMimeData, QModelIndex, QPointF, Qt, QTimer, QUrl
+from PySide6.QtGui import QDragEnterEvent, QDropEvent
 from PySide6.QtWidgets import QApplication
 
 from app.batch_io import BatchRow
+from app.library import model_store
 from ui.bridge import EngineBridge
 from ui.pages import batch
 from ui.pages.batch import BatchPage
@@ -80,7 +82,8 @@ def test_sixteen_pasted_prompts_run_together_to_completion_and_export(
     items = page.model.items
     assert [item.status for item in items] == [DONE] * 16
     assert all(item.tokens == 8 and item.finish_reason == "length" and item.output for item in items)
-    assert page.progress.value() == page.progress.maximum() == 16
+    assert page.progress.value() == page.progress.maximum() == 16 * 8  # the bar counts tokens of the budget
+    assert page.progress.text() == "16 / 16 rows · 100%"
     assert page.status.text().startswith("16 done in ")
     # Each row holds its own request's final text, and the model's chat template wrapped each line.
     outputs = sorted(final.values(), key=lambda o: int(o.request_id.rsplit("-", 1)[1]))
@@ -307,3 +310,147 @@ def test_the_ui_thread_keeps_turning_through_a_64_prompt_run(qtbot, page, loaded
     gap = max(b - a for a, b in itertools.pairwise(beats))
     print(f"\nlargest gap between 1 ms heartbeats over a 64-prompt run: {gap * 1000:.1f} ms ({len(beats)} beats)")
     assert len(submitted) == 64 and [item.status for item in page.model.items] == [DONE] * 64
+
+
+def drop(target, *paths, url=None) -> QDropEvent:
+    """Drop local files (or one URL) on `target` (the page, or a child's viewport) as a window system would: an
+    enter, then the drop; returns the drop event."""
+    mime = QMimeData()
+    mime.setUrls([QUrl.fromLocalFile(str(p)) for p in paths] if url is None else [QUrl(url)])
+    enter = QDragEnterEvent(QPointF(5, 5), Qt.CopyAction, mime, Qt.LeftButton, Qt.NoModifier)
+    QApplication.sendEvent(target, enter)
+    assert enter.isAccepted()
+    event = QDropEvent(QPointF(5, 5), Qt.CopyAction, mime, Qt.LeftButton, Qt.NoModifier, QEvent.Type.Drop)
+    QApplication.sendEvent(target, event)
+    return event
+
+
+def test_a_dropped_prompt_file_is_imported_and_anything_else_refused_in_words(qtbot, tmp_path):
+    page = BatchPage(EngineBridge())
+    qtbot.addWidget(page)
+    assert page.acceptDrops()
+    prompts = tmp_path / "prompts.csv"
+    prompts.write_text("prompt,max_tokens\nfirst,3\nsecond,\n")
+    drop(page, prompts)
+    assert texts(page) == ["first", "second"] and page.model.items[0].row.max_tokens == 3
+    assert page.source.text() == "2 prompts from prompts.csv"
+    assert page.status.text() == "Imported 2 prompts from prompts.csv."
+
+    picture = tmp_path / "picture.png"
+    picture.write_bytes(b"\x89PNG")
+    drop(page, picture)
+    assert page.status.text() == "Could not import: picture.png: unknown file type '.png'; use .txt, .jsonl, .csv"
+    drop(page, prompts, picture)
+    assert page.status.text() == "Drop one prompt file from this computer (.txt, .jsonl or .csv)."
+    drop(page, url="https://example.com/prompts.txt")
+    assert page.status.text() == "Drop one prompt file from this computer (.txt, .jsonl or .csv)."
+    assert texts(page) == ["first", "second"]  # the refused drops changed nothing
+
+    # Dropped on the prompt box, the file is imported too, not pasted in as its path.
+    lines = tmp_path / "lines.txt"
+    lines.write_text("one\ntwo\nthree\n")
+    drop(page.input.viewport(), lines)
+    assert texts(page) == ["one", "two", "three"] and page.input.toPlainText() == ""
+
+
+def test_the_progress_bar_fills_by_tokens_with_the_time_left_and_ends_at_100_percent(
+    qtbot, page, loaded_bridge, monkeypatch
+):
+    engine = loaded_bridge.engine_thread.engine
+    inside, release = threading.Event(), threading.Event()
+    steps, step = itertools.count(1), engine.step
+
+    def held_step():
+        if next(steps) == 6:  # a few tokens into the run
+            inside.set()
+            release.wait()
+        return step()
+
+    monkeypatch.setattr(engine, "step", held_step)
+    seen: list[tuple[int, str]] = []
+    page.progress.valueChanged.connect(lambda v: seen.append((v, page.progress.text())))
+    page.input.setPlainText("\n".join(f"Count to {i}." for i in range(6)))
+    page.sampling.max_tokens.setValue(24)
+    assert page.progress.text() == "0 / 6 rows"
+    try:
+        page.run_button.click()
+        assert page.progress.maximum() == 6 * 24  # every row's max_tokens: the most the run can generate
+        qtbot.waitUntil(inside.is_set, timeout=UNTIL_DONE)
+        # Held mid-run, the bar shows tokens generated so far and an estimate from the rate so far.
+        qtbot.waitUntil(lambda: 0 < page.progress.value() < page.progress.maximum(), timeout=UNTIL_DONE)
+        qtbot.waitUntil(lambda: "left" in page.progress.text(), timeout=UNTIL_DONE)
+        mid = page.progress.text()
+        assert mid.startswith("0 / 6 rows · ") and " · about " in mid and mid.endswith(" s left"), mid
+    finally:
+        release.set()
+    qtbot.waitUntil(lambda: not page.running, timeout=UNTIL_DONE)
+    values = [v for v, _ in seen]
+    assert values == sorted(values)  # forward only
+    assert page.progress.value() == page.progress.maximum() and page.progress.text() == "6 / 6 rows · 100%"
+
+
+def test_the_filter_hides_rows_that_do_not_match_and_shows_them_when_cleared(qtbot):
+    page = BatchPage(EngineBridge())
+    qtbot.addWidget(page)
+    page.input.setPlainText("Name a colour\nName a fruit\nCount to three")
+    items = page.model.items
+    items[0] = BatchItem(items[0].row, DONE, "Blue, like the SKY", 5, "stop")
+    items[1] = BatchItem(items[1].row, DONE, "An apple", 3, "stop")
+    items[2] = BatchItem(items[2].row, FAILED, error="the sky fell")
+    page.model.rows_changed(0, 2)
+
+    def visible():
+        return [i for i in range(page.model.rowCount()) if not page.table.isRowHidden(i)]
+
+    page.filter.setText("sky")  # case-insensitive, in outputs (and the error shown in place of one)
+    assert visible() == [0, 2] and page.shown.text() == "2 of 3 rows"
+    page.filter.setText("NAME A")  # in prompts
+    assert visible() == [0, 1]
+    page.filter.setText("nowhere")
+    assert visible() == [] and page.shown.text() == "0 of 3 rows"
+    page.filter.clear()
+    assert visible() == [0, 1, 2] and page.shown.text() == ""
+    page.filter.setText("count")  # new rows are filtered as they come
+    page.input.setPlainText("count me\nnot me")
+    assert visible() == [0]
+
+
+def test_a_finished_run_saved_by_name_reopens_with_its_prompts_and_outputs(qtbot, page, monkeypatch, tmp_path):
+    monkeypatch.setenv(model_store.DATA_DIR_ENV, str(tmp_path / "data"))
+    page.input.setPlainText("Name a colour.\nName a fruit.\nName a city.")
+    assert not page.save_run("too early") and page.status.text().startswith("Nothing to save yet")
+    page.sampling.max_tokens.setValue(4)
+    run_and_wait(qtbot, page)
+    before = [(item.row, item.status, item.output, item.tokens, item.finish_reason) for item in page.model.items]
+    assert page.save_button.isEnabled() and page.save_run("three names")
+    assert page.status.text() == "Saved the run as 'three names'."
+
+    page.input.setPlainText("something else")
+    page.saved_runs.refresh()
+    actions = page.saved_runs.menu().actions()
+    assert actions[0].text().startswith("three names  ·  ")
+    actions[0].trigger()  # the menu's entry reopens it
+    after = [(item.row, item.status, item.output, item.tokens, item.finish_reason) for item in page.model.items]
+    assert after == before and all(output for _, _, output, _, _ in after)
+    assert page.source.text() == "3 prompts from the saved run 'three names'" and page.input.toPlainText() == ""
+    assert page.progress.text() == "3 / 3 rows · 100%" and page.export_csv_button.isEnabled()
+
+    assert page.delete_run("three names") and page.status.text() == "Deleted the saved run 'three names'."
+    page.saved_runs.refresh()
+    assert [a.text() for a in page.saved_runs.menu().actions()] == ["No saved runs yet"]
+    assert not page.open_run("three names") and page.status.text().startswith("Could not open: saved run 'three names'")
+
+
+def test_a_save_that_cannot_be_written_is_said_and_leaves_nothing(qtbot, monkeypatch, tmp_path):
+    page = BatchPage(EngineBridge())
+    qtbot.addWidget(page)
+    page.input.setPlainText("only row")
+    page.model.items[0] = BatchItem(page.model.items[0].row, DONE, "reply", 1, "stop")
+    blocker = tmp_path / "not a folder"
+    blocker.write_text("")
+    monkeypatch.setenv(model_store.DATA_DIR_ENV, str(blocker / "data"))
+    assert not page.save_run("mine")
+    assert page.status.text().startswith(f"Could not save the run: cannot create the folder {blocker / 'data'}")
+    assert [p.name for p in tmp_path.iterdir()] == ["not a folder"] and blocker.read_text() == ""
+    page.saved_runs.refresh()
+    assert [a.text() for a in page.saved_runs.menu().actions()] == ["No saved runs yet"]

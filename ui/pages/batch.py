@@ -1,6 +1,7 @@
-"""The batch page: prompts pasted or imported (.txt / .jsonl / .csv), one sampling setup for all rows (a file's
-rows may override it), every row submitted at once so the engine batches them continuously, per-row status
-and progress, cancel, and the results exported to JSONL or CSV.
+"""The batch page: prompts pasted, imported or dropped (.txt / .jsonl / .csv), one sampling setup for all rows (a
+file's rows may override it), every row submitted at once so the engine batches them continuously, per-row status,
+progress with an estimate of the time left, cancel, a filter over the results, and the results exported to JSONL
+or CSV or saved as a named run to reopen later.
 
 Outputs arrive as request_update signals, up to one per running row per engine step. A slot only records
 them; a timer repaints the changed rows a few times a second, so a large batch never floods the UI thread.
@@ -14,13 +15,17 @@ import itertools
 import time
 from pathlib import Path
 
-from PySide6.QtCore import Qt, QTimer
+from PySide6.QtCore import QEvent, QMimeData, QObject, Qt, QTimer
+from PySide6.QtGui import QDragEnterEvent, QDropEvent
 from PySide6.QtWidgets import (
     QAbstractItemView,
     QFileDialog,
     QGroupBox,
     QHBoxLayout,
     QHeaderView,
+    QInputDialog,
+    QLineEdit,
+    QMessageBox,
     QPlainTextEdit,
     QProgressBar,
     QPushButton,
@@ -31,16 +36,19 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
+from app import batch_runs
 from app.batch_io import BatchFileError, export_results, load_rows, parse_text
 from engine import SamplingParams
 from engine.structured_output import StructuredOutputsParams
 from ui.bridge import EngineBridge, RequestFailed, RequestUpdate
-from ui.widgets.batch_table import CANCELLED, DONE, FAILED, QUEUED, RUNNING, BatchTableModel
+from ui.widgets.batch_table import CANCELLED, DONE, FAILED, QUEUED, RUNNING, BatchItem, BatchTableModel
 from ui.widgets.cards import muted
 from ui.widgets.sampling_form import SamplingForm
+from ui.widgets.saved_runs import SavedRunsButton
 from ui.widgets.status_line import StatusLine
 
 REPAINT_INTERVAL_MS = 100
+_DRAG_EVENTS = (QEvent.Type.DragEnter, QEvent.Type.DragMove, QEvent.Type.Drop)
 SUBMIT_SLICE = 64  # rows rendered and submitted per turn of the event loop
 
 
@@ -58,6 +66,9 @@ class BatchPage(QWidget):
         self._started = 0.0
         self._repaint = QTimer(self, interval=REPAINT_INTERVAL_MS, timeout=self._flush)
         self._build()
+        self.setAcceptDrops(True)
+        # The prompt box would take a dropped file as text (its path); its viewport's drags come here instead.
+        self.input.viewport().installEventFilter(self)
         bridge.request_update.connect(self._on_update)
         bridge.request_failed.connect(self._on_failed)
         # Methods, not lambdas: Qt drops the connections with the page.
@@ -113,7 +124,6 @@ class BatchPage(QWidget):
         self.cancel_button = QPushButton("Cancel")
         self.cancel_button.clicked.connect(self.cancel)
         self.progress = QProgressBar()
-        self.progress.setFormat("%v / %m done")
         self.progress.setRange(0, 1)
         self.progress.setValue(0)
         self.export_jsonl_button = QPushButton("Export JSONL…")
@@ -144,6 +154,21 @@ class BatchPage(QWidget):
         header.setSectionResizeMode(4, QHeaderView.Stretch)
         self.table.selectionModel().selectionChanged.connect(lambda *_: self._show_detail())
         self.detail = QTextBrowser(placeholderText="Select a row to read its prompt and output")
+        self.filter = QLineEdit(
+            placeholderText="Filter: rows whose prompt or output contains…", clearButtonEnabled=True
+        )
+        self.filter.textChanged.connect(lambda: self._apply_filter(range(len(self.model.items))))
+        self.shown = muted()
+        self.save_button = QPushButton("Save run…")
+        self.save_button.clicked.connect(self._ask_save)
+        self.saved_runs = SavedRunsButton()
+        self.saved_runs.open_requested.connect(self.open_run)
+        self.saved_runs.delete_requested.connect(self._ask_delete)
+        tools = QHBoxLayout()
+        tools.addWidget(self.filter, 1)
+        tools.addWidget(self.shown)
+        tools.addWidget(self.save_button)
+        tools.addWidget(self.saved_runs)
 
         # The selected row's whole prompt and output under the table, as wide as it: the Output column cuts a
         # reply to one line, and a pane beside the table left both narrow.
@@ -156,6 +181,7 @@ class BatchPage(QWidget):
         bv = QVBoxLayout(bottom)
         bv.setContentsMargins(0, 0, 0, 0)
         bv.addLayout(actions)
+        bv.addLayout(tools)
         bv.addWidget(results, 1)
 
         splitter = QSplitter(Qt.Vertical)
@@ -202,9 +228,36 @@ class BatchPage(QWidget):
         if path:
             self.import_file(path)
 
+    def import_drop(self, mime: QMimeData) -> bool:
+        """Import the one local file a drag brings; anything else is refused in words."""
+        if self.running:
+            self.status.say("A run is going: cancel it or let it finish before importing.")
+            return False
+        files = [url.toLocalFile() for url in mime.urls() if url.isLocalFile()]
+        if len(mime.urls()) != 1 or not files:
+            self.status.say("Drop one prompt file from this computer (.txt, .jsonl or .csv).")
+            return False
+        return self.import_file(files[0])
+
+    def dragEnterEvent(self, event: QDragEnterEvent) -> None:
+        if event.mimeData().hasUrls() and not self.running:
+            event.acceptProposedAction()
+
+    def dropEvent(self, event: QDropEvent) -> None:
+        event.acceptProposedAction()  # taken either way: a refused file is said in the status line
+        self.import_drop(event.mimeData())
+
+    def eventFilter(self, watched: QObject, event: QEvent) -> bool:
+        if event.type() in _DRAG_EVENTS and watched is self.input.viewport() and event.mimeData().hasUrls():
+            (self.dropEvent if event.type() == QEvent.Type.Drop else self.dragEnterEvent)(event)
+            return True
+        return super().eventFilter(watched, event)
+
     def _after_new_rows(self) -> None:
-        self.progress.setRange(0, max(len(self.model.items), 1))
+        self.progress.setRange(0, 1)
         self.progress.setValue(0)
+        self.progress.setFormat(f"0 / {len(self.model.items)} rows")
+        self._apply_filter(range(len(self.model.items)))
         self.status.say("")
         self._show_detail()
         self._sync_buttons()
@@ -244,7 +297,11 @@ class BatchPage(QWidget):
         self._shared = self.sampling.params()
         self._next_row = 0
         self.model.reset_results()
+        default_budget = self._shared["max_tokens"]
+        for item in self.model.items:
+            item.budget = default_budget if item.row.max_tokens is None else item.row.max_tokens
         self._started = time.perf_counter()
+        self._show_progress(0.0)
         self._repaint.start()
         self._submit_slice(self._run)
         self._sync_buttons()
@@ -337,17 +394,36 @@ class BatchPage(QWidget):
             self.model.rows_changed(min(self._dirty), max(self._dirty))
             if self._selected_row() in self._dirty:  # the pane under the table follows the reply as it grows
                 self._show_detail()
+            if self.filter.text():  # a growing reply may come to match the filter
+                self._apply_filter(self._dirty)
             self._dirty.clear()
         items = self.model.items
-        self.progress.setValue(self.model.count(DONE, FAILED, CANCELLED))
+        elapsed = time.perf_counter() - self._started
+        tokens = sum(item.tokens for item in items)
+        self._show_progress(tokens / max(elapsed, 1e-3))
         if self.running:
-            elapsed = time.perf_counter() - self._started
-            tokens = sum(item.tokens for item in items)
             self.status.say(
                 f"Running {len(items)} prompts: {self.model.count(RUNNING)} generating, "
                 f"{self.model.count(QUEUED)} queued · {tokens:,} tokens, "
                 f"{tokens / max(elapsed, 1e-3):,.0f} tokens/s"
             )
+
+    def _show_progress(self, rate: float) -> None:
+        """Fill the bar by tokens, not rows: rows run side by side and finish in bunches, so counting rows would
+        stand still and then jump, while tokens come every step. The work left is the budget not yet spent (each
+        running row's max_tokens less what it generated; nothing for a finished row), and the time left is that
+        at the run's token rate so far. A row that stops early frees the rest of its budget, so the estimate can
+        only be too long, and the bar jumps forward, never back."""
+        done, rows = self.model.count(DONE, FAILED, CANCELLED), len(self.model.items)
+        spent, budget = self.model.token_progress()
+        if not budget:  # a reopened run's budgets are not saved: its bar shows the rows finished
+            spent, budget = done, rows
+        self.progress.setRange(0, max(budget, 1))
+        self.progress.setValue(spent)
+        text = f"{done} / {rows} rows · %p%"
+        if self.running and rate > 0 and spent:
+            text += f" · about {_duration((budget - spent) / rate)} left"
+        self.progress.setFormat(text)
 
     def _end_run(self) -> None:
         self._repaint.stop()
@@ -362,6 +438,67 @@ class BatchPage(QWidget):
             f"{tokens / max(elapsed, 1e-3):,.0f} tokens/s" + (f" · first error: {first_error}" if first_error else "")
         )
         self._sync_buttons()
+
+    # ---- saved runs -------------------------------------------------------------------------------------------
+    def save_run(self, name: str) -> bool:
+        """Save the finished run's rows and results under `name` (replacing a run of that name)."""
+        if self.running or not self._ran():
+            self.status.say("Nothing to save yet: run the batch, and save it when it has finished.")
+            return False
+        try:
+            batch_runs.save_run(name, [item.row for item in self.model.items], self.model.results())
+        except BatchFileError as e:
+            self.status.say(f"Could not save the run: {e}", "error")
+            return False
+        self.status.say(f"Saved the run as {name.strip()!r}.")
+        return True
+
+    def open_run(self, name: str) -> bool:
+        """Replace the rows with a saved run's, its results included."""
+        if self.running:
+            self.status.say("A run is going: cancel it or let it finish before opening another.")
+            return False
+        try:
+            saved = batch_runs.load_run(name)
+        except BatchFileError as e:
+            self.status.say(f"Could not open: {e}", "error")
+            return False
+        self.input.blockSignals(True)  # as for an imported file: typing again replaces the rows
+        self.input.clear()
+        self.input.blockSignals(False)
+        self.model.set_items([BatchItem.restored(row, result) for row, result in zip(saved.rows, saved.results)])
+        self.source.setText(f"{len(saved.rows)} prompts from the saved run {name!r}")
+        self._after_new_rows()
+        self._show_progress(0.0)
+        self.status.say(f"Opened the saved run {name!r}.")
+        return True
+
+    def delete_run(self, name: str) -> bool:
+        try:
+            batch_runs.delete_run(name)
+        except BatchFileError as e:
+            self.status.say(f"Could not delete: {e}", "error")
+            return False
+        self.status.say(f"Deleted the saved run {name!r}.")
+        return True
+
+    def _ask_save(self) -> None:
+        first = self.model.items[0].row.text if self.model.items else ""
+        suggestion = f"{time.strftime('%Y-%m-%d %H:%M')} · {' '.join(first.split())[:40]}"
+        name, ok = QInputDialog.getText(self, "Save run", "Save this run as:", text=suggestion)
+        if not ok or not name.strip():
+            return
+        taken = any(run.name == name.strip() for run in batch_runs.list_runs())
+        if taken and not self._confirm(f"A saved run is called {name.strip()!r}. Replace it?"):
+            return
+        self.save_run(name)
+
+    def _ask_delete(self, name: str) -> None:
+        if self._confirm(f"Delete the saved run {name!r}? Its results cannot be brought back."):
+            self.delete_run(name)
+
+    def _confirm(self, question: str) -> bool:
+        return QMessageBox.question(self, "Saved runs", question) == QMessageBox.StandardButton.Yes
 
     # ---- export -----------------------------------------------------------------------------------------------
     def export(self, path: str | Path) -> bool:
@@ -400,15 +537,35 @@ class BatchPage(QWidget):
             parts.append(_block(f"Output · {item.status} · {item.tokens} tokens", item.output or "…"))
         self.detail.setHtml("".join(parts))
 
+    def _apply_filter(self, rows) -> None:
+        """Hide the given rows that do not match the filter (case-insensitive); say how many rows show."""
+        needle = self.filter.text().casefold()
+        for row in rows:
+            self.table.setRowHidden(row, bool(needle) and not self.model.matches(row, needle))
+        total = len(self.model.items)
+        shown = sum(not self.table.isRowHidden(row) for row in range(total)) if needle else total
+        self.shown.setText(f"{shown} of {total} rows" if needle else "")
+
+    def _ran(self) -> bool:
+        return any(item.status != QUEUED for item in self.model.items)
+
     def _sync_buttons(self) -> None:
         busy, has_rows = self.running, bool(self.model.items)
-        ran = any(item.status != QUEUED for item in self.model.items)
+        ran = self._ran()
         self.run_button.setEnabled(not busy and has_rows)
         self.cancel_button.setEnabled(busy)
         self.import_button.setEnabled(not busy)
         self.input.setReadOnly(busy)
-        for button in (self.export_jsonl_button, self.export_csv_button):
+        self.saved_runs.setEnabled(not busy)
+        for button in (self.export_jsonl_button, self.export_csv_button, self.save_button):
             button.setEnabled(not busy and ran)
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 60:
+        return f"{max(seconds, 1):.0f} s"
+    minutes = round(seconds / 60)
+    return f"{minutes} min" if minutes < 60 else f"{minutes // 60} h {minutes % 60:02d} min"
 
 
 def _format_name(fmt: StructuredOutputsParams) -> str:

@@ -41,6 +41,19 @@ class BatchItem:
     error: str | None = None
     submitted: float | None = None  # time.perf_counter() at submission
     seconds: float | None = None  # submission to the last token
+    budget: int = 0  # the tokens this row may generate in the run: its max_tokens
+
+    @classmethod
+    def restored(cls, row: BatchRow, result: BatchResult) -> BatchItem:
+        """A row of a saved (so finished) run: an error made it fail; a row with no reason to finish was cancelled
+        before it did (in the engine, "abort"; or before it was submitted)."""
+        if result.error:
+            status = FAILED
+        elif result.finish_reason in (None, "abort"):
+            status = CANCELLED
+        else:
+            status = DONE
+        return cls(row, status, result.output, result.tokens, result.finish_reason, result.error, None, result.seconds)
 
     def result(self) -> BatchResult:
         return BatchResult(
@@ -65,8 +78,11 @@ class BatchTableModel(QAbstractTableModel):
         self.items: list[BatchItem] = []
 
     def set_rows(self, rows: list[BatchRow]) -> None:
+        self.set_items([BatchItem(row) for row in rows])
+
+    def set_items(self, items: list[BatchItem]) -> None:
         self.beginResetModel()
-        self.items = [BatchItem(row) for row in rows]
+        self.items = items
         self.endResetModel()
 
     def reset_results(self) -> None:
@@ -83,6 +99,22 @@ class BatchTableModel(QAbstractTableModel):
 
     def count(self, *statuses: str) -> int:
         return sum(item.status in statuses for item in self.items)
+
+    def token_progress(self) -> tuple[int, int]:
+        """(tokens spent, tokens budgeted) in the run. A finished row has spent its whole budget, however early it
+        stopped: what it did not use will never be generated, so the remaining work only shrinks."""
+        spent = total = 0
+        for item in self.items:
+            total += item.budget
+            finished = item.status in (DONE, FAILED, CANCELLED)
+            spent += item.budget if finished else min(item.tokens, item.budget)
+        return spent, total
+
+    def matches(self, row: int, needle: str) -> bool:
+        """Whether the row's prompt or its Output cell's text (the reply, or the error shown in its place) holds
+        `needle`, which the caller has casefolded."""
+        item = self.items[row]
+        return needle in item.row.text.casefold() or needle in (item.error or item.output).casefold()
 
     # ---- QAbstractTableModel ----------------------------------------------------------------------------------
     def rowCount(self, parent: QModelIndex | QPersistentModelIndex = _ROOT) -> int:
