@@ -25,6 +25,10 @@ BLOCK_COLORS = {
 }
 # The throughput chart's lines: two of the block map's hues, so the monitor page reads as one palette.
 PROMPT_COLOR, GENERATION_COLOR = BLOCK_COLORS[BlockState.USED], BLOCK_COLORS[BlockState.SHARED]
+# The usage chart's lines: KV usage in the used blocks' blue, running requests in teal, waiting ones in orange.
+KV_USAGE_COLOR, RUNNING_COLOR, WAITING_COLOR = (
+    BLOCK_COLORS[s] for s in (BlockState.USED, BlockState.CACHED, BlockState.SHARED)
+)
 # Status tones (a sentence, a verdict) as (on a light base, on a dark base): lighter where the base is dark.
 TONES = {"ok": ("#16a34a", "#4ade80"), "warn": ("#b45309", "#fbbf24"), "error": ("#dc2626", "#f87171")}
 # The batch table's row states (fixed: the table's model looks them up per cell, and a palette look-up there

@@ -4,6 +4,7 @@ mark); the repaint cost is printed, not asserted."""
 
 from __future__ import annotations
 
+import csv
 import math
 import random
 import re
@@ -478,3 +479,96 @@ def dark_palette() -> QPalette:
     ):
         palette.setColor(role, QColor(color))
     return palette
+
+
+# ---- KV usage chart and CSV export ---------------------------------------------------------------------------
+
+
+def varied_snapshots(count: int) -> list[EngineSnapshot]:
+    """Snapshots 0.25 s apart whose every figure changes from one to the next."""
+    return [
+        snapshot(
+            t=500.0 + i * 0.25,
+            num_blocks_total=400,
+            num_blocks_used=(37 * i) % 400,
+            num_running=i % 7,
+            num_waiting=(3 * i) % 5,
+            num_swapped=i % 2,
+            prompt_tokens_per_s=1000.0 + 12.5 * i,
+            generation_tokens_per_s=50.0 + 0.75 * i,
+        )
+        for i in range(count)
+    ]
+
+
+def test_usage_chart_grows_with_snapshots_and_plots_their_figures(qtbot):
+    page = MonitorPage()
+    qtbot.addWidget(page)
+    chart = page.usage_chart
+    fed = varied_snapshots(12)
+    for n, snap in enumerate(fed, start=1):
+        page.show_snapshot(snap)
+        assert chart.kv_series.count() == chart.running_series.count() == chart.waiting_series.count() == n
+    now = fed[-1].time
+    expected_x = [s.time - now for s in fed]
+    for series, figure in (
+        (chart.kv_series, lambda s: 100.0 * s.stats.num_blocks_used / s.stats.num_blocks_total),
+        (chart.running_series, lambda s: s.stats.num_running),
+        (chart.waiting_series, lambda s: s.stats.num_waiting),
+    ):
+        points = series.points()
+        assert [p.x() for p in points] == pytest.approx(expected_x)
+        assert [p.y() for p in points] == pytest.approx([figure(s) for s in fed])
+    assert chart.requests_axis.max() > max(max(s.stats.num_running, s.stats.num_waiting) for s in fed)
+    last = fed[-1].stats
+    assert page.kv_now_label.text() == f"KV {100 * last.kv_usage:.0f}%"
+    assert (page.running_now_label.text(), page.waiting_now_label.text()) == (
+        f"Running {last.num_running}",
+        f"Waiting {last.num_waiting}",
+    )
+
+
+def test_csv_export_round_trips_the_snapshots(qtbot, tmp_path):
+    page = MonitorPage()
+    qtbot.addWidget(page)
+    fed = varied_snapshots(30)
+    for snap in fed:
+        page.show_snapshot(snap)
+    path = tmp_path / "monitor.csv"
+    assert page.export_csv(path)
+    assert page.export_status.text() == f"Exported 30 samples to {path}"
+    with path.open(newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == len(fed)
+    for row, snap in zip(rows, fed):
+        s = snap.stats
+        assert float(row["time_s"]) == pytest.approx(snap.time - fed[0].time)
+        assert float(row["prompt_tokens_per_s"]) == s.prompt_tokens_per_s
+        assert float(row["generation_tokens_per_s"]) == s.generation_tokens_per_s
+        assert float(row["kv_usage_percent"]) == pytest.approx(100.0 * s.num_blocks_used / s.num_blocks_total)
+        assert [int(row[k]) for k in ("blocks_used", "blocks_total", "running", "waiting", "swapped")] == [
+            s.num_blocks_used,
+            s.num_blocks_total,
+            s.num_running,
+            s.num_waiting,
+            s.num_swapped,
+        ]
+    assert [p.name for p in tmp_path.iterdir()] == ["monitor.csv"]  # no temporary file left beside it
+
+
+def test_a_failed_csv_export_is_said_and_leaves_nothing(qtbot, tmp_path):
+    page = MonitorPage()
+    qtbot.addWidget(page)
+    page.show_snapshot(varied_snapshots(1)[0])
+    missing = tmp_path / "no-such-folder" / "monitor.csv"
+    assert not page.export_csv(missing)
+    said = page.export_status.text()
+    assert said.startswith("Could not export: ") and "monitor.csv" in said and "No such file or directory" in said
+    assert list(tmp_path.iterdir()) == []
+
+    # A path that is a folder: the temporary file is written, the replace fails, and the temporary file goes.
+    folder = tmp_path / "taken.csv"
+    folder.mkdir()
+    assert not page.export_csv(folder)
+    assert page.export_status.text().startswith("Could not export: ")
+    assert [p.name for p in tmp_path.iterdir()] == ["taken.csv"] and list(folder.iterdir()) == []

@@ -3,21 +3,39 @@ EngineSnapshots handed to show_snapshot (queued from the engine thread through t
 engine.
 
 On a small window the cards wrap onto more rows and the page scrolls, so the block map keeps a height at which its
-cells still read as blocks; on a large one the block map takes the room there is.
+cells still read as blocks; on a large one the block map takes the room there is. Under the block map, two charts
+of the last minute: throughput, then KV usage with running and waiting requests. Every snapshot's figures are also
+kept (app/monitor_history.py) for Export CSV.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from PySide6.QtCore import QEvent, Qt, Slot
-from PySide6.QtGui import QPalette
-from PySide6.QtWidgets import QFrame, QGridLayout, QHBoxLayout, QLabel, QProgressBar, QScrollArea, QVBoxLayout, QWidget
+from PySide6.QtGui import QColor, QPalette
+from PySide6.QtWidgets import (
+    QFileDialog,
+    QFrame,
+    QGridLayout,
+    QHBoxLayout,
+    QLabel,
+    QProgressBar,
+    QPushButton,
+    QScrollArea,
+    QVBoxLayout,
+    QWidget,
+)
 
 from app.engine_thread import EngineSnapshot
+from app.monitor_history import ExportError, MonitorHistory, Sample
 from engine import BlockState
-from ui.theme import BLOCK_COLORS, GENERATION_COLOR, PROMPT_COLOR
+from ui.theme import BLOCK_COLORS, GENERATION_COLOR, KV_USAGE_COLOR, PROMPT_COLOR, RUNNING_COLOR, WAITING_COLOR
 from ui.widgets.block_map import BlockMapWidget, Swatch
 from ui.widgets.cards import card, muted, section, value_label
+from ui.widgets.status_line import StatusLine
 from ui.widgets.throughput_chart import ThroughputChart
+from ui.widgets.usage_chart import UsageChart
 from ui.widgets.wrap_layout import WrapLayout
 
 # The least height of the block map (legend included): at 800x600 some 3,000 blocks still get cells with gaps.
@@ -89,15 +107,32 @@ class MonitorPage(QWidget):
         self.chart.setMaximumHeight(240)
         # The chart's legend, with the latest rates.
         self.prompt_rate_label, self.generation_rate_label = QLabel(), QLabel()
-        throughput_header = QHBoxLayout()
-        throughput_header.setSpacing(6)
-        throughput_header.addWidget(section("Throughput"))
-        throughput_header.addStretch(1)
-        for color, label in ((PROMPT_COLOR, self.prompt_rate_label), (GENERATION_COLOR, self.generation_rate_label)):
-            throughput_header.addSpacing(14)
-            throughput_header.addWidget(Swatch(lambda color=color: color))
-            throughput_header.addWidget(label)
+        throughput_header = self._chart_header(
+            "Throughput", [(PROMPT_COLOR, self.prompt_rate_label), (GENERATION_COLOR, self.generation_rate_label)]
+        )
         self._show_rates(None, None)
+
+        self.history = MonitorHistory()
+        self.usage_chart = UsageChart()
+        self.usage_chart.setMinimumHeight(140)
+        self.usage_chart.setMaximumHeight(240)
+        self.kv_now_label, self.running_now_label, self.waiting_now_label = QLabel(), QLabel(), QLabel()
+        usage_header = self._chart_header(
+            "KV usage and requests",
+            [
+                (KV_USAGE_COLOR, self.kv_now_label),
+                (RUNNING_COLOR, self.running_now_label),
+                (WAITING_COLOR, self.waiting_now_label),
+            ],
+        )
+        self._show_usage(None)
+        self.export_button = QPushButton("Export CSV…")
+        self.export_button.setToolTip("Save every figure recorded since the page opened, one row per snapshot")
+        self.export_button.clicked.connect(self._choose_export)
+        self.export_status = StatusLine()
+        export_line = QHBoxLayout()
+        export_line.addWidget(self.export_status, 1)
+        export_line.addWidget(self.export_button)
 
         # Said while Chat and Batch go to a remote endpoint, whose cache this page cannot see.
         self.remote_note = muted()
@@ -124,6 +159,10 @@ class MonitorPage(QWidget):
         layout.addSpacing(8)
         layout.addLayout(throughput_header)
         layout.addWidget(self.chart)
+        layout.addSpacing(8)
+        layout.addLayout(usage_header)
+        layout.addWidget(self.usage_chart)
+        layout.addLayout(export_line)
 
     def show_remote(self, where: str | None) -> None:
         """Say that chat and batch requests go to `where` (a remote endpoint), or nothing when they run here."""
@@ -147,6 +186,19 @@ class MonitorPage(QWidget):
         if event.type() == QEvent.Type.PaletteChange:
             self._style_usage_bar()
         super().changeEvent(event)
+
+    @staticmethod
+    def _chart_header(title: str, lines: list[tuple[QColor, QLabel]]) -> QHBoxLayout:
+        """A chart's title, then its legend on the right: a swatch per line beside a label with its latest value."""
+        header = QHBoxLayout()
+        header.setSpacing(6)
+        header.addWidget(section(title))
+        header.addStretch(1)
+        for color, label in lines:
+            header.addSpacing(14)
+            header.addWidget(Swatch(lambda color=color: color))
+            header.addWidget(label)
+        return header
 
     @staticmethod
     def _figures(figures: list[tuple[QLabel, str]]) -> QGridLayout:
@@ -184,6 +236,9 @@ class MonitorPage(QWidget):
         self.block_map.set_block_map(snapshot.block_map)
         self.chart.add_point(snapshot.time, s.prompt_tokens_per_s, s.generation_tokens_per_s)
         self._show_rates(s.prompt_tokens_per_s, s.generation_tokens_per_s)
+        sample = self.history.record(snapshot)
+        self.usage_chart.add_sample(sample)
+        self._show_usage(sample)
 
     @staticmethod
     def _speculation(snapshot: EngineSnapshot) -> str:
@@ -203,3 +258,28 @@ class MonitorPage(QWidget):
 
         self.prompt_rate_label.setText(f"Prompt {rate(prompt)}")
         self.generation_rate_label.setText(f"Generation {rate(generation)}")
+
+    def _show_usage(self, sample: Sample | None) -> None:
+        if sample is None:
+            kv, running, waiting = "—", "—", "—"
+        else:
+            kv, running, waiting = f"{sample.kv_usage_percent:.0f}%", f"{sample.running:,}", f"{sample.waiting:,}"
+        self.kv_now_label.setText(f"KV {kv}")
+        self.running_now_label.setText(f"Running {running}")
+        self.waiting_now_label.setText(f"Waiting {waiting}")
+
+    # ---- export -----------------------------------------------------------------------------------------------
+    def export_csv(self, path: str | Path) -> bool:
+        """Write the recorded figures to `path`; says how it went on the status line. False when it failed."""
+        try:
+            self.history.write_csv(path)
+        except ExportError as e:
+            self.export_status.say(f"Could not export: {e}", "error")
+            return False
+        self.export_status.say(f"Exported {len(self.history.samples):,} samples to {path}", "ok")
+        return True
+
+    def _choose_export(self) -> None:
+        path, _ = QFileDialog.getSaveFileName(self, "Export monitor figures", "kvstudio-monitor.csv", "CSV (*.csv)")
+        if path:
+            self.export_csv(path if Path(path).suffix.lower() == ".csv" else path + ".csv")
