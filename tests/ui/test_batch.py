@@ -18,7 +18,7 @@ import time
 import pytest
 from PySide6.QtCore import QEvent, QMimeData, QModelIndex, QPointF, Qt, QTimer, QUrl
 from PySide6.QtGui import QDragEnterEvent, QDropEvent
-from PySide6.QtWidgets import QApplication
+from PySide6.QtWidgets import QApplication, QMessageBox
 
 from app.batch_io import BatchRow
 from app.library import model_store
@@ -435,7 +435,15 @@ def test_a_finished_run_saved_by_name_reopens_with_its_prompts_and_outputs(qtbot
     assert page.source.text() == "3 prompts from the saved run 'three names'" and page.input.toPlainText() == ""
     assert page.progress.text() == "3 / 3 rows · 100%" and page.export_csv_button.isEnabled()
 
-    assert page.delete_run("three names") and page.status.text() == "Deleted the saved run 'three names'."
+    # Deleting from the menu asks first: "No" keeps the run, "Yes" deletes it.
+    answers = iter([QMessageBox.StandardButton.No, QMessageBox.StandardButton.Yes])
+    monkeypatch.setattr(QMessageBox, "question", lambda *args: next(answers))
+    for _ in range(2):
+        page.saved_runs.refresh()
+        delete_menu = page.saved_runs.menu().actions()[-1].menu()
+        assert [a.text() for a in delete_menu.actions()] == ["three names"]
+        delete_menu.actions()[0].trigger()
+    assert page.status.text() == "Deleted the saved run 'three names'."
     page.saved_runs.refresh()
     assert [a.text() for a in page.saved_runs.menu().actions()] == ["No saved runs yet"]
     assert not page.open_run("three names") and page.status.text().startswith("Could not open: saved run 'three names'")

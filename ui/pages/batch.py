@@ -23,11 +23,8 @@ from PySide6.QtWidgets import (
     QGroupBox,
     QHBoxLayout,
     QHeaderView,
-    QInputDialog,
     QLineEdit,
-    QMessageBox,
     QPlainTextEdit,
-    QProgressBar,
     QPushButton,
     QSplitter,
     QTableView,
@@ -41,10 +38,11 @@ from app.batch_io import BatchFileError, export_results, load_rows, parse_text
 from engine import SamplingParams
 from engine.structured_output import StructuredOutputsParams
 from ui.bridge import EngineBridge, RequestFailed, RequestUpdate
+from ui.widgets.batch_progress import RunProgress
 from ui.widgets.batch_table import CANCELLED, DONE, FAILED, QUEUED, RUNNING, BatchItem, BatchTableModel
 from ui.widgets.cards import muted
 from ui.widgets.sampling_form import SamplingForm
-from ui.widgets.saved_runs import SavedRunsButton
+from ui.widgets.saved_runs import SavedRunsButton, ask_save_name
 from ui.widgets.status_line import StatusLine
 
 REPAINT_INTERVAL_MS = 100
@@ -123,9 +121,8 @@ class BatchPage(QWidget):
         self.run_button.clicked.connect(self.run)
         self.cancel_button = QPushButton("Cancel")
         self.cancel_button.clicked.connect(self.cancel)
-        self.progress = QProgressBar()
-        self.progress.setRange(0, 1)
-        self.progress.setValue(0)
+        self.progress = RunProgress()
+        self.progress.show_rows(0)
         self.export_jsonl_button = QPushButton("Export JSONL…")
         self.export_jsonl_button.clicked.connect(lambda: self._choose_export(".jsonl", "JSON Lines (*.jsonl)"))
         self.export_csv_button = QPushButton("Export CSV…")
@@ -163,7 +160,7 @@ class BatchPage(QWidget):
         self.save_button.clicked.connect(self._ask_save)
         self.saved_runs = SavedRunsButton()
         self.saved_runs.open_requested.connect(self.open_run)
-        self.saved_runs.delete_requested.connect(self._ask_delete)
+        self.saved_runs.delete_requested.connect(self.delete_run)
         tools = QHBoxLayout()
         tools.addWidget(self.filter, 1)
         tools.addWidget(self.shown)
@@ -254,9 +251,7 @@ class BatchPage(QWidget):
         return super().eventFilter(watched, event)
 
     def _after_new_rows(self) -> None:
-        self.progress.setRange(0, 1)
-        self.progress.setValue(0)
-        self.progress.setFormat(f"0 / {len(self.model.items)} rows")
+        self.progress.show_rows(len(self.model.items))
         self._apply_filter(range(len(self.model.items)))
         self.status.say("")
         self._show_detail()
@@ -301,7 +296,7 @@ class BatchPage(QWidget):
         for item in self.model.items:
             item.budget = default_budget if item.row.max_tokens is None else item.row.max_tokens
         self._started = time.perf_counter()
-        self._show_progress(0.0)
+        self.progress.show_run(self.model, 0.0, self.running)
         self._repaint.start()
         self._submit_slice(self._run)
         self._sync_buttons()
@@ -400,30 +395,13 @@ class BatchPage(QWidget):
         items = self.model.items
         elapsed = time.perf_counter() - self._started
         tokens = sum(item.tokens for item in items)
-        self._show_progress(tokens / max(elapsed, 1e-3))
+        self.progress.show_run(self.model, tokens / max(elapsed, 1e-3), self.running)
         if self.running:
             self.status.say(
                 f"Running {len(items)} prompts: {self.model.count(RUNNING)} generating, "
                 f"{self.model.count(QUEUED)} queued · {tokens:,} tokens, "
                 f"{tokens / max(elapsed, 1e-3):,.0f} tokens/s"
             )
-
-    def _show_progress(self, rate: float) -> None:
-        """Fill the bar by tokens, not rows: rows run side by side and finish in bunches, so counting rows would
-        stand still and then jump, while tokens come every step. The work left is the budget not yet spent (each
-        running row's max_tokens less what it generated; nothing for a finished row), and the time left is that
-        at the run's token rate so far. A row that stops early frees the rest of its budget, so the estimate can
-        only be too long, and the bar jumps forward, never back."""
-        done, rows = self.model.count(DONE, FAILED, CANCELLED), len(self.model.items)
-        spent, budget = self.model.token_progress()
-        if not budget:  # a reopened run's budgets are not saved: its bar shows the rows finished
-            spent, budget = done, rows
-        self.progress.setRange(0, max(budget, 1))
-        self.progress.setValue(spent)
-        text = f"{done} / {rows} rows · %p%"
-        if self.running and rate > 0 and spent:
-            text += f" · about {_duration((budget - spent) / rate)} left"
-        self.progress.setFormat(text)
 
     def _end_run(self) -> None:
         self._repaint.stop()
@@ -469,7 +447,7 @@ class BatchPage(QWidget):
         self.model.set_items([BatchItem.restored(row, result) for row, result in zip(saved.rows, saved.results)])
         self.source.setText(f"{len(saved.rows)} prompts from the saved run {name!r}")
         self._after_new_rows()
-        self._show_progress(0.0)
+        self.progress.show_run(self.model, 0.0, self.running)
         self.status.say(f"Opened the saved run {name!r}.")
         return True
 
@@ -483,22 +461,9 @@ class BatchPage(QWidget):
         return True
 
     def _ask_save(self) -> None:
-        first = self.model.items[0].row.text if self.model.items else ""
-        suggestion = f"{time.strftime('%Y-%m-%d %H:%M')} · {' '.join(first.split())[:40]}"
-        name, ok = QInputDialog.getText(self, "Save run", "Save this run as:", text=suggestion)
-        if not ok or not name.strip():
-            return
-        taken = any(run.name == name.strip() for run in batch_runs.list_runs())
-        if taken and not self._confirm(f"A saved run is called {name.strip()!r}. Replace it?"):
-            return
-        self.save_run(name)
-
-    def _ask_delete(self, name: str) -> None:
-        if self._confirm(f"Delete the saved run {name!r}? Its results cannot be brought back."):
-            self.delete_run(name)
-
-    def _confirm(self, question: str) -> bool:
-        return QMessageBox.question(self, "Saved runs", question) == QMessageBox.StandardButton.Yes
+        name = ask_save_name(self, self.model.items[0].row.text if self.model.items else "")
+        if name:
+            self.save_run(name)
 
     # ---- export -----------------------------------------------------------------------------------------------
     def export(self, path: str | Path) -> bool:
@@ -559,13 +524,6 @@ class BatchPage(QWidget):
         self.saved_runs.setEnabled(not busy)
         for button in (self.export_jsonl_button, self.export_csv_button, self.save_button):
             button.setEnabled(not busy and ran)
-
-
-def _duration(seconds: float) -> str:
-    if seconds < 60:
-        return f"{max(seconds, 1):.0f} s"
-    minutes = round(seconds / 60)
-    return f"{minutes} min" if minutes < 60 else f"{minutes // 60} h {minutes % 60:02d} min"
 
 
 def _format_name(fmt: StructuredOutputsParams) -> str:
