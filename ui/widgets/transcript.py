@@ -33,6 +33,7 @@ EMPTY = "*Start a conversation: type below and press Ctrl+Enter.*"
 PAD = 10  # between a bubble's edge and its text
 # A bubble's widest, as a share of the transcript's width: replies take more room (code, tables) than questions.
 WIDEST = {"user": 0.75, "assistant": 0.9}
+UNWRAPPED = 100_000  # px: wider than any line of a message
 USER_TINT = 0.18  # how far a user's bubble leans from the base colour towards the accent
 
 
@@ -49,7 +50,9 @@ class MessageView(QTextBrowser):
     def fit(self, widest: int) -> None:
         """Take the width the text needs, up to `widest`, and the height it then has."""
         document = self.document()
-        document.setTextWidth(-1)  # unwrapped, to learn the widest line
+        # Laid out wider than any line can be, to learn the widest (a width of -1, "unwrapped", kept the wrapping
+        # at the width before for a plain paragraph).
+        document.setTextWidth(UNWRAPPED)
         width = max(1, min(math.ceil(document.idealWidth()) + 1, widest))
         document.setTextWidth(width)
         self.setFixedSize(width, math.ceil(document.size().height()))
@@ -132,7 +135,7 @@ class Bubble(QWidget):
     def fit(self, width: int) -> None:
         """Size the card for a transcript `width` wide."""
         self._widest = max(1, int(width * WIDEST.get(self.message.role, WIDEST["assistant"])) - 2 * PAD)
-        self.view.fit(self._widest)
+        self._fit_card()
 
     def copy(self) -> None:
         QGuiApplication.clipboard().setText(copy_text(self.message))
@@ -152,7 +155,17 @@ class Bubble(QWidget):
         palette = self.palette()
         dark = palette.color(QPalette.ColorRole.Base).lightness() < 128
         highlight_code(view.document(), palette.color(QPalette.ColorRole.AlternateBase), dark)
-        view.fit(self._widest)
+        self._fit_card()
+
+    def _fit_card(self) -> None:
+        """The text's size, and the card's around it. The card's is set, not left to its layout: a bubble is
+        sized before it is shown, and a layout not yet activated would keep the card at a stale size (the text
+        then wrapped a few letters to a line)."""
+        self.view.fit(self._widest)
+        margins = self.card.layout().contentsMargins()
+        self.card.setFixedSize(
+            self.view.width() + margins.left() + margins.right(), self.view.height() + margins.top() + margins.bottom()
+        )
 
 
 class Transcript(QScrollArea):
