@@ -198,20 +198,25 @@ class Transcript(QScrollArea):
         expanded: frozenset[int] | set[int] = frozenset(),
         json_replies: bool = False,
     ) -> None:
-        """Show these messages, in new bubbles; message `streaming_id` is a reply being written. A reply's
-        reasoning is unfolded for the ids in `expanded`; with json_replies each reply shows as a JSON block."""
-        for bubble in self._bubbles.values():
+        """Show these messages; message `streaming_id` is a reply being written. A reply's reasoning is unfolded
+        for the ids in `expanded`; with json_replies each reply shows as a JSON block. A message shown before keeps
+        its bubble (re-rendered), so a reply that ends or a fold that opens does not rebuild the transcript."""
+        old, self._bubbles = self._bubbles, {}
+        for index, message in enumerate(messages, start=1):  # after the empty transcript's hint
+            bubble = old.pop(message.id, None)
+            if bubble is None:
+                bubble = Bubble(message)
+                bubble.link_clicked.connect(self.anchorClicked)
+                bubble.copied.connect(self.copied)
+                bubble.fit(self.viewport().width())
+            else:
+                self._layout.removeWidget(bubble)  # to be put back in its place (messages can go from between)
+            bubble.show_message(message, message.id == streaming_id, message.id in expanded, json_replies)
+            self._layout.insertWidget(index, bubble)
+            self._bubbles[message.id] = bubble
+        for bubble in old.values():
             self._layout.removeWidget(bubble)
             bubble.deleteLater()
-        self._bubbles.clear()
-        for message in messages:
-            bubble = Bubble(message)
-            bubble.link_clicked.connect(self.anchorClicked)
-            bubble.copied.connect(self.copied)
-            bubble.fit(self.viewport().width())
-            bubble.show_message(message, message.id == streaming_id, message.id in expanded, json_replies)
-            self._layout.insertWidget(self._layout.count() - 1, bubble)
-            self._bubbles[message.id] = bubble
         self.empty.setVisible(not self._bubbles)
 
     def stream(self, message_id: int, text: str) -> None:
