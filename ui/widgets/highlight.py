@@ -7,7 +7,7 @@ re-rendered (a reply growing, the theme switching) is coloured again from scratc
 from __future__ import annotations
 
 from collections.abc import Iterator
-from functools import cache
+from functools import cache, lru_cache
 
 from pygments.lexer import Lexer
 from pygments.lexers import get_lexer_by_name
@@ -31,17 +31,14 @@ def highlight_code(document: QTextDocument, shade: QColor, dark: bool) -> None:
             fmt = block.blockFormat()
             fmt.setBackground(shade)
             QTextCursor(block).setBlockFormat(fmt)
-        lexer = _lexer(language)
-        if lexer is None:
-            continue
         start = blocks[0].position()
         # The code's lines are consecutive blocks, so an offset into their text joined by newlines is an offset
-        # from the first block's position. get_tokens_unprocessed keeps the offsets (no newline added or stripped).
-        for offset, token, value in lexer.get_tokens_unprocessed("\n".join(b.text() for b in blocks)):
+        # from the first block's position.
+        for offset, length, token in _tokens(language, "\n".join(b.text() for b in blocks)):
             fmt = _format(style, token)
             if fmt is not None:
                 cursor.setPosition(start + offset)
-                cursor.setPosition(start + offset + len(value), QTextCursor.MoveMode.KeepAnchor)
+                cursor.setPosition(start + offset + length, QTextCursor.MoveMode.KeepAnchor)
                 cursor.mergeCharFormat(fmt)
     cursor.endEditBlock()
 
@@ -60,6 +57,17 @@ def _code_blocks(document: QTextDocument) -> Iterator[tuple[list[QTextBlock], st
         block = block.next()
     if run:
         yield run, run[0].blockFormat().stringProperty(QTextFormat.Property.BlockCodeLanguage)
+
+
+@lru_cache(maxsize=64)
+def _tokens(language: str, code: str) -> tuple[tuple[int, int, tuple], ...]:
+    """The code's tokens as (offset, length, token type); none for a language Pygments does not know. Kept for the
+    blocks seen last: while a reply streams, its finished code blocks come back unchanged at every redraw, and
+    lexing is most of a redraw's time. get_tokens_unprocessed keeps the offsets (no newline added or stripped)."""
+    lexer = _lexer(language)
+    if lexer is None:
+        return ()
+    return tuple((offset, len(value), token) for offset, token, value in lexer.get_tokens_unprocessed(code))
 
 
 @cache

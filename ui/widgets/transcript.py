@@ -47,13 +47,18 @@ class MessageView(QTextBrowser):
         self.viewport().setAutoFillBackground(False)
         self.document().setUndoRedoEnabled(False)  # re-rendered, never edited: no history to keep
 
-    def fit(self, widest: int) -> None:
-        """Take the width the text needs, up to `widest`, and the height it then has."""
+    def fit(self, widest: int, grown: bool = False) -> None:
+        """Take the width the text needs, up to `widest`, and the height it then has. A text that only `grown`
+        since the last fit (a reply streaming) and was as wide as allowed stays so: the layout that measures its
+        widest line, a good part of a long reply's redraw, is skipped."""
         document = self.document()
-        # Laid out wider than any line can be, to learn the widest (a width of -1, "unwrapped", kept the wrapping
-        # at the width before for a plain paragraph).
-        document.setTextWidth(UNWRAPPED)
-        width = max(1, min(math.ceil(document.idealWidth()) + 1, widest))
+        if grown and self.width() == widest:
+            width = widest
+        else:
+            # Laid out wider than any line can be, to learn the widest (a width of -1, "unwrapped", kept the
+            # wrapping at the width before for a plain paragraph).
+            document.setTextWidth(UNWRAPPED)
+            width = max(1, min(math.ceil(document.idealWidth()) + 1, widest))
         document.setTextWidth(width)
         self.setFixedSize(width, math.ceil(document.size().height()))
 
@@ -122,11 +127,13 @@ class Bubble(QWidget):
         layout.addLayout(footer)
         self.setAccessibleName("You" if user else "Assistant" if message.role == "assistant" else message.role)
 
-    def show_message(self, message: Message, streaming: bool, expanded: bool, json_reply: bool) -> None:
-        """Render `message` (this bubble's, as it stands now)."""
+    def show_message(
+        self, message: Message, streaming: bool, expanded: bool, json_reply: bool, grown: bool = False
+    ) -> None:
+        """Render `message` (this bubble's, as it stands now; `grown`: its text only grew since last shown)."""
         self.message, self.streaming, self.expanded, self.json_reply = message, streaming, expanded, json_reply
         self.markdown = message_markdown(message, streaming, expanded, json_reply)
-        self._render()
+        self._render(grown)
         finished = message.role == "assistant" and message.finished
         self.stats.setText(stats_line(message.stats) if finished else "")
         self.stats.setVisible(bool(self.stats.text()))
@@ -149,19 +156,19 @@ class Bubble(QWidget):
         if event.type() == QEvent.Type.PaletteChange and self.markdown:
             self._render()  # the code's colours and shade follow the theme
 
-    def _render(self) -> None:
+    def _render(self, grown: bool = False) -> None:
         view = self.view
         view.setMarkdown(self.markdown)
         palette = self.palette()
         dark = palette.color(QPalette.ColorRole.Base).lightness() < 128
         highlight_code(view.document(), palette.color(QPalette.ColorRole.AlternateBase), dark)
-        self._fit_card()
+        self._fit_card(grown)
 
-    def _fit_card(self) -> None:
+    def _fit_card(self, grown: bool = False) -> None:
         """The text's size, and the card's around it. The card's is set, not left to its layout: a bubble is
         sized before it is shown, and a layout not yet activated would keep the card at a stale size (the text
         then wrapped a few letters to a line)."""
-        self.view.fit(self._widest)
+        self.view.fit(self._widest, grown)
         margins = self.card.layout().contentsMargins()
         self.card.setFixedSize(
             self.view.width() + margins.left() + margins.right(), self.view.height() + margins.top() + margins.bottom()
@@ -222,7 +229,8 @@ class Transcript(QScrollArea):
     def stream(self, message_id: int, text: str) -> None:
         """The streaming reply `message_id` has grown to `text`: re-render its bubble alone."""
         bubble = self._bubbles[message_id]
-        bubble.show_message(replace(bubble.message, content=text), True, bubble.expanded, bubble.json_reply)
+        message = replace(bubble.message, content=text)
+        bubble.show_message(message, True, bubble.expanded, bubble.json_reply, grown=True)
 
     def follow_end(self) -> None:
         """Scroll to the end, and stay there as the text grows."""
