@@ -155,3 +155,30 @@ def test_copy_on_a_message_puts_that_messages_markdown_on_the_clipboard(qtbot, i
     assert idle_page.status.text() == "Message copied."
     idle_page.transcript.bubble(reply.id).copy_button.click()
     assert QGuiApplication.clipboard().text() == answer  # the reasoning left out, as Copy reply does
+
+
+def test_the_transcript_follows_a_growing_reply_only_while_scrolled_to_the_end(qtbot, idle_page):
+    history = idle_page.history
+    conv = history.create_conversation("Long")
+    for i in range(6):
+        history.add_message(conv.id, "user", f"Question {i}?")
+        history.add_message(conv.id, "assistant", f"Answer {i}.\n\n" + "A line.\n\n" * 6, finished=True)
+    reply = history.add_message(conv.id, "assistant", "", finished=False)
+    idle_page.show()
+    qtbot.waitExposed(idle_page)
+    idle_page.open_conversation(conv.id)
+    bar = idle_page.transcript.verticalScrollBar()
+    qtbot.waitUntil(lambda: bar.maximum() > 0 and bar.value() == bar.maximum())  # opened at its end
+    text = ""
+    for i in range(8):
+        text += f"Line {i}.\n\n"
+        before = bar.maximum()
+        idle_page.transcript.stream(reply.id, text)
+        if i:  # the first redraw hides the reply's Copy button as it adds a line: the height stays
+            qtbot.waitUntil(lambda: bar.maximum() > before)  # noqa: B023 (waited on here)
+            assert bar.value() == bar.maximum()
+    bar.setValue(bar.maximum() // 2)  # the user scrolls up to read: the reply grows below
+    before = bar.maximum()
+    idle_page.transcript.stream(reply.id, text + "More.\n\n")
+    qtbot.waitUntil(lambda: bar.maximum() > before)
+    assert bar.value() == before // 2
