@@ -63,7 +63,9 @@ def test_a_streamed_reply_fills_a_bubble_on_the_left_under_the_users_on_the_righ
 
     def recorded(message_id: int, text: str) -> None:
         stream(message_id, text)
-        streamed.append((text, page.transcript.bubble(message_id).view.toPlainText()))
+        bubble = page.transcript.bubble(message_id)
+        streamed.append((text, bubble.view.toPlainText()))
+        assert not bubble.copy_button.isEnabled()  # nothing to copy until the reply is whole
 
     page.transcript.stream = recorded
     page.sampling.max_tokens.setValue(60)  # long enough to be redrawn several times on a fast machine
@@ -82,6 +84,7 @@ def test_a_streamed_reply_fills_a_bubble_on_the_left_under_the_users_on_the_righ
     word = max(re.findall(r"[A-Za-z]{3,}", reply.content), key=len)
     assert word in page.transcript.bubble(reply.id).view.toPlainText()
     assert page.transcript.bubble(user.id).view.toPlainText() == "Write a haiku about the sea."
+    assert page.transcript.bubble(reply.id).copy_button.isEnabled()
 
     width = page.transcript.viewport().width()
     user_left, user_right = card_span(page, page.transcript.bubble(user.id))
@@ -174,9 +177,8 @@ def test_the_transcript_follows_a_growing_reply_only_while_scrolled_to_the_end(q
         text += f"Line {i}.\n\n"
         before = bar.maximum()
         idle_page.transcript.stream(reply.id, text)
-        if i:  # the first redraw hides the reply's Copy button as it adds a line: the height stays
-            qtbot.waitUntil(lambda: bar.maximum() > before)  # noqa: B023 (waited on here)
-            assert bar.value() == bar.maximum()
+        qtbot.waitUntil(lambda: bar.maximum() > before)  # noqa: B023 (waited on here)
+        assert bar.value() == bar.maximum()
     bar.setValue(bar.maximum() // 2)  # the user scrolls up to read: the reply grows below
     before = bar.maximum()
     idle_page.transcript.stream(reply.id, text + "More.\n\n")

@@ -137,7 +137,7 @@ class Bubble(QWidget):
         finished = message.role == "assistant" and message.finished
         self.stats.setText(stats_line(message.stats) if finished else "")
         self.stats.setVisible(bool(self.stats.text()))
-        self.copy_button.setVisible(not streaming)
+        self.copy_button.setEnabled(not streaming)  # kept in place: the bubble does not jump when the reply ends
 
     def fit(self, width: int) -> None:
         """Size the card for a transcript `width` wide."""
