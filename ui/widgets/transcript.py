@@ -99,7 +99,7 @@ class Bubble(QWidget):
         super().__init__()
         self.message = message
         self.markdown = ""
-        self.streaming = self.expanded = self.json_reply = False
+        self.expanded = self.json_reply = False  # as last shown: a streaming redraw keeps them
         self._widest = 1
         self.view = MessageView()
         self.view.anchorClicked.connect(self.link_clicked)
@@ -131,7 +131,7 @@ class Bubble(QWidget):
         self, message: Message, streaming: bool, expanded: bool, json_reply: bool, grown: bool = False
     ) -> None:
         """Render `message` (this bubble's, as it stands now; `grown`: its text only grew since last shown)."""
-        self.message, self.streaming, self.expanded, self.json_reply = message, streaming, expanded, json_reply
+        self.message, self.expanded, self.json_reply = message, expanded, json_reply
         self.markdown = message_markdown(message, streaming, expanded, json_reply)
         self._render(grown)
         finished = message.role == "assistant" and message.finished
