@@ -196,6 +196,33 @@ class ChatHistory:
             )
             return self._conversation(cur.lastrowid)
 
+    def add_conversation(
+        self,
+        title: str,
+        system_prompt: str,
+        messages: list[tuple[str, str, dict[str, Any]]],
+        json_schema: str = "",
+    ) -> Conversation:
+        """A whole conversation with its messages (role, content, stats), in one transaction: an import or a branch
+        is saved whole or not at all."""
+        for role, _, _ in messages:
+            if role not in ROLES:
+                raise ValueError(f"role must be one of {', '.join(ROLES)}, got {role!r}")
+        with self._writing():
+            now = self._now()
+            cid = self._db.execute(
+                "INSERT INTO conversations (title, system_prompt, created, updated) VALUES (?, ?, ?, ?)",
+                (title, system_prompt, now, now),
+            ).lastrowid
+            if json_schema:
+                self._db.execute("INSERT INTO json_schemas (conversation_id, schema) VALUES (?, ?)", (cid, json_schema))
+            self._db.executemany(
+                "INSERT INTO messages (conversation_id, role, content, created, finished, stats)"
+                " VALUES (?, ?, ?, ?, 1, ?)",
+                [(cid, role, content, now, json.dumps(stats)) for role, content, stats in messages],
+            )
+            return self._conversation(cid)
+
     def conversation(self, conversation_id: int) -> Conversation:
         with self._lock:
             return self._conversation(conversation_id)
