@@ -31,6 +31,9 @@ class Settings:
     engine_options: dict = field(default_factory=dict)  # LLM(...) keyword arguments the user chose
     last_page: int = 0  # the window's page when it closed
     pages: dict = field(default_factory=dict)  # each page's own fields by page name ("chat": {...})
+    # Qt's saved window geometry and splitter states (by page name), as base64 text: the file is JSON.
+    window_geometry: str = ""
+    splitters: dict = field(default_factory=dict)
     # A remote OpenAI-compatible endpoint for chat and batch; the key is kept in this file, which only its owner
     # can read (mkstemp creates it 0600 and the replace keeps that).
     remote_url: str = ""

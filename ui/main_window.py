@@ -6,8 +6,8 @@ The window appears at once; the last used model (or the default one) loads in th
 bridge, with a busy indicator, and a failure is said in the status bar (the model loaded before serves on); a
 remote endpoint chosen last time is reconnected beside it. If the engine thread dies, a banner says so and offers
 to load the same model again. The pages' fields, the page shown and the connection come back from the settings
-file; closing the window stops the engine and saves them. A settings file that cannot be written (a full disk) is
-said in the status bar, the old file kept.
+file, with the window's size, position and splitters (ui/window_state.py); closing the window stops the engine and
+saves them. A settings file that cannot be written (a full disk) is said in the status bar, the old file kept.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import logging
 from pathlib import Path
 
 from PySide6.QtCore import Qt
-from PySide6.QtGui import QCloseEvent
+from PySide6.QtGui import QCloseEvent, QShowEvent
 from PySide6.QtWidgets import (
     QFileDialog,
     QHBoxLayout,
@@ -45,6 +45,7 @@ from ui.widgets.connection_dialog import ConnectionDialog
 from ui.widgets.engine_banner import EngineBanner
 from ui.widgets.first_run import FIND_MODEL, START_DEFAULT, FirstRunDialog
 from ui.widgets.form_state import form_values, restore_form
+from ui.window_state import encode, fit_on_screen, restore_geometry, restore_splitters, splitter_states
 
 logger = logging.getLogger(__name__)
 
@@ -98,6 +99,10 @@ class MainWindow(QMainWindow):
         layout.addWidget(self.pages, 1)
         column.addLayout(layout, 1)
         self.setCentralWidget(central)
+        self.splitters = {"chat": self.chat.splitter}
+        restore_splitters(self.splitters, settings.splitters)
+        # Fitted onto the screen once shown: only then does the window have a frame to fit with it.
+        self._fit_restored = restore_geometry(self, settings.window_geometry)
 
         self.model_status = QLabel("No model")
         self.welcome: FirstRunDialog | None = None  # shown by start() on the first run
@@ -240,6 +245,12 @@ class MainWindow(QMainWindow):
                 "Requests go to this OpenAI-compatible endpoint (File › Connection… to change)"
             )
 
+    def showEvent(self, event: QShowEvent) -> None:
+        super().showEvent(event)
+        if self._fit_restored:
+            self._fit_restored = False
+            fit_on_screen(self)
+
     def closeEvent(self, event: QCloseEvent) -> None:
         self.chat.stop()
         self.batch.cancel()
@@ -248,5 +259,7 @@ class MainWindow(QMainWindow):
         self.bridge.shutdown()
         self.settings.last_page = self.nav.currentRow()
         self.settings.pages = {name: form_values(form) for name, form in self.forms.items()}
+        self.settings.window_geometry = encode(self.saveGeometry())
+        self.settings.splitters = splitter_states(self.splitters)
         self._save_settings()
         super().closeEvent(event)
