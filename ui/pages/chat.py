@@ -1,5 +1,6 @@
 """The chat page: conversations (new, rename, delete, search), replies streamed as they are generated, stop,
-regenerate, edit-and-resend of the last message, a system prompt and sampling parameters, a JSON schema the
+regenerate, edit-and-resend of the last message, export to Markdown or JSON and import of JSON (app/chat_files.py),
+a system prompt and sampling parameters, a JSON schema the
 replies keep to (a badge marks the conversations that have one), a reasoning model's thinking folded under its
 reply, and the messages as bubbles (ui/widgets/transcript.py): markdown with coloured code, Copy on each, tokens/s
 and time to first token under each reply.
@@ -15,10 +16,12 @@ import contextlib
 import json
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 from PySide6.QtCore import QSize, Qt, QTimer, QUrl
 from PySide6.QtGui import QDesktopServices, QGuiApplication, QKeySequence, QShortcut
 from PySide6.QtWidgets import (
+    QFileDialog,
     QFrame,
     QHBoxLayout,
     QInputDialog,
@@ -34,6 +37,7 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
+from app.chat_files import ConversationFileError, export_conversation, import_conversation
 from app.history import ChatHistory, HistoryError, Message, title_from
 from engine import SamplingParams
 from engine.structured_output import StructuredOutputsParams
@@ -99,6 +103,10 @@ class ChatPage(QWidget):
         self.rename_button.clicked.connect(self._ask_rename)
         self.delete_button = QPushButton("Delete")
         self.delete_button.clicked.connect(self.delete_conversation)
+        self.export_button = QPushButton("Export…")
+        self.export_button.clicked.connect(self._ask_export)
+        self.import_button = QPushButton("Import…")
+        self.import_button.clicked.connect(self._ask_import)
         left = QWidget()
         lv = QVBoxLayout(left)
         lv.addWidget(self.new_button)
@@ -108,6 +116,10 @@ class ChatPage(QWidget):
         row.addWidget(self.rename_button)
         row.addWidget(self.delete_button)
         lv.addLayout(row)
+        files = QHBoxLayout()
+        files.addWidget(self.export_button)
+        files.addWidget(self.import_button)
+        lv.addLayout(files)
 
         # Links are handled here: "copy:" ones copy a code block, the rest open in the browser.
         self.transcript = Transcript()
@@ -248,6 +260,44 @@ class ChatPage(QWidget):
         )
         if ok:
             self.rename_conversation(title)
+
+    def _ask_export(self) -> None:
+        if self.conversation_id is None:
+            return
+        title = self.history.conversation(self.conversation_id).title
+        name = "".join(c if c.isalnum() or c in " -_" else "_" for c in title).strip() or "conversation"
+        path, chosen = QFileDialog.getSaveFileName(
+            self, "Export conversation", f"{name}.md", "Markdown (*.md);;JSON, to import again (*.json)"
+        )
+        if path:
+            if Path(path).suffix.lower() not in (".md", ".json"):  # no suffix typed: the one of the chosen filter
+                path += ".json" if "json" in chosen.lower() else ".md"
+            self.export_to(Path(path))
+
+    def export_to(self, path: Path) -> None:
+        """Write the open conversation to `path` (Markdown for .md, JSON otherwise); a failure is said."""
+        try:
+            export_conversation(self.history, self.conversation_id, path)
+        except (ConversationFileError, HistoryError) as e:
+            self.status.say(f"Could not export the chat: {e}", "error")
+            return
+        self.status.say(f"Exported to {path}.")
+
+    def _ask_import(self) -> None:
+        path, _ = QFileDialog.getOpenFileName(self, "Import conversation", "", "Conversation (*.json)")
+        if path:
+            self.import_from(Path(path))
+
+    def import_from(self, path: Path) -> None:
+        """A conversation from a JSON file as a new one, opened; a malformed file is refused in words."""
+        try:
+            conv = import_conversation(self.history, path)
+        except ConversationFileError as e:
+            self.status.say(f"Could not import the chat: {e}", "error")
+            return
+        self.open_conversation(conv.id)
+        self.refresh_conversations()
+        self.status.say(f"Imported “{conv.title}”.")
 
     def set_json_schema(self, schema: str) -> bool:
         """Keep the open conversation's replies to `schema` (JSON text, checked by the dialog), or to nothing when
@@ -537,3 +587,5 @@ class ChatPage(QWidget):
         self.copy_button.setEnabled(idle and "assistant" in roles)
         self.rename_button.setEnabled(idle and has)
         self.delete_button.setEnabled(idle and has)
+        self.export_button.setEnabled(has)
+        self.import_button.setEnabled(idle)
