@@ -223,6 +223,19 @@ class ChatHistory:
             )
             return self._conversation(cid)
 
+    def branch(self, message_id: int) -> Conversation:
+        """A new conversation holding this message's conversation up to and including it (its system prompt and
+        JSON schema too), to go on from there another way; the original stays as it is."""
+        with self._lock:
+            source = self._conversation(self._message(message_id).conversation_id)
+        kept = [m for m in self.messages(source.id) if m.id <= message_id]
+        return self.add_conversation(
+            f"{source.title} (branch)",
+            source.system_prompt,
+            [(m.role, m.content, m.stats) for m in kept],
+            source.json_schema,
+        )
+
     def conversation(self, conversation_id: int) -> Conversation:
         with self._lock:
             return self._conversation(conversation_id)

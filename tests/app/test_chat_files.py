@@ -1,4 +1,5 @@
-"""A conversation exported to JSON and imported again is the same conversation; Markdown puts each message under
+"""A conversation exported to JSON and imported again is the same conversation (and a branch holds its messages up
+to the chosen one); Markdown puts each message under
 its role; a malformed file is refused in words naming what is wrong, with nothing saved."""
 
 from __future__ import annotations
@@ -82,3 +83,14 @@ def test_a_malformed_file_is_refused_in_words_and_nothing_is_saved(history, tmp_
         import_conversation(history, path)
     assert "bad.json" in str(refused.value) and words in str(refused.value)
     assert history.list_conversations() == []
+
+
+def test_a_branch_holds_the_messages_up_to_and_including_the_chosen_one(history, conversation):
+    messages = history.messages(conversation.id)
+    branch = history.branch(messages[1].id)
+    assert branch.id != conversation.id and branch.title == "Sea haiku (branch)"
+    assert (branch.system_prompt, branch.json_schema) == (conversation.system_prompt, conversation.json_schema)
+    assert [(m.role, m.content, m.stats) for m in history.messages(branch.id)] == [
+        (m.role, m.content, m.stats) for m in messages[:2]
+    ]
+    assert history.messages(conversation.id) == messages  # the original is untouched
