@@ -1,6 +1,6 @@
 """A conversation exported to JSON and imported again is the same conversation (and a branch holds its messages up
-to the chosen one); Markdown puts each message under
-its role; a malformed file is refused in words naming what is wrong, with nothing saved."""
+to the chosen one); Markdown puts each message under its role; a malformed file is refused in words naming what is
+wrong, with nothing saved."""
 
 from __future__ import annotations
 

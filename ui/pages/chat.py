@@ -1,6 +1,6 @@
 """The chat page: conversations (new, rename, delete, search), replies streamed as they are generated, stop,
 regenerate, edit-and-resend of the last message, export to Markdown or JSON and import of JSON (app/chat_files.py),
-a system prompt and sampling parameters, a JSON schema the
+a branch from a chosen message, a system prompt and sampling parameters, a JSON schema the
 replies keep to (a badge marks the conversations that have one), a reasoning model's thinking folded under its
 reply, and the messages as bubbles (ui/widgets/transcript.py): markdown with coloured code, Copy on each, tokens/s
 and time to first token under each reply.
@@ -107,6 +107,8 @@ class ChatPage(QWidget):
         self.export_button.clicked.connect(self._ask_export)
         self.import_button = QPushButton("Import…")
         self.import_button.clicked.connect(self._ask_import)
+        self.branch_button = QPushButton("Branch…")
+        self.branch_button.clicked.connect(self._ask_branch)
         left = QWidget()
         lv = QVBoxLayout(left)
         lv.addWidget(self.new_button)
@@ -119,6 +121,7 @@ class ChatPage(QWidget):
         files = QHBoxLayout()
         files.addWidget(self.export_button)
         files.addWidget(self.import_button)
+        files.addWidget(self.branch_button)
         lv.addLayout(files)
 
         # Links are handled here: "copy:" ones copy a code block, the rest open in the browser.
@@ -298,6 +301,28 @@ class ChatPage(QWidget):
         self.open_conversation(conv.id)
         self.refresh_conversations()
         self.status.say(f"Imported “{conv.title}”.")
+
+    def _ask_branch(self) -> None:
+        """Ask which message the branch ends on (the last one offered first) and branch there."""
+        if self.conversation_id is None:
+            return
+        messages = self.history.messages(self.conversation_id)
+        labels = [f"{i}. {m.role}: {title_from(m.content)}" for i, m in enumerate(messages, 1)]
+        label, ok = QInputDialog.getItem(
+            self, "Branch", "A new chat with the messages up to and including:", labels, len(labels) - 1, False
+        )
+        if ok and label in labels:
+            self.branch_from(messages[labels.index(label)].id)
+
+    def branch_from(self, message_id: int) -> None:
+        """Open a new conversation holding the open one up to and including `message_id`."""
+        try:
+            conv = self.history.branch(message_id)
+        except HistoryError as e:
+            self.status.say(f"Could not branch the chat: {e}", "error")
+            return
+        self.open_conversation(conv.id)
+        self.refresh_conversations()
 
     def set_json_schema(self, schema: str) -> bool:
         """Keep the open conversation's replies to `schema` (JSON text, checked by the dialog), or to nothing when
@@ -589,3 +614,4 @@ class ChatPage(QWidget):
         self.delete_button.setEnabled(idle and has)
         self.export_button.setEnabled(has)
         self.import_button.setEnabled(idle)
+        self.branch_button.setEnabled(idle and bool(roles))

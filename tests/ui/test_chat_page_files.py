@@ -6,7 +6,7 @@ would pick; no reply is asked for, so no model is loaded."""
 from __future__ import annotations
 
 import pytest
-from PySide6.QtWidgets import QFileDialog
+from PySide6.QtWidgets import QFileDialog, QInputDialog
 
 from app.history import ChatHistory
 from ui.bridge import EngineBridge
@@ -68,3 +68,22 @@ def test_a_malformed_file_is_refused_in_words_and_nothing_is_saved(page, monkeyp
     assert "Could not import" in page.status.text() and "messages[0].role" in page.status.text()
     assert page.conversation_id == opened
     assert len(page.history.list_conversations()) == 1
+
+
+def test_branch_opens_a_new_chat_ending_on_the_chosen_message(page, monkeypatch):
+    first = page.conversation_id
+    chosen = []
+
+    def choose_the_first(parent, title, label, items, current, editable):
+        chosen.append(items[current])  # the last message is offered first
+        return items[0], True
+
+    monkeypatch.setattr(QInputDialog, "getItem", staticmethod(choose_the_first))
+    page.branch_button.click()
+    assert chosen == ["2. assistant: Waves fold into foam."]
+    assert page.conversation_id != first
+    assert [(m.role, m.content) for m in page.history.messages(page.conversation_id)] == [
+        ("user", "Write a haiku about the sea.")
+    ]
+    assert page.conversations.currentItem().text() == "Sea haiku (branch)"
+    assert len(page.history.messages(first)) == 2
