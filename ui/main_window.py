@@ -22,9 +22,11 @@ from PySide6.QtWidgets import (
     QHBoxLayout,
     QLabel,
     QListWidget,
+    QListWidgetItem,
     QMainWindow,
     QProgressBar,
     QStackedWidget,
+    QStyle,
     QVBoxLayout,
     QWidget,
 )
@@ -71,7 +73,8 @@ class MainWindow(QMainWindow):
         font = self.nav.font()
         font.setPointSizeF(font.pointSizeF() * 1.15)
         self.nav.setFont(font)
-        # The list on the left, in its order; the settings file keeps the row of the page shown.
+        # The list on the left, in its order; the settings file keeps the row of the page shown. The icons are
+        # the style's own, drawn with their own outlines and fills, so they read on light and dark alike.
         self.named_pages = (
             ("Chat", self.chat),
             ("Batch", self.batch),
@@ -79,9 +82,16 @@ class MainWindow(QMainWindow):
             ("Monitor", self.monitor),
             ("Server", self.server),
         )
+        icons = {
+            "Chat": QStyle.StandardPixmap.SP_FileIcon,  # a page of text
+            "Batch": QStyle.StandardPixmap.SP_FileDialogDetailedView,  # rows
+            "Models": QStyle.StandardPixmap.SP_DriveHDIcon,  # the models on disk
+            "Monitor": QStyle.StandardPixmap.SP_ComputerIcon,
+            "Server": QStyle.StandardPixmap.SP_DriveNetIcon,  # served over the network
+        }
         for name, page in self.named_pages:
             self.pages.addWidget(page)
-            self.nav.addItem(name)
+            self.nav.addItem(QListWidgetItem(self.style().standardIcon(icons[name]), name))
         self.nav.currentRowChanged.connect(self.pages.setCurrentIndex)
         self.nav.setCurrentRow(min(max(settings.last_page, 0), len(self.named_pages) - 1))
         self.forms = {"chat": self.chat.sampling.form, "batch": self.batch.sampling.form, "server": self.server.form}

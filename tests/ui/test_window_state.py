@@ -1,5 +1,6 @@
 """The window comes back as it was left: its size, position and the chat's splitter are saved to the settings
-file on closing and restored by the next window; a geometry saved on a larger screen is fitted onto this one."""
+file on closing and restored by the next window; a geometry saved on a larger screen is fitted onto this one.
+And each page in the list on the left has an icon."""
 
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ def shown_window(qtbot, tmp_path, settings: Settings) -> MainWindow:
 
 def test_size_position_and_splitter_come_back_after_a_restart(qtbot, tmp_path):
     first = shown_window(qtbot, tmp_path, Settings())
-    first.setGeometry(QRect(QPoint(3, 40), QSize(700, 620)))  # widened to its least width, 793
+    first.setGeometry(QRect(QPoint(2, 40), QSize(700, 620)))  # widened to its least width
     QApplication.processEvents()
     first.chat.splitter.setSizes([120, 640, 0])  # the conversations narrowed, the settings dragged shut
     sizes, geometry = first.chat.splitter.sizes(), first.geometry()
@@ -50,6 +51,14 @@ def test_a_geometry_saved_on_a_larger_screen_is_fitted_onto_this_one(qtbot, tmp_
 
     window = shown_window(qtbot, tmp_path, saved)
     assert room.contains(window.frameGeometry()), (window.frameGeometry(), room)
+    window.bridge.shutdown()
+
+
+def test_every_page_in_the_list_has_an_icon(qtbot, tmp_path):
+    window = shown_window(qtbot, tmp_path, Settings())
+    items = [window.nav.item(row) for row in range(window.nav.count())]
+    assert [item.text() for item in items] == [name for name, _ in window.named_pages]
+    assert all(not item.icon().isNull() for item in items)
     window.bridge.shutdown()
 
 
