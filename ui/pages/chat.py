@@ -23,6 +23,7 @@ from PySide6.QtGui import QDesktopServices, QGuiApplication, QKeySequence, QShor
 from PySide6.QtWidgets import (
     QFileDialog,
     QFrame,
+    QGridLayout,
     QHBoxLayout,
     QInputDialog,
     QLabel,
@@ -114,15 +115,12 @@ class ChatPage(QWidget):
         lv.addWidget(self.new_button)
         lv.addWidget(self.search)
         lv.addWidget(self.conversations, 1)
-        row = QHBoxLayout()
-        row.addWidget(self.rename_button)
-        row.addWidget(self.delete_button)
-        lv.addLayout(row)
-        files = QHBoxLayout()
-        files.addWidget(self.export_button)
-        files.addWidget(self.import_button)
-        files.addWidget(self.branch_button)
-        lv.addLayout(files)
+        # Two buttons a row: three would widen the list's column past what a small window has room for.
+        manage = QGridLayout()
+        for i, b in enumerate((self.rename_button, self.delete_button, self.export_button, self.import_button)):
+            manage.addWidget(b, i // 2, i % 2)
+        manage.addWidget(self.branch_button, 2, 0, 1, 2)
+        lv.addLayout(manage)
 
         # Links are handled here: "copy:" ones copy a code block, the rest open in the browser.
         self.transcript = Transcript()
