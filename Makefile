@@ -1,8 +1,10 @@
 # make setup: .venv with the project installed (editable) and pinned, Qt's system libraries, the default model.
 # make test:  setup, then the linter and formatter checks (ruff), then the whole test suite on the CPU.
 # make run:   setup, then kvstudio.
-# make screenshots: setup, then the welcome, a model loading and each page at 800x600 and 1920x1080 into
-#             build/screenshots/ (offscreen, no network: tests/ui/screenshots.py).
+# make screenshots: setup, then the welcome, a model loading and each page at 800x600 and 1920x1080, light and
+#             dark, into build/screenshots/ (offscreen, no network: tests/ui/screenshots.py).
+# make readme-screenshots: setup, then the README's pictures (each page at 1280x800, light and dark) into
+#             docs/screenshots/.
 # make gpu-check: on a CUDA machine, the Triton kernels at real sizes and kvstudio against transformers there
 #             (uses the machine's own python with torch, triton and transformers; no setup).
 # make package: the desktop app as one folder, dist/kvstudio/ (PyInstaller, packaging/kvstudio.spec).
@@ -40,7 +42,7 @@ QT_SYSTEM_LIBS := libEGL.so.1:libegl1 libGL.so.1:libgl1 libOpenGL.so.0:libopengl
 	libxcb-shm.so.0:libxcb-shm0 libxcb-sync.so.1:libxcb-sync1 libxcb-util.so.1:libxcb-util1 \
 	libxcb-xfixes.so.0:libxcb-xfixes0 libxcb-xkb.so.1:libxcb-xkb1
 
-.PHONY: setup test run screenshots gpu-check baseline package package-check wheel-check
+.PHONY: setup test run screenshots readme-screenshots gpu-check baseline package package-check wheel-check
 
 setup: $(STAMP)
 	$(PY) -m app.library.model_store fetch-default
@@ -74,6 +76,9 @@ run: setup
 
 screenshots: setup
 	QT_QPA_PLATFORM=offscreen $(PY) -m tests.ui.screenshots build/screenshots
+
+readme-screenshots: setup
+	QT_QPA_PLATFORM=offscreen $(PY) -m tests.ui.screenshots --readme docs/screenshots
 
 BASELINE_TOOLS := $(VENV)/.kvstudio-baseline
 baseline: $(BASELINE_TOOLS)

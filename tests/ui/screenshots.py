@@ -1,8 +1,11 @@
-"""Screenshots of the real window for a person to look at: the welcome dialog, a model loading, and each page
-(chat, batch, models, monitor, server) at 800x600 and 1920x1080, after a short chat and a small batch on the
-default model.
+"""Screenshots of the real window for a person to look at, after a short chat and a small batch on the default
+model, in the light palette and the dark one.
 
     QT_QPA_PLATFORM=offscreen .venv/bin/python -m tests.ui.screenshots [OUTDIR]   (default build/screenshots)
+        the welcome, a model loading, and each page (chat, batch, models, monitor, server) at 800x600 and
+        1920x1080; each page again with "-dark" in its name.
+    QT_QPA_PLATFORM=offscreen .venv/bin/python -m tests.ui.screenshots --readme docs/screenshots
+        what README.md shows: the welcome and each page at 1280x800, light and dark (`make readme-screenshots`).
 
 It needs no network: kvstudio's data and the Hugging Face cache go to a temporary folder (the default model linked
 into it from the real store, where `make setup` put it), and the Hub is pointed at a loopback port nothing listens
@@ -11,6 +14,7 @@ on, so the Models page shows how it looks offline.
 
 from __future__ import annotations
 
+import argparse
 import os
 import socket
 import sys
@@ -22,6 +26,7 @@ from pathlib import Path
 os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 
 SIZES = ((800, 600), (1920, 1080))
+README_SIZE = (1280, 800)
 ENGINE_OPTIONS = {"max_model_len": 1024, "kv_cache_memory": 0.05}
 CHAT_PROMPT = "Write a haiku about the sea."
 BATCH_PROMPTS = (
@@ -51,6 +56,11 @@ def settle() -> None:
     for _ in range(5):
         QApplication.processEvents()
         time.sleep(0.02)
+    # A signal delivered by the last turn (a load stage: the engine thread keeps sending them) may have posted a
+    # layout request that has not run yet; a grab then would show a label cut to its old height. Run what is
+    # posted, and what that posts, before the grab.
+    for _ in range(2):
+        QApplication.sendPostedEvents()
 
 
 def isolate(scratch: Path) -> None:
@@ -71,7 +81,21 @@ def isolate(scratch: Path) -> None:
         constants.ENDPOINT = f"http://127.0.0.1:{s.getsockname()[1]}"
 
 
-def shoot(window, out: Path) -> list[Path]:
+def use_scheme(scheme: str) -> None:
+    """The application's palette as ui/theme.py sets it for the system's light or dark scheme."""
+    from PySide6.QtCore import Qt
+    from PySide6.QtWidgets import QApplication
+
+    from ui.theme import palette_for
+
+    app = QApplication.instance()
+    app.setStyle("Fusion")
+    app.setPalette(palette_for(Qt.ColorScheme.Dark if scheme == "dark" else Qt.ColorScheme.Light))
+
+
+def shoot(window, out: Path, readme: bool) -> list[Path]:
+    """readme: the welcome and each page at README_SIZE under plain names (chat.png, chat-dark.png, ...);
+    otherwise the loading card too and each page at SIZES."""
     from ui.widgets.first_run import START_DEFAULT
 
     saved = []
@@ -82,16 +106,22 @@ def shoot(window, out: Path) -> list[Path]:
         widget.grab().save(str(path))
         saved.append(path)
 
+    sizes = (README_SIZE,) if readme else SIZES
+    window.resize(*sizes[0])
     window.start()  # no model chosen yet: the welcome
-    save(window.welcome, "welcome")
+    save(window.welcome, "first-run" if readme else "welcome")
     window.welcome.done(START_DEFAULT)
-    save(window, "loading")
-    wait_until(lambda: window.bridge.ready(), "the default model to load")
-
+    if not readme:
+        save(window, "loading")
     chat = window.chat
+    # The chat takes messages once it has heard the load end, a turn of the event loop after the bridge is ready.
+    wait_until(lambda: window.bridge.ready() and not chat.loading, "the default model to load")
+
     chat.sampling.max_tokens.setValue(48)
     chat.input.setPlainText(CHAT_PROMPT)
     chat.send_button.click()
+    if chat.reply is None:
+        raise RuntimeError(f"the chat did not send: {chat.status.text()}")
     wait_until(lambda: chat.reply is None, "the chat reply")
 
     batch = window.batch
@@ -101,22 +131,33 @@ def shoot(window, out: Path) -> list[Path]:
     wait_until(lambda: not batch.running, "the batch")
     batch.table.selectRow(1)
 
-    for width, height in SIZES:
-        window.resize(width, height)
-        for row, (name, _) in enumerate(window.named_pages):
-            window.nav.setCurrentRow(row)
-            save(window, f"{name.lower()}-{width}x{height}")
+    for scheme in ("light", "dark"):
+        use_scheme(scheme)
+        suffix = "" if scheme == "light" else "-dark"
+        for width, height in sizes:
+            window.resize(width, height)
+            for row, (name, _) in enumerate(window.named_pages):
+                window.nav.setCurrentRow(row)
+                size = "" if readme else f"-{width}x{height}"
+                save(window, f"{name.lower()}{size}{suffix}")
     return saved
 
 
 def main(argv: list[str]) -> int:
-    out = Path(argv[0] if argv else Path(__file__).resolve().parents[2] / "build" / "screenshots")
+    parser = argparse.ArgumentParser(prog="python -m tests.ui.screenshots")
+    parser.add_argument(
+        "out", nargs="?", type=Path, default=Path(__file__).resolve().parents[2] / "build" / "screenshots"
+    )
+    parser.add_argument("--readme", action="store_true", help="the README's set: each page at 1280x800, light and dark")
+    args = parser.parse_args(argv)
+    out = args.out
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="kvstudio-screenshots-") as scratch:
         isolate(Path(scratch))
         from PySide6.QtWidgets import QApplication
 
         app = QApplication.instance() or QApplication(sys.argv[:1])
+        use_scheme("light")
         from app.history import ChatHistory
         from app.settings import Settings
         from ui.app import make_llm
@@ -131,7 +172,7 @@ def main(argv: list[str]) -> int:
         )
         window.show()
         try:
-            for path in shoot(window, out):
+            for path in shoot(window, out, args.readme):
                 print(path)
         finally:
             window.close()  # stops the engine thread before the scratch folder goes
