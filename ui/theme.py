@@ -15,11 +15,14 @@ from PySide6.QtWidgets import QApplication, QStyleFactory
 
 from engine import BlockState
 
+# The one accent: selections and highlights in both palettes, the used KV blocks, the running batch rows.
+ACCENT = QColor("#3b82f6")
+
 # KV block states: hues that stay distinct on light and dark backgrounds (and for red-green colour blindness:
 # blue vs orange). Free blocks take their colour from the palette instead (free_color), so an empty pool looks
 # calm in either theme.
 BLOCK_COLORS = {
-    BlockState.USED: QColor("#3b82f6"),
+    BlockState.USED: ACCENT,
     BlockState.SHARED: QColor("#f59e0b"),
     BlockState.CACHED: QColor("#14b8a6"),
 }
@@ -33,7 +36,7 @@ KV_USAGE_COLOR, RUNNING_COLOR, WAITING_COLOR = (
 TONES = {"ok": ("#16a34a", "#4ade80"), "warn": ("#b45309", "#fbbf24"), "error": ("#dc2626", "#f87171")}
 # The batch table's row states (fixed: the table's model looks them up per cell, and a palette look-up there
 # would cost a large batch's repaints dearly).
-BATCH_STATUS_COLORS = {"running": QColor("#2d7ff9"), "done": QColor("#2e9d57"), "failed": QColor("#d64541")}
+BATCH_STATUS_COLORS = {"running": ACCENT, "done": QColor("#2e9d57"), "failed": QColor("#d64541")}
 
 # (role, colour) for the dark palette. Fields and cards (Base) sit lighter than the window: Fusion draws outlines
 # darker than the window, which would vanish against a darker field. The disabled group dims text so greyed-out
@@ -47,8 +50,6 @@ _DARK = {
     QPalette.ColorRole.Button: "#3d4046",
     QPalette.ColorRole.ButtonText: "#e8eaed",
     QPalette.ColorRole.BrightText: "#ffffff",
-    QPalette.ColorRole.Highlight: "#3b82f6",
-    QPalette.ColorRole.HighlightedText: "#ffffff",
     QPalette.ColorRole.ToolTipBase: "#2b2d31",
     QPalette.ColorRole.ToolTipText: "#e8eaed",
     QPalette.ColorRole.PlaceholderText: "#8a8f98",
@@ -63,8 +64,10 @@ _DARK_DISABLED = "#6b7078"
 
 
 def palette_for(scheme: Qt.ColorScheme) -> QPalette:
-    """Fusion's own light palette, or kvstudio's dark one."""
+    """Fusion's own light palette, or kvstudio's dark one; the accent is kvstudio's in both."""
     palette = QStyleFactory.create("Fusion").standardPalette()
+    palette.setColor(QPalette.ColorRole.Highlight, ACCENT)
+    palette.setColor(QPalette.ColorRole.HighlightedText, QColor("#ffffff"))
     if scheme != Qt.ColorScheme.Dark:
         return palette
     for role, colour in _DARK.items():

@@ -8,7 +8,8 @@ from PySide6.QtCore import Qt
 from PySide6.QtGui import QPalette
 from PySide6.QtWidgets import QApplication
 
-from ui.theme import follow_system_scheme, free_color, palette_for
+from engine import BlockState
+from ui.theme import ACCENT, BATCH_STATUS_COLORS, BLOCK_COLORS, follow_system_scheme, free_color, palette_for
 
 
 @pytest.fixture
@@ -46,3 +47,11 @@ def test_the_app_follows_a_scheme_change_while_it_runs(app: QApplication):
     app.styleHints().colorSchemeChanged.emit(Qt.ColorScheme.Light)
     assert lightness(app.palette(), QPalette.ColorRole.Window) > 0.75
     assert free_color(app.palette()).lightnessF() > dark_free.lightnessF()
+
+
+def test_one_accent_colour_in_both_palettes_and_on_the_pages():
+    for scheme in (Qt.ColorScheme.Light, Qt.ColorScheme.Dark):
+        palette = palette_for(scheme)
+        assert palette.color(QPalette.ColorRole.Highlight) == ACCENT
+        assert palette.color(QPalette.ColorRole.HighlightedText).lightnessF() == 1.0
+    assert BLOCK_COLORS[BlockState.USED] == ACCENT and BATCH_STATUS_COLORS["running"] == ACCENT
