@@ -4,10 +4,12 @@ Loading a model runs on a worker thread (it takes seconds), requests run on the 
 their own threads, and Qt queues each emission to the receivers' thread, so slots run on the UI thread and
 nothing the UI thread does ever waits for the engine.
 
-The model chosen last is the one loaded: a load_model call supersedes the loads still running, whose engines are
-dropped (never installed, their memory released) without a signal. A load that fails leaves the engine loaded
-before serving. If the engine thread dies (a bug in the engine), engine_died says so with the model and options to
-load again; the requests it was running fail in words.
+The model chosen last is the one loaded: a load_model call supersedes the loads still running, which stop at their
+next stage (or, past the last one, are dropped uninstalled) without a signal, their memory released. cancel_load
+stops the load under way the same way and then says so (model_load_cancelled). A load that fails or is cancelled
+leaves the engine loaded before serving: loads run on a worker of their own, and the engine thread is replaced
+only once a new engine is whole. If the engine thread dies (a bug in the engine), engine_died says so with the model
+and options to load again; the requests it was running fail in words.
 
 Chat and batch requests go to the current request target (ui/request_target.py): the in-process engine, or, once
 the user connects one, a remote OpenAI-compatible endpoint (app/remote_client.py). The bridge holds the target and
@@ -24,6 +26,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from PySide6.QtCore import QObject, Signal
@@ -63,6 +66,25 @@ class ModelLoaded:
 class ModelLoadFailed:
     model: str
     message: str
+
+
+@dataclass(frozen=True)
+class ModelLoadCancelled:
+    """The user cancelled the load of `model`: it stopped and released what it had allocated. `serving` is the
+    model the engine still runs (loaded before), or None."""
+
+    model: str
+    serving: str | None
+
+    @property
+    def message(self) -> str:
+        still = f"still running {Path(self.serving).name}" if self.serving is not None else "no model is loaded"
+        return f"Cancelled loading {Path(self.model).name}: {still}."
+
+
+class LoadCancelled(Exception):
+    """Raised by a load's stage callback once the load is cancelled or superseded: it unwinds the loader between
+    two stages, so nothing that load built stays referenced."""
 
 
 @dataclass(frozen=True)
@@ -113,6 +135,7 @@ class EngineBridge(QObject):
     model_load_stage = Signal(object)  # ModelLoadStage, between model_loading and model_loaded (or _failed)
     model_loaded = Signal(object)  # ModelLoaded
     model_load_failed = Signal(object)  # ModelLoadFailed
+    model_load_cancelled = Signal(object)  # ModelLoadCancelled: cancel_load's, in place of model_loaded / _failed
     engine_died = Signal(object)  # EngineDied
     request_update = Signal(object)  # RequestUpdate
     request_failed = Signal(object)  # RequestFailed
@@ -137,7 +160,9 @@ class EngineBridge(QObject):
         self._remote: RemoteClient | None = None
         self._requests: dict[str, RequestTarget] = {}  # the requests in flight, by id: the target running each
         self._generation = 0  # bumped by every change of target: a slower, older check then loses
-        self._load_generation = 0  # bumped by every load_model (and shutdown): an older load still running loses
+        self._load_generation = 0  # bumped by every load_model, cancel_load and shutdown: an older load loses
+        self._loading: int | None = None  # the generation of the load under way, until it ends or is cancelled
+        self._cancelled: int | None = None  # the generation cancel_load stopped, until a later load_model
         # guards the engine thread, the targets, the requests and the generations between the workers and the UI
         self._lock = threading.Lock()
 
@@ -161,13 +186,31 @@ class EngineBridge(QObject):
         running: those emit nothing more."""
         with self._lock:
             self._load_generation += 1
-            generation = self._load_generation
+            generation = self._loading = self._load_generation
+            self._cancelled = None  # a cancelled load still unwinding is superseded now: no news of it
         self.model_loading.emit(model)
         worker = threading.Thread(
             target=self._load, args=(model, dict(options or {}), generation), name="kvstudio-loader", daemon=True
         )
         worker.start()
         return worker
+
+    def cancel_load(self) -> bool:
+        """Cancel the load under way: it stops at its next stage (a stage under way, such as reading the weights,
+        runs to its end first), releases what it allocated, and emits model_load_cancelled; the model loaded before
+        serves on. Returns False, doing nothing, when no load is under way."""
+        with self._lock:
+            if self._loading is None:
+                return False
+            self._cancelled, self._loading = self._loading, None
+            self._load_generation += 1
+        return True
+
+    @property
+    def load_under_way(self) -> bool:
+        """Whether a load is running that has not been cancelled (it ends in model_loaded or _failed)."""
+        with self._lock:
+            return self._loading is not None
 
     def check_fit(self, model: str, options: dict) -> ModelFit | None:
         """Whether `model` loads in the memory free now (None: not known, or not checked). A model too big for
@@ -182,15 +225,18 @@ class EngineBridge(QObject):
 
     def _load(self, model: str, options: dict, generation: int) -> None:
         start = time.perf_counter()
+        failure = None
         try:
             if (fit := self.check_fit(model, options)) is not None and not fit.fits:
                 raise MemoryError(fit.message)
             llm = self._make_llm(model, options, self._stage_reporter(model, generation))
         except Exception as e:  # a bad path, a corrupt file, too little memory: said in words, never a crash
-            with self._lock:
-                current = generation == self._load_generation
-            if current:  # the engine loaded before serves on; a superseded load's failure is no news
-                self.model_load_failed.emit(ModelLoadFailed(model, str(e) or type(e).__name__))
+            failure = str(e) or type(e).__name__  # kept as words: the traceback would hold the load's frames
+        if failure is not None:
+            if self._end_load(generation):  # the engine loaded before serves on
+                self.model_load_failed.emit(ModelLoadFailed(model, failure))
+            else:  # cancelled or superseded (LoadCancelled, or a failure that no longer matters)
+                self._drop_load(model, generation)
             return
         max_model_len = llm.llm_engine.model_config.max_model_len
         thread = EngineThread(llm.llm_engine, stats_interval=self._stats_interval)
@@ -200,9 +246,10 @@ class EngineBridge(QObject):
             if current:
                 old, self._thread, self._loaded = self._thread, thread, (model, options)
                 self._local = LocalTarget(thread)
-        if not current:  # a later choice is loading or loaded: this engine never serves
+                self._loading = None
+        if not current:  # cancelled, or a later choice is loading or loaded: this engine never serves
             del thread
-            _release_and_freeze()
+            self._drop_load(model, generation)
             return
         thread.add_listener(self.snapshot.emit)
         thread.add_failure_listener(self._on_engine_dead)
@@ -213,14 +260,35 @@ class EngineBridge(QObject):
         _release_and_freeze()
         self.model_loaded.emit(ModelLoaded(model, max_model_len, time.perf_counter() - start))
 
+    def _end_load(self, generation: int) -> bool:
+        """A load ended by itself (failed): whether it is still the current one, which then is no longer under way."""
+        with self._lock:
+            current = generation == self._load_generation
+            if current:
+                self._loading = None
+            return current
+
+    def _drop_load(self, model: str, generation: int) -> None:
+        """A cancelled or superseded load has unwound: release what it allocated, then say so if it was cancelled
+        (and no load was chosen since)."""
+        _release_and_freeze()
+        with self._lock:
+            cancelled = self._cancelled == generation
+            if cancelled:
+                self._cancelled = None
+        if cancelled:
+            self.model_load_cancelled.emit(ModelLoadCancelled(model, self.loaded_model))
+
     def _stage_reporter(self, model: str, generation: int) -> StageCallback:
-        """The on_load_stage callback of one load, called on its worker: a superseded load's stages are no news."""
+        """The on_load_stage callback of one load, called on its worker. Once the load is cancelled or superseded
+        it raises LoadCancelled instead, which unwinds the loader there."""
 
         def report(stage: str) -> None:
             with self._lock:
                 current = generation == self._load_generation
-            if current:
-                self.model_load_stage.emit(ModelLoadStage(model, stage))
+            if not current:
+                raise LoadCancelled(f"the load of {model} was cancelled")
+            self.model_load_stage.emit(ModelLoadStage(model, stage))
 
         return report
 
@@ -389,6 +457,7 @@ class EngineBridge(QObject):
         with self._lock:
             self._generation += 1
             self._load_generation += 1  # a load still running is dropped, not started after the window closed
+            self._loading = self._cancelled = None
             thread, self._thread, self._local, self._loaded = self._thread, None, None, None
             remote, self._remote = self._remote, None
             self._requests.clear()

@@ -14,8 +14,16 @@ import pytest
 from PySide6.QtCore import QTimer
 from PySide6.QtWidgets import QApplication
 
-from engine import LLM, SamplingParams
-from ui.bridge import EngineBridge, EngineDied, ModelLoaded, ModelLoadFailed, ModelLoadStage, RequestFailed
+from engine import LLM, SamplingParams, llm_engine
+from ui.bridge import (
+    EngineBridge,
+    EngineDied,
+    ModelLoadCancelled,
+    ModelLoaded,
+    ModelLoadFailed,
+    ModelLoadStage,
+    RequestFailed,
+)
 
 pytestmark = pytest.mark.timeout(600)
 UNTIL_DONE = math.inf  # qtbot.waitUntil's timeout: none
@@ -198,10 +206,112 @@ def test_the_model_chosen_last_is_loaded_even_when_an_earlier_load_ends_later(qt
     assert [m.model for m in loaded] == ["second"] and failed == []
     assert "The first choice, still loading" not in [s.stage for s in stages]
     assert b.loaded_model == "second" and b.engine_thread.engine is engines["second"]()
-    assert engines["first"]() is None  # dropped: never installed, its memory released
+    # Superseded while it loads, the first stops at its next stage and builds no engine; superseded once built
+    # (the second load_model came late), its engine is dropped: never installed, its memory released.
+    assert "first" not in engines or engines["first"]() is None
     rid = b.submit("Hello there", GREEDY)
     assert wait_reply(qtbot, b, rid)[-1].num_tokens == 10
     b.shutdown()
+
+
+def test_a_cancelled_load_stops_at_its_next_stage_frees_what_it_built_and_the_model_before_answers(
+    qtbot, tiny_chat_model, monkeypatch
+):
+    """Cancelled while it reads the weights, the load stops when that stage ends (its stage callback raises
+    LoadCancelled on the loader): it never allocates a KV pool, its weights are freed, it says it was cancelled
+    naming the model still served, and that model answers on the engine thread that served it before."""
+    models: list[weakref.ref] = []  # each load's model, as build_model returned it
+    build_model = llm_engine.build_model
+
+    def recording_build_model(*args, **kwargs):
+        built = build_model(*args, **kwargs)
+        models.append(weakref.ref(built.model))
+        return built
+
+    monkeypatch.setattr(llm_engine, "build_model", recording_build_model)
+    reading, release = threading.Event(), threading.Event()
+
+    def make_llm(model: str, options: dict, on_load_stage) -> LLM:
+        def stage(sentence: str) -> None:
+            on_load_stage(sentence)
+            if model == "second" and sentence == "Loading the weights":
+                reading.set()
+                release.wait()  # the weights load while the user clicks Cancel
+
+        return LLM(str(tiny_chat_model), on_load_stage=stage, **options)
+
+    b = EngineBridge(make_llm)
+    try:
+        with qtbot.waitSignal(b.model_loaded, timeout=None):
+            b.load_model("first", OPTIONS)
+        serving = b.engine_thread
+        stages, outcomes = [], []
+        b.model_load_stage.connect(stages.append)
+        for signal in (b.model_loaded, b.model_load_failed, b.model_load_cancelled):
+            signal.connect(outcomes.append)
+        b.load_model("second", OPTIONS)
+        qtbot.waitUntil(reading.is_set, timeout=UNTIL_DONE)
+        assert b.load_under_way
+        with qtbot.waitSignal(b.model_load_cancelled, timeout=None):
+            assert b.cancel_load()
+            release.set()
+        assert outcomes == [ModelLoadCancelled("second", "first")]
+        assert outcomes[0].message == "Cancelled loading second: still running first."
+        assert not b.load_under_way and not b.cancel_load()  # nothing under way to cancel now
+        assert [s.stage for s in stages][-1] == "Loading the weights"  # no KV pool was allocated
+        assert b.engine_thread is serving and b.loaded_model == "first"
+        assert len(models) == 2 and models[0]() is not None and models[1]() is None  # the second's weights freed
+        rid = b.submit("Hello there", GREEDY)
+        assert wait_reply(qtbot, b, rid)[-1].num_tokens == 10
+    finally:
+        release.set()
+        b.shutdown()
+
+
+def test_a_load_cancelled_with_no_model_before_says_none_is_loaded_and_a_later_load_is_not_cancelled(
+    qtbot, tiny_chat_model
+):
+    """With nothing loaded before, the cancelled load says so; a load chosen while the cancelled one still unwinds
+    supersedes it (no cancel is reported for a load the user has moved on from) and loads."""
+    reading, release = threading.Event(), threading.Event()
+
+    def make_llm(model: str, options: dict, on_load_stage) -> LLM:
+        def stage(sentence: str) -> None:
+            on_load_stage(sentence)
+            if model == "held" and sentence == "Reading the model file":
+                reading.set()
+                release.wait()
+
+        return LLM(str(tiny_chat_model), on_load_stage=stage, **options)
+
+    b = EngineBridge(make_llm)
+    outcomes: list[object] = []
+    for signal in (b.model_loaded, b.model_load_failed, b.model_load_cancelled):
+        signal.connect(outcomes.append)
+    try:
+        loader = b.load_model("held", OPTIONS)
+        qtbot.waitUntil(reading.is_set, timeout=UNTIL_DONE)
+        with qtbot.waitSignal(b.model_load_cancelled, timeout=None) as cancelled:
+            b.cancel_load()
+            release.set()
+        assert cancelled.args[0].message == "Cancelled loading held: no model is loaded."
+        assert b.engine_thread is None and b.loaded_model is None
+
+        reading.clear()
+        release.clear()
+        loader = b.load_model("held", OPTIONS)
+        qtbot.waitUntil(reading.is_set, timeout=UNTIL_DONE)
+        b.cancel_load()
+        with qtbot.waitSignal(b.model_loaded, timeout=None):
+            b.load_model("next", OPTIONS)  # chosen before the cancelled load has unwound
+            release.set()
+        loader.join()
+        QApplication.processEvents()  # whatever the cancelled load emitted would be delivered now
+        assert [type(o).__name__ for o in outcomes] == ["ModelLoadCancelled", "ModelLoaded"]
+        assert b.loaded_model == "next"
+    finally:
+        release.set()
+        b.shutdown()
 
 
 def test_a_truncated_model_is_refused_in_words_and_the_model_loaded_before_serves_on(
