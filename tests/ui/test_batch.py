@@ -171,6 +171,29 @@ def test_cancel_stops_every_unfinished_row_and_frees_the_pool(qtbot, page, loade
     assert [item.status for item in page.model.items] == statuses  # nothing came in after the cancel
 
 
+def test_cancel_keeps_the_finished_rows_outputs_and_marks_the_rest_cancelled(qtbot, page, tmp_path):
+    """Rows that finished before the cancel keep their outputs (and export with them); every other row, running
+    or queued, is marked cancelled."""
+    path = tmp_path / "rows.jsonl"
+    short = [{"prompt": f"Say hi {i}.", "max_tokens": 2} for i in range(4)]
+    long = [{"prompt": f"Tell me a very long story number {i}.", "max_tokens": 400} for i in range(12)]
+    path.write_text("\n".join(json.dumps(r) for r in short + long))
+    assert page.import_file(path)
+    page.run_button.click()
+    items = page.model.items
+    qtbot.waitUntil(lambda: all(item.status == DONE for item in items[:4]), timeout=UNTIL_DONE)
+    assert page.running
+    done = [(item.output, item.tokens) for item in items[:4]]
+    page.cancel_button.click()
+    assert not page.running and [item.status for item in items] == [DONE] * 4 + [CANCELLED] * 12
+    assert [(item.output, item.tokens) for item in items[:4]] == done and all(t == 2 and o for o, t in done)
+    assert page.status.text().startswith("4 done, 12 cancelled in ")
+    out = tmp_path / "results.jsonl"
+    assert page.export(out)
+    exported = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(r["output"], r["tokens"]) for r in exported[:4]] == done
+
+
 def test_cancel_before_every_row_is_submitted_submits_no_more(qtbot, page, loaded_bridge, monkeypatch):
     monkeypatch.setattr(batch, "SUBMIT_SLICE", 4)
     submitted, submit = [], loaded_bridge.submit_chat
