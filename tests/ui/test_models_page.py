@@ -9,11 +9,13 @@ the module's pytest-timeout mark."""
 from __future__ import annotations
 
 import hashlib
+import itertools
 import math
 import os
 import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -24,6 +26,7 @@ from PySide6.QtWidgets import QApplication
 from app.library import gguf_files, hub_files, hub_models, machine, model_store, pulls
 from app.library.machine import GIB, MachineMemory
 from app.units import byte_size
+from engine import LLM, SamplingParams
 from ui.bridge import EngineBridge
 from ui.pages.models import ModelsPage
 from ui.widgets.first_run import FirstRunDialog
@@ -532,6 +535,58 @@ def test_load_hands_the_library_path_to_the_bridge(qtbot, page, hub):
     qtbot.waitUntil(lambda: page.status.text().startswith("Could not load"), timeout=UNTIL_DONE)
     assert page.bridge._make_llm.loaded == [path] and page.bridge._make_llm.options == [{"max_model_len": 128}]
     assert "no engine in this test" in page.status.text()
+
+
+def test_a_load_says_its_stage_and_cancel_load_stops_it_while_the_model_before_serves_on(qtbot, hub, load_options):
+    """While a model loads, the status line says the stage under way and Cancel load shows; cancelled, the load
+    stops once that stage ends, the page says so naming the model still running, and that model answers."""
+    pulls.pull("org/tiny")
+    reading, release = threading.Event(), threading.Event()
+    loads = itertools.count()
+
+    def make_llm(model: str, options: dict, on_load_stage) -> LLM:
+        held = next(loads) == 1  # the second load: the one cancelled
+
+        def stage(sentence: str) -> None:
+            on_load_stage(sentence)
+            if held and sentence == "Loading the weights":
+                reading.set()
+                release.wait()
+
+        return LLM(model, on_load_stage=stage, **options)
+
+    bridge = EngineBridge(make_llm)
+    page = ModelsPage(bridge)
+    qtbot.addWidget(page)
+    try:
+        page.engine_options = load_options
+        page.select_model("org/tiny")
+        assert page.cancel_load_button.isHidden()
+        with qtbot.waitSignal(bridge.model_loaded, timeout=None):
+            page.load_button.click()
+        assert page.cancel_load_button.isHidden() and page.status.text().startswith("Loaded org/tiny")
+        serving = bridge.engine_thread
+        page.load_button.click()
+        qtbot.waitUntil(reading.is_set, timeout=UNTIL_DONE)
+        qtbot.waitUntil(lambda: page.status.text() == "Loading org/tiny: loading the weights…", timeout=UNTIL_DONE)
+        assert not page.cancel_load_button.isHidden() and page.cancel_load_button.isEnabled()
+        page.cancel_load_button.click()
+        assert page.status.text().startswith("Cancelling the load of org/tiny")
+        assert not page.cancel_load_button.isEnabled()
+        with qtbot.waitSignal(bridge.model_load_cancelled, timeout=None):
+            release.set()
+        assert page.status.text() == "Cancelled loading org/tiny: still running org/tiny."
+        assert page.cancel_load_button.isHidden() and bridge.engine_thread is serving
+        greedy = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
+        rid = bridge.submit("Still there?", greedy)
+        done = []
+        bridge.request_update.connect(lambda u: u.request_id == rid and u.finished and done.append(u))
+        qtbot.waitUntil(lambda: bool(done), timeout=UNTIL_DONE)
+        assert done[0].num_tokens == 4
+    finally:
+        release.set()
+        page.shutdown()
+        bridge.shutdown()
 
 
 def test_a_download_that_does_not_fit_on_disk_fails_in_words(qtbot, page, hub, monkeypatch):

@@ -4,7 +4,9 @@ whether it fits this machine's memory, and a corrupt one said as such) beside th
 unfinished); the library refreshes when a download completes.
 
 A load is checked against the memory free first: a model too big for it is refused in words here instead of
-ending in the kernel's out-of-memory killer. Every failure is said in the status line; the page keeps working.
+ending in the kernel's out-of-memory killer. While a model loads (from here or elsewhere) the status line says the
+stage under way and Cancel load stops it, the model loaded before serving on. Every failure is said in the status
+line; the page keeps working.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from PySide6.QtWidgets import QHBoxLayout, QLabel, QPushButton, QVBoxLayout, QWi
 from app.library import hub_models, machine
 from app.library.hub_models import HubError, LocalModel
 from app.units import byte_size
-from ui.bridge import EngineBridge, ModelLoaded, ModelLoadFailed
+from ui.bridge import EngineBridge, ModelLoadCancelled, ModelLoaded, ModelLoadFailed, ModelLoadStage
 from ui.hub_bridge import DownloadDone, HubBridge
 from ui.widgets.cards import card, muted, section
 from ui.widgets.hub_panel import HubPanel
@@ -31,11 +33,15 @@ class ModelsPage(QWidget):
         self.bridge = bridge
         self._engine_options: dict = {}
         self._pending_delete: LocalModel | None = None
+        self._loading = ""  # the name of the model being loaded, as the status line says it
         self._memory: machine.MachineMemory  # what the library's verdicts are against: taken by each refresh()
         self._build(endpoint)
         self.hub.bridge.download_done.connect(self._on_download_done)
+        bridge.model_loading.connect(self._on_model_loading)
+        bridge.model_load_stage.connect(self._on_model_load_stage)
         bridge.model_loaded.connect(self._on_model_loaded)
         bridge.model_load_failed.connect(self._on_model_load_failed)
+        bridge.model_load_cancelled.connect(self._on_model_load_cancelled)
         self.refresh()
         if self.hub.interrupted:  # left by an earlier run: say so, the rows alone are easy to miss
             n = len(self.hub.interrupted)
@@ -58,6 +64,10 @@ class ModelsPage(QWidget):
         self.library_summary.setWordWrap(True)  # a long summary wraps instead of widening the card
         self.load_button = QPushButton("Load")
         self.load_button.clicked.connect(self.load_selected)
+        self.cancel_load_button = QPushButton("Cancel load")
+        self.cancel_load_button.setToolTip("Stop the load under way; the model loaded before keeps answering")
+        self.cancel_load_button.clicked.connect(self.cancel_load)
+        self.cancel_load_button.hide()  # shown while a model loads
         self.delete_button = QPushButton("Delete…")
         self.delete_button.clicked.connect(self.ask_delete)
         refresh = QPushButton("Refresh")
@@ -81,6 +91,7 @@ class ModelsPage(QWidget):
         library_buttons.addWidget(refresh)
         library_buttons.addWidget(self.delete_button)
         library_buttons.addWidget(self.load_button)
+        library_buttons.addWidget(self.cancel_load_button)
         library.addSpacing(6)
         library.addWidget(self.library_view, 1)
         library.addSpacing(4)
@@ -183,14 +194,44 @@ class ModelsPage(QWidget):
         """A loaded path as the library names it (a snapshot's folder is a commit hash), else its file name."""
         return next((m.name for m in self.library.rows() if str(m.path) == model), Path(model).name)
 
+    @Slot()
+    def cancel_load(self) -> None:
+        """Stop the load under way (at its next stage); the outcome arrives as model_load_cancelled."""
+        if self.bridge.cancel_load():
+            self.cancel_load_button.setEnabled(False)
+            self.status.say(f"Cancelling the load of {self._loading}: it stops once the stage under way ends.", "warn")
+
+    @Slot(str)
+    def _on_model_loading(self, model: str) -> None:
+        self._loading = self._shown_name(model)
+        self.cancel_load_button.setEnabled(True)
+        self.cancel_load_button.show()
+
+    @Slot(object)
+    def _on_model_load_stage(self, stage: ModelLoadStage) -> None:
+        if self.cancel_load_button.isEnabled():  # a cancelled load's last stages are no news
+            self.status.say(f"Loading {self._loading}: {stage.stage[0].lower()}{stage.stage[1:]}…")
+
+    def _load_ended(self) -> None:
+        self.cancel_load_button.hide()
+
+    @Slot(object)
+    def _on_model_load_cancelled(self, cancelled: ModelLoadCancelled) -> None:
+        self._load_ended()
+        serving = cancelled.serving
+        still = "no model is loaded" if serving is None else f"still running {self._shown_name(serving)}"
+        self.status.say(f"Cancelled loading {self._shown_name(cancelled.model)}: {still}.", "warn")
+
     @Slot(object)
     def _on_model_loaded(self, loaded: ModelLoaded) -> None:
+        self._load_ended()
         self.status.say(
             f"Loaded {self._shown_name(loaded.model)} ({loaded.seconds:.1f} s, context {loaded.max_model_len:,}).", "ok"
         )
 
     @Slot(object)
     def _on_model_load_failed(self, failed: ModelLoadFailed) -> None:
+        self._load_ended()
         self.status.say(f"Could not load {self._shown_name(failed.model)}: {_sentence(failed.message)}", "error")
 
     @Slot(object)
