@@ -64,6 +64,12 @@ class MainWindow(QMainWindow):
         self.batch = BatchPage(bridge)
         self.models = ModelsPage(bridge)
         self.models.engine_options = settings.engine_options
+        # The chat's model picker lists the library as the Models page reads it and loads with the same options.
+        picker = self.chat.model_picker
+        picker.engine_options = settings.engine_options
+        picker.set_models(self.models.library.rows())
+        self.models.library_changed.connect(picker.set_models)
+        picker.engine_options_changed.connect(self._on_engine_options_changed)
         self.monitor = MonitorPage()
         self.server = ServerPage(bridge)
         self.pages = QStackedWidget()
@@ -215,6 +221,12 @@ class MainWindow(QMainWindow):
             f"Could not load {Path(failure.model).name}: {failure.message}"
             + (f" · still running {Path(serving).name}" if serving is not None else "")
         )
+
+    def _on_engine_options_changed(self, options: dict) -> None:
+        """A model loaded with the chat's engine options: the next start and the Models page load with them too."""
+        self.settings.engine_options = options
+        self.models.engine_options = options
+        self._save_settings()
 
     def _on_engine_died(self, died: EngineDied) -> None:
         self.busy.hide()

@@ -1,9 +1,9 @@
 """The chat page: conversations (new, rename, delete, search), replies streamed as they are generated, stop,
 regenerate, edit-and-resend of the last message, export to Markdown or JSON and import of JSON (app/chat_files.py),
-a branch from a chosen message, a system prompt and sampling parameters, a JSON schema the
-replies keep to (a badge marks the conversations that have one), a reasoning model's thinking folded under its
-reply, and the messages as bubbles (ui/widgets/transcript.py): markdown with coloured code, Copy on each, tokens/s
-and time to first token under each reply.
+a branch from a chosen message, the model answering and its engine options (ui/widgets/model_picker.py), a system
+prompt and sampling parameters, a JSON schema the replies keep to (a badge marks the conversations that have one), a
+reasoning model's thinking folded under its reply, and the messages as bubbles (ui/widgets/transcript.py): markdown
+with coloured code, Copy on each, tokens/s and time to first token under each reply.
 
 Every conversation lives in ChatHistory. A streaming reply is drawn only after the same text is saved (each
 redraw writes it first, one UPDATE), so a crash mid-reply, kill -9 included, loses nothing that was on screen. A
@@ -46,6 +46,7 @@ from ui.bridge import EngineBridge, ModelLoaded, ModelLoadFailed, ModelLoadStage
 from ui.widgets.json_schema_dialog import ReplyFormatBox, badge_icon, schema_summary
 from ui.widgets.load_panel import LoadPanel
 from ui.widgets.message_markdown import code_blocks, shown_answer, split_think
+from ui.widgets.model_picker import ModelPicker
 from ui.widgets.sampling_form import FIELDS, SamplingForm
 from ui.widgets.status_line import StatusLine
 from ui.widgets.transcript import Transcript
@@ -182,8 +183,10 @@ class ChatPage(QWidget):
             splitter.setStretchFactor(splitter.count() - 1, stretch)
         splitter.setSizes([220, 640, 260])
         self._settings_folded = False  # folded by _fit_columns, not by the user dragging its handle
+        self.model_picker = ModelPicker(self.bridge)  # the top bar: the model that answers, its engine options
         layout = QVBoxLayout(self)
         layout.setContentsMargins(0, 0, 0, 0)
+        layout.addWidget(self.model_picker)
         layout.addWidget(splitter)
         self._sync_buttons()
 

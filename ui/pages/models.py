@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from PySide6.QtCore import Slot
+from PySide6.QtCore import Signal, Slot
 from PySide6.QtWidgets import QHBoxLayout, QLabel, QPushButton, QVBoxLayout, QWidget
 
 from app.library import hub_models, machine
@@ -28,6 +28,8 @@ from ui.widgets.status_line import StatusLine
 
 
 class ModelsPage(QWidget):
+    library_changed = Signal(object)  # the library's LocalModels, after each refresh (a download done, a deletion)
+
     def __init__(self, bridge: EngineBridge, endpoint: str | None = None, parent: QWidget | None = None) -> None:
         super().__init__(parent)
         self.bridge = bridge
@@ -149,6 +151,7 @@ class ModelsPage(QWidget):
         self._cancel_delete()
         self.hub.refresh_interrupted()
         self._sync()
+        self.library_changed.emit(models)
 
     def selected_model(self) -> LocalModel | None:
         rows = self.library_view.selectionModel().selectedRows()
