@@ -1,7 +1,8 @@
 """The chat page: conversations (new, rename, delete, search), replies streamed as they are generated, stop,
 regenerate, edit-and-resend of the last message, export to Markdown or JSON and import of JSON (app/chat_files.py),
-a branch from a chosen message, the model answering and its engine options (ui/widgets/model_picker.py), a system
-prompt and sampling parameters, a JSON schema the replies keep to (a badge marks the conversations that have one), a
+a branch from a chosen message, the model answering and its engine options (ui/widgets/model_picker.py), text files
+attached to a message (ui/widgets/attachments.py), a system prompt (with named presets, ui/widgets/prompt_presets.py)
+and sampling parameters, a JSON schema the replies keep to (a badge marks the conversations that have one), a
 reasoning model's thinking folded under its reply, and the messages as bubbles (ui/widgets/transcript.py): markdown
 with coloured code, Copy on each, tokens/s and time to first token under each reply.
 
@@ -40,13 +41,17 @@ from PySide6.QtWidgets import (
 
 from app.chat_files import ConversationFileError, export_conversation, import_conversation
 from app.history import ChatHistory, HistoryError, Message, title_from
+from app.prompt_presets import FILE_NAME as PRESETS_FILE
+from app.prompt_presets import PresetStore
 from engine import SamplingParams
 from engine.structured_output import StructuredOutputsParams
 from ui.bridge import EngineBridge, ModelLoaded, ModelLoadFailed, ModelLoadStage, RequestFailed, RequestUpdate
+from ui.widgets.attachments import AttachmentBar
 from ui.widgets.json_schema_dialog import ReplyFormatBox, badge_icon, schema_summary
 from ui.widgets.load_panel import LoadPanel
 from ui.widgets.message_markdown import code_blocks, shown_answer, split_think
 from ui.widgets.model_picker import ModelPicker
+from ui.widgets.prompt_presets import PresetPicker
 from ui.widgets.sampling_form import FIELDS, SamplingForm
 from ui.widgets.status_line import StatusLine
 from ui.widgets.transcript import Transcript
@@ -140,12 +145,16 @@ class ChatPage(QWidget):
         self.copy_button = QPushButton("Copy reply")
         self.copy_button.clicked.connect(self.copy_last_reply)
         self.status = StatusLine()
+        # Text files for the next message: Attach…, or dropped anywhere on the page (the message box included).
+        self.attachments = AttachmentBar(self.bridge, self.status)
+        self.attachments.take_drops_on(self, self.input.viewport())
         middle = QWidget()
         self.load_panel = LoadPanel()
         mv = QVBoxLayout(middle)
         mv.addWidget(self.load_panel)
         mv.addWidget(self.transcript, 1)
         mv.addWidget(self.input)
+        mv.addWidget(self.attachments)
         buttons = QHBoxLayout()
         for b in (self.send_button, self.stop_button, self.regenerate_button, self.edit_button, self.copy_button):
             buttons.addWidget(b)
@@ -163,7 +172,12 @@ class ChatPage(QWidget):
         self.reply_format.chosen.connect(self.set_json_schema)
         right = QWidget()
         rv = QVBoxLayout(right)
+        # Presets live beside the chat history, in the data folder.
+        self.presets = PresetPicker(
+            self.system_prompt, PresetStore(self.history.path.parent / PRESETS_FILE), self.status
+        )
         rv.addWidget(QLabel("<b>System prompt</b>"))
+        rv.addWidget(self.presets)
         rv.addWidget(self.system_prompt)
         rv.addSpacing(8)
         rv.addWidget(QLabel("<b>Replies</b>"))
@@ -362,7 +376,8 @@ class ChatPage(QWidget):
         """Send the input box's text (or `text`) as the next user message and stream the reply. A message the
         history cannot save stays in the input box, the reason said; so does one sent while nothing could answer it
         (no model loaded, no endpoint connected), saved nowhere, to send again once a model is loaded."""
-        text = (self.input.toPlainText() if text is None else text).strip()
+        from_box = text is None  # the box's text goes with the files attached to it
+        text = (self.attachments.message(self.input.toPlainText().strip()) if from_box else text).strip()
         if not text or self.reply is not None:
             return
         if self._waiting_for_model():
@@ -386,6 +401,8 @@ class ChatPage(QWidget):
             self.refresh_conversations()
             return
         self.input.clear()
+        if from_box:
+            self.attachments.clear()
         self.refresh_conversations()
         self._start_reply()
 
