@@ -181,9 +181,9 @@ def remove(name: str, force: bool = False) -> int:
     if repo is None:
         raise HubError(f"no model {name} in the library (kvstudio models list shows what is there)")
     size = repo.size_on_disk
-    # the cache's own deletion strategy removes the snapshots, refs and the blobs no other revision uses;
-    # the repo folder itself (and any .incomplete blobs in it) go too, so nothing of the model is left
-    scan_cache_dir(cache_dir()).delete_revisions(*(r.commit_hash for r in repo.revisions)).execute()
+    # The repo's own folder holds its snapshots, refs and blobs (and any .incomplete ones): removing it leaves
+    # nothing of the model. Not the cache's delete_revisions: it deletes by commit hash in every repo, and a
+    # mirror of a repo shares its commits, so removing one would have removed the other too.
     shutil.rmtree(repo.repo_path, ignore_errors=True)
     return size
 

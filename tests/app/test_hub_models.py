@@ -167,6 +167,23 @@ def test_rm_frees_the_model_and_it_leaves_the_list(fake_hub, tiny_chat_model, tm
     assert code == 1 and "no model org/tiny in the library" in err
 
 
+def test_rm_leaves_a_mirror_with_the_same_commits_in_the_library(serve_hub, tiny_chat_model, capsys):
+    tiny = {p.name: p.read_bytes() for p in sorted(tiny_chat_model.iterdir()) if p.is_file()}
+    hub = serve_hub({"org/tiny": tiny, "mirror/tiny": tiny})  # one commit hash for both, as a mirror has
+    # Deleting by commit hash picked whichever repo the cache scan listed first: each way round, a few times.
+    for removed, kept in [("org/tiny", "mirror/tiny"), ("mirror/tiny", "org/tiny")] * 3:
+        for name in (removed, kept):
+            assert run(capsys, "pull", name)[0] == 0
+        assert {m.name for m in hub_models.list_local_models()} == {"org/tiny", "mirror/tiny"}
+
+        assert run(capsys, "rm", removed)[0] == 0
+        [left] = hub_models.list_local_models()
+        assert left.name == kept
+        snapshot = Path(left.path)
+        assert snapshot.name == hub.commit
+        assert all((snapshot / name).read_bytes() == data for name, data in tiny.items())
+
+
 def test_the_default_model_is_listed_and_removed_only_with_force(fake_hub, smollm2_gguf, capsys):
     default = model_store.default_model_path()
     default.parent.mkdir(parents=True)
