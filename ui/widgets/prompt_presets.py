@@ -13,7 +13,6 @@ from PySide6.QtWidgets import (
     QMenu,
     QMessageBox,
     QPlainTextEdit,
-    QPushButton,
     QToolButton,
     QWidget,
 )
@@ -29,11 +28,13 @@ class PresetPicker(QWidget):
         super().__init__(parent)
         self.editor, self.store, self.status = editor, store, status
         self.combo = QComboBox(placeholderText="Choose a preset")
-        # As narrow as the settings column wants, whatever the names' lengths.
+        # As narrow as the settings column wants, whatever the names' lengths: the sampling form sets its width.
         self.combo.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
-        self.combo.setMinimumContentsLength(10)
+        self.combo.setMinimumContentsLength(6)
+        self.combo.setMinimumWidth(80)
         self.combo.activated.connect(self._chosen)
-        self.save_button = QPushButton("Save…", toolTip="Save the system prompt as a preset")
+        # Tool buttons: as narrow as their text (a push button's least width would widen the column).
+        self.save_button = QToolButton(text="Save…", toolTip="Save the system prompt as a preset")
         self.save_button.clicked.connect(self._ask_save)
         menu = QMenu(self)
         self.rename_action = menu.addAction("Rename…", self._ask_rename)
