@@ -4,7 +4,7 @@ from engine.beam_search import BeamSearchParams
 from engine.config import EngineConfig, ModelConfig
 from engine.llm import LLM, BeamSearchOutput, BeamSearchSequence
 from engine.llm_engine import LLMEngine
-from engine.outputs import BlockMap, BlockState, CompletionOutput, EngineStats, RequestOutput
+from engine.outputs import BlockMap, BlockState, CompletionOutput, EngineStats, RequestBlocks, RequestOutput
 from engine.prompts import ChatTemplateError, PromptType, TextPrompt, TokensPrompt, render_chat
 from engine.sampling_params import SamplingParams
 
@@ -22,6 +22,7 @@ __all__ = [
     "LLMEngine",
     "ModelConfig",
     "PromptType",
+    "RequestBlocks",
     "RequestOutput",
     "SamplingParams",
     "TextPrompt",

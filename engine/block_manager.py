@@ -22,8 +22,8 @@ from array import array
 from collections import OrderedDict
 from dataclasses import dataclass
 
-from engine.outputs import BlockState
-from engine.sequence import Sequence
+from engine.outputs import BlockState, RequestBlocks
+from engine.sequence import Sequence, SequenceStatus
 
 
 @dataclass(slots=True)
@@ -299,6 +299,21 @@ class BlockManager:
             if self._swap_refs[c] == 0:
                 self._swap_free.append(c)
         seq.block_table = []
+
+    # ---- what one request holds --------------------------------------------------------------------------------
+    def request_blocks(self, seqs: list[Sequence]) -> RequestBlocks:
+        """The device blocks a request's running sequences hold (each block once), and of those the shared ones
+        (RequestBlocks). A sequence's prefix-cache hits are the leading num_cached_tokens // block_size blocks of
+        its table, taken at admission. Waiting and swapped sequences hold no device block."""
+        held: set[int] = set()
+        cached: set[int] = set()
+        for seq in seqs:
+            if seq.status is not SequenceStatus.RUNNING:
+                continue
+            held.update(seq.block_table)
+            cached.update(seq.block_table[: seq.num_cached_tokens // self.block_size])
+        shared = cached | {b for b in held if self.blocks[b].ref_count > 1}
+        return RequestBlocks(len(held), len(shared), len(cached))
 
     # ---- the block map ----------------------------------------------------------------------------------------
     def block_states(self) -> bytes:

@@ -20,7 +20,7 @@ from engine.input_processor import InputProcessor
 from engine.model_builder import build_model
 from engine.model_runner import ModelRunner, StepResult
 from engine.output_processor import OutputProcessor, SamplingPlan, StepSamples
-from engine.outputs import BlockMap, EngineStats, RequestOutput
+from engine.outputs import BlockMap, EngineStats, RequestBlocks, RequestOutput
 from engine.prompts import PromptType
 from engine.rejection_sampler import verify
 from engine.sampler import Sampler, SamplingBatch
@@ -223,6 +223,14 @@ class LLMEngine:
     # ---- stats --------------------------------------------------------------------------------------------
     def get_stats(self) -> EngineStats:
         return self.stats.snapshot()
+
+    def get_request_blocks(self, request_id: str) -> RequestBlocks | None:
+        """The KV blocks request_id holds now and how many of them are shared (RequestBlocks); None once it has
+        finished or was aborted (its blocks are back in the pool), or for an id never added."""
+        group = self._requests.get(request_id)
+        if group is None:
+            return None
+        return self.block_manager.request_blocks(group.seqs)
 
     def get_block_map(self) -> BlockMap:
         """Each KV block's state, holding requests and prefix hash, for the monitor's block map."""

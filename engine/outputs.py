@@ -20,6 +20,22 @@ class CompletionOutput:
         return self.finish_reason is not None
 
 
+@dataclass(frozen=True)
+class RequestBlocks:
+    """The KV blocks one request holds in the device pool now: its running sequences' block tables, a block its
+    forks share counted once (LLMEngine.get_request_blocks).
+
+    `num_shared` counts the blocks it holds but neither computed alone nor holds alone: those it took from the
+    prefix cache when admitted (their KV was computed by an earlier request, whether or not that one still runs),
+    and those another sequence holds too right now (ref count > 1: a fork of its own, or another request that hit
+    the same prefix). `num_prefix_cached` is the first kind alone, so num_shared - num_prefix_cached blocks are
+    shared only by being held twice."""
+
+    num_blocks: int
+    num_shared: int
+    num_prefix_cached: int
+
+
 @dataclass
 class RequestOutput:
     request_id: str
@@ -30,6 +46,9 @@ class RequestOutput:
     num_cached_tokens: int = 0  # prompt tokens served by the prefix cache
     # With SamplingParams.prompt_logprobs: None for the first token, then {token_id: logprob} per prompt token.
     prompt_logprobs: list[dict[int, float] | None] | None = None
+    # The request's KV blocks right after the step that produced this output, for a submitter that asked for them
+    # (app.engine_thread.EngineThread.submit(report_blocks=True)); None otherwise, and once the request finished.
+    blocks: RequestBlocks | None = None
 
 
 @dataclass(frozen=True)
