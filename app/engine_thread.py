@@ -63,6 +63,7 @@ class _Submit:
     params: SamplingParams | BeamSearchParams
     callback: OutputCallback
     accepted: concurrent.futures.Future
+    report_blocks: bool
 
 
 @dataclass
@@ -81,6 +82,7 @@ class EngineThread:
         self.stats_interval = stats_interval
         self._commands: queue.SimpleQueue[_Submit | _Abort | None] = queue.SimpleQueue()
         self._callbacks: dict[str, OutputCallback] = {}  # engine thread only
+        self._report_blocks: set[str] = set()  # requests whose outputs carry their KV blocks; engine thread only
         self._num_unfinished = 0  # submitted, not yet finished; guarded by _lock
         self._lock = threading.Lock()
         self._listeners: list[StatsListener] = []
@@ -116,9 +118,12 @@ class EngineThread:
         params: SamplingParams | BeamSearchParams,
         callback: OutputCallback,
         request_id: str | None = None,
+        report_blocks: bool = False,
     ) -> concurrent.futures.Future:
         """Queue a request. The returned future resolves to its request id once the engine has accepted it, or
-        raises the engine's ValueError for a bad request. Raises QueueFullError / EngineStoppedError at once."""
+        raises the engine's ValueError for a bad request. Raises QueueFullError / EngineStoppedError at once.
+        With report_blocks, each output carries the KV blocks the request holds after the step that made it
+        (RequestOutput.blocks), counted here on the engine thread so the caller never reads the engine's state."""
         accepted: concurrent.futures.Future = concurrent.futures.Future()
         rid = request_id if request_id is not None else self.new_request_id()
         with self._lock:
@@ -131,7 +136,7 @@ class EngineThread:
             self._num_unfinished += 1
             # Queued under the lock: a dying engine thread sets _failure under it too, then drains the queue, so
             # no submit can slip in after the drain and wait forever.
-            self._commands.put(_Submit(rid, prompt, params, callback, accepted))
+            self._commands.put(_Submit(rid, prompt, params, callback, accepted, report_blocks))
         return accepted
 
     def abort(self, request_id: str) -> None:
@@ -234,6 +239,7 @@ class EngineThread:
         engine = self.engine
         if isinstance(command, _Abort):
             callback = self._callbacks.pop(command.request_id, None)
+            self._report_blocks.discard(command.request_id)
             if callback is not None:
                 engine.abort_request(command.request_id)
                 self._finished()
@@ -248,6 +254,8 @@ class EngineThread:
             command.accepted.set_exception(e)
             return
         self._callbacks[command.request_id] = command.callback
+        if command.report_blocks:
+            self._report_blocks.add(command.request_id)
         command.accepted.set_result(command.request_id)
 
     def _step(self) -> None:
@@ -258,6 +266,7 @@ class EngineThread:
             # The engine aborted the failed step's requests and serves on; tell their callers why.
             logger.exception("engine step failed")
             for rid in [r for r in self._callbacks if not engine.has_request(r)]:
+                self._report_blocks.discard(rid)
                 self._deliver(self._callbacks.pop(rid), e)
                 self._finished()
             return
@@ -265,8 +274,11 @@ class EngineThread:
             callback = self._callbacks.get(out.request_id)
             if callback is None:
                 continue
+            if out.request_id in self._report_blocks:
+                out.blocks = engine.get_request_blocks(out.request_id)  # None once finished: its blocks are freed
             if out.finished:
                 del self._callbacks[out.request_id]
+                self._report_blocks.discard(out.request_id)
                 self._finished()
             self._deliver(callback, out)
 

@@ -24,7 +24,7 @@ from urllib.parse import urlsplit
 
 import aiohttp
 
-from engine import SamplingParams
+from engine import RequestBlocks, SamplingParams
 
 CONNECT_TIMEOUT_S = 10
 READ_TIMEOUT_S = 300  # between two chunks: a long prefill on a busy server can take minutes
@@ -55,12 +55,16 @@ class Endpoint:
 
 @dataclass(frozen=True)
 class TextUpdate:
-    """A request's reply so far; `finished` on the last one, which carries the finish reason."""
+    """A request's reply so far; `finished` on the last one, which carries the finish reason. The in-process engine
+    also says how long the prompt was and, for a chat, the KV blocks the request holds; a remote endpoint does not
+    (None)."""
 
     text: str
     num_tokens: int
     finished: bool
     finish_reason: str | None = None
+    num_prompt_tokens: int | None = None
+    blocks: RequestBlocks | None = None
 
 
 UpdateCallback = Callable[[TextUpdate | BaseException], None]

@@ -34,7 +34,7 @@ from PySide6.QtCore import QObject, Signal
 from app.engine_thread import EngineDeadError, EngineThread
 from app.library.machine import ModelFit, check_model_fits
 from app.remote_client import Endpoint, RemoteClient, TextUpdate, UpdateCallback, list_models
-from engine import LLM, PromptType, SamplingParams
+from engine import LLM, PromptType, RequestBlocks, SamplingParams
 from ui.request_target import LocalTarget, RequestRefused, RequestTarget
 
 # What the bridge loads a model with: make_llm(model, options, on_load_stage) -> LLM, where on_load_stage(sentence)
@@ -105,6 +105,10 @@ class RequestUpdate:
     num_tokens: int
     finished: bool
     finish_reason: str | None = None  # "stop" | "length" | "abort", on the last one
+    # From the in-process engine (None from a remote endpoint): the prompt's length, and for a chat the KV blocks
+    # the request holds after the step that made this update (None on the last one: they are freed by then).
+    num_prompt_tokens: int | None = None
+    blocks: RequestBlocks | None = None
 
 
 @dataclass(frozen=True)
@@ -379,6 +383,22 @@ class EngineBridge(QObject):
         target = self.target
         return target is not None and target.chat_templated()
 
+    def context_length(self) -> int | None:
+        """The in-process model's context (max_model_len, fixed at load) while chats go to it; None while they go
+        to a remote endpoint, whose context is not known here, or nowhere."""
+        with self._lock:
+            local = self._local if self._remote is None else None
+        return None if local is None else local.thread.engine.model_config.max_model_len
+
+    def count_chat_tokens(self, messages: list[dict]) -> int | None:
+        """The tokens of the prompt `messages` make for the in-process model (its chat template rendered and
+        tokenized, as a send does), on the caller's thread: a fifth of a second for 2,000 messages, so a page calls it
+        off the UI thread. None while chats go to a remote endpoint (its tokenizer is not here) or nowhere; raises
+        ChatTemplateError as a send would."""
+        with self._lock:
+            local = self._local if self._remote is None else None
+        return None if local is None else len(local.prepare_chat(messages)["prompt_token_ids"])
+
     def prepare_chat(self, messages: list[dict]) -> PreparedChat:
         """Prepare `messages` for the current target on the caller's thread: a batch renders its rows' templates
         before submitting any, since a busy engine thread competes for the GIL. Raises RuntimeError when nothing
@@ -446,7 +466,15 @@ class EngineBridge(QObject):
                 self.request_failed.emit(RequestFailed(rid, str(item), refused=isinstance(item, RequestRefused)))
             else:
                 self.request_update.emit(
-                    RequestUpdate(rid, item.text, item.num_tokens, item.finished, item.finish_reason)
+                    RequestUpdate(
+                        rid,
+                        item.text,
+                        item.num_tokens,
+                        item.finished,
+                        item.finish_reason,
+                        item.num_prompt_tokens,
+                        item.blocks,
+                    )
                 )
 
         return deliver

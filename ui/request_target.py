@@ -68,23 +68,38 @@ class LocalTarget:
         return render_chat(self.thread.engine.tokenizer, messages)
 
     def submit_chat(self, chat: dict, params: SamplingParams, callback: UpdateCallback, request_id: str) -> None:
-        self.submit_completion(chat, params, callback, request_id)
+        # A chat's updates carry its KV blocks, for the chat page's context meter.
+        self._submit(chat, params, callback, request_id, report_blocks=True)
 
     def submit_completion(
         self, prompt: PromptType, params: SamplingParams, callback: UpdateCallback, request_id: str
+    ) -> None:
+        self._submit(prompt, params, callback, request_id, report_blocks=False)
+
+    def _submit(
+        self, prompt: PromptType, params: SamplingParams, callback: UpdateCallback, request_id: str, report_blocks: bool
     ) -> None:
         def deliver(item: RequestOutput | BaseException) -> None:
             if isinstance(item, BaseException):
                 callback(item)
                 return
             completion = item.outputs[0]
-            callback(TextUpdate(completion.text, len(completion.token_ids), item.finished, completion.finish_reason))
+            callback(
+                TextUpdate(
+                    completion.text,
+                    len(completion.token_ids),
+                    item.finished,
+                    completion.finish_reason,
+                    len(item.prompt_token_ids),
+                    item.blocks,
+                )
+            )
 
         def refused(accepted) -> None:  # the engine's ValueError naming what is wrong with the request
             if accepted.exception() is not None:
                 callback(RequestRefused(str(accepted.exception())))
 
-        self.thread.submit(prompt, params, deliver, request_id).add_done_callback(refused)
+        self.thread.submit(prompt, params, deliver, request_id, report_blocks).add_done_callback(refused)
 
     def abort(self, request_id: str) -> None:
         self.thread.abort(request_id)

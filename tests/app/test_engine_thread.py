@@ -289,3 +289,29 @@ def test_an_idle_engine_reports_zero_rates(llm, monkeypatch):
         time.sleep(0.05)
     t.stop()
     assert len(snapshots) > count and snapshots[-1].stats.generation_tokens_per_s == 0.0
+
+
+def test_outputs_carry_the_blocks_their_request_holds_only_when_asked(llm, thread):
+    """The counts ride on each output, taken on the engine thread right after its step: the callback (called there
+    too, before the next step) finds the same blocks in the request's block tables."""
+    engine = llm.llm_engine
+    seen: dict[str, list] = {"counted": [], "plain": []}
+    done = {rid: threading.Event() for rid in seen}
+
+    def recorder(rid: str):
+        def record(out) -> None:
+            tables = [s.block_table for s in engine.scheduler.running_seqs() if s.request_id == rid]
+            seen[rid].append((out.blocks, len({b for t in tables for b in t}), out.finished))
+            if out.finished:
+                done[rid].set()
+
+        return record
+
+    thread.submit(PROMPTS[1], GREEDY, recorder("counted"), "counted", report_blocks=True)
+    thread.submit(PROMPTS[2], GREEDY, recorder("plain"), "plain")
+    for event in done.values():
+        event.wait()
+    *running, last = seen["counted"]
+    assert len(running) == 11 and all(blocks.num_blocks == held > 0 for blocks, held, _ in running)
+    assert last[0] is None and last[2]  # finished: its blocks are already back in the pool
+    assert [blocks for blocks, _, _ in seen["plain"]] == [None] * 12
