@@ -36,7 +36,7 @@ from app.history import ChatHistory
 from app.library import model_store
 from app.remote_client import Endpoint
 from app.settings import Settings, SettingsError, save_settings
-from ui.bridge import ConnectionFailed, EngineBridge, EngineDied, ModelLoaded, ModelLoadFailed
+from ui.bridge import ConnectionFailed, EngineBridge, EngineDied, ModelLoadCancelled, ModelLoaded, ModelLoadFailed
 from ui.menus import install_menus
 from ui.pages.batch import BatchPage
 from ui.pages.chat import ChatPage
@@ -142,6 +142,7 @@ class MainWindow(QMainWindow):
         bridge.model_loading.connect(self._on_loading)
         bridge.model_loaded.connect(self._on_loaded)
         bridge.model_load_failed.connect(self._on_failed)
+        bridge.model_load_cancelled.connect(self._on_load_cancelled)
         bridge.engine_died.connect(self._on_engine_died)
         bridge.snapshot.connect(self.monitor.show_snapshot, Qt.QueuedConnection)
         bridge.snapshot.connect(self._show_memory, Qt.QueuedConnection)
@@ -227,6 +228,10 @@ class MainWindow(QMainWindow):
         self.settings.engine_options = options
         self.models.engine_options = options
         self._save_settings()
+
+    def _on_load_cancelled(self, cancelled: ModelLoadCancelled) -> None:
+        self.busy.hide()
+        self.model_status.setText(cancelled.message)
 
     def _on_engine_died(self, died: EngineDied) -> None:
         self.busy.hide()

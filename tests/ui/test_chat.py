@@ -384,3 +384,53 @@ def test_a_model_loading_is_shown_in_the_chat_and_send_waits_for_it(
     finally:
         release.set()
         bridge.shutdown()
+
+
+def test_cancel_on_the_load_card_stops_the_load_and_the_model_before_answers_on(
+    qtbot, tmp_path, tiny_chat_model, load_options, screenshots
+):
+    """The load card's Cancel stops a second load between two stages: the card says it is stopping, then goes;
+    the status line names the model still running, and a message sent then is answered by it."""
+    reading, release = threading.Event(), threading.Event()
+    loads = iter(range(2))
+
+    def make_llm(model: str, options: dict, on_load_stage) -> LLM:
+        held = next(loads) == 1
+
+        def stage(sentence: str) -> None:
+            on_load_stage(sentence)
+            if held and sentence == "Loading the weights":
+                reading.set()
+                release.wait()
+
+        return LLM(model, on_load_stage=stage, **options)
+
+    bridge = EngineBridge(make_llm)
+    page = ChatPage(bridge, ChatHistory(tmp_path / "history.sqlite3"))
+    page.sampling.max_tokens.setValue(4)
+    qtbot.addWidget(page)
+    page.resize(1200, 700)
+    page.show()
+    try:
+        with qtbot.waitSignal(bridge.model_loaded, timeout=None):
+            bridge.load_model(str(tiny_chat_model), load_options)
+        serving = bridge.engine_thread
+        bridge.load_model(str(tiny_chat_model), load_options)
+        qtbot.waitUntil(reading.is_set, timeout=UNTIL_DONE)
+        qtbot.waitUntil(lambda: "Loading the weights" in page.load_panel.steps.text(), timeout=UNTIL_DONE)
+        assert page.load_panel.isVisible() and page.load_panel.cancel_button.isEnabled()
+        page.load_panel.cancel_button.click()
+        assert not page.load_panel.cancel_button.isEnabled() and page.load_panel.note.text().startswith("Stopping")
+        page.grab().save(str(screenshots / "chat-load-cancelling.png"))
+        with qtbot.waitSignal(bridge.model_load_cancelled, timeout=None):
+            release.set()
+        assert not page.load_panel.isVisible() and page.send_button.isEnabled()
+        name = tiny_chat_model.name
+        assert page.status.text() == f"Cancelled loading {name}: still running {name}."
+        assert bridge.engine_thread is serving
+        send_and_wait(qtbot, page, "Still there?")
+        [_, reply] = page.history.messages(page.conversation_id)
+        assert reply.role == "assistant" and reply.content
+    finally:
+        release.set()
+        bridge.shutdown()

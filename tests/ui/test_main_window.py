@@ -12,6 +12,7 @@ import errno
 import logging
 import math
 import os
+import threading
 
 import pytest
 from PySide6.QtWidgets import QApplication
@@ -20,6 +21,7 @@ from app import settings as settings_module
 from app.history import ChatHistory
 from app.settings import Settings, load_settings, save_settings
 from app.units import byte_size
+from engine import LLM
 from ui.bridge import EngineBridge
 from ui.main_window import MainWindow
 
@@ -189,3 +191,38 @@ def test_settings_that_cannot_be_saved_are_said_and_the_old_file_is_kept(qtbot, 
         window.close()  # saving on close fails too: the log says so, and the window still closes
     assert caplog.messages == [said] and not window.isVisible()
     assert path.read_bytes() == before
+
+
+def test_a_load_cancelled_on_the_load_card_is_said_in_the_status_bar_and_the_busy_bar_goes(
+    qtbot, tmp_path, tiny_chat_model
+):
+    reading, release = threading.Event(), threading.Event()
+
+    def make_llm(model: str, options: dict, on_load_stage) -> LLM:
+        on_load_stage("Reading the model file")
+        reading.set()
+        release.wait()
+        on_load_stage("Loading the weights")  # cancelled by now: raises, and the load unwinds here
+        return LLM(model, on_load_stage=on_load_stage, **options)
+
+    window = MainWindow(
+        EngineBridge(make_llm),
+        ChatHistory(tmp_path / "history.sqlite3"),
+        Settings(last_model=str(tiny_chat_model), engine_options=dict(OPTIONS)),
+        tmp_path / "settings.json",
+    )
+    qtbot.addWidget(window)
+    window.show()
+    try:
+        window.start()
+        qtbot.waitUntil(reading.is_set, timeout=UNTIL_DONE)
+        assert window.busy.isVisible() and window.chat.load_panel.isVisible()
+        window.chat.load_panel.cancel_button.click()
+        with qtbot.waitSignal(window.bridge.model_load_cancelled, timeout=None):
+            release.set()
+        assert not window.busy.isVisible() and not window.chat.load_panel.isVisible()
+        assert window.model_status.text() == f"Cancelled loading {tiny_chat_model.name}: no model is loaded."
+        assert window.bridge.engine_thread is None
+    finally:
+        release.set()
+        window.close()

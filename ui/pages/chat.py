@@ -45,7 +45,15 @@ from app.prompt_presets import FILE_NAME as PRESETS_FILE
 from app.prompt_presets import PresetStore
 from engine import SamplingParams
 from engine.structured_output import StructuredOutputsParams
-from ui.bridge import EngineBridge, ModelLoaded, ModelLoadFailed, ModelLoadStage, RequestFailed, RequestUpdate
+from ui.bridge import (
+    EngineBridge,
+    ModelLoadCancelled,
+    ModelLoaded,
+    ModelLoadFailed,
+    ModelLoadStage,
+    RequestFailed,
+    RequestUpdate,
+)
 from ui.widgets.attachments import AttachmentBar
 from ui.widgets.json_schema_dialog import ReplyFormatBox, badge_icon, schema_summary
 from ui.widgets.load_panel import LoadPanel
@@ -90,6 +98,7 @@ class ChatPage(QWidget):
         bridge.model_load_stage.connect(self._on_model_load_stage)
         bridge.model_loaded.connect(self._on_model_ready)
         bridge.model_load_failed.connect(self._on_model_ready)
+        bridge.model_load_cancelled.connect(self._on_model_ready)
         bridge.connection_changed.connect(lambda _: self._sync_buttons())
         self.refresh_conversations()
 
@@ -150,6 +159,7 @@ class ChatPage(QWidget):
         self.attachments.take_drops_on(self, self.input.viewport())
         middle = QWidget()
         self.load_panel = LoadPanel()
+        self.load_panel.cancel_requested.connect(self.bridge.cancel_load)
         mv = QVBoxLayout(middle)
         mv.addWidget(self.load_panel)
         mv.addWidget(self.transcript, 1)
@@ -464,14 +474,16 @@ class ChatPage(QWidget):
     def _on_model_load_stage(self, stage: ModelLoadStage) -> None:
         self.load_panel.show_stage(stage.stage)
 
-    def _on_model_ready(self, outcome: ModelLoaded | ModelLoadFailed) -> None:
-        """The load ended, loaded or not (a failure is said in the window's status bar, and the model loaded
-        before serves on): the message box is where the user goes next."""
+    def _on_model_ready(self, outcome: ModelLoaded | ModelLoadFailed | ModelLoadCancelled) -> None:
+        """The load ended, loaded or not (failed or cancelled with the card's Cancel, the model loaded before
+        serves on): the message box is where the user goes next."""
         self.loading = False
         self.load_panel.finish()
         self._sync_buttons()
         if isinstance(outcome, ModelLoadFailed):
             self.status.say(f"Could not load the model: {outcome.message}", "error")
+        elif isinstance(outcome, ModelLoadCancelled):
+            self.status.say(outcome.message, "warn")
         if self.isVisible():  # a load started from another page leaves the focus where the user is
             self.input.setFocus()
 
