@@ -98,7 +98,19 @@ class MainWindow(QMainWindow):
         for name, page in self.named_pages:
             self.pages.addWidget(page)
             self.nav.addItem(QListWidgetItem(self.style().standardIcon(icons[name]), name))
+        # The control each page is used from first has the focus when the page is shown (the first enabled one of
+        # its list: the server's switch is off limits until a model is loaded). The list takes the focus from Tab
+        # only: a click on a page's name hands the focus to that page, while arrow keys in the list stay there.
+        self.main_controls: dict[QWidget, tuple[QWidget, ...]] = {
+            self.chat: (self.chat.input,),
+            self.batch: (self.batch.input,),
+            self.models: (self.models.hub.query,),
+            self.monitor: (self.monitor.export_button,),
+            self.server: (self.server.switch, self.server.port),
+        }
+        self.nav.setFocusPolicy(Qt.FocusPolicy.TabFocus)
         self.nav.currentRowChanged.connect(self.pages.setCurrentIndex)
+        self.pages.currentChanged.connect(self._focus_page)
         self.nav.setCurrentRow(min(max(settings.last_page, 0), len(self.named_pages) - 1))
         self.forms = {"chat": self.chat.sampling.form, "batch": self.batch.sampling.form, "server": self.server.form}
         for name, form in self.forms.items():
@@ -183,6 +195,12 @@ class MainWindow(QMainWindow):
             self.model_status.setText("No model: load one with File › Load model… or from the Models page")
         self.show_page(self.chat)
         self.chat.input.setFocus()
+
+    def _focus_page(self) -> None:
+        if self.nav.hasFocus():  # walking the list with the arrow keys
+            return
+        controls = self.main_controls[self.pages.currentWidget()]
+        next((c for c in controls if c.isEnabled()), controls[0]).setFocus()
 
     def show_page(self, page: QWidget) -> None:
         """Show `page` (one of the window's pages), selecting it in the list on the left."""
@@ -274,6 +292,8 @@ class MainWindow(QMainWindow):
 
     def showEvent(self, event: QShowEvent) -> None:
         super().showEvent(event)
+        if not event.spontaneous():  # shown by the app (not restored by the window system): the page's control
+            self._focus_page()
         if self._fit_restored:
             self._fit_restored = False
             fit_on_screen(self)

@@ -83,6 +83,7 @@ class BatchPage(QWidget):
         self.input = QPlainTextEdit(
             placeholderText="Paste prompts here, one per line — or import a .txt, .jsonl or .csv file"
         )
+        self.input.setTabChangesFocus(True)  # a prompt has no use for a tab character; Tab goes on to Import…
         self.input.textChanged.connect(self._on_pasted)
         self.import_button = QPushButton("Import…")
         self.import_button.clicked.connect(self._choose_import)
@@ -139,6 +140,7 @@ class BatchPage(QWidget):
         self.table.setAlternatingRowColors(True)
         self.table.setSelectionBehavior(QAbstractItemView.SelectRows)
         self.table.setSelectionMode(QAbstractItemView.SingleSelection)
+        self.table.setTabKeyNavigation(False)  # Tab goes on to the row's detail; the arrows move between rows
         self.table.setWordWrap(False)
         self.table.verticalHeader().hide()
         self.table.verticalHeader().setDefaultSectionSize(self.fontMetrics().height() + 8)

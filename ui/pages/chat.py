@@ -142,6 +142,7 @@ class ChatPage(QWidget):
         self.transcript.anchorClicked.connect(self._on_link)
         self.transcript.copied.connect(lambda: self.status.say("Message copied."))
         self.input = QPlainTextEdit(placeholderText="Message (Ctrl+Enter sends)")
+        self.input.setTabChangesFocus(True)  # Tab goes on to Send, as in a form; a message needs no tab character
         self.input.setMaximumHeight(110)
         self.send_button = QPushButton("Send")
         self.send_button.clicked.connect(lambda: self.send())
@@ -176,6 +177,7 @@ class ChatPage(QWidget):
         QShortcut(QKeySequence("Escape"), self, activated=self.stop, context=Qt.WidgetWithChildrenShortcut)
 
         self.system_prompt = QPlainTextEdit(placeholderText="System prompt (optional)")
+        self.system_prompt.setTabChangesFocus(True)
         self.system_prompt.setMaximumHeight(120)
         self.sampling = SamplingForm(FIELDS)  # every field there is
         self.reply_format = ReplyFormatBox()

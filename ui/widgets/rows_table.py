@@ -279,6 +279,7 @@ class RowsView(QTableView):
         self.setEditTriggers(QAbstractItemView.NoEditTriggers)
         self.setSelectionBehavior(QAbstractItemView.SelectRows)
         self.setSelectionMode(QAbstractItemView.SingleSelection)
+        self.setTabKeyNavigation(False)  # Tab goes on to the next control; the arrows move between rows
         self.setAlternatingRowColors(True)
         self.setShowGrid(False)
         self.setWordWrap(False)
