@@ -17,7 +17,13 @@ def main(argv: list[str] | None = None) -> int:
         from ui.app import run
 
         return run()
-    return cli.main(argv)
+    return cli.main(argv, window_benchmarks={"ui-heartbeat": _ui_heartbeat})
+
+
+def _ui_heartbeat(args) -> int:
+    from ui import heartbeat_bench  # Qt and the window, imported only when this benchmark runs
+
+    return heartbeat_bench.run(args)
 
 
 if __name__ == "__main__":

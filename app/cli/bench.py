@@ -1,5 +1,5 @@
 """`kvstudio bench throughput | serve | cancel-storm | latency | sharing`: the command-line side of the benchmarks
-in app/bench/."""
+in app/bench/. (`bench ui-heartbeat` drives the window: ui/heartbeat_bench.py, handed in by ui/launcher.py.)"""
 
 from __future__ import annotations
 
@@ -11,6 +11,8 @@ from app.cli.options import engine_kwargs, load_llm
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.bench_command == "ui-heartbeat":  # run by the launcher in ui/, which hands it to app.cli.main.main
+        raise ValueError("bench ui-heartbeat opens the window: run it with the kvstudio command")
     if args.bench_command == "serve":
         return run_bench_serve(args)
     if args.bench_command == "cancel-storm":

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import sys
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
@@ -19,6 +20,8 @@ from app.units import byte_size
 if TYPE_CHECKING:
     from engine import LLM, LLMEngine, PromptType, SamplingParams
 
+# The benchmarks that drive the window, by name: each takes the parsed arguments and returns the exit status.
+WindowBenchmarks = Mapping[str, Callable[[argparse.Namespace], int]]
 CHAT_HELP = "Chat with the model: /reset starts a new conversation, /exit or Ctrl-D quits, Ctrl-C stops a reply."
 
 
@@ -227,6 +230,23 @@ def build_parser() -> argparse.ArgumentParser:
         help="requests in the prefix-caching runs; 0 skips them (default: 16)",
     )
     sharing.add_argument("--seed", type=int, default=0, metavar="N")
+
+    heartbeat = bench_commands.add_parser(
+        "ui-heartbeat",
+        parents=[engine_options],
+        help="how long the window's UI thread stalls while a batch runs with the monitor open",
+        description="Opens the main window offscreen on the model, shows the Monitor page and runs the workload "
+        "through the Batch page (greedy), while a 10 ms timer on the UI thread records the gaps between its ticks. "
+        "Prints the largest gap, p99 and p50, and the batch's tokens per second; exit status 1 when the largest "
+        "gap is 100 ms or more. Needs PySide6 (no display).",
+    )
+    heartbeat.add_argument("--prompts", type=Path, metavar="FILE.jsonl", help="default: the built-in W64 workload")
+    heartbeat.add_argument(
+        "--num-prompts", type=options.positive_int, metavar="N", help="use the first N requests (default: all 64)"
+    )
+    heartbeat.add_argument(
+        "--max-tokens", type=options.positive_int, metavar="N", help="new tokens per request, in place of the file's"
+    )
 
     models = commands.add_parser(
         "models",
@@ -502,7 +522,9 @@ def list_repo_files(repo: str) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, window_benchmarks: WindowBenchmarks | None = None) -> int:
+    """window_benchmarks: the benchmarks that open the window (`bench ui-heartbeat`), by name, as the launcher in
+    ui/ hands them in: app/ never imports Qt, and they import it only once they run."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if getattr(args, "threads", None) is not None:
@@ -515,6 +537,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "serve":
             return run_serve(args)
         if args.command == "bench":
+            if args.bench_command in (window_benchmarks or {}):
+                return window_benchmarks[args.bench_command](args)
             from app.cli import bench as bench_commands
 
             return bench_commands.run(args)
