@@ -3,8 +3,9 @@ it takes and where chat and batch requests go in the status bar, menus with a sh
 (ui/menus.py).
 
 The window appears at once; the last used model (or the default one) loads in the background through the
-bridge, with a busy indicator, and a failure is said in the status bar (the model loaded before serves on); a
-remote endpoint chosen last time is reconnected beside it. If the engine thread dies, a banner says so and offers
+bridge, with a busy indicator, and a failure or a cancel (the chat's load card, the Models page) is said in the
+status bar (the model loaded before serves on); a remote endpoint chosen last time is reconnected beside it. Each
+page's main control has the focus when the page is shown. If the engine thread dies, a banner says so and offers
 to load the same model again. The pages' fields, the page shown and the connection come back from the settings
 file, with the window's size, position and splitters (ui/window_state.py); closing the window stops the engine and
 saves them. A settings file that cannot be written (a full disk) is said in the status bar, the old file kept.
