@@ -66,8 +66,8 @@ def test_sixteen_pasted_prompts_run_together_to_completion_and_export(
     monkeypatch.setattr(
         thread,
         "submit",
-        lambda prompt, params, callback, rid: (
-            engine_prompts.__setitem__(rid, prompt) or engine_submit(prompt, params, callback, rid)
+        lambda prompt, params, callback, rid, *rest: (
+            engine_prompts.__setitem__(rid, prompt) or engine_submit(prompt, params, callback, rid, *rest)
         ),
     )
     prompts = [f"Prompt {i}: say something about number {i}, please." for i in range(16)]
