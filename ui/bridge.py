@@ -26,12 +26,12 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from PySide6.QtCore import QObject, Signal
 
 from app.engine_thread import EngineDeadError, EngineThread
+from app.library.hub_models import shown_name
 from app.library.machine import ModelFit, check_model_fits
 from app.remote_client import Endpoint, RemoteClient, TextUpdate, UpdateCallback, list_models
 from engine import LLM, PromptType, RequestBlocks, SamplingParams
@@ -78,8 +78,8 @@ class ModelLoadCancelled:
 
     @property
     def message(self) -> str:
-        still = f"still running {Path(self.serving).name}" if self.serving is not None else "no model is loaded"
-        return f"Cancelled loading {Path(self.model).name}: {still}."
+        still = f"still running {shown_name(self.serving)}" if self.serving is not None else "no model is loaded"
+        return f"Cancelled loading {shown_name(self.model)}: {still}."
 
 
 class LoadCancelled(Exception):

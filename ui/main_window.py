@@ -35,6 +35,7 @@ from PySide6.QtWidgets import (
 from app.engine_thread import EngineSnapshot
 from app.history import ChatHistory
 from app.library import model_store
+from app.library.hub_models import shown_name
 from app.remote_client import Endpoint
 from app.settings import Settings, SettingsError, save_settings
 from ui.bridge import ConnectionFailed, EngineBridge, EngineDied, ModelLoadCancelled, ModelLoaded, ModelLoadFailed
@@ -221,7 +222,7 @@ class MainWindow(QMainWindow):
     def _on_loading(self, model: str) -> None:
         fetch = Path(model) == model_store.default_model_path() and not Path(model).is_file()
         self.model_status.setText(
-            f"Downloading and loading {Path(model).name}…" if fetch else f"Loading {Path(model).name}…"
+            f"Downloading and loading {shown_name(model)}…" if fetch else f"Loading {shown_name(model)}…"
         )
         self.busy.show()
         self.banner.hide()
@@ -229,7 +230,7 @@ class MainWindow(QMainWindow):
     def _on_loaded(self, loaded: ModelLoaded) -> None:
         self.busy.hide()
         self.model_status.setText(
-            f"{Path(loaded.model).name} · context {loaded.max_model_len} tokens · loaded in {loaded.seconds:.1f} s"
+            f"{shown_name(loaded.model)} · context {loaded.max_model_len} tokens · loaded in {loaded.seconds:.1f} s"
         )
         self.settings.last_model = loaded.model
         self._save_settings()

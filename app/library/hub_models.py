@@ -25,6 +25,16 @@ from app.library.quant_types import label_from_name
 from engine.models.hub import ModelLoadError
 
 
+def shown_name(model: str) -> str:
+    """A model path as a person knows it: a Hub snapshot folder (named by its commit hash) as its repo id, anything
+    else by its file or folder name. From the path alone, so it costs no cache scan."""
+    path = Path(model)
+    repo_folder = path.parent.parent.name
+    if path.parent.name == "snapshots" and repo_folder.startswith("models--"):
+        return repo_folder.removeprefix("models--").replace("--", "/")  # the cache's spelling of org/name
+    return path.name
+
+
 @dataclass(frozen=True)
 class LocalModel:
     name: str  # "org/name", "org/name:Q4_K_M" for a GGUF file of a Hub repo, the file name for the default model

@@ -636,3 +636,11 @@ def test_the_engine_loads_a_pulled_gguf_by_its_path_and_it_fits_as_its_kept_size
     assert fit.weights == llm.llm_engine.weight_bytes  # what the Models page judged is what the engine holds
     [out] = llm.generate(["The capital of France is"], SamplingParams(max_tokens=4, temperature=0))
     assert len(out.outputs[0].token_ids) == 4
+
+
+def test_a_snapshot_is_shown_by_its_repo_id_and_anything_else_by_its_name(tmp_path):
+    snapshot = tmp_path / "hf-cache" / "models--org--tiny-chat" / "snapshots" / "0123abcd"
+    assert hub_models.shown_name(str(snapshot)) == "org/tiny-chat"
+    assert hub_models.shown_name(str(snapshot / "model.Q4_K_M.gguf")) == "model.Q4_K_M.gguf"
+    assert hub_models.shown_name("/models/SmolLM2-135M-Instruct.Q4_1.gguf") == "SmolLM2-135M-Instruct.Q4_1.gguf"
+    assert hub_models.shown_name(str(tmp_path / "snapshots" / "v1")) == "v1"  # not the cache's layout

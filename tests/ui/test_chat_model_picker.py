@@ -101,12 +101,14 @@ def test_the_picker_lists_the_library_and_the_model_chosen_last_loads_and_answer
     # loading: the picker shows it, the chat's load card is up, and the picker still takes another choice
     assert picker.combo.currentText() == "org/tiny-b" and picker.state.text() == "loading…"
     assert chat.load_panel.isVisible()
+    assert chat.load_panel.title.text() == "org/tiny-b"  # the repo, not the snapshot's commit hash
     assert picker.combo.isEnabled()
     with qtbot.waitSignal(window.bridge.model_loaded, timeout=None):
         choose(window, "org/tiny")  # chosen last: it is the one loaded
     assert [m.model for m in loaded] == [path_of(window, "org/tiny")]
     assert picker.combo.currentText() == "org/tiny" and not chat.load_panel.isVisible()
     assert picker.state.text() == "context 512 · KV float32"
+    assert window.model_status.text().startswith("org/tiny · context 512 tokens")
 
     load(qtbot, window, "org/tiny-b")
     assert picker.combo.currentText() == "org/tiny-b"

@@ -17,7 +17,7 @@ from PySide6.QtCore import Signal, Slot
 from PySide6.QtWidgets import QHBoxLayout, QLabel, QPushButton, QVBoxLayout, QWidget
 
 from app.library import hub_models, machine
-from app.library.hub_models import HubError, LocalModel
+from app.library.hub_models import HubError, LocalModel, shown_name
 from app.units import byte_size
 from ui.bridge import EngineBridge, ModelLoadCancelled, ModelLoaded, ModelLoadFailed, ModelLoadStage
 from ui.hub_bridge import DownloadDone, HubBridge
@@ -195,7 +195,7 @@ class ModelsPage(QWidget):
 
     def _shown_name(self, model: str) -> str:
         """A loaded path as the library names it (a snapshot's folder is a commit hash), else its file name."""
-        return next((m.name for m in self.library.rows() if str(m.path) == model), Path(model).name)
+        return next((m.name for m in self.library.rows() if str(m.path) == model), shown_name(model))
 
     @Slot()
     def cancel_load(self) -> None:

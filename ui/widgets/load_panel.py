@@ -9,11 +9,11 @@ between two stages, so the card says it is stopping until the page calls finish(
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 from PySide6.QtCore import Qt, QTimer, Signal
 from PySide6.QtWidgets import QHBoxLayout, QLabel, QProgressBar, QPushButton, QVBoxLayout, QWidget
 
+from app.library.hub_models import shown_name
 from ui.widgets.cards import card, emphasised, muted
 
 DONE, UNDER_WAY = "✓", "›"
@@ -53,7 +53,7 @@ class LoadPanel(QWidget):
         self.hide()
 
     def start(self, model: str) -> None:
-        self.title.setText(Path(model).name)
+        self.title.setText(shown_name(model))
         self.stages = []
         self.note.setText(WAITING_NOTE)
         self.cancel_button.setEnabled(True)
