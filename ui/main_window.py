@@ -239,8 +239,8 @@ class MainWindow(QMainWindow):
         self.busy.hide()
         serving = self.bridge.loaded_model
         self.model_status.setText(
-            f"Could not load {Path(failure.model).name}: {failure.message}"
-            + (f" · still running {Path(serving).name}" if serving is not None else "")
+            f"Could not load {shown_name(failure.model)}: {failure.message}"
+            + (f" · still running {shown_name(serving)}" if serving is not None else "")
         )
 
     def _on_engine_options_changed(self, options: dict) -> None:

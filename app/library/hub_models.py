@@ -25,6 +25,14 @@ from app.library.quant_types import label_from_name
 from engine.models.hub import ModelLoadError
 
 
+def options_for(model: LocalModel, options: dict) -> dict:
+    """The engine options to load `model` with: a remembered max_model_len longer than the model's own context is
+    cut to it (the engine refuses a longer one), the rest as they are."""
+    if model.context_length is not None and options.get("max_model_len", 0) > model.context_length:
+        return {**options, "max_model_len": model.context_length}
+    return options
+
+
 def shown_name(model: str) -> str:
     """A model path as a person knows it: a Hub snapshot folder (named by its commit hash) as its repo id, anything
     else by its file or folder name. From the path alone, so it costs no cache scan."""

@@ -207,6 +207,14 @@ def test_a_model_with_a_shorter_context_loads_with_its_own_and_that_is_kept(qtbo
     assert load_settings(tmp_path / "settings.json").engine_options == OPTIONS
 
 
+def test_the_models_page_loads_a_model_with_a_shorter_context_at_its_own(qtbot, window):
+    """The same rule from the Models page's Load: the remembered 4,096 tokens would be refused by the engine."""
+    window.models.engine_options = {**OPTIONS, "max_model_len": 4096}
+    with qtbot.waitSignal(window.bridge.model_loaded, timeout=300_000):  # a refused load never emits it
+        assert window.models.load("org/tiny")
+    assert window.bridge.engine_thread.engine.config.max_model_len == 512
+
+
 def test_the_picker_follows_the_library_as_models_are_downloaded_and_deleted(qtbot, window):
     picker = window.chat.model_picker
     load(qtbot, window, "org/tiny")

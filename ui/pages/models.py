@@ -17,7 +17,7 @@ from PySide6.QtCore import Signal, Slot
 from PySide6.QtWidgets import QHBoxLayout, QLabel, QPushButton, QVBoxLayout, QWidget
 
 from app.library import hub_models, machine
-from app.library.hub_models import HubError, LocalModel, shown_name
+from app.library.hub_models import HubError, LocalModel, options_for, shown_name
 from app.units import byte_size
 from ui.bridge import EngineBridge, ModelLoadCancelled, ModelLoaded, ModelLoadFailed, ModelLoadStage
 from ui.hub_bridge import DownloadDone, HubBridge
@@ -180,8 +180,9 @@ class ModelsPage(QWidget):
         if model.problem is not None:
             self.status.say(f"Could not load {model.name}: {_sentence(model.problem)}", "error")
             return False
+        options = options_for(model, self.engine_options)
         try:
-            fit = self.bridge.check_fit(str(model.path), self.engine_options)
+            fit = self.bridge.check_fit(str(model.path), options)
         except ValueError as e:  # a weights file went bad since the listing
             self.status.say(f"Could not load {model.name}: {_sentence(str(e))}", "error")
             return False
@@ -190,7 +191,7 @@ class ModelsPage(QWidget):
             return False
         tight = fit is not None and fit.verdict == "tight"
         self.status.say(f"Loading {model.name}…" + (f" {fit.message}" if tight else ""), "warn" if tight else None)
-        self.bridge.load_model(str(model.path), self.engine_options)
+        self.bridge.load_model(str(model.path), options)
         return True
 
     def _shown_name(self, model: str) -> str:

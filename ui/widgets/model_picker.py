@@ -24,7 +24,7 @@ from pathlib import Path
 from PySide6.QtCore import Qt, Signal
 from PySide6.QtWidgets import QComboBox, QDialog, QHBoxLayout, QLabel, QPushButton, QSizePolicy, QWidget
 
-from app.library.hub_models import LocalModel
+from app.library.hub_models import LocalModel, options_for
 from app.remote_client import Endpoint
 from ui.bridge import EngineBridge, ModelLoadCancelled, ModelLoaded, ModelLoadFailed
 from ui.widgets.cards import muted
@@ -134,12 +134,8 @@ class ModelPicker(QWidget):
 
     def _load(self, path: str, options: dict) -> None:
         model = self._model(path)
-        if (
-            model is not None
-            and model.context_length is not None
-            and options.get("max_model_len", 0) > (model.context_length)
-        ):
-            options = {**options, "max_model_len": model.context_length}
+        if model is not None:
+            options = options_for(model, options)
         self._issuing = options
         self.bridge.load_model(path, options)  # emits model_loading at once, on this thread
 
