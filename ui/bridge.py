@@ -120,6 +120,11 @@ class PreparedChat:
     target: RequestTarget
     prepared: Any  # target.prepare_chat(messages)
 
+    @property
+    def num_prompt_tokens(self) -> int | None:
+        """The prompt's tokens for the in-process engine; None for a remote endpoint (its tokenizer is not here)."""
+        return len(self.prepared["prompt_token_ids"]) if isinstance(self.target, LocalTarget) else None
+
 
 @dataclass(frozen=True)
 class ConnectionFailed:

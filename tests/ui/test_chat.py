@@ -230,8 +230,11 @@ def test_kill_9_mid_reply_loses_nothing_that_was_drawn(qtbot, loaded_bridge, tin
 
 
 def test_a_refused_send_leaves_no_empty_reply_behind(qtbot, page, loaded_bridge, monkeypatch):
-    # refused by the engine, after the send: a prompt longer than the model's 512-token context
-    page.send("word " * 600)
+    # refused by the engine, after the send: a prompt longer than the model's 512-token context (the page takes the
+    # context to be longer, so that its own check before sending lets it through)
+    with monkeypatch.context() as patch:
+        patch.setattr(loaded_bridge, "context_length", lambda: 10**6)
+        page.send("word " * 600)
     qtbot.waitUntil(lambda: page.reply is None, timeout=UNTIL_DONE)
     assert page.status.text().startswith("Could not send: the prompt has ")
     assert [m.role for m in page.history.messages(page.conversation_id)] == ["user"]
@@ -271,9 +274,11 @@ def test_a_full_disk_is_said_in_words_and_the_saved_conversation_stays(
     full = f"cannot save to the chat history {path}: the disk is full; it keeps what it held before"
 
     fill_the_disk(page.history)
-    long_message = "many words " * 10_000  # far more than a page
-    page.input.setPlainText(long_message)
-    page.send_button.click()
+    long_message = "many words " * 10_000  # far more than a page (and than the context, which the page is told
+    page.input.setPlainText(long_message)  # is longer: its check before sending would stop it first)
+    with monkeypatch.context() as patch:
+        patch.setattr(loaded_bridge, "context_length", lambda: 10**6)
+        page.send_button.click()
     assert page.status.text() == f"Could not save your message: {full}"
     assert page.input.toPlainText() == long_message and page.reply is None  # kept, to send again later
     assert stored_rows(path) == before

@@ -63,6 +63,9 @@ def test_a_chat_reply_streams_from_the_endpoint_and_is_kept(qtbot, tmp_path, ope
     assert reply.finished and reply.content == expected.choices[0].message.content
     assert reply.stats["tokens"] == 10 and reply.stats["finish_reason"] == "length"
     assert len(updates) > 2 and not any(u.finished for u in updates[:-1])  # it streamed
+    # the endpoint says nothing of its context or KV blocks: the meter says so rather than guess
+    assert page.meter.tokens is None and page.meter.blocks is None and page.meter.kv.text() == ""
+    assert page.meter.figure.text() == "Context use is not known for a remote endpoint"
     bridge.shutdown()
 
 

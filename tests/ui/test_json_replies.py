@@ -111,7 +111,8 @@ def test_a_schema_is_not_sent_to_a_remote_endpoint_that_would_ignore_it(qtbot, p
     page.input.setPlainText("Who are you?")
     page.send_button.click()
     assert page.reply is None and "this computer's engine" in page.status.text()
-    assert [m.role for m in page.history.messages(page.conversation_id)] == ["user"]
+    # refused before anything is saved: the message stays in the box, to send once disconnected
+    assert page.history.messages(page.conversation_id) == [] and page.input.toPlainText() == "Who are you?"
 
 
 def test_thinking_is_folded_under_the_reply_and_unfolds_on_a_click(qtbot, page, monkeypatch, screenshots):

@@ -40,6 +40,7 @@ from PySide6.QtWidgets import (
 )
 
 from app.chat_files import ConversationFileError, export_conversation, import_conversation
+from app.context_fit import CannotFit, ContextCheck, drop_oldest_turns, reply_room
 from app.history import ChatHistory, HistoryError, Message, title_from
 from app.prompt_presets import FILE_NAME as PRESETS_FILE
 from app.prompt_presets import PresetStore
@@ -51,10 +52,13 @@ from ui.bridge import (
     ModelLoaded,
     ModelLoadFailed,
     ModelLoadStage,
+    PreparedChat,
     RequestFailed,
     RequestUpdate,
 )
 from ui.widgets.attachments import AttachmentBar
+from ui.widgets.context_meter import ContextMeter
+from ui.widgets.context_overflow import ContextOverflowCard
 from ui.widgets.json_schema_dialog import ReplyFormatBox, badge_icon, schema_summary
 from ui.widgets.load_panel import LoadPanel
 from ui.widgets.message_markdown import code_blocks, shown_answer, split_think
@@ -82,6 +86,16 @@ class _Reply:
     tokens: int = 0
 
 
+@dataclass(frozen=True)
+class _Outgoing:
+    """A reply's request, ready to submit: the chat prepared for the target (fitted to the model's context, the
+    `dropped` oldest messages left out) and its sampling parameters."""
+
+    chat: PreparedChat
+    params: SamplingParams
+    dropped: int
+
+
 class ChatPage(QWidget):
     def __init__(self, bridge: EngineBridge, history: ChatHistory, parent: QWidget | None = None) -> None:
         super().__init__(parent)
@@ -90,6 +104,8 @@ class ChatPage(QWidget):
         self.reply: _Reply | None = None
         self.expanded: set[int] = set()  # replies whose reasoning is unfolded
         self.loading = False  # a model is loading into the in-process engine
+        # Conversations whose oldest turns the user chose to leave out when they overflow (while the app runs).
+        self.drop_oldest: set[int] = set()
         self._render_soon = QTimer(self, singleShot=True, interval=RENDER_INTERVAL_MS, timeout=self._draw_reply)
         self._build()
         bridge.request_update.connect(self._on_update)
@@ -99,7 +115,7 @@ class ChatPage(QWidget):
         bridge.model_loaded.connect(self._on_model_ready)
         bridge.model_load_failed.connect(self._on_model_ready)
         bridge.model_load_cancelled.connect(self._on_model_ready)
-        bridge.connection_changed.connect(lambda _: self._sync_buttons())
+        bridge.connection_changed.connect(self._on_connection_changed)
         self.refresh_conversations()
 
     # ---- layout -------------------------------------------------------------------------------------------
@@ -164,6 +180,10 @@ class ChatPage(QWidget):
         mv = QVBoxLayout(middle)
         mv.addWidget(self.load_panel)
         mv.addWidget(self.transcript, 1)
+        self.meter = ContextMeter(self.bridge)
+        mv.addWidget(self.meter)
+        self.overflow = ContextOverflowCard()
+        mv.addWidget(self.overflow)
         mv.addWidget(self.input)
         mv.addWidget(self.attachments)
         buttons = QHBoxLayout()
@@ -266,6 +286,7 @@ class ChatPage(QWidget):
             self.stop()
         self.conversation_id = conversation_id
         self.expanded.clear()
+        self.overflow.dismiss()  # its choice was for the conversation open before
         conv = self.history.conversation(conversation_id)
         self.system_prompt.setPlainText(conv.system_prompt)
         self.render()
@@ -379,15 +400,17 @@ class ChatPage(QWidget):
             self.status.say(f"Could not delete the chat: {e}")
             return
         self.conversation_id = None
+        self.overflow.dismiss()
         self.refresh_conversations()
         self.render()
         self._sync_buttons()
 
     # ---- sending ----------------------------------------------------------------------------------------------
-    def send(self, text: str | None = None) -> None:
+    def send(self, text: str | None = None, overflow: str = "ask") -> None:
         """Send the input box's text (or `text`) as the next user message and stream the reply. A message the
         history cannot save stays in the input box, the reason said; so does one sent while nothing could answer it
-        (no model loaded, no endpoint connected), saved nowhere, to send again once a model is loaded."""
+        (no model loaded, no endpoint connected), saved nowhere, to send again once a model is loaded, and one that
+        would overflow the model's context while the overflow card asks what to do (`overflow`, _prepare_reply)."""
         from_box = text is None  # the box's text goes with the files attached to it
         text = (self.attachments.message(self.input.toPlainText().strip()) if from_box else text).strip()
         if not text or self.reply is not None:
@@ -401,6 +424,10 @@ class ChatPage(QWidget):
                 "Your message is kept.",
                 "warn",
             )
+            return
+        retry = lambda choice: self.send(None if from_box else text, choice)  # noqa: E731
+        outgoing = self._prepare_reply(self._request_messages(extra=text), overflow, retry)
+        if outgoing is None:  # refused, or too long and the overflow card asks: the message stays in the box
             return
         try:
             if self.conversation_id is None:
@@ -416,33 +443,74 @@ class ChatPage(QWidget):
         if from_box:
             self.attachments.clear()
         self.refresh_conversations()
-        self._start_reply()
+        self._start_reply(outgoing)
 
-    def _start_reply(self) -> None:
-        """Ask for a reply to the conversation as it stands. Its message is added only once the request is
-        submitted, so a send refused at once (nothing loaded, a full queue, a dead engine) leaves none behind."""
+    def _request_messages(self, extra: str | None = None, before: int | None = None) -> list[dict]:
+        """The chat a reply is asked with: the system prompt, the open conversation's messages up to message
+        `before` (a reply left unfinished by a crash left out), and `extra` as a new user message."""
+        system = self.system_prompt.toPlainText().strip()
+        messages = [{"role": "system", "content": system}] if system else []
+        for m in self.history.messages(self.conversation_id) if self.conversation_id is not None else []:
+            if m.id == before:
+                break
+            if m.role != "assistant" or m.finished:
+                messages.append({"role": m.role, "content": m.content})
+        if extra is not None:
+            messages.append({"role": "user", "content": extra})
+        return messages
+
+    def _prepare_reply(self, messages: list[dict], overflow: str, retry) -> _Outgoing | None:
+        """The request for a reply to `messages`, before anything is saved: None when it cannot be sent (said in
+        the status line) or does not fit the model's context and the overflow card asks (its choice calls
+        `retry(choice)`). `overflow` is that choice: "ask", "drop" (the oldest turns) or "anyway"."""
+        self.overflow.dismiss()
         if not self.bridge.ready():
             self._refuse("No model is loaded yet.")
-            return
-        system = self.system_prompt.toPlainText().strip()
-        schema = self.history.conversation(self.conversation_id).json_schema
+            return None
+        has = self.conversation_id is not None
+        schema = self.history.conversation(self.conversation_id).json_schema if has else ""
         if schema and self.bridge.remote is not None:
             # The connected endpoint is sent sampling fields only: its replies would not keep to the schema.
             self._refuse("A JSON schema is kept by this computer's engine: disconnect, or remove the schema.")
-            return
+            return None
         try:
-            self.history.set_system_prompt(self.conversation_id, system)
-            messages = [{"role": "system", "content": system}] if system else []
-            messages += [
-                {"role": m.role, "content": m.content}
-                for m in self.history.messages(self.conversation_id)
-                if m.role != "assistant" or m.finished
-            ]
             params = self.sampling.params()
             if schema:
                 params["structured_outputs"] = StructuredOutputsParams(json=json.loads(schema))
-            rid = self.bridge.submit_chat(messages, SamplingParams(**params))
-        except Exception as e:  # a bad parameter, a full queue, a template error, a full disk: said, not raised
+            sampling = SamplingParams(**params)
+            chat = self.bridge.prepare_chat(messages)
+            fitted = self._fit(chat, sampling.max_tokens, overflow, retry)
+        except Exception as e:  # a bad parameter, a template error: said, not raised
+            self._refuse(f"Could not send: {e}")
+            return None
+        return None if fitted is None else _Outgoing(fitted[0], sampling, fitted[1])
+
+    def _fit(self, chat: PreparedChat, max_tokens: int, overflow: str, retry) -> tuple[PreparedChat, int] | None:
+        """`chat` as it fits the model's context with room for the reply, and how many of its oldest messages
+        were left out for it; None when it does not fit and the overflow card now asks what to do."""
+        context, tokens = self.bridge.context_length(), chat.num_prompt_tokens
+        if context is None or tokens is None:  # a remote endpoint: its context is not known here
+            return chat, 0
+        check = ContextCheck(tokens, reply_room(max_tokens, context), context)
+        if check.fits or (overflow == "anyway" and check.prompt_fits):
+            return chat, 0
+        try:
+            trimmed = drop_oldest_turns(chat.messages, self.bridge.count_chat_tokens, check.reply_tokens, context)
+        except CannotFit as e:
+            self.overflow.ask(check, str(e), retry)
+            return None
+        if overflow == "drop" or self.conversation_id in self.drop_oldest:
+            return self.bridge.prepare_chat(trimmed.messages), trimmed.num_dropped
+        self.overflow.ask(check, None, retry)
+        return None
+
+    def _start_reply(self, outgoing: _Outgoing) -> None:
+        """Submit the reply's request. Its message is added only once the request is submitted, so a send refused
+        at once (a full queue, a dead engine) leaves none behind."""
+        try:
+            self.history.set_system_prompt(self.conversation_id, self.system_prompt.toPlainText().strip())
+            rid = self.bridge.submit_chat(outgoing.chat, outgoing.params)
+        except Exception as e:  # a full queue, a dead engine, a full disk: said, not raised
             self._refuse(f"Could not send: {e}")
             return
         try:
@@ -452,7 +520,11 @@ class ChatPage(QWidget):
             self._refuse(f"Could not send: {e}")
             return
         self.reply = _Reply(rid, message.id, time.perf_counter())
-        self.status.say("Generating…")
+        if outgoing.dropped:  # the conversation is long now: later sends leave its oldest turns out too
+            self.drop_oldest.add(self.conversation_id)
+        self.meter.start_reply(self.conversation_id, outgoing.chat.num_prompt_tokens, outgoing.dropped)
+        left_out = f" (the oldest {outgoing.dropped} messages left out to fit the context)" if outgoing.dropped else ""
+        self.status.say(f"Generating…{left_out}")
         self.render()
         self._sync_buttons()
 
@@ -482,6 +554,8 @@ class ChatPage(QWidget):
         self.loading = False
         self.load_panel.finish()
         self._sync_buttons()
+        if self.reply is None:  # a new model: a new context, and a new tokenizer to count with
+            self._measure()
         if isinstance(outcome, ModelLoadFailed):
             self.status.say(f"Could not load the model: {outcome.message}", "error")
         elif isinstance(outcome, ModelLoadCancelled):
@@ -496,6 +570,7 @@ class ChatPage(QWidget):
         if reply.first_token is None:
             reply.first_token = time.perf_counter()
         reply.text, reply.tokens = update.text, update.num_tokens
+        self.meter.update_reply(update)
         if update.finished:
             self._finish(update.finish_reason or "stop")
         elif not self._render_soon.isActive():
@@ -540,21 +615,26 @@ class ChatPage(QWidget):
             self.bridge.abort(self.reply.request_id)
             self._finish("abort")
 
-    def regenerate(self) -> None:
+    def regenerate(self, overflow: str = "ask") -> None:
         """Drop the last reply and ask again. After a send that was refused (no model, an engine that stopped),
-        the last message is the user's: it is asked again as it is."""
+        the last message is the user's: it is asked again as it is. The reply is dropped only once the new
+        request is ready (it fits the context, or the user chose what to leave out)."""
         if self.reply is not None or self.conversation_id is None or self._waiting_for_model():
             return
         messages = self.history.messages(self.conversation_id)
         if not messages:
             return
-        if messages[-1].role == "assistant":
+        last_reply = messages[-1].id if messages[-1].role == "assistant" else None
+        outgoing = self._prepare_reply(self._request_messages(before=last_reply), overflow, self.regenerate)
+        if outgoing is None:
+            return
+        if last_reply is not None:
             try:
-                self.history.delete_messages_after(messages[-1].id)
+                self.history.delete_messages_after(last_reply)
             except HistoryError as e:
                 self.status.say(f"Could not regenerate: {e}")
                 return
-        self._start_reply()
+        self._start_reply(outgoing)
 
     def edit_last(self) -> None:
         """Put the last user message back in the input box and drop it and what followed, to edit and resend."""
@@ -594,6 +674,20 @@ class ChatPage(QWidget):
         )
         streaming = None if self.reply is None else self.reply.message_id
         self.transcript.set_messages(messages, streaming, self.expanded, json_replies)
+        if self.reply is None:  # while a reply streams, its updates drive the meter
+            self._measure()
+
+    def _measure(self) -> None:
+        """The context meter for the open conversation, as its next request would send it."""
+        conv = self.conversation_id
+        self.meter.show_conversation(
+            conv, self._request_messages() if conv is not None else None, conv in self.drop_oldest
+        )
+
+    def _on_connection_changed(self, _endpoint) -> None:
+        self._sync_buttons()
+        if self.reply is None:
+            self._measure()
 
     def _draw_reply(self) -> None:
         """The streaming reply's bubble alone, with its new text saved first (as render does)."""
