@@ -15,11 +15,13 @@ on, so the Models page shows how it looks offline.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import socket
 import sys
 import tempfile
 import time
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
@@ -28,7 +30,9 @@ os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 SIZES = ((800, 600), (1920, 1080))
 README_SIZE = (1280, 800)
 ENGINE_OPTIONS = {"max_model_len": 1024, "kv_cache_memory": 0.05}
-CHAT_PROMPT = "Write a haiku about the sea."
+# Two turns: the second takes the first's KV blocks from the prefix cache, which the context meter shows.
+CHAT_PROMPTS = ("Write a haiku about the sea.", "Now one about the mountains.")
+SERVER_PROMPT = "Say hello in French."
 BATCH_PROMPTS = (
     "What is the capital of France?",
     "Explain in two sentences why the sky is blue.",
@@ -93,6 +97,17 @@ def use_scheme(scheme: str) -> None:
     app.setPalette(palette_for(Qt.ColorScheme.Dark if scheme == "dark" else Qt.ColorScheme.Light))
 
 
+def ask_the_server(server) -> None:
+    """Two requests, as a client would send them (no proxy), for the server page's request log."""
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    chat = {"model": server.served_model_name(), "messages": [{"role": "user", "content": SERVER_PROMPT}]}
+    for path, body in (("/models", None), ("/chat/completions", {**chat, "max_tokens": 24})):
+        data = None if body is None else json.dumps(body).encode()
+        request = urllib.request.Request(server.base_url() + path, data, {"Content-Type": "application/json"})
+        opener.open(request, timeout=WAIT_S).read()
+    wait_until(lambda: server.log.rowCount() == 2, "the server's request log")
+
+
 def shoot(window, out: Path, readme: bool) -> list[Path]:
     """readme: the welcome and each page at README_SIZE under plain names (chat.png, chat-dark.png, ...);
     otherwise the loading card too and each page at SIZES."""
@@ -118,11 +133,12 @@ def shoot(window, out: Path, readme: bool) -> list[Path]:
     wait_until(lambda: window.bridge.ready() and not chat.loading, "the default model to load")
 
     chat.sampling.max_tokens.setValue(48)
-    chat.input.setPlainText(CHAT_PROMPT)
-    chat.send_button.click()
-    if chat.reply is None:
-        raise RuntimeError(f"the chat did not send: {chat.status.text()}")
-    wait_until(lambda: chat.reply is None, "the chat reply")
+    for prompt in CHAT_PROMPTS:
+        chat.input.setPlainText(prompt)
+        chat.send_button.click()
+        if chat.reply is None:
+            raise RuntimeError(f"the chat did not send: {chat.status.text()}")
+        wait_until(lambda: chat.reply is None, "the chat reply")
 
     batch = window.batch
     batch.sampling.max_tokens.setValue(48)
@@ -130,6 +146,14 @@ def shoot(window, out: Path, readme: bool) -> list[Path]:
     batch.run()
     wait_until(lambda: not batch.running, "the batch")
     batch.table.selectRow(1)
+    # The server page as it looks serving: on a free loopback port, stopped again when the window closes.
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    window.server.port.setValue(port)
+    if not window.server.set_serving(True):
+        raise RuntimeError(f"the server did not start: {window.server.status.text()}")
+    ask_the_server(window.server)
 
     for scheme in ("light", "dark"):
         use_scheme(scheme)
