@@ -49,6 +49,24 @@ def test_a_gguf_keeps_its_quantization_in_about_the_files_bytes(smol_kept, smoll
     assert isinstance(engine.runner.model.embed_tokens, QuantizedEmbedding)  # tied: it serves the logits too
 
 
+def test_a_kept_quantized_weight_is_held_once(smol_kept):
+    """q/k/v and gate/up arrive as shards and are stacked into one matmul each: the shards are let go once stacked,
+    so each weight's bytes are resident once (the model's weight_bytes, counted from the stacked weights)."""
+    engine = smol_kept.llm_engine
+    storages: dict[int, int] = {}
+    stacked = 0
+    for m in engine.runner.model.modules():
+        if isinstance(m, Linear):
+            stacked += len(m.shard_sizes) > len(m.qweights)
+            held = [qw for qw in m.qshards if qw is not None] + m.qweights
+            for t in (t for qw in held for t in (qw.codes, qw.scales, qw.mins) if t is not None):
+                storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    model = engine.runner.model
+    others = model.embed_tokens.qweight.nbytes + sum(p.nbytes for p in model.parameters())  # the norms' floats
+    assert stacked == 2 * engine.model_config.num_layers  # qkv and gate_up in every layer
+    assert sum(storages.values()) + others == engine.weight_bytes
+
+
 def test_kept_quantization_stays_near_the_dequantized_model(smol_kept, smollm2_gguf):
     exact = LLM(str(smollm2_gguf), max_model_len=512, kv_cache_memory=0.05, quantization="none")
     assert exact.llm_engine.weight_bytes > 4 * smol_kept.llm_engine.weight_bytes  # float32 against ~5 bits
