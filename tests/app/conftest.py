@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import pytest
+from server_harness import MAX_LEN, run_server
 
+from app.server.app import ServerConfig
 from app.server.protocol import ModelInfo
+from engine import LLM, LLMEngine
 
 
 @pytest.fixture(scope="module")
@@ -15,3 +18,16 @@ def model(smollm2_tokenizer) -> ModelInfo:
 @pytest.fixture(scope="module")
 def tok(smollm2_tokenizer):
     return smollm2_tokenizer
+
+
+# The endpoint in-process (test_server*.py): one tiny engine and server per module.
+@pytest.fixture(scope="module")
+def engine(tiny_chat_model) -> LLMEngine:
+    return LLM(str(tiny_chat_model), max_model_len=MAX_LEN, kv_cache_memory=0.02).llm_engine
+
+
+@pytest.fixture(scope="module")
+def server(engine):
+    srv, stop = run_server(engine, ServerConfig(port=0), max_queue=64)
+    yield srv
+    stop()
