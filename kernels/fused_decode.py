@@ -30,7 +30,7 @@ class Projection:
     bias: torch.Tensor | None = None
 
     def spec(self) -> tuple:
-        parts = [(qw.codes, qw.scales, qw.mins, qw.shape[0]) for qw in self.qweights]
+        parts = [(*qw.tensors(), qw.shape[0]) for qw in self.qweights]
         return parts, _f32(self.weight), _f32(self.bias)
 
 
@@ -118,7 +118,7 @@ class FusedDecode:
             _f32(cos_sin_cache),
         )
         if isinstance(embedding, QuantizedWeight):
-            self._step.set_embedding(None, (embedding.codes, embedding.scales, embedding.mins, embedding.shape[0]))
+            self._step.set_embedding(None, (*embedding.tensors(), embedding.shape[0]))
         else:
             self._step.set_embedding(_f32(embedding), None)
         for layer in layers:

@@ -1,16 +1,22 @@
-"""Weight-only quantized linear layers: the two kept formats, GGUF import, the matmul ops, and their torch twins.
+"""Weight-only quantized linear layers: the kept formats, GGUF import, the matmul ops, and their torch twins.
 
-Formats (w is one weight, 32 consecutive weights of a row share d and m):
+Formats (w is one weight; 32 consecutive weights of a row, a block, share d and m):
   q8g32  w = d * q,      q int8         (GGUF Q8_0's grid)      8.5 bits/weight (fp16 d)
   q4g32  w = d * q + m,  q in 0..15     (GGUF Q4_1's grid)      5.0 bits/weight (fp16 d and m)
+  q4k    w = d * q + m,  q in 0..15,    (GGUF Q4_K's grid)      4.625 bits/weight
+         d = D * s, m = -Dm * t with s, t in 0..63 per block and D, Dm float16 per 256 weights (a super-block)
+q4k is Q4_K kept as it is: a Q4_K file's weights exactly (d and m computed in float32, as ggml does), in 7.5%
+fewer bytes than q4g32, which a decode step streams once per token.
 
 In memory the columns (output features) go in panels of 8, each panel a run of 32-weight blocks, laid out for the
-CPU kernel's int8 dot products (kernels/csrc/quant_gemm.cpp says why):
+CPU kernel's int8 dot products (kernels/csrc/quant_gemm.h says why):
   codes   q8g32: int8  [N/8, K/32, 256]  byte 32t + 4c + j       = code of column c, k = 4t + j
-          q4g32: uint8 [N/8, K/32, 128]  byte 32p + 4c + j holds   code(c, k = 8p + j) | code(c, 8p + 4 + j) << 4
-  scales  float16 [N/8, K/32, 8]  (d of column c in the block)
-  mins    float16 [N/8, K/32, 8]  (m; q4g32 only)
-N and K are padded up to multiples of 8 and 32 with zero weights; x's columns past K never meet them.
+          q4g32, q4k: uint8 [N/8, K/32, 128]  byte 32p + 4c + j holds code(c, k = 8p + j) | code(c, 8p + 4 + j) << 4
+  scales  q8g32, q4g32: float16 [N/8, K/32, 8]  (d of column c in the block);  q4k: uint8 (s)
+  mins    q4g32: float16 [N/8, K/32, 8]  (m);  q4k: uint8 (t);  q8g32: none
+  supers  q4k: float16 [N/8, K/256, 16]  (D of the 8 columns, then their Dm)
+N is padded up to a multiple of 8, K to one of 32 (256 for q4k) with zero weights; x's columns past K never meet
+them.
 
 The matmul runs the compiled C++ kernel on the CPU (activations quantized to int8 per 32, llama.cpp's way), the
 Triton kernel on CUDA (integer codes times x as given, each block's scale applied to the partial sums), and this
@@ -29,10 +35,11 @@ from kernels import cpu_ops
 
 logger = logging.getLogger(__name__)
 
-FORMATS = ("q8g32", "q4g32")
+FORMATS = ("q8g32", "q4g32", "q4k")
 GROUP = 32  # weights per scale
+SUPER = 256  # weights per q4k super-block (D and Dm)
 PANEL = 8  # columns per panel
-_CODE_BYTES = {"q8g32": 256, "q4g32": 128}  # per panel and block
+_CODE_BYTES = {"q8g32": 256, "q4g32": 128, "q4k": 128}  # per panel and block
 _ROWS_PER_PASS = 4096  # rows quantized or decoded at a time (a multiple of PANEL)
 
 # GGUF block types this module imports: ggml type id -> (name, weights per block, bytes per block, kept format)
@@ -42,7 +49,7 @@ GGUF_TYPES = {
     6: ("Q5_0", 32, 22, "q8g32"),
     7: ("Q5_1", 32, 24, "q8g32"),
     8: ("Q8_0", 32, 34, "q8g32"),
-    12: ("Q4_K", 256, 144, "q4g32"),
+    12: ("Q4_K", 256, 144, "q4k"),
     13: ("Q5_K", 256, 176, "q8g32"),
     14: ("Q6_K", 256, 210, "q8g32"),
 }
@@ -57,27 +64,52 @@ class QuantizedWeight:
     codes: torch.Tensor
     scales: torch.Tensor
     mins: torch.Tensor | None = None
+    supers: torch.Tensor | None = None  # q4k only
 
     def __post_init__(self) -> None:
         n, k = self.shape
-        panels, blocks = -(-n // PANEL), -(-k // GROUP)
+        panels, blocks = -(-n // PANEL), padded_k(self.format, k) // GROUP
         assert self.format in FORMATS, self.format
         assert self.codes.shape == (panels, blocks, _CODE_BYTES[self.format]), (self.codes.shape, self.shape)
-        assert self.scales.shape == (panels, blocks, PANEL) and self.scales.dtype == torch.float16
-        assert (self.mins is not None) == (self.format == "q4g32")
+        scale_dtype = torch.uint8 if self.format == "q4k" else torch.float16
+        assert self.scales.shape == (panels, blocks, PANEL) and self.scales.dtype == scale_dtype
+        assert (self.mins is not None) == (self.format != "q8g32")
+        assert self.mins is None or (self.mins.shape == self.scales.shape and self.mins.dtype == scale_dtype)
+        assert (self.supers is not None) == (self.format == "q4k")
+        assert self.supers is None or self.supers.shape == (panels, blocks * GROUP // SUPER, 2 * PANEL)
 
     @property
     def device(self) -> torch.device:
         return self.codes.device
 
+    def tensors(self) -> tuple[torch.Tensor | None, ...]:
+        """(codes, scales, mins, supers), as the C++ kernels take them."""
+        return self.codes, self.scales, self.mins, self.supers
+
     @property
     def nbytes(self) -> int:
-        """Bytes resident for this weight (codes, scales and mins, padding included)."""
-        return sum(t.numel() * t.element_size() for t in (self.codes, self.scales, self.mins) if t is not None)
+        """Bytes resident for this weight (all its tensors, padding included)."""
+        return sum(t.numel() * t.element_size() for t in self.tensors() if t is not None)
+
+    def map(self, fn) -> QuantizedWeight:
+        """The same weight with fn applied to each of its tensors (a move, a copy)."""
+        apply = lambda t: None if t is None else fn(t)  # noqa: E731
+        return QuantizedWeight(self.format, self.shape, *(apply(t) for t in self.tensors()))
 
     def to(self, device: torch.device | str) -> QuantizedWeight:
-        move = lambda t: None if t is None else t.to(device)  # noqa: E731
-        return QuantizedWeight(self.format, self.shape, move(self.codes), move(self.scales), move(self.mins))
+        return self.map(lambda t: t.to(device))
+
+
+def padded_k(fmt: str, k: int) -> int:
+    """K as a weight of format fmt holds it: up to a whole block (a whole super-block for q4k)."""
+    unit = SUPER if fmt == "q4k" else GROUP
+    return -(-k // unit) * unit
+
+
+def _cat_panels(fmt: str, shape: tuple[int, int], parts: list[QuantizedWeight]) -> QuantizedWeight:
+    """Weights of one format and K whose panels follow one another -> one weight of shape `shape`."""
+    cat = lambda ts: None if ts[0] is None else torch.cat(ts)  # noqa: E731
+    return QuantizedWeight(fmt, shape, *(cat(ts) for ts in zip(*(p.tensors() for p in parts), strict=True)))
 
 
 def concat(weights: list[QuantizedWeight]) -> QuantizedWeight:
@@ -88,22 +120,17 @@ def concat(weights: list[QuantizedWeight]) -> QuantizedWeight:
         raise ValueError("only weights of one format and in_features can be stacked")
     if any(w.shape[0] % PANEL for w in weights[:-1]):
         raise ValueError(f"stacked weights but the last need out_features a multiple of {PANEL}")
-    cat = lambda ts: None if ts[0] is None else torch.cat(ts)  # noqa: E731
-    return QuantizedWeight(
-        first.format,
-        (sum(w.shape[0] for w in weights), first.shape[1]),
-        torch.cat([w.codes for w in weights]),
-        torch.cat([w.scales for w in weights]),
-        cat([w.mins for w in weights]),
-    )
+    return _cat_panels(first.format, (sum(w.shape[0] for w in weights), first.shape[1]), weights)
 
 
 def format_nbytes(fmt: str, shape: tuple[int, int]) -> int:
     """Bytes a [N, K] weight holds in format fmt (what QuantizedWeight.nbytes will say), for memory estimates."""
     _check_format(fmt)
     n, k = shape
-    per_block = _CODE_BYTES[fmt] + PANEL * 2 * (2 if fmt == "q4g32" else 1)
-    return -(-n // PANEL) * -(-k // GROUP) * per_block
+    blocks = padded_k(fmt, k) // GROUP
+    per_block = _CODE_BYTES[fmt] + PANEL * {"q8g32": 2, "q4g32": 4, "q4k": 2}[fmt]  # codes, then d (and m)
+    supers = blocks * GROUP // SUPER * 2 * PANEL * 2 if fmt == "q4k" else 0  # D and Dm, float16
+    return -(-n // PANEL) * (blocks * per_block + supers)
 
 
 def _check_format(fmt: str) -> None:
@@ -114,19 +141,28 @@ def _check_format(fmt: str) -> None:
 # ---- packing: per-row codes [N, K] + per-block d, m [N, K/32] <-> the panel layout ------------------------------
 
 
-def _pack(fmt: str, shape: tuple[int, int], codes: torch.Tensor, d: torch.Tensor, m: torch.Tensor | None):
-    """codes: [N, K] integer (K a multiple of 32), d and m: [N, K/32] float -> QuantizedWeight."""
+def _pack(
+    fmt: str,
+    shape: tuple[int, int],
+    codes: torch.Tensor,
+    d: torch.Tensor,
+    m: torch.Tensor | None,
+    supers: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> QuantizedWeight:
+    """codes: [N, K] integer (K padded as padded_k says); d and m: [N, K/32], float (q4k: its s and t, 0..63);
+    supers (q4k): its D and Dm, float [N, K/256] -> QuantizedWeight."""
     n, k = codes.shape
     panels = -(-n // PANEL)
-    if panels * PANEL != n:  # zero columns up to a whole panel
-        codes = torch.cat([codes, codes.new_zeros(panels * PANEL - n, k)])
-        d = torch.cat([d, d.new_zeros(panels * PANEL - n, d.shape[1])])
-        m = None if m is None else torch.cat([m, m.new_zeros(panels * PANEL - n, m.shape[1])])
+
+    def whole_panels(t: torch.Tensor) -> torch.Tensor:  # zero columns up to a whole panel
+        return t if panels * PANEL == n else torch.cat([t, t.new_zeros(panels * PANEL - n, t.shape[1])])
+
+    codes = whole_panels(codes)
     blocks = k // GROUP
 
-    def per_block(t: torch.Tensor) -> torch.Tensor:
-        # t: [N, K/32] -> [N/8, K/32, 8]
-        return t.reshape(panels, PANEL, blocks).transpose(1, 2).to(torch.float16).contiguous()
+    def per_block(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        # t: [N, B] -> [N/8, B, 8]
+        return whole_panels(t).reshape(panels, PANEL, -1).transpose(1, 2).to(dtype).contiguous()
 
     if fmt == "q8g32":
         # codes: [panel, c, block, t, j] -> [panel, block, t, c, j]
@@ -136,13 +172,18 @@ def _pack(fmt: str, shape: tuple[int, int], codes: torch.Tensor, d: torch.Tensor
         # codes: [panel, c, block, p, h, j] -> [panel, block, p, c, h, j]; h = 0 the low nibble, 1 the high one
         c = codes.to(torch.uint8).reshape(panels, PANEL, blocks, 4, 2, 4).permute(0, 2, 3, 1, 4, 5)
         packed = (c[..., 0, :] | (c[..., 1, :] << 4)).reshape(panels, blocks, 128).contiguous()
-    return QuantizedWeight(fmt, shape, packed, per_block(d), None if m is None else per_block(m))
+    scale_dtype = torch.uint8 if fmt == "q4k" else torch.float16
+    mins = None if m is None else per_block(m, scale_dtype)
+    packed_supers = None
+    if supers is not None:  # [N/8, K/256, 16]: the panel's 8 D, then its 8 Dm
+        packed_supers = torch.cat([per_block(t, torch.float16) for t in supers], dim=2).contiguous()
+    return QuantizedWeight(fmt, shape, packed, per_block(d, scale_dtype), mins, packed_supers)
 
 
 def _unpack_codes(qw: QuantizedWeight, rows: torch.Tensor | None = None) -> torch.Tensor:
     """Codes as int16 [len(rows) or padded N, padded K]: the weight's rows `rows` (all when None)."""
     panels, blocks, size = qw.codes.shape
-    groups = 8 if qw.format == "q8g32" else 4  # q8g32: t (4 codes of a column each); q4g32: p (8 codes)
+    groups = 8 if qw.format == "q8g32" else 4  # q8g32: t (4 codes of a column each); 4-bit: p (8 codes)
     if rows is None:
         c = qw.codes.view(panels, blocks, groups, PANEL, 4).permute(0, 3, 1, 2, 4)  # [panel, column, block, ., j]
     else:
@@ -152,18 +193,29 @@ def _unpack_codes(qw: QuantizedWeight, rows: torch.Tensor | None = None) -> torc
         start = rows // PANEL * (blocks * size) + rows % PANEL * 4
         c = qw.codes.view(-1).take(start[:, None, None, None] + within)  # [row, block, t or p, j]
     c = c.reshape(-1, blocks, groups, 1, 4).to(torch.int16)
-    if qw.format == "q4g32":
+    if qw.format != "q8g32":
         c = torch.cat([c & 0x0F, c >> 4], dim=3)  # [row, block, p, h, j]: k = 8p + 4h + j
     return c.reshape(c.shape[0], blocks * GROUP)
 
 
-def _per_row(t: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
-    """[N/8, K/32, 8] -> float32 [padded N or len(rows), K/32]."""
-    blocks = t.shape[1]
+def _per_row(t: torch.Tensor, rows: torch.Tensor | None = None, half: int = 0) -> torch.Tensor:
+    """[N/8, B, 8] -> float32 [padded N or len(rows), B]; of q4k's supers [N/8, B, 16], half 0 (D) or 1 (Dm)."""
+    blocks, width = t.shape[1], t.shape[2]
     if rows is None:
-        return t.transpose(1, 2).reshape(-1, blocks).float()
-    start = rows // PANEL * (blocks * PANEL) + rows % PANEL
-    return t.view(-1).take(start[:, None] + torch.arange(blocks, device=t.device) * PANEL).float()
+        return t[..., half * PANEL : (half + 1) * PANEL].transpose(1, 2).reshape(-1, blocks).float()
+    start = rows // PANEL * (blocks * width) + half * PANEL + rows % PANEL
+    return t.reshape(-1).take(start[:, None] + torch.arange(blocks, device=t.device) * width).float()
+
+
+def block_scales(qw: QuantizedWeight, rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(d, m), float32 [len(rows) or padded N, padded K / 32] each (m None for q8g32): w = d * q (+ m) in each
+    block. q4k's are computed as ggml computes them: d = D * s and m = -(Dm * t), each one float32 product."""
+    if qw.format != "q4k":
+        return _per_row(qw.scales, rows), None if qw.mins is None else _per_row(qw.mins, rows)
+    per_super = SUPER // GROUP
+    big_d = _per_row(qw.supers, rows, 0).repeat_interleave(per_super, dim=1)
+    big_m = _per_row(qw.supers, rows, 1).repeat_interleave(per_super, dim=1)
+    return big_d * _per_row(qw.scales, rows), -(big_m * _per_row(qw.mins, rows))
 
 
 def _dequantize_rows(qw: QuantizedWeight, rows: torch.Tensor | None) -> torch.Tensor:
@@ -171,9 +223,10 @@ def _dequantize_rows(qw: QuantizedWeight, rows: torch.Tensor | None) -> torch.Te
     n, k = qw.shape
     q = _unpack_codes(qw, rows).float()
     q = q.view(q.shape[0], -1, GROUP)  # [rows, blocks, 32]
-    w = q * _per_row(qw.scales, rows)[..., None]
-    if qw.mins is not None:
-        w = w + _per_row(qw.mins, rows)[..., None]
+    d, m = block_scales(qw, rows)
+    w = q * d[..., None]
+    if m is not None:
+        w = w + m[..., None]
     w = w.flatten(1)[:, :k]
     return w if rows is not None else w[:n]
 
@@ -197,6 +250,13 @@ def _fp16_scales(t: torch.Tensor, what: str) -> torch.Tensor:
     return h.float()
 
 
+def _fp16_up(t: torch.Tensor, what: str) -> torch.Tensor:
+    """As _fp16_scales, but rounded up: 63 steps of the result reach t * 63 (q4k's s and t stay under 64)."""
+    h = _fp16_scales(t, what).to(torch.float16)
+    h = torch.where(h.float() < t, torch.nextafter(h, torch.full_like(h, float("inf"))), h)
+    return _fp16_scales(h.float(), what)
+
+
 def _q8_codes(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """blocks: float32 [..., 32] -> (int8 codes [..., 32], d [...]) by round-to-nearest, d = amax / 127."""
     d = _fp16_scales(blocks.abs().amax(-1) / 127, "scales")
@@ -215,15 +275,39 @@ def _q4_codes(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.T
     return q.to(torch.uint8), d, m
 
 
+def _q4k_codes(blocks: torch.Tensor):
+    """blocks: float32 [n, S, 8, 32] (S super-blocks of 8 blocks) -> (codes 0..15 [n, S, 8, 32], s, t [n, S, 8],
+    D, Dm [n, S]). Q4_K's grid needs m <= 0, so each block's range is widened to take in 0. t is rounded up
+    (m = -Dm * t at or under the block's least weight), then s (d = D * s covers the rest of the range in 15
+    steps): every weight is in range, within half a step d of its code."""
+    lo = blocks.amin(-1).clamp(max=0)  # [n, S, 8]
+    hi = blocks.amax(-1).clamp(min=0)
+    big_m = _fp16_up(-lo.amin(-1) / 63, "mins")  # [n, S]
+    inv_m = torch.where(big_m > 0, 1 / big_m, torch.zeros_like(big_m))
+    t = torch.ceil(-lo * inv_m[..., None]).clamp_(0, 63)
+    m = -(big_m[..., None] * t)
+    need = (hi - m) / 15  # the step that reaches the block's largest weight from m
+    big_d = _fp16_up(need.amax(-1) / 63, "scales")
+    inv_d = torch.where(big_d > 0, 1 / big_d, torch.zeros_like(big_d))
+    s = torch.ceil(need * inv_d[..., None]).clamp_(0, 63)
+    d = big_d[..., None] * s
+    inv = torch.where(d > 0, 1 / d, torch.zeros_like(d))
+    q = torch.round((blocks - m[..., None]) * inv[..., None]).clamp_(0, 15)
+    return q.to(torch.uint8), s, t, big_d, big_m
+
+
 def _quantize_rows(w: torch.Tensor, fmt: str) -> QuantizedWeight:
     """float32 [rows, K] on the CPU -> QuantizedWeight, round-to-nearest per 32."""
     n, k = w.shape
-    if k % GROUP:
-        w = torch.nn.functional.pad(w, (0, GROUP - k % GROUP))  # zero weights, never multiplied by x
+    if padded_k(fmt, k) != k:
+        w = torch.nn.functional.pad(w, (0, padded_k(fmt, k) - k))  # zero weights, never multiplied by x
     blocks = w.view(n, -1, GROUP)
     if fmt == "q8g32":
         q, d = _q8_codes(blocks)
         return _pack(fmt, (n, k), q.view(n, -1), d, None)
+    if fmt == "q4k":
+        q, s, t, big_d, big_m = _q4k_codes(w.view(n, -1, SUPER // GROUP, GROUP))
+        return _pack(fmt, (n, k), q.view(n, -1), s.view(n, -1), t.view(n, -1), (big_d, big_m))
     q, d, m = _q4_codes(blocks)
     return _pack(fmt, (n, k), q.view(n, -1), d, m)
 
@@ -233,16 +317,13 @@ def _by_rows(fmt: str, shape: tuple[int, int], make) -> QuantizedWeight:
     temporaries stay small for a vocab-sized matrix (a 128k x 2048 head is 1 GB in float32); joined by panels."""
     n = shape[0]
     parts = [make(r0, min(r0 + _ROWS_PER_PASS, n)) for r0 in range(0, max(n, 1), _ROWS_PER_PASS)]
-    if len(parts) == 1:
-        return parts[0]
-    mins = None if parts[0].mins is None else torch.cat([p.mins for p in parts])
-    return QuantizedWeight(fmt, shape, torch.cat([p.codes for p in parts]), torch.cat([p.scales for p in parts]), mins)
+    return parts[0] if len(parts) == 1 else _cat_panels(fmt, shape, parts)
 
 
 def quantize(w: torch.Tensor, fmt: str) -> QuantizedWeight:
     """A float [N, K] weight quantized per 32 weights of a row, round-to-nearest: q8g32 with d = amax/127,
-    q4g32 with m = min, d = (max - min)/15 (llama.cpp's Q8_0 and Q4_1). K needn't be a multiple of 32.
-    The result is on the CPU (QuantizedWeight.to moves it)."""
+    q4g32 with m = min, d = (max - min)/15 (llama.cpp's Q8_0 and Q4_1), q4k as _q4k_codes says. K needn't be a
+    multiple of 32. The result is on the CPU (QuantizedWeight.to moves it)."""
     _check_format(fmt)
     if w.dim() != 2:
         raise ValueError(f"a weight to quantize must be [out_features, in_features], got shape {tuple(w.shape)}")
@@ -285,10 +366,20 @@ def _k_scales(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return sc, mn
 
 
+def _k_parts(b: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Q4_K/Q5_K blocks [n, bytes] -> (d, dmin [n] float32, sc, m [n, 8] 0..63, the low 4 bits of the codes
+    [n, 256] int16)."""
+    n = b.shape[0]
+    sc, mn = _k_scales(b[:, 4:16])
+    qs = b[:, -128:].reshape(n, 4, 1, 32)  # 4 chunks of 64 weights: low nibbles, then high nibbles
+    q = torch.cat([qs & 0x0F, qs >> 4], dim=2).reshape(n, 256).to(torch.int16)
+    return _f16(b[:, 0:2]), _f16(b[:, 2:4]), sc, mn, q
+
+
 def _decode(b: torch.Tensor, name: str):
     """GGUF blocks [n, bytes] -> (codes [n, W], d [n, W/32], m [n, W/32] or None), exact for the types kept as
     codes (Q8_0, Q5_0 -> q8g32; Q4_0, Q4_1 -> q4g32), or float32 weights [n, W] for the rest, computed as
-    ggml (and gguf-py) dequantizes them. Q4_K gives codes with its products d*sc, -dmin*m in float32."""
+    ggml (and gguf-py) dequantizes them (Q4_K is kept as it is: _k_parts)."""
     n = b.shape[0]
     if name == "Q8_0":
         return b[:, 2:].contiguous().view(torch.int8), _f16(b[:, :2])[:, None], None
@@ -303,17 +394,11 @@ def _decode(b: torch.Tensor, name: str):
     if name == "Q5_1":
         q = _nibbles(b[:, 8:24]).to(torch.int16) | (_high_bits(b[:, 4:8]) << 4)
         return q.float() * _f16(b[:, :2])[:, None] + _f16(b[:, 2:4])[:, None]
-    if name in ("Q4_K", "Q5_K"):
-        d, dmin = _f16(b[:, 0:2])[:, None], _f16(b[:, 2:4])[:, None]
-        sc, mn = _k_scales(b[:, 4:16])
-        qs = b[:, -128:].reshape(n, 4, 1, 32)  # 4 chunks of 64 weights: low nibbles, then high nibbles
-        q = torch.cat([qs & 0x0F, qs >> 4], dim=2).reshape(n, 8, 32).to(torch.int16)
-        if name == "Q5_K":
-            qh = b[:, 16:48].to(torch.int16)  # bit s of byte l: the fifth bit of sub-block s's weight l
-            q = q | (((qh[:, None, :] >> torch.arange(8, dtype=torch.int16)[:, None]) & 1) << 4)
-        scale, offset = d * sc.float(), dmin * mn.float()  # [n, 8], as ggml: float32 products
-        if name == "Q4_K":
-            return q.reshape(n, 256), scale, -offset
+    if name == "Q5_K":
+        d, dmin, sc, mn, q = _k_parts(b)
+        qh = b[:, 16:48].to(torch.int16)  # bit s of byte l: the fifth bit of sub-block s's weight l
+        q = q.view(n, 8, 32) | (((qh[:, None, :] >> torch.arange(8, dtype=torch.int16)[:, None]) & 1) << 4)
+        scale, offset = d[:, None] * sc.float(), dmin[:, None] * mn.float()  # [n, 8], as ggml: float32 products
         return (scale[..., None] * q.float() - offset[..., None]).reshape(n, 256)
     assert name == "Q6_K", name
     ql, qh = b[:, 0:128].reshape(n, 2, 1, 2, 32), b[:, 128:192].reshape(n, 2, 1, 32).to(torch.int16)
@@ -330,8 +415,8 @@ def _decode(b: torch.Tensor, name: str):
 def from_gguf_blocks(raw, ggml_type: int, shape: tuple[int, int]) -> QuantizedWeight:
     """A GGUF tensor's raw blocks -> QuantizedWeight. shape is (N, K) = (out_features, in_features), K the
     innermost dimension (GGUF's ne[0]); raw the N * K / block_weights * block_bytes bytes (numpy array, bytes or
-    uint8 tensor). Q4_0, Q4_1, Q4_K -> q4g32 as a copy of the codes (Q4_0's m = -8d; Q4_K's sub-block d*sc and
-    -dmin*m rounded to float16); Q8_0, Q5_0 -> q8g32 exactly; Q5_1, Q5_K, Q6_K -> q8g32 requantized."""
+    uint8 tensor). Q4_K -> q4k, Q4_0, Q4_1 -> q4g32 (Q4_0's m = -8d), Q8_0, Q5_0 -> q8g32: exactly, the codes
+    copied; Q5_1, Q5_K, Q6_K -> q8g32 requantized."""
     ggml_type = int(ggml_type)
     if ggml_type not in GGUF_TYPES:
         kept = ", ".join(t[0] for t in GGUF_TYPES.values())
@@ -347,6 +432,10 @@ def from_gguf_blocks(raw, ggml_type: int, shape: tuple[int, int]) -> QuantizedWe
 
     def part(r0: int, r1: int) -> QuantizedWeight:
         rows = r1 - r0
+        if name == "Q4_K":  # kept as it is
+            big_d, big_m, s, t, q = _k_parts(b[r0:r1].reshape(-1, block_bytes))
+            per_row = lambda x: x.reshape(rows, -1)  # noqa: E731
+            return _pack(fmt, (rows, k), per_row(q), per_row(s), per_row(t), (per_row(big_d), per_row(big_m)))
         decoded = _decode(b[r0:r1].reshape(-1, block_bytes), name)
         if isinstance(decoded, torch.Tensor):  # float weights of a grid neither format holds: requantize
             return _quantize_rows(decoded.view(rows, k), fmt)
@@ -406,7 +495,7 @@ def qmatmul(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None = No
         same = x.dtype == torch.float32
         if bias is not None:
             bias = bias.float().contiguous()
-        y = ops.qlinear((x2 if same else x2.float()).contiguous(), qw.codes, qw.scales, qw.mins, n, bias)
+        y = ops.qlinear((x2 if same else x2.float()).contiguous(), *qw.tensors(), n, bias)
         if not same:
             y = y.to(x.dtype)
     return y if flat else y.view(*x.shape[:-1], n)

@@ -1,10 +1,11 @@
-"""Quantized-weight matmul on CUDA: y = x @ W^T (+ bias) with W in kernels/quant.py's q8g32 or q4g32 panels.
+"""Quantized-weight matmul on CUDA: y = x @ W^T (+ bias) with W in kernels/quant.py's q8g32, q4g32 or q4k panels.
 
 The twin is kernels.quant.qmatmul_ref (dequantize, then a float32 matmul). The kernel never forms the float
 weight: per 32-weight block it multiplies x by the integer codes (exact in fp16/bf16, so tensor cores see no
 rounding of the weights) and applies the block's scale to the [BLOCK_M, BLOCK_N] partial sum in float32:
     q8g32: sum_k x_k d q_k          = d * dot(x, q)
     q4g32: sum_k x_k (d q_k + m)    = d * dot(x, q) + m * sum_k x_k
+    q4k:   as q4g32, with d = D * s and m = -(Dm * t) computed from the block's and its super-block's scales
 x may be float16, bfloat16 or float32; accumulation is float32, the result has x's dtype. Decode-sized calls
 split K among programs (float32 partial sums, added up in a fixed order: deterministic) to occupy the GPU.
 """
@@ -30,6 +31,7 @@ def _qmatmul_kernel(
     codes_ptr,
     scales_ptr,
     mins_ptr,
+    supers_ptr,
     bias_ptr,
     y_ptr,
     M,
@@ -41,6 +43,7 @@ def _qmatmul_kernel(
     y_stride,
     split_stride,
     IS_Q4: tl.constexpr,
+    IS_Q4K: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -62,6 +65,7 @@ def _qmatmul_kernel(
         code_off = panel[:, None] * (num_blocks * 256) + (rk[None, :] // 4) * 32 + col[:, None] * 4 + rk[None, :] % 4
         block_bytes = 256
     scale_off = panel * (num_blocks * 8) + col
+    super_off = panel * (num_blocks // 8 * 16) + col  # q4k: D at b // 8 * 16 + col, Dm 8 further
     x_rows = x_ptr + rm[:, None].to(tl.int64) * x_stride
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     # This program's share of K: chunks of 4 blocks (128 weights), unrolled so that 4 blocks' loads are in flight.
@@ -80,10 +84,15 @@ def _qmatmul_kernel(
                 part = tl.dot(x, tl.trans(q.to(tl.float32)), input_precision="ieee")
             else:
                 part = tl.dot(x, tl.trans(q.to(x_ptr.dtype.element_ty)))
-            d = tl.load(scales_ptr + scale_off + b * 8, mask=n_mask & present, other=0.0).to(tl.float32)
+            d = tl.load(scales_ptr + scale_off + b * 8, mask=n_mask & present, other=0).to(tl.float32)
+            sup = supers_ptr + super_off + (b // 8) * 16
+            if IS_Q4K:
+                d = tl.load(sup, mask=n_mask & present, other=0.0).to(tl.float32) * d
             acc += part * d[None, :]
             if IS_Q4:
-                m = tl.load(mins_ptr + scale_off + b * 8, mask=n_mask & present, other=0.0).to(tl.float32)
+                m = tl.load(mins_ptr + scale_off + b * 8, mask=n_mask & present, other=0).to(tl.float32)
+                if IS_Q4K:
+                    m = -(tl.load(sup + 8, mask=n_mask & present, other=0.0).to(tl.float32) * m)
                 acc += tl.sum(x.to(tl.float32), axis=1)[:, None] * m[None, :]
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
@@ -132,6 +141,7 @@ def triton_qmatmul(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | No
         qw.codes,
         qw.scales,
         qw.mins if qw.mins is not None else qw.scales,
+        qw.supers if qw.supers is not None else qw.scales,
         bias if bias is not None else qw.scales,
         y,
         m,
@@ -143,6 +153,7 @@ def triton_qmatmul(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | No
         n,
         m * n,
         IS_Q4=qw.mins is not None,
+        IS_Q4K=qw.supers is not None,
         HAS_BIAS=bias is not None and splits == 1,
         BLOCK_M=block_m,
         BLOCK_N=block_n,

@@ -6,7 +6,7 @@ Prints the median microseconds per call of y = x @ W^T for each K->N shape and b
   fp32 F.linear     W float32 [N, K] (what an unquantized Linear runs)
   fp32 x@W[K,N]     W float32 stored transposed (faster for wide outputs at M=1)
   fp16 fbgemm       quantized::linear_dynamic_fp16 (fp16 weights, fp32 x): the best stock weight-only path
-  q8g32, q4g32      kernels.quant.qmatmul (the C++ kernel, fp32 x), Python wrapper included
+  q8g32, q4g32, q4k kernels.quant.qmatmul (the C++ kernel, fp32 x), Python wrapper included
 
 Cold weights: each method cycles through enough copies of its weight to exceed 128 MiB (4x a 32 MiB L3),
 because a decode step streams the whole model from DRAM; one matrix reused from cache flatters every method.
@@ -29,7 +29,7 @@ from kernels import quant
 SMOLLM2 = ((576, 960), (576, 576), (576, 3072), (1536, 576), (576, 49152))  # fused QKV, o, gate+up, down, lm_head
 LLAMA_1B = ((2048, 3072), (8192, 2048))
 FOOTPRINT = 128 << 20
-METHODS = ("fp32 F.linear", "fp32 x@W[K,N]", "fp16 fbgemm", "q8g32", "q4g32")
+METHODS = ("fp32 F.linear", "fp32 x@W[K,N]", "fp16 fbgemm", *quant.FORMATS)
 
 
 def _copies(nbytes: int) -> int:
@@ -47,11 +47,6 @@ def _cycle(weights: list, fn: Callable) -> Callable[[torch.Tensor], torch.Tensor
     return call
 
 
-def _clone(qw: quant.QuantizedWeight) -> quant.QuantizedWeight:
-    mins = None if qw.mins is None else qw.mins.clone()
-    return quant.QuantizedWeight(qw.format, qw.shape, qw.codes.clone(), qw.scales.clone(), mins)
-
-
 def _methods(k: int, n: int) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
     w = torch.randn(n, k) * 0.02
     fp32 = [w.clone() for _ in range(_copies(4 * n * k))]
@@ -64,7 +59,7 @@ def _methods(k: int, n: int) -> dict[str, Callable[[torch.Tensor], torch.Tensor]
     }
     for fmt in quant.FORMATS:
         qw = quant.quantize(w, fmt)
-        copies = [_clone(qw) for _ in range(_copies(qw.nbytes))]
+        copies = [qw.map(torch.clone) for _ in range(_copies(qw.nbytes))]
         methods[fmt] = _cycle(copies, quant.qmatmul)
     return methods
 

@@ -1,9 +1,9 @@
 """What a model's weights will occupy resident once the engine has loaded them, the engine's own arithmetic:
 
 - a GGUF file, loaded as it comes (quantization auto): every matrix of a type the engine keeps quantized
-  (kernels.quant.GGUF_TYPES) at its kept format's size (kernels.quant.format_nbytes: Q4_0/Q4_1/Q4_K as 5-bit
-  q4g32, Q5_x/Q6_K/Q8_0 as 8.5-bit q8g32), the rest (norms, floats, types it cannot keep such as IQ4_XS) in the
-  engine's dtype. A fused module (q/k/v, gate/up) stays quantized only when each of its parts can, as
+  (kernels.quant.GGUF_TYPES) at its kept format's size (kernels.quant.format_nbytes: Q4_K as 4.625-bit q4k,
+  Q4_0/Q4_1 as 5-bit q4g32, Q5_x/Q6_K/Q8_0 as 8.5-bit q8g32), the rest (norms, floats, types it cannot keep such
+  as IQ4_XS) in the engine's dtype. A fused module (q/k/v, gate/up) stays quantized only when each of its parts can, as
   LlamaForCausalLM.keep_quantized decides;
 - a safetensors model: its parameters in the engine's dtype;
 - --quantization int8 / int4, either kind: every matrix as q8g32 / q4g32, the rest in the dtype; none: all in

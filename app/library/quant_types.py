@@ -1,6 +1,7 @@
 """GGUF quantization types as kvstudio meets them: the label a file's name carries (Q4_K_M, IQ4_XS, BF16...), the
 ggml block type behind it, its bits a weight, and whether the engine keeps it quantized (kernels/quant.py's
-GGUF_TYPES: Q4_0/Q4_1/Q4_K as 5-bit q4g32, Q5_x/Q6_K/Q8_0 as 8.5-bit q8g32) or dequantizes it to floats."""
+GGUF_TYPES: Q4_K as 4.625-bit q4k, Q4_0/Q4_1 as 5-bit q4g32, Q5_x/Q6_K/Q8_0 as 8.5-bit q8g32) or dequantizes it
+to floats."""
 
 from __future__ import annotations
 
@@ -40,8 +41,9 @@ def label_from_name(filename: str) -> str | None:
 
 
 def kept_bits(fmt: str) -> float:
-    """Bits a weight of kernels.quant's format `fmt` takes resident (5.0 for q4g32, 8.5 for q8g32)."""
-    return quant.format_nbytes(fmt, (quant.PANEL, quant.GROUP)) * 8 / (quant.PANEL * quant.GROUP)
+    """Bits a weight of kernels.quant's format `fmt` takes resident (4.625 for q4k, 5.0 for q4g32, 8.5 for
+    q8g32)."""
+    return quant.format_nbytes(fmt, (quant.PANEL, quant.SUPER)) * 8 / (quant.PANEL * quant.SUPER)
 
 
 @dataclass(frozen=True)
@@ -51,7 +53,7 @@ class QuantType:
     label: str  # as the file names it, e.g. "Q4_K_M"
     ggml: str | None  # the block type most of its weights are in, e.g. "Q4_K"; None: a type unknown here
     bits: float | None  # bits a weight takes in the file (that type's); None when unknown
-    kept: str | None  # the kept format ("q4g32" | "q8g32") when the engine keeps this type quantized, else None
+    kept: str | None  # the kept format ("q4k", "q4g32", "q8g32") when the engine keeps this type quantized
 
     @property
     def is_float(self) -> bool:

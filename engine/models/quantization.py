@@ -1,9 +1,9 @@
 """Which weights a model keeps quantized, and the stream of weights that delivers them so.
 
 Decode speed on a CPU, and for one stream on a GPU, is bytes of weights read per token, so quantized weights
-stay quantized (kernels/quant.py: q8g32, int8 per 32 weights; q4g32, 4 bits per 32 with a min):
+stay quantized (kernels/quant.py: q8g32, int8 per 32 weights; q4g32, 4 bits per 32 with a min; q4k, Q4_K's own):
 - auto (the default): a GGUF file's quantized matrices keep their quantization, mapped to the nearest kept format
-  (Q4_0, Q4_1, Q4_K -> q4g32, their codes copied; Q8_0, Q5_x, Q6_K -> q8g32); float files stay float;
+  (Q4_K -> q4k and Q4_0, Q4_1 -> q4g32, their codes copied; Q8_0, Q5_x, Q6_K -> q8g32); float files stay float;
 - int8 / int4: every linear layer and the embedding quantized at load to q8g32 / q4g32, from any checkpoint;
 - none: everything in --dtype, as the float model (GGUF files dequantized).
 A model module keeps a weight quantized only when every tensor it is made of can be (a q/k/v projection whose

@@ -28,46 +28,27 @@ namespace {
 
 using namespace kvs;
 
-using PartSpec = std::tuple<torch::Tensor, torch::Tensor, c10::optional<torch::Tensor>, int64_t>;
+// (codes, scales, mins, supers, N): a QuantizedWeight's tensors (kernels/quant.py) and its out_features.
+using PartSpec = std::tuple<torch::Tensor, torch::Tensor, c10::optional<torch::Tensor>, c10::optional<torch::Tensor>,
+                            int64_t>;
 // (quantized parts in output order, float32 [in, out] weight, float32 [out] bias): parts or weight, not both.
 using ProjSpec = std::tuple<std::vector<PartSpec>, c10::optional<torch::Tensor>, c10::optional<torch::Tensor>>;
 
-const uint16_t* half_bits(const torch::Tensor& t) { return reinterpret_cast<const uint16_t*>(t.data_ptr<at::Half>()); }
-
 // A run of output columns kept quantized.
 struct QPart {
-  torch::Tensor codes, scales, mins;  // held so the pointers stay valid
-  const void* w = nullptr;
-  const uint16_t* wd = nullptr;
-  const uint16_t* wm = nullptr;  // null for q8g32
+  std::vector<torch::Tensor> held;  // the weight's tensors, held so that w's pointers stay valid
+  PanelWeight w;
   int64_t N = 0, col0 = 0, first_panel = 0;
 };
 
 QPart make_part(const PartSpec& spec, int64_t K, const std::string& what) {
-  const auto& [codes, scales, mins, N] = spec;
-  const bool q4 = mins.has_value();
-  TORCH_CHECK(codes.dim() == 3 && codes.is_contiguous() && codes.device().is_cpu() &&
-                  codes.size(2) == (q4 ? Q4_BYTES : Q8_BYTES) &&
-                  codes.scalar_type() == (q4 ? torch::kUInt8 : torch::kInt8),
-              what, ": codes must be contiguous CPU [N/8, K/32, ", q4 ? "128] uint8" : "256] int8");
-  const int64_t NP = codes.size(0), NB = codes.size(1);
-  TORCH_CHECK(NB == (K + QK - 1) / QK, what, ": codes hold ", NB * QK, " inputs, expected ", K);
-  TORCH_CHECK(N <= NP * NC && N > (NP - 1) * NC, what, ": N = ", N, " does not match ", NP, " panels");
-  TORCH_CHECK(scales.scalar_type() == torch::kHalf && scales.is_contiguous() &&
-                  scales.sizes() == torch::IntArrayRef({NP, NB, NC}),
-              what, ": scales must be contiguous float16 [N/8, K/32, 8]");
-  if (q4)
-    TORCH_CHECK(mins->scalar_type() == torch::kHalf && mins->is_contiguous() && mins->sizes() == scales.sizes(),
-                what, ": mins must be contiguous float16 [N/8, K/32, 8]");
+  const auto& [codes, scales, mins, supers, N] = spec;
   QPart p;
-  p.codes = codes;
-  p.scales = scales;
-  p.w = codes.data_ptr();
-  p.wd = half_bits(scales);
-  if (q4) {
-    p.mins = *mins;
-    p.wm = half_bits(p.mins);
-  }
+  p.w = panel_weight(codes, scales, mins, supers, what);
+  TORCH_CHECK(p.w.NB == (K + QK - 1) / QK, what, ": codes hold ", p.w.NB * QK, " inputs, expected ", K);
+  TORCH_CHECK(N <= p.w.NP * NC && N > (p.w.NP - 1) * NC, what, ": N = ", N, " does not match ", p.w.NP, " panels");
+  for (const auto& t : {c10::optional<torch::Tensor>(codes), c10::optional<torch::Tensor>(scales), mins, supers})
+    if (t.has_value()) p.held.push_back(*t);
   p.N = N;
   return p;
 }
@@ -100,7 +81,7 @@ Proj make_proj(const ProjSpec& spec, int64_t K, int64_t N, const std::string& wh
     QPart part = make_part(ps, K, what);
     part.col0 = p.parts.empty() ? 0 : p.parts.back().col0 + p.parts.back().N;
     part.first_panel = p.panels;
-    p.panels += part.codes.size(0);
+    p.panels += part.w.NP;
     p.parts.push_back(std::move(part));
   }
   if (!p.parts.empty())
@@ -184,7 +165,7 @@ void project(const Proj& p, int64_t B, const float* x, const QuantizedRows& xq, 
       size_t i = 0;
       while (i + 1 < p.parts.size() && p.parts[i + 1].first_panel <= panel) ++i;
       const QPart& part = p.parts[i];
-      panel_rows(part.w, part.wd, part.wm, part.N, panel - part.first_panel, xq, g * MT,
+      panel_rows(part.w, part.N, panel - part.first_panel, xq, g * MT,
                  std::min(B, (g + 1) * MT), p.bp != nullptr ? p.bp + part.col0 : nullptr, y, p.N, part.col0);
     }
   } else {
@@ -340,31 +321,7 @@ class DecodeStep {
       std::memcpy(dst, embed_f32_.data_ptr<float>() + token * H_, H_ * sizeof(float));
       return;
     }
-    // Row `token` of the panel layout (quant_gemm.h): column c of panel p; w = d * q (+ m), as the eager
-    // qembedding computes it (d * q is exact in float32, so a fused multiply-add rounds the same).
-    const QPart& e = embed_q_;
-    const int64_t NB = (H_ + QK - 1) / QK, p = token / NC, c = token % NC;
-    for (int64_t b = 0; b < NB; ++b) {
-      const int64_t blk = p * NB + b;
-      const float d = half_to_float(e.wd[blk * NC + c]);
-      const float m = e.wm != nullptr ? half_to_float(e.wm[blk * NC + c]) : 0.f;
-      float w[QK];
-      if (e.wm != nullptr) {
-        const uint8_t* bytes = static_cast<const uint8_t*>(e.w) + blk * Q4_BYTES;
-        for (int pp = 0; pp < 4; ++pp)
-          for (int j = 0; j < 4; ++j) {
-            const uint8_t byte = bytes[32 * pp + 4 * c + j];
-            w[8 * pp + j] = static_cast<float>(byte & 0x0F) * d + m;
-            w[8 * pp + 4 + j] = static_cast<float>(byte >> 4) * d + m;
-          }
-      } else {
-        const int8_t* bytes = static_cast<const int8_t*>(e.w) + blk * Q8_BYTES;
-        for (int t = 0; t < 8; ++t)
-          for (int j = 0; j < 4; ++j) w[4 * t + j] = static_cast<float>(bytes[32 * t + 4 * c + j]) * d;
-      }
-      const int64_t n = std::min<int64_t>(QK, H_ - b * QK);
-      std::memcpy(dst + b * QK, w, n * sizeof(float));
-    }
+    embed_q_.w.dequantize_row(token, H_, dst);
   }
 
   template <typename cache_t, int HD>

@@ -13,22 +13,14 @@ namespace {
 using namespace kvs;
 
 torch::Tensor qlinear(const torch::Tensor& x, const torch::Tensor& codes, const torch::Tensor& scales,
-                      const c10::optional<torch::Tensor>& mins, int64_t N, const c10::optional<torch::Tensor>& bias) {
-  const bool q4 = mins.has_value();
+                      const c10::optional<torch::Tensor>& mins, const c10::optional<torch::Tensor>& supers, int64_t N,
+                      const c10::optional<torch::Tensor>& bias) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32 && x.is_contiguous() && x.device().is_cpu(),
               "x must be a contiguous float32 [M, K] CPU tensor");
-  TORCH_CHECK(codes.dim() == 3 && codes.is_contiguous() && codes.size(2) == (q4 ? Q4_BYTES : Q8_BYTES) &&
-                  codes.scalar_type() == (q4 ? torch::kUInt8 : torch::kInt8),
-              "codes must be contiguous [N/8, K/32, ", q4 ? "128] uint8" : "256] int8");
-  const int64_t NP = codes.size(0), NB = codes.size(1);
-  TORCH_CHECK(scales.scalar_type() == torch::kHalf && scales.is_contiguous() &&
-                  scales.sizes() == torch::IntArrayRef({NP, NB, NC}),
-              "scales must be contiguous float16 [N/8, K/32, 8]");
-  if (q4)
-    TORCH_CHECK(mins->scalar_type() == torch::kHalf && mins->is_contiguous() && mins->sizes() == scales.sizes(),
-                "mins must be contiguous float16 [N/8, K/32, 8]");
+  const PanelWeight w = panel_weight(codes, scales, mins, supers, "the weight");
+  const int64_t NP = w.NP, NB = w.NB;
   const int64_t M = x.size(0), K = x.size(1);
-  TORCH_CHECK(K <= NB * QK && K > (NB - 1) * QK, "x has ", K, " columns; the weight holds ", NB * QK);
+  TORCH_CHECK(holds_k(w, K), "x has ", K, " columns; the weight holds ", NB * QK);
   TORCH_CHECK(N <= NP * NC && N > (NP - 1) * NC, "N = ", N, " does not match ", NP, " panels of 8 columns");
   if (bias.has_value())
     TORCH_CHECK(bias->scalar_type() == torch::kFloat32 && bias->is_contiguous() && bias->numel() == N,
@@ -49,11 +41,8 @@ torch::Tensor qlinear(const torch::Tensor& x, const torch::Tensor& codes, const 
     for (int64_t m = m0; m < m1; ++m) xr.quantize_row(xp + m * K, K, m);
   });
 
-  const uint16_t* wd = reinterpret_cast<const uint16_t*>(scales.data_ptr<at::Half>());
-  const uint16_t* wm = q4 ? reinterpret_cast<const uint16_t*>(mins->data_ptr<at::Half>()) : nullptr;
   const float* bp = bias.has_value() ? bias->data_ptr<float>() : nullptr;
   float* yp = y.data_ptr<float>();
-  const void* w = codes.data_ptr();
 
   // Work items: (panel, group of up to MT rows), panel-major so that a thread's consecutive items reuse the
   // panel from cache. Splitting rows too keeps both cores busy when N is only a panel or two.
@@ -63,7 +52,7 @@ torch::Tensor qlinear(const torch::Tensor& x, const torch::Tensor& codes, const 
   at::parallel_for(0, NP * groups, grain, [&](int64_t i0, int64_t i1) {
     for (int64_t item = i0; item < i1; ++item) {
       const int64_t p = item / groups, g = item % groups;
-      panel_rows(w, wd, wm, N, p, xr, g * MT, std::min(M, (g + 1) * MT), bp, yp, N, 0);
+      panel_rows(w, N, p, xr, g * MT, std::min(M, (g + 1) * MT), bp, yp, N, 0);
     }
   });
   return y;
@@ -72,6 +61,7 @@ torch::Tensor qlinear(const torch::Tensor& x, const torch::Tensor& codes, const 
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("qlinear", &qlinear, "y = x @ W^T (+ bias), W in q8g32 (mins=None) or q4g32 panels (CPU)", py::arg("x"),
-        py::arg("codes"), py::arg("scales"), py::arg("mins"), py::arg("N"), py::arg("bias"));
+  m.def("qlinear", &qlinear, "y = x @ W^T (+ bias), W in q8g32 (mins, supers None), q4g32 (supers None) or q4k panels",
+        py::arg("x"), py::arg("codes"), py::arg("scales"), py::arg("mins"), py::arg("supers"), py::arg("N"),
+        py::arg("bias"));
 }

@@ -11,8 +11,11 @@
 //                                        k = 4t..4t+3 of column c (32 bytes per t).
 //   q4g32 codes  uint8 [N/8, K/32, 128]: for p in 0..3, for column c, for j in 0..3, one byte holding
 //                                        code(k = 8p + j) in its low nibble and code(k = 8p + 4 + j) in its high one.
+//   q4k codes    as q4g32's.
 //   scales (d), mins (m, q4g32 only) float16 [N/8, K/32, 8]: one per column of the panel and block.
-//   q8g32: w = d * q (q in -128..127);  q4g32: w = d * q + m (q in 0..15).
+//   q4k: scales (s) and mins (t) uint8 [N/8, K/32, 8], supers float16 [N/8, K/256, 16]: D of the 8 columns, then
+//        their Dm; d = D * s and m = -(Dm * t) (GGUF Q4_K's sub-block scales under its super-block ones).
+//   q8g32: w = d * q (q in -128..127);  q4g32, q4k: w = d * q + m (q in 0..15).
 // Why this interleave: one 32-byte vector holds 4 consecutive k of 8 columns, so multiplying it with 4 bytes of x
 // broadcast to every lane leaves, after vpmaddubsw + vpmaddwd, one int32 per column: no horizontal sums, and
 // each x block's scale multiplies 8 columns at once. It is the idea of llama.cpp's repacked Q4_0x8 blocks.
@@ -24,6 +27,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <string>
 
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #include <immintrin.h>
@@ -36,6 +40,7 @@ constexpr int64_t QK = 32;        // weights per block (one scale)
 constexpr int64_t NC = 8;         // columns per panel
 constexpr int64_t Q8_BYTES = 256;  // one block of a panel: 8 columns x 32 codes
 constexpr int64_t Q4_BYTES = 128;
+constexpr int64_t QK_SUPER = 8;   // q4k: blocks per super-block
 constexpr int RM = 4;             // rows of x per pass over a panel: each weight vector is used RM times
 constexpr int64_t MT = 16;        // rows of x per work item (a panel against up to MT rows)
 // Software prefetch distance into a thread's weight stream: 10-25% faster on cold weights (measured at 1 thread
@@ -147,6 +152,42 @@ struct Rows {
   int64_t NB;
 };
 
+// A 4-bit panel's d and m per block, for its 8 columns: stored (q4g32) or computed from q4k's two levels.
+struct Q4G32Scales {
+  const uint16_t* d;  // [NB, 8] float16
+  const uint16_t* m;
+  float d_at(int64_t b, int64_t c) const { return half_to_float(d[b * NC + c]); }
+  float m_at(int64_t b, int64_t c) const { return half_to_float(m[b * NC + c]); }
+#ifdef KVQ_AVX2
+  void load(int64_t b, __m256* dv, __m256* mv) const {
+    *dv = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(d + b * NC)));
+    *mv = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(m + b * NC)));
+  }
+#endif
+};
+
+struct Q4KScales {
+  const uint8_t* s;        // [NB, 8]
+  const uint8_t* t;        // [NB, 8]
+  const uint16_t* supers;  // [NB/8, 16] float16: D x 8, then Dm x 8
+  // One float32 product each, as ggml computes d = D * sc and m = dmin * m.
+  float d_at(int64_t b, int64_t c) const { return half_to_float(supers[b / QK_SUPER * 2 * NC + c]) * s[b * NC + c]; }
+  float m_at(int64_t b, int64_t c) const {
+    return -(half_to_float(supers[b / QK_SUPER * 2 * NC + NC + c]) * t[b * NC + c]);
+  }
+#ifdef KVQ_AVX2
+  void load(int64_t b, __m256* dv, __m256* mv) const {
+    const uint16_t* sup = supers + b / QK_SUPER * 2 * NC;
+    const __m256 big_d = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sup)));
+    const __m256 big_m = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sup + NC)));
+    const __m256 sv = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(s + b * NC))));
+    const __m256 tv = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(t + b * NC))));
+    *dv = _mm256_mul_ps(big_d, sv);
+    *mv = _mm256_xor_ps(_mm256_mul_ps(big_m, tv), _mm256_set1_ps(-0.0f));  // -(Dm * t), exactly
+  }
+#endif
+};
+
 #ifdef KVQ_AVX2
 
 template <int R>
@@ -190,8 +231,8 @@ void q8_panel(const int8_t* w, const uint16_t* wd, const Rows& x, float* out) {
   for (int r = 0; r < R; ++r) _mm256_storeu_ps(out + r * NC, acc[r]);
 }
 
-template <int R>
-void q4_panel(const uint8_t* w, const uint16_t* wd, const uint16_t* wm, const Rows& x, float* out) {
+template <int R, typename Scales>
+void q4_panel(const uint8_t* w, const Scales& scales, const Rows& x, float* out) {
   const __m256i ones = _mm256_set1_epi16(1);
   const __m256i low = _mm256_set1_epi8(0x0F);
   __m256 acc[R];
@@ -219,8 +260,8 @@ void q4_panel(const uint8_t* w, const uint16_t* wd, const uint16_t* wm, const Ro
       KVQ_SETTLE(s);
       s16[r] = s;
     }
-    const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wd + b * NC)));
-    const __m256 mw = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wm + b * NC)));
+    __m256 dw, mw;
+    scales.load(b, &dw, &mw);
     const __m256 mw8 = _mm256_fmadd_ps(dw, _mm256_set1_ps(8.f), mw);  // m + 8d
     for (int r = 0; r < R; ++r) {
       const int64_t i = r * x.NB + b;
@@ -254,8 +295,8 @@ void q8_panel(const int8_t* w, const uint16_t* wd, const Rows& x, float* out) {
     for (int c = 0; c < NC; ++c) out[r * NC + c] = acc[r][c];
 }
 
-template <int R>
-void q4_panel(const uint8_t* w, const uint16_t* wd, const uint16_t* wm, const Rows& x, float* out) {
+template <int R, typename Scales>
+void q4_panel(const uint8_t* w, const Scales& scales, const Rows& x, float* out) {
   float acc[R][NC] = {};
   for (int64_t b = 0; b < x.NB; ++b) {
     const uint8_t* wb = w + b * Q4_BYTES;
@@ -268,10 +309,10 @@ void q4_panel(const uint8_t* w, const uint16_t* wd, const uint16_t* wm, const Ro
             const uint8_t byte = wb[32 * p + 4 * c + j];
             dot += int32_t(byte & 0x0F) * xb[8 * p + j] + int32_t(byte >> 4) * xb[8 * p + 4 + j];
           }
-        const float d = half_to_float(wd[b * NC + c]);
+        const float d = scales.d_at(b, c);
         dot -= 8 * x.qs[r * x.NB + b];
         acc[r][c] += float(dot) * (d * x.d[r * x.NB + b]);
-        acc[r][c] += (half_to_float(wm[b * NC + c]) + 8.f * d) * x.s[r * x.NB + b];
+        acc[r][c] += (scales.m_at(b, c) + 8.f * d) * x.s[r * x.NB + b];
       }
     }
   }
@@ -281,14 +322,106 @@ void q4_panel(const uint8_t* w, const uint16_t* wd, const uint16_t* wm, const Ro
 
 #endif
 
+// ---- a weight: its tensors checked, and its panels ---------------------------------------------------------
+
+enum class Format { q8g32, q4g32, q4k };
+
+// A weight in the panel layout (kernels/quant.py): pointers into tensors the caller keeps alive.
+struct PanelWeight {
+  Format format = Format::q8g32;
+  const void* codes = nullptr;
+  const void* scales = nullptr;   // float16 (q8g32, q4g32) or uint8 (q4k) [NP, NB, 8]
+  const void* mins = nullptr;     // q4g32: float16, q4k: uint8 [NP, NB, 8]; q8g32: null
+  const uint16_t* supers = nullptr;  // q4k: float16 [NP, NB/8, 16]
+  int64_t NP = 0, NB = 0;
+
+  const uint16_t* half(const void* p, int64_t panel) const {
+    return static_cast<const uint16_t*>(p) + panel * NB * NC;
+  }
+  const uint8_t* byte(const void* p, int64_t panel) const { return static_cast<const uint8_t*>(p) + panel * NB * NC; }
+  Q4G32Scales q4g32_scales(int64_t panel) const { return {half(scales, panel), half(mins, panel)}; }
+  Q4KScales q4k_scales(int64_t panel) const {
+    return {byte(scales, panel), byte(mins, panel), supers + panel * (NB / QK_SUPER) * 2 * NC};
+  }
+
+  // Row n of the weight (column c of panel n / 8), dequantized: K floats into dst (w = d * q (+ m), as the torch
+  // twin computes it: d * q is exact in float32, so a fused multiply-add would round the same).
+  void dequantize_row(int64_t n, int64_t K, float* dst) const {
+    const int64_t p = n / NC, c = n % NC;
+    for (int64_t b = 0; b * QK < K; ++b) {
+      float w[QK];
+      if (format == Format::q8g32) {
+        const int8_t* bytes = static_cast<const int8_t*>(codes) + (p * NB + b) * Q8_BYTES;
+        const float d = half_to_float(half(scales, p)[b * NC + c]);
+        for (int t = 0; t < 8; ++t)
+          for (int j = 0; j < 4; ++j) w[4 * t + j] = static_cast<float>(bytes[32 * t + 4 * c + j]) * d;
+      } else {
+        const uint8_t* bytes = static_cast<const uint8_t*>(codes) + (p * NB + b) * Q4_BYTES;
+        float d, m;
+        if (format == Format::q4g32) {
+          const Q4G32Scales sc = q4g32_scales(p);
+          d = sc.d_at(b, c), m = sc.m_at(b, c);
+        } else {
+          const Q4KScales sc = q4k_scales(p);
+          d = sc.d_at(b, c), m = sc.m_at(b, c);
+        }
+        for (int pp = 0; pp < 4; ++pp)
+          for (int j = 0; j < 4; ++j) {
+            const uint8_t byte = bytes[32 * pp + 4 * c + j];
+            w[8 * pp + j] = static_cast<float>(byte & 0x0F) * d + m;
+            w[8 * pp + 4 + j] = static_cast<float>(byte >> 4) * d + m;
+          }
+      }
+      std::memcpy(dst + b * QK, w, std::min<int64_t>(QK, K - b * QK) * sizeof(float));
+    }
+  }
+};
+
+// The weight's tensors as kernels/quant.py's QuantizedWeight holds them, checked; its format follows from which are
+// given (supers: q4k; mins alone: q4g32; neither: q8g32). what names the weight in errors.
+inline PanelWeight panel_weight(const torch::Tensor& codes, const torch::Tensor& scales,
+                                const c10::optional<torch::Tensor>& mins, const c10::optional<torch::Tensor>& supers,
+                                const std::string& what) {
+  PanelWeight w;
+  w.format = supers.has_value() ? Format::q4k : mins.has_value() ? Format::q4g32 : Format::q8g32;
+  const bool q8 = w.format == Format::q8g32, q4k = w.format == Format::q4k;
+  TORCH_CHECK(codes.dim() == 3 && codes.is_contiguous() && codes.device().is_cpu() &&
+                  codes.size(2) == (q8 ? Q8_BYTES : Q4_BYTES) &&
+                  codes.scalar_type() == (q8 ? torch::kInt8 : torch::kUInt8),
+              what, ": codes must be contiguous CPU [N/8, K/32, ", q8 ? "256] int8" : "128] uint8");
+  w.NP = codes.size(0), w.NB = codes.size(1);
+  const auto scale_type = q4k ? torch::kUInt8 : torch::kHalf;
+  const char* scale_name = q4k ? "uint8" : "float16";
+  TORCH_CHECK(scales.scalar_type() == scale_type && scales.is_contiguous() &&
+                  scales.sizes() == torch::IntArrayRef({w.NP, w.NB, NC}),
+              what, ": scales must be contiguous ", scale_name, " [N/8, K/32, 8]");
+  if (!q8)
+    TORCH_CHECK(mins->scalar_type() == scale_type && mins->is_contiguous() && mins->sizes() == scales.sizes(),
+                what, ": mins must be contiguous ", scale_name, " [N/8, K/32, 8]");
+  if (q4k) {
+    TORCH_CHECK(w.NB % QK_SUPER == 0 && supers->scalar_type() == torch::kHalf && supers->is_contiguous() &&
+                    supers->sizes() == torch::IntArrayRef({w.NP, w.NB / QK_SUPER, 2 * NC}),
+                what, ": supers must be contiguous float16 [N/8, K/256, 16] (K a multiple of 256)");
+    w.supers = reinterpret_cast<const uint16_t*>(supers->data_ptr<at::Half>());
+  }
+  w.codes = codes.data_ptr();
+  w.scales = scales.data_ptr();
+  w.mins = q8 ? nullptr : mins->data_ptr();
+  return w;
+}
+
+// Whether x's K columns fit the weight's blocks: K past the last whole block but one (q4k: super-block).
+inline bool holds_k(const PanelWeight& w, int64_t K) {
+  const int64_t unit = w.format == Format::q4k ? QK * QK_SUPER : QK;
+  return K <= w.NB * QK && K > w.NB * QK - unit;
+}
+
 // ---- a work item: one panel against rows m0 <= m < m1 -------------------------------------------------------
 
-// Panel p of a weight (codes [NP, NB, 128 or 256], d and m [NP, NB, 8] float16 bits; wm null for q8g32) against
-// rows m0..m1 of the quantized activations, into y (row stride ldy) at columns col0 + 8p.., only the first N of
-// the weight's columns, plus bias[8p + c] when given.
-inline void panel_rows(const void* codes, const uint16_t* wd, const uint16_t* wm, int64_t N, int64_t p,
-                       const QuantizedRows& x, int64_t m0, int64_t m1, const float* bias, float* y, int64_t ldy,
-                       int64_t col0) {
+// Panel p of a weight against rows m0..m1 of the quantized activations, into y (row stride ldy) at columns
+// col0 + 8p.., only the first N of the weight's columns, plus bias[8p + c] when given.
+inline void panel_rows(const PanelWeight& w, int64_t N, int64_t p, const QuantizedRows& x, int64_t m0, int64_t m1,
+                       const float* bias, float* y, int64_t ldy, int64_t col0) {
   const int64_t NB = x.NB, n0 = p * NC, nc = std::min(NC, N - n0);
   alignas(32) float tile[RM * NC];
   for (int64_t r0 = m0; r0 < m1; r0 += RM) {
@@ -296,11 +429,17 @@ inline void panel_rows(const void* codes, const uint16_t* wd, const uint16_t* wm
     const Rows xr{x.q + r0 * NB * QK, x.d + r0 * NB, x.s + r0 * NB, x.qs + r0 * NB, NB};
     auto run = [&](auto r_constant) {
       constexpr int R = decltype(r_constant)::value;
-      if (wm != nullptr)
-        q4_panel<R>(static_cast<const uint8_t*>(codes) + p * NB * Q4_BYTES, wd + p * NB * NC, wm + p * NB * NC, xr,
-                    tile);
-      else
-        q8_panel<R>(static_cast<const int8_t*>(codes) + p * NB * Q8_BYTES, wd + p * NB * NC, xr, tile);
+      switch (w.format) {
+        case Format::q8g32:
+          q8_panel<R>(static_cast<const int8_t*>(w.codes) + p * NB * Q8_BYTES, w.half(w.scales, p), xr, tile);
+          break;
+        case Format::q4g32:
+          q4_panel<R>(static_cast<const uint8_t*>(w.codes) + p * NB * Q4_BYTES, w.q4g32_scales(p), xr, tile);
+          break;
+        case Format::q4k:
+          q4_panel<R>(static_cast<const uint8_t*>(w.codes) + p * NB * Q4_BYTES, w.q4k_scales(p), xr, tile);
+          break;
+      }
     };
     switch (rows) {
       case 1: run(std::integral_constant<int, 1>{}); break;

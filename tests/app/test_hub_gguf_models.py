@@ -122,7 +122,7 @@ def test_files_lists_each_gguf_with_size_quant_fit_and_sha256(gguf_hub, gguf_rep
         "tiny-Q8_0.gguf",
         hashlib.sha256(q8).hexdigest(),
     ]
-    assert "5-bit (q4g32)" in rows["Q4_K_M"] and "float32" in rows["IQ4_XS"] and "float32" in rows["F16"]
+    assert "4.625-bit (q4k)" in rows["Q4_K_M"] and "float32" in rows["IQ4_XS"] and "float32" in rows["F16"]
     assert "can't load" in rows["Q2_K"] and "tiny-Q2_K-00001-of-00002.gguf" in rows["Q2_K"]
     notes = lines[7:]
     assert "  kvstudio cannot keep IQ4_XS quantized: this file loads in float32" in "\n".join(notes)

@@ -37,11 +37,20 @@ def rand(g, *shape, std=1.0):
     return torch.randn(*shape, generator=g) * std
 
 
-def make_weights(seed: int, quantized: bool, qk_norm: bool = True):
-    """Random float weights [in, out] with biases, and (quantized) the projections kept quantized, in mixed
-    formats: q and v in q4g32, k in q8g32; the others alternating."""
+# Mixed formats: q and v in q4g32, k in q8g32; the others alternating.
+MIXED = {
+    "qkv": ["q4g32", "q8g32", "q4g32"],
+    "o": ["q8g32"],
+    "gate_up": ["q4g32", "q4g32"],
+    "down": ["q4g32"],
+    "embed": "q4g32",
+}
+
+
+def make_weights(seed: int, quantized: bool, qk_norm: bool = True, shape: DecoderShape = SHAPE, formats=MIXED):
+    """Random float weights [in, out] with biases, and (quantized) the projections kept quantized in `formats`."""
     g = torch.Generator().manual_seed(seed)
-    s = SHAPE
+    s = shape
     q, kv = s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim
 
     def proj(k: int, shards: list[int], formats: list[str]) -> Projection:
@@ -56,17 +65,17 @@ def make_weights(seed: int, quantized: bool, qk_norm: bool = True):
         DecoderLayer(
             input_norm=1 + rand(g, s.hidden, std=0.2),
             post_norm=1 + rand(g, s.hidden, std=0.2),
-            qkv=proj(s.hidden, [q, kv, kv], ["q4g32", "q8g32", "q4g32"]),
-            o=proj(q, [s.hidden], ["q8g32"]),
-            gate_up=proj(s.hidden, [s.intermediate] * 2, ["q4g32", "q4g32"]),
-            down=proj(s.intermediate, [s.hidden], ["q4g32"]),
+            qkv=proj(s.hidden, [q, kv, kv], formats["qkv"]),
+            o=proj(q, [s.hidden], formats["o"]),
+            gate_up=proj(s.hidden, [s.intermediate] * 2, formats["gate_up"]),
+            down=proj(s.intermediate, [s.hidden], formats["down"]),
             q_norm=1 + rand(g, s.head_dim, std=0.2) if qk_norm else None,
             k_norm=1 + rand(g, s.head_dim, std=0.2) if qk_norm else None,
         )
         for _ in range(LAYERS)
     ]
     table = rand(g, VOCAB, s.hidden)
-    embedding = quant.quantize(table, "q4g32") if quantized else table
+    embedding = quant.quantize(table, formats["embed"]) if quantized else table
     inv_freq = 1.0 / 10000 ** (torch.arange(0, ROT_DIM, 2).float() / ROT_DIM)
     freqs = torch.outer(torch.arange(MAX_POS).float(), inv_freq)
     return torch.cat([freqs.cos(), freqs.sin()], dim=-1), embedding, layers
@@ -115,7 +124,7 @@ def reference(shape, cos_sin, embedding, layers, ids, positions, slots, tables, 
     return h + res
 
 
-def make_rows(seed: int, contexts: list[int], spec_rows: int = 0):
+def make_rows(seed: int, contexts: list[int], spec_rows: int = 0, shape: DecoderShape = SHAPE):
     """Rows of distinct sequences with these context lengths (the new token included), and spec_rows more rows
     continuing the last sequence (its next positions, as a speculative decode's drafts). Blocks drawn at random;
     every slot before a row's own written with random K/V, the rest NaN."""
@@ -127,7 +136,7 @@ def make_rows(seed: int, contexts: list[int], spec_rows: int = 0):
     tables = blocks[seqs].contiguous()
     positions = torch.tensor(lens) - 1
     slots = tables[torch.arange(len(lens)), positions // BLOCK] * BLOCK + positions % BLOCK
-    s = SHAPE
+    s = shape
     kv = torch.full((2, LAYERS, s.num_kv_heads, NUM_BLOCKS, BLOCK, s.head_dim), float("nan"))
     for seq, n in enumerate(contexts):  # the keys before each sequence's first new token
         for t in range(n - 1):
@@ -181,23 +190,36 @@ def test_quantized_weights_match_qmatmul():
     torch.testing.assert_close(fused, ref, rtol=1e-3, atol=1e-3 * ref.abs().max().item())
 
 
-def test_the_embedding_rows_are_the_dequantized_rows():
+# K a multiple of 256 where q4k may go (o_proj's K, 128, is not).
+SHAPE_256 = dataclasses.replace(SHAPE, hidden=256, head_dim=32, intermediate=512, scale=32**-0.5)
+Q4K = {"qkv": ["q4k"] * 3, "o": ["q8g32"], "gate_up": ["q4k", "q4k"], "down": ["q4k"], "embed": "q4k"}
+
+
+def test_q4_k_weights_match_qmatmul():
+    """Q4_K kept as it is (q4k) beside q8g32, the embedding in q4k too; as above."""
+    weights = make_weights(6, True, shape=SHAPE_256, formats=Q4K)
+    assert weights[1].format == "q4k"
+    fused, ref, _, _ = run_both(SHAPE_256, weights, make_rows(7, [1, 5, 30], 2, shape=SHAPE_256))
+    torch.testing.assert_close(fused, ref, rtol=1e-3, atol=1e-3 * ref.abs().max().item())
+
+
+@pytest.mark.parametrize("shape,formats", [(SHAPE, MIXED), (SHAPE_256, Q4K)], ids=["q4g32", "q4k"])
+def test_the_embedding_rows_are_the_dequantized_rows(shape, formats):
     """Layers whose projections are all zero add nothing to the residual stream: the step returns the embedding
     rows themselves, dequantized exactly as qembedding does."""
-    cos_sin, embedding, layers = make_weights(8, True)
-    zero = [
-        DecoderLayer(
-            input_norm=layer.input_norm,
-            post_norm=layer.post_norm,
-            qkv=Projection([], weight=torch.zeros(SHAPE.hidden, 128), bias=torch.zeros(128)),
-            o=Projection([], weight=torch.zeros(64, SHAPE.hidden), bias=torch.zeros(SHAPE.hidden)),
-            gate_up=Projection([], weight=torch.zeros(SHAPE.hidden, 144), bias=torch.zeros(144)),
-            down=Projection([], weight=torch.zeros(72, SHAPE.hidden), bias=torch.zeros(SHAPE.hidden)),
-        )
+    cos_sin, embedding, layers = make_weights(8, True, shape=shape, formats=formats)
+    h, q = shape.hidden, shape.num_heads * shape.head_dim
+    qkv, i = q + 2 * shape.num_kv_heads * shape.head_dim, shape.intermediate
+
+    def zero(k: int, n: int) -> Projection:
+        return Projection([], weight=torch.zeros(k, n), bias=torch.zeros(n))
+
+    zeros = [
+        dataclasses.replace(layer, qkv=zero(h, qkv), o=zero(q, h), gate_up=zero(h, 2 * i), down=zero(i, h))
         for layer in layers
     ]
-    ids, positions, slots, tables, lens, kv = make_rows(9, [2, 5, 11])
-    out = FusedDecode(SHAPE, cos_sin, embedding, zero)(ids, positions, slots, tables, lens, kv)
+    ids, positions, slots, tables, lens, kv = make_rows(9, [2, 5, 11], shape=shape)
+    out = FusedDecode(shape, cos_sin, embedding, zeros)(ids, positions, slots, tables, lens, kv)
     torch.testing.assert_close(out, quant.qembedding(ids, embedding), rtol=0, atol=0)
 
 

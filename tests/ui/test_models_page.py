@@ -650,7 +650,7 @@ def test_a_gguf_repo_shows_its_files_and_downloads_the_one_chosen(qtbot, gguf_pa
     assert files(page) == [
         ["tiny-Q2_K-00001-of-00002.gguf (+1 part)", "Q2_K", "—", split, "can't load"],
         ["tiny-IQ4_XS.gguf", "IQ4_XS", "float32", size["tiny-IQ4_XS.gguf"], "too big"],
-        ["tiny-Q4_K_M.gguf", "Q4_K_M", "5-bit (q4g32)", size["tiny-Q4_K_M.gguf"], "tight"],
+        ["tiny-Q4_K_M.gguf", "Q4_K_M", "4.625-bit (q4k)", size["tiny-Q4_K_M.gguf"], "tight"],
         ["tiny-Q8_0.gguf", "Q8_0", "8.5-bit (q8g32)", size["tiny-Q8_0.gguf"], "tight"],
         ["tiny-F16.gguf", "F16", "float32", size["tiny-F16.gguf"], "too big"],
     ]
