@@ -9,7 +9,8 @@ import pytest
 
 import engine
 from app.cli import main as cli
-from app.cli import options
+from app.cli import options, terminal_chat
+from app.cli import parser as cli_parser
 from engine import LLM, SamplingParams
 
 
@@ -85,7 +86,7 @@ def test_values_only_the_engine_can_judge_exit_2_before_loading(monkeypatch, cap
 
 
 def test_engine_options_pass_only_what_was_given():
-    args = cli.build_parser().parse_args(
+    args = cli_parser.build_parser().parse_args(
         [
             "generate",
             "--block-size",
@@ -113,7 +114,7 @@ def test_engine_options_pass_only_what_was_given():
         "swap_space": 0.0,
         "preemption_mode": "recompute",
     }
-    args = cli.build_parser().parse_args(["generate", "--kv-cache-dtype", "fp8", "--no-cuda-graphs", "hi"])
+    args = cli_parser.build_parser().parse_args(["generate", "--kv-cache-dtype", "fp8", "--no-cuda-graphs", "hi"])
     assert options.engine_kwargs(args) == {
         "dtype": "auto",
         "kv_cache_dtype": "fp8",
@@ -158,7 +159,7 @@ def test_stream_completion_writes_the_text_as_it_grows(llm):
             pass
 
     params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
-    text = cli.stream_completion(llm.llm_engine, "stream-test", "Once upon a time", params, Recorder())
+    text = terminal_chat.stream_completion(llm.llm_engine, "stream-test", "Once upon a time", params, Recorder())
     assert len([w for w in writes if w]) > 1
     assert "".join(writes) == text
     assert text.strip()
@@ -198,9 +199,9 @@ def test_kvstudio_alone_without_a_display_says_why_then_chats(monkeypatch, capsy
 
 
 def test_speculative_config_is_a_json_object(capsys):
-    args = cli.build_parser().parse_args(["generate", "--speculative-config", '{"method": "ngram"}', "hi"])
+    args = cli_parser.build_parser().parse_args(["generate", "--speculative-config", '{"method": "ngram"}', "hi"])
     assert options.engine_kwargs(args)["speculative_config"] == {"method": "ngram"}
     for bad in ("ngram", "[1]"):
         with pytest.raises(SystemExit):
-            cli.build_parser().parse_args(["generate", "--speculative-config", bad, "hi"])
+            cli_parser.build_parser().parse_args(["generate", "--speculative-config", bad, "hi"])
         assert "--speculative-config: must be a JSON object" in capsys.readouterr().err

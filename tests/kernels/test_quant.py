@@ -357,3 +357,23 @@ def test_concat_stacks_weights_along_out_features(fmt):
         quant.concat([quant.quantize(parts[2], fmt), quant.quantize(parts[0], fmt)])
     with pytest.raises(ValueError, match="one format"):
         quant.concat([quant.quantize(parts[0], "q8g32"), quant.quantize(parts[1], "q4g32")])
+
+
+def test_the_avx2_build_computes_the_same_floats(built):
+    """On a CPU with AVX512-VNNI (as CI's) the kernel's integer dot products take vpdpbusd; the build without it
+    (-DKVQ_NO_VNNI, what an AVX2-only CPU compiles) must give the same floats, bit for bit."""
+    from torch.utils import cpp_extension
+
+    source = cpu_ops._QUANT_SOURCES[0]
+    avx2 = cpp_extension.load(
+        name=cpu_ops.build_name("kvstudio_quant_ops_no_vnni", cpu_ops._QUANT_SOURCES),
+        sources=[str(source)],
+        extra_cflags=[*cpu_ops._CFLAGS, "-DKVQ_NO_VNNI"],
+        extra_ldflags=["-fopenmp"],
+    )
+    g = torch.Generator().manual_seed(14)
+    for fmt in quant.FORMATS:
+        qw = quant.quantize(weights(15, 40, 512), fmt)
+        for m in (1, 4, 5, 17):
+            x = torch.randn(m, 512, generator=g)
+            assert torch.equal(avx2.qlinear(x, *qw.tensors(), 40, None), built.qlinear(x, *qw.tensors(), 40, None))
