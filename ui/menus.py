@@ -54,7 +54,7 @@ def install_menus(window: MainWindow) -> list[QAction]:
     add(chat_menu, "&Regenerate", "Ctrl+R", press(chat.regenerate_button), page=chat)
     add(chat_menu, "&Edit last message", "Ctrl+E", press(chat.edit_button), page=chat)
     add(chat_menu, "&Copy reply", "Ctrl+Shift+C", press(chat.copy_button), page=chat)
-    add(chat_menu, "Search &conversations", "Ctrl+F", chat.search.setFocus, page=chat)
+    add(chat_menu, "Search &conversations", "Ctrl+F", chat.conversation_list.search.setFocus, page=chat)
 
     batch_menu = bar.addMenu("&Batch")
     add(batch_menu, "&Import prompts…", "Ctrl+I", press(batch.import_button), page=batch)

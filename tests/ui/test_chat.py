@@ -84,9 +84,9 @@ def test_a_reply_streams_in_and_survives_a_restart(qtbot, page, loaded_bridge, t
 
     again = ChatPage(loaded_bridge, ChatHistory(tmp_path / "history.sqlite3"))
     qtbot.addWidget(again)
-    assert again.conversations.count() == 1
-    assert again.conversations.item(0).text() == "Write a haiku about the sea."
-    again.open_conversation(again.conversations.item(0).data(0x0100))
+    assert again.conversation_list.view.count() == 1
+    assert again.conversation_list.view.item(0).text() == "Write a haiku about the sea."
+    again.open_conversation(again.conversation_list.view.item(0).data(0x0100))
     assert word in again.transcript.toPlainText()
 
 
@@ -120,14 +120,15 @@ def test_conversations_can_be_searched_renamed_and_deleted(qtbot, page):
     send_and_wait(qtbot, page, "About whales")
     page.new_conversation()
     send_and_wait(qtbot, page, "About trains")
-    assert page.conversations.count() == 2
-    page.search.setText("whale")
-    assert [page.conversations.item(i).text() for i in range(page.conversations.count())] == ["About whales"]
-    page.search.setText("")
-    page.rename_conversation("Railways")
-    assert "Railways" in [page.conversations.item(i).text() for i in range(page.conversations.count())]
+    listed = page.conversation_list
+    assert listed.view.count() == 2
+    listed.search.setText("whale")
+    assert [listed.view.item(i).text() for i in range(listed.view.count())] == ["About whales"]
+    listed.search.setText("")
+    listed.rename("Railways")
+    assert "Railways" in [listed.view.item(i).text() for i in range(listed.view.count())]
     page.delete_conversation()
-    assert page.conversations.count() == 1 and page.conversation_id is None
+    assert page.conversation_list.view.count() == 1 and page.conversation_id is None
 
 
 def test_code_blocks_in_a_reply_render_with_a_copy_link_each(qtbot, page):
@@ -148,7 +149,7 @@ def test_code_blocks_in_a_reply_render_with_a_copy_link_each(qtbot, page):
         "First:\n\n```python\nprint('a')\n```\n\nThen:\n\n~~~\nls -l\necho ```\n~~~\n",
         finished=True,
     )
-    page.refresh_conversations()
+    page.conversation_list.refresh()
     page.open_conversation(conv.id)
     html = page.transcript.toHtml()
     assert html.count("Copy code") == 2 and f"copy:{reply.id}/1" in html
@@ -219,8 +220,8 @@ def test_kill_9_mid_reply_loses_nothing_that_was_drawn(qtbot, loaded_bridge, tin
 
     again = ChatPage(loaded_bridge, ChatHistory(history_file))  # the restart
     qtbot.addWidget(again)
-    assert again.conversations.count() == 1
-    again.open_conversation(again.conversations.item(0).data(0x0100))
+    assert again.conversation_list.view.count() == 1
+    again.open_conversation(again.conversation_list.view.item(0).data(0x0100))
     user, reply = again.history.messages(again.conversation_id)
     assert user.content == "Tell me a long story." and not reply.finished
     # Everything drawn is kept: the last text reported, or a later one saved just before the kill.
@@ -325,19 +326,19 @@ def test_the_list_highlights_a_new_chat_and_buttons_act_only_on_what_is_there(qt
     page = ChatPage(bridge, history)
     qtbot.addWidget(page)
     page.resize(1200, 700)
-    page.conversations.setCurrentRow(0)
+    page.conversation_list.view.setCurrentRow(0)
     assert page.conversation_id == old.id
     buttons = (page.regenerate_button, page.edit_button, page.copy_button)
     assert all(b.isEnabled() for b in buttons)
 
-    page.new_button.click()
+    page.conversation_list.new_button.click()
     assert page.conversation_id != old.id
-    assert page.conversations.currentItem().data(Qt.UserRole) == page.conversation_id
-    assert page.conversations.currentItem().text() == "New chat"
+    assert page.conversation_list.view.currentItem().data(Qt.UserRole) == page.conversation_id
+    assert page.conversation_list.view.currentItem().text() == "New chat"
     assert not any(b.isEnabled() for b in buttons)  # an empty chat: no reply, no message
-    assert page.rename_button.isEnabled() and page.delete_button.isEnabled()
+    assert page.conversation_list.rename_button.isEnabled() and page.conversation_list.delete_button.isEnabled()
 
-    page.conversations.setCurrentRow(1)
+    page.conversation_list.view.setCurrentRow(1)
     assert page.conversation_id == old.id and all(b.isEnabled() for b in buttons)
     page.edit_button.click()  # the message is back in the box; no reply is left to regenerate or copy
     assert page.input.toPlainText() == "Hello?" and page.history.messages(old.id) == []

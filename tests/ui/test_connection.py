@@ -159,7 +159,7 @@ def test_every_shortcut_is_unique_and_acts(qtbot, tmp_path):
     assert [c.title for c in window.chat.history.list_conversations()] == ["New chat"]
     window.nav.setCurrentRow(2)
     qtbot.keyClick(window, Qt.Key_F, Qt.ControlModifier)
-    assert window.pages.currentWidget() is window.chat and window.chat.search.hasFocus()
+    assert window.pages.currentWidget() is window.chat and window.chat.conversation_list.search.hasFocus()
     window.close()
 
 

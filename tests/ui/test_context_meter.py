@@ -122,7 +122,7 @@ def long_conversation(page, turns: int = 8) -> list[int]:
     for i in range(turns):
         ids.append(page.history.add_message(conv.id, "user", f"Question {i}: " + "tell me about the sea " * 12).id)
         ids.append(page.history.add_message(conv.id, "assistant", f"Answer {i}: " + "the sea is wide " * 12).id)
-    page.refresh_conversations()
+    page.conversation_list.refresh()
     page.open_conversation(conv.id)
     return ids
 

@@ -58,9 +58,9 @@ def test_chat_starts_in_the_message_box_and_tabs_through_send_the_settings_and_t
         chat.sampling.max_tokens,
         chat.sampling.use_seed,
         window.nav,
-        chat.new_button,
-        chat.search,
-        chat.conversations,
+        chat.conversation_list.new_button,
+        chat.conversation_list.search,
+        chat.conversation_list.view,
         chat.transcript,
     ]
     assert visits_in_order(walk(qtbot, chat.input), expected)

@@ -79,7 +79,7 @@ def test_the_dialog_checks_the_schema_as_it_is_typed(qtbot, screenshots):
 
 def test_a_chat_with_a_schema_gets_a_badge_and_replies_that_keep_to_it(qtbot, page, tmp_path, screenshots):
     page.set_json_schema(json.dumps(PERSON))
-    item = page.conversations.item(0)
+    item = page.conversation_list.view.item(0)
     assert not item.icon().isNull() and "JSON schema" in item.toolTip()
     assert page.reply_format.badge.isVisible() or not page.isVisible()
     assert page.reply_format.state.text() == "JSON object: name, age, pets"
@@ -102,7 +102,7 @@ def test_a_chat_with_a_schema_gets_a_badge_and_replies_that_keep_to_it(qtbot, pa
     qtbot.addWidget(reopened)
     assert json.loads(reopened.history.list_conversations()[0].json_schema) == PERSON
     page.set_json_schema("")  # free text again: no badge
-    assert page.conversations.item(0).icon().isNull() and page.reply_format.state.text() == "Free text"
+    assert page.conversation_list.view.item(0).icon().isNull() and page.reply_format.state.text() == "Free text"
 
 
 def test_a_schema_is_not_sent_to_a_remote_endpoint_that_would_ignore_it(qtbot, page, monkeypatch):

@@ -1,10 +1,11 @@
-"""The chat page: conversations (new, rename, delete, search), replies streamed as they are generated, stop,
-regenerate, edit-and-resend of the last message, export to Markdown or JSON and import of JSON (app/chat_files.py),
-a branch from a chosen message, the model answering and its engine options (ui/widgets/model_picker.py), text files
-attached to a message (ui/widgets/attachments.py), a system prompt (with named presets, ui/widgets/prompt_presets.py)
-and sampling parameters, a JSON schema the replies keep to (a badge marks the conversations that have one), a
-reasoning model's thinking folded under its reply, and the messages as bubbles (ui/widgets/transcript.py): markdown
-with coloured code, Copy on each, tokens/s and time to first token under each reply.
+"""The chat page: conversations (ui/widgets/conversation_list.py: search, new, rename, delete, export to Markdown
+or JSON and import of JSON, a branch from a chosen message), replies streamed as they are generated, stop,
+regenerate, edit-and-resend of the last message, the model answering and its engine options
+(ui/widgets/model_picker.py), text files attached to a message (ui/widgets/attachments.py), a system prompt (with
+named presets, ui/widgets/prompt_presets.py) and sampling parameters, a JSON schema the replies keep to (a badge
+marks the conversations that have one), a reasoning model's thinking folded under its reply, and the messages as
+bubbles (ui/widgets/transcript.py): markdown with coloured code, Copy on each, tokens/s and time to first token
+under each reply.
 
 Every conversation lives in ChatHistory. A streaming reply is drawn only after the same text is saved (each
 redraw writes it first, one UPDATE), so a crash mid-reply, kill -9 included, loses nothing that was on screen. A
@@ -17,20 +18,13 @@ import contextlib
 import json
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
-from PySide6.QtCore import QSize, Qt, QTimer, QUrl
+from PySide6.QtCore import Qt, QTimer, QUrl
 from PySide6.QtGui import QDesktopServices, QGuiApplication, QKeySequence, QShortcut
 from PySide6.QtWidgets import (
-    QFileDialog,
     QFrame,
-    QGridLayout,
     QHBoxLayout,
-    QInputDialog,
     QLabel,
-    QLineEdit,
-    QListWidget,
-    QListWidgetItem,
     QPlainTextEdit,
     QPushButton,
     QScrollArea,
@@ -39,7 +33,6 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from app.chat_files import ConversationFileError, export_conversation, import_conversation
 from app.context_fit import CannotFit, ContextCheck, drop_oldest_turns, reply_room
 from app.history import ChatHistory, HistoryError, Message, title_from
 from app.prompt_presets import FILE_NAME as PRESETS_FILE
@@ -59,7 +52,8 @@ from ui.bridge import (
 from ui.widgets.attachments import AttachmentBar
 from ui.widgets.context_meter import ContextMeter
 from ui.widgets.context_overflow import ContextOverflowCard
-from ui.widgets.json_schema_dialog import ReplyFormatBox, badge_icon, schema_summary
+from ui.widgets.conversation_list import ConversationList
+from ui.widgets.json_schema_dialog import ReplyFormatBox
 from ui.widgets.load_panel import LoadPanel
 from ui.widgets.message_markdown import code_blocks, shown_answer, split_think
 from ui.widgets.model_picker import ModelPicker
@@ -116,43 +110,10 @@ class ChatPage(QWidget):
         bridge.model_load_failed.connect(self._on_model_ready)
         bridge.model_load_cancelled.connect(self._on_model_ready)
         bridge.connection_changed.connect(self._on_connection_changed)
-        self.refresh_conversations()
+        self.conversation_list.refresh()
 
     # ---- layout -------------------------------------------------------------------------------------------
     def _build(self) -> None:
-        self.search = QLineEdit(placeholderText="Search conversations")
-        self.search.textChanged.connect(self.refresh_conversations)
-        self.conversations = QListWidget()
-        self.conversations.setIconSize(QSize(34, 16))  # the JSON badge
-        self.conversations.setTextElideMode(Qt.ElideRight)
-        self.conversations.setHorizontalScrollBarPolicy(Qt.ScrollBarAlwaysOff)
-        self.conversations.currentItemChanged.connect(
-            lambda item, _: item is not None and self.open_conversation(item.data(Qt.UserRole))
-        )
-        self.new_button = QPushButton("New chat")
-        self.new_button.clicked.connect(self.new_conversation)
-        self.rename_button = QPushButton("Rename")
-        self.rename_button.clicked.connect(self._ask_rename)
-        self.delete_button = QPushButton("Delete")
-        self.delete_button.clicked.connect(self.delete_conversation)
-        self.export_button = QPushButton("Export…")
-        self.export_button.clicked.connect(self._ask_export)
-        self.import_button = QPushButton("Import…")
-        self.import_button.clicked.connect(self._ask_import)
-        self.branch_button = QPushButton("Branch…")
-        self.branch_button.clicked.connect(self._ask_branch)
-        left = QWidget()
-        lv = QVBoxLayout(left)
-        lv.addWidget(self.new_button)
-        lv.addWidget(self.search)
-        lv.addWidget(self.conversations, 1)
-        # Two buttons a row: three would widen the list's column past what a small window has room for.
-        manage = QGridLayout()
-        for i, b in enumerate((self.rename_button, self.delete_button, self.export_button, self.import_button)):
-            manage.addWidget(b, i // 2, i % 2)
-        manage.addWidget(self.branch_button, 2, 0, 1, 2)
-        lv.addLayout(manage)
-
         # Links are handled here: "copy:" ones copy a code block, the rest open in the browser.
         self.transcript = Transcript()
         self.transcript.anchorClicked.connect(self._on_link)
@@ -171,6 +132,10 @@ class ChatPage(QWidget):
         self.copy_button = QPushButton("Copy reply")
         self.copy_button.clicked.connect(self.copy_last_reply)
         self.status = StatusLine()
+        self.conversation_list = left = ConversationList(self.history, self.status, lambda: self.conversation_id)
+        left.opened.connect(self.open_conversation)
+        left.new_requested.connect(self.new_conversation)
+        left.delete_requested.connect(self.delete_conversation)
         # Text files for the next message: Attach…, or dropped anywhere on the page (the message box included).
         self.attachments = AttachmentBar(self.bridge, self.status)
         self.attachments.take_drops_on(self, self.input.viewport())
@@ -257,21 +222,6 @@ class ChatPage(QWidget):
             self._settings_folded = False
 
     # ---- conversations --------------------------------------------------------------------------------------
-    def refresh_conversations(self) -> None:
-        self.conversations.blockSignals(True)
-        self.conversations.clear()
-        badge = badge_icon(self.palette())
-        for conv in self.history.list_conversations(self.search.text() or None):
-            item = QListWidgetItem(conv.title)
-            item.setData(Qt.UserRole, conv.id)
-            if conv.json_schema:  # the badge: its replies keep to a JSON schema
-                item.setIcon(badge)
-                item.setToolTip(f"Replies keep to a JSON schema ({schema_summary(conv.json_schema)})")
-            self.conversations.addItem(item)
-            if conv.id == self.conversation_id:
-                self.conversations.setCurrentItem(item)
-        self.conversations.blockSignals(False)
-
     def new_conversation(self) -> None:
         try:
             conv = self.history.create_conversation(system_prompt=self.system_prompt.toPlainText())
@@ -279,7 +229,7 @@ class ChatPage(QWidget):
             self.status.say(f"Could not start a new chat: {e}")
             return
         self.open_conversation(conv.id)
-        self.refresh_conversations()  # after it is open, so that the list highlights it
+        self.conversation_list.refresh()  # after it is open, so that the list highlights it
 
     def open_conversation(self, conversation_id: int) -> None:
         if self.reply is not None:
@@ -293,85 +243,6 @@ class ChatPage(QWidget):
         self.transcript.follow_end()
         self._sync_buttons()
 
-    def rename_conversation(self, title: str) -> None:
-        if self.conversation_id is None or not title.strip():
-            return
-        try:
-            self.history.rename(self.conversation_id, title.strip())
-        except HistoryError as e:
-            self.status.say(f"Could not rename the chat: {e}")
-            return
-        self.refresh_conversations()
-
-    def _ask_rename(self) -> None:
-        if self.conversation_id is None:
-            return
-        title, ok = QInputDialog.getText(
-            self, "Rename", "Title:", text=self.history.conversation(self.conversation_id).title
-        )
-        if ok:
-            self.rename_conversation(title)
-
-    def _ask_export(self) -> None:
-        if self.conversation_id is None:
-            return
-        title = self.history.conversation(self.conversation_id).title
-        name = "".join(c if c.isalnum() or c in " -_" else "_" for c in title).strip() or "conversation"
-        path, chosen = QFileDialog.getSaveFileName(
-            self, "Export conversation", f"{name}.md", "Markdown (*.md);;JSON, to import again (*.json)"
-        )
-        if path:
-            if Path(path).suffix.lower() not in (".md", ".json"):  # no suffix typed: the one of the chosen filter
-                path += ".json" if "json" in chosen.lower() else ".md"
-            self.export_to(Path(path))
-
-    def export_to(self, path: Path) -> None:
-        """Write the open conversation to `path` (Markdown for .md, JSON otherwise); a failure is said."""
-        try:
-            export_conversation(self.history, self.conversation_id, path)
-        except (ConversationFileError, HistoryError) as e:
-            self.status.say(f"Could not export the chat: {e}", "error")
-            return
-        self.status.say(f"Exported to {path}.")
-
-    def _ask_import(self) -> None:
-        path, _ = QFileDialog.getOpenFileName(self, "Import conversation", "", "Conversation (*.json)")
-        if path:
-            self.import_from(Path(path))
-
-    def import_from(self, path: Path) -> None:
-        """A conversation from a JSON file as a new one, opened; a malformed file is refused in words."""
-        try:
-            conv = import_conversation(self.history, path)
-        except ConversationFileError as e:
-            self.status.say(f"Could not import the chat: {e}", "error")
-            return
-        self.open_conversation(conv.id)
-        self.refresh_conversations()
-        self.status.say(f"Imported “{conv.title}”.")
-
-    def _ask_branch(self) -> None:
-        """Ask which message the branch ends on (the last one offered first) and branch there."""
-        if self.conversation_id is None:
-            return
-        messages = self.history.messages(self.conversation_id)
-        labels = [f"{i}. {m.role}: {title_from(m.content)}" for i, m in enumerate(messages, 1)]
-        label, ok = QInputDialog.getItem(
-            self, "Branch", "A new chat with the messages up to and including:", labels, len(labels) - 1, False
-        )
-        if ok and label in labels:
-            self.branch_from(messages[labels.index(label)].id)
-
-    def branch_from(self, message_id: int) -> None:
-        """Open a new conversation holding the open one up to and including `message_id`."""
-        try:
-            conv = self.history.branch(message_id)
-        except HistoryError as e:
-            self.status.say(f"Could not branch the chat: {e}", "error")
-            return
-        self.open_conversation(conv.id)
-        self.refresh_conversations()
-
     def set_json_schema(self, schema: str) -> bool:
         """Keep the open conversation's replies to `schema` (JSON text, checked by the dialog), or to nothing when
         "" (a new conversation is started when none is open). Says why in the status line when it cannot."""
@@ -384,7 +255,7 @@ class ChatPage(QWidget):
         except HistoryError as e:
             self.status.say(f"Could not keep the schema: {e}")
             return False
-        self.refresh_conversations()
+        self.conversation_list.refresh()
         self.render()
         self._sync_buttons()
         return True
@@ -401,7 +272,7 @@ class ChatPage(QWidget):
             return
         self.conversation_id = None
         self.overflow.dismiss()
-        self.refresh_conversations()
+        self.conversation_list.refresh()
         self.render()
         self._sync_buttons()
 
@@ -437,12 +308,12 @@ class ChatPage(QWidget):
             self.history.add_message(self.conversation_id, "user", text)
         except HistoryError as e:
             self.status.say(f"Could not save your message: {e}")
-            self.refresh_conversations()
+            self.conversation_list.refresh()
             return
         self.input.clear()
         if from_box:
             self.attachments.clear()
-        self.refresh_conversations()
+        self.conversation_list.refresh()
         self._start_reply(outgoing)
 
     def _request_messages(self, extra: str | None = None, before: int | None = None) -> list[dict]:
@@ -606,7 +477,7 @@ class ChatPage(QWidget):
             self.status.say(f"Could not save the reply: {e}")
         else:
             self.status.say(f"Stopped: {error}" if error else "")
-        self.refresh_conversations()
+        self.conversation_list.refresh()
         self.render()
         self._sync_buttons()
 
@@ -736,8 +607,4 @@ class ChatPage(QWidget):
         self.regenerate_button.setEnabled(can_ask and bool(roles))
         self.edit_button.setEnabled(idle and "user" in roles)
         self.copy_button.setEnabled(idle and "assistant" in roles)
-        self.rename_button.setEnabled(idle and has)
-        self.delete_button.setEnabled(idle and has)
-        self.export_button.setEnabled(has)
-        self.import_button.setEnabled(idle)
-        self.branch_button.setEnabled(idle and bool(roles))
+        self.conversation_list.enable(idle, bool(roles))
