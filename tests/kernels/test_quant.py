@@ -1,5 +1,5 @@
-"""Quantized weights (kernels/quant.py): GGUF blocks mapped to the kept formats against gguf-py's own
-dequantization, round-to-nearest quantization, and the compiled CPU matmul against the torch twin.
+"""Quantized weights (kernels/quant.py, kernels/gguf_blocks.py): GGUF blocks mapped to the kept formats against
+gguf-py's own dequantization, round-to-nearest quantization, and the compiled CPU matmul against the torch twin.
 
 What "exact" means here:
   Q8_0, Q5_0 -> q8g32 and Q4_0, Q4_1 -> q4g32: dequantize(from_gguf_blocks(b)) == gguf's dequantize(b), bit for bit.
