@@ -17,8 +17,9 @@ from dataclasses import dataclass
 import torch
 
 from engine.attention.backend import AttentionBackend, AttentionInputs
-from kernels.triton_attention import paged_decode_attention, prefill_attention
+from kernels.triton_attention import paged_decode_attention
 from kernels.triton_cache import copy_blocks, reshape_and_cache, swap_blocks
+from kernels.triton_prefill import prefill_attention
 
 
 @dataclass

@@ -6,13 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.triton_attention import (
-    choose_num_splits,
-    paged_decode_attention,
-    paged_decode_attention_ref,
-    prefill_attention,
-    prefill_attention_ref,
-)
+from kernels.attention_twins import paged_decode_attention_ref, prefill_attention_ref
+from kernels.triton_attention import choose_num_splits, paged_decode_attention
+from kernels.triton_prefill import prefill_attention
 
 TOL = {
     torch.float32: dict(rtol=1e-5, atol=1e-5),
