@@ -1,4 +1,6 @@
-"""Fixtures the UI tests share: a bridge with the tiny chat model loaded, and where screenshots go."""
+"""Fixtures the UI tests share: a bridge with the tiny chat model loaded, where screenshots go, and the Models
+page's fake Hub and page (test_models_page*.py, test_models_downloads.py; their helpers are in
+models_page_harness.py)."""
 
 from __future__ import annotations
 
@@ -6,8 +8,10 @@ import gc
 from pathlib import Path
 
 import pytest
+from models_page_harness import HUGE, RecordingLoader, tiny_params
 
 from ui.bridge import EngineBridge
+from ui.pages.models import ModelsPage
 
 # Options for loading the tiny chat model (tests/conftest.py) behind a page.
 LOAD_OPTIONS = {"max_model_len": 512, "kv_cache_memory": 0.02}
@@ -36,6 +40,27 @@ def screenshots() -> Path:
 @pytest.fixture
 def load_options() -> dict:
     return dict(LOAD_OPTIONS)
+
+
+# The Models page against a fake Hub on loopback (test_models_page*.py, test_models_downloads.py); a module with a
+# `hub` or `page` of its own uses that instead.
+@pytest.fixture
+def hub(serve_hub, tiny_chat_model):
+    tiny = {p.name: p.read_bytes() for p in sorted(tiny_chat_model.iterdir()) if p.is_file()}
+    return serve_hub(
+        {"org/tiny": tiny, "org/tiny-instruct": tiny, "org/huge": {"config.json": tiny["config.json"]}},
+        {"org/tiny": 1200, "org/tiny-instruct": 3400, "org/huge": 10},
+        {"org/tiny": tiny_params(tiny_chat_model), "org/huge": HUGE},
+    )
+
+
+@pytest.fixture
+def page(qtbot, hub):
+    p = ModelsPage(EngineBridge(make_llm=RecordingLoader()))
+    qtbot.addWidget(p)
+    p.resize(1200, 640)
+    yield p
+    p.shutdown()
 
 
 @pytest.fixture

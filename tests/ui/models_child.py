@@ -1,4 +1,4 @@
-"""The Models page in a process of its own, for test_models_page.py to kill -9 mid-download: it downloads ORG/NAME
+"""The Models page in a process of its own, for test_models_downloads.py to kill -9 mid-download: it downloads ORG/NAME
 from the Hub at $HF_ENDPOINT into $HF_HUB_CACHE and runs until it is killed.
 
 Usage: python models_child.py ORG/NAME
