@@ -1,5 +1,5 @@
 """GGUF files of every supported family, written from tiny seeded transformers models the way llama.cpp's
-converter writes them (conftest.write_gguf), with tokenizers trained here in each family's style.
+converter writes them (gguf_writing.write_gguf), with tokenizers trained here in each family's style.
 
 Each family has a float file (F32 or F16) and a quantized one whose types cover F32 ... Q6_K between them. A
 file's reference is its dequantized twin: the source model holding exactly the weights the file stores. kvstudio
@@ -10,8 +10,6 @@ noise). The tokenizer built from the metadata must encode and decode like the so
 
 from __future__ import annotations
 
-import json
-import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +19,15 @@ import numpy as np
 import pytest
 import torch
 from gguf import GGMLQuantizationType as T
-from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+from gguf_tokenizers import (
+    SIZES,
+    TEXTS,
+    llama3_tokenizer,
+    qwen2_tokenizer,
+    save_source,
+    sentencepiece_tokenizer,
+    smollm_tokenizer,
+)
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
@@ -42,8 +48,8 @@ from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 from engine import LLM, SamplingParams, TokensPrompt
 from engine.models.gguf import GGUFCheckpoint
 from engine.models.llama import LlamaArch
-from engine.models.loader import ModelLoadError, open_model
-from engine.models.rope import llama3_from_freq_factors, rope_parameters
+from engine.models.loader import open_model
+from engine.models.rope import rope_parameters
 
 # kept quantized vs dequantized, nats per prompt token; tiny random models have large weights and logits, which
 # magnify the int8 activations' rounding (seen: mean 0.04-0.13, max 0.13-0.73; SmolLM2 is tested in test_quantized.py)
@@ -51,145 +57,8 @@ KEPT_MEAN_BOUND, KEPT_MAX_BOUND = 0.25, 1.5
 LOGPROB_BOUND = 1e-4  # |kvstudio - twin| per prompt token, nats (seen: under 5e-6)
 NEW_TOKENS = 16
 PROMPTS = ["The quick brown fox", "Once upon a time a small model wrote", "Hello world! Numbers: 12 345, and"]
-CORPUS = [
-    "The quick brown fox jumps over the lazy dog.",
-    "Paged attention keeps keys and values in fixed-size blocks of the cache.",
-    "Once upon a time a small model wrote one token after another.",
-    "A scheduler batches requests; the block manager hands out blocks and takes them back.",
-    "Hello world! Numbers: 0 1 2 3 4 5 6 7 8 9, 42 and 2024; punctuation: ( ) [ ] { } ; : ' \" ?",
-    "I'm sure you're right: we've said it's done, they'll see.\n\n  Indented\tand tabbed text.",
-    "Columns:  1  2  3\n  4  5  6",
-]
-# what the tokenizers must treat alike: spaces, digits, unicode outside the tiny vocabularies, specials
-TEXTS = [
-    "",
-    "Hello world!",
-    "The quick brown fox jumps over the lazy dog.",
-    "  leading spaces,\ttabs\n\nand new lines  ",
-    "Numbers: 12345 and 3.14159, 2024",
-    "unicode: café naïve 東京 🦙 Привет",
-    "I'm sure you're right; DON'T WE'LL",
-]
-
-# ---- tokenizers ----------------------------------------------------------------------------------------------
-
-_LLAMA3_SPLIT = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
-    r"|\s+(?!\S)|\s+"
-)
-_TEKKEN_SPLIT = (
-    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+"
-    r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*"
-    r"|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-_QWEN2_SPLIT = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-LLAMA3_TEMPLATE = (
-    "{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
-    "{{ m['content'] }}<|eot_id|>{% endfor %}"
-    "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
-)
-CHATML_TEMPLATE = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
-MISTRAL_TEMPLATE = (
-    "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}[INST] {{ m['content'] }} [/INST]"
-    "{% else %}{{ m['content'] }}{{ eos_token }}{% endif %}{% endfor %}"
-)
-
-
-def _bos_template(bos: str, tok: Tokenizer) -> processors.TemplateProcessing:
-    return processors.TemplateProcessing(
-        single=f"{bos} $A", pair=f"{bos} $A $B:1", special_tokens=[(bos, tok.token_to_id(bos))]
-    )
-
-
-def _byte_level(
-    pre_tokenizer, specials: list[str], *, normalizer=None, ignore_merges=False, added=(), bos=None
-) -> Tokenizer:
-    """A byte-level BPE trained on CORPUS: GPT-2 style, with the given pre-tokenizer and special tokens."""
-    tok = Tokenizer(models.BPE(ignore_merges=ignore_merges))
-    tok.normalizer = normalizer
-    tok.pre_tokenizer = pre_tokenizer
-    tok.decoder = decoders.ByteLevel()
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
-    trainer = trainers.BpeTrainer(
-        vocab_size=384, special_tokens=specials, initial_alphabet=alphabet, show_progress=False
-    )
-    tok.train_from_iterator(CORPUS * 4, trainer)
-    tok.add_tokens([AddedToken(token, special=False, normalized=False) for token in added])
-    if bos is not None:
-        tok.post_processor = _bos_template(bos, tok)
-    return tok
-
-
-def _split(pattern: str):
-    return pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Split(Regex(pattern), behavior="isolated"),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-        ]
-    )
-
-
-def llama3_tokenizer() -> PreTrainedTokenizerFast:
-    specials = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
-    tok = _byte_level(_split(_LLAMA3_SPLIT), specials, ignore_merges=True, bos="<|begin_of_text|>")
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>", chat_template=LLAMA3_TEMPLATE
-    )
-
-
-def qwen2_tokenizer() -> PreTrainedTokenizerFast:
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    tok = _byte_level(_split(_QWEN2_SPLIT), specials, normalizer=normalizers.NFC())
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>", chat_template=CHATML_TEMPLATE
-    )
-
-
-def smollm_tokenizer() -> PreTrainedTokenizerFast:
-    """SmolLM's pre-tokenizer (digits one by one, then GPT-2's regex), with Qwen3's <think> tokens added."""
-    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    pre = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
-    tok = _byte_level(pre, ["<|endoftext|>", "<|im_start|>", "<|im_end|>"], added=["<think>", "</think>"])
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|im_end|>", chat_template=CHATML_TEMPLATE
-    )
-
-
-def sentencepiece_tokenizer(add_prefix_space: bool = True) -> PreTrainedTokenizerFast:
-    """Llama 2 / Mistral's layout: <unk> <s> </s>, the 256 byte pieces, then BPE pieces learned on CORPUS;
-    "▁" for spaces (prefixed to the text unless add_prefix_space is False) and byte fallback."""
-    words = Tokenizer(models.BPE(unk_token="<unk>"))
-    words.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always", split=True)
-    words.train_from_iterator(CORPUS * 4, trainers.BpeTrainer(vocab_size=200, show_progress=False))
-    learned = words.get_vocab()
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2} | {f"<0x{byte:02X}>": 3 + byte for byte in range(256)}
-    vocab |= {token: 259 + i for i, token in enumerate(sorted(learned, key=learned.get))}
-    merges = [tuple(merge) for merge in json.loads(words.to_str())["model"]["merges"]]
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", byte_fallback=True, fuse_unk=True))
-    prepend = "first" if add_prefix_space else "never"
-    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme=prepend, split=False)
-    steps = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
-    tok.decoder = decoders.Sequence(steps + [decoders.Strip(" ", 1, 0)] * add_prefix_space)
-    tok.add_special_tokens(["<unk>", "<s>", "</s>"])
-    tok.post_processor = _bos_template("<s>", tok)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token="<s>",
-        eos_token="</s>",
-        unk_token="<unk>",
-        add_prefix_space=add_prefix_space,
-        chat_template=MISTRAL_TEMPLATE,
-    )
-
 
 # ---- families ------------------------------------------------------------------------------------------------
-
-_SIZES = dict(num_hidden_layers=2, num_attention_heads=4, rms_norm_eps=1e-6, initializer_range=0.2)
 
 
 @dataclass(frozen=True)
@@ -223,7 +92,7 @@ FAMILIES = {
                 original_max_position_embeddings=64,
             ),
             tie_word_embeddings=False,
-            **_SIZES,
+            **SIZES,
         ),
         LlamaForCausalLM,
         llama3_tokenizer,
@@ -245,7 +114,7 @@ FAMILIES = {
             sliding_window=16,
             max_position_embeddings=256,
             tie_word_embeddings=False,
-            **_SIZES,
+            **SIZES,
         ),
         MistralForCausalLM,
         sentencepiece_tokenizer,
@@ -265,7 +134,7 @@ FAMILIES = {
             num_key_value_heads=2,
             max_position_embeddings=256,
             tie_word_embeddings=True,
-            **_SIZES,
+            **SIZES,
         ),
         Qwen2ForCausalLM,
         qwen2_tokenizer,
@@ -285,7 +154,7 @@ FAMILIES = {
             head_dim=32,
             max_position_embeddings=256,
             tie_word_embeddings=False,
-            **_SIZES,
+            **SIZES,
         ),
         Qwen3ForCausalLM,
         smollm_tokenizer,
@@ -336,19 +205,13 @@ def _perturb_norms(model: PreTrainedModel) -> None:
                 param.copy_(1.0 + 0.2 * torch.randn_like(param))
 
 
-def _save_source(tokenizer: PreTrainedTokenizerFast, directory: Path) -> PreTrainedTokenizerFast:
-    """Save the source tokenizer where the converter reads it from; return it as a user would load it."""
-    tokenizer.save_pretrained(directory)
-    return AutoTokenizer.from_pretrained(directory)
-
-
 @pytest.fixture(scope="module")
 def built(tmp_path_factory, gguf_writer) -> dict[str, Built]:
     out = {}
     for seed, (name, family) in enumerate(FAMILIES.items()):
         # the GGUF files in a folder of their own, as downloaded: nothing there for a loader to fall back on
         source_dir, gguf_dir = tmp_path_factory.mktemp(f"{name}-source"), tmp_path_factory.mktemp(f"{name}-gguf")
-        tokenizer = _save_source(family.tokenizer(), source_dir)
+        tokenizer = save_source(family.tokenizer(), source_dir)
         torch.manual_seed(seed)
         source = family.model_class(family.config(len(tokenizer))).eval()
         _perturb_norms(source)
@@ -372,28 +235,6 @@ def built(tmp_path_factory, gguf_writer) -> dict[str, Built]:
         )
         out[name] = Built(family, source, tokenizer, float_path, float_twin, quant_path, quant_twin)
     return out
-
-
-def _tiny_file(
-    tmp_path: Path,
-    gguf_writer,
-    make_tokenizer: Callable[[], PreTrainedTokenizerFast],
-    config: dict | None = None,
-    edit: Callable[[PreTrainedModel], None] | None = None,
-    **write,
-) -> tuple[Path, PreTrainedTokenizerFast]:
-    """A 2-layer Llama (LlamaConfig keyword arguments `config`, then `edit`) as a GGUF file with the given
-    tokenizer (write: gguf_writer's options); returns the file and the source tokenizer."""
-    source_dir, path = tmp_path / "source", tmp_path / "gguf" / "tiny.gguf"
-    path.parent.mkdir()
-    tokenizer = _save_source(make_tokenizer(), source_dir)
-    torch.manual_seed(0)
-    sizes = dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, max_position_embeddings=256)
-    model = LlamaForCausalLM(LlamaConfig(**_SIZES, **(sizes | (config or {}))))
-    if edit is not None:
-        edit(model)
-    gguf_writer(path, model, source_dir, **(dict(name="tiny", pre="llama-bpe") | write))
-    return path, tokenizer
 
 
 def _transformers_gguf_model(path: Path, config: PretrainedConfig) -> PreTrainedModel:
@@ -584,121 +425,9 @@ def test_chat_template_is_carried_through(built, name: str) -> None:
     assert len(out.outputs[0].token_ids) >= 1
 
 
-def test_sentencepiece_without_space_prefix(tmp_path: Path, gguf_writer) -> None:
-    """tokenizer.ggml.add_space_prefix false: no "▁" before the text (transformers' GGUF tokenizer adds one)."""
-    path, source = _tiny_file(tmp_path, gguf_writer, lambda: sentencepiece_tokenizer(add_prefix_space=False))
-    ours = open_model(str(path)).tokenizer
-    for text in TEXTS:
-        assert ours.encode(text) == source.encode(text), text
-        assert ours.decode(source.encode(text), skip_special_tokens=True) == text
-    theirs = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    assert theirs.encode("Hello") == source.encode(" Hello") != source.encode("Hello")
-
-
-def _gpt2_tokenizer() -> PreTrainedTokenizerFast:
-    tok = _byte_level(pre_tokenizers.ByteLevel(add_prefix_space=False), ["<|endoftext|>"])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>")
-
-
-def _tekken_tokenizer() -> PreTrainedTokenizerFast:
-    """Mistral Nemo's: the Tekken split, whole-word vocabulary hits, BOS."""
-    tok = _byte_level(_split(_TEKKEN_SPLIT), ["<unk>", "<s>", "</s>"], ignore_merges=True, bos="<s>")
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
-
-
-@pytest.mark.parametrize(("pre", "make_tokenizer"), [("gpt-2", _gpt2_tokenizer), ("tekken", _tekken_tokenizer)])
-def test_other_byte_level_pre_tokenizers(tmp_path: Path, gguf_writer, pre: str, make_tokenizer) -> None:
-    path, source = _tiny_file(tmp_path, gguf_writer, make_tokenizer, pre=pre)
-    ours = open_model(str(path)).tokenizer
-    for text in TEXTS:
-        assert ours.encode(text) == source.encode(text), text
-        assert ours.decode(source.encode(text)) == source.decode(source.encode(text))
-
-
 def test_every_tensor_type_is_covered(built) -> None:
     types = set()
     for b in built.values():
         for path in (b.float_path, b.quant_path):
             types |= set(GGUFCheckpoint(path).tensor_types().values())
     assert types == {"F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K"}
-
-
-# ---- config: rope scaling and refusals ----------------------------------------------------------------------
-
-
-def _llama_cpp_freq_factors(base: float, dim: int, factor: float, low: float, high: float, context: int):
-    """convert_hf_to_gguf's rope_freqs for HF's llama3 parameters."""
-    freqs = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
-    factors = []
-    for freq in freqs:
-        wavelen = 2 * math.pi / freq
-        if wavelen < context / high:
-            factors.append(1)
-        elif wavelen > context / low:
-            factors.append(factor)
-        else:
-            smooth = (context / wavelen - low) / (high - low)
-            factors.append(1 / ((1 - smooth) / factor + smooth))
-    return torch.tensor(factors, dtype=torch.float32)
-
-
-@pytest.mark.parametrize("factor", [8.0, 32.0], ids=["llama-3.1", "llama-3.2"])
-def test_llama3_parameters_come_back_from_rope_freqs(factor: float) -> None:
-    factors = _llama_cpp_freq_factors(500000.0, 128, factor, 1.0, 4.0, 8192)
-    assert llama3_from_freq_factors(factors, 500000.0, 128) == dict(
-        rope_type="llama3",
-        factor=factor,
-        low_freq_factor=1.0,
-        high_freq_factor=4.0,
-        original_max_position_embeddings=8192,
-    )
-    assert llama3_from_freq_factors(torch.ones(64), 500000.0, 128) is None
-
-
-def test_rope_freqs_of_another_curve_are_refused() -> None:
-    factors = torch.linspace(1.0, 8.0, 64) ** 0.5  # smooth, but not llama3's curve
-    with pytest.raises(ValueError, match="Llama 3's scaling curve"):
-        llama3_from_freq_factors(factors, 500000.0, 128)
-
-
-@pytest.mark.parametrize(
-    "rope",
-    [
-        dict(rope_type="linear", rope_theta=10000.0, factor=4.0),
-        dict(rope_type="yarn", rope_theta=10000.0, factor=4.0, original_max_position_embeddings=64, beta_fast=16.0),
-    ],
-    ids=["linear", "yarn"],
-)
-def test_rope_scaling_keys_map_to_hf(tmp_path: Path, gguf_writer, rope: dict) -> None:
-    path, _ = _tiny_file(tmp_path, gguf_writer, llama3_tokenizer, dict(rope_parameters=rope))
-    assert open_model(str(path)).hf_config.rope_parameters == rope
-
-
-def test_unknown_pre_tokenizer_is_refused(tmp_path: Path, gguf_writer) -> None:
-    path, _ = _tiny_file(tmp_path, gguf_writer, llama3_tokenizer, pre="chatglm-bpe")
-    with pytest.raises(ModelLoadError, match=r"pre-tokenizer 'chatglm-bpe' is not supported \(supported: .*llama-bpe"):
-        open_model(str(path))
-
-
-def test_metadata_that_contradicts_the_tensors_is_refused(tmp_path: Path, gguf_writer) -> None:
-    def four_kv_heads(model: PreTrainedModel) -> None:  # in the metadata; the k/v tensors hold 2
-        model.config.num_key_value_heads = 4
-
-    path, _ = _tiny_file(tmp_path, gguf_writer, llama3_tokenizer, dict(num_key_value_heads=2), edit=four_kv_heads)
-    with pytest.raises(ModelLoadError, match=r"blk.0.attn_k.weight is \[32, 64\], expected \[64, 64\]"):
-        open_model(str(path))
-
-
-@pytest.mark.parametrize("architecture", ["phi3", "gemma2", "mamba"])
-def test_unsupported_architectures_are_refused_by_name(tmp_path: Path, architecture: str) -> None:
-    path = tmp_path / f"{architecture}.gguf"
-    writer = gguf.GGUFWriter(path, architecture)
-    writer.add_tensor("token_embd.weight", np.ones((4, 8), dtype=np.float32))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    with pytest.raises(ModelLoadError, match=f"'{architecture}' is not supported") as error:
-        open_model(str(path))
-    assert "llama, qwen2, qwen3" in str(error.value)
-    assert str(path) in str(error.value)
