@@ -440,3 +440,26 @@ def test_cancel_on_the_load_card_stops_the_load_and_the_model_before_answers_on(
     finally:
         release.set()
         bridge.shutdown()
+
+
+def test_no_reference_cycle_runs_through_the_page(qtbot, tmp_path):
+    """The bridge's loader thread runs the cyclic collector after each load (ui/bridge.py): a page that only the
+    collector could free would be deleted on that thread, and a QWidget deleted off the UI thread crashes the
+    process. So nothing the page's Python attributes reach may lead back to it (a callback held by a child widget
+    did, and a full run died in a segfault)."""
+    import gc
+    import types
+
+    page = ChatPage(EngineBridge(), ChatHistory(tmp_path / "history.db"))  # no model: a small graph to walk
+    qtbot.addWidget(page)
+    seen, frontier = {id(page)}, gc.get_referents(page)
+    for _ in range(8):
+        following = []
+        for obj in frontier:
+            if id(obj) in seen or isinstance(obj, type | types.ModuleType):
+                continue
+            seen.add(id(obj))
+            referents = gc.get_referents(obj)
+            assert not any(r is page for r in referents), f"{type(obj).__name__} refers back to the page"
+            following += referents
+        frontier = following

@@ -94,7 +94,6 @@ class ChatPage(QWidget):
     def __init__(self, bridge: EngineBridge, history: ChatHistory, parent: QWidget | None = None) -> None:
         super().__init__(parent)
         self.bridge, self.history = bridge, history
-        self.conversation_id: int | None = None
         self.reply: _Reply | None = None
         self.expanded: set[int] = set()  # replies whose reasoning is unfolded
         self.loading = False  # a model is loading into the in-process engine
@@ -111,6 +110,15 @@ class ChatPage(QWidget):
         bridge.model_load_cancelled.connect(self._on_model_ready)
         bridge.connection_changed.connect(self._on_connection_changed)
         self.conversation_list.refresh()
+
+    @property
+    def conversation_id(self) -> int | None:
+        """The open conversation (None: none), held by the conversation list, which highlights it."""
+        return self.conversation_list.current_id
+
+    @conversation_id.setter
+    def conversation_id(self, conversation_id: int | None) -> None:
+        self.conversation_list.current_id = conversation_id
 
     # ---- layout -------------------------------------------------------------------------------------------
     def _build(self) -> None:
@@ -132,7 +140,7 @@ class ChatPage(QWidget):
         self.copy_button = QPushButton("Copy reply")
         self.copy_button.clicked.connect(self.copy_last_reply)
         self.status = StatusLine()
-        self.conversation_list = left = ConversationList(self.history, self.status, lambda: self.conversation_id)
+        self.conversation_list = left = ConversationList(self.history, self.status)
         left.opened.connect(self.open_conversation)
         left.new_requested.connect(self.new_conversation)
         left.delete_requested.connect(self.delete_conversation)

@@ -9,7 +9,6 @@ signals. Failures are said in the page's status line.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 
 from PySide6.QtCore import QSize, Qt, Signal
@@ -36,12 +35,13 @@ class ConversationList(QWidget):
     new_requested = Signal()
     delete_requested = Signal()
 
-    def __init__(
-        self, history: ChatHistory, status: StatusLine, current: Callable[[], int | None], parent=None
-    ) -> None:
-        """current: the id of the conversation the page has open (None: none)."""
+    def __init__(self, history: ChatHistory, status: StatusLine, parent=None) -> None:
         super().__init__(parent)
-        self.history, self.status, self.current = history, status, current
+        self.history, self.status = history, status
+        # The conversation the page has open (None: none), kept here and read by the page (ChatPage.conversation_id)
+        # rather than asked of it: a callback into the page would make page and list a reference cycle, which only
+        # the cyclic collector frees, on whichever thread runs it, and a QWidget deleted off the UI thread crashes.
+        self.current_id: int | None = None
         self.search = QLineEdit(placeholderText="Search conversations")
         self.search.textChanged.connect(self.refresh)
         self.view = QListWidget()
@@ -86,13 +86,13 @@ class ConversationList(QWidget):
                 item.setIcon(badge)
                 item.setToolTip(f"Replies keep to a JSON schema ({schema_summary(conv.json_schema)})")
             self.view.addItem(item)
-            if conv.id == self.current():
+            if conv.id == self.current_id:
                 self.view.setCurrentItem(item)
         self.view.blockSignals(False)
 
     def enable(self, idle: bool, messages: bool) -> None:
         """idle: no reply streams; messages: the open conversation has some."""
-        has = self.current() is not None
+        has = self.current_id is not None
         self.rename_button.setEnabled(idle and has)
         self.delete_button.setEnabled(idle and has)
         self.export_button.setEnabled(has)
@@ -100,7 +100,7 @@ class ConversationList(QWidget):
         self.branch_button.setEnabled(idle and messages)
 
     def rename(self, title: str) -> None:
-        conversation_id = self.current()
+        conversation_id = self.current_id
         if conversation_id is None or not title.strip():
             return
         try:
@@ -111,16 +111,17 @@ class ConversationList(QWidget):
         self.refresh()
 
     def _ask_rename(self) -> None:
-        if self.current() is None:
+        if self.current_id is None:
             return
-        title, ok = QInputDialog.getText(self, "Rename", "Title:", text=self.history.conversation(self.current()).title)
+        title = self.history.conversation(self.current_id).title
+        title, ok = QInputDialog.getText(self, "Rename", "Title:", text=title)
         if ok:
             self.rename(title)
 
     def _ask_export(self) -> None:
-        if self.current() is None:
+        if self.current_id is None:
             return
-        title = self.history.conversation(self.current()).title
+        title = self.history.conversation(self.current_id).title
         name = "".join(c if c.isalnum() or c in " -_" else "_" for c in title).strip() or "conversation"
         path, chosen = QFileDialog.getSaveFileName(
             self, "Export conversation", f"{name}.md", "Markdown (*.md);;JSON, to import again (*.json)"
@@ -133,7 +134,7 @@ class ConversationList(QWidget):
     def export_to(self, path: Path) -> None:
         """Write the open conversation to `path` (Markdown for .md, JSON otherwise); a failure is said."""
         try:
-            export_conversation(self.history, self.current(), path)
+            export_conversation(self.history, self.current_id, path)
         except (ConversationFileError, HistoryError) as e:
             self.status.say(f"Could not export the chat: {e}", "error")
             return
@@ -157,9 +158,9 @@ class ConversationList(QWidget):
 
     def _ask_branch(self) -> None:
         """Ask which message the branch ends on (the last one offered first) and branch there."""
-        if self.current() is None:
+        if self.current_id is None:
             return
-        messages = self.history.messages(self.current())
+        messages = self.history.messages(self.current_id)
         labels = [f"{i}. {m.role}: {title_from(m.content)}" for i, m in enumerate(messages, 1)]
         label, ok = QInputDialog.getItem(
             self, "Branch", "A new chat with the messages up to and including:", labels, len(labels) - 1, False
